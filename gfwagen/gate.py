@@ -1,0 +1,27 @@
+"""The gate's prefix sums and the gradient that flows back through them.
+
+Kernels read c = cumsum(log_gate) in float64: over a million tokens |c| reaches 1e5, where
+float32 cannot resolve c_i - c_j. Each kernel subtracts a per-tile reference in float64 and
+only then narrows to float32, so the logits carry the error of a sum over at most W + tile
+positions (GATEDFWA.md section 3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def prefix_sums(log_gate: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] log gates -> [B, H, T] float64 inclusive prefix sums (contiguous in T)."""
+    return torch.cumsum(log_gate.to(torch.float64), dim=1).transpose(1, 2).contiguous()
+
+
+def gate_grad_from_sums(row_sums: torch.Tensor, col_sums: torch.Tensor) -> torch.Tensor:
+    """dc_t = rowsum(dS)_t - colsum(dS)_t ([B, H, T]); dlog_gate_t = sum_{s >= t} dc_s.
+
+    Returns [B, T, H] float32 (float64 when the sums are). The reverse sum runs in float64:
+    dc sums to zero over t, so the tail sums are differences of large partial sums."""
+    out_dtype = torch.float64 if row_sums.dtype == torch.float64 else torch.float32
+    dc = row_sums.to(torch.float64) - col_sums.to(torch.float64)
+    rev = torch.flip(torch.cumsum(torch.flip(dc, dims=[-1]), dim=-1), dims=[-1])
+    return rev.transpose(1, 2).to(out_dtype).contiguous()
