@@ -1,0 +1,31 @@
+"""gfwagen: GatedFWA (gated sliding-window attention) kernels, generated and autotuned.
+
+    import gfwagen
+    o = gfwagen.attention(q, k, v, log_gate, window=512)        # [B, T, Hq, Dv]
+
+The same op is torch.ops.gfwa.attention (torch.compile-safe, differentiable in q, k, v and
+log_gate).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gfwagen import ops as _ops  # noqa: F401  (registers torch.ops.gfwa.*)
+from gfwagen.reference import naive_attention, reference_backward, reference_forward
+
+__version__ = "0.1.0"
+__all__ = ["attention", "naive_attention", "reference_forward", "reference_backward"]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              log_gate: torch.Tensor | None = None, *, window: int | None = None,
+              scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """GatedFWA: causal attention over the last `window` keys (None: all), with the gate bias
+    c_i - c_j where c = cumsum(log_gate) along T.
+
+    q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv] (bf16, fp16 or fp32; Hq % Hkv == 0),
+    log_gate [B, T, Hq] float32 or None; scale defaults to 1/sqrt(D). backend: "auto"
+    (Triton on CUDA, the chunked reference on the CPU), "triton", "tvm" or "reference".
+    """
+    return torch.ops.gfwa.attention(q, k, v, log_gate, window, scale, backend)

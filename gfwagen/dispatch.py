@@ -1,0 +1,102 @@
+"""Chooses the backend and the config for one call and runs it. This is where the op meets the
+tuning database, through a read-only snapshot loaded once; nothing here tunes or writes."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from gfwagen import reference
+from gfwagen.heuristics import default_config, interpreting
+from gfwagen.spec import KernelConfig, KernelSpec, dtype_name, window_class
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    if requested == "reference":
+        return "reference"
+    if device.type == "cuda":
+        return "triton" if requested == "auto" else requested
+    if device.type != "cpu":
+        raise ValueError(f"q is on {device}; gfwagen runs on CUDA and CPU tensors")
+    if requested == "triton":
+        if not interpreting():
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
+                             "to run the Triton interpreter on the CPU)")
+        return "triton"
+    if requested == "tvm":
+        return "tvm"
+    return "reference"
+
+
+def _spec(backend, pass_, q, v, window, gated, group) -> KernelSpec:
+    return KernelSpec(backend, pass_, q.shape[3], v.shape[3], window_class(window),
+                      dtype_name(q.dtype), gated, group)
+
+
+def _device_fingerprint(device: torch.device):
+    from gfwagen.db.fingerprint import device_fingerprint
+
+    return device_fingerprint(device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup(spec: KernelSpec, seqlen_bucket: int, device_index: int | None) -> KernelConfig:
+    try:
+        from gfwagen.db.lookup import get_snapshot
+    except ImportError:
+        return default_config(spec, seqlen_bucket)
+    device = torch.device("cuda", device_index) if device_index is not None else None
+    cfg, _reason = get_snapshot().lookup(spec, seqlen_bucket, _device_fingerprint(device))
+    return cfg if cfg is not None else default_config(spec, seqlen_bucket)
+
+
+def select_config(spec: KernelSpec, seqlen: int, device: torch.device) -> KernelConfig:
+    """Tuned config for (device, spec, nearest seqlen bucket), else the heuristic default.
+    Memoized, so after the first call per problem it is a dict lookup (safe in CUDA graphs)."""
+    if device.type != "cuda" or interpreting():
+        return default_config(spec, seqlen)
+    bucket = 1 << max(0, (int(seqlen) - 1).bit_length())
+    return _lookup(spec, bucket, device.index if device.index is not None else
+                   torch.cuda.current_device())
+
+
+def run_forward(q, k, v, log_gate, window, scale, backend):
+    backend = resolve_backend(backend, q.device)
+    if backend == "reference":
+        o, lse = reference.reference_forward(q, k, v, log_gate, window, scale)
+        return o, lse.float()
+    group = q.shape[2] // k.shape[2]
+    cfg = select_config(_spec(backend, "fwd", q, v, window, log_gate is not None, group),
+                        q.shape[1], q.device)
+    if backend == "tvm":
+        from gfwagen.backends.tvm_backend import tvm_forward
+
+        return tvm_forward(q, k, v, log_gate, window, scale, cfg, target=_tvm_target(q))
+    from gfwagen.backends import triton_backend
+
+    return triton_backend.forward(q, k, v, log_gate, window, scale, cfg)
+
+
+def run_backward(do, q, k, v, o, lse, log_gate, window, scale, backend):
+    backend = resolve_backend(backend, q.device)
+    if backend == "reference":
+        return reference.reference_backward(do, q, k, v, o, lse, log_gate, window, scale)
+    group = q.shape[2] // k.shape[2]
+    gated = log_gate is not None
+    cfg_kv = select_config(_spec(backend, "bwd_kv", q, v, window, gated, group), q.shape[1],
+                           q.device)
+    cfg_q = select_config(_spec(backend, "bwd_q", q, v, window, gated, group), q.shape[1],
+                          q.device)
+    if backend == "tvm":
+        from gfwagen.backends.tvm_backend import tvm_backward
+
+        return tvm_backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv,
+                            target=_tvm_target(q))
+    from gfwagen.backends import triton_backend
+
+    return triton_backend.backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv, cfg_q)
+
+
+def _tvm_target(t: torch.Tensor) -> str:
+    return "cuda" if t.is_cuda else "llvm"

@@ -1,0 +1,36 @@
+"""Built-in default configs: what runs when the tuning database has nothing for a problem.
+
+Chosen from the shape of the work, not measured here: the forward wants a tall query tile
+(it is reused across the whole window), dk/dv a tall key tile and dq a tall query tile (the
+tile that stays in registers). Head dims above 128 halve the resident tile to stay within
+registers. Under the Triton interpreter everything is small, since it runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+from gfwagen.spec import KernelConfig, KernelSpec
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def default_config(spec: KernelSpec, seqlen: int | None = None) -> KernelConfig:
+    if interpreting() or spec.backend == "reference":
+        return KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    d = max(spec.head_dim, spec.value_dim)
+    big = d > 128
+    if spec.pass_ == "fwd":
+        if big:
+            return KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+        return KernelConfig(block_m=128, block_n=64, num_warps=8 if d >= 128 else 4,
+                            num_stages=3)
+    if spec.pass_ == "bwd_kv":
+        if big:
+            return KernelConfig(block_m=32, block_n=64, num_warps=4, num_stages=2)
+        return KernelConfig(block_m=64, block_n=128, num_warps=8, num_stages=2)
+    if big:
+        return KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    return KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)

@@ -1,0 +1,295 @@
+"""GatedFWA backward, Triton template (GATEDFWA.md section 2), deterministic: no atomics.
+
+Three kernels:
+- delta: delta_i = <o_i, dO_i>.
+- dkdv: one program per (key tile, batch*kv head). It walks the query heads of its GQA group
+  and the query tiles that can see the key tile, accumulating dk, dv in registers (so the group
+  reduction is a plain sum in a fixed order) and storing each query head's column sums of dS.
+- dq: one program per (query tile, batch*query head), walking key tiles as the forward does;
+  it accumulates dq and the row sums of dS.
+The gate gradient is then rowsum - colsum, reverse prefix-summed (gfwagen.gate).
+Each pass splits its loop into masked edge tiles and unmasked interior tiles, and never visits
+a tile wholly outside the window. This file imports nothing from gfwagen.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import LOG2E, key_tile_phases
+
+@triton.jit
+def gfwa_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh,
+                          stride_dob, stride_dot, stride_doh, T, H,
+                          BLOCK_M: tl.constexpr, HEAD_DV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DV)
+    ok = offs_m < T
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot
+                + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
+                 + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=ok)
+
+
+@triton.jit
+def _query_phases(n0, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
+    """Query-tile bounds for key rows [n0, n0+BLOCK_N): [lo, int_lo) diagonal (masked),
+    [int_lo, int_hi) interior, [int_hi, hi) the window's far edge (masked)."""
+    lo = (n0 // BLOCK_M) * BLOCK_M
+    hi = T + n0 * 0
+    last_full = T - BLOCK_M
+    if WINDOW > 0:
+        hi = tl.minimum(T, n0 + BLOCK_N - 1 + WINDOW)
+        last_full = tl.minimum(last_full, n0 + WINDOW - BLOCK_M)
+    int_lo = tl.minimum(((n0 + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, hi)
+    int_hi = int_lo
+    if last_full >= int_lo:
+        int_hi = (last_full // BLOCK_M + 1) * BLOCK_M
+    return lo, int_lo, int_hi, hi
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, colsum, k, v, cj, cref, offs_n, q_base, do_base, c_base, lse_base,
+                delta_base, stride_qt, stride_dot, start, end, T, qk_scale,
+                BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+                WINDOW: tl.constexpr, GATED: tl.constexpr, MASKED: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_D)
+    offs_dv = tl.arange(0, HEAD_DV)
+    for m0 in tl.range(start, end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
+        do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_dv[None, :]
+        if MASKED:
+            in_t = offs_m < T
+            q = tl.load(q_ptrs, mask=in_t[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=in_t[:, None], other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=in_t, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=in_t, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        # Transposed scores [BLOCK_N, BLOCK_M]: keys on rows, so dk and dv need no transpose.
+        s = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - (lse * LOG2E)[None, :]
+        if GATED:
+            if MASKED:
+                ci = tl.load(c_base + offs_m, mask=in_t, other=0.0)
+            else:
+                ci = tl.load(c_base + offs_m)
+            s += ((ci - cref) * LOG2E).to(tl.float32)[None, :] - cj[:, None]
+        p = tl.math.exp2(s)
+        if MASKED:
+            valid = (offs_n[:, None] <= offs_m[None, :]) & in_t[None, :]
+            if WINDOW > 0:
+                valid = valid & (offs_n[:, None] > offs_m[None, :] - WINDOW)
+            p = tl.where(valid, p, 0.0)
+        dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PREC)
+        dp = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        ds = p * (dp - delta[None, :])
+        dk += tl.dot(ds.to(q.dtype), q, input_precision=DOT_PREC)
+        if GATED:
+            colsum += tl.sum(ds, 1)
+    return dk, dv, colsum
+
+
+@triton.jit
+def gfwa_bwd_dkdv_kernel(Q, K, V, DO, C, LSE, DELTA, DK, DV, DCOL,
+                         stride_qb, stride_qt, stride_qh,
+                         stride_kb, stride_kt, stride_kh,
+                         stride_vb, stride_vt, stride_vh,
+                         stride_dob, stride_dot, stride_doh,
+                         stride_dkb, stride_dkt, stride_dkh,
+                         stride_dvb, stride_dvt, stride_dvh,
+                         T, H, HKV, sm_scale,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, WINDOW: tl.constexpr,
+                         GATED: tl.constexpr, GROUP: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bhk = tl.program_id(1)
+    b = pid_bhk // HKV
+    hk = pid_bhk % HKV
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    offs_dv = tl.arange(0, HEAD_DV)
+    key_ok = offs_n < T
+    b64 = b.to(tl.int64)
+    k = tl.load(K + b64 * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt
+                + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + b64 * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt
+                + offs_dv[None, :], mask=key_ok[:, None], other=0.0)
+    qk_scale = sm_scale * LOG2E
+    dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DV], dtype=tl.float32)
+    lo, int_lo, int_hi, hi = _query_phases(n0, T, BLOCK_M, BLOCK_N, WINDOW)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        bh = (b * H + h).to(tl.int64)
+        q_base = Q + b64 * stride_qb + h * stride_qh
+        do_base = DO + b64 * stride_dob + h * stride_doh
+        c_base = C + bh * T
+        cref = 0.0
+        cj = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if GATED:
+            cref = tl.load(c_base + n0)
+            cj = ((tl.load(c_base + offs_n, mask=key_ok, other=0.0) - cref) * LOG2E).to(tl.float32)
+        colsum = tl.zeros([BLOCK_N], dtype=tl.float32)
+        dk, dv, colsum = _dkdv_tiles(dk, dv, colsum, k, v, cj, cref, offs_n, q_base, do_base,
+                                     c_base, LSE + bh * T, DELTA + bh * T, stride_qt, stride_dot,
+                                     lo, int_lo, T, qk_scale, BLOCK_M, HEAD_D, HEAD_DV, WINDOW,
+                                     GATED, True, DOT_PREC)
+        dk, dv, colsum = _dkdv_tiles(dk, dv, colsum, k, v, cj, cref, offs_n, q_base, do_base,
+                                     c_base, LSE + bh * T, DELTA + bh * T, stride_qt, stride_dot,
+                                     int_lo, int_hi, T, qk_scale, BLOCK_M, HEAD_D, HEAD_DV, WINDOW,
+                                     GATED, False, DOT_PREC)
+        dk, dv, colsum = _dkdv_tiles(dk, dv, colsum, k, v, cj, cref, offs_n, q_base, do_base,
+                                     c_base, LSE + bh * T, DELTA + bh * T, stride_qt, stride_dot,
+                                     int_hi, hi, T, qk_scale, BLOCK_M, HEAD_D, HEAD_DV, WINDOW,
+                                     GATED, True, DOT_PREC)
+        if GATED:
+            tl.store(DCOL + bh * T + offs_n, colsum, mask=key_ok)
+    tl.store(DK + b64 * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt
+             + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV + b64 * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt
+             + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+
+
+@triton.jit
+def _dq_tiles(dq, rowsum, q, do, lse2, delta, ci, cref, offs_m, k_base, v_base, c_base,
+              stride_kt, stride_vt, start, end, T, qk_scale,
+              BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+              WINDOW: tl.constexpr, GATED: tl.constexpr, MASKED: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_D)
+    offs_dv = tl.arange(0, HEAD_DV)
+    for n0 in tl.range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_dv[None, :]
+        if MASKED:
+            in_t = offs_n < T
+            k = tl.load(k_ptrs, mask=in_t[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=in_t[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse2[:, None]
+        if GATED:
+            if MASKED:
+                cj = tl.load(c_base + offs_n, mask=in_t, other=0.0)
+            else:
+                cj = tl.load(c_base + offs_n)
+            s += ci[:, None] - ((cj - cref) * LOG2E).to(tl.float32)[None, :]
+        p = tl.math.exp2(s)
+        if MASKED:
+            valid = (offs_n[None, :] <= offs_m[:, None]) & in_t[None, :]
+            if WINDOW > 0:
+                valid = valid & (offs_n[None, :] > offs_m[:, None] - WINDOW)
+            p = tl.where(valid, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        if GATED:
+            rowsum += tl.sum(ds, 1)
+    return dq, rowsum
+
+
+@triton.jit
+def gfwa_bwd_dq_kernel(Q, K, V, DO, C, LSE, DELTA, DQ, DROW,
+                       stride_qb, stride_qt, stride_qh,
+                       stride_kb, stride_kt, stride_kh,
+                       stride_vb, stride_vt, stride_vh,
+                       stride_dob, stride_dot, stride_doh,
+                       stride_dqb, stride_dqt, stride_dqh,
+                       T, H, sm_scale,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, WINDOW: tl.constexpr,
+                       GATED: tl.constexpr, GROUP: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    b64 = b.to(tl.int64)
+    bh = pid_bh.to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    offs_dv = tl.arange(0, HEAD_DV)
+    row_ok = offs_m < T
+    q = tl.load(Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
+                 + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0) * LOG2E
+    delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
+    c_base = C + bh * T
+    cref = 0.0
+    ci = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if GATED:
+        cref = tl.load(c_base + m0)
+        ci = ((tl.load(c_base + offs_m, mask=row_ok, other=0.0) - cref) * LOG2E).to(tl.float32)
+    k_base = K + b64 * stride_kb + hk * stride_kh
+    v_base = V + b64 * stride_vb + hk * stride_vh
+    qk_scale = sm_scale * LOG2E
+    dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    rowsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    lo, int_lo, int_hi, hi = key_tile_phases(m0, T, BLOCK_M, BLOCK_N, WINDOW)
+    dq, rowsum = _dq_tiles(dq, rowsum, q, do, lse2, delta, ci, cref, offs_m, k_base, v_base,
+                           c_base, stride_kt, stride_vt, lo, int_lo, T, qk_scale, BLOCK_N,
+                           HEAD_D, HEAD_DV, WINDOW, GATED, True, DOT_PREC)
+    dq, rowsum = _dq_tiles(dq, rowsum, q, do, lse2, delta, ci, cref, offs_m, k_base, v_base,
+                           c_base, stride_kt, stride_vt, int_lo, int_hi, T, qk_scale, BLOCK_N,
+                           HEAD_D, HEAD_DV, WINDOW, GATED, False, DOT_PREC)
+    dq, rowsum = _dq_tiles(dq, rowsum, q, do, lse2, delta, ci, cref, offs_m, k_base, v_base,
+                           c_base, stride_kt, stride_vt, int_hi, hi, T, qk_scale, BLOCK_N,
+                           HEAD_D, HEAD_DV, WINDOW, GATED, True, DOT_PREC)
+    tl.store(DQ + b64 * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt
+             + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    if GATED:
+        tl.store(DROW + bh * T + offs_m, rowsum, mask=row_ok)
+
+
+def launch_delta(o, do, delta, block_m=64):
+    B, T, H, Dv = o.shape
+    gfwa_bwd_delta_kernel[(triton.cdiv(T, block_m), B * H)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), T, H, BLOCK_M=block_m, HEAD_DV=Dv)
+
+
+def launch_dkdv(q, k, v, do, c, lse, delta, dk, dv, dcol, window, scale, group, block_m,
+                block_n, num_warps, num_stages, dot_prec):
+    B, T, H, D = q.shape
+    Hkv, Dv = k.shape[2], v.shape[3]
+    gfwa_bwd_dkdv_kernel[(triton.cdiv(T, block_n), B * Hkv)](
+        q, k, v, do, c if c is not None else lse, lse, delta, dk, dv,
+        dcol if dcol is not None else lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        T, H, Hkv, scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=D, HEAD_DV=Dv, WINDOW=window,
+        GATED=c is not None, GROUP=group, DOT_PREC=dot_prec,
+        num_warps=num_warps, num_stages=num_stages)
+
+
+def launch_dq(q, k, v, do, c, lse, delta, dq, drow, window, scale, group, block_m, block_n,
+              num_warps, num_stages, dot_prec):
+    B, T, H, D = q.shape
+    Dv = v.shape[3]
+    gfwa_bwd_dq_kernel[(triton.cdiv(T, block_m), B * H)](
+        q, k, v, do, c if c is not None else lse, lse, delta, dq,
+        drow if drow is not None else lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        T, H, scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=D, HEAD_DV=Dv, WINDOW=window,
+        GATED=c is not None, GROUP=group, DOT_PREC=dot_prec,
+        num_warps=num_warps, num_stages=num_stages)

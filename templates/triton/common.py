@@ -1,0 +1,23 @@
+"""Helpers shared by the Triton templates (imported relatively; nothing from gfwagen)."""
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+
+@triton.jit
+def key_tile_phases(m0, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
+    """Key-tile bounds for query rows [m0, m0+BLOCK_M): [lo, int_lo) edge, [int_lo, int_hi)
+    interior, [int_hi, hi) diagonal. All starts are multiples of BLOCK_N."""
+    hi = tl.minimum(T, m0 + BLOCK_M)
+    lo = m0 * 0
+    int_lo = m0 * 0
+    if WINDOW > 0:
+        lo = (tl.maximum(m0 - WINDOW + 1, 0) // BLOCK_N) * BLOCK_N
+        first_full = tl.maximum(m0 + BLOCK_M - WINDOW, 0)
+        int_lo = tl.maximum(lo, ((first_full + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
+    int_lo = tl.minimum(int_lo, hi)
+    int_hi = tl.maximum(((m0 + 1) // BLOCK_N) * BLOCK_N, int_lo)
+    return lo, int_lo, int_hi, hi
