@@ -13,6 +13,7 @@ import torch
 
 from gfwagen import ops as _ops  # noqa: F401  (registers torch.ops.gfwa.*)
 from gfwagen.reference import naive_attention, reference_backward, reference_forward
+from gfwagen.validate import check_inputs
 
 __version__ = "0.1.0"
 __all__ = ["attention", "naive_attention", "reference_forward", "reference_backward"]
@@ -28,4 +29,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     log_gate [B, T, Hq] float32 or None; scale defaults to 1/sqrt(D). backend: "auto"
     (Triton on CUDA, the chunked reference on the CPU), "triton", "tvm" or "reference".
     """
+    # Checked here as well as inside the op: the dispatcher's own argument parsing would
+    # otherwise answer a non-tensor with a RuntimeError before the op's checks run.
+    check_inputs(q, k, v, log_gate, window, scale, backend)
     return torch.ops.gfwa.attention(q, k, v, log_gate, window, scale, backend)

@@ -1,0 +1,346 @@
+#!/usr/bin/env python3
+"""Forward and forward+backward timing of gfwagen against flash-linear-attention and
+FlexAttention, gated and ungated, on the same inputs (GATEDFWA.md section 6).
+
+    python benchmarks/bench.py                        # all shapes, contenders, modes
+    python benchmarks/bench.py --tiny --check         # smoke run
+    python benchmarks/bench.py --shapes S1,S3 --contenders gfwagen,fla --json out.json
+
+TFLOP/s count in-window pairs only (GATEDFWA.md section 1): fwd = 4*B*H*D*pairs(T, W),
+bwd = 2.5 x fwd. "bwd" is reported as (fwd+bwd) - fwd. The forward is timed with autograd
+recording (inputs require grad), i.e. the training forward whose cost the subtraction assumes.
+Flex timings include the [B,T,H,D] <-> [B,H,T,D] transposes and the gate prefix sums.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.metadata
+import json
+import shlex
+import sys
+import traceback
+from collections import namedtuple
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+Shape = namedtuple("Shape", "B T H D W")
+SHAPES = {
+    "S1": Shape(8, 4096, 16, 128, 512),
+    "S2": Shape(8, 4096, 16, 128, 1024),
+    "S3": Shape(2, 16384, 16, 128, 1024),
+    "S4": Shape(2, 16384, 16, 128, 4096),
+    "S5": Shape(8, 4096, 16, 64, 512),
+}
+TINY = {"tiny": Shape(1, 256, 2, 64, 64)}
+CONTENDERS = ["gfwagen", "gfwagen-nogate", "fla", "fla-nogate", "flex", "flex-nogate"]
+MODES = ["fwd", "fwdbwd"]
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
+DEVICE = "cuda"
+
+
+# ---------------------------------------------------------------------------- pure helpers
+def pairs(T: int, W: int) -> int:
+    """(query, key) pairs inside the causal window: W per row once the window is full."""
+    return T * W - W * (W - 1) // 2 if W < T else T * (T + 1) // 2
+
+
+def flops(s: Shape, mode: str) -> float:
+    return FLOP_FACTOR[mode] * 4 * s.B * s.H * s.D * pairs(s.T, s.W)
+
+
+def tflops(s: Shape, mode: str, ms: float) -> float:
+    return flops(s, mode) / (ms * 1e-3) / 1e12
+
+
+def format_table(headers, rows, markdown=False) -> str:
+    cells = [[str(h) for h in headers]] + [[_cell(c) for c in r] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(r) + " |" for r in cells]
+        lines.insert(1, "|" + "|".join("---" for _ in headers) + "|")
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True))
+                     for r in cells)
+
+
+def _cell(x) -> str:
+    if isinstance(x, float):  # keep tiny smoke-run figures readable too
+        return f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"
+    return "-" if x is None else str(x)
+
+
+def summary_rows(results, shapes, contenders):
+    """Wide table: per shape, each contender's fwd and fwd+bwd TFLOP/s, then gfwagen's f+b
+    speed-up over fla and flex (a ratio of TFLOP/s, i.e. the inverse ratio of times)."""
+    tf = {(r["shape"], r["contender"], r["mode"]): r.get("tflops") for r in results}
+    headers = ["shape"] + [f"{c} {m}" for c in contenders for m in ("fwd", "f+b")]
+    headers += ["gfw/fla f+b", "gfw/flex f+b"]
+    rows = []
+    for name in shapes:
+        row = [name] + [tf.get((name, c, m)) for c in contenders for m in ("fwd", "fwdbwd")]
+        g = tf.get((name, "gfwagen", "fwdbwd"))
+        for peer in ("fla", "flex"):
+            p = tf.get((name, peer, "fwdbwd"))
+            row.append(f"{g / p:.2f}x" if g and p else None)
+        rows.append(row)
+    return headers, rows
+
+
+# ------------------------------------------------------------------------------ contenders
+# A loader imports a library and returns make(shape) -> f(q, k, v, log_gate) -> o, all in the
+# [B,T,H,D] layout. Import failures make a contender "unavailable" instead of ending the run.
+def load_gfwagen(gated):
+    import gfwagen
+
+    attention = gfwagen.attention  # AttributeError while the op does not exist yet
+
+    return lambda s: lambda q, k, v, g: attention(q, k, v, g if gated else None, window=s.W,
+                                                  scale=None)
+
+
+def load_fla(gated):
+    # fla 0.6 takes per-token log gates g [B,T,HQ] (fp32; it does the prefix sum itself, in
+    # log2 units, and returns dg in fp32), q/k/v [B,T,H,D], window_size=W meaning keys
+    # [i-W+1, i]. W is a tl.constexpr there: one Triton compile per window size.
+    from fla.ops.attn.parallel import parallel_attn
+    from fla.ops.forgetting_attn import parallel_forgetting_attn
+
+    if gated:
+        return lambda s: lambda q, k, v, g: parallel_forgetting_attn(q, k, v, g, scale=None,
+                                                                     window_size=s.W)
+    return lambda s: lambda q, k, v, g: parallel_attn(q, k, v, None, scale=None, window_size=s.W)
+
+
+_flex = {}  # "op": flex_attention, "fn": its compiled wrapper
+
+
+def _flex_attention(q, k, v, block_mask, c_q=None, c_k=None):
+    # Each captured tensor is indexed exactly once: flex only differentiates a captured
+    # buffer under that condition, so the prefix sums come in as two distinct tensors.
+    def gate_bias(score, b, h, q_idx, kv_idx):
+        return score + (c_q[b, h, q_idx] - c_k[b, h, kv_idx])
+
+    o = _flex["op"](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                    score_mod=None if c_q is None else gate_bias, block_mask=block_mask)
+    return o.transpose(1, 2)
+
+
+def load_flex(gated, compile_mode=None):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    # One compiled graph per shape: past the recompile limit dynamo silently falls back to
+    # eager flex, which materializes T x T scores. Raise it, and make a hit an error.
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit", "fail_on_recompile_limit_hit"):
+        if hasattr(cfg, name):  # the names changed across torch versions
+            setattr(cfg, name, True if name.startswith("fail") else 4096)
+    _flex["op"] = flex_attention
+    if "fn" not in _flex:  # dynamic=False: a kernel specialized to each shape
+        _flex["fn"] = torch.compile(_flex_attention, dynamic=False, mode=compile_mode)
+    fn = _flex["fn"]
+
+    def make(s):
+        W = s.W
+
+        def sliding_window(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < W)
+        # _compile=True avoids materializing a T x T mask while building the block mask.
+        bm = create_block_mask(sliding_window, None, None, s.T, s.T, device=DEVICE,
+                               _compile=True)
+        if not gated:
+            return lambda q, k, v, g: fn(q, k, v, bm)
+
+        def run(q, k, v, g):
+            # [B,H,T] fp32 prefix sums, inside the timing so that dg flows through them. The
+            # clone keeps c_q and c_k distinct even where .contiguous() is a no-op (H = 1):
+            # dynamo would merge aliased inputs into one buffer indexed twice.
+            c_q = g.cumsum(1).transpose(1, 2).contiguous()
+            return fn(q, k, v, bm, c_q, c_q.clone())
+        return run
+    return make
+
+
+LOADERS = {
+    "gfwagen": (load_gfwagen, True), "gfwagen-nogate": (load_gfwagen, False),
+    "fla": (load_fla, True), "fla-nogate": (load_fla, False),
+    "flex": (load_flex, True), "flex-nogate": (load_flex, False),
+}
+
+
+# ---------------------------------------------------------------------------- measurement
+def make_inputs(s: Shape, dtype, seed=0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    rnd = lambda *shape, dt=dtype: torch.randn(*shape, generator=gen, device=DEVICE, dtype=dt)
+    q, k, v = (rnd(s.B, s.T, s.H, s.D) for _ in range(3))
+    # A forget gate mostly near 1, as trained FoX gates are: log_gate ~ -0.08 on average, in
+    # (-1, 0) for over 99% of entries, so the bias decays across the window without vanishing.
+    g = F.logsigmoid(rnd(s.B, s.T, s.H, dt=torch.float32) + 3.0)
+    dout = rnd(s.B, s.T, s.H, s.D)
+    for t in (q, k, v, g):
+        t.requires_grad_(True)
+    return q, k, v, g, dout
+
+
+def check(f, gated, s, q, k, v, g, dout):
+    """Max relative error (max|x - ref| / max|ref|) of o and of every gradient against the
+    chunked fp32 reference of the contract, on these inputs."""
+    from gfwagen.reference import reference_backward, reference_forward
+
+    gate = g if gated else None
+    inputs = (q, k, v, g) if gated else (q, k, v)
+    o = f(q, k, v, g)
+    grads = torch.autograd.grad(o, inputs, dout)
+    with torch.no_grad():
+        o_ref, lse = reference_forward(q, k, v, gate, window=s.W)
+        refs = reference_backward(dout, q, k, v, o_ref, lse, gate, window=s.W)
+    names, refs = ("o", "dq", "dk", "dv", "dg")[: len(grads) + 1], (o_ref, *refs)
+    return {n: ((x.float() - r.float()).abs().max() / r.float().abs().max()).item()
+            for n, x, r in zip(names, (o, *grads), refs[: len(names)], strict=True)}
+
+
+def time_modes(out, f, gated, modes, q, k, v, g, dout, warmup, rep):
+    """Median ms per mode into out, filled as it goes so a later mode's OOM keeps the rest."""
+    inputs = (q, k, v, g) if gated else (q, k, v)
+
+    def fwd():
+        return f(q, k, v, g)
+
+    def fwdbwd():
+        # autograd.grad on explicit inputs: nothing accumulates between calls, and a gated
+        # contender that does not differentiate the gate fails here instead of looking fast.
+        torch.autograd.grad(f(q, k, v, g), inputs, dout)
+
+    for mode in modes:
+        fn = fwd if mode == "fwd" else fwdbwd
+        for _ in range(2):  # compile / autotune outside the timed region
+            fn()
+        torch.cuda.synchronize()
+        out[mode] = triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def versions():
+    v = {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0]}
+    for dist in ("flash-linear-attention", "fla-core"):
+        try:
+            v[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    try:  # fla routes parallel_attn to TileLang on Hopper when tilelang + nvcc are present
+        from fla.backends import _load_operation_registry
+
+        active = _load_operation_registry("attn").get_active()
+        v["fla_attn_backend"] = active.backend_type if active else "triton"
+    except Exception as e:  # informational only: never fail the run over it
+        v["fla_attn_backend"] = f"unknown ({type(e).__name__})"
+    return v
+
+
+def free_memory():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"subset of {','.join(SHAPES)}")
+    p.add_argument("--tiny", action="store_true", help="only B=1 T=256 H=2 D=64 W=64")
+    p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--check", action="store_true", help="compare o and grads to the reference")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    p.add_argument("--flex-compile-mode", default=None,
+                   help="torch.compile mode for flex, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--json", help="write all results to this path")
+    p.add_argument("--markdown", help="append a results section to this file")
+    args = p.parse_args(argv)
+
+    for opt, allowed in (("shapes", SHAPES), ("contenders", CONTENDERS), ("modes", MODES)):
+        bad = set(getattr(args, opt).split(",")) - set(allowed)
+        if bad and not (opt == "shapes" and args.tiny):
+            p.error(f"--{opt}: unknown {','.join(sorted(bad))}; choose from {','.join(allowed)}")
+    shapes = TINY if args.tiny else {n: SHAPES[n] for n in args.shapes.split(",")}
+    contenders, modes = args.contenders.split(","), args.modes.split(",")
+
+    if not torch.cuda.is_available():
+        sys.exit("bench.py: needs a CUDA GPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+
+    makers, unavailable = {}, {}
+    for c in contenders:
+        loader, gated = LOADERS[c]
+        try:
+            extra = {"compile_mode": args.flex_compile_mode} if loader is load_flex else {}
+            makers[c] = (loader(gated, **extra), gated)
+        except Exception as e:  # any import problem means "not available"
+            unavailable[c] = f"{type(e).__name__}: {e}"
+            print(f"[unavailable] {c}: {unavailable[c]}")
+
+    results, checks = [], []
+    for name, s in shapes.items():
+        print(f"\n== {name} {s._asdict()} {args.dtype} pairs={pairs(s.T, s.W)}", flush=True)
+        q, k, v, g, dout = make_inputs(s, dtype)
+        for c, (make, gated) in makers.items():
+            ms = {}
+            try:
+                f = make(s)
+                if args.check:
+                    err = check(f, gated, s, q, k, v, g, dout)
+                    checks.append({"shape": name, "contender": c, **err})
+                    print(f"  [check] {c:15s} " + " ".join(f"{n}={e:.2e}" for n, e in err.items()))
+                time_modes(ms, f, gated, modes, q, k, v, g, dout, args.warmup, args.rep)
+            except Exception as e:  # e.g. OOM: report it and go on with the next one
+                msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                print(f"  [error] {c}: {msg}")
+                traceback.print_exc(limit=3)
+                results.append({"shape": name, "contender": c, "mode": "error", "error": msg})
+            if "fwd" in ms and "fwdbwd" in ms:
+                ms["bwd"] = ms["fwdbwd"] - ms["fwd"]
+            for mode, t in ms.items():
+                results.append({"shape": name, **s._asdict(), "dtype": args.dtype, "contender": c,
+                                "mode": mode, "ms": t, "tflops": tflops(s, mode, t)})
+            line = "  ".join(f"{m} {ms[m]:8.3f} ms {tflops(s, m, ms[m]):6.1f} TF/s"
+                             for m in ("fwd", "bwd", "fwdbwd") if m in ms)
+            if ms:
+                print(f"  {c:15s} {line}", flush=True)
+            f = None
+            free_memory()
+        del q, k, v, g, dout
+        free_memory()
+
+    headers, rows = summary_rows(results, list(shapes), list(makers))
+    print("\nTFLOP/s (in-window pairs; f+b = forward+backward)\n" + format_table(headers, rows))
+
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "gpu": torch.cuda.get_device_name(), "command": shlex.join(sys.argv),
+            "versions": versions(), "dtype": args.dtype, "unavailable": unavailable,
+            "shapes": {n: s._asdict() for n, s in shapes.items()}}
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"meta": meta, "results": results, "checks": checks}, indent=1))
+    if args.markdown:
+        detail = [[r["shape"], r["contender"], r["mode"], f"{r['ms']:.3f}", r["tflops"]]
+                  for r in results if "ms" in r]
+        errors = [f"- {r['shape']} {r['contender']}: {r['error']}" for r in results if "error" in r]
+        vers = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+        section = [f"## {meta['date']} on {meta['gpu']}", "", f"{vers}; {args.dtype}", "",
+                   f"`{meta['command']}`", "", format_table(headers, rows, markdown=True), "",
+                   format_table(["shape", "contender", "mode", "ms", "TFLOP/s"], detail,
+                                markdown=True)]
+        section += [""] + errors if errors else []
+        section += [f"- unavailable: {c}: {m}" for c, m in unavailable.items()]
+        with open(args.markdown, "a") as fh:
+            fh.write("\n".join(section) + "\n\n")
+
+
+if __name__ == "__main__":
+    main()
