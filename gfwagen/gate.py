@@ -25,3 +25,22 @@ def gate_grad_from_sums(row_sums: torch.Tensor, col_sums: torch.Tensor) -> torch
     dc = row_sums.to(torch.float64) - col_sums.to(torch.float64)
     rev = torch.flip(torch.cumsum(torch.flip(dc, dims=[-1]), dim=-1), dims=[-1])
     return rev.transpose(1, 2).to(out_dtype).contiguous()
+
+
+# Tiles never straddle a chunk (every block size divides it), so a tile's gate values are
+# one float32 vector plus one scalar offset formed in float64.
+GATE_CHUNK = 256
+_LOG2E = 1.4426950408889634
+
+
+def chunked_prefix_sums(log_gate: torch.Tensor, chunk: int = GATE_CHUNK):
+    """[B, T, H] log gates -> (local [B, H, T] float32, base [B, H, ceil(T/chunk)] float64),
+    both in log2 units: c_t * log2(e) = base[t // chunk] + local[t]. Kernels form
+    c_i - c_j as (local_i - local_j) + (base_i - base_j), the base difference once per tile
+    in float64, so no float32 number ever holds a prefix sum over more than one chunk."""
+    c = prefix_sums(log_gate) * _LOG2E  # B, H, T float64
+    T = c.shape[-1]
+    starts = torch.arange(0, T, chunk, device=c.device)
+    base = torch.cat([c.new_zeros(c.shape[:-1] + (1,)), c[..., starts[1:] - 1]], dim=-1)
+    local = (c - base.repeat_interleave(chunk, dim=-1)[..., :T]).to(torch.float32)
+    return local.contiguous(), base.contiguous()

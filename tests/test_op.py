@@ -9,7 +9,8 @@ import gfwagen
 from gfwagen.reference import naive_attention
 
 
-@pytest.mark.parametrize("W,gated,Hkv", [(7, True, 2), (None, True, 1), (1, False, 4), (50, True, 4)])
+@pytest.mark.parametrize("W,gated,Hkv",
+                         [(7, True, 2), (None, True, 1), (1, False, 4), (50, True, 4)])
 def test_cpu_op_matches_float64_with_gradients(W, gated, Hkv):
     q, k, v, g = make_inputs(2, 31, 4, Hkv, 16, 32, torch.float32, gated)
     leaves = [q, k, v] + ([g] if gated else [])

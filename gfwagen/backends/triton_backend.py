@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from gfwagen.gate import gate_grad_from_sums, prefix_sums
+from gfwagen.gate import GATE_CHUNK, chunked_prefix_sums, gate_grad_from_sums
 from gfwagen.spec import KernelConfig
 from gfwagen.template_loader import load_template
 
@@ -34,6 +34,13 @@ def _fit(cfg: KernelConfig, T: int) -> tuple[int, int]:
     return min(cfg.block_m, cap), min(cfg.block_n, cap)
 
 
+def _gate(log_gate):
+    if log_gate is None:
+        return None
+    local, base = chunked_prefix_sums(log_gate, GATE_CHUNK)
+    return local, base, GATE_CHUNK
+
+
 def _device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -44,11 +51,11 @@ def forward(q, k, v, log_gate, window, scale, cfg: KernelConfig):
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
-    c = prefix_sums(log_gate) if log_gate is not None else None
+    gate = _gate(log_gate)
     bm, bn = _fit(cfg, T)
     with _device(q):
         load_template("triton", "fwd").launch_forward(
-            q, k, v, c, o, lse, kernel_window(window, T), scale, H // k.shape[2], bm, bn,
+            q, k, v, gate, o, lse, kernel_window(window, T), scale, H // k.shape[2], bm, bn,
             cfg.num_warps, cfg.num_stages, _dot_precision(q.dtype))
     return o, lse
 
@@ -62,7 +69,7 @@ def backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv: KernelConfig,
         return dq, dk, dv, dg
     tmpl = load_template("triton", "bwd")
     gated = log_gate is not None
-    c = prefix_sums(log_gate) if gated else None
+    gate = _gate(log_gate)
     sums = torch.empty(2, B, H, T, dtype=torch.float32, device=q.device) if gated else None
     delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     w = kernel_window(window, T)
@@ -71,10 +78,10 @@ def backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv: KernelConfig,
     with _device(q):
         tmpl.launch_delta(o, do, delta)
         bm, bn = _fit(cfg_kv, T)
-        tmpl.launch_dkdv(q, k, v, do, c, lse, delta, dk, dv, sums[1] if gated else None, w,
+        tmpl.launch_dkdv(q, k, v, do, gate, lse, delta, dk, dv, sums[1] if gated else None, w,
                          scale, group, bm, bn, cfg_kv.num_warps, cfg_kv.num_stages, prec)
         bm, bn = _fit(cfg_q, T)
-        tmpl.launch_dq(q, k, v, do, c, lse, delta, dq, sums[0] if gated else None, w, scale,
+        tmpl.launch_dq(q, k, v, do, gate, lse, delta, dq, sums[0] if gated else None, w, scale,
                        group, bm, bn, cfg_q.num_warps, cfg_q.num_stages, prec)
     dg = gate_grad_from_sums(sums[0], sums[1]) if gated else None
     return dq, dk, dv, dg

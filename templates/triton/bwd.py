@@ -17,10 +17,23 @@ import triton.language as tl
 
 from .common import LOG2E, key_tile_phases
 
+
 @triton.jit
-def gfwa_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh,
-                          stride_dob, stride_dot, stride_doh, T, H,
-                          BLOCK_M: tl.constexpr, HEAD_DV: tl.constexpr):
+def gfwa_bwd_delta_kernel(
+    O,
+    DO,
+    DELTA,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    T,
+    H,
+    BLOCK_M: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -28,10 +41,24 @@ def gfwa_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_ot, stride_oh,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DV)
     ok = offs_m < T
-    o = tl.load(O + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot
-                + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
-                 + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    o = tl.load(
+        O
+        + b.to(tl.int64) * stride_ob
+        + h * stride_oh
+        + offs_m[:, None] * stride_ot
+        + offs_d[None, :],
+        mask=ok[:, None],
+        other=0.0,
+    ).to(tl.float32)
+    do = tl.load(
+        DO
+        + b.to(tl.int64) * stride_dob
+        + h * stride_doh
+        + offs_m[:, None] * stride_dot
+        + offs_d[None, :],
+        mask=ok[:, None],
+        other=0.0,
+    ).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=ok)
 
 
@@ -53,11 +80,36 @@ def _query_phases(n0, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: t
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, colsum, k, v, cj, cref, offs_n, q_base, do_base, c_base, lse_base,
-                delta_base, stride_qt, stride_dot, start, end, T, qk_scale,
-                BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-                WINDOW: tl.constexpr, GATED: tl.constexpr, MASKED: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+def _dkdv_tiles(
+    dk,
+    dv,
+    colsum,
+    k,
+    v,
+    cj,
+    cb_k,
+    offs_n,
+    q_base,
+    do_base,
+    cl_base,
+    cb_base,
+    lse_base,
+    delta_base,
+    stride_qt,
+    stride_dot,
+    start,
+    end,
+    T,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    WINDOW: tl.constexpr,
+    GATED: tl.constexpr,
+    MASKED: tl.constexpr,
+    GATE_CHUNK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
     for m0 in tl.range(start, end, BLOCK_M):
@@ -78,11 +130,12 @@ def _dkdv_tiles(dk, dv, colsum, k, v, cj, cref, offs_n, q_base, do_base, c_base,
         # Transposed scores [BLOCK_N, BLOCK_M]: keys on rows, so dk and dv need no transpose.
         s = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - (lse * LOG2E)[None, :]
         if GATED:
+            off = (tl.load(cb_base + m0 // GATE_CHUNK) - cb_k).to(tl.float32)
             if MASKED:
-                ci = tl.load(c_base + offs_m, mask=in_t, other=0.0)
+                ci = tl.load(cl_base + offs_m, mask=in_t, other=0.0)
             else:
-                ci = tl.load(c_base + offs_m)
-            s += ((ci - cref) * LOG2E).to(tl.float32)[None, :] - cj[:, None]
+                ci = tl.load(cl_base + offs_m)
+            s += (ci + off)[None, :] - cj[:, None]
         p = tl.math.exp2(s)
         if MASKED:
             valid = (offs_n[:, None] <= offs_m[None, :]) & in_t[None, :]
@@ -99,17 +152,51 @@ def _dkdv_tiles(dk, dv, colsum, k, v, cj, cref, offs_n, q_base, do_base, c_base,
 
 
 @triton.jit
-def gfwa_bwd_dkdv_kernel(Q, K, V, DO, C, LSE, DELTA, DK, DV, DCOL,
-                         stride_qb, stride_qt, stride_qh,
-                         stride_kb, stride_kt, stride_kh,
-                         stride_vb, stride_vt, stride_vh,
-                         stride_dob, stride_dot, stride_doh,
-                         stride_dkb, stride_dkt, stride_dkh,
-                         stride_dvb, stride_dvt, stride_dvh,
-                         T, H, HKV, sm_scale,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, WINDOW: tl.constexpr,
-                         GATED: tl.constexpr, GROUP: tl.constexpr, DOT_PREC: tl.constexpr):
+def gfwa_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    CL,
+    CB,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    DCOL,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    stride_dkb,
+    stride_dkt,
+    stride_dkh,
+    stride_dvb,
+    stride_dvt,
+    stride_dvh,
+    T,
+    H,
+    HKV,
+    n_chunks,
+    sm_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    WINDOW: tl.constexpr,
+    GATED: tl.constexpr,
+    GROUP: tl.constexpr,
+    GATE_CHUNK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
     b = pid_bhk // HKV
@@ -120,10 +207,16 @@ def gfwa_bwd_dkdv_kernel(Q, K, V, DO, C, LSE, DELTA, DK, DV, DCOL,
     offs_dv = tl.arange(0, HEAD_DV)
     key_ok = offs_n < T
     b64 = b.to(tl.int64)
-    k = tl.load(K + b64 * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt
-                + offs_d[None, :], mask=key_ok[:, None], other=0.0)
-    v = tl.load(V + b64 * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt
-                + offs_dv[None, :], mask=key_ok[:, None], other=0.0)
+    k = tl.load(
+        K + b64 * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+        mask=key_ok[:, None],
+        other=0.0,
+    )
+    v = tl.load(
+        V + b64 * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_dv[None, :],
+        mask=key_ok[:, None],
+        other=0.0,
+    )
     qk_scale = sm_scale * LOG2E
     dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DV], dtype=tl.float32)
@@ -133,39 +226,148 @@ def gfwa_bwd_dkdv_kernel(Q, K, V, DO, C, LSE, DELTA, DK, DV, DCOL,
         bh = (b * H + h).to(tl.int64)
         q_base = Q + b64 * stride_qb + h * stride_qh
         do_base = DO + b64 * stride_dob + h * stride_doh
-        c_base = C + bh * T
-        cref = 0.0
+        cl_base = CL + bh * T
+        cb_base = CB + bh * n_chunks
+        cb_k = 0.0
         cj = tl.zeros([BLOCK_N], dtype=tl.float32)
         if GATED:
-            cref = tl.load(c_base + n0)
-            cj = ((tl.load(c_base + offs_n, mask=key_ok, other=0.0) - cref) * LOG2E).to(tl.float32)
+            cb_k = tl.load(cb_base + n0 // GATE_CHUNK)
+            cj = tl.load(cl_base + offs_n, mask=key_ok, other=0.0)
         colsum = tl.zeros([BLOCK_N], dtype=tl.float32)
-        dk, dv, colsum = _dkdv_tiles(dk, dv, colsum, k, v, cj, cref, offs_n, q_base, do_base,
-                                     c_base, LSE + bh * T, DELTA + bh * T, stride_qt, stride_dot,
-                                     lo, int_lo, T, qk_scale, BLOCK_M, HEAD_D, HEAD_DV, WINDOW,
-                                     GATED, True, DOT_PREC)
-        dk, dv, colsum = _dkdv_tiles(dk, dv, colsum, k, v, cj, cref, offs_n, q_base, do_base,
-                                     c_base, LSE + bh * T, DELTA + bh * T, stride_qt, stride_dot,
-                                     int_lo, int_hi, T, qk_scale, BLOCK_M, HEAD_D, HEAD_DV, WINDOW,
-                                     GATED, False, DOT_PREC)
-        dk, dv, colsum = _dkdv_tiles(dk, dv, colsum, k, v, cj, cref, offs_n, q_base, do_base,
-                                     c_base, LSE + bh * T, DELTA + bh * T, stride_qt, stride_dot,
-                                     int_hi, hi, T, qk_scale, BLOCK_M, HEAD_D, HEAD_DV, WINDOW,
-                                     GATED, True, DOT_PREC)
+        dk, dv, colsum = _dkdv_tiles(
+            dk,
+            dv,
+            colsum,
+            k,
+            v,
+            cj,
+            cb_k,
+            offs_n,
+            q_base,
+            do_base,
+            cl_base,
+            cb_base,
+            LSE + bh * T,
+            DELTA + bh * T,
+            stride_qt,
+            stride_dot,
+            lo,
+            int_lo,
+            T,
+            qk_scale,
+            BLOCK_M,
+            HEAD_D,
+            HEAD_DV,
+            WINDOW,
+            GATED,
+            True,
+            GATE_CHUNK,
+            DOT_PREC,
+        )
+        dk, dv, colsum = _dkdv_tiles(
+            dk,
+            dv,
+            colsum,
+            k,
+            v,
+            cj,
+            cb_k,
+            offs_n,
+            q_base,
+            do_base,
+            cl_base,
+            cb_base,
+            LSE + bh * T,
+            DELTA + bh * T,
+            stride_qt,
+            stride_dot,
+            int_lo,
+            int_hi,
+            T,
+            qk_scale,
+            BLOCK_M,
+            HEAD_D,
+            HEAD_DV,
+            WINDOW,
+            GATED,
+            False,
+            GATE_CHUNK,
+            DOT_PREC,
+        )
+        dk, dv, colsum = _dkdv_tiles(
+            dk,
+            dv,
+            colsum,
+            k,
+            v,
+            cj,
+            cb_k,
+            offs_n,
+            q_base,
+            do_base,
+            cl_base,
+            cb_base,
+            LSE + bh * T,
+            DELTA + bh * T,
+            stride_qt,
+            stride_dot,
+            int_hi,
+            hi,
+            T,
+            qk_scale,
+            BLOCK_M,
+            HEAD_D,
+            HEAD_DV,
+            WINDOW,
+            GATED,
+            True,
+            GATE_CHUNK,
+            DOT_PREC,
+        )
         if GATED:
             tl.store(DCOL + bh * T + offs_n, colsum, mask=key_ok)
-    tl.store(DK + b64 * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt
-             + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
-    tl.store(DV + b64 * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt
-             + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(
+        DK + b64 * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+        (dk * sm_scale).to(DK.dtype.element_ty),
+        mask=key_ok[:, None],
+    )
+    tl.store(
+        DV + b64 * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_dv[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=key_ok[:, None],
+    )
 
 
 @triton.jit
-def _dq_tiles(dq, rowsum, q, do, lse2, delta, ci, cref, offs_m, k_base, v_base, c_base,
-              stride_kt, stride_vt, start, end, T, qk_scale,
-              BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-              WINDOW: tl.constexpr, GATED: tl.constexpr, MASKED: tl.constexpr,
-              DOT_PREC: tl.constexpr):
+def _dq_tiles(
+    dq,
+    rowsum,
+    q,
+    do,
+    lse2,
+    delta,
+    ci,
+    cb_q,
+    offs_m,
+    k_base,
+    v_base,
+    cl_base,
+    cb_base,
+    stride_kt,
+    stride_vt,
+    start,
+    end,
+    T,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    WINDOW: tl.constexpr,
+    GATED: tl.constexpr,
+    MASKED: tl.constexpr,
+    GATE_CHUNK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
     for n0 in tl.range(start, end, BLOCK_N):
@@ -181,11 +383,12 @@ def _dq_tiles(dq, rowsum, q, do, lse2, delta, ci, cref, offs_m, k_base, v_base, 
             v = tl.load(v_ptrs)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse2[:, None]
         if GATED:
+            off = (tl.load(cb_base + n0 // GATE_CHUNK) - cb_q).to(tl.float32)
             if MASKED:
-                cj = tl.load(c_base + offs_n, mask=in_t, other=0.0)
+                cj = tl.load(cl_base + offs_n, mask=in_t, other=0.0)
             else:
-                cj = tl.load(c_base + offs_n)
-            s += ci[:, None] - ((cj - cref) * LOG2E).to(tl.float32)[None, :]
+                cj = tl.load(cl_base + offs_n)
+            s += ci[:, None] - (cj + off)[None, :]
         p = tl.math.exp2(s)
         if MASKED:
             valid = (offs_n[None, :] <= offs_m[:, None]) & in_t[None, :]
@@ -201,16 +404,46 @@ def _dq_tiles(dq, rowsum, q, do, lse2, delta, ci, cref, offs_m, k_base, v_base, 
 
 
 @triton.jit
-def gfwa_bwd_dq_kernel(Q, K, V, DO, C, LSE, DELTA, DQ, DROW,
-                       stride_qb, stride_qt, stride_qh,
-                       stride_kb, stride_kt, stride_kh,
-                       stride_vb, stride_vt, stride_vh,
-                       stride_dob, stride_dot, stride_doh,
-                       stride_dqb, stride_dqt, stride_dqh,
-                       T, H, sm_scale,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, WINDOW: tl.constexpr,
-                       GATED: tl.constexpr, GROUP: tl.constexpr, DOT_PREC: tl.constexpr):
+def gfwa_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    CL,
+    CB,
+    LSE,
+    DELTA,
+    DQ,
+    DROW,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    stride_dqb,
+    stride_dqt,
+    stride_dqh,
+    T,
+    H,
+    n_chunks,
+    sm_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    WINDOW: tl.constexpr,
+    GATED: tl.constexpr,
+    GROUP: tl.constexpr,
+    GATE_CHUNK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -223,35 +456,123 @@ def gfwa_bwd_dq_kernel(Q, K, V, DO, C, LSE, DELTA, DQ, DROW,
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
     row_ok = offs_m < T
-    q = tl.load(Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt
-                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b64 * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
-                 + offs_dv[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(
+        Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b64 * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_dv[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
     lse2 = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
-    c_base = C + bh * T
-    cref = 0.0
+    cl_base = CL + bh * T
+    cb_base = CB + bh * n_chunks
+    cb_q = 0.0
     ci = tl.zeros([BLOCK_M], dtype=tl.float32)
     if GATED:
-        cref = tl.load(c_base + m0)
-        ci = ((tl.load(c_base + offs_m, mask=row_ok, other=0.0) - cref) * LOG2E).to(tl.float32)
+        cb_q = tl.load(cb_base + m0 // GATE_CHUNK)
+        ci = tl.load(cl_base + offs_m, mask=row_ok, other=0.0)
     k_base = K + b64 * stride_kb + hk * stride_kh
     v_base = V + b64 * stride_vb + hk * stride_vh
     qk_scale = sm_scale * LOG2E
     dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     rowsum = tl.zeros([BLOCK_M], dtype=tl.float32)
     lo, int_lo, int_hi, hi = key_tile_phases(m0, T, BLOCK_M, BLOCK_N, WINDOW)
-    dq, rowsum = _dq_tiles(dq, rowsum, q, do, lse2, delta, ci, cref, offs_m, k_base, v_base,
-                           c_base, stride_kt, stride_vt, lo, int_lo, T, qk_scale, BLOCK_N,
-                           HEAD_D, HEAD_DV, WINDOW, GATED, True, DOT_PREC)
-    dq, rowsum = _dq_tiles(dq, rowsum, q, do, lse2, delta, ci, cref, offs_m, k_base, v_base,
-                           c_base, stride_kt, stride_vt, int_lo, int_hi, T, qk_scale, BLOCK_N,
-                           HEAD_D, HEAD_DV, WINDOW, GATED, False, DOT_PREC)
-    dq, rowsum = _dq_tiles(dq, rowsum, q, do, lse2, delta, ci, cref, offs_m, k_base, v_base,
-                           c_base, stride_kt, stride_vt, int_hi, hi, T, qk_scale, BLOCK_N,
-                           HEAD_D, HEAD_DV, WINDOW, GATED, True, DOT_PREC)
-    tl.store(DQ + b64 * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt
-             + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    dq, rowsum = _dq_tiles(
+        dq,
+        rowsum,
+        q,
+        do,
+        lse2,
+        delta,
+        ci,
+        cb_q,
+        offs_m,
+        k_base,
+        v_base,
+        cl_base,
+        cb_base,
+        stride_kt,
+        stride_vt,
+        lo,
+        int_lo,
+        T,
+        qk_scale,
+        BLOCK_N,
+        HEAD_D,
+        HEAD_DV,
+        WINDOW,
+        GATED,
+        True,
+        GATE_CHUNK,
+        DOT_PREC,
+    )
+    dq, rowsum = _dq_tiles(
+        dq,
+        rowsum,
+        q,
+        do,
+        lse2,
+        delta,
+        ci,
+        cb_q,
+        offs_m,
+        k_base,
+        v_base,
+        cl_base,
+        cb_base,
+        stride_kt,
+        stride_vt,
+        int_lo,
+        int_hi,
+        T,
+        qk_scale,
+        BLOCK_N,
+        HEAD_D,
+        HEAD_DV,
+        WINDOW,
+        GATED,
+        False,
+        GATE_CHUNK,
+        DOT_PREC,
+    )
+    dq, rowsum = _dq_tiles(
+        dq,
+        rowsum,
+        q,
+        do,
+        lse2,
+        delta,
+        ci,
+        cb_q,
+        offs_m,
+        k_base,
+        v_base,
+        cl_base,
+        cb_base,
+        stride_kt,
+        stride_vt,
+        int_hi,
+        hi,
+        T,
+        qk_scale,
+        BLOCK_N,
+        HEAD_D,
+        HEAD_DV,
+        WINDOW,
+        GATED,
+        True,
+        GATE_CHUNK,
+        DOT_PREC,
+    )
+    tl.store(
+        DQ + b64 * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+        (dq * sm_scale).to(DQ.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
     if GATED:
         tl.store(DROW + bh * T + offs_m, rowsum, mask=row_ok)
 
@@ -259,37 +580,161 @@ def gfwa_bwd_dq_kernel(Q, K, V, DO, C, LSE, DELTA, DQ, DROW,
 def launch_delta(o, do, delta, block_m=64):
     B, T, H, Dv = o.shape
     gfwa_bwd_delta_kernel[(triton.cdiv(T, block_m), B * H)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2),
-        do.stride(0), do.stride(1), do.stride(2), T, H, BLOCK_M=block_m, HEAD_DV=Dv)
+        o,
+        do,
+        delta,
+        o.stride(0),
+        o.stride(1),
+        o.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+        T,
+        H,
+        BLOCK_M=block_m,
+        HEAD_DV=Dv,
+    )
 
 
-def launch_dkdv(q, k, v, do, c, lse, delta, dk, dv, dcol, window, scale, group, block_m,
-                block_n, num_warps, num_stages, dot_prec):
+def _gate_args(gate, fallback, block_m, block_n):
+    cl, cb, chunk = gate if gate is not None else (fallback, fallback, 256)
+    assert chunk % block_m == 0 and chunk % block_n == 0, "tiles must not straddle gate chunks"
+    return cl, cb, chunk
+
+
+def launch_dkdv(
+    q,
+    k,
+    v,
+    do,
+    gate,
+    lse,
+    delta,
+    dk,
+    dv,
+    dcol,
+    window,
+    scale,
+    group,
+    block_m,
+    block_n,
+    num_warps,
+    num_stages,
+    dot_prec,
+):
     B, T, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
+    cl, cb, chunk = _gate_args(gate, lse, block_m, block_n)
     gfwa_bwd_dkdv_kernel[(triton.cdiv(T, block_n), B * Hkv)](
-        q, k, v, do, c if c is not None else lse, lse, delta, dk, dv,
+        q,
+        k,
+        v,
+        do,
+        cl,
+        cb,
+        lse,
+        delta,
+        dk,
+        dv,
         dcol if dcol is not None else lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        T, H, Hkv, scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=D, HEAD_DV=Dv, WINDOW=window,
-        GATED=c is not None, GROUP=group, DOT_PREC=dot_prec,
-        num_warps=num_warps, num_stages=num_stages)
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+        dk.stride(0),
+        dk.stride(1),
+        dk.stride(2),
+        dv.stride(0),
+        dv.stride(1),
+        dv.stride(2),
+        T,
+        H,
+        Hkv,
+        cb.shape[-1],
+        scale,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HEAD_D=D,
+        HEAD_DV=Dv,
+        WINDOW=window,
+        GATED=gate is not None,
+        GROUP=group,
+        GATE_CHUNK=chunk,
+        DOT_PREC=dot_prec,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
 
 
-def launch_dq(q, k, v, do, c, lse, delta, dq, drow, window, scale, group, block_m, block_n,
-              num_warps, num_stages, dot_prec):
+def launch_dq(
+    q,
+    k,
+    v,
+    do,
+    gate,
+    lse,
+    delta,
+    dq,
+    drow,
+    window,
+    scale,
+    group,
+    block_m,
+    block_n,
+    num_warps,
+    num_stages,
+    dot_prec,
+):
     B, T, H, D = q.shape
     Dv = v.shape[3]
+    cl, cb, chunk = _gate_args(gate, lse, block_m, block_n)
     gfwa_bwd_dq_kernel[(triton.cdiv(T, block_m), B * H)](
-        q, k, v, do, c if c is not None else lse, lse, delta, dq,
+        q,
+        k,
+        v,
+        do,
+        cl,
+        cb,
+        lse,
+        delta,
+        dq,
         drow if drow is not None else lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        T, H, scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=D, HEAD_DV=Dv, WINDOW=window,
-        GATED=c is not None, GROUP=group, DOT_PREC=dot_prec,
-        num_warps=num_warps, num_stages=num_stages)
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+        dq.stride(0),
+        dq.stride(1),
+        dq.stride(2),
+        T,
+        H,
+        cb.shape[-1],
+        scale,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HEAD_D=D,
+        HEAD_DV=Dv,
+        WINDOW=window,
+        GATED=gate is not None,
+        GROUP=group,
+        GATE_CHUNK=chunk,
+        DOT_PREC=dot_prec,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )

@@ -14,12 +14,35 @@ import triton.language as tl
 
 from .common import LN2, LOG2E, key_tile_phases
 
+
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, ci, cref, offs_m, k_base, v_base, c_base, stride_kt, stride_vt,
-               start, end, T, qk_scale,
-               BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-               WINDOW: tl.constexpr, GATED: tl.constexpr, MASKED: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+def _fwd_tiles(
+    acc,
+    l_i,
+    m_i,
+    q,
+    ci,
+    cb_q,
+    offs_m,
+    k_base,
+    v_base,
+    cl_base,
+    cb_base,
+    stride_kt,
+    stride_vt,
+    start,
+    end,
+    T,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    WINDOW: tl.constexpr,
+    GATED: tl.constexpr,
+    MASKED: tl.constexpr,
+    GATE_CHUNK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
     for n0 in tl.range(start, end, BLOCK_N):
@@ -35,22 +58,26 @@ def _fwd_tiles(acc, l_i, m_i, q, ci, cref, offs_m, k_base, v_base, c_base, strid
             v = tl.load(v_ptrs)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if GATED:
+            # The only float64 operation: one scalar per tile (gfwagen.gate).
+            off = (tl.load(cb_base + n0 // GATE_CHUNK) - cb_q).to(tl.float32)
             if MASKED:
-                cj = tl.load(c_base + offs_n, mask=in_t, other=0.0)
+                cj = tl.load(cl_base + offs_n, mask=in_t, other=0.0)
             else:
-                cj = tl.load(c_base + offs_n)
-            s += ci[:, None] - ((cj - cref) * LOG2E).to(tl.float32)[None, :]
+                cj = tl.load(cl_base + offs_n)
+            s += ci[:, None] - (cj + off)[None, :]
         if MASKED:
             valid = (offs_n[None, :] <= offs_m[:, None]) & in_t[None, :]
             if WINDOW > 0:
                 valid = valid & (offs_n[None, :] > offs_m[:, None] - WINDOW)
             s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = m_new
         if MASKED:
-            # A row with no valid key yet keeps m = -inf; shift by 0 so exp2 sees -inf, not NaN.
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+            # A row with no valid key yet keeps m = -inf; shift by 0 so exp2 sees -inf, not
+            # NaN. The running max itself stays -inf, so the next tile rescales by 0.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
@@ -58,15 +85,40 @@ def _fwd_tiles(acc, l_i, m_i, q, ci, cref, offs_m, k_base, v_base, c_base, strid
 
 
 @triton.jit
-def gfwa_fwd_kernel(Q, K, V, C, O, LSE,
-                    stride_qb, stride_qt, stride_qh,
-                    stride_kb, stride_kt, stride_kh,
-                    stride_vb, stride_vt, stride_vh,
-                    stride_ob, stride_ot, stride_oh,
-                    T, H, sm_scale,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, WINDOW: tl.constexpr,
-                    GATED: tl.constexpr, GROUP: tl.constexpr, DOT_PREC: tl.constexpr):
+def gfwa_fwd_kernel(
+    Q,
+    K,
+    V,
+    CL,
+    CB,
+    O,
+    LSE,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    T,
+    H,
+    n_chunks,
+    sm_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    HEAD_DV: tl.constexpr,
+    WINDOW: tl.constexpr,
+    GATED: tl.constexpr,
+    GROUP: tl.constexpr,
+    GATE_CHUNK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -78,59 +130,174 @@ def gfwa_fwd_kernel(Q, K, V, C, O, LSE,
     offs_dv = tl.arange(0, HEAD_DV)
     row_ok = offs_m < T
 
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh
-                + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(
+        Q
+        + b.to(tl.int64) * stride_qb
+        + h * stride_qh
+        + offs_m[:, None] * stride_qt
+        + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
     k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
     qk_scale = sm_scale * LOG2E
 
-    c_base = C + pid_bh.to(tl.int64) * T
-    cref = 0.0
+    cl_base = CL + pid_bh.to(tl.int64) * T
+    cb_base = CB + pid_bh.to(tl.int64) * n_chunks
+    cb_q = 0.0
     ci = tl.zeros([BLOCK_M], dtype=tl.float32)
     if GATED:
-        # float64 prefix sums, narrowed to float32 only relative to this tile's first row.
-        cref = tl.load(c_base + m0)
-        ci = ((tl.load(c_base + offs_m, mask=row_ok, other=0.0) - cref) * LOG2E).to(tl.float32)
+        # Gate values relative to this query tile's chunk base (log2 units).
+        cb_q = tl.load(cb_base + m0 // GATE_CHUNK)
+        ci = tl.load(cl_base + offs_m, mask=row_ok, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DV], dtype=tl.float32)
     lo, int_lo, int_hi, hi = key_tile_phases(m0, T, BLOCK_M, BLOCK_N, WINDOW)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, ci, cref, offs_m, k_base, v_base, c_base,
-                               stride_kt, stride_vt, lo, int_lo, T, qk_scale,
-                               BLOCK_N, HEAD_D, HEAD_DV, WINDOW, GATED, True, DOT_PREC)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, ci, cref, offs_m, k_base, v_base, c_base,
-                               stride_kt, stride_vt, int_lo, int_hi, T, qk_scale,
-                               BLOCK_N, HEAD_D, HEAD_DV, WINDOW, GATED, False, DOT_PREC)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, ci, cref, offs_m, k_base, v_base, c_base,
-                               stride_kt, stride_vt, int_hi, hi, T, qk_scale,
-                               BLOCK_N, HEAD_D, HEAD_DV, WINDOW, GATED, True, DOT_PREC)
+    acc, l_i, m_i = _fwd_tiles(
+        acc,
+        l_i,
+        m_i,
+        q,
+        ci,
+        cb_q,
+        offs_m,
+        k_base,
+        v_base,
+        cl_base,
+        cb_base,
+        stride_kt,
+        stride_vt,
+        lo,
+        int_lo,
+        T,
+        qk_scale,
+        BLOCK_N,
+        HEAD_D,
+        HEAD_DV,
+        WINDOW,
+        GATED,
+        True,
+        GATE_CHUNK,
+        DOT_PREC,
+    )
+    acc, l_i, m_i = _fwd_tiles(
+        acc,
+        l_i,
+        m_i,
+        q,
+        ci,
+        cb_q,
+        offs_m,
+        k_base,
+        v_base,
+        cl_base,
+        cb_base,
+        stride_kt,
+        stride_vt,
+        int_lo,
+        int_hi,
+        T,
+        qk_scale,
+        BLOCK_N,
+        HEAD_D,
+        HEAD_DV,
+        WINDOW,
+        GATED,
+        False,
+        GATE_CHUNK,
+        DOT_PREC,
+    )
+    acc, l_i, m_i = _fwd_tiles(
+        acc,
+        l_i,
+        m_i,
+        q,
+        ci,
+        cb_q,
+        offs_m,
+        k_base,
+        v_base,
+        cl_base,
+        cb_base,
+        stride_kt,
+        stride_vt,
+        int_hi,
+        hi,
+        T,
+        qk_scale,
+        BLOCK_N,
+        HEAD_D,
+        HEAD_DV,
+        WINDOW,
+        GATED,
+        True,
+        GATE_CHUNK,
+        DOT_PREC,
+    )
 
     # Every stored row saw at least its own key, so l_i > 0 there.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
-    tl.store(O + b.to(tl.int64) * stride_ob + h * stride_oh
-             + offs_m[:, None] * stride_ot + offs_dv[None, :],
-             o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(
+        O
+        + b.to(tl.int64) * stride_ob
+        + h * stride_oh
+        + offs_m[:, None] * stride_ot
+        + offs_dv[None, :],
+        o.to(O.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
     lse = (m_i + tl.math.log2(l_safe)) * LN2
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
 
 
-def launch_forward(q, k, v, c, o, lse, window, scale, group, block_m, block_n, num_warps,
-                   num_stages, dot_prec):
-    """q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] (last dim contiguous); c [B,Hq,T] float64
-    or None; writes o [B,T,Hq,Dv] and lse [B,Hq,T] float32."""
+def launch_forward(
+    q, k, v, gate, o, lse, window, scale, group, block_m, block_n, num_warps, num_stages, dot_prec
+):
+    """q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] (last dim contiguous); gate None or
+    (local [B,Hq,T] float32, base [B,Hq,chunks] float64, chunk) in log2 units; writes
+    o [B,T,Hq,Dv] and lse [B,Hq,T] float32 (natural log)."""
     B, T, H, D = q.shape
     Dv = v.shape[3]
+    cl, cb, chunk = gate if gate is not None else (lse, lse, 256)
+    assert chunk % block_m == 0 and chunk % block_n == 0, "tiles must not straddle gate chunks"
     grid = (triton.cdiv(T, block_m), B * H)
     gfwa_fwd_kernel[grid](
-        q, k, v, c if c is not None else lse, o, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
-        T, H, scale,
-        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=D, HEAD_DV=Dv, WINDOW=window,
-        GATED=c is not None, GROUP=group, DOT_PREC=dot_prec,
-        num_warps=num_warps, num_stages=num_stages,
+        q,
+        k,
+        v,
+        cl,
+        cb,
+        o,
+        lse,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        o.stride(0),
+        o.stride(1),
+        o.stride(2),
+        T,
+        H,
+        cb.shape[-1],
+        scale,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HEAD_D=D,
+        HEAD_DV=Dv,
+        WINDOW=window,
+        GATED=gate is not None,
+        GROUP=group,
+        GATE_CHUNK=chunk,
+        DOT_PREC=dot_prec,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )

@@ -1,0 +1,228 @@
+"""Read-only runtime lookup: which tuned config to use for (spec, seqlen, device).
+
+A Snapshot is loaded once, from the user's tuning database (its `best` table, opened
+read-only) and the JSONL files shipped in `tuning_db/`, then never changes; it never tunes
+and never writes a file. Fallbacks, first match wins:
+
+  1. this exact device (fingerprint key),
+  2. the same GPU model on another host or driver,
+  3. the same architecture (sm_XX),
+  4. nothing: the caller uses its heuristic default.
+
+Within a level the seqlen bucket nearest in log space wins, then an entry from this
+toolchain, then the user's database over the shipped files, then the lowest median.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sqlite3
+import threading
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from types import MappingProxyType
+
+from gfwagen.db import records as R
+from gfwagen.db.fingerprint import arch, device_key, gpu_model_name, toolchain, toolchain_key
+from gfwagen.db.schema import (
+    SCHEMA_VERSION,
+    DatabaseError,
+    connect,
+    default_db_path,
+    schema_version,
+)
+from gfwagen.spec import KernelConfig, KernelSpec
+
+SOURCE_USER, SOURCE_SHIPPED = 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class BestEntry:
+    device_key: str
+    model: str
+    arch: str
+    toolchain_key: str
+    spec_class_key: str
+    seqlen_bucket: int
+    config: KernelConfig
+    median_ms: float
+    n_trials: int
+    trial_id: str
+    source: int  # SOURCE_USER or SOURCE_SHIPPED
+
+
+@functools.cache
+def shipped_dir() -> Path | None:
+    """The `tuning_db/` folder: $GFWAGEN_TUNING_DB_DIR, inside the installed package, or at the
+    repository root beside the package (as templates_dir() finds `templates/`)."""
+    env = os.environ.get("GFWAGEN_TUNING_DB_DIR")
+    pkg = Path(__file__).resolve().parent.parent
+    for c in ([Path(env)] if env else []) + [pkg / "tuning_db", pkg.parent / "tuning_db"]:
+        if c.is_dir():
+            return c
+    return None
+
+
+def shipped_files() -> list[Path]:
+    d = shipped_dir()
+    return sorted(d.glob("*.jsonl")) if d else []
+
+
+def _entry(row: dict, source: int) -> BestEntry:
+    return BestEntry(row["device_key"], row["model"], row["arch"], row["toolchain_key"],
+                     row["spec_class_key"], int(row["seqlen_bucket"]),
+                     R.check_config(json.loads(row["config_json"])),
+                     float(row["median_ms"]), int(row["n_trials"]), row["trial_id"], source)
+
+
+_BEST_SQL = ("SELECT b.*, d.model, d.arch FROM best b JOIN devices d ON d.key = b.device_key "
+             "ORDER BY b.device_key, b.toolchain_key, b.spec_class_key, b.seqlen_bucket")
+
+
+def _read_user_db(path: Path) -> list[BestEntry]:
+    db = connect(path, readonly=True)
+    try:
+        v = schema_version(db)
+        if v == 0:
+            return []
+        if v != SCHEMA_VERSION:
+            raise DatabaseError(f"{path}: schema v{v}; open it once with `gfwagen db show` to "
+                                "migrate it")
+        return [_entry(r, SOURCE_USER) for r in db.query(_BEST_SQL)]
+    except sqlite3.DatabaseError as e:
+        raise DatabaseError(f"{path}: unreadable database ({e})") from None
+    finally:
+        db.close()
+
+
+def _read_shipped(paths: Iterable[Path]) -> list[BestEntry]:
+    from gfwagen.db.store import TuningDB  # an in-memory database: nothing touches disk
+
+    out = []
+    with TuningDB(":memory:") as mem:
+        for p in paths:
+            try:
+                mem.import_jsonl(p)
+            except DatabaseError as e:
+                warnings.warn(f"gfwagen: skipping shipped tuning file: {e}", RuntimeWarning,
+                              stacklevel=3)
+        out = [_entry(r, SOURCE_SHIPPED) for r in mem.db.query(_BEST_SQL)]
+    return out
+
+
+class Snapshot:
+    """An immutable set of tuned entries with the fallback lookup."""
+
+    def __init__(self, entries: Iterable[BestEntry] = (), sources: Iterable[str] = (),
+                 toolchain_key: str | None = None):
+        by_spec: dict[str, list[BestEntry]] = defaultdict(list)
+        for e in entries:
+            by_spec[e.spec_class_key].append(e)
+        self._by_spec = MappingProxyType({k: tuple(v) for k, v in by_spec.items()})
+        self.sources = tuple(sources)
+        self.toolchain_key = toolchain_key
+        self._memo: dict = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, db_path: str | os.PathLike | None | bool = None,
+             shipped: bool | Iterable[str | os.PathLike] = True) -> Snapshot:
+        """db_path: a tuning database (None: the default path; False: none). shipped: True for
+        tuning_db/*.jsonl, False for none, or explicit JSONL paths. A missing database is
+        fine; an unreadable one is skipped with a warning, never repaired or written."""
+        entries: list[BestEntry] = []
+        sources: list[str] = []
+        if db_path is not False:
+            p = Path(db_path) if db_path not in (None, True) else default_db_path()
+            if p.is_file():
+                try:
+                    entries += _read_user_db(p)
+                    sources.append(str(p))
+                except DatabaseError as e:
+                    warnings.warn(f"gfwagen: ignoring tuning database: {e}", RuntimeWarning,
+                                  stacklevel=2)
+        files = shipped_files() if shipped is True else [] if shipped is False else [
+            Path(p) for p in shipped]
+        if files:
+            entries += _read_shipped(files)
+            sources += [str(f) for f in files]
+        return cls(entries, sources, toolchain_key(toolchain()))
+
+    @property
+    def entries(self) -> tuple[BestEntry, ...]:
+        return tuple(e for v in self._by_spec.values() for e in v)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._by_spec.values())
+
+    def lookup(self, spec: KernelSpec, seqlen: int,
+               fingerprint: dict) -> tuple[KernelConfig | None, str]:
+        """The tuned config for `spec` at `seqlen` on the device `fingerprint` describes, and a
+        sentence saying why; (None, "no tuned entry ...") when the caller should use its
+        heuristic default."""
+        dkey = device_key(fingerprint)
+        memo_key = (spec, seqlen, dkey)
+        hit = self._memo.get(memo_key)
+        if hit is None:
+            hit = self._lookup(spec, seqlen, fingerprint, dkey)
+            with self._lock:
+                if len(self._memo) > 65536:  # many distinct seqlens: stay bounded
+                    self._memo.clear()
+                self._memo[memo_key] = hit
+        return hit
+
+    def _lookup(self, spec, seqlen, fp, dkey):
+        candidates = self._by_spec.get(R.spec_class(spec).key(), ())
+        model, sm = gpu_model_name(fp), arch(fp)
+        levels = (
+            (lambda e: e.device_key == dkey, "tuned on this device ({model}, {where})"),
+            (lambda e: e.model == model, "same GPU model {model} on another host or driver "
+                                         "({where})"),
+            (lambda e: e.arch == sm, "same architecture {arch} (tuned on {model}, {where})"),
+        )
+        target = math.log2(max(seqlen, 1))
+        for match, reason in levels:
+            pool = [e for e in candidates if match(e)]
+            if not pool:
+                continue
+            bucket = min({e.seqlen_bucket for e in pool},
+                         key=lambda b: (abs(math.log2(b) - target), -b))
+            e = min((e for e in pool if e.seqlen_bucket == bucket),
+                    key=lambda e: (e.toolchain_key != self.toolchain_key, e.source,
+                                   e.median_ms, e.trial_id))
+            where = f"T-bucket {bucket}"
+            if e.toolchain_key != self.toolchain_key:
+                where += ", other toolchain"
+            if e.source == SOURCE_SHIPPED:
+                where += ", shipped"
+            return e.config, reason.format(model=e.model, arch=sm, where=where)
+        return None, f"no tuned entry for {model} ({sm}); heuristic default"
+
+
+_snapshot: Snapshot | None = None
+_snapshot_lock = threading.Lock()
+
+
+def get_snapshot() -> Snapshot:
+    """The process-wide snapshot, loaded on first use from the default database and the
+    shipped files."""
+    global _snapshot
+    if _snapshot is None:
+        with _snapshot_lock:
+            if _snapshot is None:
+                _snapshot = Snapshot.load()
+    return _snapshot
+
+
+def reset_snapshot() -> None:
+    """Forget the cached snapshot (tests, or after `gfwagen db import`)."""
+    global _snapshot
+    with _snapshot_lock:
+        _snapshot = None
+    shipped_dir.cache_clear()

@@ -1,0 +1,231 @@
+"""GatedFWA forward as a TensorIR PrimFunc factory (TVM 0.27, TVMScript `tvm.script.tirx`).
+
+Imports nothing from gfwagen (loaded by path through gfwagen.template_loader).
+
+`make_forward(head_dim, value_dim, window, dtype, gated, group, config, target="cpu")` closes
+over the specialization and returns a PrimFunc
+
+    gfwa_fwd(q [B,T,Hq,D] dt, k [B,T,Hkv,D] dt, v [B,T,Hkv,Dv] dt,
+             c [*,*,*] float64 (prefix sums [B,Hq,T]; a dummy when ungated),
+             o [B,T,Hq,Dv] dt, lse [B,Hq,T] float32, scale: float32)
+
+B, T, Hq, Hkv are symbolic. FlashAttention-2 structure: one work item per (batch, query head,
+query tile of block_m rows); it visits only the key tiles of block_n keys that intersect the
+tile's window [i0 - W + 1, i0 + block_m - 1], keeps the online softmax (running max m, running
+sum l, fp32 accumulator) per row in the log2 domain, and writes o and the natural-log lse.
+
+The gate: per tile a float64 reference cref = c[b, h, i0] is subtracted from every prefix sum it
+reads before narrowing to fp32, so c_i - c_j carries the error of a sum over at most
+W + block_m positions (GATEDFWA.md section 3).
+
+Masked entries get a finite sentinel logit (-1e30) and an explicit select to p = 0, so no
+-inf - -inf can occur, whatever fast-math flags the code generator uses.
+
+target="cpu": the outer loop is T.parallel, the row loop serial, the inner dims vectorized; K is
+staged transposed ([D, block_n]) so q.K^T vectorizes over keys, V row-major so P.V vectorizes
+over Dv.
+target="gpu": the outer loop is blockIdx.x, one thread per query row (block_m threads), the K/V
+tiles and the tile's gate sums are staged cooperatively in shared memory between barriers;
+per-row state lives in registers/local memory.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+_DT = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MASK = -1.0e30  # finite "minus infinity" for masked logits (log2 domain)
+MASK_T = -5.0e29  # anything below this is a masked logit
+
+
+def _loops(gpu: bool, block_m: int):
+    if gpu:
+        outer = lambda n: T.thread_binding(n, thread="blockIdx.x")  # noqa: E731
+        rows = lambda n: T.thread_binding(n, thread="threadIdx.x")  # noqa: E731
+        vec = lambda n: T.serial(n)  # noqa: E731
+        shared = "shared"
+    else:
+        outer = lambda n: T.parallel(n)  # noqa: E731
+        rows = lambda n: T.serial(n)  # noqa: E731
+        vec = lambda n: T.vectorized(n)  # noqa: E731
+        shared = "local"
+    return outer, rows, vec, shared
+
+
+def make_forward(head_dim, value_dim, window, dtype, gated, group, config, target="cpu"):
+    D, DV, G = int(head_dim), int(value_dim), int(group)
+    W = int(window or 0)  # 0: full causal
+    BM, BN = int(config.block_m), int(config.block_n)
+    if dtype not in _DT:
+        raise NotImplementedError(f"tvm forward: dtype {dtype!r} not supported")
+    if target not in ("cpu", "gpu"):
+        raise ValueError(f"target must be 'cpu' or 'gpu', got {target!r}")
+    dt = _DT[dtype]
+    gpu = target == "gpu"
+    gated = bool(gated)
+    OUTER, ROWS, VEC, SH = _loops(gpu, BM)
+    R = 1 if gpu else BM
+
+    def RI(x):  # index of a row's private state: per thread on gpu, per row on cpu
+        return 0 if gpu else x
+
+    # cooperative staging on gpu: ceil(n / BM) rounds of BM threads
+    NK = (BN * D + BM - 1) // BM
+    NV = (BN * DV + BM - 1) // BM
+    NC = (BN + BM - 1) // BM
+
+    @T.prim_func
+    def gfwa_fwd(
+        q_h: T.handle,
+        k_h: T.handle,
+        v_h: T.handle,
+        c_h: T.handle,
+        o_h: T.handle,
+        lse_h: T.handle,
+        scale: T.float32,
+    ):
+        T.func_attr({"global_symbol": "gfwa_fwd", "tirx.noalias": True})
+        B = T.int64()
+        L = T.int64()
+        HQ = T.int64()
+        HKV = T.int64()
+        CB = T.int64()
+        CH = T.int64()
+        CT = T.int64()
+        q = T.match_buffer(q_h, (B, L, HQ, D), dt)
+        k = T.match_buffer(k_h, (B, L, HKV, D), dt)
+        v = T.match_buffer(v_h, (B, L, HKV, DV), dt)
+        c = T.match_buffer(c_h, (CB, CH, CT), "float64")
+        o = T.match_buffer(o_h, (B, L, HQ, DV), dt)
+        lse = T.match_buffer(lse_h, (B, HQ, L), "float32")
+        for tile in OUTER(B * HQ * ((L + BM - 1) // BM)):
+            kt_s = T.alloc_buffer((D, BN), "float32", scope=SH)
+            v_s = T.alloc_buffer((BN, DV), "float32", scope=SH)
+            ck_s = T.alloc_buffer((BN,), "float32", scope=SH)
+            q_r = T.alloc_buffer((R, D), "float32", scope="local")
+            cq_r = T.alloc_buffer((R,), "float32", scope="local")
+            m_r = T.alloc_buffer((R,), "float32", scope="local")
+            l_r = T.alloc_buffer((R,), "float32", scope="local")
+            acc_r = T.alloc_buffer((R, DV), "float32", scope="local")
+            s_r = T.alloc_buffer((BN,), "float32", scope="local")
+            nq = (L + BM - 1) // BM
+            b = tile // (HQ * nq)
+            h = tile // nq % HQ
+            i0 = tile % nq * BM
+            hk = h // G
+            if gated:
+                cref = c[b, h, i0]
+            # ---- per-row init: q pre-scaled into the log2 domain, gate sums, softmax state
+            for x in ROWS(BM):
+                ic = T.min(i0 + x, L - 1)
+                for d in VEC(D):
+                    q_r[RI(x), d] = T.Cast("float32", q[b, ic, h, d]) * (scale * T.float32(LOG2E))
+                if gated:
+                    cq_r[RI(x)] = T.Cast("float32", c[b, h, ic] - cref) * T.float32(LOG2E)
+                else:
+                    cq_r[RI(x)] = T.float32(0)
+                m_r[RI(x)] = T.float32(MASK)
+                l_r[RI(x)] = T.float32(0)
+                for e in VEC(DV):
+                    acc_r[RI(x), e] = T.float32(0)
+            # ---- key tiles intersecting the window of rows [i0, i0 + BM)
+            kt_hi = (T.min(L, i0 + BM) + BN - 1) // BN
+            kt_lo = T.int64(0)
+            if W > 0:
+                kt_lo = T.max(i0 - (W - 1), T.int64(0)) // BN
+            for kt in T.serial(kt_lo, kt_hi):
+                j0 = kt * BN
+                if gpu:
+                    T.tvm_storage_sync("shared")
+                    for x in ROWS(BM):
+                        for r in range(NK):
+                            if r * BM + x < BN * D:
+                                kt_s[(r * BM + x) % D, (r * BM + x) // D] = T.Cast(
+                                    "float32",
+                                    k[
+                                        b,
+                                        T.min(j0 + (r * BM + x) // D, L - 1),
+                                        hk,
+                                        (r * BM + x) % D,
+                                    ],
+                                )
+                        for r in range(NV):
+                            if r * BM + x < BN * DV:
+                                v_s[(r * BM + x) // DV, (r * BM + x) % DV] = T.Cast(
+                                    "float32",
+                                    v[
+                                        b,
+                                        T.min(j0 + (r * BM + x) // DV, L - 1),
+                                        hk,
+                                        (r * BM + x) % DV,
+                                    ],
+                                )
+                        for r in range(NC):
+                            if r * BM + x < BN:
+                                if gated:
+                                    ck_s[r * BM + x] = T.Cast(
+                                        "float32", c[b, h, T.min(j0 + r * BM + x, L - 1)] - cref
+                                    ) * T.float32(LOG2E)
+                                else:
+                                    ck_s[r * BM + x] = T.float32(0)
+                    T.tvm_storage_sync("shared")
+                else:
+                    for jj in range(BN):
+                        jc = T.min(j0 + jj, L - 1)
+                        for d in VEC(D):
+                            kt_s[d, jj] = T.Cast("float32", k[b, jc, hk, d])
+                        for e in VEC(DV):
+                            v_s[jj, e] = T.Cast("float32", v[b, jc, hk, e])
+                        if gated:
+                            ck_s[jj] = T.Cast("float32", c[b, h, jc] - cref) * T.float32(LOG2E)
+                        else:
+                            ck_s[jj] = T.float32(0)
+                for x in ROWS(BM):
+                    i = i0 + x
+                    for jj in VEC(BN):
+                        s_r[jj] = T.float32(0)
+                    for d in range(D):
+                        for jj in VEC(BN):
+                            s_r[jj] = s_r[jj] + q_r[RI(x), d] * kt_s[d, jj]
+                    for jj in VEC(BN):
+                        if W > 0:
+                            s_r[jj] = T.if_then_else(
+                                (j0 + jj <= i) and (j0 + jj > i - W) and (i < L),
+                                s_r[jj] + (cq_r[RI(x)] - ck_s[jj]),
+                                T.float32(MASK),
+                            )
+                        else:
+                            s_r[jj] = T.if_then_else(
+                                (j0 + jj <= i) and (i < L),
+                                s_r[jj] + (cq_r[RI(x)] - ck_s[jj]),
+                                T.float32(MASK),
+                            )
+                    mx: T.float32 = m_r[RI(x)]
+                    for jj in range(BN):
+                        mx = T.max(mx, s_r[jj])
+                    alpha: T.float32 = T.exp2(m_r[RI(x)] - mx)
+                    for jj in VEC(BN):
+                        s_r[jj] = T.if_then_else(
+                            s_r[jj] > T.float32(MASK_T), T.exp2(s_r[jj] - mx), T.float32(0)
+                        )
+                    psum: T.float32 = T.float32(0)
+                    for jj in range(BN):
+                        psum = psum + s_r[jj]
+                    l_r[RI(x)] = l_r[RI(x)] * alpha + psum
+                    m_r[RI(x)] = mx
+                    for e in VEC(DV):
+                        acc_r[RI(x), e] = acc_r[RI(x), e] * alpha
+                    for jj in range(BN):
+                        for e in VEC(DV):
+                            acc_r[RI(x), e] = acc_r[RI(x), e] + s_r[jj] * v_s[jj, e]
+            # ---- epilogue
+            for x in ROWS(BM):
+                if i0 + x < L:
+                    inv: T.float32 = T.float32(1) / l_r[RI(x)]
+                    for e in VEC(DV):
+                        o[b, i0 + x, h, e] = T.Cast(dt, acc_r[RI(x), e] * inv)
+                    lse[b, h, i0 + x] = (m_r[RI(x)] + T.log2(l_r[RI(x)])) * T.float32(LN2)
+
+    return gfwa_fwd

@@ -1,0 +1,219 @@
+"""`gfwagen db ...` and `gfwagen doctor` through click's CliRunner: data on stdout, logs on
+stderr, exit codes 0 / 1 (runtime) / 2 (usage) / 3 (no GPU)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import main
+from gfwagen.db import TuningDB, reset_snapshot
+from gfwagen.heuristics import default_config
+from gfwagen.spec import KernelConfig, Problem
+
+H200 = {"kind": "cuda", "name": "NVIDIA H200", "compute_capability": "9.0", "sm_count": 132,
+        "memory_bytes": 150_000_000_000, "driver_version": "12.8", "cuda_version": "12.8",
+        "processor": None}
+H100 = {**H200, "name": "NVIDIA H100 80GB HBM3"}
+TC = {"torch": "2.13.0", "triton": "3.6.0", "tvm": None}
+PROB = Problem(2, 4096, 16, 4, 128, 128, 1000, "bf16", True)
+WHICH = ["db", "which", "--head-dim", "128", "--seqlen", "4096", "--heads", "16", "--kv-heads",
+         "4", "--window", "1000"]
+
+
+@pytest.fixture(autouse=True)
+def env(tmp_path, monkeypatch):
+    db = tmp_path / "cache" / "tuning.sqlite"
+    monkeypatch.setenv("GFWAGEN_DB", str(db))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    (tmp_path / "shipped").mkdir()
+    monkeypatch.setenv("GFWAGEN_TUNING_DB_DIR", str(tmp_path / "shipped"))
+    reset_snapshot()
+    yield db
+    reset_snapshot()
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def fill(path, host="host-a", device=H200, n=3):
+    with TuningDB(path) as db:
+        for i in range(n):
+            db.record_trial(PROB, "triton", "fwd", KernelConfig(block_m=32 << i),
+                            median_ms=1.0 + i, spread=0.02, device=device,
+                            toolchain_versions=TC, host=host,
+                            created_at=f"2025-02-01T00:00:0{i}+00:00")
+        db.record_trial(PROB, "triton", "fwd", KernelConfig(block_m=16), median_ms=0.1,
+                        status="failed", reason="compile error", device=device,
+                        toolchain_versions=TC, host=host, created_at="2025-02-01T00:01:00+00:00")
+
+
+def dump(path):
+    conn = sqlite3.connect(path)
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("args", [[], ["db"], ["db", "show"], ["db", "export"], ["db", "import"],
+                                  ["db", "merge"], ["db", "which"], ["doctor"]])
+def test_help_everywhere(runner, args):
+    for flag in ("--help", "-h"):
+        r = runner.invoke(main, [*args, flag])
+        assert r.exit_code == 0, r.output
+        assert "Usage:" in r.stdout
+
+
+def test_show_empty_does_not_create(runner, env):
+    r = runner.invoke(main, ["db", "show"])
+    assert r.exit_code == 0, r.output
+    assert "trials: 0" in r.stdout and "no tuning database" in r.stderr
+    assert not env.exists()
+
+
+def test_show_table_and_json(runner, env):
+    fill(env)
+    before = dump(env)
+    r = runner.invoke(main, ["db", "show"])
+    assert r.exit_code == 0, r.output
+    assert "trials: 4" in r.stdout and "best: 1" in r.stdout
+    assert "h200" in r.stdout and "bm32 bn64 w4 s2" in r.stdout and "1024" in r.stdout
+    r = runner.invoke(main, ["db", "show", "--db", str(env), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["counts"] == {"devices": 1, "toolchains": 1, "trials": 4, "best": 1}
+    (best,) = data["best"]
+    assert best["config"]["block_m"] == 32 and best["model"] == "h200"
+    assert dump(env) == before  # show only reads
+
+
+def test_export_import_roundtrip(runner, env, tmp_path):
+    fill(env)
+    out = tmp_path / "out.jsonl"
+    r = runner.invoke(main, ["db", "export", str(out)])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "" and "4 trials" in r.stderr
+    r = runner.invoke(main, ["db", "export", "-"])
+    assert r.exit_code == 0 and r.stdout.encode() == out.read_bytes()
+
+    other = tmp_path / "other.sqlite"
+    r = runner.invoke(main, ["db", "import", str(out), "--db", str(other)])
+    assert r.exit_code == 0, r.output
+    assert "4 new trials" in r.stderr
+    after_first = dump(other)
+    r = runner.invoke(main, ["db", "import", str(out), "--db", str(other)])
+    assert r.exit_code == 0 and "0 new trials (4 already present)" in r.stderr
+    assert dump(other) == after_first
+    again = tmp_path / "again.jsonl"
+    assert runner.invoke(main, ["db", "export", str(again), "--db", str(other)]).exit_code == 0
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_export_without_database_fails(runner, env, tmp_path):
+    r = runner.invoke(main, ["db", "export", str(tmp_path / "x.jsonl")])
+    assert r.exit_code == 1 and "no tuning database" in r.stderr
+    assert not env.exists()
+
+
+def test_import_bad_file_exit_1_unchanged(runner, env, tmp_path):
+    fill(env)
+    before = dump(env)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"format": "gfwagen-tuning-db", "kind": "header", "schema_version": 1}\n'
+                   '{"kind": "trial", "id": "x"\n')
+    r = runner.invoke(main, ["db", "import", str(bad)])
+    assert r.exit_code == 1
+    assert "not valid JSON" in r.stderr and r.stdout == ""
+    assert dump(env) == before
+    r = runner.invoke(main, ["db", "import", str(tmp_path / "missing.jsonl")])
+    assert r.exit_code == 2  # click's own check: a usage error
+
+
+def test_merge(runner, env, tmp_path):
+    fill(env, host="host-a")
+    other = tmp_path / "b.sqlite"
+    fill(other, host="host-b", device=H100)
+    r = runner.invoke(main, ["db", "merge", str(other)])
+    assert r.exit_code == 0, r.output
+    assert "4 new trials" in r.stderr
+    with TuningDB(env) as db:
+        assert db.counts() == {"devices": 2, "toolchains": 1, "trials": 8, "best": 2}
+        assert {r["host"] for r in db.db.query("SELECT host FROM trials")} == {"host-a", "host-b"}
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"junk" * 1000)
+    before = dump(env)
+    r = runner.invoke(main, ["db", "merge", str(junk)])
+    assert r.exit_code == 1 and "not a readable SQLite" in r.stderr
+    assert dump(env) == before
+
+
+def test_which_heuristic_fallback(runner, env):
+    r = runner.invoke(main, WHICH + ["--format", "json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    spec = PROB.spec("triton", "fwd")
+    assert data["tuned"] is False and data["reason"].startswith("no tuned entry")
+    assert data["config"] == default_config(spec).as_dict()
+    assert not env.exists()  # which never writes
+
+
+def test_which_tuned_and_fallback_levels(runner, env, tmp_path):
+    fill(env)
+    fp = tmp_path / "fp.json"
+    fp.write_text(json.dumps(H200))
+    r = runner.invoke(main, WHICH + ["--fingerprint", str(fp)])
+    assert r.exit_code == 0, r.output
+    assert "config: bm32 bn64 w4 s2" in r.stdout
+    assert "tuned on this device (h200, T-bucket 4096, other toolchain)" in r.stdout
+    fp.write_text(json.dumps(H100))
+    r = runner.invoke(main, WHICH + ["--fingerprint", str(fp), "--format", "json"])
+    data = json.loads(r.stdout)
+    assert data["tuned"] and data["reason"].startswith("same architecture sm_90")
+    assert data["device"] == {"name": "NVIDIA H100 80GB HBM3", "model": "h100", "arch": "sm_90"}
+    r = runner.invoke(main, WHICH + ["--fingerprint", str(fp), "--pass", "bwd_q"])
+    assert "no tuned entry" in r.stdout
+
+
+@pytest.mark.parametrize("extra", [["--kv-heads", "5"], ["--dtype", "int8"],
+                                   ["--head-dim", "0"], ["--backend", "cuda"]])
+def test_which_usage_errors(runner, extra):
+    r = runner.invoke(main, WHICH + extra)
+    assert r.exit_code == 2, r.output
+
+
+def test_which_bad_fingerprint(runner, tmp_path):
+    fp = tmp_path / "fp.json"
+    fp.write_text(json.dumps({"kind": "tpu"}))
+    r = runner.invoke(main, WHICH + ["--fingerprint", str(fp)])
+    assert r.exit_code == 2 and "--fingerprint" in r.stderr
+
+
+def test_doctor(runner, env):
+    fill(env)
+    r = runner.invoke(main, ["doctor", "--format", "json"])
+    data = json.loads(r.stdout)
+    expected = 0 if torch.cuda.is_available() else 3
+    assert r.exit_code == expected, r.output
+    assert data["database"]["counts"]["trials"] == 4 and data["database"]["path"] == str(env)
+    assert set(data["versions"]) >= {"torch", "triton", "tvm", "optuna", "sqlite-utils"}
+    assert data["backends"]["reference"]["available"] is True
+    r = runner.invoke(main, ["doctor"])
+    assert r.exit_code == expected
+    assert "sqlite-utils" in r.stdout and "trials: 4" in r.stdout
+    if expected == 3:
+        assert "no CUDA GPU" in r.stderr
+
+
+def test_doctor_corrupt_db_exit_1(runner, env):
+    env.parent.mkdir(parents=True)
+    env.write_bytes(b"garbage" * 500)
+    r = runner.invoke(main, ["doctor"])
+    assert r.exit_code == 1 and "error:" in r.stdout
+    assert env.read_bytes() == b"garbage" * 500

@@ -1,0 +1,167 @@
+"""TVM TensorIR backend: CPU (llvm) forward/backward against the float64 reference, and the
+CUDA variant's compilation without a GPU."""
+
+from __future__ import annotations
+
+import shutil
+import zlib
+
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+from gfwagen.backends.tvm_backend import (  # noqa: E402
+    build_cuda,
+    build_cuda_cubin,
+    cuda_source,
+    tvm_backward,
+    tvm_forward,
+)
+from gfwagen.reference import reference_backward, reference_forward  # noqa: E402
+from gfwagen.spec import KernelConfig, KernelSpec  # noqa: E402
+
+CFG = KernelConfig(block_m=16, block_n=16)
+
+
+def _err(a, b, floor=0.0):
+    """||a - b|| / max(||b||, floor), in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / max(b.norm().item(), floor)).item()
+
+
+def _inputs(B, T, Hq, Hkv, D, Dv, gated, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, Hq, D, generator=g).to(dtype)
+    k = torch.randn(B, T, Hkv, D, generator=g).to(dtype)
+    v = torch.randn(B, T, Hkv, Dv, generator=g).to(dtype)
+    do = torch.randn(B, T, Hq, Dv, generator=g).to(dtype)
+    lg = None
+    if gated:
+        lg = torch.nn.functional.logsigmoid(2 * torch.randn(B, T, Hq, generator=g) + 1)
+    return q, k, v, do, lg
+
+
+# (B, T, Hq, Hkv, D, Dv, window, gated)
+SHAPES = {
+    "T_not_tile_multiple": (2, 45, 2, 2, 16, 16, 20, True),
+    "W1": (1, 37, 2, 2, 16, 16, 1, True),
+    "W_ge_T": (1, 33, 2, 2, 16, 16, 64, True),
+    "W_none": (1, 40, 2, 1, 16, 16, None, True),
+    "gqa": (1, 50, 4, 2, 32, 32, 17, True),
+    "mqa": (1, 50, 4, 1, 16, 16, 24, True),
+    "no_gate": (2, 41, 2, 2, 16, 16, 13, False),
+    "dv_ne_d": (1, 39, 2, 1, 32, 16, 11, True),
+}
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_fp32_matches_reference(name):
+    B, T, Hq, Hkv, D, Dv, W, gated = SHAPES[name]
+    seed = zlib.crc32(name.encode())
+    q, k, v, do, lg = _inputs(B, T, Hq, Hkv, D, Dv, gated, torch.float32, seed=seed)
+    o, lse = tvm_forward(q, k, v, lg, W, None, config=CFG)
+    assert o.shape == (B, T, Hq, Dv) and o.dtype == torch.float32
+    assert lse.shape == (B, Hq, T) and lse.dtype == torch.float32
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+
+    up = [None if x is None else x.double() for x in (q, k, v, do, lg)]
+    ro, rlse = reference_forward(up[0], up[1], up[2], up[4], W, None)
+    assert _err(o, ro) <= 1e-5
+    assert _err(lse, rlse) <= 1e-5
+
+    grads = tvm_backward(do, q, k, v, o, lse, lg, W, None, config=CFG)
+    # the reference backward at the same (o, lse) the kernels saw, upcast
+    ref = reference_backward(up[3], up[0], up[1], up[2], o.double(), lse.double(), up[4], W, None)
+    names = ("dq", "dk", "dv", "dlog_gate")
+    for what, a, b, x in zip(names, grads, ref, (q, k, v, lg), strict=True):
+        if b is None:
+            assert a is None, what
+            continue
+        assert a.shape == x.shape and a.dtype == x.dtype, what
+        assert torch.isfinite(a).all(), what
+        # W = 1: dS is exactly 0 (P = 1, dP = delta), so dq, dk and dlog_gate are pure rounding
+        # noise around 0; judge them against an absolute floor of the inputs' scale.
+        floor = 1.0 * a.numel() ** 0.5 if W == 1 else 0.0
+        assert _err(a, b, floor) <= 1e-5, (what, _err(a, b, floor))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+def test_half_dtypes(dtype, tol):
+    B, T, Hq, Hkv, D, Dv, W = 1, 37, 4, 2, 16, 16, 9
+    q, k, v, do, lg = _inputs(B, T, Hq, Hkv, D, Dv, True, dtype, seed=7)
+    o, lse = tvm_forward(q, k, v, lg, W, None, config=CFG)
+    assert o.dtype == dtype and lse.dtype == torch.float32
+    up = [x.double() for x in (q, k, v, do, lg)]
+    ro, rlse = reference_forward(up[0], up[1], up[2], up[4], W, None)
+    assert _err(o, ro) <= tol and _err(lse, rlse) <= 1e-5
+    grads = tvm_backward(do, q, k, v, o, lse, lg, W, None, config=CFG)
+    ref = reference_backward(up[3], up[0], up[1], up[2], o.double(), lse.double(), up[4], W, None)
+    for a, b in zip(grads, ref, strict=True):
+        assert _err(a, b) <= tol
+
+
+@pytest.mark.parametrize("gate_mult,tol", [(1.0, 1e-5), (5.0, 5e-5)])
+def test_uneven_tiles_and_default_config(gate_mult, tol):
+    # block_m != block_n, default config, explicit scale. gate_mult=5 makes |c_i - cref| reach
+    # ~300 inside a 32-row tile: the fp32 rounding of the tile-relative prefix sums (the error
+    # GATEDFWA.md section 3 allows: a sum over W + tile positions) then shows at ~2e-5 in
+    # dlog_gate, hence the looser bound there.
+    B, T, Hq, Hkv, D, Dv, W = 1, 150, 2, 1, 16, 16, 40
+    q, k, v, do, lg = _inputs(B, T, Hq, Hkv, D, Dv, True, torch.float32, seed=3)
+    lg = lg * gate_mult
+    up = [x.double() for x in (q, k, v, do, lg)]
+    for cfg in (None, KernelConfig(block_m=8, block_n=32), KernelConfig(block_m=32, block_n=8)):
+        o, lse = tvm_forward(q, k, v, lg, W, 0.3, config=cfg)
+        ro, rlse = reference_forward(up[0], up[1], up[2], up[4], W, 0.3)
+        assert _err(o, ro) <= tol and _err(lse, rlse) <= 1e-5
+        grads = tvm_backward(do, q, k, v, o, lse, lg, W, 0.3, config=cfg)
+        ref = reference_backward(up[3], up[0], up[1], up[2], o.double(), lse.double(), up[4], W,
+                                 0.3)
+        for a, b in zip(grads, ref, strict=True):
+            assert _err(a, b) <= tol
+
+
+def test_large_prefix_sums_stay_accurate():
+    # |c| ~ 1e4 at the end of the sequence: c_i - c_j formed in fp32 from absolute sums would
+    # lose ~1e-3 absolute; per-tile float64 references keep the fp32 error level.
+    B, T, Hq, Hkv, D, Dv, W = 1, 96, 1, 1, 16, 16, 12
+    q, k, v, do, _ = _inputs(B, T, Hq, Hkv, D, Dv, False, torch.float32, seed=5)
+    lg = torch.full((B, T, Hq), -100.0) + 0.5 * torch.rand(B, T, Hq)
+    o, lse = tvm_forward(q, k, v, lg, W, None, config=CFG)
+    ro, rlse = reference_forward(q.double(), k.double(), v.double(), lg.double(), W, None)
+    assert _err(o, ro) <= 1e-5 and _err(lse, rlse) <= 1e-5
+
+
+def test_unsupported_raises():
+    q = torch.randn(1, 8, 1, 16, dtype=torch.float64)
+    with pytest.raises(NotImplementedError):
+        tvm_forward(q, q, q, None, 4, None)
+    qf = q.float()
+    with pytest.raises(NotImplementedError):
+        tvm_forward(qf, qf, qf, None, 4, None, target={"kind": "cuda", "arch": "sm_90"})
+    with pytest.raises(NotImplementedError):  # 128 + 128 dims x 64 rows of fp32 > 48 KiB
+        build_cuda(KernelSpec("tvm", "bwd_kv", 128, 128, 256, "bf16", True, 1),
+                   KernelConfig(block_m=64, block_n=64))
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("pass_", ["fwd", "bwd_kv", "bwd_q"])
+def test_cuda_codegen(arch, pass_):
+    spec = KernelSpec("tvm", pass_, 64, 64, 256, "bf16", True, 2)
+    src = cuda_source(build_cuda(spec, KernelConfig(block_m=64, block_n=32), arch=arch))
+    assert "__global__" in src and "threadIdx.x" in src and "__shared__" in src
+    assert "__syncthreads()" in src
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_cuda_codegen_dtypes(dtype):
+    spec = KernelSpec("tvm", "fwd", 32, 32, 0, dtype, False, 1)
+    assert "__global__" in cuda_source(build_cuda(spec, arch="sm_90"))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_cuda_cubin_with_nvcc():
+    spec = KernelSpec("tvm", "fwd", 64, 64, 256, "bf16", True, 2)
+    cubin = build_cuda_cubin(spec, KernelConfig(block_m=64, block_n=32), arch="sm_90")
+    assert cubin[:4] == b"\x7fELF"
