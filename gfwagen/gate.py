@@ -13,7 +13,11 @@ import torch
 
 def prefix_sums(log_gate: torch.Tensor) -> torch.Tensor:
     """[B, T, H] log gates -> [B, H, T] float64 inclusive prefix sums (contiguous in T)."""
-    return torch.cumsum(log_gate.to(torch.float64), dim=1).transpose(1, 2).contiguous()
+    # Scan along the innermost dimension: torch's scan over an outer dimension runs one
+    # thread per (b, h) sequentially over T, which measured 3 ms at B=2, H=16, T=16384 on an
+    # H200 (more than the attention itself).
+    g = log_gate.transpose(1, 2).to(torch.float64).contiguous()
+    return torch.cumsum(g, dim=-1)
 
 
 def gate_grad_from_sums(row_sums: torch.Tensor, col_sums: torch.Tensor) -> torch.Tensor:
