@@ -1,6 +1,8 @@
 """Realistic sizes on a CUDA GPU against float64 (skipped without one). Each case prints its
 errors on a `GPUERR` line so that a run's log carries the numbers."""
 
+import os
+
 import pytest
 import torch
 from conftest import make_inputs, rel_err
@@ -44,7 +46,11 @@ def test_gpu_matches_float64(case, dtype_name):
     errs = {"o": rel_err(o, o64)}
     for nm, a, e in zip(["dq", "dk", "dv", "dg"], grads, ref):
         errs[nm] = rel_err(a, e)
-    print(f"GPUERR {name} {dtype_name} " + " ".join(f"{k}={v:.2e}" for k, v in errs.items()))
+    line = f"GPUERR {name} {dtype_name} " + " ".join(f"{k}={v:.2e}" for k, v in errs.items())
+    print(line)
+    if os.environ.get("GFWAGEN_GPU_LOG"):  # pytest-xdist workers' stdout is not shown
+        with open(os.environ["GFWAGEN_GPU_LOG"], "a") as f:
+            f.write(line + "\n")
     for nm, err in errs.items():
         assert err < TOL[dtype], (nm, err)
 
