@@ -8,6 +8,7 @@ strides are passed through, so transposed [B, H, T, D] views cost no copy.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 
@@ -60,28 +61,78 @@ def forward(q, k, v, log_gate, window, scale, cfg: KernelConfig):
     return o, lse
 
 
+@dataclasses.dataclass
+class BackwardState:
+    """What both backward passes share: inputs, the gate tables, delta and the outputs.
+    The tuner times bwd_kv and bwd_q separately on one prepared state."""
+
+    do: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    lse: torch.Tensor
+    window: int | None
+    scale: float
+    gate: tuple | None
+    delta: torch.Tensor
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+    row_sums: torch.Tensor | None
+    col_sums: torch.Tensor | None
+
+
+def prepare_backward(do, q, k, v, o, lse, log_gate, window, scale) -> BackwardState:
+    B, T, H, _ = q.shape
+    gated = log_gate is not None
+    sums = torch.empty(2, B, H, T, dtype=torch.float32, device=q.device) if gated else None
+    st = BackwardState(
+        do=do, q=q, k=k, v=v, lse=lse, window=window, scale=scale, gate=_gate(log_gate),
+        delta=torch.empty(B, H, T, dtype=torch.float32, device=q.device),
+        dq=torch.empty(q.shape, dtype=q.dtype, device=q.device),
+        dk=torch.empty(k.shape, dtype=k.dtype, device=k.device),
+        dv=torch.empty(v.shape, dtype=v.dtype, device=v.device),
+        row_sums=sums[0] if gated else None, col_sums=sums[1] if gated else None)
+    if q.numel():
+        with _device(q):
+            load_template("triton", "bwd").launch_delta(o, do, st.delta)
+    return st
+
+
+def _bwd_launch_args(st: BackwardState, cfg: KernelConfig):
+    T, H = st.q.shape[1], st.q.shape[2]
+    bm, bn = _fit(cfg, T)
+    return (kernel_window(st.window, T), st.scale, H // st.k.shape[2], bm, bn, cfg.num_warps,
+            cfg.num_stages, _dot_precision(st.q.dtype))
+
+
+def backward_kv(st: BackwardState, cfg: KernelConfig) -> None:
+    """dk, dv and the gate's column sums, into st."""
+    if st.q.numel():
+        with _device(st.q):
+            load_template("triton", "bwd").launch_dkdv(
+                st.q, st.k, st.v, st.do, st.gate, st.lse, st.delta, st.dk, st.dv, st.col_sums,
+                *_bwd_launch_args(st, cfg))
+
+
+def backward_q(st: BackwardState, cfg: KernelConfig) -> None:
+    """dq and the gate's row sums, into st."""
+    if st.q.numel():
+        with _device(st.q):
+            load_template("triton", "bwd").launch_dq(
+                st.q, st.k, st.v, st.do, st.gate, st.lse, st.delta, st.dq, st.row_sums,
+                *_bwd_launch_args(st, cfg))
+
+
 def backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv: KernelConfig,
              cfg_q: KernelConfig):
-    B, T, H, _ = q.shape
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    if q.numel() == 0:
-        dg = torch.zeros_like(log_gate) if log_gate is not None else None
-        return dq, dk, dv, dg
-    tmpl = load_template("triton", "bwd")
-    gated = log_gate is not None
-    gate = _gate(log_gate)
-    sums = torch.empty(2, B, H, T, dtype=torch.float32, device=q.device) if gated else None
-    delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    w = kernel_window(window, T)
-    group = H // k.shape[2]
-    prec = _dot_precision(q.dtype)
-    with _device(q):
-        tmpl.launch_delta(o, do, delta)
-        bm, bn = _fit(cfg_kv, T)
-        tmpl.launch_dkdv(q, k, v, do, gate, lse, delta, dk, dv, sums[1] if gated else None, w,
-                         scale, group, bm, bn, cfg_kv.num_warps, cfg_kv.num_stages, prec)
-        bm, bn = _fit(cfg_q, T)
-        tmpl.launch_dq(q, k, v, do, gate, lse, delta, dq, sums[0] if gated else None, w, scale,
-                       group, bm, bn, cfg_q.num_warps, cfg_q.num_stages, prec)
-    dg = gate_grad_from_sums(sums[0], sums[1]) if gated else None
-    return dq, dk, dv, dg
+    st = prepare_backward(do, q, k, v, o, lse, log_gate, window, scale)
+    backward_kv(st, cfg_kv)
+    backward_q(st, cfg_q)
+    if log_gate is None:
+        dg = None
+    elif q.numel() == 0:
+        dg = torch.zeros_like(log_gate)
+    else:
+        dg = gate_grad_from_sums(st.row_sums, st.col_sums)
+    return st.dq, st.dk, st.dv, dg
