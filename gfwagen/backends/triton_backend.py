@@ -39,7 +39,8 @@ def _gate(log_gate):
     if log_gate is None:
         return None
     local, base = chunked_prefix_sums(log_gate, GATE_CHUNK)
-    return local, base, GATE_CHUNK
+    # One spare base so a kernel's prefetch past the last chunk reads valid memory.
+    return local, torch.nn.functional.pad(base, (0, 1)).contiguous(), GATE_CHUNK
 
 
 def _device(t: torch.Tensor):
@@ -57,7 +58,8 @@ def forward(q, k, v, log_gate, window, scale, cfg: KernelConfig):
     with _device(q):
         load_template("triton", "fwd").launch_forward(
             q, k, v, gate, o, lse, kernel_window(window, T), scale, H // k.shape[2], bm, bn,
-            cfg.num_warps, cfg.num_stages, _dot_precision(q.dtype))
+            cfg.num_warps, cfg.num_stages, _dot_precision(q.dtype),
+            bool(cfg.get("prefetch_gate", False)))
     return o, lse
 
 
@@ -103,7 +105,7 @@ def _bwd_launch_args(st: BackwardState, cfg: KernelConfig):
     T, H = st.q.shape[1], st.q.shape[2]
     bm, bn = _fit(cfg, T)
     return (kernel_window(st.window, T), st.scale, H // st.k.shape[2], bm, bn, cfg.num_warps,
-            cfg.num_stages, _dot_precision(st.q.dtype))
+            cfg.num_stages, _dot_precision(st.q.dtype), bool(cfg.get("prefetch_gate", False)))
 
 
 def backward_kv(st: BackwardState, cfg: KernelConfig) -> None:

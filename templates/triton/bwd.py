@@ -15,7 +15,7 @@ a tile wholly outside the window. This file imports nothing from gfwagen.
 import triton
 import triton.language as tl
 
-from .common import LOG2E, key_tile_phases
+from .common import LOG2E, gate_tile_load, key_tile_phases
 
 
 @triton.jit
@@ -109,9 +109,13 @@ def _dkdv_tiles(
     MASKED: tl.constexpr,
     GATE_CHUNK: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    PREFETCH_GATE: tl.constexpr,
 ):
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
+    if GATED:
+        if PREFETCH_GATE:
+            nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, start, T, BLOCK_M, GATE_CHUNK)
     for m0 in tl.range(start, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
@@ -130,12 +134,18 @@ def _dkdv_tiles(
         # Transposed scores [BLOCK_N, BLOCK_M]: keys on rows, so dk and dv need no transpose.
         s = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - (lse * LOG2E)[None, :]
         if GATED:
-            off = (tl.load(cb_base + m0 // GATE_CHUNK) - cb_k).to(tl.float32)
-            if MASKED:
-                ci = tl.load(cl_base + offs_m, mask=in_t, other=0.0)
+            if PREFETCH_GATE:
+                ci = nxt_local + (nxt_base - cb_k).to(tl.float32)
+                nxt_local, nxt_base = gate_tile_load(
+                    cl_base, cb_base, m0 + BLOCK_M, T, BLOCK_M, GATE_CHUNK
+                )
             else:
-                ci = tl.load(cl_base + offs_m)
-            s += (ci + off)[None, :] - cj[:, None]
+                off = (tl.load(cb_base + m0 // GATE_CHUNK) - cb_k).to(tl.float32)
+                if MASKED:
+                    ci = tl.load(cl_base + offs_m, mask=in_t, other=0.0) + off
+                else:
+                    ci = tl.load(cl_base + offs_m) + off
+            s += ci[None, :] - cj[:, None]
         p = tl.math.exp2(s)
         if MASKED:
             valid = (offs_n[:, None] <= offs_m[None, :]) & in_t[None, :]
@@ -196,6 +206,7 @@ def gfwa_bwd_dkdv_kernel(
     GROUP: tl.constexpr,
     GATE_CHUNK: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    PREFETCH_GATE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
@@ -263,6 +274,7 @@ def gfwa_bwd_dkdv_kernel(
             True,
             GATE_CHUNK,
             DOT_PREC,
+            PREFETCH_GATE,
         )
         dk, dv, colsum = _dkdv_tiles(
             dk,
@@ -293,6 +305,7 @@ def gfwa_bwd_dkdv_kernel(
             False,
             GATE_CHUNK,
             DOT_PREC,
+            PREFETCH_GATE,
         )
         dk, dv, colsum = _dkdv_tiles(
             dk,
@@ -323,6 +336,7 @@ def gfwa_bwd_dkdv_kernel(
             True,
             GATE_CHUNK,
             DOT_PREC,
+            PREFETCH_GATE,
         )
         if GATED:
             tl.store(DCOL + bh * T + offs_n, colsum, mask=key_ok)
@@ -367,9 +381,13 @@ def _dq_tiles(
     MASKED: tl.constexpr,
     GATE_CHUNK: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    PREFETCH_GATE: tl.constexpr,
 ):
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
+    if GATED:
+        if PREFETCH_GATE:
+            nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, start, T, BLOCK_N, GATE_CHUNK)
     for n0 in tl.range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
@@ -383,12 +401,18 @@ def _dq_tiles(
             v = tl.load(v_ptrs)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse2[:, None]
         if GATED:
-            off = (tl.load(cb_base + n0 // GATE_CHUNK) - cb_q).to(tl.float32)
-            if MASKED:
-                cj = tl.load(cl_base + offs_n, mask=in_t, other=0.0)
+            if PREFETCH_GATE:
+                cj = nxt_local + (nxt_base - cb_q).to(tl.float32)
+                nxt_local, nxt_base = gate_tile_load(
+                    cl_base, cb_base, n0 + BLOCK_N, T, BLOCK_N, GATE_CHUNK
+                )
             else:
-                cj = tl.load(cl_base + offs_n)
-            s += ci[:, None] - (cj + off)[None, :]
+                off = (tl.load(cb_base + n0 // GATE_CHUNK) - cb_q).to(tl.float32)
+                if MASKED:
+                    cj = tl.load(cl_base + offs_n, mask=in_t, other=0.0) + off
+                else:
+                    cj = tl.load(cl_base + offs_n) + off
+            s += ci[:, None] - cj[None, :]
         p = tl.math.exp2(s)
         if MASKED:
             valid = (offs_n[None, :] <= offs_m[:, None]) & in_t[None, :]
@@ -443,6 +467,7 @@ def gfwa_bwd_dq_kernel(
     GROUP: tl.constexpr,
     GATE_CHUNK: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    PREFETCH_GATE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -509,6 +534,7 @@ def gfwa_bwd_dq_kernel(
         True,
         GATE_CHUNK,
         DOT_PREC,
+        PREFETCH_GATE,
     )
     dq, rowsum = _dq_tiles(
         dq,
@@ -538,6 +564,7 @@ def gfwa_bwd_dq_kernel(
         False,
         GATE_CHUNK,
         DOT_PREC,
+        PREFETCH_GATE,
     )
     dq, rowsum = _dq_tiles(
         dq,
@@ -567,6 +594,7 @@ def gfwa_bwd_dq_kernel(
         True,
         GATE_CHUNK,
         DOT_PREC,
+        PREFETCH_GATE,
     )
     tl.store(
         DQ + b64 * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
@@ -621,6 +649,7 @@ def launch_dkdv(
     num_warps,
     num_stages,
     dot_prec,
+    prefetch_gate=False,
 ):
     B, T, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
@@ -669,6 +698,7 @@ def launch_dkdv(
         GROUP=group,
         GATE_CHUNK=chunk,
         DOT_PREC=dot_prec,
+        PREFETCH_GATE=prefetch_gate,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -692,6 +722,7 @@ def launch_dq(
     num_warps,
     num_stages,
     dot_prec,
+    prefetch_gate=False,
 ):
     B, T, H, D = q.shape
     Dv = v.shape[3]
@@ -735,6 +766,7 @@ def launch_dq(
         GROUP=group,
         GATE_CHUNK=chunk,
         DOT_PREC=dot_prec,
+        PREFETCH_GATE=prefetch_gate,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -21,3 +21,14 @@ def key_tile_phases(m0, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW:
     int_lo = tl.minimum(int_lo, hi)
     int_hi = tl.maximum(((m0 + 1) // BLOCK_N) * BLOCK_N, int_lo)
     return lo, int_lo, int_hi, hi
+
+
+@triton.jit
+def gate_tile_load(cl_base, cb_base, t0, T, BLOCK: tl.constexpr, GATE_CHUNK: tl.constexpr):
+    """The gate tables' values for positions [t0, t0+BLOCK): the chunk-local float32 sums and
+    the chunk's float64 base. Reads one base past the last chunk when t0 >= T (the table is
+    padded by one) so a prefetch beyond the end needs no branch."""
+    offs = t0 + tl.arange(0, BLOCK)
+    local = tl.load(cl_base + offs, mask=offs < T, other=0.0)
+    base = tl.load(cb_base + t0 // GATE_CHUNK)
+    return local, base

@@ -12,7 +12,7 @@ This file imports nothing from gfwagen: the generator loads it by path.
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, key_tile_phases
+from .common import LN2, LOG2E, gate_tile_load, key_tile_phases
 
 
 @triton.jit
@@ -42,9 +42,13 @@ def _fwd_tiles(
     MASKED: tl.constexpr,
     GATE_CHUNK: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    PREFETCH_GATE: tl.constexpr,
 ):
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
+    if GATED:
+        if PREFETCH_GATE:
+            nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, start, T, BLOCK_N, GATE_CHUNK)
     for n0 in tl.range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
@@ -59,12 +63,19 @@ def _fwd_tiles(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if GATED:
             # The only float64 operation: one scalar per tile (gfwagen.gate).
-            off = (tl.load(cb_base + n0 // GATE_CHUNK) - cb_q).to(tl.float32)
-            if MASKED:
-                cj = tl.load(cl_base + offs_n, mask=in_t, other=0.0)
+            if PREFETCH_GATE:
+                # Loaded one tile ahead, so the latency hides behind this tile's dots.
+                cj = nxt_local + (nxt_base - cb_q).to(tl.float32)
+                nxt_local, nxt_base = gate_tile_load(
+                    cl_base, cb_base, n0 + BLOCK_N, T, BLOCK_N, GATE_CHUNK
+                )
             else:
-                cj = tl.load(cl_base + offs_n)
-            s += ci[:, None] - (cj + off)[None, :]
+                off = (tl.load(cb_base + n0 // GATE_CHUNK) - cb_q).to(tl.float32)
+                if MASKED:
+                    cj = tl.load(cl_base + offs_n, mask=in_t, other=0.0) + off
+                else:
+                    cj = tl.load(cl_base + offs_n) + off
+            s += ci[:, None] - cj[None, :]
         if MASKED:
             valid = (offs_n[None, :] <= offs_m[:, None]) & in_t[None, :]
             if WINDOW > 0:
@@ -118,6 +129,7 @@ def gfwa_fwd_kernel(
     GROUP: tl.constexpr,
     GATE_CHUNK: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    PREFETCH_GATE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -182,6 +194,7 @@ def gfwa_fwd_kernel(
         True,
         GATE_CHUNK,
         DOT_PREC,
+        PREFETCH_GATE,
     )
     acc, l_i, m_i = _fwd_tiles(
         acc,
@@ -209,6 +222,7 @@ def gfwa_fwd_kernel(
         False,
         GATE_CHUNK,
         DOT_PREC,
+        PREFETCH_GATE,
     )
     acc, l_i, m_i = _fwd_tiles(
         acc,
@@ -236,6 +250,7 @@ def gfwa_fwd_kernel(
         True,
         GATE_CHUNK,
         DOT_PREC,
+        PREFETCH_GATE,
     )
 
     # Every stored row saw at least its own key, so l_i > 0 there.
@@ -255,7 +270,21 @@ def gfwa_fwd_kernel(
 
 
 def launch_forward(
-    q, k, v, gate, o, lse, window, scale, group, block_m, block_n, num_warps, num_stages, dot_prec
+    q,
+    k,
+    v,
+    gate,
+    o,
+    lse,
+    window,
+    scale,
+    group,
+    block_m,
+    block_n,
+    num_warps,
+    num_stages,
+    dot_prec,
+    prefetch_gate=False,
 ):
     """q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] (last dim contiguous); gate None or
     (local [B,Hq,T] float32, base [B,Hq,chunks] float64, chunk) in log2 units; writes
@@ -298,6 +327,7 @@ def launch_forward(
         GROUP=group,
         GATE_CHUNK=chunk,
         DOT_PREC=dot_prec,
+        PREFETCH_GATE=prefetch_gate,
         num_warps=num_warps,
         num_stages=num_stages,
     )
