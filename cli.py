@@ -350,11 +350,306 @@ def doctor(db_path, fmt):
     click.get_current_context().exit(code)
 
 
-# ---- room for the pipeline's other commands ------------------------------------------------
-# `gfwagen tune ...` (gfwagen.tuner) and `gfwagen generate ...` (gfwagen.generator) go here,
-# as thin @main.command()s like the ones above: parse options, call the module, print data to
-# stdout and progress to stderr, raise NoGPU (exit 3) when they need a GPU and find none.
+# ---- gfwagen db plot -------------------------------------------------------------------------
 
+@db.command("plot", context_settings=CONTEXT)
+@db_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the PNGs. [default: plots/ next to the database]")
+@runtime_errors
+def db_plot(db_path, out_dir):
+    """Write optimization-history and parameter-importance PNGs for the recorded studies."""
+    from gfwagen.tuner.plots import plot_db
+
+    path = _resolve(db_path)
+    if not path.is_file():
+        raise RuntimeFailure(f"no tuning database at {path}")
+    written, skipped = plot_db(path, out_dir or path.parent / "plots")
+    for s in skipped:
+        _log(f"skipped {s}")
+    for w in written:
+        click.echo(str(w))
+    _log(f"wrote {len(written)} plots")
+
+
+# ---- gfwagen generate ------------------------------------------------------------------------
+
+def _spec_options(fn):
+    for opt in reversed([
+        click.option("--backend", type=click.Choice(["triton", "tvm"]), default="triton",
+                     show_default=True),
+        click.option("--pass", "pass_", type=click.Choice(["fwd", "bwd_kv", "bwd_q"]),
+                     default="fwd", show_default=True),
+        click.option("--head-dim", type=click.IntRange(min=1), default=128, show_default=True),
+        click.option("--value-dim", type=click.IntRange(min=1), default=None,
+                     help="[default: the head dim]"),
+        click.option("--window", type=click.IntRange(min=0), default=512, show_default=True,
+                     help="Sliding window; 0 is full causal."),
+        click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16",
+                     show_default=True),
+        click.option("--gated/--no-gated", default=True, show_default=True),
+        click.option("--group", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Query heads per kv head."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+@main.command("generate", context_settings=CONTEXT)
+@_spec_options
+@click.option("--block-m", type=int, default=None, help="[default: the heuristic config]")
+@click.option("--block-n", type=int, default=None)
+@click.option("--num-warps", type=int, default=None)
+@click.option("--num-stages", type=int, default=None)
+@click.option("--target", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="TVM only: which schedule of the template.")
+@click.option("--build", "do_build", is_flag=True,
+              help="Also compile ahead of time (Triton: needs a CUDA GPU).")
+@format_option
+def generate_cmd(backend, pass_, head_dim, value_dim, window, dtype, gated, group, block_m,
+                 block_n, num_warps, num_stages, target, do_build, fmt):
+    """Print the specialized kernel source for a spec and config (the cache path on stderr).
+
+    Triton: the constexpr bindings the launcher uses, then the template files; TVM: the
+    PrimFunc's TVMScript. The source and a manifest are cached under
+    $GFWAGEN_CACHE_DIR/kernels/<backend>/<key>/."""
+    from gfwagen import generator
+    from gfwagen.heuristics import default_config
+    from gfwagen.spec import KernelConfig, KernelSpec
+
+    try:
+        spec = KernelSpec(backend, pass_, head_dim, value_dim or head_dim, window, dtype, gated,
+                          group)
+        base = default_config(spec)
+        if backend == "tvm":
+            from gfwagen.backends import tvm_backend
+
+            base = (tvm_backend.DEFAULT_CPU_CONFIG if target == "cpu"
+                    else tvm_backend.DEFAULT_CUDA_CONFIG)
+        cfg = KernelConfig(block_m or base.block_m, block_n or base.block_n,
+                           num_warps or base.num_warps, num_stages or base.num_stages, base.extra)
+        generator.check_config(spec, cfg)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    tgt = target if backend == "tvm" else None
+    try:
+        gk = (generator.build(spec, cfg, target=tgt) if do_build
+              else generator.generate(spec, cfg, tgt))
+    except RuntimeError as e:
+        if "CUDA" in str(e):
+            raise NoGPU(str(e)) from None
+        raise RuntimeFailure(str(e)) from None
+    _log(f"{'wrote' if gk.created else 'cached'} {gk.directory}")
+    if fmt == "json":
+        _emit_json({"key": gk.key, "directory": str(gk.directory),
+                    "source_path": str(gk.source_path), "manifest": gk.manifest(),
+                    "source": gk.source_path.read_text()})
+    else:
+        click.echo(gk.source_path.read_text(), nl=False)
+
+
+# ---- gfwagen tune ----------------------------------------------------------------------------
+
+# (name, batch, seqlen, heads, kv_heads, head_dim, window); all bf16, gated, value dim = head dim
+PRESETS = {
+    "standard": [("S1", 8, 4096, 16, 16, 128, 512), ("S2", 8, 4096, 16, 16, 128, 1024),
+                 ("S3", 2, 16384, 16, 16, 128, 1024), ("S4", 2, 16384, 16, 16, 128, 4096),
+                 ("S5", 8, 4096, 16, 16, 64, 512)],
+    "quick": [("Q1", 2, 1024, 4, 4, 64, 256)],
+}
+
+
+def _parse_devices(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        devs = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected indices like 0,1; got {text!r}",
+                                 param_hint="--devices") from None
+    if not devs or len(set(devs)) != len(devs) or min(devs) < 0:
+        raise click.BadParameter(f"expected distinct indices like 0,1; got {text!r}",
+                                 param_hint="--devices")
+    return devs
+
+
+def _check_gpu(gpu: str, devices: list[int] | None) -> str:
+    """The mode the tuner runs in ('cuda' or 'cpu'); NoGPU (exit 3) when the GPU asked for
+    is not what is there."""
+    import torch
+
+    from gfwagen.db import device_fingerprint, gpu_model_name
+
+    want = gpu.lower()
+    if want == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        if want == "auto":
+            _log("tune: no CUDA GPU visible; --gpu auto tunes the CPU (TVM llvm backend)")
+            return "cpu"
+        raise NoGPU(f"--gpu {gpu}: no CUDA GPU is visible on this machine; tune on a machine "
+                    f"with an {gpu.upper()}, or use --gpu auto / --gpu cpu")
+    n = torch.cuda.device_count()
+    for d in devices or [torch.cuda.current_device()]:
+        if d >= n:
+            raise NoGPU(f"--devices: GPU {d} is not visible ({n} visible)")
+        model = gpu_model_name(device_fingerprint(d))
+        if want != "auto" and model != want:
+            raise NoGPU(f"--gpu {gpu}: GPU {d} is a {torch.cuda.get_device_name(d)} ({model}), "
+                        f"not an {gpu.upper()}; use --gpu auto to tune whatever is there")
+    return "cuda"
+
+
+@main.command("tune", context_settings=CONTEXT)
+@click.option("--gpu", default="auto", show_default=True,
+              help="The GPU model to tune (e.g. h200; exit 3 when it is not the one visible), "
+                   "'auto' for whatever is there, or 'cpu' for the TVM llvm backend.")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="standard",
+              show_default=True, help="standard: shapes S1-S5; quick: one small shape. "
+                                      "Shape options below replace the preset.")
+@click.option("--head-dim", type=click.IntRange(min=1), default=None)
+@click.option("--window", type=click.IntRange(min=0), default=None, help="0 is full causal.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16",
+              show_default=True)
+@click.option("--seqlen", type=click.IntRange(min=1), default=None)
+@click.option("--batch", type=click.IntRange(min=1), default=None)
+@click.option("--heads", type=click.IntRange(min=1), default=None)
+@click.option("--kv-heads", type=click.IntRange(min=1), default=None)
+@click.option("--gated/--no-gated", default=True, show_default=True)
+@click.option("--passes", default=None, help="Comma-separated passes [default: fwd,bwd_kv,bwd_q; "
+                                             "TVM: fwd,bwd_kv (its backward is one config)]")
+@click.option("--trials", type=click.IntRange(min=1), default=40, show_default=True,
+              help="Trials per study (one study per shape and pass).")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
+              help="Seconds one candidate may take (compile, check and timing) before it is "
+                   "killed and recorded as a timeout.")
+@click.option("--backend", type=click.Choice(["triton", "tvm"]), default=None,
+              help="[default: triton on a GPU, tvm on the CPU]")
+@click.option("--devices", default=None,
+              help="GPU indices, e.g. 0,1: one worker process per GPU on one shared study.")
+@click.option("--storage", default=None,
+              help="Optuna RDB URL (e.g. postgresql://...) of a study shared by several hosts; "
+                   "each host records its own trials in its own --db.")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Folder for the PNGs [default: plots/ next to the database].")
+@click.option("--no-plots", is_flag=True, help="Skip the plots.")
+@click.option("--fake-timer", is_flag=True, hidden=True, envvar="GFWAGEN_FAKE_TIMER",
+              help="Testing: run candidates as the CPU reference and time them synthetically.")
+@click.option("--seed", type=int, default=None, hidden=True)
+@click.option("--resume", is_flag=True, help="Continue the studies of an earlier run.")
+@db_option
+@format_option
+@runtime_errors
+def tune(gpu, preset, head_dim, window, dtype, seqlen, batch, heads, kv_heads, gated, passes,
+         trials, timeout, backend, devices, storage, plots_dir, no_plots, fake_timer, seed,
+         resume, db_path, fmt):
+    """Tune the kernels' configs with Optuna and record every trial in the tuning database.
+
+    Every candidate runs in a worker process, is checked against the reference before it is
+    timed, and a candidate that fails to compile, crashes, hangs or is wrong is recorded
+    with its status and never becomes the best. Data (the summary) goes to stdout."""
+    from gfwagen.spec import Problem
+    from gfwagen.tuner import space
+    from gfwagen.tuner.study import TuneJob, config_text, run, run_on_devices
+
+    devs = _parse_devices(devices)
+    if fake_timer and gpu.lower() in ("auto", "cpu"):
+        # the fake pipeline runs anywhere; a named GPU is still checked (exit 3 without it)
+        mode = "fake"
+        backend = backend or ("tvm" if gpu.lower() == "cpu" else "triton")
+    else:
+        mode = _check_gpu(gpu, devs)
+    if mode == "cpu":
+        if backend == "triton":
+            raise click.UsageError("--backend triton needs a GPU; the CPU tunes the tvm backend")
+        backend = "tvm"
+        if devs:
+            raise click.UsageError("--devices needs GPUs")
+        import importlib.util
+
+        if importlib.util.find_spec("tvm") is None:
+            raise RuntimeFailure("CPU tuning uses the TVM llvm backend, and apache-tvm is not "
+                                 "installed")
+    backend = backend or "triton"
+    if backend == "tvm" and mode == "cuda":
+        raise click.UsageError("the tvm backend runs only on the CPU here (its CUDA kernels are "
+                               "compiled, not launched on torch tensors); use --gpu cpu")
+    if fake_timer:
+        mode = "fake"
+    pass_list = passes.split(",") if passes else list(space.passes(backend))
+    for p in pass_list:
+        if p not in space.passes(backend):
+            raise click.BadParameter(f"{p!r}; {backend} tunes {', '.join(space.passes(backend))}"
+                                     + (" (its backward is one config)" if backend == "tvm"
+                                        else ""), param_hint="--passes")
+    shapes = PRESETS[preset]
+    if any(x is not None for x in (head_dim, window, seqlen, batch, heads, kv_heads)):
+        base = shapes[0]
+        shapes = [("custom", batch or base[1], seqlen or base[2], heads or base[3],
+                   kv_heads or (heads or base[4]), head_dim or base[5],
+                   base[6] if window is None else window)]
+    problems = []
+    for name, b, t, h, hkv, d, w in shapes:
+        if h % hkv:
+            raise click.UsageError(f"--heads {h} is not a multiple of --kv-heads {hkv}")
+        problems.append((name, Problem(b, t, h, hkv, d, d, w, dtype, gated)))
+    path = _resolve(db_path)
+    results = []
+    for name, problem in problems:
+        for p in pass_list:
+            job = TuneJob(problem, backend, p, trials, mode=mode, timeout=timeout,
+                          db_path=str(path), storage=storage, resume=resume, seed=seed,
+                          label=f"{name} {p}")
+            try:
+                if devs and len(devs) > 1:
+                    res = run_on_devices(job, devs)
+                else:
+                    job.device = devs[0] if devs else None
+                    res = run(job)
+            except RuntimeError as e:
+                raise RuntimeFailure(str(e)) from None
+            results.append((name, res))
+    if not no_plots:
+        _tune_plots(results, storage, path, plots_dir or path.parent / "plots", mode)
+    if fmt == "json":
+        _emit_json({"database": str(path), "mode": mode,
+                    "studies": [{"shape": n, **r.as_dict()} for n, r in results]})
+        return
+    rows = [["shape", "pass", "trials", "ok", "failed", "wrong", "timeout", "best config",
+             "best ms", "default ms", "speed-up"]]
+    for n, r in results:
+        d = r.as_dict()
+        rows.append([n, r.pass_, str(r.trials)] +
+                    [str(r.statuses.get(s, 0)) for s in ("ok", "failed", "wrong", "timeout")] +
+                    [config_text(r.best_config), _ms(r.best_ms), _ms(r.default_ms),
+                     f"{d['speedup']:.2f}x" if d["speedup"] else "-"])
+    click.echo(_table(rows))
+    _log(f"trials recorded in {path}")
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def _tune_plots(results, storage, db_path, out_dir, mode) -> None:
+    import optuna
+
+    from gfwagen.tuner.plots import save_study_plots
+    from gfwagen.tuner.study import TuneJob, storage_for
+
+    for _, r in results:
+        job = TuneJob(r.problem, r.backend, r.pass_, 0, mode=mode, storage=storage,
+                      study_name=r.study_name)
+        try:
+            study = optuna.load_study(study_name=r.study_name, storage=storage_for(job))
+            written, skipped = save_study_plots(study, out_dir)
+        except (ImportError, ValueError, RuntimeError, KeyError) as e:
+            _log(f"plots for {r.study_name} skipped: {e}")
+            continue
+        for s in skipped:
+            _log(f"plot skipped: {s}")
+        for w in written:
+            _log(f"plot {w}")
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,9 @@
     o = gfwagen.attention(q, k, v, log_gate, window=512)        # [B, T, Hq, Dv]
 
 The same op is torch.ops.gfwa.attention (torch.compile-safe, differentiable in q, k, v and
-log_gate).
+log_gate). The paper's gate: gfwagen.gate_preprocess(h, beta) -> log_gate (fused, one pass);
+the layer and its ring-buffer KV cache: gfwagen.nn.GatedFWA, gfwagen.nn.GatedFWACache; NSA's
+sliding branch: gfwagen.nsa.gated_sliding_attn.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from __future__ import annotations
 import torch
 
 from gfwagen import ops as _ops  # noqa: F401  (registers torch.ops.gfwa.*)
+from gfwagen.gate_preprocess import gate_preprocess
 from gfwagen.reference import naive_attention, reference_backward, reference_forward
 from gfwagen.validate import check_inputs
 
 __version__ = "0.1.0"
-__all__ = ["attention", "naive_attention", "reference_forward", "reference_backward"]
+__all__ = ["attention", "gate_preprocess", "naive_attention", "reference_forward",
+           "reference_backward"]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

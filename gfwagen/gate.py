@@ -10,6 +10,24 @@ from __future__ import annotations
 
 import torch
 
+# The one gate policy (docs/NUMERICS.md): every backend sees log_gate clamped to
+# [-GATE_BOUND, GATE_BOUND]. A gate at the floor (-inf included) means "forget": the keys
+# before it lose at least e^-128 against the query's own key, which is zero in float32 unless
+# the logits themselves differ by more than ~110. 128 keeps one floor in a 256-position chunk
+# (the kernels' float32 local sums, in log2 units: 128 * log2(e) = 185 < 256) at a spacing of
+# 1.5e-5, so the pairs that still see each other keep float32 accuracy. NaN stays NaN.
+GATE_BOUND = 128.0
+
+
+def sanitize_log_gate(log_gate: torch.Tensor | None) -> torch.Tensor | None:
+    """log_gate clamped to [-GATE_BOUND, GATE_BOUND]: -inf (or anything below -128) becomes
+    -128, "forget everything before this position"; +inf becomes +128. A gate already inside
+    the bounds is returned unchanged (same values). NaN is left as is: it is invalid, and
+    reaches the outputs as NaN (validate.check_finite rejects it when asked to)."""
+    if log_gate is None:
+        return None
+    return torch.clamp(log_gate, -GATE_BOUND, GATE_BOUND)
+
 
 def prefix_sums(log_gate: torch.Tensor) -> torch.Tensor:
     """[B, T, H] log gates -> [B, H, T] float64 inclusive prefix sums (contiguous in T)."""

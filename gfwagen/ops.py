@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from gfwagen import dispatch
-from gfwagen.validate import check_inputs
+from gfwagen.gate import sanitize_log_gate
+from gfwagen.validate import check_finite, check_inputs
 
 
 def _scale(q: Tensor, scale: float | None) -> float:
@@ -34,9 +35,11 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 
 
 def _fwd_impl(q, k, v, log_gate, window, scale, backend):
+    check_finite(q, k, v, log_gate)  # a no-op unless GFWAGEN_CHECK_FINITE=1
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     if log_gate is not None:
-        log_gate = log_gate.contiguous()
+        # Every backend, forward and backward, sees the same clamped gate (docs/NUMERICS.md).
+        log_gate = sanitize_log_gate(log_gate).contiguous()
     o, lse = dispatch.run_forward(q, k, v, log_gate, window, _scale(q, scale), backend)
     # The fake promises contiguous outputs; compiled graphs check strides against it.
     return o.contiguous(), lse.contiguous()
@@ -62,7 +65,7 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     do, q, k, v, o = (_last_dim_contiguous(t) for t in (do, q, k, v, o))
     if log_gate is not None:
-        log_gate = log_gate.contiguous()
+        log_gate = sanitize_log_gate(log_gate).contiguous()
     dq, dk, dv, dg = dispatch.run_backward(do, q, k, v, o, lse.contiguous(), log_gate, window,
                                            _scale(q, scale), backend)
     if dg is None:

@@ -66,8 +66,11 @@ class _Chunk:
         if gg is not None:
             # Prefix sums local to the chunk's key range: c_i - c_j is then a sum of at most
             # W + chunk terms, never the difference of two large prefix sums (GATEDFWA.md s3).
-            local = torch.cumsum(gg[..., ks:e], dim=-1)
-            logits = logits + (local[..., s - ks:, None] - local[..., None, :])
+            # In float64 whatever the compute dtype: strong gates (-20 per step, or the -128
+            # floor of gate.sanitize_log_gate) make these sums large, and a float32 sum of
+            # magnitude M carries an absolute error ~M * 6e-8 into every logit.
+            local = torch.cumsum(gg[..., ks:e].double(), dim=-1)
+            logits = logits + (local[..., s - ks:, None] - local[..., None, :]).to(logits.dtype)
         i = torch.arange(s, e, device=qg.device)[:, None]
         j = torch.arange(ks, e, device=qg.device)[None, :]
         self.valid = (j <= i) & (j > i - w)

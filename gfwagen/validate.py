@@ -5,6 +5,7 @@ bounds. The checks also run on fake tensors under torch.compile (they become gua
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -13,6 +14,12 @@ from gfwagen.spec import DTYPES
 # Head dims every backend compiles (tl.arange needs powers of two).
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 BACKEND_CHOICES = ("auto", "triton", "tvm", "reference")
+# The op's int arguments travel as int64 through the dispatcher; scale reaches kernels as fp32.
+_INT64_MAX = 2**63 - 1
+_FP32_MAX = torch.finfo(torch.float32).max
+# Opt-in value checks (docs/NUMERICS.md): each one reads every element and, on CUDA, waits
+# for the device, so they are off unless this is "1".
+CHECK_FINITE_ENV = "GFWAGEN_CHECK_FINITE"
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -23,6 +30,7 @@ def check_inputs(q, k, v, log_gate, window, scale, backend="auto") -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check_dense(name, t)
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, T, H, D], got shape {_shape(t)}")
     if q.dtype not in DTYPES.values():
@@ -54,6 +62,7 @@ def check_inputs(q, k, v, log_gate, window, scale, backend="auto") -> None:
         if not isinstance(log_gate, torch.Tensor):
             raise TypeError(f"log_gate must be a torch.Tensor or None, got "
                             f"{type(log_gate).__name__}")
+        _check_dense("log_gate", log_gate)
         if log_gate.dtype != torch.float32:
             raise TypeError(f"log_gate must be float32, got {log_gate.dtype}")
         if log_gate.dim() != 3 or tuple(log_gate.shape) != (B, T, Hq):
@@ -66,10 +75,46 @@ def check_inputs(q, k, v, log_gate, window, scale, backend="auto") -> None:
             raise TypeError(f"window must be an int or None, got {type(window).__name__}")
         if window < 1:
             raise ValueError(f"window must be >= 1 (None for full causal), got {window}")
+        if window > _INT64_MAX:
+            raise ValueError(f"window must be < 2**63 (None for full causal), got {window}")
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
+        try:
+            fscale = float(scale)
+        except OverflowError:  # an int beyond float range
+            fscale = math.inf
+        if not math.isfinite(fscale) or abs(fscale) > _FP32_MAX:
+            raise ValueError(f"scale must be finite (in float32 range), got {scale}")
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+
+
+def _check_dense(name: str, t: torch.Tensor) -> None:
+    # Sparse, nested and other non-strided layouts have no kernel; refuse them here rather
+    # than let the dispatcher answer with NotImplementedError or an internal RuntimeError.
+    if t.layout != torch.strided or t.is_nested:
+        kind = "nested" if t.is_nested else str(t.layout)
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {kind} tensor")
+
+
+def finite_checks_enabled() -> bool:
+    return os.environ.get(CHECK_FINITE_ENV, "") == "1"
+
+
+def check_finite(q, k, v, log_gate, *, force: bool = False) -> None:
+    """With GFWAGEN_CHECK_FINITE=1 (or force=True): ValueError if q, k or v holds NaN or
+    +-inf, or log_gate holds NaN. log_gate's infinities are allowed: the op clamps them
+    (gate.sanitize_log_gate; -inf means "forget"). Off by default: it reads every element
+    and, on CUDA, synchronizes with the device. Runs on real tensors only (inside the op's
+    kernel call, so compiled graphs check too)."""
+    if not (force or finite_checks_enabled()):
+        return
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains non-finite values "
+                             f"({int(torch.isnan(t).sum())} NaN, {int(torch.isinf(t).sum())} "
+                             f"inf; checked because {CHECK_FINITE_ENV}=1)")
+    if log_gate is not None and log_gate.numel() and bool(torch.isnan(log_gate).any()):
+        raise ValueError(f"log_gate contains NaN ({int(torch.isnan(log_gate).sum())} values; "
+                         f"checked because {CHECK_FINITE_ENV}=1)")

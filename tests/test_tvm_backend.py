@@ -165,3 +165,75 @@ def test_cuda_cubin_with_nvcc():
     spec = KernelSpec("tvm", "fwd", 64, 64, 256, "bf16", True, 2)
     cubin = build_cuda_cubin(spec, KernelConfig(block_m=64, block_n=32), arch="sm_90")
     assert cubin[:4] == b"\x7fELF"
+
+
+@pytest.mark.parametrize("cfg,shape", [
+    # micro-kernel knobs: rm x vn accumulators clipped to the tiles; D = 48 (vn -> 16)
+    (KernelConfig(16, 32, extra=(("rm", 8), ("vn", 16))), (1, 70, 4, 2, 48, 32, 23, True)),
+    # full causal with interior (unmasked) tiles; rm=1, vn=8
+    (KernelConfig(8, 16, extra=(("rm", 1), ("vn", 8))), (1, 61, 2, 2, 16, 16, None, False)),
+    # tiles wider than the head dims; interior tiles inside the window
+    (KernelConfig(32, 16, extra=(("rm", 2), ("vn", 64))), (2, 100, 2, 1, 16, 16, 60, True)),
+])
+def test_cpu_microkernel_knobs(cfg, shape):
+    B, T, Hq, Hkv, D, Dv, W, gated = shape
+    q, k, v, do, lg = _inputs(B, T, Hq, Hkv, D, Dv, gated, torch.float32, seed=11)
+    up = [None if x is None else x.double() for x in (q, k, v, do, lg)]
+    o, lse = tvm_forward(q, k, v, lg, W, None, config=cfg)
+    ro, rlse = reference_forward(up[0], up[1], up[2], up[4], W, None)
+    assert _err(o, ro) <= 1e-5 and _err(lse, rlse) <= 1e-5
+    grads = tvm_backward(do, q, k, v, o, lse, lg, W, None, config=cfg,
+                         config_q=KernelConfig(16, 8, extra=(("rm", 4), ("vn", 16))))
+    ref = reference_backward(up[3], up[0], up[1], up[2], o.double(), lse.double(), up[4], W, None)
+    for what, a, b in zip(("dq", "dk", "dv", "dg"), grads, ref, strict=True):
+        if b is None:
+            assert a is None
+            continue
+        assert _err(a, b) <= 1e-5, (what, _err(a, b))
+
+
+def test_cpu_exp2_polynomial():
+    # the vectorized exp2 of the CPU kernels: ~fp32-exact on the softmax range, exactly 0 far
+    # below it (masked logits), no inf/nan
+    import numpy as np
+    import tvm
+    from tvm.script import tirx as T
+
+    from gfwagen.template_loader import load_template
+
+    exp2p = load_template("tvm", "cpu").exp2p
+    n = 4096
+
+    @T.prim_func
+    def f(x_h: T.handle, y_h: T.handle):
+        x = T.match_buffer(x_h, (n,), "float32")
+        y = T.match_buffer(y_h, (n,), "float32")
+        for i in T.vectorized(n):
+            y[i] = exp2p(x[i])
+
+    xs = np.concatenate([np.linspace(-130, 0.5, n - 2), [-1e30, -5e29]]).astype("float32")
+    ys = np.zeros(n, "float32")
+    fn = tvm.compile(f, target="llvm")["f"]
+    xt, yt = tvm.runtime.tensor(xs), tvm.runtime.tensor(ys)
+    fn(xt, yt)
+    got = yt.numpy().astype(np.float64)
+    want = np.exp2(xs.astype(np.float64))
+    ok = xs > -126
+    assert np.all(np.abs(got[ok] - want[ok]) <= 4e-7 * want[ok])
+    assert np.all(got[xs <= -127] == 0) and np.all(np.isfinite(got))
+
+
+def test_auto_backend_on_cpu_is_tvm():
+    import subprocess
+    import sys
+
+    from gfwagen import dispatch
+
+    cpu = torch.device("cpu")
+    assert dispatch.resolve_backend("auto", cpu, torch.float32) == "tvm"
+    assert dispatch.resolve_backend("auto", cpu, torch.bfloat16) == "tvm"
+    assert dispatch.resolve_backend("auto", cpu, torch.float64) == "reference"
+    assert dispatch.resolve_backend("reference", cpu, torch.float32) == "reference"
+    # importing gfwagen (and calling nothing) must not import tvm
+    code = "import sys, gfwagen; assert 'tvm' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -39,8 +39,11 @@ except Exception:  # pragma: no cover - exercised only without tvm
 
 CPU_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 CUDA_DTYPES = ("fp32", "fp16", "bf16")
-# CPU tiles: a 32 x 32 tile keeps the staged K/V/Q tiles and row state in L1/L2.
-DEFAULT_CPU_CONFIG = KernelConfig(block_m=32, block_n=32, num_warps=1, num_stages=1)
+# CPU tiles (templates/tvm/cpu.py): block_m x block_n attention tiles; extra "rm" x "vn" is the
+# micro-kernel's register accumulator (rm rows x vn fp32 columns; 4 x 64 = 16 AVX-512
+# registers). Best of the sweep in benchmarks/cpu_bench.py on a 2-core AMD EPYC (Zen 4).
+DEFAULT_CPU_CONFIG = KernelConfig(block_m=32, block_n=64, num_warps=1, num_stages=1,
+                                  extra=(("rm", 4), ("vn", 64)))
 # GPU tiles: block_m (block_n for bwd_kv) threads per block, one row each.
 DEFAULT_CUDA_CONFIG = KernelConfig(block_m=64, block_n=32, num_warps=2, num_stages=1)
 CUDA_STATIC_SMEM_LIMIT = 48 * 1024
@@ -180,14 +183,16 @@ def tvm_forward(q, k, v, log_gate=None, window=None, scale=None, config=None, ta
 
 
 def tvm_backward(do, q, k, v, o, lse, log_gate=None, window=None, scale=None, config=None,
-                 target="llvm"):
-    """GatedFWA backward on CPU through TVM. Returns (dq, dk, dv, dlog_gate or None)."""
+                 target="llvm", config_q=None):
+    """GatedFWA backward on CPU through TVM. Returns (dq, dk, dv, dlog_gate or None).
+    `config` tiles the dk/dv kernel, `config_q` (default: `config`) the dq kernel."""
     _require_tvm()
     _check_inputs(q, k, v, log_gate)
     B, T, Hq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     tgt = _cpu_target(target)
     cfg = _fit(config or DEFAULT_CPU_CONFIG, T)
+    cfg_q = _fit(config_q or config or DEFAULT_CPU_CONFIG, T)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     do = do.to(q.dtype).contiguous()
     c = _gate_sums(log_gate, q.device)
@@ -202,7 +207,7 @@ def tvm_backward(do, q, k, v, o, lse, log_gate=None, window=None, scale=None, co
         dg = None if log_gate is None else torch.zeros_like(log_gate)
         return dq, dk, dv, dg
     fkv = _kernel(_spec("bwd_kv", q, k, v, log_gate, window), cfg, tgt)
-    fq = _kernel(_spec("bwd_q", q, k, v, log_gate, window), cfg, tgt)
+    fq = _kernel(_spec("bwd_q", q, k, v, log_gate, window), cfg_q, tgt)
     a = [_dl(x) for x in (q, k, v, c, do, lse, delta)]
     fkv(*a, _dl(dk), _dl(dv), _dl(dcol), scale)
     fq(*a, _dl(dq), _dl(drow), scale)

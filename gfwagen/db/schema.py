@@ -41,14 +41,17 @@ def connect(path: str | os.PathLike, *, readonly: bool = False) -> sqlite_utils.
     """A sqlite-utils handle on `path`, checked to be a SQLite file (not yet that it is ours).
     Read-only handles never create the file."""
     p = Path(path)
-    if readonly:
-        if not p.is_file():
-            raise DatabaseError(f"{p}: no such database file")
-        conn = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True)
-    else:
-        if str(p) != ":memory:":
-            p.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(p), timeout=30.0)
+    try:
+        if readonly:
+            if not p.is_file():
+                raise DatabaseError(f"{p}: no such database file")
+            conn = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True)
+        else:
+            if str(p) != ":memory:":
+                p.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(str(p), timeout=30.0)
+    except (OSError, sqlite3.Error) as e:  # a directory, an unwritable or missing parent
+        raise DatabaseError(f"{p}: cannot open as a database ({e})") from None
     try:
         # Reading the schema is what makes SQLite look at the file's header.
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
@@ -78,6 +81,31 @@ def schema_version(db: sqlite_utils.Database) -> int:
     if version < 1:
         raise DatabaseError(f"not a gfwagen tuning database (schema_version {version})")
     return version
+
+
+def check_intact(db: sqlite_utils.Database) -> None:
+    """DatabaseError unless SQLite's quick_check passes: a file with damaged pages past its
+    header opens and answers the first queries, then fails on the page a write touches.
+    Reads every page once (about 0.1 s for a 36 MB database)."""
+    try:
+        rows = [r[0] for r in db.execute("PRAGMA quick_check").fetchall()]
+    except sqlite3.DatabaseError as e:
+        raise DatabaseError(f"corrupt database ({e})") from None
+    if rows != ["ok"]:
+        raise DatabaseError(f"corrupt database (quick_check: {'; '.join(rows[:3])})")
+
+
+@contextlib.contextmanager
+def corruption_as_database_error(where) -> Iterator[None]:
+    """sqlite3's 'malformed' / 'not a database' errors (raised by damage that quick_check at
+    open did not see, or that came later) as DatabaseError. Busy, locked, I/O and constraint
+    errors (OperationalError, IntegrityError, ...) pass through unchanged."""
+    try:
+        yield
+    except sqlite3.DatabaseError as e:
+        if type(e) is not sqlite3.DatabaseError:
+            raise
+        raise DatabaseError(f"{where}: corrupt database ({e})") from None
 
 
 @contextlib.contextmanager
@@ -167,7 +195,8 @@ def open_database(path: str | os.PathLike | None = None) -> sqlite_utils.Databas
     db = connect(path)
     try:
         try:
-            schema_version(db)  # refuse a foreign or newer file before changing anything
+            schema_version(db)  # refuse a foreign, newer or damaged file before changing it
+            check_intact(db)
         except DatabaseError as e:
             raise DatabaseError(f"{path}: {e}") from None
         db.execute("PRAGMA foreign_keys = ON")

@@ -11,6 +11,7 @@ one winning.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -24,13 +25,25 @@ from gfwagen.db.fingerprint import device_fingerprint, toolchain
 from gfwagen.db.schema import (
     SCHEMA_VERSION,
     DatabaseError,
+    check_intact,
     connect,
+    corruption_as_database_error,
     default_db_path,
     open_database,
     schema_version,
     write_transaction,
 )
 from gfwagen.spec import KernelConfig, KernelSpec, Problem
+
+
+def _sqlite_errors(method):
+    """Run a method with sqlite3's corruption errors raised as DatabaseError."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with corruption_as_database_error(self.path):
+            return method(self, *args, **kwargs)
+    return wrapper
+
 
 GroupKey = tuple[str, str, str, int]  # device_key, toolchain_key, spec_class_key, seqlen_bucket
 _CHUNK = 500
@@ -55,6 +68,10 @@ class TuningDB:
         self.db = connect(self.path, readonly=True)
         try:
             v = schema_version(self.db)
+            check_intact(self.db)
+        except DatabaseError as e:
+            self.db.close()
+            raise DatabaseError(f"{self.path}: {e}") from None
         except BaseException:
             self.db.close()
             raise
@@ -93,6 +110,7 @@ class TuningDB:
         self._ingest(sharing.Rows([dev], [tc], [trial]))
         return trial["id"]
 
+    @_sqlite_errors
     def recompute_best(self) -> int:
         """Rebuild the whole `best` table from `trials`; returns its row count."""
         with write_transaction(self.db):
@@ -110,6 +128,7 @@ class TuningDB:
         return self._ingest(sharing.read_sqlite(other))
 
     # -- reading --
+    @_sqlite_errors
     def export_jsonl(self, path: str | os.PathLike | None = None, stream=None) -> dict:
         """Write the export format (see sharing.py) to `path` atomically, or to `stream`."""
         devices = [R.device_record(r) for r in self.db.query(
@@ -124,9 +143,11 @@ class TuningDB:
             raise TypeError("export_jsonl needs a path or a stream")
         return sharing.write_jsonl_atomic(path, devices, tcs, trials)
 
+    @_sqlite_errors
     def counts(self) -> dict:
         return {t: self.db[t].count for t in ("devices", "toolchains", "trials", "best")}
 
+    @_sqlite_errors
     def best_entries(self) -> list[dict]:
         """`best` joined with its device, sorted; spec and config parsed."""
         out = []
@@ -152,6 +173,7 @@ class TuningDB:
                 found[r[keycol]] = dict(r)
         return found
 
+    @_sqlite_errors
     def _ingest(self, rows: sharing.Rows) -> dict:
         result = {}
         with write_transaction(self.db):

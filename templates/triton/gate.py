@@ -26,18 +26,23 @@ def _log1p_small(x):
     # log(1 + x) for 0 < x <= 1 without losing x when it is below float32's epsilon (the gate
     # is then ~1 and log_gate ~ -x, which must keep its relative accuracy): Goldberg's trick.
     u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+    exact = u == 1.0
+    return tl.where(exact, x, tl.log(u) * (x / tl.where(exact, 1.0, u - 1.0)))
 
 
 @triton.jit
 def _gate_terms(x, b, eps):
-    """Returns (z, logsigmoid(z), sigmoid(-z), 1 / (beta + eps)) for z = beta * h."""
+    """For z = beta * h and e = exp(-|z|): (logsigmoid(z), sigmoid(-z), r, 1 / (beta + eps))
+    with r = sigmoid(-z) z - logsigmoid(z) = |z| e / (1 + e) + log1p(e) >= 0, a sum of two
+    non-negative terms (the difference form cancels badly for z << 0)."""
     z = b * x
     e = tl.exp(-tl.abs(z))  # in (0, 1]
-    ls = tl.minimum(z, 0.0) - _log1p_small(e)
+    l1p = _log1p_small(e)
+    ls = tl.minimum(z, 0.0) - l1p
     sig_neg = tl.where(z >= 0, e, 1.0) / (1.0 + e)  # sigmoid(-z)
+    r = tl.abs(z) * (e / (1.0 + e)) + l1p
     inv = 1.0 / (b + eps)
-    return z, ls, sig_neg, inv
+    return ls, sig_neg, r, inv
 
 
 @triton.jit
@@ -67,7 +72,7 @@ def gate_fwd_kernel(
         idx = bth + offs_t[:, None] * H + offs_h[None, :]
         x = tl.load(h_ptr + idx, mask=m, other=0.0).to(tl.float32)
         b = tl.load(beta_ptr + idx, mask=m, other=1.0).to(tl.float32)
-        _, ls, _, inv = _gate_terms(x, b, eps)
+        ls, _, _, inv = _gate_terms(x, b, eps)
         g = tl.where(m, ls * inv, 0.0)
         tl.store(g_ptr + idx, g, mask=m)
         if WITH_PREFIX:
@@ -116,11 +121,11 @@ def gate_bwd_kernel(
                              other=0.0).to(tl.float64)
         x = tl.load(h_ptr + idx, mask=m, other=0.0).to(tl.float32)
         b = tl.load(beta_ptr + idx, mask=m, other=1.0).to(tl.float32)
-        _, ls, sig_neg, inv = _gate_terms(x, b, eps)
+        _, sig_neg, r, inv = _gate_terms(x, b, eps)
         # d/dh = sigmoid(-z) beta / (beta + eps);  d/dbeta = sigmoid(-z) h / (beta + eps)
-        #                                                   - logsigmoid(z) / (beta + eps)^2
+        #   - logsigmoid(z) / (beta + eps)^2 = (r + sigmoid(-z) h eps) / (beta + eps)^2
         dh = dg * sig_neg * b * inv
-        db = dg * (sig_neg * x * inv - ls * inv * inv)
+        db = dg * ((r + sig_neg * x * eps) * inv * inv)
         tl.store(dh_ptr + idx, dh.to(dh_ptr.dtype.element_ty), mask=m)
         tl.store(dbeta_ptr + idx, db.to(dbeta_ptr.dtype.element_ty), mask=m)
 

@@ -17,8 +17,8 @@ delta = rowsum(o * dO) [B,Hq,T] fp32 is an input (computed by the caller). lse i
 [B,Hq,T]; each work item subtracts a float64 reference (c at its tile's first position, per
 head) before narrowing to fp32. Masked entries get P = 0 by an explicit select.
 
-target="cpu": outer loop T.parallel, rows serial, inner dims vectorized (tiles are staged in
-both layouts where one product reduces over a dim and the other vectorizes over it).
+target="cpu": returns cpu.make_backward_kv_cpu / make_backward_q_cpu (register-blocked
+micro-kernels, see cpu.py); the per-row CPU schedule left in these bodies is no longer used.
 target="gpu": outer loop blockIdx.x, one thread per row (key row for bwd_kv, query row for
 bwd_q), tiles staged cooperatively in shared memory between barriers.
 """
@@ -26,6 +26,8 @@ bwd_q), tiles staged cooperatively in shared memory between barriers.
 from __future__ import annotations
 
 from tvm.script import tirx as T
+
+from .cpu import make_backward_kv_cpu, make_backward_q_cpu
 
 _DT = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 LOG2E = 1.4426950408889634
@@ -60,6 +62,8 @@ def make_backward_kv(head_dim, value_dim, window, dtype, gated, group, config, t
     W = int(window or 0)
     BM, BN = int(config.block_m), int(config.block_n)
     _check(dtype, target)
+    if target == "cpu":  # register-blocked CPU kernel (cpu.py)
+        return make_backward_kv_cpu(D, DV, W, dtype, gated, G, config)
     dt = _DT[dtype]
     gpu = target == "gpu"
     gated = bool(gated)
@@ -264,6 +268,8 @@ def make_backward_q(head_dim, value_dim, window, dtype, gated, group, config, ta
     W = int(window or 0)
     BM, BN = int(config.block_m), int(config.block_n)
     _check(dtype, target)
+    if target == "cpu":  # register-blocked CPU kernel (cpu.py)
+        return make_backward_q_cpu(D, DV, W, dtype, gated, G, config)
     dt = _DT[dtype]
     gpu = target == "gpu"
     gated = bool(gated)

@@ -21,9 +21,8 @@ W + block_m positions (GATEDFWA.md section 3).
 Masked entries get a finite sentinel logit (-1e30) and an explicit select to p = 0, so no
 -inf - -inf can occur, whatever fast-math flags the code generator uses.
 
-target="cpu": the outer loop is T.parallel, the row loop serial, the inner dims vectorized; K is
-staged transposed ([D, block_n]) so q.K^T vectorizes over keys, V row-major so P.V vectorizes
-over Dv.
+target="cpu": returns cpu.make_forward_cpu (register-blocked micro-kernels, see cpu.py); the
+per-row CPU schedule that remains in this function's body is no longer used.
 target="gpu": the outer loop is blockIdx.x, one thread per query row (block_m threads), the K/V
 tiles and the tile's gate sums are staged cooperatively in shared memory between barriers;
 per-row state lives in registers/local memory.
@@ -32,6 +31,8 @@ per-row state lives in registers/local memory.
 from __future__ import annotations
 
 from tvm.script import tirx as T
+
+from .cpu import make_forward_cpu
 
 _DT = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 LOG2E = 1.4426950408889634
@@ -62,6 +63,8 @@ def make_forward(head_dim, value_dim, window, dtype, gated, group, config, targe
         raise NotImplementedError(f"tvm forward: dtype {dtype!r} not supported")
     if target not in ("cpu", "gpu"):
         raise ValueError(f"target must be 'cpu' or 'gpu', got {target!r}")
+    if target == "cpu":  # register-blocked CPU kernel (cpu.py)
+        return make_forward_cpu(D, DV, W, dtype, gated, G, config)
     dt = _DT[dtype]
     gpu = target == "gpu"
     gated = bool(gated)

@@ -1,0 +1,158 @@
+"""The search space per backend and pass, and a resource model that prunes it.
+
+Triton: block_m, block_n in {16, ..., 256} (powers of two dividing the gate chunk),
+num_warps in {4, 8}, num_stages in {1, ..., 5}. TVM: block_m, block_n (one thread per tile
+row on the GPU, loop tiles on the CPU) plus whatever knobs tvm_backend declares in
+TUNABLE_EXTRAS ({name: choices}); warps and stages mean nothing to its templates. TVM's
+backward takes one config for both kernels, so it is tuned as pass "bwd_kv" only.
+
+The resource model is an estimate, deliberately conservative (it only has to keep the
+sampler out of configs that cannot launch or would spill heavily): shared memory of the
+pipelined tiles against the 227 KiB a block may use on an H100/H200 (228 KiB per SM), and
+fp32 accumulator registers per thread against 255. `violations` is what the study sets as
+Optuna trial constraints (Trial.set_constraint): each value <= 0 when that resource fits.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from gfwagen.generator import check_config, gate_chunk
+from gfwagen.heuristics import default_config
+from gfwagen.spec import DTYPES, KernelConfig, KernelSpec
+
+TILES = (16, 32, 64, 128, 256)
+TVM_TILES = (8, 16, 32, 64, 128)
+WARPS = (4, 8)
+STAGES = (1, 2, 3, 4, 5)
+SMEM_LIMIT = 227 * 1024  # H100/H200: max dynamic shared memory per block (228 KiB per SM)
+REG_LIMIT = 255  # registers per thread
+REG_OVERHEAD = 40  # addresses, indices, row statistics: not in the tile arithmetic below
+TVM_THREADS_LIMIT = 1024
+CONSTRAINT_NAMES = ("smem", "registers", "failed")
+
+
+def passes(backend: str) -> tuple[str, ...]:
+    return ("fwd", "bwd_kv") if backend == "tvm" else ("fwd", "bwd_kv", "bwd_q")
+
+
+def tvm_extras() -> dict:
+    try:
+        from gfwagen.backends import tvm_backend
+    except ImportError:
+        return {}
+    return dict(getattr(tvm_backend, "TUNABLE_EXTRAS", {}) or {})
+
+
+def params(backend: str, pass_: str) -> dict[str, tuple]:
+    """Name -> choices. Extras are prefixed 'x_' (they go into KernelConfig.extra)."""
+    if pass_ not in passes(backend):
+        raise ValueError(f"{backend} has no separately tunable pass {pass_!r} "
+                         f"(tunable: {', '.join(passes(backend))})")
+    if backend == "tvm":
+        p = {"block_m": TVM_TILES, "block_n": TVM_TILES}
+        p.update({f"x_{k}": tuple(v) for k, v in sorted(tvm_extras().items())})
+        return p
+    chunk = gate_chunk()
+    tiles = tuple(t for t in TILES if chunk % t == 0)
+    return {"block_m": tiles, "block_n": tiles, "num_warps": WARPS, "num_stages": STAGES}
+
+
+def config_from_params(spec: KernelSpec, values: dict) -> KernelConfig:
+    base = default_config(spec) if spec.backend == "triton" else _tvm_default(spec)
+    extra = {k[2:]: v for k, v in values.items() if k.startswith("x_")}
+    return KernelConfig(block_m=int(values.get("block_m", base.block_m)),
+                        block_n=int(values.get("block_n", base.block_n)),
+                        num_warps=int(values.get("num_warps", base.num_warps)),
+                        num_stages=int(values.get("num_stages", base.num_stages)),
+                        extra=tuple(sorted({**dict(base.extra), **extra}.items())))
+
+
+def config_params(spec: KernelSpec, config: KernelConfig) -> dict:
+    """The inverse of config_from_params: what to enqueue for `config`."""
+    names = params(spec.backend, spec.pass_)
+    out = {}
+    for n in names:
+        out[n] = config.get(n[2:]) if n.startswith("x_") else getattr(config, n)
+    return out
+
+
+def _tvm_default(spec: KernelSpec) -> KernelConfig:
+    from gfwagen.backends import tvm_backend
+
+    return tvm_backend.DEFAULT_CPU_CONFIG
+
+
+def default(spec: KernelSpec) -> KernelConfig:
+    """The config the op would use untuned, snapped into the space (trial 0 of a study)."""
+    cfg = default_config(spec) if spec.backend == "triton" else _tvm_default(spec)
+    p = params(spec.backend, spec.pass_)
+    vals = {}
+    for n, choices in p.items():
+        v = cfg.get(n[2:]) if n.startswith("x_") else getattr(cfg, n)
+        vals[n] = v if v in choices else min(choices, key=lambda c: abs(c - v))
+    return config_from_params(spec, vals)
+
+
+def resources(spec: KernelSpec, config: KernelConfig) -> dict:
+    """Estimated shared memory (bytes per block) and fp32 accumulator registers per thread."""
+    b = DTYPES[spec.dtype].itemsize
+    D, Dv, BM, BN, S = spec.head_dim, spec.value_dim, config.block_m, config.block_n, \
+        config.num_stages
+    if spec.backend == "tvm":
+        from gfwagen.backends.tvm_backend import cuda_smem_bytes
+
+        threads = BN if spec.pass_ == "bwd_kv" else BM
+        return {"smem": cuda_smem_bytes(spec, config), "registers": 0, "threads": threads}
+    threads = 32 * config.num_warps
+    if spec.pass_ == "fwd":  # Q tile resident, K and V tiles pipelined
+        smem = BM * D * b + S * BN * (D + Dv) * b
+        acc = BM * Dv + BM * BN  # o accumulator + the score tile
+    elif spec.pass_ == "bwd_kv":  # K, V resident, Q and dO tiles pipelined
+        smem = BN * (D + Dv) * b + S * BM * (D + Dv) * b
+        acc = BN * (D + Dv) + 2 * BM * BN  # dk, dv + P^T and dP^T
+    else:  # bwd_q: Q, dO resident, K and V pipelined
+        smem = BM * (D + Dv) * b + S * BN * (D + Dv) * b
+        acc = BM * D + 2 * BM * BN  # dq + P and dP
+    return {"smem": smem, "registers": acc // threads + REG_OVERHEAD, "threads": threads}
+
+
+def violations(spec: KernelSpec, config: KernelConfig) -> list[float]:
+    """[smem, registers] as fractions over the limit (<= 0: fits)."""
+    r = resources(spec, config)
+    if spec.backend == "tvm":
+        from gfwagen.backends.tvm_backend import CUDA_STATIC_SMEM_LIMIT
+
+        return [r["smem"] / CUDA_STATIC_SMEM_LIMIT - 1.0, r["threads"] / TVM_THREADS_LIMIT - 1.0]
+    return [r["smem"] / SMEM_LIMIT - 1.0, r["registers"] / REG_LIMIT - 1.0]
+
+
+def feasible(spec: KernelSpec, config: KernelConfig, *, gpu: bool = True) -> tuple[bool, str]:
+    """(fits, why not). On the CPU (TVM llvm) only the template's own limits apply."""
+    try:
+        check_config(spec, config)
+    except ValueError as e:
+        return False, str(e)
+    if not gpu:
+        return True, ""
+    v = violations(spec, config)
+    if max(v) <= 0:
+        return True, ""
+    r = resources(spec, config)
+    names = ("shared memory", "registers/thread") if spec.backend == "triton" else \
+        ("static shared memory", "threads/block")
+    vals = (r["smem"], r["registers"] if spec.backend == "triton" else r["threads"])
+    bad = [f"{n} ~{val} ({100 * (x + 1):.0f}% of the limit)"
+           for n, val, x in zip(names, vals, v) if x > 0]
+    return False, "pruned before compiling: estimated " + ", ".join(bad)
+
+
+def enumerate_configs(spec: KernelSpec, *, gpu: bool = True) -> list[KernelConfig]:
+    """Every feasible config of the space (the exhaustive sweep's list)."""
+    p = params(spec.backend, spec.pass_)
+    out = []
+    for combo in itertools.product(*p.values()):
+        cfg = config_from_params(spec, dict(zip(p, combo)))
+        if feasible(spec, cfg, gpu=gpu)[0]:
+            out.append(cfg)
+    return out

@@ -1,0 +1,109 @@
+"""The tuner end to end on the CPU: fake timer, candidate worker subprocesses, injected
+faults (compile error, crash, hang, wrong result), the TuningDB and a shared journal study."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+from gfwagen.db import TuningDB
+from gfwagen.spec import KernelConfig, Problem
+from gfwagen.tuner import space
+from gfwagen.tuner.study import TuneJob, run, run_on_devices, storage_for
+from gfwagen.tuner.timing import FakeTimer, summarize
+from gfwagen.tuner.worker import INJECT_ENV
+
+PROB = Problem(2, 512, 4, 2, 64, 64, 128, "bf16", True)
+FAST = FakeTimer.OPTIMUM  # the fake timer's fastest config
+
+
+@pytest.fixture(autouse=True)
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("GFWAGEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("GFWAGEN_DB", str(tmp_path / "default.sqlite"))
+    monkeypatch.delenv(INJECT_ENV, raising=False)
+
+
+def trials(db_path):
+    with TuningDB(db_path, readonly=True) as db:
+        return [dict(r) for r in db.db.query("SELECT * FROM trials ORDER BY created_at")]
+
+
+def test_space_and_resources():
+    for p in ("fwd", "bwd_kv", "bwd_q"):
+        spec = PROB.spec("triton", p)
+        names = space.params("triton", p)
+        assert names["block_m"] == (16, 32, 64, 128, 256) and names["num_stages"] == (1, 2, 3,
+                                                                                         4, 5)
+        d = space.default(spec)
+        assert space.feasible(spec, d)[0]
+        assert space.config_from_params(spec, space.config_params(spec, d)) == d
+        big = KernelConfig(256, 256, 4, 5)
+        ok, why = space.feasible(spec.replace(head_dim=256, value_dim=256), big)
+        assert not ok and "pruned" in why and max(space.violations(spec, big)) > 0
+        n = len(space.enumerate_configs(spec))
+        assert 0 < n < 250
+    with pytest.raises(ValueError, match="bwd_q"):
+        space.params("tvm", "bwd_q")
+
+
+def test_fake_timer_and_summary():
+    spec = PROB.spec("triton", "fwd")
+    t = FakeTimer()
+    a = t.synthetic_ms(spec, KernelConfig(**FAST))
+    assert a == t.synthetic_ms(spec, KernelConfig(**FAST))
+    assert all(a < t.synthetic_ms(spec, c) for c in space.enumerate_configs(spec)
+               if c != KernelConfig(**FAST))
+    s = summarize([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert s.median_ms == 3.0 and s.repeats == 5 and s.spread > 0
+
+
+def test_study_records_faults_and_never_picks_them(tmp_path, monkeypatch):
+    wrong = dict(FAST)
+    crash = {**FAST, "num_stages": 2}
+    hang = {**FAST, "num_warps": 4}
+    comp = {**FAST, "block_m": 64}
+    rules = [{"match": wrong, "fault": "wrong"}, {"match": crash, "fault": "crash"},
+             {"match": hang, "fault": "hang"}, {"match": comp, "fault": "compile"}]
+    monkeypatch.setenv(INJECT_ENV, json.dumps(rules))
+    db = tmp_path / "t.sqlite"
+    job = TuneJob(PROB, "triton", "fwd", 6, mode="fake", timeout=6.0, db_path=str(db), seed=0,
+                  enqueue=(wrong, crash, hang, comp))
+    res = run(job)
+    rows = trials(db)
+    study = optuna.load_study(study_name=res.study_name, storage=storage_for(job))
+    again = [t for t in study.get_trials() if "duplicate_of" in t.user_attrs]
+    assert res.trials == 6 and len(rows) == 6 - len(again), rows  # repeats not re-measured
+    default = space.default(PROB.spec("triton", "fwd"))
+    assert json.loads(rows[0]["config_json"]) == default.as_dict()  # trial 0: the default
+    status = {json.dumps(json.loads(r["config_json"]), sort_keys=True): r for r in rows}
+
+    def row(c):
+        return status[json.dumps(KernelConfig(**c).as_dict(), sort_keys=True)]
+
+    assert row(wrong)["status"] == "wrong" and "relative error" in row(wrong)["reason"]
+    assert row(crash)["status"] == "failed" and "status 7" in row(crash)["reason"]
+    assert row(hang)["status"] == "timeout" and "killed" in row(hang)["reason"]
+    assert row(comp)["status"] == "failed" and "injected compile" in row(comp)["reason"]
+    assert res.statuses.get("ok", 0) >= 1 and res.best_config is not None, res.statuses
+    assert res.best_config.as_dict() not in [KernelConfig(**c).as_dict()
+                                             for c in (wrong, crash, hang, comp)]
+    with TuningDB(db, readonly=True) as tdb:
+        best = tdb.best_entries()
+    assert len(best) == 1 and best[0]["config"] == res.best_config.as_dict()
+    assert res.default_ms is not None and res.best_ms <= res.default_ms
+
+
+def test_two_processes_share_a_journal_study(tmp_path):
+    db = tmp_path / "t.sqlite"
+    job = TuneJob(PROB, "triton", "bwd_q", 5, mode="fake", db_path=str(db), seed=3,
+                  storage=str(tmp_path / "study.journal"))
+    res = run_on_devices(job, [0, 1])  # shares of 3 and 2 trials
+    study = optuna.load_study(study_name=res.study_name, storage=storage_for(job))
+    done = [t for t in study.get_trials() if t.state.is_finished()]
+    assert len(done) == 5 == res.trials
+    measured = [t for t in done if "duplicate_of" not in t.user_attrs]
+    assert len(trials(db)) == len(measured)
+    assert done[0].user_attrs.get("default")
