@@ -61,40 +61,37 @@ def _spec(backend, pass_, q, v, window, gated, group) -> KernelSpec:
                       dtype_name(q.dtype), gated, group)
 
 
-def _device_fingerprint(device: torch.device):
-    from gfwagen.db.fingerprint import device_fingerprint
+def _fallback_config(spec: KernelSpec, seqlen_bucket: int, device_type: str) -> KernelConfig:
+    if spec.backend == "tvm" and device_type == "cpu":
+        from gfwagen.backends.tvm_backend import DEFAULT_CPU_CONFIG
 
-    return device_fingerprint(device)
+        return DEFAULT_CPU_CONFIG
+    return default_config(spec, seqlen_bucket)
 
 
 @functools.lru_cache(maxsize=4096)
-def _lookup(spec: KernelSpec, seqlen_bucket: int, device_index: int | None) -> KernelConfig:
-    try:
-        from gfwagen.db.lookup import get_snapshot
-    except ImportError:
-        return default_config(spec, seqlen_bucket)
-    device = torch.device("cuda", device_index) if device_index is not None else None
-    cfg, _reason = get_snapshot().lookup(spec, seqlen_bucket, _device_fingerprint(device))
-    return cfg if cfg is not None else default_config(spec, seqlen_bucket)
+def _lookup(spec: KernelSpec, seqlen_bucket: int, device: str) -> KernelConfig:
+    """Database snapshot first (loaded once, never written), then the built-in default."""
+    from gfwagen.db.fingerprint import device_fingerprint
+    from gfwagen.db.lookup import get_snapshot
 
-
-def tvm_cpu_config(spec: KernelSpec) -> KernelConfig:
-    """The TVM llvm kernels' default tiles (register-blocked CPU micro-kernels)."""
-    from gfwagen.backends.tvm_backend import DEFAULT_CPU_CONFIG
-
-    return DEFAULT_CPU_CONFIG
+    dev = torch.device(device)
+    cfg, _reason = get_snapshot().lookup(spec, seqlen_bucket, device_fingerprint(dev))
+    return cfg if cfg is not None else _fallback_config(spec, seqlen_bucket, dev.type)
 
 
 def select_config(spec: KernelSpec, seqlen: int, device: torch.device) -> KernelConfig:
-    """Tuned config for (device, spec, nearest seqlen bucket), else the heuristic default.
-    Memoized, so after the first call per problem it is a dict lookup (safe in CUDA graphs)."""
-    if spec.backend == "tvm" and device.type == "cpu":
-        return tvm_cpu_config(spec)
-    if device.type != "cuda" or interpreting():
+    """Tuned config for (device, spec, nearest seqlen bucket), else the built-in default.
+    Memoized, so after the first call per problem it is a dict lookup (safe in CUDA graphs).
+    CPU tensors consult the database only for the TVM kernels (what `gfwagen tune --gpu cpu`
+    tunes); the reference and the Triton interpreter have nothing to tune."""
+    if interpreting() or (device.type == "cpu" and spec.backend != "tvm"):
         return default_config(spec, seqlen)
     bucket = 1 << max(0, (int(seqlen) - 1).bit_length())
-    return _lookup(spec, bucket, device.index if device.index is not None else
-                   torch.cuda.current_device())
+    if device.type == "cpu":
+        return _lookup(spec, bucket, "cpu")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _lookup(spec, bucket, f"cuda:{index}")
 
 
 def run_forward(q, k, v, log_gate, window, scale, backend):
