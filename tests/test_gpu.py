@@ -25,6 +25,9 @@ CASES = [
     ("D64-W333", 2, 1777, 8, 8, 64, 64, 333, True),
     ("mqa-W128", 1, 2000, 8, 1, 128, 128, 128, True),
     ("D256-W200", 1, 1000, 4, 4, 256, 256, 200, True),
+    # windows below the tile size: the diagonal tile loop runs zero times
+    ("W17", 1, 1000, 4, 4, 128, 128, 17, True),
+    ("W63-gqa", 1, 1000, 8, 2, 64, 64, 63, True),
 ]
 
 
