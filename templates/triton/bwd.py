@@ -15,7 +15,15 @@ a tile wholly outside the window. This file imports nothing from gfwagen.
 import triton
 import triton.language as tl
 
-from .common import LOG2E, gate_tile_load, key_tile_phases
+from .common import (
+    LOG2E,
+    gate_first,
+    gate_step,
+    key_tile_phases,
+    load_rows,
+    load_vector,
+    pair_mask,
+)
 
 
 @triton.jit
@@ -111,47 +119,36 @@ def _dkdv_tiles(
     DOT_PREC: tl.constexpr,
     PREFETCH_GATE: tl.constexpr,
 ):
-    offs_d = tl.arange(0, HEAD_D)
-    offs_dv = tl.arange(0, HEAD_DV)
     if GATED:
-        if PREFETCH_GATE:
-            nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, start, T, BLOCK_M, GATE_CHUNK)
+        nxt_local, nxt_base = gate_first(
+            cl_base, cb_base, start, cb_k, T, BLOCK_M, GATE_CHUNK, PREFETCH_GATE
+        )
     for m0 in tl.range(start, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
-        do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_dv[None, :]
-        if MASKED:
-            in_t = offs_m < T
-            q = tl.load(q_ptrs, mask=in_t[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=in_t[:, None], other=0.0)
-            lse = tl.load(lse_base + offs_m, mask=in_t, other=0.0)
-            delta = tl.load(delta_base + offs_m, mask=in_t, other=0.0)
-        else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-            lse = tl.load(lse_base + offs_m)
-            delta = tl.load(delta_base + offs_m)
+        q = load_rows(q_base, offs_m, stride_qt, T, HEAD_D, MASKED)
+        do = load_rows(do_base, offs_m, stride_dot, T, HEAD_DV, MASKED)
+        lse = load_vector(lse_base, offs_m, T, MASKED)
+        delta = load_vector(delta_base, offs_m, T, MASKED)
         # Transposed scores [BLOCK_N, BLOCK_M]: keys on rows, so dk and dv need no transpose.
         s = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - (lse * LOG2E)[None, :]
         if GATED:
-            if PREFETCH_GATE:
-                ci = nxt_local + (nxt_base - cb_k).to(tl.float32)
-                nxt_local, nxt_base = gate_tile_load(
-                    cl_base, cb_base, m0 + BLOCK_M, T, BLOCK_M, GATE_CHUNK
-                )
-            else:
-                off = (tl.load(cb_base + m0 // GATE_CHUNK) - cb_k).to(tl.float32)
-                if MASKED:
-                    ci = tl.load(cl_base + offs_m, mask=in_t, other=0.0) + off
-                else:
-                    ci = tl.load(cl_base + offs_m) + off
+            ci, nxt_local, nxt_base = gate_step(
+                nxt_local,
+                nxt_base,
+                cl_base,
+                cb_base,
+                m0,
+                cb_k,
+                T,
+                BLOCK_M,
+                GATE_CHUNK,
+                MASKED,
+                PREFETCH_GATE,
+            )
             s += ci[None, :] - cj[:, None]
         p = tl.math.exp2(s)
         if MASKED:
-            valid = (offs_n[:, None] <= offs_m[None, :]) & in_t[None, :]
-            if WINDOW > 0:
-                valid = valid & (offs_n[:, None] > offs_m[None, :] - WINDOW)
-            p = tl.where(valid, p, 0.0)
+            p = tl.where(pair_mask(offs_m[None, :], offs_n[:, None], T, WINDOW), p, 0.0)
         dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PREC)
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         ds = p * (dp - delta[None, :])
@@ -383,42 +380,33 @@ def _dq_tiles(
     DOT_PREC: tl.constexpr,
     PREFETCH_GATE: tl.constexpr,
 ):
-    offs_d = tl.arange(0, HEAD_D)
-    offs_dv = tl.arange(0, HEAD_DV)
     if GATED:
-        if PREFETCH_GATE:
-            nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, start, T, BLOCK_N, GATE_CHUNK)
+        nxt_local, nxt_base = gate_first(
+            cl_base, cb_base, start, cb_q, T, BLOCK_N, GATE_CHUNK, PREFETCH_GATE
+        )
     for n0 in tl.range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
-        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_dv[None, :]
-        if MASKED:
-            in_t = offs_n < T
-            k = tl.load(k_ptrs, mask=in_t[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=in_t[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k = load_rows(k_base, offs_n, stride_kt, T, HEAD_D, MASKED)
+        v = load_rows(v_base, offs_n, stride_vt, T, HEAD_DV, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse2[:, None]
         if GATED:
-            if PREFETCH_GATE:
-                cj = nxt_local + (nxt_base - cb_q).to(tl.float32)
-                nxt_local, nxt_base = gate_tile_load(
-                    cl_base, cb_base, n0 + BLOCK_N, T, BLOCK_N, GATE_CHUNK
-                )
-            else:
-                off = (tl.load(cb_base + n0 // GATE_CHUNK) - cb_q).to(tl.float32)
-                if MASKED:
-                    cj = tl.load(cl_base + offs_n, mask=in_t, other=0.0) + off
-                else:
-                    cj = tl.load(cl_base + offs_n) + off
+            cj, nxt_local, nxt_base = gate_step(
+                nxt_local,
+                nxt_base,
+                cl_base,
+                cb_base,
+                n0,
+                cb_q,
+                T,
+                BLOCK_N,
+                GATE_CHUNK,
+                MASKED,
+                PREFETCH_GATE,
+            )
             s += ci[:, None] - cj[None, :]
         p = tl.math.exp2(s)
         if MASKED:
-            valid = (offs_n[None, :] <= offs_m[:, None]) & in_t[None, :]
-            if WINDOW > 0:
-                valid = valid & (offs_n[None, :] > offs_m[:, None] - WINDOW)
-            p = tl.where(valid, p, 0.0)
+            p = tl.where(pair_mask(offs_m[:, None], offs_n[None, :], T, WINDOW), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)

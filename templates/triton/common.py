@@ -32,3 +32,82 @@ def gate_tile_load(cl_base, cb_base, t0, T, BLOCK: tl.constexpr, GATE_CHUNK: tl.
     local = tl.load(cl_base + offs, mask=offs < T, other=0.0)
     base = tl.load(cb_base + t0 // GATE_CHUNK)
     return local, base
+
+
+@triton.jit
+def load_vector(base, offs, T, MASKED: tl.constexpr):
+    if MASKED:
+        vec = tl.load(base + offs, mask=offs < T, other=0.0)
+    else:
+        vec = tl.load(base + offs)
+    return vec
+
+
+@triton.jit
+def load_rows(base, offs, stride, T, WIDTH: tl.constexpr, MASKED: tl.constexpr):
+    """Rows `offs` of a [T, WIDTH] slab (row stride `stride`, last dim contiguous). Rows past
+    T read as 0 when MASKED; unmasked (interior) tiles never reach T."""
+    ptrs = base + offs[:, None] * stride + tl.arange(0, WIDTH)[None, :]
+    if MASKED:
+        rows = tl.load(ptrs, mask=(offs < T)[:, None], other=0.0)
+    else:
+        rows = tl.load(ptrs)
+    return rows
+
+
+@triton.jit
+def pair_mask(qi, kj, T, WINDOW: tl.constexpr):
+    """Which (query qi, key kj) pairs count: causal, inside the window, query in range (a key
+    past T is then past every counted query). qi and kj broadcast to the tile's shape."""
+    valid = (kj <= qi) & (qi < T)
+    if WINDOW > 0:
+        valid = valid & (kj > qi - WINDOW)
+    return valid
+
+
+@triton.jit
+def gate_first(
+    cl_base,
+    cb_base,
+    start,
+    cb_ref,
+    T,
+    BLOCK: tl.constexpr,
+    GATE_CHUNK: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """The loop-carried prefetch state before a tile loop (placeholders without prefetch)."""
+    if PREFETCH:
+        local, base = gate_tile_load(cl_base, cb_base, start, T, BLOCK, GATE_CHUNK)
+    else:
+        local = tl.zeros([BLOCK], dtype=tl.float32)
+        base = cb_ref
+    return local, base
+
+
+@triton.jit
+def gate_step(
+    nxt_local,
+    nxt_base,
+    cl_base,
+    cb_base,
+    t0,
+    cb_ref,
+    T,
+    BLOCK: tl.constexpr,
+    GATE_CHUNK: tl.constexpr,
+    MASKED: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """Gate sums (log2 units) of the tile at t0 relative to the chunk base cb_ref: chunk-local
+    float32 values plus one float64 base difference, the only float64 operation per tile.
+    With PREFETCH they were loaded one tile ahead (latency hidden behind this tile's dots)
+    and the next tile's are issued now."""
+    if PREFETCH:
+        c = nxt_local + (nxt_base - cb_ref).to(tl.float32)
+        nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, t0 + BLOCK, T, BLOCK, GATE_CHUNK)
+    else:
+        offs = t0 + tl.arange(0, BLOCK)
+        off = (tl.load(cb_base + t0 // GATE_CHUNK) - cb_ref).to(tl.float32)
+        c = load_vector(cl_base, offs, T, MASKED) + off
+    return c, nxt_local, nxt_base

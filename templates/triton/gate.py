@@ -117,8 +117,9 @@ def gate_bwd_kernel(
             # local[t] sums the gates of its chunk up to t: dg_s += sum_{t >= s in chunk} dl_t
             suffix = tl.cumsum(dl.to(tl.float32), axis=0, reverse=True)
             dg += (suffix + carry.to(tl.float32)[None, :]) * LOG2E
-            carry += tl.load(dbase_ptr + (pid_b * H + offs_h) * NCHUNK + kc, mask=h_in,
-                             other=0.0).to(tl.float64)
+            carry += tl.load(
+                dbase_ptr + (pid_b * H + offs_h) * NCHUNK + kc, mask=h_in, other=0.0
+            ).to(tl.float64)
         x = tl.load(h_ptr + idx, mask=m, other=0.0).to(tl.float32)
         b = tl.load(beta_ptr + idx, mask=m, other=1.0).to(tl.float32)
         _, sig_neg, r, inv = _gate_terms(x, b, eps)
@@ -141,18 +142,44 @@ def launch_gate_fwd(h, beta, g, local, base, eps, chunk, with_prefix, num_warps=
     bh = _block_h(H)
     nchunk = triton.cdiv(T, chunk)
     grid = (B, triton.cdiv(H, bh))
-    gate_fwd_kernel[grid](h, beta, g, local, base, T, H, nchunk, float(eps), BLOCK_H=bh,
-                          CHUNK=chunk, WITH_PREFIX=with_prefix, num_warps=num_warps)
+    gate_fwd_kernel[grid](
+        h,
+        beta,
+        g,
+        local,
+        base,
+        T,
+        H,
+        nchunk,
+        float(eps),
+        BLOCK_H=bh,
+        CHUNK=chunk,
+        WITH_PREFIX=with_prefix,
+        num_warps=num_warps,
+    )
 
 
-def launch_gate_bwd(h, beta, dg, dlocal, dbase, dh, dbeta, eps, chunk, with_prefix,
-                    num_warps=4):
+def launch_gate_bwd(h, beta, dg, dlocal, dbase, dh, dbeta, eps, chunk, with_prefix, num_warps=4):
     """dg [B, T, H] float32; dlocal [B, H, T] float32 and dbase [B, H, ceil(T / chunk)] float64
     when with_prefix; dh, dbeta [B, T, H] in the dtypes of h and beta."""
     B, T, H = h.shape
     bh = _block_h(H)
     nchunk = triton.cdiv(T, chunk)
     grid = (B, triton.cdiv(H, bh))
-    gate_bwd_kernel[grid](h, beta, dg, dlocal, dbase, dh, dbeta, T, H, nchunk, float(eps),
-                          BLOCK_H=bh, CHUNK=chunk, WITH_PREFIX=with_prefix,
-                          num_warps=num_warps)
+    gate_bwd_kernel[grid](
+        h,
+        beta,
+        dg,
+        dlocal,
+        dbase,
+        dh,
+        dbeta,
+        T,
+        H,
+        nchunk,
+        float(eps),
+        BLOCK_H=bh,
+        CHUNK=chunk,
+        WITH_PREFIX=with_prefix,
+        num_warps=num_warps,
+    )

@@ -1,0 +1,113 @@
+"""Compiles the Triton templates for a GPU architecture on a machine without a GPU.
+
+Triton's compiler and the ptxas it ships need no device, so the whole pipeline (TTIR, TTGIR,
+PTX, cubin) runs anywhere: CI uses it to prove every template compiles for Hopper and uses its
+matrix instructions (wgmma), and it reports what a config costs in shared memory, registers
+and spills before any GPU time is spent on it.
+
+Must run in a process where TRITON_INTERPRET is not set (the interpreter replaces the kernels
+at import); `compile_pass` refuses otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from gfwagen.gate import GATE_CHUNK
+from gfwagen.spec import KernelConfig, KernelSpec
+
+_KERNELS = {  # pass -> (template, kernel name)
+    "fwd": ("fwd", "gfwa_fwd_kernel"),
+    "bwd_kv": ("bwd", "gfwa_bwd_dkdv_kernel"),
+    "bwd_q": ("bwd", "gfwa_bwd_dq_kernel"),
+}
+_TRITON_DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+# Pointer parameters whose element type does not follow q's dtype.
+_INT_PARAMS = {"T", "H", "HKV", "n_chunks"}
+_FIXED_POINTERS = {"CL": "*fp32", "CB": "*fp64", "LSE": "*fp32", "DELTA": "*fp32",
+                   "DCOL": "*fp32", "DROW": "*fp32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class OfflineBuild:
+    arch: str
+    ptx: str
+    cubin: bytes
+    shared_bytes: int
+    registers: int | None
+    stack_bytes: int | None  # per-thread stack frame: register spills live here
+
+    @property
+    def uses_wgmma(self) -> bool:
+        return "wgmma.mma_async" in self.ptx
+
+
+def _constexprs(spec: KernelSpec, cfg: KernelConfig) -> dict:
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=spec.head_dim,
+                HEAD_DV=spec.value_dim, WINDOW=spec.window, GATED=spec.gated, GROUP=spec.group,
+                GATE_CHUNK=GATE_CHUNK, DOT_PREC="ieee" if spec.dtype == "fp32" else "tf32",
+                PREFETCH_GATE=bool(cfg.get("prefetch_gate", False)))
+
+
+def _signature(params: list[str], spec: KernelSpec, constexprs: dict) -> dict:
+    sig = {}
+    for p in params:
+        if p in constexprs:
+            sig[p] = "constexpr"
+        elif p in _FIXED_POINTERS:
+            sig[p] = _FIXED_POINTERS[p]
+        elif p == "sm_scale":
+            sig[p] = "fp32"
+        elif p in _INT_PARAMS or p.startswith("stride_"):
+            sig[p] = "i32"
+        else:  # the tensors that follow q's dtype
+            sig[p] = _TRITON_DTYPES[spec.dtype]
+    return sig
+
+
+def _resources(cubin: bytes) -> tuple[int | None, int | None]:
+    """Registers and stack bytes per thread, from the cuobjdump Triton ships (None if absent)."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return None, None
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"gfwagen-{os.getpid()}.cubin"
+    path.write_bytes(cubin)
+    try:
+        out = subprocess.run([str(tool), "--dump-resource-usage", str(path)],
+                             capture_output=True, text=True, timeout=60).stdout
+    finally:
+        path.unlink(missing_ok=True)
+    reg, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
+    return (int(reg.group(1)) if reg else None, int(stack.group(1)) if stack else None)
+
+
+def compile_pass(spec: KernelSpec, cfg: KernelConfig, arch: str = "sm_90") -> OfflineBuild:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("offline compilation needs TRITON_INTERPRET unset")
+    if spec.backend != "triton":
+        raise ValueError(f"offline compilation is for the Triton backend, got {spec.backend}")
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from gfwagen.template_loader import load_template
+
+    template, name = _KERNELS[spec.pass_]
+    kernel = getattr(load_template("triton", template), name)
+    params = list(inspect.signature(kernel.fn).parameters)
+    constexprs = _constexprs(spec, cfg)
+    src = triton.compiler.ASTSource(
+        fn=kernel, signature=_signature(params, spec, constexprs),
+        constexprs={(params.index(k),): v for k, v in constexprs.items()})
+    cc = int(arch.removeprefix("sm_"))
+    out = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                         options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    regs, spills = _resources(out.asm["cubin"])
+    return OfflineBuild(arch, out.asm["ptx"], out.asm["cubin"], out.metadata.shared, regs,
+                        spills)
