@@ -17,14 +17,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||a - e|| / ||e||, in float64. Against an all-zero reference (W = 1 makes dq and dk
-    exactly zero) it is the largest absolute value instead: rounding noise is then small in
-    absolute terms but would be infinite relative to zero."""
+    """||a - e|| / ||e||, in float64. Where the exact answer is zero (W = 1 makes dq and dk
+    zero) the float64 reference is zero or rounding noise: for float32 inputs at W = 1 its
+    norm is ~3e-13 over 1.5M elements, and dividing by it turns the kernel's float32 rounding
+    (RMS ~2e-7) into a "relative error" of 1e8. Below an RMS of 1e-9, far under any real
+    gradient of these O(1) inputs and far over float64 noise, the reference counts as zero and
+    the result is the largest absolute error instead."""
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     assert a.shape == e.shape, (a.shape, e.shape)
     assert torch.isfinite(a).all(), "non-finite values in result"
-    if e.norm().item() == 0.0:
-        return a.abs().max().item() if a.numel() else 0.0
+    if not a.numel():
+        return 0.0
+    if e.norm().item() <= 1e-9 * e.numel() ** 0.5:
+        return (a - e).abs().max().item()
     return ((a - e).norm() / e.norm()).item()
 
 
