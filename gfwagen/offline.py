@@ -101,7 +101,9 @@ def compile_pass(spec: KernelSpec, cfg: KernelConfig, arch: str = "sm_90") -> Of
     template, name = _KERNELS[spec.pass_]
     kernel = getattr(load_template("triton", template), name)
     params = list(inspect.signature(kernel.fn).parameters)
-    constexprs = _constexprs(spec, cfg)
+    # Only the knobs this template declares (older templates, as kept for comparisons,
+    # lack newer ones).
+    constexprs = {k: v for k, v in _constexprs(spec, cfg).items() if k in params}
     src = triton.compiler.ASTSource(
         fn=kernel, signature=_signature(params, spec, constexprs),
         constexprs={(params.index(k),): v for k, v in constexprs.items()})

@@ -17,8 +17,9 @@ import triton.language as tl
 
 from .common import (
     LOG2E,
-    gate_first,
-    gate_step,
+    gate_tile,
+    gate_tile_load,
+    gate_tile_prefetched,
     key_tile_phases,
     load_rows,
     load_vector,
@@ -120,9 +121,8 @@ def _dkdv_tiles(
     PREFETCH_GATE: tl.constexpr,
 ):
     if GATED:
-        nxt_local, nxt_base = gate_first(
-            cl_base, cb_base, start, cb_k, T, BLOCK_M, GATE_CHUNK, PREFETCH_GATE
-        )
+        if PREFETCH_GATE:
+            nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, start, T, BLOCK_M, GATE_CHUNK)
     for m0 in tl.range(start, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         q = load_rows(q_base, offs_m, stride_qt, T, HEAD_D, MASKED)
@@ -132,19 +132,12 @@ def _dkdv_tiles(
         # Transposed scores [BLOCK_N, BLOCK_M]: keys on rows, so dk and dv need no transpose.
         s = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - (lse * LOG2E)[None, :]
         if GATED:
-            ci, nxt_local, nxt_base = gate_step(
-                nxt_local,
-                nxt_base,
-                cl_base,
-                cb_base,
-                m0,
-                cb_k,
-                T,
-                BLOCK_M,
-                GATE_CHUNK,
-                MASKED,
-                PREFETCH_GATE,
-            )
+            if PREFETCH_GATE:
+                ci, nxt_local, nxt_base = gate_tile_prefetched(
+                    nxt_local, nxt_base, cl_base, cb_base, m0, cb_k, T, BLOCK_M, GATE_CHUNK
+                )
+            else:
+                ci = gate_tile(cl_base, cb_base, m0, cb_k, T, BLOCK_M, GATE_CHUNK, MASKED)
             s += ci[None, :] - cj[:, None]
         p = tl.math.exp2(s)
         if MASKED:
@@ -381,28 +374,20 @@ def _dq_tiles(
     PREFETCH_GATE: tl.constexpr,
 ):
     if GATED:
-        nxt_local, nxt_base = gate_first(
-            cl_base, cb_base, start, cb_q, T, BLOCK_N, GATE_CHUNK, PREFETCH_GATE
-        )
+        if PREFETCH_GATE:
+            nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, start, T, BLOCK_N, GATE_CHUNK)
     for n0 in tl.range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         k = load_rows(k_base, offs_n, stride_kt, T, HEAD_D, MASKED)
         v = load_rows(v_base, offs_n, stride_vt, T, HEAD_DV, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse2[:, None]
         if GATED:
-            cj, nxt_local, nxt_base = gate_step(
-                nxt_local,
-                nxt_base,
-                cl_base,
-                cb_base,
-                n0,
-                cb_q,
-                T,
-                BLOCK_N,
-                GATE_CHUNK,
-                MASKED,
-                PREFETCH_GATE,
-            )
+            if PREFETCH_GATE:
+                cj, nxt_local, nxt_base = gate_tile_prefetched(
+                    nxt_local, nxt_base, cl_base, cb_base, n0, cb_q, T, BLOCK_N, GATE_CHUNK
+                )
+            else:
+                cj = gate_tile(cl_base, cb_base, n0, cb_q, T, BLOCK_N, GATE_CHUNK, MASKED)
             s += ci[:, None] - cj[None, :]
         p = tl.math.exp2(s)
         if MASKED:

@@ -66,27 +66,24 @@ def pair_mask(qi, kj, T, WINDOW: tl.constexpr):
 
 
 @triton.jit
-def gate_first(
+def gate_tile(
     cl_base,
     cb_base,
-    start,
+    t0,
     cb_ref,
     T,
     BLOCK: tl.constexpr,
     GATE_CHUNK: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
-    """The loop-carried prefetch state before a tile loop (placeholders without prefetch)."""
-    if PREFETCH:
-        local, base = gate_tile_load(cl_base, cb_base, start, T, BLOCK, GATE_CHUNK)
-    else:
-        local = tl.zeros([BLOCK], dtype=tl.float32)
-        base = cb_ref
-    return local, base
+    """Gate sums (log2 units) of the tile at t0 relative to the chunk base cb_ref: chunk-local
+    float32 values plus one float64 base difference, the only float64 operation per tile."""
+    off = (tl.load(cb_base + t0 // GATE_CHUNK) - cb_ref).to(tl.float32)
+    return load_vector(cl_base, t0 + tl.arange(0, BLOCK), T, MASKED) + off
 
 
 @triton.jit
-def gate_step(
+def gate_tile_prefetched(
     nxt_local,
     nxt_base,
     cl_base,
@@ -96,18 +93,9 @@ def gate_step(
     T,
     BLOCK: tl.constexpr,
     GATE_CHUNK: tl.constexpr,
-    MASKED: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
-    """Gate sums (log2 units) of the tile at t0 relative to the chunk base cb_ref: chunk-local
-    float32 values plus one float64 base difference, the only float64 operation per tile.
-    With PREFETCH they were loaded one tile ahead (latency hidden behind this tile's dots)
-    and the next tile's are issued now."""
-    if PREFETCH:
-        c = nxt_local + (nxt_base - cb_ref).to(tl.float32)
-        nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, t0 + BLOCK, T, BLOCK, GATE_CHUNK)
-    else:
-        offs = t0 + tl.arange(0, BLOCK)
-        off = (tl.load(cb_base + t0 // GATE_CHUNK) - cb_ref).to(tl.float32)
-        c = load_vector(cl_base, offs, T, MASKED) + off
+    """gate_tile from values loaded one tile ahead (their latency hidden behind this tile's
+    dots); issues the next tile's loads."""
+    c = nxt_local + (nxt_base - cb_ref).to(tl.float32)
+    nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, t0 + BLOCK, T, BLOCK, GATE_CHUNK)
     return c, nxt_local, nxt_base

@@ -12,7 +12,7 @@ This file imports nothing from gfwagen: the generator loads it by path.
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, gate_first, gate_step, key_tile_phases, load_rows, pair_mask
+from .common import LN2, LOG2E, gate_tile_load, key_tile_phases
 
 
 @triton.jit
@@ -44,32 +44,43 @@ def _fwd_tiles(
     DOT_PREC: tl.constexpr,
     PREFETCH_GATE: tl.constexpr,
 ):
+    offs_d = tl.arange(0, HEAD_D)
+    offs_dv = tl.arange(0, HEAD_DV)
     if GATED:
-        nxt_local, nxt_base = gate_first(
-            cl_base, cb_base, start, cb_q, T, BLOCK_N, GATE_CHUNK, PREFETCH_GATE
-        )
+        if PREFETCH_GATE:
+            nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, start, T, BLOCK_N, GATE_CHUNK)
     for n0 in tl.range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = load_rows(k_base, offs_n, stride_kt, T, HEAD_D, MASKED)
-        v = load_rows(v_base, offs_n, stride_vt, T, HEAD_DV, MASKED)
+        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_dv[None, :]
+        if MASKED:
+            in_t = offs_n < T
+            k = tl.load(k_ptrs, mask=in_t[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=in_t[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if GATED:
-            cj, nxt_local, nxt_base = gate_step(
-                nxt_local,
-                nxt_base,
-                cl_base,
-                cb_base,
-                n0,
-                cb_q,
-                T,
-                BLOCK_N,
-                GATE_CHUNK,
-                MASKED,
-                PREFETCH_GATE,
-            )
+            # The only float64 operation: one scalar per tile (gfwagen.gate).
+            if PREFETCH_GATE:
+                # Loaded one tile ahead, so the latency hides behind this tile's dots.
+                cj = nxt_local + (nxt_base - cb_q).to(tl.float32)
+                nxt_local, nxt_base = gate_tile_load(
+                    cl_base, cb_base, n0 + BLOCK_N, T, BLOCK_N, GATE_CHUNK
+                )
+            else:
+                off = (tl.load(cb_base + n0 // GATE_CHUNK) - cb_q).to(tl.float32)
+                if MASKED:
+                    cj = tl.load(cl_base + offs_n, mask=in_t, other=0.0) + off
+                else:
+                    cj = tl.load(cl_base + offs_n) + off
             s += ci[:, None] - cj[None, :]
         if MASKED:
-            s = tl.where(pair_mask(offs_m[:, None], offs_n[None, :], T, WINDOW), s, float("-inf"))
+            valid = (offs_n[None, :] <= offs_m[:, None]) & in_t[None, :]
+            if WINDOW > 0:
+                valid = valid & (offs_n[None, :] > offs_m[:, None] - WINDOW)
+            s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_shift = m_new
         if MASKED:
