@@ -10,7 +10,9 @@ and never writes a file. Fallbacks, first match wins:
   4. nothing: the caller uses its heuristic default.
 
 Within a level the seqlen bucket nearest in log space wins, then an entry from this
-toolchain, then the user's database over the shipped files, then the lowest median.
+toolchain, then the user's database over the shipped files, then the lowest median. Entries
+tuned with another minor version of the backend's compiler (Triton, or TVM) are skipped with a
+warning: tiles that fit and won under one compiler may not under the next.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class BestEntry:
     n_trials: int
     trial_id: str
     source: int  # SOURCE_USER or SOURCE_SHIPPED
+    triton: str | None = None  # the compiler versions the entry was tuned with
+    tvm: str | None = None
 
 
 @functools.cache
@@ -78,11 +82,18 @@ def _entry(row: dict, source: int) -> BestEntry:
     return BestEntry(row["device_key"], row["model"], row["arch"], row["toolchain_key"],
                      row["spec_class_key"], int(row["seqlen_bucket"]),
                      R.check_config(json.loads(row["config_json"])),
-                     float(row["median_ms"]), int(row["n_trials"]), row["trial_id"], source)
+                     float(row["median_ms"]), int(row["n_trials"]), row["trial_id"], source,
+                     row.get("triton"), row.get("tvm"))
 
 
-_BEST_SQL = ("SELECT b.*, d.model, d.arch FROM best b JOIN devices d ON d.key = b.device_key "
+_BEST_SQL = ("SELECT b.*, d.model, d.arch, t.triton, t.tvm FROM best b "
+             "JOIN devices d ON d.key = b.device_key "
+             "LEFT JOIN toolchains t ON t.key = b.toolchain_key "
              "ORDER BY b.device_key, b.toolchain_key, b.spec_class_key, b.seqlen_bucket")
+
+
+def _minor(version: str | None) -> str | None:
+    return ".".join(version.split("+")[0].split(".")[:2]) if version else None
 
 
 def _read_user_db(path: Path) -> list[BestEntry]:
@@ -120,13 +131,18 @@ class Snapshot:
     """An immutable set of tuned entries with the fallback lookup."""
 
     def __init__(self, entries: Iterable[BestEntry] = (), sources: Iterable[str] = (),
-                 toolchain_key: str | None = None):
+                 toolchain_key: str | None = None, versions: dict | None = None):
         by_spec: dict[str, list[BestEntry]] = defaultdict(list)
         for e in entries:
             by_spec[e.spec_class_key].append(e)
         self._by_spec = MappingProxyType({k: tuple(v) for k, v in by_spec.items()})
         self.sources = tuple(sources)
         self.toolchain_key = toolchain_key
+        # Running compiler versions; an entry tuned with another minor version of the
+        # backend's compiler is skipped (with one warning): its tiles may no longer compile,
+        # fit or win there. None: accept every entry.
+        self.versions = dict(versions or {})
+        self._warned: set = set()
         self._memo: dict = {}
         self._lock = threading.Lock()
 
@@ -152,7 +168,8 @@ class Snapshot:
         if files:
             entries += _read_shipped(files)
             sources += [str(f) for f in files]
-        return cls(entries, sources, toolchain_key(toolchain()))
+        tc = toolchain()
+        return cls(entries, sources, toolchain_key(tc), tc)
 
     @property
     def entries(self) -> tuple[BestEntry, ...]:
@@ -177,8 +194,21 @@ class Snapshot:
                 self._memo[memo_key] = hit
         return hit
 
+    def _compatible(self, e: BestEntry, backend: str) -> bool:
+        compiler = "tvm" if backend == "tvm" else "triton"
+        running, tuned = _minor(self.versions.get(compiler)), _minor(getattr(e, compiler))
+        if running is None or tuned is None or running == tuned:
+            return True
+        if (compiler, tuned) not in self._warned:
+            self._warned.add((compiler, tuned))
+            warnings.warn(f"gfwagen: tuned configs made with {compiler} {tuned} are skipped "
+                          f"under {compiler} {running}; re-tune with `gfwagen tune`",
+                          RuntimeWarning, stacklevel=4)
+        return False
+
     def _lookup(self, spec, seqlen, fp, dkey):
-        candidates = self._by_spec.get(R.spec_class(spec).key(), ())
+        candidates = [e for e in self._by_spec.get(R.spec_class(spec).key(), ())
+                      if self._compatible(e, spec.backend)]
         model, sm = gpu_model_name(fp), arch(fp)
         levels = (
             (lambda e: e.device_key == dkey, "tuned on this device ({model}, {where})"),
