@@ -47,9 +47,16 @@ class OfflineBuild:
         return "wgmma.mma_async" in self.ptx
 
 
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _constexprs(spec: KernelSpec, cfg: KernelConfig) -> dict:
+    # HEAD_D_PAD/HEAD_DV_PAD: as the launchers pass them (triton.next_power_of_2).
     return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=spec.head_dim,
-                HEAD_DV=spec.value_dim, WINDOW=spec.window, GATED=spec.gated, GROUP=spec.group,
+                HEAD_DV=spec.value_dim, HEAD_D_PAD=_next_pow2(spec.head_dim),
+                HEAD_DV_PAD=_next_pow2(spec.value_dim), WINDOW=spec.window, GATED=spec.gated,
+                GROUP=spec.group,
                 GATE_CHUNK=GATE_CHUNK, DOT_PREC="ieee" if spec.dtype == "fp32" else "tf32",
                 PREFETCH_GATE=bool(cfg.get("prefetch_gate", False)))
 

@@ -11,8 +11,9 @@ import torch
 
 from gfwagen.spec import DTYPES
 
-# Head dims every backend compiles (tl.arange needs powers of two).
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+# Head dims every backend compiles. The Triton kernels pad a head dim that is not a power of
+# two (96, 192) to the next one (tl.arange needs powers of two), masking the extra columns.
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 96, 128, 192, 256)
 BACKEND_CHOICES = ("auto", "triton", "tvm", "reference")
 # The op's int arguments travel as int64 through the dispatcher; scale reaches kernels as fp32.
 _INT64_MAX = 2**63 - 1

@@ -28,6 +28,21 @@ def test_cpu_op_matches_float64_with_gradients(W, gated, Hkv):
         assert rel_err(a, e) < 1e-5, name
 
 
+@pytest.mark.parametrize("D,Dv", [(96, 96), (192, 96)])
+def test_cpu_op_head_dims_not_powers_of_two(D, Dv):
+    q, k, v, g = make_inputs(1, 20, 2, 1, D, Dv, torch.float32, True)
+    leaves = [t.requires_grad_() for t in (q, k, v, g)]
+    o = gfwagen.attention(q, k, v, g, window=6)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, leaves, do)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = naive_attention(*ref_leaves, 6)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, do.double())
+    assert o.shape == (1, 20, 2, Dv) and rel_err(o, ref) < 1e-5
+    for name, a, e in zip(["dq", "dk", "dv", "dg"], grads, ref_grads):
+        assert rel_err(a, e) < 1e-5, name
+
+
 def test_explicit_scale_is_used():
     q, k, v, g = make_inputs(1, 12, 2, 2, 16, 16, torch.float32, True)
     o = gfwagen.attention(q, k, v, g, window=4, scale=0.7)
@@ -95,6 +110,8 @@ def _good():
     (lambda a: a.update(q=torch.randn(1, 8, 4, 24), k=torch.randn(1, 8, 2, 24)), ValueError,
      "head dim must be one of"),
     (lambda a: a.update(v=torch.randn(1, 8, 2, 48)), ValueError, "v's head dim"),
+    (lambda a: a.update(q=torch.randn(1, 8, 4, 80), k=torch.randn(1, 8, 2, 80)), ValueError,
+     "q's head dim must be one of"),
     (lambda a: a.update(q=a["q"].double(), k=a["k"].double(), v=a["v"].double()), TypeError,
      "q must be bfloat16"),
     (lambda a: a.update(k=a["k"].half()), TypeError, "k must have q's dtype"),

@@ -18,7 +18,10 @@ from gfwagen.spec import KernelConfig, KernelSpec
 cases = [("fwd", 128, 512, True, {}), ("bwd_kv", 128, 512, True, {}),
          ("bwd_q", 128, 512, True, {}), ("fwd", 64, 0, False, {}),
          ("fwd", 128, 512, True, {"prefetch_gate": True}),
-         ("bwd_q", 64, 1, True, {"prefetch_gate": True})]
+         ("bwd_q", 64, 1, True, {"prefetch_gate": True}),
+         # not powers of two: padded to 128 / 256 with masked columns
+         ("fwd", 96, 512, True, {}), ("bwd_q", 96, 512, True, {}),
+         ("fwd", 192, 512, True, {}), ("bwd_kv", 192, 512, True, {})]
 out = []
 for pass_, d, w, gated, extra in cases:
     spec = KernelSpec("triton", pass_, d, d, w, "bf16", gated, 2)
@@ -40,7 +43,7 @@ def test_templates_compile_for_sm90_and_use_wgmma():
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     builds = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(builds) == 6
+    assert len(builds) == 10
     for b in builds:
         assert b["wgmma"], b
         assert 0 < b["shared"] <= H100_MAX_SHARED, b

@@ -28,6 +28,9 @@ CASES = [
     ("dv!=d", 1, 26, 2, 2, 16, 32, 7, True, torch.float32),
     ("fp16", 1, 45, 2, 2, 16, 16, 13, True, torch.float16),
     ("fp16-gqa-nogate", 1, 34, 4, 2, 32, 32, None, False, torch.float16),
+    # Head dims that are not powers of two run padded to the next one (masked columns).
+    ("d=96", 1, 30, 2, 2, 96, 96, 9, True, torch.float32),
+    ("d=192,dv=96,gqa", 1, 29, 2, 1, 192, 96, 11, True, torch.float32),
 ]
 
 

@@ -9,7 +9,9 @@ Three kernels:
   it accumulates dq and the row sums of dS.
 The gate gradient is then rowsum - colsum, reverse prefix-summed (gfwagen.gate).
 Each pass splits its loop into masked edge tiles and unmasked interior tiles, and never visits
-a tile wholly outside the window. This file imports nothing from gfwagen.
+a tile wholly outside the window. Head dims that are not powers of two run padded to the
+next one (HEAD_D_PAD, HEAD_DV_PAD), the extra columns masked on load and store, as in the
+forward. This file imports nothing from gfwagen.
 """
 
 import triton
@@ -42,21 +44,25 @@ def gfwa_bwd_delta_kernel(
     H,
     BLOCK_M: tl.constexpr,
     HEAD_DV: tl.constexpr,
+    HEAD_DV_PAD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DV)
+    offs_d = tl.arange(0, HEAD_DV_PAD)
     ok = offs_m < T
+    tile_ok = ok[:, None]
+    if HEAD_DV_PAD != HEAD_DV:
+        tile_ok = tile_ok & (offs_d < HEAD_DV)[None, :]
     o = tl.load(
         O
         + b.to(tl.int64) * stride_ob
         + h * stride_oh
         + offs_m[:, None] * stride_ot
         + offs_d[None, :],
-        mask=ok[:, None],
+        mask=tile_ok,
         other=0.0,
     ).to(tl.float32)
     do = tl.load(
@@ -65,7 +71,7 @@ def gfwa_bwd_delta_kernel(
         + h * stride_doh
         + offs_m[:, None] * stride_dot
         + offs_d[None, :],
-        mask=ok[:, None],
+        mask=tile_ok,
         other=0.0,
     ).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=ok)
@@ -113,6 +119,8 @@ def _dkdv_tiles(
     BLOCK_M: tl.constexpr,
     HEAD_D: tl.constexpr,
     HEAD_DV: tl.constexpr,
+    HEAD_D_PAD: tl.constexpr,
+    HEAD_DV_PAD: tl.constexpr,
     WINDOW: tl.constexpr,
     GATED: tl.constexpr,
     MASKED: tl.constexpr,
@@ -125,8 +133,8 @@ def _dkdv_tiles(
             nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, start, T, BLOCK_M, GATE_CHUNK)
     for m0 in tl.range(start, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        q = load_rows(q_base, offs_m, stride_qt, T, HEAD_D, MASKED)
-        do = load_rows(do_base, offs_m, stride_dot, T, HEAD_DV, MASKED)
+        q = load_rows(q_base, offs_m, stride_qt, T, HEAD_D, HEAD_D_PAD, MASKED)
+        do = load_rows(do_base, offs_m, stride_dot, T, HEAD_DV, HEAD_DV_PAD, MASKED)
         lse = load_vector(lse_base, offs_m, T, MASKED)
         delta = load_vector(delta_base, offs_m, T, MASKED)
         # Transposed scores [BLOCK_N, BLOCK_M]: keys on rows, so dk and dv need no transpose.
@@ -191,6 +199,8 @@ def gfwa_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr,
     HEAD_DV: tl.constexpr,
+    HEAD_D_PAD: tl.constexpr,
+    HEAD_DV_PAD: tl.constexpr,
     WINDOW: tl.constexpr,
     GATED: tl.constexpr,
     GROUP: tl.constexpr,
@@ -204,23 +214,29 @@ def gfwa_bwd_dkdv_kernel(
     hk = pid_bhk % HKV
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_D)
-    offs_dv = tl.arange(0, HEAD_DV)
+    offs_d = tl.arange(0, HEAD_D_PAD)
+    offs_dv = tl.arange(0, HEAD_DV_PAD)
     key_ok = offs_n < T
+    k_ok = key_ok[:, None]
+    if HEAD_D_PAD != HEAD_D:
+        k_ok = k_ok & (offs_d < HEAD_D)[None, :]
+    v_ok = key_ok[:, None]
+    if HEAD_DV_PAD != HEAD_DV:
+        v_ok = v_ok & (offs_dv < HEAD_DV)[None, :]
     b64 = b.to(tl.int64)
     k = tl.load(
         K + b64 * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
-        mask=key_ok[:, None],
+        mask=k_ok,
         other=0.0,
     )
     v = tl.load(
         V + b64 * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_dv[None, :],
-        mask=key_ok[:, None],
+        mask=v_ok,
         other=0.0,
     )
     qk_scale = sm_scale * LOG2E
-    dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DV], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, HEAD_D_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DV_PAD], dtype=tl.float32)
     lo, int_lo, int_hi, hi = _query_phases(n0, T, BLOCK_M, BLOCK_N, WINDOW)
     for g in range(GROUP):
         h = hk * GROUP + g
@@ -259,6 +275,8 @@ def gfwa_bwd_dkdv_kernel(
             BLOCK_M,
             HEAD_D,
             HEAD_DV,
+            HEAD_D_PAD,
+            HEAD_DV_PAD,
             WINDOW,
             GATED,
             True,
@@ -290,6 +308,8 @@ def gfwa_bwd_dkdv_kernel(
             BLOCK_M,
             HEAD_D,
             HEAD_DV,
+            HEAD_D_PAD,
+            HEAD_DV_PAD,
             WINDOW,
             GATED,
             False,
@@ -321,6 +341,8 @@ def gfwa_bwd_dkdv_kernel(
             BLOCK_M,
             HEAD_D,
             HEAD_DV,
+            HEAD_D_PAD,
+            HEAD_DV_PAD,
             WINDOW,
             GATED,
             True,
@@ -333,12 +355,12 @@ def gfwa_bwd_dkdv_kernel(
     tl.store(
         DK + b64 * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
         (dk * sm_scale).to(DK.dtype.element_ty),
-        mask=key_ok[:, None],
+        mask=k_ok,
     )
     tl.store(
         DV + b64 * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_dv[None, :],
         dv.to(DV.dtype.element_ty),
-        mask=key_ok[:, None],
+        mask=v_ok,
     )
 
 
@@ -366,6 +388,8 @@ def _dq_tiles(
     BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr,
     HEAD_DV: tl.constexpr,
+    HEAD_D_PAD: tl.constexpr,
+    HEAD_DV_PAD: tl.constexpr,
     WINDOW: tl.constexpr,
     GATED: tl.constexpr,
     MASKED: tl.constexpr,
@@ -378,8 +402,8 @@ def _dq_tiles(
             nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, start, T, BLOCK_N, GATE_CHUNK)
     for n0 in tl.range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = load_rows(k_base, offs_n, stride_kt, T, HEAD_D, MASKED)
-        v = load_rows(v_base, offs_n, stride_vt, T, HEAD_DV, MASKED)
+        k = load_rows(k_base, offs_n, stride_kt, T, HEAD_D, HEAD_D_PAD, MASKED)
+        v = load_rows(v_base, offs_n, stride_vt, T, HEAD_DV, HEAD_DV_PAD, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse2[:, None]
         if GATED:
             if PREFETCH_GATE:
@@ -435,6 +459,8 @@ def gfwa_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr,
     HEAD_DV: tl.constexpr,
+    HEAD_D_PAD: tl.constexpr,
+    HEAD_DV_PAD: tl.constexpr,
     WINDOW: tl.constexpr,
     GATED: tl.constexpr,
     GROUP: tl.constexpr,
@@ -451,17 +477,23 @@ def gfwa_bwd_dq_kernel(
     bh = pid_bh.to(tl.int64)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_D)
-    offs_dv = tl.arange(0, HEAD_DV)
+    offs_d = tl.arange(0, HEAD_D_PAD)
+    offs_dv = tl.arange(0, HEAD_DV_PAD)
     row_ok = offs_m < T
+    q_ok = row_ok[:, None]
+    if HEAD_D_PAD != HEAD_D:
+        q_ok = q_ok & (offs_d < HEAD_D)[None, :]
+    do_ok = row_ok[:, None]
+    if HEAD_DV_PAD != HEAD_DV:
+        do_ok = do_ok & (offs_dv < HEAD_DV)[None, :]
     q = tl.load(
         Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-        mask=row_ok[:, None],
+        mask=q_ok,
         other=0.0,
     )
     do = tl.load(
         DO + b64 * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_dv[None, :],
-        mask=row_ok[:, None],
+        mask=do_ok,
         other=0.0,
     )
     lse2 = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0) * LOG2E
@@ -476,7 +508,7 @@ def gfwa_bwd_dq_kernel(
     k_base = K + b64 * stride_kb + hk * stride_kh
     v_base = V + b64 * stride_vb + hk * stride_vh
     qk_scale = sm_scale * LOG2E
-    dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, HEAD_D_PAD], dtype=tl.float32)
     rowsum = tl.zeros([BLOCK_M], dtype=tl.float32)
     lo, int_lo, int_hi, hi = key_tile_phases(m0, T, BLOCK_M, BLOCK_N, WINDOW)
     dq, rowsum = _dq_tiles(
@@ -502,6 +534,8 @@ def gfwa_bwd_dq_kernel(
         BLOCK_N,
         HEAD_D,
         HEAD_DV,
+        HEAD_D_PAD,
+        HEAD_DV_PAD,
         WINDOW,
         GATED,
         True,
@@ -532,6 +566,8 @@ def gfwa_bwd_dq_kernel(
         BLOCK_N,
         HEAD_D,
         HEAD_DV,
+        HEAD_D_PAD,
+        HEAD_DV_PAD,
         WINDOW,
         GATED,
         False,
@@ -562,6 +598,8 @@ def gfwa_bwd_dq_kernel(
         BLOCK_N,
         HEAD_D,
         HEAD_DV,
+        HEAD_D_PAD,
+        HEAD_DV_PAD,
         WINDOW,
         GATED,
         True,
@@ -572,7 +610,7 @@ def gfwa_bwd_dq_kernel(
     tl.store(
         DQ + b64 * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
         (dq * sm_scale).to(DQ.dtype.element_ty),
-        mask=row_ok[:, None],
+        mask=q_ok,
     )
     if GATED:
         tl.store(DROW + bh * T + offs_m, rowsum, mask=row_ok)
@@ -594,6 +632,7 @@ def launch_delta(o, do, delta, block_m=64):
         H,
         BLOCK_M=block_m,
         HEAD_DV=Dv,
+        HEAD_DV_PAD=triton.next_power_of_2(Dv),
     )
 
 
@@ -666,6 +705,8 @@ def launch_dkdv(
         BLOCK_N=block_n,
         HEAD_D=D,
         HEAD_DV=Dv,
+        HEAD_D_PAD=triton.next_power_of_2(D),
+        HEAD_DV_PAD=triton.next_power_of_2(Dv),
         WINDOW=window,
         GATED=gate is not None,
         GROUP=group,
@@ -734,6 +775,8 @@ def launch_dq(
         BLOCK_N=block_n,
         HEAD_D=D,
         HEAD_DV=Dv,
+        HEAD_D_PAD=triton.next_power_of_2(D),
+        HEAD_DV_PAD=triton.next_power_of_2(Dv),
         WINDOW=window,
         GATED=gate is not None,
         GROUP=group,

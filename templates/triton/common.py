@@ -44,14 +44,24 @@ def load_vector(base, offs, T, MASKED: tl.constexpr):
 
 
 @triton.jit
-def load_rows(base, offs, stride, T, WIDTH: tl.constexpr, MASKED: tl.constexpr):
-    """Rows `offs` of a [T, WIDTH] slab (row stride `stride`, last dim contiguous). Rows past
-    T read as 0 when MASKED; unmasked (interior) tiles never reach T."""
-    ptrs = base + offs[:, None] * stride + tl.arange(0, WIDTH)[None, :]
-    if MASKED:
-        rows = tl.load(ptrs, mask=(offs < T)[:, None], other=0.0)
+def load_rows(
+    base, offs, stride, T, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, MASKED: tl.constexpr
+):
+    """Rows `offs` of a [T, WIDTH] slab (row stride `stride`, last dim contiguous), as a
+    [len(offs), WIDTH_PAD] tile (WIDTH_PAD: WIDTH's next power of two; columns past WIDTH read
+    as 0). Rows past T read as 0 when MASKED; unmasked (interior) tiles never reach T."""
+    cols = tl.arange(0, WIDTH_PAD)
+    ptrs = base + offs[:, None] * stride + cols[None, :]
+    if WIDTH_PAD != WIDTH:
+        if MASKED:
+            rows = tl.load(ptrs, mask=(offs < T)[:, None] & (cols < WIDTH)[None, :], other=0.0)
+        else:
+            rows = tl.load(ptrs, mask=(cols < WIDTH)[None, :], other=0.0)
     else:
-        rows = tl.load(ptrs)
+        if MASKED:
+            rows = tl.load(ptrs, mask=(offs < T)[:, None], other=0.0)
+        else:
+            rows = tl.load(ptrs)
     return rows
 
 

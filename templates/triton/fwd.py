@@ -6,6 +6,9 @@ checks) and the diagonal (masked). Tiles wholly outside the window are never loa
 
 Specialized at compile time (tl.constexpr) over head dims, window (0 = full causal), gate
 on/off, GQA group and dot precision; the dtype specializes through the pointers' types.
+A head dim that is not a power of two (96, 192) runs at the next power of two (HEAD_D_PAD,
+HEAD_DV_PAD: tl.arange's widths) with the extra columns masked on load (read as 0, so they add
+nothing to any dot) and on store; for a power of two those branches compile away.
 This file imports nothing from gfwagen: the generator loads it by path.
 """
 
@@ -37,6 +40,8 @@ def _fwd_tiles(
     BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr,
     HEAD_DV: tl.constexpr,
+    HEAD_D_PAD: tl.constexpr,
+    HEAD_DV_PAD: tl.constexpr,
     WINDOW: tl.constexpr,
     GATED: tl.constexpr,
     MASKED: tl.constexpr,
@@ -44,8 +49,8 @@ def _fwd_tiles(
     DOT_PREC: tl.constexpr,
     PREFETCH_GATE: tl.constexpr,
 ):
-    offs_d = tl.arange(0, HEAD_D)
-    offs_dv = tl.arange(0, HEAD_DV)
+    offs_d = tl.arange(0, HEAD_D_PAD)
+    offs_dv = tl.arange(0, HEAD_DV_PAD)
     if GATED:
         if PREFETCH_GATE:
             nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, start, T, BLOCK_N, GATE_CHUNK)
@@ -55,11 +60,23 @@ def _fwd_tiles(
         v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_dv[None, :]
         if MASKED:
             in_t = offs_n < T
-            k = tl.load(k_ptrs, mask=in_t[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=in_t[:, None], other=0.0)
+            if HEAD_D_PAD != HEAD_D:
+                k = tl.load(k_ptrs, mask=in_t[:, None] & (offs_d < HEAD_D)[None, :], other=0.0)
+            else:
+                k = tl.load(k_ptrs, mask=in_t[:, None], other=0.0)
+            if HEAD_DV_PAD != HEAD_DV:
+                v = tl.load(v_ptrs, mask=in_t[:, None] & (offs_dv < HEAD_DV)[None, :], other=0.0)
+            else:
+                v = tl.load(v_ptrs, mask=in_t[:, None], other=0.0)
         else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+            if HEAD_D_PAD != HEAD_D:
+                k = tl.load(k_ptrs, mask=(offs_d < HEAD_D)[None, :], other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+            if HEAD_DV_PAD != HEAD_DV:
+                v = tl.load(v_ptrs, mask=(offs_dv < HEAD_DV)[None, :], other=0.0)
+            else:
+                v = tl.load(v_ptrs)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if GATED:
             # The only float64 operation: one scalar per tile (gfwagen.gate).
@@ -124,6 +141,8 @@ def gfwa_fwd_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr,
     HEAD_DV: tl.constexpr,
+    HEAD_D_PAD: tl.constexpr,
+    HEAD_DV_PAD: tl.constexpr,
     WINDOW: tl.constexpr,
     GATED: tl.constexpr,
     GROUP: tl.constexpr,
@@ -138,19 +157,21 @@ def gfwa_fwd_kernel(
     hk = h // GROUP
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_D)
-    offs_dv = tl.arange(0, HEAD_DV)
+    offs_d = tl.arange(0, HEAD_D_PAD)
+    offs_dv = tl.arange(0, HEAD_DV_PAD)
     row_ok = offs_m < T
 
-    q = tl.load(
+    q_ptrs = (
         Q
         + b.to(tl.int64) * stride_qb
         + h * stride_qh
         + offs_m[:, None] * stride_qt
-        + offs_d[None, :],
-        mask=row_ok[:, None],
-        other=0.0,
+        + offs_d[None, :]
     )
+    if HEAD_D_PAD != HEAD_D:
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < HEAD_D)[None, :], other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
     qk_scale = sm_scale * LOG2E
@@ -166,7 +187,7 @@ def gfwa_fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DV], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DV_PAD], dtype=tl.float32)
     lo, int_lo, int_hi, hi = key_tile_phases(m0, T, BLOCK_M, BLOCK_N, WINDOW)
     acc, l_i, m_i = _fwd_tiles(
         acc,
@@ -189,6 +210,8 @@ def gfwa_fwd_kernel(
         BLOCK_N,
         HEAD_D,
         HEAD_DV,
+        HEAD_D_PAD,
+        HEAD_DV_PAD,
         WINDOW,
         GATED,
         True,
@@ -217,6 +240,8 @@ def gfwa_fwd_kernel(
         BLOCK_N,
         HEAD_D,
         HEAD_DV,
+        HEAD_D_PAD,
+        HEAD_DV_PAD,
         WINDOW,
         GATED,
         False,
@@ -245,6 +270,8 @@ def gfwa_fwd_kernel(
         BLOCK_N,
         HEAD_D,
         HEAD_DV,
+        HEAD_D_PAD,
+        HEAD_DV_PAD,
         WINDOW,
         GATED,
         True,
@@ -256,15 +283,21 @@ def gfwa_fwd_kernel(
     # Every stored row saw at least its own key, so l_i > 0 there.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
-    tl.store(
+    o_ptrs = (
         O
         + b.to(tl.int64) * stride_ob
         + h * stride_oh
         + offs_m[:, None] * stride_ot
-        + offs_dv[None, :],
-        o.to(O.dtype.element_ty),
-        mask=row_ok[:, None],
+        + offs_dv[None, :]
     )
+    if HEAD_DV_PAD != HEAD_DV:
+        tl.store(
+            o_ptrs,
+            o.to(O.dtype.element_ty),
+            mask=row_ok[:, None] & (offs_dv < HEAD_DV)[None, :],
+        )
+    else:
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
     lse = (m_i + tl.math.log2(l_safe)) * LN2
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
 
@@ -322,6 +355,8 @@ def launch_forward(
         BLOCK_N=block_n,
         HEAD_D=D,
         HEAD_DV=Dv,
+        HEAD_D_PAD=triton.next_power_of_2(D),
+        HEAD_DV_PAD=triton.next_power_of_2(Dv),
         WINDOW=window,
         GATED=gate is not None,
         GROUP=group,
