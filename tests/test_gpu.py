@@ -28,6 +28,8 @@ CASES = [
     # windows below the tile size: the diagonal tile loop runs zero times
     ("W17", 1, 1000, 4, 4, 128, 128, 17, True),
     ("W63-gqa", 1, 1000, 8, 2, 64, 64, 63, True),
+    ("D96-W300", 1, 1200, 4, 2, 96, 96, 300, True),
+    ("D192-Dv96-W100", 1, 900, 4, 4, 192, 96, 100, True),
 ]
 
 
