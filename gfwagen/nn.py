@@ -17,9 +17,10 @@ The layer: q/k/v/out projections, GQA, optional QK RMSNorm, optional RoPE, the p
 The cache keeps, per layer, only the last `window` keys and values (a ring indexed by
 position % window) plus the gate's state: c (the gate's prefix sum, float64) at the cached
 positions and at the last position. Its memory does not grow with the generated length.
-Decode attends over the ring with plain torch ops (a fused decode kernel is later work); the
+Attention over a filled cache goes through gfwagen.decode.decode_attention (the split-K Triton
+decode kernel on CUDA, plain torch otherwise; it takes the float64 gate state as is); the
 prefill of an empty cache uses gfwagen.attention. All sequences of a batch share positions
-(no left padding / ragged batches).
+here (no left padding / ragged batches), though the decode op takes a length per sequence.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gfwagen
+from gfwagen.decode import MAX_TRITON_ROWS, MAX_TRITON_S, decode_attention
 from gfwagen.gate import sanitize_log_gate
 from gfwagen.gate_preprocess import GATE_EPS, gate_preprocess
 
@@ -75,14 +77,14 @@ class _LayerCache:
         self.size = size
         self.k = torch.zeros(B, size, Hkv, D, dtype=dtype, device=device)
         self.v = torch.zeros(B, size, Hkv, Dv, dtype=dtype, device=device)
-        # positions held by the slots (-1: empty); the same for every sequence of the batch
-        self.slot_pos = torch.full((size,), -1, dtype=torch.long, device=device)
+        # positions seen per sequence (position p sits at slot p % size); all equal here
+        self.seqlens = torch.zeros(B, dtype=torch.int32, device=device)
         self.c = torch.zeros(B, size, Hq, dtype=torch.float64, device=device) if gated else None
         self.c_last = torch.zeros(B, Hq, dtype=torch.float64, device=device) if gated else None
         self.pos = 0  # tokens seen so far
 
     def tensors(self) -> list[Tensor]:
-        return [t for t in (self.k, self.v, self.slot_pos, self.c, self.c_last) if t is not None]
+        return [t for t in (self.k, self.v, self.seqlens, self.c, self.c_last) if t is not None]
 
     def append(self, k: Tensor, v: Tensor, c_new: Tensor | None) -> None:
         """Writes the last min(T, size) of T new positions into the ring."""
@@ -92,10 +94,10 @@ class _LayerCache:
         slots = positions % self.size
         self.k.index_copy_(1, slots, k[:, T - n:].detach().to(self.k.dtype))
         self.v.index_copy_(1, slots, v[:, T - n:].detach().to(self.v.dtype))
-        self.slot_pos.index_copy_(0, slots, positions)
         if c_new is not None:
             self.c.index_copy_(1, slots, c_new[:, T - n:].detach())
             self.c_last = c_new[:, -1].detach().clone()
+        self.seqlens += T
         self.pos += T
 
 
@@ -254,25 +256,13 @@ class GatedFWA(nn.Module):
         return self.o_proj(o.reshape(B, T, -1)), cache
 
     def _attend_cached(self, state: _LayerCache, q, k, v, c_new, p0: int) -> Tensor:
-        """T new queries at positions p0.. over the ring (earlier positions) and the T new keys,
-        in plain torch: O(T (window + T)) work, meant for decode (T = 1)."""
-        B, T, Hq, D = q.shape
-        Hkv, G = self.num_kv_heads, Hq // self.num_kv_heads
-        keys = torch.cat([state.k, k.to(state.k.dtype)], dim=1)  # B, S+T, Hkv, D
-        vals = torch.cat([state.v, v.to(state.v.dtype)], dim=1)
-        pos_q = torch.arange(p0, p0 + T, device=q.device)
-        pos_k = torch.cat([state.slot_pos, pos_q])
-        valid = (pos_k[None, :] >= 0) & (pos_k[None, :] <= pos_q[:, None])  # T, S+T
-        if self.window is not None:
-            valid = valid & (pos_k[None, :] > pos_q[:, None] - self.window)
-        qg = q.float().view(B, T, Hkv, G, D)
-        s = torch.einsum("bthgd,bshd->bhgts", qg, keys.float()) * self.scale
-        if c_new is not None:
-            c_k = torch.cat([state.c, c_new], dim=1)  # B, S+T, Hq float64
-            bias = c_new[:, :, None, :] - c_k[:, None, :, :]  # B, T, S+T, Hq
-            bias = bias.float().permute(0, 3, 1, 2).reshape(B, Hkv, G, T, -1)
-            s = s + bias.masked_fill(~valid, 0.0)
-        s = s.masked_fill(~valid, float("-inf"))
-        p = torch.softmax(s, dim=-1)
-        o = torch.einsum("bhgts,bshd->bthgd", p, vals.float())
-        return o.reshape(B, T, Hq, -1).to(q.dtype)
+        """T new queries at positions p0.. over the ring (earlier positions) and the T new keys
+        (gfwagen.decode.decode_attention): O(T (window + T)) work, meant for decode (small T)."""
+        # the gate state is float64 (absolute prefix sums): the op takes differences in float64
+        c_ring = state.c if c_new is not None else None
+        T, G = q.shape[1], self.num_heads // self.num_kv_heads
+        backend = {"auto": "auto", "triton": "triton"}.get(self.backend, "torch")
+        if backend == "triton" and (T > MAX_TRITON_S or T * G > MAX_TRITON_ROWS):
+            backend = "torch"
+        return decode_attention(q, k, v, state.k, state.v, state.seqlens, c_ring, c_new,
+                                window=self.window, scale=self.scale, backend=backend)
