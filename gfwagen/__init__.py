@@ -25,15 +25,21 @@ __all__ = ["attention", "gate_preprocess", "naive_attention", "reference_forward
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               log_gate: torch.Tensor | None = None, *, window: int | None = None,
-              scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+              scale: float | None = None, backend: str = "auto",
+              cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """GatedFWA: causal attention over the last `window` keys (None: all), with the gate bias
     c_i - c_j where c = cumsum(log_gate) along T.
 
     q [B, T, Hq, D], k [B, T, Hkv, D], v [B, T, Hkv, Dv] (bf16, fp16 or fp32; Hq % Hkv == 0),
     log_gate [B, T, Hq] float32 or None; scale defaults to 1/sqrt(D). backend: "auto"
-    (Triton on CUDA, the chunked reference on the CPU), "triton", "tvm" or "reference".
+    (Triton on CUDA; on the CPU the TVM kernels when apache-tvm is installed, else the
+    chunked reference), "triton", "tvm" or "reference".
+
+    cu_seqlens: packed variable-length sequences (FlashAttention's convention): B = 1, the
+    sequences end to end along T, cu_seqlens = [0, len_0, len_0 + len_1, ..., T] (int32 or
+    int64, on q's device). The window and the gate restart at every sequence.
     """
     # Checked here as well as inside the op: the dispatcher's own argument parsing would
     # otherwise answer a non-tensor with a RuntimeError before the op's checks run.
-    check_inputs(q, k, v, log_gate, window, scale, backend)
-    return torch.ops.gfwa.attention(q, k, v, log_gate, window, scale, backend)
+    check_inputs(q, k, v, log_gate, window, scale, backend, cu_seqlens)
+    return torch.ops.gfwa.attention(q, k, v, log_gate, window, scale, backend, cu_seqlens)

@@ -94,10 +94,34 @@ def select_config(spec: KernelSpec, seqlen: int, device: torch.device) -> Kernel
     return _lookup(spec, bucket, f"cuda:{index}")
 
 
-def run_forward(q, k, v, log_gate, window, scale, backend):
+def _segments(cu_seqlens, T):
+    if cu_seqlens is None:
+        return None
+    from gfwagen.varlen import segment_bounds
+
+    return segment_bounds(cu_seqlens, T)
+
+
+def _per_sequence(cu_seqlens, fn, *tensors):
+    """Runs fn on each packed sequence's slice along T (views, no copies) and concatenates
+    the outputs along each output's T dim (given with fn's results). For the TVM CPU kernels,
+    which take one sequence per batch row: the host loop costs little next to CPU compute."""
+    from gfwagen.varlen import lengths
+
+    outs, start = [], 0
+    for n in lengths(cu_seqlens):
+        if n:
+            outs.append(fn(*(t if t is None else t.narrow(dim, start, n)
+                             for t, dim in tensors)))
+        start += n
+    return outs
+
+
+def run_forward(q, k, v, log_gate, window, scale, backend, cu_seqlens=None):
     backend = resolve_backend(backend, q.device, q.dtype)
     if backend == "reference":
-        o, lse = reference.reference_forward(q, k, v, log_gate, window, scale)
+        o, lse = reference.reference_forward(q, k, v, log_gate, window, scale,
+                                             cu_seqlens=cu_seqlens)
         return o, lse.float()
     group = q.shape[2] // k.shape[2]
     cfg = select_config(_spec(backend, "fwd", q, v, window, log_gate is not None, group),
@@ -105,16 +129,27 @@ def run_forward(q, k, v, log_gate, window, scale, backend):
     if backend == "tvm":
         from gfwagen.backends.tvm_backend import tvm_forward
 
-        return tvm_forward(q, k, v, log_gate, window, scale, cfg, target=_tvm_target(q))
+        def fwd(q, k, v, g):
+            return tvm_forward(q, k, v, g, window, scale, cfg, target=_tvm_target(q))
+
+        if cu_seqlens is None:
+            return fwd(q, k, v, log_gate)
+        outs = _per_sequence(cu_seqlens, fwd, (q, 1), (k, 1), (v, 1), (log_gate, 1))
+        return (torch.cat([o for o, _ in outs], 1) if outs else q.new_empty(*q.shape[:3],
+                                                                            v.shape[3]),
+                torch.cat([lse for _, lse in outs], 2) if outs else
+                q.new_empty(1, q.shape[2], 0, dtype=torch.float32))
     from gfwagen.backends import triton_backend
 
-    return triton_backend.forward(q, k, v, log_gate, window, scale, cfg)
+    return triton_backend.forward(q, k, v, log_gate, window, scale, cfg,
+                                  _segments(cu_seqlens, q.shape[1]))
 
 
-def run_backward(do, q, k, v, o, lse, log_gate, window, scale, backend):
+def run_backward(do, q, k, v, o, lse, log_gate, window, scale, backend, cu_seqlens=None):
     backend = resolve_backend(backend, q.device, q.dtype)
     if backend == "reference":
-        return reference.reference_backward(do, q, k, v, o, lse, log_gate, window, scale)
+        return reference.reference_backward(do, q, k, v, o, lse, log_gate, window, scale,
+                                            cu_seqlens=cu_seqlens)
     group = q.shape[2] // k.shape[2]
     gated = log_gate is not None
     cfg_kv = select_config(_spec(backend, "bwd_kv", q, v, window, gated, group), q.shape[1],
@@ -124,11 +159,26 @@ def run_backward(do, q, k, v, o, lse, log_gate, window, scale, backend):
     if backend == "tvm":
         from gfwagen.backends.tvm_backend import tvm_backward
 
-        return tvm_backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv,
-                            target=_tvm_target(q), config_q=cfg_q)
+        def bwd(do, q, k, v, o, lse, g):
+            return tvm_backward(do, q, k, v, o, lse, g, window, scale, cfg_kv,
+                                target=_tvm_target(q), config_q=cfg_q)
+
+        if cu_seqlens is None:
+            return bwd(do, q, k, v, o, lse, log_gate)
+        outs = _per_sequence(cu_seqlens, bwd, (do, 1), (q, 1), (k, 1), (v, 1), (o, 1),
+                             (lse, 2), (log_gate, 1))
+        grads = []
+        for i, like in enumerate((q, k, v, log_gate)):
+            if like is None:
+                grads.append(None)
+            else:
+                parts = [g[i] for g in outs]
+                grads.append(torch.cat(parts, 1) if parts else torch.zeros_like(like))
+        return tuple(grads)
     from gfwagen.backends import triton_backend
 
-    return triton_backend.backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv, cfg_q)
+    return triton_backend.backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv, cfg_q,
+                                   _segments(cu_seqlens, q.shape[1]))
 
 
 def _tvm_target(t: torch.Tensor) -> str:

@@ -38,14 +38,28 @@ def prefix_sums(log_gate: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(g, dim=-1)
 
 
-def gate_grad_from_sums(row_sums: torch.Tensor, col_sums: torch.Tensor) -> torch.Tensor:
-    """dc_t = rowsum(dS)_t - colsum(dS)_t ([B, H, T]); dlog_gate_t = sum_{s >= t} dc_s.
+def gate_grad_from_sums(row_sums: torch.Tensor, col_sums: torch.Tensor,
+                        seg_end: torch.Tensor | None = None) -> torch.Tensor:
+    """dc_t = rowsum(dS)_t - colsum(dS)_t ([B, H, T]); dlog_gate_t = sum_{s >= t} dc_s, the
+    sum stopping at the end of t's packed sequence when seg_end ([T], gfwagen.varlen) is
+    given (B = 1).
 
     Returns [B, T, H] float32 (float64 when the sums are). The reverse sum runs in float64:
     dc sums to zero over t, so the tail sums are differences of large partial sums."""
     out_dtype = torch.float64 if row_sums.dtype == torch.float64 else torch.float32
     dc = row_sums.to(torch.float64) - col_sums.to(torch.float64)
     rev = torch.flip(torch.cumsum(torch.flip(dc, dims=[-1]), dim=-1), dims=[-1])
+    # A sequence's dc sums to zero, so the gate at its first position has no gradient: that
+    # value is pure rounding residue, set to the exact zero.
+    first = torch.zeros(rev.shape[-1], dtype=torch.bool, device=rev.device)
+    first[:1] = True
+    if seg_end is not None:
+        # The tail past a sequence's end is (up to rounding) zero too; subtracting it makes
+        # the restart exact rather than a cancellation.
+        end = seg_end.long()
+        rev = rev - torch.nn.functional.pad(rev, (0, 1))[..., end]
+        first[1:] = end[1:] != end[:-1]
+    rev = rev.masked_fill(first, 0.0)
     return rev.transpose(1, 2).to(out_dtype).contiguous()
 
 

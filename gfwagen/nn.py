@@ -211,7 +211,7 @@ class GatedFWA(nn.Module):
         beta = 1.0 + F.elu(self.beta_proj(x))
         return gate_preprocess(h, beta, eps=self.gate_eps)
 
-    def _qkv(self, x: Tensor, start: int):
+    def _qkv(self, x: Tensor, start: int, positions: Tensor | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -219,21 +219,35 @@ class GatedFWA(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
-            cos, sin = rope_cos_sin(torch.arange(start, start + T, device=x.device),
-                                    self.inv_freq)
+            if positions is None:
+                positions = torch.arange(start, start + T, device=x.device)
+            cos, sin = rope_cos_sin(positions, self.inv_freq)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
-    def _attend(self, q, k, v, log_gate):
+    def _attend(self, q, k, v, log_gate, cu_seqlens=None):
         return gfwagen.attention(q, k, v, log_gate, window=self.window, scale=self.scale,
-                                 backend=self.backend)
+                                 backend=self.backend, cu_seqlens=cu_seqlens)
 
-    def forward(self, x: Tensor, cache: GatedFWACache | None = None):
+    def forward(self, x: Tensor, cache: GatedFWACache | None = None,
+                cu_seqlens: Tensor | None = None):
+        """x [B, T, hidden] -> [B, T, hidden] (and the cache, when one is given).
+        cu_seqlens: packed sequences along T (B = 1, FlashAttention's convention); positions,
+        window and gate restart at each sequence. Not with a cache (decode batches rows)."""
         B, T, _ = x.shape
         if cache is None:
-            q, k, v = self._qkv(x, 0)
-            o = self._attend(q, k, v, self.log_gate(x))
+            positions = None
+            if cu_seqlens is not None:
+                from gfwagen.varlen import segment_bounds
+
+                start, _ = segment_bounds(cu_seqlens.to(x.device), T)
+                positions = torch.arange(T, device=x.device) - start
+            q, k, v = self._qkv(x, 0, positions)
+            o = self._attend(q, k, v, self.log_gate(x), cu_seqlens)
             return self.o_proj(o.reshape(B, T, -1))
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens packs sequences for a cache-free forward; with a "
+                             "cache, give one sequence per batch row")
 
         state = cache._layer(self.layer_idx, self.window, lambda size: _LayerCache(
             size, B, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim,

@@ -30,7 +30,7 @@ _TRITON_DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 # Pointer parameters whose element type does not follow q's dtype.
 _INT_PARAMS = {"T", "H", "HKV", "n_chunks"}
 _FIXED_POINTERS = {"CL": "*fp32", "CB": "*fp64", "LSE": "*fp32", "DELTA": "*fp32",
-                   "DCOL": "*fp32", "DROW": "*fp32"}
+                   "DCOL": "*fp32", "DROW": "*fp32", "SEG_START": "*i32", "SEG_END": "*i32"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,14 +51,14 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _constexprs(spec: KernelSpec, cfg: KernelConfig) -> dict:
+def _constexprs(spec: KernelSpec, cfg: KernelConfig, varlen: bool = False) -> dict:
     # HEAD_D_PAD/HEAD_DV_PAD: as the launchers pass them (triton.next_power_of_2).
     return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=spec.head_dim,
                 HEAD_DV=spec.value_dim, HEAD_D_PAD=_next_pow2(spec.head_dim),
                 HEAD_DV_PAD=_next_pow2(spec.value_dim), WINDOW=spec.window, GATED=spec.gated,
                 GROUP=spec.group,
                 GATE_CHUNK=GATE_CHUNK, DOT_PREC="ieee" if spec.dtype == "fp32" else "tf32",
-                PREFETCH_GATE=bool(cfg.get("prefetch_gate", False)))
+                PREFETCH_GATE=bool(cfg.get("prefetch_gate", False)), VARLEN=varlen)
 
 
 def _signature(params: list[str], spec: KernelSpec, constexprs: dict) -> dict:
@@ -95,7 +95,8 @@ def _resources(cubin: bytes) -> tuple[int | None, int | None]:
     return (int(reg.group(1)) if reg else None, int(stack.group(1)) if stack else None)
 
 
-def compile_pass(spec: KernelSpec, cfg: KernelConfig, arch: str = "sm_90") -> OfflineBuild:
+def compile_pass(spec: KernelSpec, cfg: KernelConfig, arch: str = "sm_90",
+                 varlen: bool = False) -> OfflineBuild:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("offline compilation needs TRITON_INTERPRET unset")
     if spec.backend != "triton":
@@ -110,7 +111,7 @@ def compile_pass(spec: KernelSpec, cfg: KernelConfig, arch: str = "sm_90") -> Of
     params = list(inspect.signature(kernel.fn).parameters)
     # Only the knobs this template declares (older templates, as kept for comparisons,
     # lack newer ones).
-    constexprs = {k: v for k, v in _constexprs(spec, cfg).items() if k in params}
+    constexprs = {k: v for k, v in _constexprs(spec, cfg, varlen).items() if k in params}
     src = triton.compiler.ASTSource(
         fn=kernel, signature=_signature(params, spec, constexprs),
         constexprs={(params.index(k),): v for k, v in constexprs.items()})

@@ -31,8 +31,9 @@ def _resolve(q: torch.Tensor, window: int | None, scale: float | None) -> tuple[
     return w, (1.0 / math.sqrt(D) if scale is None else float(scale))
 
 
-def naive_attention(q, k, v, log_gate=None, window=None, scale=None):
-    """O(T^2) GatedFWA, differentiable by autograd. Returns o in q's dtype."""
+def naive_attention(q, k, v, log_gate=None, window=None, scale=None, cu_seqlens=None):
+    """O(T^2) GatedFWA, differentiable by autograd. Returns o in q's dtype. cu_seqlens
+    (B = 1): packed sequences, no pair across a boundary."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     w, scale = _resolve(q, window, scale)
@@ -47,6 +48,9 @@ def naive_attention(q, k, v, log_gate=None, window=None, scale=None):
         s = s + (c[..., :, None] - c[..., None, :])
     i = torch.arange(T, device=q.device)
     valid = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - w)
+    if cu_seqlens is not None:
+        seq = torch.searchsorted(cu_seqlens.to(q.device, torch.int64), i, right=True)
+        valid = valid & (seq[None, :] == seq[:, None])
     s = s.masked_fill(~valid, float("-inf"))
     o = torch.softmax(s, dim=-1) @ vh
     return o.transpose(1, 2).to(q.dtype)
@@ -56,7 +60,7 @@ class _Chunk:
     """Views of one query chunk [s, e) and the keys it can see [ks, e), heads grouped as
     [B, Hkv, G, ...] so GQA never materializes repeated K/V."""
 
-    def __init__(self, qg, kh, vh, gg, s, e, w, scale):
+    def __init__(self, qg, kh, vh, gg, s, e, w, scale, seg_start=None):
         self.s, self.e, self.ks = s, e, max(0, s - w + 1)
         ks = self.ks
         self.q = qg[:, :, :, s:e]  # B,Hkv,G,C,D
@@ -74,6 +78,8 @@ class _Chunk:
         i = torch.arange(s, e, device=qg.device)[:, None]
         j = torch.arange(ks, e, device=qg.device)[None, :]
         self.valid = (j <= i) & (j > i - w)
+        if seg_start is not None:  # packed sequences: no key before the row's start
+            self.valid = self.valid & (j >= seg_start[s:e, None])
         self.logits = logits.masked_fill(~self.valid, float("-inf"))
 
 
@@ -96,17 +102,27 @@ def _chunks(T: int, chunk: int):
         yield s, min(T, s + chunk)
 
 
-def reference_forward(q, k, v, log_gate=None, window=None, scale=None, chunk: int = 128):
+def _segments(cu_seqlens, T):
+    if cu_seqlens is None:
+        return None, None
+    from gfwagen.varlen import segment_bounds
+
+    return segment_bounds(cu_seqlens, T)
+
+
+def reference_forward(q, k, v, log_gate=None, window=None, scale=None, chunk: int = 128,
+                      cu_seqlens=None):
     """Chunked forward. Returns (o [B,T,Hq,Dv] in q's dtype, lse [B,Hq,T])."""
     B, T, Hq, _ = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
     G = Hq // Hkv
     w, scale = _resolve(q, window, scale)
     qg, kh, vh, gg = _grouped(q, k, v, log_gate)
+    seg_start, _ = _segments(cu_seqlens, T)
     o = torch.empty(B, Hkv, G, T, Dv, dtype=qg.dtype, device=q.device)
     lse = torch.empty(B, Hkv, G, T, dtype=qg.dtype, device=q.device)
     for s, e in _chunks(T, chunk):
-        c = _Chunk(qg, kh, vh, gg, s, e, w, scale)
+        c = _Chunk(qg, kh, vh, gg, s, e, w, scale, seg_start)
         m = torch.logsumexp(c.logits, dim=-1)
         lse[..., s:e] = m
         o[..., s:e, :] = torch.einsum("bhgcl,bhld->bhgcd", torch.exp(c.logits - m[..., None]), c.v)
@@ -115,13 +131,14 @@ def reference_forward(q, k, v, log_gate=None, window=None, scale=None, chunk: in
 
 
 def reference_backward(do, q, k, v, o, lse, log_gate=None, window=None, scale=None,
-                       chunk: int = 128):
+                       chunk: int = 128, cu_seqlens=None):
     """Chunked backward of GATEDFWA.md section 2. Returns (dq, dk, dv, dlog_gate or None)."""
     B, T, Hq, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
     G = Hq // Hkv
     w, scale = _resolve(q, window, scale)
     qg, kh, vh, gg = _grouped(q, k, v, log_gate)
+    seg_start, seg_end = _segments(cu_seqlens, T)
     cd = qg.dtype
     dog = do.to(cd).view(B, T, Hkv, G, Dv).permute(0, 2, 3, 1, 4)
     og = o.to(cd).view(B, T, Hkv, G, Dv).permute(0, 2, 3, 1, 4)
@@ -133,7 +150,7 @@ def reference_backward(do, q, k, v, o, lse, log_gate=None, window=None, scale=No
     drow = torch.empty(B, Hkv, G, T, dtype=cd, device=q.device)
     dcol = torch.zeros(B, Hkv, G, T, dtype=cd, device=q.device)
     for s, e in _chunks(T, chunk):
-        c = _Chunk(qg, kh, vh, gg, s, e, w, scale)
+        c = _Chunk(qg, kh, vh, gg, s, e, w, scale, seg_start)
         p = torch.exp(c.logits - lseg[..., s:e, None])
         dob = dog[:, :, :, s:e]
         dp = torch.einsum("bhgcd,bhld->bhgcl", dob, c.v)
@@ -148,5 +165,6 @@ def reference_backward(do, q, k, v, o, lse, log_gate=None, window=None, scale=No
     dv = dv.permute(0, 2, 1, 3).to(v.dtype)
     dg = None
     if log_gate is not None:
-        dg = gate_grad_from_sums(drow.reshape(B, Hq, T), dcol.reshape(B, Hq, T)).to(log_gate.dtype)
+        dg = gate_grad_from_sums(drow.reshape(B, Hq, T), dcol.reshape(B, Hq, T),
+                                 seg_end).to(log_gate.dtype)
     return dq, dk, dv, dg

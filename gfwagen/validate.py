@@ -27,7 +27,7 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def check_inputs(q, k, v, log_gate, window, scale, backend="auto") -> None:
+def check_inputs(q, k, v, log_gate, window, scale, backend="auto", cu_seqlens=None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -89,6 +89,38 @@ def check_inputs(q, k, v, log_gate, window, scale, backend="auto") -> None:
             raise ValueError(f"scale must be finite (in float32 range), got {scale}")
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    if cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, q)
+
+
+def _check_cu_seqlens(cu, q) -> None:
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor or None, got {type(cu).__name__}")
+    _check_dense("cu_seqlens", cu)
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must be 1-D [num_sequences + 1] (at least 2 entries: "
+                         f"[0, ..., T]), got shape {_shape(cu)}")
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens the sequences are packed along T, so q's batch must "
+                         f"be 1, got q {_shape(q)}")
+    if cu.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu.device} but q is on {q.device}")
+
+
+def check_cu_seqlens_values(cu, T: int, *, force: bool = False) -> None:
+    """ValueError unless cu_seqlens starts at 0, never decreases and ends at T. Always on CPU
+    tensors; on CUDA only with GFWAGEN_CHECK_FINITE=1 (or force): reading the values waits
+    for the device. Unchecked values cannot make a kernel read out of bounds (the per-position
+    bounds are clamped: gfwagen.varlen), but they would pack the wrong sequences."""
+    if cu is None or not (force or cu.device.type == "cpu" or finite_checks_enabled()):
+        return
+    vals = cu.tolist()
+    if vals[0] != 0 or vals[-1] != T or any(b < a for a, b in zip(vals[:-1], vals[1:])):
+        shown = vals if len(vals) <= 8 else vals[:4] + ["..."] + vals[-3:]
+        raise ValueError(f"cu_seqlens must start at 0, never decrease and end at T = {T}; "
+                         f"got {shown}")
 
 
 def _check_dense(name: str, t: torch.Tensor) -> None:

@@ -47,7 +47,8 @@ def _device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def forward(q, k, v, log_gate, window, scale, cfg: KernelConfig):
+def forward(q, k, v, log_gate, window, scale, cfg: KernelConfig, segs=None):
+    """segs: None, or (start, end) int32 [T] of packed sequences (gfwagen.varlen)."""
     B, T, H, _ = q.shape
     o = torch.empty(B, T, H, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
@@ -59,7 +60,7 @@ def forward(q, k, v, log_gate, window, scale, cfg: KernelConfig):
         load_template("triton", "fwd").launch_forward(
             q, k, v, gate, o, lse, kernel_window(window, T), scale, H // k.shape[2], bm, bn,
             cfg.num_warps, cfg.num_stages, _dot_precision(q.dtype),
-            bool(cfg.get("prefetch_gate", False)))
+            bool(cfg.get("prefetch_gate", False)), segs[0] if segs is not None else None)
     return o, lse
 
 
@@ -82,9 +83,10 @@ class BackwardState:
     dv: torch.Tensor
     row_sums: torch.Tensor | None
     col_sums: torch.Tensor | None
+    segs: tuple | None = None  # packed sequences' (start, end) per position
 
 
-def prepare_backward(do, q, k, v, o, lse, log_gate, window, scale) -> BackwardState:
+def prepare_backward(do, q, k, v, o, lse, log_gate, window, scale, segs=None) -> BackwardState:
     B, T, H, _ = q.shape
     gated = log_gate is not None
     sums = torch.empty(2, B, H, T, dtype=torch.float32, device=q.device) if gated else None
@@ -94,7 +96,7 @@ def prepare_backward(do, q, k, v, o, lse, log_gate, window, scale) -> BackwardSt
         dq=torch.empty(q.shape, dtype=q.dtype, device=q.device),
         dk=torch.empty(k.shape, dtype=k.dtype, device=k.device),
         dv=torch.empty(v.shape, dtype=v.dtype, device=v.device),
-        row_sums=sums[0] if gated else None, col_sums=sums[1] if gated else None)
+        row_sums=sums[0] if gated else None, col_sums=sums[1] if gated else None, segs=segs)
     if q.numel():
         with _device(q):
             load_template("triton", "bwd").launch_delta(o, do, st.delta)
@@ -114,7 +116,7 @@ def backward_kv(st: BackwardState, cfg: KernelConfig) -> None:
         with _device(st.q):
             load_template("triton", "bwd").launch_dkdv(
                 st.q, st.k, st.v, st.do, st.gate, st.lse, st.delta, st.dk, st.dv, st.col_sums,
-                *_bwd_launch_args(st, cfg))
+                *_bwd_launch_args(st, cfg), st.segs[1] if st.segs is not None else None)
 
 
 def backward_q(st: BackwardState, cfg: KernelConfig) -> None:
@@ -123,12 +125,12 @@ def backward_q(st: BackwardState, cfg: KernelConfig) -> None:
         with _device(st.q):
             load_template("triton", "bwd").launch_dq(
                 st.q, st.k, st.v, st.do, st.gate, st.lse, st.delta, st.dq, st.row_sums,
-                *_bwd_launch_args(st, cfg))
+                *_bwd_launch_args(st, cfg), st.segs[0] if st.segs is not None else None)
 
 
 def backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv: KernelConfig,
-             cfg_q: KernelConfig):
-    st = prepare_backward(do, q, k, v, o, lse, log_gate, window, scale)
+             cfg_q: KernelConfig, segs=None):
+    st = prepare_backward(do, q, k, v, o, lse, log_gate, window, scale, segs)
     backward_kv(st, cfg_kv)
     backward_q(st, cfg_q)
     if log_gate is None:
@@ -136,5 +138,6 @@ def backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv: KernelConfig,
     elif q.numel() == 0:
         dg = torch.zeros_like(log_gate)
     else:
-        dg = gate_grad_from_sums(st.row_sums, st.col_sums)
+        dg = gate_grad_from_sums(st.row_sums, st.col_sums,
+                                 segs[1] if segs is not None else None)
     return st.dq, st.dk, st.dv, dg

@@ -26,6 +26,8 @@ from .common import (
     load_rows,
     load_vector,
     pair_mask,
+    varlen_key_phases,
+    varlen_query_phases,
 )
 
 
@@ -104,6 +106,7 @@ def _dkdv_tiles(
     cj,
     cb_k,
     offs_n,
+    seg_hi,
     q_base,
     do_base,
     cl_base,
@@ -122,6 +125,7 @@ def _dkdv_tiles(
     HEAD_D_PAD: tl.constexpr,
     HEAD_DV_PAD: tl.constexpr,
     WINDOW: tl.constexpr,
+    VARLEN: tl.constexpr,
     GATED: tl.constexpr,
     MASKED: tl.constexpr,
     GATE_CHUNK: tl.constexpr,
@@ -149,7 +153,10 @@ def _dkdv_tiles(
             s += ci[None, :] - cj[:, None]
         p = tl.math.exp2(s)
         if MASKED:
-            p = tl.where(pair_mask(offs_m[None, :], offs_n[:, None], T, WINDOW), p, 0.0)
+            valid = pair_mask(offs_m[None, :], offs_n[:, None], T, WINDOW)
+            if VARLEN:  # queries of a later packed sequence
+                valid = valid & (offs_m[None, :] < seg_hi[:, None])
+            p = tl.where(valid, p, 0.0)
         dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PREC)
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         ds = p * (dp - delta[None, :])
@@ -172,6 +179,7 @@ def gfwa_bwd_dkdv_kernel(
     DK,
     DV,
     DCOL,
+    SEG_END,
     stride_qb,
     stride_qt,
     stride_qh,
@@ -202,6 +210,7 @@ def gfwa_bwd_dkdv_kernel(
     HEAD_D_PAD: tl.constexpr,
     HEAD_DV_PAD: tl.constexpr,
     WINDOW: tl.constexpr,
+    VARLEN: tl.constexpr,
     GATED: tl.constexpr,
     GROUP: tl.constexpr,
     GATE_CHUNK: tl.constexpr,
@@ -238,6 +247,13 @@ def gfwa_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DV_PAD], dtype=tl.float32)
     lo, int_lo, int_hi, hi = _query_phases(n0, T, BLOCK_M, BLOCK_N, WINDOW)
+    seg_hi = offs_n
+    if VARLEN:
+        # Packed sequences: each key is seen by queries before its sequence's end only.
+        seg_hi = tl.load(SEG_END + offs_n, mask=key_ok, other=0)
+        lo, int_lo, int_hi, hi = varlen_query_phases(
+            lo, int_lo, int_hi, hi, SEG_END, n0, T, BLOCK_M, BLOCK_N
+        )
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = (b * H + h).to(tl.int64)
@@ -262,6 +278,7 @@ def gfwa_bwd_dkdv_kernel(
                 cj,
                 cb_k,
                 offs_n,
+                seg_hi,
                 q_base,
                 do_base,
                 cl_base,
@@ -280,6 +297,7 @@ def gfwa_bwd_dkdv_kernel(
                 HEAD_D_PAD,
                 HEAD_DV_PAD,
                 WINDOW,
+                VARLEN,
                 GATED,
                 phase != 1,
                 GATE_CHUNK,
@@ -311,6 +329,7 @@ def _dq_tiles(
     ci,
     cb_q,
     offs_m,
+    seg_lo,
     k_base,
     v_base,
     cl_base,
@@ -327,6 +346,7 @@ def _dq_tiles(
     HEAD_D_PAD: tl.constexpr,
     HEAD_DV_PAD: tl.constexpr,
     WINDOW: tl.constexpr,
+    VARLEN: tl.constexpr,
     GATED: tl.constexpr,
     MASKED: tl.constexpr,
     GATE_CHUNK: tl.constexpr,
@@ -351,7 +371,10 @@ def _dq_tiles(
             s += ci[:, None] - cj[None, :]
         p = tl.math.exp2(s)
         if MASKED:
-            p = tl.where(pair_mask(offs_m[:, None], offs_n[None, :], T, WINDOW), p, 0.0)
+            valid = pair_mask(offs_m[:, None], offs_n[None, :], T, WINDOW)
+            if VARLEN:  # keys of an earlier packed sequence
+                valid = valid & (offs_n[None, :] >= seg_lo[:, None])
+            p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
@@ -372,6 +395,7 @@ def gfwa_bwd_dq_kernel(
     DELTA,
     DQ,
     DROW,
+    SEG_START,
     stride_qb,
     stride_qt,
     stride_qh,
@@ -398,6 +422,7 @@ def gfwa_bwd_dq_kernel(
     HEAD_D_PAD: tl.constexpr,
     HEAD_DV_PAD: tl.constexpr,
     WINDOW: tl.constexpr,
+    VARLEN: tl.constexpr,
     GATED: tl.constexpr,
     GROUP: tl.constexpr,
     GATE_CHUNK: tl.constexpr,
@@ -447,6 +472,12 @@ def gfwa_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_D_PAD], dtype=tl.float32)
     rowsum = tl.zeros([BLOCK_M], dtype=tl.float32)
     lo, int_lo, int_hi, hi = key_tile_phases(m0, T, BLOCK_M, BLOCK_N, WINDOW)
+    seg_lo = offs_m
+    if VARLEN:
+        seg_lo = tl.load(SEG_START + offs_m, mask=row_ok, other=0)
+        lo, int_lo, int_hi, hi = varlen_key_phases(
+            lo, int_lo, int_hi, hi, SEG_START, m0, T, BLOCK_M, BLOCK_N
+        )
     bounds = (lo, int_lo, int_hi, hi)
     for phase in tl.static_range(3):  # masked, unmasked interior, masked
         dq, rowsum = _dq_tiles(
@@ -459,6 +490,7 @@ def gfwa_bwd_dq_kernel(
             ci,
             cb_q,
             offs_m,
+            seg_lo,
             k_base,
             v_base,
             cl_base,
@@ -475,6 +507,7 @@ def gfwa_bwd_dq_kernel(
             HEAD_D_PAD,
             HEAD_DV_PAD,
             WINDOW,
+            VARLEN,
             GATED,
             phase != 1,
             GATE_CHUNK,
@@ -536,7 +569,10 @@ def launch_dkdv(
     num_stages,
     dot_prec,
     prefetch_gate=False,
+    seg_end=None,
 ):
+    """seg_end: None, or for packed sequences (B = 1) int32 [T], the end of each position's
+    sequence."""
     B, T, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
     cl, cb, chunk = _gate_args(gate, lse, block_m, block_n)
@@ -552,6 +588,7 @@ def launch_dkdv(
         dk,
         dv,
         dcol if dcol is not None else lse,
+        seg_end if seg_end is not None else lse,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -582,6 +619,7 @@ def launch_dkdv(
         HEAD_D_PAD=triton.next_power_of_2(D),
         HEAD_DV_PAD=triton.next_power_of_2(Dv),
         WINDOW=window,
+        VARLEN=seg_end is not None,
         GATED=gate is not None,
         GROUP=group,
         GATE_CHUNK=chunk,
@@ -611,7 +649,10 @@ def launch_dq(
     num_stages,
     dot_prec,
     prefetch_gate=False,
+    seg_start=None,
 ):
+    """seg_start: None, or for packed sequences (B = 1) int32 [T], the start of each
+    position's sequence."""
     B, T, H, D = q.shape
     Dv = v.shape[3]
     cl, cb, chunk = _gate_args(gate, lse, block_m, block_n)
@@ -626,6 +667,7 @@ def launch_dq(
         delta,
         dq,
         drow if drow is not None else lse,
+        seg_start if seg_start is not None else lse,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -652,6 +694,7 @@ def launch_dq(
         HEAD_D_PAD=triton.next_power_of_2(D),
         HEAD_DV_PAD=triton.next_power_of_2(Dv),
         WINDOW=window,
+        VARLEN=seg_start is not None,
         GATED=gate is not None,
         GROUP=group,
         GATE_CHUNK=chunk,

@@ -109,3 +109,33 @@ def gate_tile_prefetched(
     c = nxt_local + (nxt_base - cb_ref).to(tl.float32)
     nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, t0 + BLOCK, T, BLOCK, GATE_CHUNK)
     return c, nxt_local, nxt_base
+
+
+@triton.jit
+def varlen_key_phases(
+    lo, int_lo, int_hi, hi, SEG_START, m0, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """key_tile_phases narrowed to packed sequences (cu_seqlens): no tile before the first
+    row's sequence start is visited, and tiles before the last row's start move from the
+    unmasked interior to the masked edge. Starts never decrease along T, so the block's
+    first and last rows bound every row's start."""
+    first = tl.load(SEG_START + m0)
+    last = tl.load(SEG_START + tl.minimum(m0 + BLOCK_M, T) - 1)
+    lo = tl.maximum(lo, (first // BLOCK_N) * BLOCK_N)
+    int_lo = tl.minimum(tl.maximum(int_lo, ((last + BLOCK_N - 1) // BLOCK_N) * BLOCK_N), hi)
+    int_hi = tl.maximum(int_hi, int_lo)
+    return lo, int_lo, int_hi, hi
+
+
+@triton.jit
+def varlen_query_phases(
+    lo, int_lo, int_hi, hi, SEG_END, n0, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """The dk/dv kernel's query-tile phases narrowed to packed sequences: no query past the
+    last key's sequence end is visited, and query tiles past the first key's end are masked."""
+    first = tl.load(SEG_END + n0)
+    last = tl.load(SEG_END + tl.minimum(n0 + BLOCK_N, T) - 1)
+    hi = tl.minimum(hi, last)
+    int_lo = tl.minimum(int_lo, hi)
+    int_hi = tl.maximum(tl.minimum(int_hi, (first // BLOCK_M) * BLOCK_M), int_lo)
+    return lo, int_lo, int_hi, hi

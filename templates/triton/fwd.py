@@ -15,7 +15,7 @@ This file imports nothing from gfwagen: the generator loads it by path.
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, gate_tile_load, key_tile_phases
+from .common import LN2, LOG2E, gate_tile_load, key_tile_phases, varlen_key_phases
 
 
 @triton.jit
@@ -27,6 +27,7 @@ def _fwd_tiles(
     ci,
     cb_q,
     offs_m,
+    seg_lo,
     k_base,
     v_base,
     cl_base,
@@ -43,6 +44,7 @@ def _fwd_tiles(
     HEAD_D_PAD: tl.constexpr,
     HEAD_DV_PAD: tl.constexpr,
     WINDOW: tl.constexpr,
+    VARLEN: tl.constexpr,
     GATED: tl.constexpr,
     MASKED: tl.constexpr,
     GATE_CHUNK: tl.constexpr,
@@ -97,6 +99,8 @@ def _fwd_tiles(
             valid = (offs_n[None, :] <= offs_m[:, None]) & in_t[None, :]
             if WINDOW > 0:
                 valid = valid & (offs_n[None, :] > offs_m[:, None] - WINDOW)
+            if VARLEN:  # keys of an earlier packed sequence
+                valid = valid & (offs_n[None, :] >= seg_lo[:, None])
             s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_shift = m_new
@@ -121,6 +125,7 @@ def gfwa_fwd_kernel(
     CB,
     O,
     LSE,
+    SEG_START,
     stride_qb,
     stride_qt,
     stride_qh,
@@ -144,6 +149,7 @@ def gfwa_fwd_kernel(
     HEAD_D_PAD: tl.constexpr,
     HEAD_DV_PAD: tl.constexpr,
     WINDOW: tl.constexpr,
+    VARLEN: tl.constexpr,
     GATED: tl.constexpr,
     GROUP: tl.constexpr,
     GATE_CHUNK: tl.constexpr,
@@ -189,6 +195,13 @@ def gfwa_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DV_PAD], dtype=tl.float32)
     lo, int_lo, int_hi, hi = key_tile_phases(m0, T, BLOCK_M, BLOCK_N, WINDOW)
+    seg_lo = offs_m
+    if VARLEN:
+        # Packed sequences: each row sees keys from its own sequence's start on.
+        seg_lo = tl.load(SEG_START + offs_m, mask=row_ok, other=0)
+        lo, int_lo, int_hi, hi = varlen_key_phases(
+            lo, int_lo, int_hi, hi, SEG_START, m0, T, BLOCK_M, BLOCK_N
+        )
     # Edge tiles (masked), interior tiles (no masks), diagonal tiles (masked): one
     # compile-time loop, unrolled into three specialized tile loops.
     bounds = (lo, int_lo, int_hi, hi)
@@ -201,6 +214,7 @@ def gfwa_fwd_kernel(
             ci,
             cb_q,
             offs_m,
+            seg_lo,
             k_base,
             v_base,
             cl_base,
@@ -217,6 +231,7 @@ def gfwa_fwd_kernel(
             HEAD_D_PAD,
             HEAD_DV_PAD,
             WINDOW,
+            VARLEN,
             GATED,
             phase != 1,
             GATE_CHUNK,
@@ -262,10 +277,12 @@ def launch_forward(
     num_stages,
     dot_prec,
     prefetch_gate=False,
+    seg_start=None,
 ):
     """q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] (last dim contiguous); gate None or
     (local [B,Hq,T] float32, base [B,Hq,chunks] float64, chunk) in log2 units; writes
-    o [B,T,Hq,Dv] and lse [B,Hq,T] float32 (natural log)."""
+    o [B,T,Hq,Dv] and lse [B,Hq,T] float32 (natural log). seg_start: None, or for packed
+    sequences (B = 1) int32 [T], the start of each position's sequence."""
     B, T, H, D = q.shape
     Dv = v.shape[3]
     cl, cb, chunk = gate if gate is not None else (lse, lse, 256)
@@ -279,6 +296,7 @@ def launch_forward(
         cb,
         o,
         lse,
+        seg_start if seg_start is not None else lse,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -302,6 +320,7 @@ def launch_forward(
         HEAD_D_PAD=triton.next_power_of_2(D),
         HEAD_DV_PAD=triton.next_power_of_2(Dv),
         WINDOW=window,
+        VARLEN=seg_start is not None,
         GATED=gate is not None,
         GROUP=group,
         GATE_CHUNK=chunk,
