@@ -11,6 +11,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -131,9 +132,12 @@ def db_show(db_path, fmt):
 
 @db.command("export", context_settings=CONTEXT)
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path))
+@click.option("--best-only", is_flag=True,
+              help="Only the measurement behind each best config (the compact form shipped "
+                   "in tuning_db/); without it, every trial.")
 @db_option
 @runtime_errors
-def db_export(file, db_path):
+def db_export(file, best_only, db_path):
     """Write the database as diff-friendly JSON lines to FILE ('-' for stdout)."""
     from gfwagen.db import TuningDB
 
@@ -142,9 +146,9 @@ def db_export(file, db_path):
         raise RuntimeFailure(f"no tuning database at {path}")
     with TuningDB(path, readonly=True) as tdb:
         if str(file) == "-":
-            counts = tdb.export_jsonl(stream=sys.stdout)
+            counts = tdb.export_jsonl(stream=sys.stdout, best_only=best_only)
         else:
-            counts = tdb.export_jsonl(file)
+            counts = tdb.export_jsonl(file, best_only=best_only)
     _log(f"exported {counts['devices']} devices, {counts['toolchains']} toolchains, "
          f"{counts['trials']} trials to {file}")
 
@@ -450,13 +454,26 @@ def generate_cmd(backend, pass_, head_dim, value_dim, window, dtype, gated, grou
 
 # ---- gfwagen tune ----------------------------------------------------------------------------
 
+def _class_shapes() -> list[tuple]:
+    """One shape per (head dim, window) class: T = max(4096, 2W) so the window slides over
+    at least one more window's worth of keys, B so that every shape holds 32768 tokens."""
+    out = []
+    for d in (64, 128, 256):
+        for w in (256, 512, 1024, 2048, 4096, 8192):
+            t = max(4096, 2 * w)
+            out.append((f"C-d{d}-w{w}", 32768 // t, t, 16, 16, d, w))
+    return out
+
+
 # (name, batch, seqlen, heads, kv_heads, head_dim, window); all bf16, gated, value dim = head dim
 PRESETS = {
     "standard": [("S1", 8, 4096, 16, 16, 128, 512), ("S2", 8, 4096, 16, 16, 128, 1024),
                  ("S3", 2, 16384, 16, 16, 128, 1024), ("S4", 2, 16384, 16, 16, 128, 4096),
                  ("S5", 8, 4096, 16, 16, 64, 512)],
     "quick": [("Q1", 2, 1024, 4, 4, 64, 256)],
+    "classes": _class_shapes(),
 }
+PRESETS["ship"] = PRESETS["standard"] + PRESETS["classes"]  # what the shipped H200 DB holds
 
 
 def _parse_devices(text: str | None) -> list[int] | None:
@@ -500,13 +517,28 @@ def _check_gpu(gpu: str, devices: list[int] | None) -> str:
     return "cuda"
 
 
+def _default_compile_jobs(mode: str, devices: list[int] | None) -> int:
+    """On a GPU, one compile process per core (at most 16), shared out among the devices'
+    driver processes; elsewhere none (the CPU is what is being timed)."""
+    if mode != "cuda":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+    return max(1, min(16, cores // max(1, len(devices or [0]))))
+
+
 @main.command("tune", context_settings=CONTEXT)
 @click.option("--gpu", default="auto", show_default=True,
               help="The GPU model to tune (e.g. h200; exit 3 when it is not the one visible), "
                    "'auto' for whatever is there, or 'cpu' for the TVM llvm backend.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="standard",
-              show_default=True, help="standard: shapes S1-S5; quick: one small shape. "
-                                      "Shape options below replace the preset.")
+              show_default=True,
+              help="standard: shapes S1-S5; quick: one small shape; classes: head dim "
+                   "64/128/256 x window 256-8192, 32768 tokens each; ship: standard + "
+                   "classes. Shape options below replace the preset.")
+@click.option("--only", default=None,
+              help="Comma-separated shape names of the preset to tune (e.g. S2,S4), so that "
+                   "several processes can share a preset out among GPUs or hosts.")
 @click.option("--head-dim", type=click.IntRange(min=1), default=None)
 @click.option("--window", type=click.IntRange(min=0), default=None, help="0 is full causal.")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16",
@@ -519,7 +551,17 @@ def _check_gpu(gpu: str, devices: list[int] | None) -> str:
 @click.option("--passes", default=None, help="Comma-separated passes [default: fwd,bwd_kv,bwd_q; "
                                              "TVM: fwd,bwd_kv (its backward is one config)]")
 @click.option("--trials", type=click.IntRange(min=1), default=40, show_default=True,
-              help="Trials per study (one study per shape and pass).")
+              help="Trials per study: one study per shape and pass, so a preset of many "
+                   "shapes runs this many for each. Ignored by --sweep.")
+@click.option("--sweep", is_flag=True,
+              help="Run every feasible config of the space once per shape and pass, in a "
+                   "study of its own (name suffixed -sweep), recorded like any trial.")
+@click.option("--knobs", default=None,
+              help="Comma-separated Triton template switches to search besides tiles, warps "
+                   "and stages (tma, prefetch_gate), or 'none'. [default: tma]")
+@click.option("--compile-jobs", type=click.IntRange(min=1), default=None,
+              help="Processes compiling candidates in parallel, and the batch of trials "
+                   "asked at once. [default: min(16, CPU cores / devices) on a GPU, else 1]")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
               help="Seconds one candidate may take (compile, check and timing) before it is "
                    "killed and recorded as a timeout.")
@@ -540,9 +582,9 @@ def _check_gpu(gpu: str, devices: list[int] | None) -> str:
 @db_option
 @format_option
 @runtime_errors
-def tune(gpu, preset, head_dim, window, dtype, seqlen, batch, heads, kv_heads, gated, passes,
-         trials, timeout, backend, devices, storage, plots_dir, no_plots, fake_timer, seed,
-         resume, db_path, fmt):
+def tune(gpu, preset, only, head_dim, window, dtype, seqlen, batch, heads, kv_heads, gated, passes,
+         trials, sweep, knobs, compile_jobs, timeout, backend, devices, storage, plots_dir,
+         no_plots, fake_timer, seed, resume, db_path, fmt):
     """Tune the kernels' configs with Optuna and record every trial in the tuning database.
 
     Every candidate runs in a worker process, is checked against the reference before it is
@@ -550,7 +592,8 @@ def tune(gpu, preset, head_dim, window, dtype, seqlen, batch, heads, kv_heads, g
     with its status and never becomes the best. Data (the summary) goes to stdout."""
     from gfwagen.spec import Problem
     from gfwagen.tuner import space
-    from gfwagen.tuner.study import TuneJob, config_text, run, run_on_devices
+    from gfwagen.tuner.pool import Workers
+    from gfwagen.tuner.study import TuneJob, config_text, run, run_on_devices, sweep_job
 
     devs = _parse_devices(devices)
     if fake_timer and gpu.lower() in ("auto", "cpu"):
@@ -583,6 +626,13 @@ def tune(gpu, preset, head_dim, window, dtype, seqlen, batch, heads, kv_heads, g
                                      + (" (its backward is one config)" if backend == "tvm"
                                         else ""), param_hint="--passes")
     shapes = PRESETS[preset]
+    if only:
+        names = [n for n in only.split(",") if n]
+        unknown = [n for n in names if n not in {s[0] for s in shapes}]
+        if unknown:
+            raise click.BadParameter(f"{', '.join(unknown)} not in preset {preset} "
+                                     f"({', '.join(s[0] for s in shapes)})", param_hint="--only")
+        shapes = [s for s in shapes if s[0] in names]
     if any(x is not None for x in (head_dim, window, seqlen, batch, heads, kv_heads)):
         base = shapes[0]
         shapes = [("custom", batch or base[1], seqlen or base[2], heads or base[3],
@@ -594,21 +644,38 @@ def tune(gpu, preset, head_dim, window, dtype, seqlen, batch, heads, kv_heads, g
             raise click.UsageError(f"--heads {h} is not a multiple of --kv-heads {hkv}")
         problems.append((name, Problem(b, t, h, hkv, d, d, w, dtype, gated)))
     path = _resolve(db_path)
+    jobs = compile_jobs or _default_compile_jobs(mode, devs)
+    knob_list = None if knobs is None else \
+        tuple(k for k in knobs.split(",") if k and k != "none")
+    bad = [k for k in knob_list or () if k not in space.KNOBS]
+    if bad:
+        raise click.BadParameter(f"{', '.join(bad)}; known: {', '.join(space.KNOBS)}, none",
+                                 param_hint="--knobs")
+    if mode == "cpu" and jobs > 1:
+        _log("tune: --compile-jobs gains nothing on the CPU: TVM keeps compiled kernels per "
+             "process, so the timing worker compiles again")
+    multi = bool(devs and len(devs) > 1)
     results = []
-    for name, problem in problems:
-        for p in pass_list:
-            job = TuneJob(problem, backend, p, trials, mode=mode, timeout=timeout,
-                          db_path=str(path), storage=storage, resume=resume, seed=seed,
-                          label=f"{name} {p}")
-            try:
-                if devs and len(devs) > 1:
-                    res = run_on_devices(job, devs)
-                else:
-                    job.device = devs[0] if devs else None
-                    res = run(job)
-            except RuntimeError as e:
-                raise RuntimeFailure(str(e)) from None
-            results.append((name, res))
+    # one driver here (single device): its worker processes serve every study; with
+    # several devices each study's driver processes start their own
+    with Workers(mode, timeout, devs[0] if devs else None, 0 if multi else jobs) as workers:
+        for name, problem in problems:
+            for p in pass_list:
+                job = TuneJob(problem, backend, p, trials, mode=mode, timeout=timeout,
+                              db_path=str(path), storage=storage, resume=resume, seed=seed,
+                              label=f"{name} {p}" + (" sweep" if sweep else ""),
+                              compile_jobs=jobs, knobs=knob_list)
+                if sweep:
+                    job = sweep_job(job)
+                try:
+                    if multi:
+                        res = run_on_devices(job, devs)
+                    else:
+                        job.device = devs[0] if devs else None
+                        res = run(job, workers=workers)
+                except RuntimeError as e:
+                    raise RuntimeFailure(str(e)) from None
+                results.append((name, res))
     if not no_plots:
         _tune_plots(results, storage, path, plots_dir or path.parent / "plots", mode)
     if fmt == "json":

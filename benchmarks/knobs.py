@@ -34,6 +34,9 @@ def variants(pass_: str, base: KernelConfig, gated: bool, tiles: bool) -> dict:
     out = {"default": base}
     if gated:
         out["prefetch_gate"] = r(base, extra=(("prefetch_gate", True),))
+    out["tma"] = r(base, extra=(("tma", True),))
+    if gated:
+        out["tma+prefetch"] = r(base, extra=(("prefetch_gate", True), ("tma", True)))
     if not tiles:
         return out
     for bm, bn in ((64, 64), (128, 64), (64, 128), (128, 128), (32, 128), (128, 32), (64, 32)):
@@ -76,7 +79,7 @@ def run_shape(name, s, rep, rows, tiles):
     for pass_ in ("fwd", "bwd_kv", "bwd_q"):
         base = default_config(KernelSpec("triton", pass_, s.D, s.D, s.W, "bf16", True, 1))
         for gated in (True, False):
-            vs = variants(pass_, base, gated, tiles) if gated else {"default": base}
+            vs = variants(pass_, base, gated, tiles)
             for label, cfg in vs.items():
                 try:
                     ms = bench(pass_fn(pass_, x, cfg, gated), rep)

@@ -58,7 +58,8 @@ def _constexprs(spec: KernelSpec, cfg: KernelConfig, varlen: bool = False) -> di
                 HEAD_DV_PAD=_next_pow2(spec.value_dim), WINDOW=spec.window, GATED=spec.gated,
                 GROUP=spec.group,
                 GATE_CHUNK=GATE_CHUNK, DOT_PREC="ieee" if spec.dtype == "fp32" else "tf32",
-                PREFETCH_GATE=bool(cfg.get("prefetch_gate", False)), VARLEN=varlen)
+                PREFETCH_GATE=bool(cfg.get("prefetch_gate", False)), VARLEN=varlen,
+                USE_TMA=bool(cfg.get("tma", False)))
 
 
 def _signature(params: list[str], spec: KernelSpec, constexprs: dict) -> dict:

@@ -116,6 +116,44 @@ def test_export_import_roundtrip(runner, env, tmp_path):
     assert again.read_bytes() == out.read_bytes()
 
 
+def test_export_best_only_keeps_what_the_lookup_reads(runner, env, tmp_path):
+    fill(env)
+    out = tmp_path / "best.jsonl"
+    r = runner.invoke(main, ["db", "export", str(out), "--best-only"])
+    assert r.exit_code == 0 and "1 trials" in r.stderr
+    other = tmp_path / "other.sqlite"
+    assert runner.invoke(main, ["db", "import", str(out), "--db", str(other)]).exit_code == 0
+    with TuningDB(env, readonly=True) as a, TuningDB(other, readonly=True) as b:
+        keep = ("config", "median_ms", "seqlen_bucket", "spec")
+        assert [{k: e[k] for k in keep} for e in a.best_entries()] == \
+            [{k: e[k] for k in keep} for e in b.best_entries()]
+
+
+def test_shipped_h200_database_is_used_and_runnable():
+    """tuning_db/h200.jsonl: every entry is a config its template accepts, and an H200 at S1
+    gets the tuned configs from it (no user database)."""
+    from pathlib import Path
+
+    from gfwagen.db.lookup import Snapshot
+    from gfwagen.generator import check_config
+    from gfwagen.spec import KernelSpec
+
+    path = Path(__file__).resolve().parents[1] / "tuning_db" / "h200.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    (device,) = [x for x in lines if x["kind"] == "device"]
+    trials = [x for x in lines if x["kind"] == "trial"]
+    assert len(trials) >= 15 and path.stat().st_size < 100_000
+    for t in trials:
+        spec = KernelSpec(**t["spec"])
+        check_config(spec, KernelConfig.from_dict(t["config"]))
+    snap = Snapshot.load(False, shipped=[path])
+    fp = device["fingerprint"]
+    for pass_ in ("fwd", "bwd_kv", "bwd_q"):
+        spec = KernelSpec("triton", pass_, 128, 128, 512, "bf16", True, 1)
+        cfg, why = snap.lookup(spec, 4096, fp)
+        assert cfg is not None and cfg != default_config(spec) and "h200" in why
+
+
 def test_export_without_database_fails(runner, env, tmp_path):
     r = runner.invoke(main, ["db", "export", str(tmp_path / "x.jsonl")])
     assert r.exit_code == 1 and "no tuning database" in r.stderr

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from click.testing import CliRunner
 
-from cli import main
+import cli
+from cli import PRESETS, main
 from gfwagen.db import TuningDB
+from gfwagen.spec import Problem
+from gfwagen.tuner import space
+from gfwagen.tuner.study import TuneJob, default_study_name, storage_for
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -75,3 +86,102 @@ def test_generate_prints_source(env):
     assert json.loads(r2.stdout)["manifest"]["constexprs"]["HEAD_D"] == 64
     r3 = CliRunner().invoke(main, ["generate", "--block-m", "512"])
     assert r3.exit_code == 2
+
+
+def test_presets_classes_and_ship():
+    classes = PRESETS["classes"]
+    assert len(classes) == 18 and len({c[0] for c in classes}) == 18
+    assert {(c[5], c[6]) for c in classes} == {(d, w) for d in (64, 128, 256)
+                                               for w in (256, 512, 1024, 2048, 4096, 8192)}
+    for _, b, t, h, hkv, _d, w in classes:
+        assert t == max(4096, 2 * w) and b * t == 32768 and h == hkv == 16
+    assert PRESETS["ship"] == PRESETS["standard"] + classes
+
+
+def test_default_compile_jobs(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert cli._default_compile_jobs("cuda", None) == 16
+    assert cli._default_compile_jobs("cuda", [0, 1]) == 16
+    assert cli._default_compile_jobs("cuda", [0, 1, 2, 3]) == 8
+    assert cli._default_compile_jobs("fake", None) == cli._default_compile_jobs("cpu", None) == 1
+
+
+def test_tune_only_selects_preset_shapes(env):
+    base = ["tune", "--preset", "ship", "--fake-timer", "--passes", "fwd", "--no-plots",
+            "--format", "json", "--trials", "1", "--knobs", "none"]
+    r = CliRunner().invoke(main, base + ["--only", "S2,C-d64-w256"])
+    assert r.exit_code == 0, r.output
+    assert [s["shape"] for s in json.loads(r.stdout)["studies"]] == ["S2", "C-d64-w256"]
+    r = CliRunner().invoke(main, base + ["--only", "S9"])
+    assert r.exit_code == 2 and "S9" in r.output
+
+
+def test_tune_knobs_option(env):
+    """--knobs widens the space (the sweep doubles per switch); an unknown one is exit 2."""
+    base = ["tune", "--preset", "quick", "--fake-timer", "--passes", "fwd", "--no-plots",
+            "--format", "json", "--trials", "2"]
+    r = CliRunner().invoke(main, base + ["--knobs", "warp_spec"])
+    assert r.exit_code == 2 and "warp_spec" in r.output
+    r = CliRunner().invoke(main, base + ["--knobs", "tma,prefetch_gate", "--seed", "1"])
+    assert r.exit_code == 0, r.output
+
+
+def test_tune_sweep_and_compile_jobs(env, monkeypatch):
+    monkeypatch.setattr(space, "TILES", (64, 128))  # 2 x 2 x 1 x 2 = 8 configs
+    monkeypatch.setattr(space, "WARPS", (8,))
+    monkeypatch.setattr(space, "STAGES", (2, 3))
+    args = ["tune", "--preset", "quick", "--fake-timer", "--passes", "fwd,bwd_q", "--seed", "0",
+            "--compile-jobs", "2", "--no-plots", "--format", "json", "--knobs", "none"]
+    r = CliRunner().invoke(main, args + ["--sweep", "--trials", "1"])
+    assert r.exit_code == 0, r.output + r.stderr
+    studies = json.loads(r.stdout)["studies"]
+    assert [s["pass"] for s in studies] == ["fwd", "bwd_q"]
+    for s in studies:
+        assert s["study"].endswith("-sweep") and s["trials"] == 8 == s["recorded"]
+        assert s["best_config"]["block_m"] == 128 and s["statuses"] == {"ok": 8}
+    assert "[Q1 fwd sweep]" in r.stderr
+    r = CliRunner().invoke(main, args + ["--trials", "3"])  # the TPE studies, beside them
+    assert r.exit_code == 0, r.output + r.stderr
+    assert all(not s["study"].endswith("-sweep") and s["trials"] == 3
+               for s in json.loads(r.stdout)["studies"])
+    with TuningDB(env / "db" / "tuning.sqlite", readonly=True) as tdb:
+        assert tdb.counts()["trials"] == 16 + sum(s["recorded"]
+                                                  for s in json.loads(r.stdout)["studies"])
+
+
+def test_two_tune_processes_share_one_database(env):
+    """Two `gfwagen tune` processes at once on one --db (and one studies folder), different
+    seeds, no --resume: every trial each measured is in the database, and the study they
+    both ran is whole (the second one joins it rather than resetting it under the first)."""
+    db = env / "shared.sqlite"
+    n = 10
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "cli", "tune", "--fake-timer", "--gpu", "auto", "--preset",
+         "quick", "--passes", "fwd", "--trials", str(n), "--seed", str(seed), "--db", str(db),
+         "--no-plots", "--format", "json"], cwd=ROOT, env=dict(os.environ),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    outs = {}
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        assert "locked" not in err.lower(), err
+        (s,) = json.loads(out)["studies"]
+        outs[p.pid] = s
+    with TuningDB(db, readonly=True) as tdb:
+        rows = tdb.counts()["trials"]
+    assert all(s["recorded"] >= 1 for s in outs.values())
+    assert rows == sum(s["recorded"] for s in outs.values())  # nothing lost
+    # per process, from the study: its trials and the rows it wrote
+    job = TuneJob(Problem(2, 1024, 4, 4, 64, 64, 256, "bf16", True), "triton", "fwd", 0,
+                  mode="fake")
+    job.study_name = default_study_name(job)
+    study = optuna.load_study(study_name=job.study_name, storage=storage_for(job))
+    done = [t for t in study.get_trials() if t.state.is_finished()]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in done)
+    drivers = {t.user_attrs["driver"] for t in done}
+    assert len(done) == n * len(drivers)  # 2n when they overlapped (nearly always)
+    for pid, s in outs.items():
+        mine = [t for t in done if t.user_attrs["driver"].endswith(f":{pid}")]
+        if mine:
+            assert len(mine) == n
+            assert s["recorded"] == sum("duplicate_of" not in t.user_attrs for t in mine)

@@ -127,3 +127,37 @@ def test_gpu_varlen_matches_per_sequence(case, dtype_name):
             f.write(line + "\n")
     for nm, err in errs.items():
         assert err < TOL[dtype], (nm, err)
+
+
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("gqa-W256-ragged", "D96-W300",
+                                                              "D64-W333", "W17")],
+                         ids=lambda c: c[0])
+def test_gpu_knobs_tma_prefetch(case, tma):
+    """The config knobs the tuner searches (tensor-descriptor loads, gate prefetch) on odd
+    shapes, bf16, every pass."""
+    from gfwagen.backends import triton_backend as tb
+    from gfwagen.spec import KernelConfig
+
+    name, B, T, Hq, Hkv, D, Dv, W, gated = case
+    q, k, v, g = make_inputs(B, T, Hq, Hkv, D, Dv, torch.bfloat16, gated, device="cuda")
+    cfg = KernelConfig(128, 64, 8, 3, extra=(("prefetch_gate", True), ("tma", tma)))
+    cfg_kv = KernelConfig(64, 128, 8, 2, extra=(("prefetch_gate", True), ("tma", tma)))
+    o, lse = tb.forward(q, k, v, g, W, D ** -0.5, cfg)
+    do = torch.randn_like(o)
+    got = tb.backward(do, q, k, v, o, lse, g, W, D ** -0.5, cfg_kv, cfg)
+    d = [t.double() for t in (q, k, v)]
+    g64 = g.double() if gated else None
+    o64, lse64 = reference_forward(*d, g64, W, D ** -0.5)
+    ref = reference_backward(do.double(), *d, o64, lse64, g64, W, D ** -0.5)
+    errs = {"o": rel_err(o, o64)}
+    for nm, a, e in zip(["dq", "dk", "dv", "dg"], got, ref):
+        if e is not None:
+            errs[nm] = rel_err(a, e)
+    line = f"GPUERR knobs-tma={tma} {name} bf16 " + " ".join(f"{k}={v:.2e}"
+                                                          for k, v in errs.items())
+    if os.environ.get("GFWAGEN_GPU_LOG"):
+        with open(os.environ["GFWAGEN_GPU_LOG"], "a") as f:
+            f.write(line + "\n")
+    for nm, err in errs.items():
+        assert err < 1e-2, (nm, err)

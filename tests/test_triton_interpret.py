@@ -58,12 +58,15 @@ def test_triton_forward_backward_match_float64(case):
         assert rel_err(a, e) < tol, name
 
 
-@pytest.mark.parametrize("bm,bn,prefetch", [(32, 16, False), (16, 32, False), (16, 32, True),
-                                             (32, 16, True)])
-def test_unequal_tiles_and_gate_prefetch(bm, bn, prefetch):
+@pytest.mark.parametrize("bm,bn,prefetch,tma", [
+    (32, 16, False, False), (16, 32, False, False), (16, 32, True, False), (32, 16, True, False),
+    (32, 16, False, True), (16, 32, True, True)])
+def test_unequal_tiles_gate_prefetch_and_tma(bm, bn, prefetch, tma):
+    """tma: K/V (forward, dq) and Q/dO (dk/dv) through tensor descriptors, whose zero fill
+    past T replaces the masked loads."""
     q, k, v, g = make_inputs(1, 70, 2, 1, 16, 16, torch.float32, True)
     cfg = KernelConfig(block_m=bm, block_n=bn, num_warps=4, num_stages=1,
-                       extra=(("prefetch_gate", prefetch),))
+                       extra=(("prefetch_gate", prefetch), ("tma", tma)))
     o, lse = triton_backend.forward(q, k, v, g, 24, 0.25, cfg)
     o_ref = naive_attention(q.double(), k.double(), v.double(), g.double(), 24, 0.25)
     assert rel_err(o, o_ref) < 1e-5

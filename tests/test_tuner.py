@@ -9,6 +9,7 @@ import optuna
 import pytest
 
 from gfwagen.db import TuningDB
+from gfwagen.heuristics import default_config
 from gfwagen.spec import KernelConfig, Problem
 from gfwagen.tuner import space
 from gfwagen.tuner.study import TuneJob, run, run_on_devices, storage_for
@@ -43,8 +44,14 @@ def test_space_and_resources():
         big = KernelConfig(256, 256, 4, 5)
         ok, why = space.feasible(spec.replace(head_dim=256, value_dim=256), big)
         assert not ok and "pruned" in why and max(space.violations(spec, big)) > 0
-        n = len(space.enumerate_configs(spec))
+        n = len(space.enumerate_configs(spec, knobs=()))
         assert 0 < n < 250
+        # each switch doubles the space; "off" is the config without the switch
+        assert len(space.enumerate_configs(spec)) == 2 * n
+        assert len(space.enumerate_configs(spec, knobs=space.KNOBS)) == 4 * n
+        assert space.default(spec) == space.default(spec, ()) == default_config(spec)
+    with pytest.raises(ValueError, match="unknown knob"):
+        space.knobs_for(PROB.spec("triton", "fwd"), ("warp_spec",))
     with pytest.raises(ValueError, match="bwd_q"):
         space.params("tvm", "bwd_q")
 

@@ -43,6 +43,25 @@ def _gate(log_gate):
     return local, torch.nn.functional.pad(base, (0, 1)).contiguous(), GATE_CHUNK
 
 
+def _tma_usable(*ts: torch.Tensor) -> bool:
+    """Whether Hopper tensor descriptors can address these tensors: the copy engine needs
+    16-byte aligned slab bases (data pointer, batch and head strides) and row strides."""
+    return all(t.data_ptr() % 16 == 0 and all((st * t.element_size()) % 16 == 0
+                                              for st in t.stride()[:3]) for t in ts)
+
+
+def _ensure_tma_allocator() -> None:
+    """Device-side descriptors need a small global scratch per launch, which Triton gets from
+    the allocator of the calling thread (a ContextVar: autograd's backward thread starts
+    without one). A caller's own allocator is kept."""
+    import triton
+    from triton.runtime import _allocation
+
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(
+            lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
 def _device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -56,11 +75,12 @@ def forward(q, k, v, log_gate, window, scale, cfg: KernelConfig, segs=None):
         return o, lse
     gate = _gate(log_gate)
     bm, bn = _fit(cfg, T)
+    tma = _use_tma(cfg, k, v)
     with _device(q):
         load_template("triton", "fwd").launch_forward(
             q, k, v, gate, o, lse, kernel_window(window, T), scale, H // k.shape[2], bm, bn,
             cfg.num_warps, cfg.num_stages, _dot_precision(q.dtype),
-            bool(cfg.get("prefetch_gate", False)), segs[0] if segs is not None else None)
+            bool(cfg.get("prefetch_gate", False)), segs[0] if segs is not None else None, tma)
     return o, lse
 
 
@@ -110,13 +130,21 @@ def _bwd_launch_args(st: BackwardState, cfg: KernelConfig):
             cfg.num_stages, _dot_precision(st.q.dtype), bool(cfg.get("prefetch_gate", False)))
 
 
+def _use_tma(cfg: KernelConfig, *ts: torch.Tensor) -> bool:
+    tma = bool(cfg.get("tma", False)) and _tma_usable(*ts)
+    if tma and ts[0].is_cuda:
+        _ensure_tma_allocator()
+    return tma
+
+
 def backward_kv(st: BackwardState, cfg: KernelConfig) -> None:
     """dk, dv and the gate's column sums, into st."""
     if st.q.numel():
         with _device(st.q):
             load_template("triton", "bwd").launch_dkdv(
                 st.q, st.k, st.v, st.do, st.gate, st.lse, st.delta, st.dk, st.dv, st.col_sums,
-                *_bwd_launch_args(st, cfg), st.segs[1] if st.segs is not None else None)
+                *_bwd_launch_args(st, cfg), st.segs[1] if st.segs is not None else None,
+                _use_tma(cfg, st.q, st.do))
 
 
 def backward_q(st: BackwardState, cfg: KernelConfig) -> None:
@@ -125,7 +153,8 @@ def backward_q(st: BackwardState, cfg: KernelConfig) -> None:
         with _device(st.q):
             load_template("triton", "bwd").launch_dq(
                 st.q, st.k, st.v, st.do, st.gate, st.lse, st.delta, st.dq, st.row_sums,
-                *_bwd_launch_args(st, cfg), st.segs[0] if st.segs is not None else None)
+                *_bwd_launch_args(st, cfg), st.segs[0] if st.segs is not None else None,
+                _use_tma(cfg, st.k, st.v))
 
 
 def backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv: KernelConfig,

@@ -129,14 +129,18 @@ class TuningDB:
 
     # -- reading --
     @_sqlite_errors
-    def export_jsonl(self, path: str | os.PathLike | None = None, stream=None) -> dict:
-        """Write the export format (see sharing.py) to `path` atomically, or to `stream`."""
+    def export_jsonl(self, path: str | os.PathLike | None = None, stream=None,
+                     best_only: bool = False) -> dict:
+        """Write the export format (see sharing.py) to `path` atomically, or to `stream`.
+        best_only: only the trial behind each best entry (what a shipped file needs: the
+        lookup reads nothing else), so the file stays small however long the tuning ran."""
         devices = [R.device_record(r) for r in self.db.query(
             "SELECT * FROM devices ORDER BY key")]
         tcs = [R.toolchain_record(r) for r in self.db.query(
             "SELECT * FROM toolchains ORDER BY key")]
+        where = " WHERE id IN (SELECT trial_id FROM best)" if best_only else ""
         trials = (R.trial_record(r) for r in self.db.query(
-            "SELECT * FROM trials ORDER BY created_at, id"))
+            f"SELECT * FROM trials{where} ORDER BY created_at, id"))
         if stream is not None:
             return sharing.dump_jsonl(devices, tcs, trials, stream)
         if path is None:

@@ -1,10 +1,13 @@
 """The search space per backend and pass, and a resource model that prunes it.
 
 Triton: block_m, block_n in {16, ..., 256} (powers of two dividing the gate chunk),
-num_warps in {4, 8}, num_stages in {1, ..., 5}. TVM: block_m, block_n (one thread per tile
-row on the GPU, loop tiles on the CPU) plus whatever knobs tvm_backend declares in
-TUNABLE_EXTRAS ({name: choices}); warps and stages mean nothing to its templates. TVM's
-backward takes one config for both kernels, so it is tuned as pass "bwd_kv" only.
+num_warps in {4, 8}, num_stages in {1, ..., 5}, plus the template switches named in `knobs`
+(KNOBS: "tma", Hopper tensor-descriptor loads; "prefetch_gate", the next tile's gate values
+loaded one iteration ahead, searched only for gated problems).
+TVM: block_m, block_n (one thread per tile row on the GPU, loop tiles on the CPU) plus
+whatever knobs tvm_backend declares in TUNABLE_EXTRAS ({name: choices}); warps and stages
+mean nothing to its templates. TVM's backward takes one config for both kernels, so it is
+tuned as pass "bwd_kv" only.
 
 The resource model is an estimate, deliberately conservative (it only has to keep the
 sampler out of configs that cannot launch or would spill heavily): shared memory of the
@@ -29,6 +32,11 @@ SMEM_LIMIT = 227 * 1024  # H100/H200: max dynamic shared memory per block (228 K
 REG_LIMIT = 255  # registers per thread
 REG_OVERHEAD = 40  # addresses, indices, row statistics: not in the tile arithmetic below
 TVM_THREADS_LIMIT = 1024
+# Boolean template switches (KernelConfig.extra). DEFAULT_KNOBS are searched unless the
+# caller names others: tensor descriptors cut the backward's register spills (offline sm_90
+# compile, benchmarks/RESULTS.md); prefetch_gate is opt-in.
+KNOBS = ("tma", "prefetch_gate")
+DEFAULT_KNOBS = ("tma",)
 CONSTRAINT_NAMES = ("smem", "registers", "failed")
 
 
@@ -44,8 +52,21 @@ def tvm_extras() -> dict:
     return dict(getattr(tvm_backend, "TUNABLE_EXTRAS", {}) or {})
 
 
-def params(backend: str, pass_: str) -> dict[str, tuple]:
-    """Name -> choices. Extras are prefixed 'x_' (they go into KernelConfig.extra)."""
+def knobs_for(spec: KernelSpec, knobs=None) -> tuple[str, ...]:
+    """The switches that change something for this spec (the gate prefetch needs a gate).
+    knobs None: DEFAULT_KNOBS."""
+    if spec.backend != "triton":
+        return ()
+    knobs = DEFAULT_KNOBS if knobs is None else knobs
+    bad = [k for k in knobs if k not in KNOBS]
+    if bad:
+        raise ValueError(f"unknown knob(s) {', '.join(bad)}; known: {', '.join(KNOBS)}")
+    return tuple(k for k in KNOBS if k in knobs and (k != "prefetch_gate" or spec.gated))
+
+
+def params(backend: str, pass_: str, knobs: tuple = ()) -> dict[str, tuple]:
+    """Name -> choices. Extras are prefixed 'x_' (they go into KernelConfig.extra); `knobs`
+    (from knobs_for) adds Triton's boolean switches."""
     if pass_ not in passes(backend):
         raise ValueError(f"{backend} has no separately tunable pass {pass_!r} "
                          f"(tunable: {', '.join(passes(backend))})")
@@ -55,12 +76,16 @@ def params(backend: str, pass_: str) -> dict[str, tuple]:
         return p
     chunk = gate_chunk()
     tiles = tuple(t for t in TILES if chunk % t == 0)
-    return {"block_m": tiles, "block_n": tiles, "num_warps": WARPS, "num_stages": STAGES}
+    p = {"block_m": tiles, "block_n": tiles, "num_warps": WARPS, "num_stages": STAGES}
+    p.update({f"x_{k}": (False, True) for k in knobs})
+    return p
 
 
 def config_from_params(spec: KernelSpec, values: dict) -> KernelConfig:
     base = default_config(spec) if spec.backend == "triton" else _tvm_default(spec)
-    extra = {k[2:]: v for k, v in values.items() if k.startswith("x_")}
+    # a switch that is off is left out, so a config reads the same with or without it
+    extra = {k[2:]: v for k, v in values.items()
+             if k.startswith("x_") and not (k[2:] in KNOBS and v is False)}
     return KernelConfig(block_m=int(values.get("block_m", base.block_m)),
                         block_n=int(values.get("block_n", base.block_n)),
                         num_warps=int(values.get("num_warps", base.num_warps)),
@@ -68,12 +93,12 @@ def config_from_params(spec: KernelSpec, values: dict) -> KernelConfig:
                         extra=tuple(sorted({**dict(base.extra), **extra}.items())))
 
 
-def config_params(spec: KernelSpec, config: KernelConfig) -> dict:
+def config_params(spec: KernelSpec, config: KernelConfig, knobs=None) -> dict:
     """The inverse of config_from_params: what to enqueue for `config`."""
-    names = params(spec.backend, spec.pass_)
+    names = params(spec.backend, spec.pass_, knobs_for(spec, knobs))
     out = {}
     for n in names:
-        out[n] = config.get(n[2:]) if n.startswith("x_") else getattr(config, n)
+        out[n] = config.get(n[2:], False) if n.startswith("x_") else getattr(config, n)
     return out
 
 
@@ -83,13 +108,13 @@ def _tvm_default(spec: KernelSpec) -> KernelConfig:
     return tvm_backend.DEFAULT_CPU_CONFIG
 
 
-def default(spec: KernelSpec) -> KernelConfig:
+def default(spec: KernelSpec, knobs=None) -> KernelConfig:
     """The config the op would use untuned, snapped into the space (trial 0 of a study)."""
     cfg = default_config(spec) if spec.backend == "triton" else _tvm_default(spec)
-    p = params(spec.backend, spec.pass_)
+    p = params(spec.backend, spec.pass_, knobs_for(spec, knobs))
     vals = {}
     for n, choices in p.items():
-        v = cfg.get(n[2:]) if n.startswith("x_") else getattr(cfg, n)
+        v = cfg.get(n[2:], False) if n.startswith("x_") else getattr(cfg, n)
         vals[n] = v if v in choices else min(choices, key=lambda c: abs(c - v))
     return config_from_params(spec, vals)
 
@@ -147,9 +172,10 @@ def feasible(spec: KernelSpec, config: KernelConfig, *, gpu: bool = True) -> tup
     return False, "pruned before compiling: estimated " + ", ".join(bad)
 
 
-def enumerate_configs(spec: KernelSpec, *, gpu: bool = True) -> list[KernelConfig]:
+def enumerate_configs(spec: KernelSpec, *, gpu: bool = True,
+                      knobs=None) -> list[KernelConfig]:
     """Every feasible config of the space (the exhaustive sweep's list)."""
-    p = params(spec.backend, spec.pass_)
+    p = params(spec.backend, spec.pass_, knobs_for(spec, knobs))
     out = []
     for combo in itertools.product(*p.values()):
         cfg = config_from_params(spec, dict(zip(p, combo)))

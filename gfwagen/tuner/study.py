@@ -5,6 +5,14 @@ are tuned separately (they are separate kernels with separate configs).
   Optuna 5 reads in place of the deprecated constraints_func): a trial's constraints are the
   resource model's [shared memory, registers] excess (space.violations) and +1 when the
   candidate failed, was wrong or timed out, so the sampler learns to avoid all three.
+- Batched ask/tell: `compile_jobs` trials are asked at once (constant_liar=True, so the
+  sampler treats the batch's running trials as bad and spreads the batch out), their new
+  feasible configs are compiled in parallel by the warm pool (pool.py), then checked and
+  timed one at a time by the single timing worker, and told. compile_jobs=1: one at a time,
+  no pool.
+- Sweep (TuneJob.sweep): every feasible config of the space (space.enumerate_configs) is
+  enqueued into its own study, named with a "-sweep" suffix so it never mixes with the TPE
+  study; tuner/compare.py sets the two side by side.
 - Trial 0 is the heuristic default (study.enqueue_trial), so every study measures what the
   op would run untuned, and "speed-up over the default" is read off the same study.
 - Every trial that measures something is recorded in the TuningDB with its status (configs
@@ -13,7 +21,8 @@ are tuned separately (they are separate kernels with separate configs).
 - Storage: a JournalStorage file per study under cache_root()/studies by default (this
   is also what lets --resume continue a study and --devices run one driver process per GPU
   on ONE study); `storage` = an RDB URL (postgresql://...) joins a study shared by many
-  hosts, each recording its own trials in its own TuningDB.
+  hosts, each recording its own trials in its own TuningDB. A journal study is reset only
+  when no other driver on this host is running it (lease.py); otherwise a fresh run joins it.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -30,7 +41,8 @@ from pathlib import Path
 
 from gfwagen.spec import KernelConfig, Problem
 from gfwagen.tuner import space
-from gfwagen.tuner.worker import CandidateWorker
+from gfwagen.tuner.lease import journal_lease
+from gfwagen.tuner.pool import Workers
 
 PENALTY_MS = 1e9  # objective value of a trial without a measurement (constraints mark it)
 # The device a fake-timer run is recorded under: never a real machine's key.
@@ -55,6 +67,13 @@ class TuneJob:
     seed: int | None = None
     enqueue: tuple[dict, ...] = ()  # configs (as dicts) tried right after the default
     label: str = ""
+    compile_jobs: int = 1  # warm workers compiling a batch in parallel; also the batch size
+    sweep: bool = False  # every feasible config once, in the "<name>-sweep" study
+    knobs: tuple | None = None  # Triton switches searched (space.KNOBS); None: the default
+
+    @property
+    def batch(self) -> int:
+        return max(self.compile_jobs, 1)
 
     def spec(self):
         return self.problem.spec(self.backend, self.pass_)
@@ -69,6 +88,7 @@ class TuneJob:
         d = json.loads(text)
         d["problem"] = Problem(**d["problem"])
         d["enqueue"] = tuple(d.get("enqueue") or ())
+        d["knobs"] = None if d.get("knobs") is None else tuple(d["knobs"])
         return cls(**d)
 
 
@@ -83,11 +103,12 @@ class StudyResult:
     best_config: KernelConfig | None
     best_ms: float | None
     default_ms: float | None
+    recorded: int | None = None  # rows this run (its drivers) wrote to the TuningDB
 
     def as_dict(self) -> dict:
         return {"study": self.study_name, "problem": self.problem.as_dict(),
                 "backend": self.backend, "pass": self.pass_, "trials": self.trials,
-                "statuses": self.statuses,
+                "statuses": self.statuses, "recorded": self.recorded,
                 "best_config": self.best_config.as_dict() if self.best_config else None,
                 "best_ms": self.best_ms, "default_ms": self.default_ms,
                 "speedup": (self.default_ms / self.best_ms)
@@ -106,7 +127,16 @@ def default_study_name(job: TuneJob) -> str:
     p = job.problem
     return (f"gfwa-{_device_label(job)}-{job.backend}-{job.pass_}-{p.dtype}-b{p.batch}"
             f"-t{p.seqlen}-h{p.heads}x{p.kv_heads}-d{p.head_dim}x{p.value_dim}-w{p.window}"
-            f"-{'gated' if p.gated else 'plain'}")
+            f"-{'gated' if p.gated else 'plain'}" + ("-sweep" if job.sweep else ""))
+
+
+def sweep_job(job: TuneJob) -> TuneJob:
+    """The job that runs every feasible config of job's space once (trials = their count,
+    the default included even when the resource model prunes it)."""
+    spec = job.spec()
+    configs = space.enumerate_configs(spec, gpu=job.mode == "cuda", knobs=job.knobs)
+    n = len(configs) + (space.default(spec, job.knobs) not in configs)
+    return dataclasses.replace(job, sweep=True, n_trials=n, enqueue=())
 
 
 def _device_fp(job: TuneJob) -> dict:
@@ -131,13 +161,21 @@ def studies_dir() -> Path:
     return cache_root() / "studies"
 
 
+def _is_rdb(job: TuneJob) -> bool:
+    return bool(job.storage and "://" in job.storage)
+
+
+def journal_path(job: TuneJob) -> Path:
+    return Path(job.storage) if job.storage else studies_dir() / f"{job.study_name}.journal"
+
+
 def storage_for(job: TuneJob):
     optuna = _optuna()
-    if job.storage and "://" in job.storage:
+    if _is_rdb(job):
         return optuna.storages.RDBStorage(_rdb_url(job.storage))
     from optuna.storages.journal import JournalFileBackend
 
-    path = Path(job.storage) if job.storage else studies_dir() / f"{job.study_name}.journal"
+    path = journal_path(job)
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
@@ -163,33 +201,64 @@ def _set_constraints(trial, values: list[float]) -> None:
 
 def _sampler(job: TuneJob):
     optuna = _optuna()
+    if job.sweep:  # every trial is enqueued: TPE would only spend time fitting
+        return optuna.samplers.RandomSampler(seed=job.seed)
     return optuna.samplers.TPESampler(
-        multivariate=True, seed=job.seed,
+        multivariate=True, seed=job.seed, constant_liar=True,
         n_startup_trials=min(10, max(2, job.n_trials // 3)))
 
 
 def prepare(job: TuneJob, fresh: bool | None = None):
-    """Create (fresh) or load the study and enqueue the default config (then job.enqueue)
-    when it has no trials yet. fresh=None: fresh unless resuming or on a shared RDB."""
+    """Create (fresh) or load the study and enqueue the default config (then job.enqueue, or
+    for a sweep every other feasible config) when it has no trials yet. fresh=None: fresh
+    unless resuming or on a shared RDB. Use open_study() to run it: it holds the journal's
+    lease."""
     optuna = _optuna()
     job.study_name = job.study_name or default_study_name(job)
     if fresh is None:
-        fresh = not job.resume and not (job.storage and "://" in job.storage)
-    if fresh and not (job.storage and "://" in job.storage):
-        path = Path(job.storage) if job.storage else studies_dir() / f"{job.study_name}.journal"
+        fresh = not job.resume and not _is_rdb(job)
+    if fresh and not _is_rdb(job):
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+            journal_path(job).unlink()
     storage = storage_for(job)
     study = optuna.create_study(study_name=job.study_name, storage=storage,
                                 direction="minimize", sampler=_sampler(job),
                                 load_if_exists=True)
     if not study.get_trials(deepcopy=False):
         spec = job.spec()
-        study.enqueue_trial(space.config_params(spec, space.default(spec)),
+        default = space.default(spec, job.knobs)
+        # what the report (compare.py) needs to pair a TPE study with its sweep
+        study.set_user_attr("job", {"problem": job.problem.as_dict(), "backend": job.backend,
+                                    "pass": job.pass_, "sweep": job.sweep})
+        study.enqueue_trial(space.config_params(spec, default, job.knobs),
                             user_attrs={"default": True})
-        for c in job.enqueue:
-            study.enqueue_trial(space.config_params(spec, KernelConfig.from_dict(c)))
+        extra = [KernelConfig.from_dict(c) for c in job.enqueue]
+        if job.sweep:
+            extra = [c for c in space.enumerate_configs(spec, gpu=job.mode == "cuda",
+                                                        knobs=job.knobs) if c != default]
+        for c in extra:
+            study.enqueue_trial(space.config_params(spec, c, job.knobs))
     return study
+
+
+@contextlib.contextmanager
+def open_study(job: TuneJob, fresh: bool | None = None):
+    """prepare() the study, and hold its journal's lease (lease.py) until the block ends:
+    a fresh start joins the study instead when another driver on this host is running it."""
+    job.study_name = job.study_name or default_study_name(job)
+    if _is_rdb(job):
+        yield prepare(job, fresh)
+        return
+    want = not job.resume if fresh is None else fresh
+
+    def _prepare(ok: bool):
+        if want and not ok:
+            sys.stderr.write(f"[{job.label or job.study_name}] another tuner on this host is "
+                             f"running study {job.study_name}: joining it\n")
+        return prepare(job, ok)
+
+    with journal_lease(journal_path(job), want, _prepare) as study:
+        yield study
 
 
 class _Progress:
@@ -208,6 +277,10 @@ class _Progress:
         line = (f"[{self.label}] [{'#' * done}{'.' * (width - done)}] {self.n}/{self.total} "
                 f"{btxt} | last {config_text(cfg)}: {last}")
         sys.stderr.write(("\r\x1b[2K" if self.tty else "") + line + ("" if self.tty else "\n"))
+        sys.stderr.flush()
+
+    def note(self, msg: str) -> None:
+        sys.stderr.write(("\r\x1b[2K" if self.tty else "") + f"[{self.label}] {msg}\n")
         sys.stderr.flush()
 
     def close(self) -> None:
@@ -233,65 +306,139 @@ def best_trial(study):
     return min(ok, key=lambda t: (t.value, t.number), default=None)
 
 
-def run(job: TuneJob, fresh: bool | None = None) -> StudyResult:
+def run(job: TuneJob, fresh: bool | None = None, workers: Workers | None = None) -> StudyResult:
     """Drive one study in this process for job.n_trials trials (fewer when resuming a study
-    that already has some). fresh: see prepare()."""
+    that already has some). fresh: see prepare(). workers: worker processes to reuse across
+    studies (the CLI keeps one set per run); by default they are started here from job.mode,
+    job.device and job.compile_jobs, and closed at the end."""
     from gfwagen.db import TuningDB
 
-    optuna = _optuna()
-    study = prepare(job, fresh)
-    spec = job.spec()
-    names = space.params(job.backend, job.pass_)
-    fp = _device_fp(job)
-    gpu = job.mode == "cuda"
-    n = job.n_trials
-    if job.resume and not (job.storage and "://" in job.storage):
-        n = max(0, n - sum(t.state.is_finished() for t in study.get_trials(deepcopy=False)))
-    progress = _Progress(job.label or f"{job.backend} {job.pass_}", n)
-    tdb = TuningDB(job.db_path) if job.db_path is not None else TuningDB()
+    own = workers is None
+    workers = workers or Workers(job.mode, job.timeout, job.device, job.compile_jobs)
+    try:
+        with open_study(job, fresh) as study:
+            n = job.n_trials
+            if job.resume and not _is_rdb(job):
+                n = max(0, n - sum(t.state.is_finished()
+                                   for t in study.get_trials(deepcopy=False)))
+            tdb = TuningDB(job.db_path) if job.db_path is not None else TuningDB()
+            driver = _Driver(job, study, tdb, workers)
+            try:
+                driver.run(n)
+            finally:
+                driver.progress.close()
+                tdb.close()
+            return summarize(study, job, recorded=driver.recorded)
+    finally:
+        if own:
+            workers.close()
 
-    def objective(trial):
+
+class _Driver:
+    """The batched ask/tell loop of one driver process on one study."""
+
+    def __init__(self, job: TuneJob, study, tdb, workers: Workers):
+        self.job, self.study, self.tdb, self.workers = job, study, tdb, workers
+        self.spec = job.spec()
+        self.names = space.params(job.backend, job.pass_,
+                                  space.knobs_for(self.spec, job.knobs))
+        self.fp = _device_fp(job)
+        self.gpu = job.mode == "cuda"
+        self.who = f"{socket.gethostname()}:{os.getpid()}"
+        self.progress = _Progress(job.label or f"{job.backend} {job.pass_}", 0)
+        self.recorded = 0  # rows this driver wrote to the TuningDB
+
+    def run(self, n: int) -> None:
+        optuna = _optuna()
+        self.progress.total = n
+        done = 0
+        while done < n:
+            batch, told = [], 0
+            try:
+                # ask one at a time and suggest at once, so the next ask already sees this
+                # trial's params as a running trial (constant liar)
+                for _ in range(min(self.job.batch, n - done)):
+                    batch.append(self._ask())
+                warm_failed = self._warm(batch)
+                for trial, cfg in batch:
+                    value = self._evaluate(trial, cfg, warm_failed.get(cfg))
+                    self.study.tell(trial, value)
+                    told += 1
+            except BaseException:
+                for trial, _ in batch[told:]:  # never leave a trial RUNNING in the study
+                    with contextlib.suppress(Exception):
+                        self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise
+            done += len(batch)
+
+    def _ask(self):
+        trial = self.study.ask()
         cfg = space.config_from_params(
-            spec, {k: trial.suggest_categorical(k, list(v)) for k, v in names.items()})
+            self.spec, {k: trial.suggest_categorical(k, list(v)) for k, v in self.names.items()})
         trial.set_user_attr("config", cfg.as_dict())
-        viol = space.violations(spec, cfg) if gpu else [0.0, 0.0]
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        trial.set_user_attr("driver", self.who)
+        return trial, cfg
+
+    def _measured(self, trial):
+        """The finished trial that already measured trial's params, if any."""
+        optuna = _optuna()
+        for t in self.study.get_trials(deepcopy=False,
+                                       states=(optuna.trial.TrialState.COMPLETE,)):
             if t.params == trial.params and "status" in t.user_attrs:
-                for k in ("status", "reason"):
-                    trial.set_user_attr(k, t.user_attrs[k])
-                _set_constraints(trial, t.user_attrs["constraints"])
-                trial.set_user_attr("duplicate_of", t.number)
-                progress.update(study, t.user_attrs["status"] + " (again)", cfg,
-                                t.value if t.user_attrs["status"] == "ok" else None)
-                return t.value
-        ok, why = space.feasible(spec, cfg, gpu=gpu)
+                return t
+        return None
+
+    def _warm(self, batch) -> dict:
+        """Compile the batch's new, feasible configs on the pool; {config: reason} of those
+        whose warm-up failed (the timing worker still tries them)."""
+        todo = []
+        for trial, cfg in batch:
+            if cfg not in todo and self._measured(trial) is None and \
+                    space.feasible(self.spec, cfg, gpu=self.gpu)[0]:
+                todo.append(cfg)
+        results = self.workers.warm(self.job.problem, self.job.backend, self.job.pass_, todo)
+        failed = {c: r.reason for c, r in zip(todo, results) if r.status != "ok"}
+        for c, why in failed.items():
+            self.progress.note(f"warming {config_text(c)} failed ({why}); the timing worker "
+                               "tries it anyway")
+        return failed
+
+    def _evaluate(self, trial, cfg: KernelConfig, warm_failed: str | None) -> float:
+        """What the single-trial objective did: answer a repeat from the study, record a
+        pruned config without compiling, else check and time it on the timing worker."""
+        job = self.job
+        viol = space.violations(self.spec, cfg) if self.gpu else [0.0, 0.0]
+        t = self._measured(trial)
+        if t is not None:
+            for k in ("status", "reason"):
+                trial.set_user_attr(k, t.user_attrs[k])
+            _set_constraints(trial, t.user_attrs["constraints"])
+            trial.set_user_attr("duplicate_of", t.number)
+            self.progress.update(self.study, t.user_attrs["status"] + " (again)", cfg,
+                                 t.value if t.user_attrs["status"] == "ok" else None)
+            return t.value
+        ok, why = space.feasible(self.spec, cfg, gpu=self.gpu)
         if not ok:
             res_status, res = "failed", None
             reason = why
         else:
-            res = worker.run(job.problem, job.backend, job.pass_, cfg)
+            if warm_failed is not None:
+                trial.set_user_attr("warm_failed", warm_failed)
+            res = self.workers.timing.run(job.problem, job.backend, job.pass_, cfg)
             res_status, reason = res.status, res.reason
         trial.set_user_attr("status", res_status)
         trial.set_user_attr("reason", reason)
         _set_constraints(trial, viol + [-1.0 if res_status == "ok" else 1.0])
         ms = res.median_ms if res_status == "ok" else None
-        tdb.record_trial(job.problem, job.backend, job.pass_, cfg, median_ms=ms,
-                         spread=res.spread if ms is not None else None, status=res_status,
-                         reason=reason, device=fp)
-        progress.update(study, res_status, cfg, ms)
+        self.tdb.record_trial(job.problem, job.backend, job.pass_, cfg, median_ms=ms,
+                              spread=res.spread if ms is not None else None, status=res_status,
+                              reason=reason, device=self.fp)
+        self.recorded += 1
+        self.progress.update(self.study, res_status, cfg, ms)
         return ms if ms is not None else PENALTY_MS
 
-    worker = CandidateWorker(job.mode, timeout=job.timeout, device=job.device)
-    try:
-        study.optimize(objective, n_trials=n, gc_after_trial=False)
-    finally:
-        progress.close()
-        worker.close()
-        tdb.close()
-    return summarize(study, job)
 
-
-def summarize(study, job: TuneJob) -> StudyResult:
+def summarize(study, job: TuneJob, recorded: int | None = None) -> StudyResult:
     trials = [t for t in study.get_trials(deepcopy=False) if "status" in t.user_attrs]
     best = best_trial(study)
     default = next((t for t in trials if t.user_attrs.get("default")), None)
@@ -300,7 +447,7 @@ def summarize(study, job: TuneJob) -> StudyResult:
     return StudyResult(study.study_name, job.problem, job.backend, job.pass_, len(trials),
                        dict(Counter(t.user_attrs["status"] for t in trials)),
                        _trial_config(best) if best else None, best.value if best else None,
-                       default_ms)
+                       default_ms, recorded)
 
 
 def load_result(job: TuneJob) -> StudyResult:
@@ -312,32 +459,34 @@ def load_result(job: TuneJob) -> StudyResult:
 
 def run_on_devices(job: TuneJob, devices: list[int]) -> StudyResult:
     """One driver process per device on ONE study in a JournalStorage file: the study is
-    prepared here (default enqueued once), then each driver runs its share of the trials."""
-    if job.storage and "://" in job.storage:
-        shared = job.storage
-    else:
-        job.study_name = job.study_name or default_study_name(job)
-        shared = job.storage or str(studies_dir() / f"{job.study_name}.journal")
-    job = dataclasses.replace(job, storage=shared)
-    prepare(job)
-    share = math.ceil(job.n_trials / len(devices))
-    procs = []
-    for i, dev in enumerate(devices):
-        n = min(share, job.n_trials - i * share)
-        if n <= 0:
-            break
-        sub = dataclasses.replace(job, device=dev, n_trials=n, resume=False,
-                                  seed=None if job.seed is None else job.seed + i,
-                                  label=f"{job.label or job.pass_} gpu{dev}")
-        procs.append(subprocess.Popen([sys.executable, "-m", "gfwagen.tuner.study"],
-                                      stdin=subprocess.PIPE, text=True,
-                                      cwd=str(Path(__file__).resolve().parents[2])))
-        procs[-1].stdin.write(sub.to_json())
-        procs[-1].stdin.close()
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise RuntimeError(f"tuner driver processes exited with {codes}")
-    return load_result(job)
+    prepared here (default enqueued once), then each driver runs its share of the trials
+    with its own timing worker and warm pool on its own device."""
+    job.study_name = job.study_name or default_study_name(job)
+    job = dataclasses.replace(job, storage=job.storage if _is_rdb(job) else
+                              str(journal_path(job)))
+    with open_study(job) as study:  # the lease covers the drivers' whole run
+        share = math.ceil(job.n_trials / len(devices))
+        procs = []
+        for i, dev in enumerate(devices):
+            n = min(share, job.n_trials - i * share)
+            if n <= 0:
+                break
+            sub = dataclasses.replace(job, device=dev, n_trials=n, resume=False,
+                                      seed=None if job.seed is None else job.seed + i,
+                                      label=f"{job.label or job.pass_} gpu{dev}")
+            procs.append(subprocess.Popen([sys.executable, "-m", "gfwagen.tuner.study"],
+                                          stdin=subprocess.PIPE, text=True,
+                                          cwd=str(Path(__file__).resolve().parents[2])))
+            procs[-1].stdin.write(sub.to_json())
+            procs[-1].stdin.close()
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            raise RuntimeError(f"tuner driver processes exited with {codes}")
+        ours = {f"{socket.gethostname()}:{p.pid}" for p in procs}
+        recorded = sum(1 for t in study.get_trials(deepcopy=False)
+                       if t.user_attrs.get("driver") in ours and "status" in t.user_attrs
+                       and "duplicate_of" not in t.user_attrs)
+        return summarize(study, job, recorded=recorded)
 
 
 def _driver_main() -> int:

@@ -15,9 +15,17 @@ Modes: "cuda" (Triton on the GPU, CUDA-event timing), "cpu" (TVM llvm, perf_coun
 sizes, on a shrunken problem on the CPU, timed by the FakeTimer: the whole pipeline without
 a GPU and without Triton's interpreter).
 
+A warm request ({"warm": true}) only runs the candidate once on the same inputs and
+answers: no check, no timing. The tuner's pool of warm workers uses it to compile a batch of
+candidates in parallel; Triton's on-disk cache then holds the binaries, so the timing worker
+only loads them. It builds the same inputs as a timed request because Triton specializes a
+kernel on its arguments (integers equal to 1 or divisible by 16, pointer alignment): other
+shapes could compile a different binary and miss the cache.
+
 Test hook: GFWAGEN_TUNER_INJECT='[{"match": {"block_m": 32}, "fault": "crash"}]' makes the
 worker fail on matching configs: "compile" (raises before running), "crash" (os._exit(7)),
-"hang" (sleeps forever), "wrong" (perturbs the result).
+"hang" (sleeps forever), "wrong" (perturbs the result). A rule with "on": "warm" (or
+"time") applies only to warm (or timed) requests.
 """
 
 from __future__ import annotations
@@ -103,17 +111,28 @@ class _Session:
                                     window=p.window or None, scale=p.head_dim ** -0.5)
         return self.inputs[key]
 
-    def get_expected(self, p: Problem, x: dict) -> dict:
+    def get_forward(self, p: Problem, x: dict) -> dict:
+        """The reference's o and lse: what the backward candidates take as inputs (a warm
+        request needs only these, not the reference gradients)."""
         key = json.dumps(p.as_dict(), sort_keys=True)
         if key not in self.expected:
-            from gfwagen.reference import reference_backward, reference_forward
+            from gfwagen.reference import reference_forward
 
             o, lse = reference_forward(x["q"], x["k"], x["v"], x["log_gate"], x["window"],
                                        x["scale"])
-            dq, dk, dv, _ = reference_backward(x["do"], x["q"], x["k"], x["v"], o, lse,
-                                               x["log_gate"], x["window"], x["scale"])
-            self.expected[key] = dict(o=o, lse=lse.float(), dq=dq, dk=dk, dv=dv)
+            self.expected[key] = dict(o=o, lse=lse.float())
         return self.expected[key]
+
+    def get_expected(self, p: Problem, x: dict) -> dict:
+        ref = self.get_forward(p, x)
+        if "dq" not in ref:
+            from gfwagen.reference import reference_backward
+
+            dq, dk, dv, _ = reference_backward(x["do"], x["q"], x["k"], x["v"], ref["o"],
+                                               ref["lse"], x["log_gate"], x["window"],
+                                               x["scale"])
+            ref.update(dq=dq, dk=dk, dv=dv)
+        return ref
 
     def candidate(self, p: Problem, backend: str, pass_: str, cfg: KernelConfig, x, ref):
         """(fn, outputs): fn runs the pass once; outputs() names the tensors to check."""
@@ -166,10 +185,11 @@ class _Session:
         problem = Problem(**req["problem"])
         backend, pass_ = req["backend"], req["pass"]
         cfg = KernelConfig.from_dict(req["config"])
-        fault = _injected(cfg)
+        warm = bool(req.get("warm"))
+        fault = _injected(cfg, "warm" if warm else "time")
         p = self.problem_for_check(problem)
         x = self.get_inputs(p)
-        ref = self.get_expected(p, x)
+        ref = self.get_forward(p, x) if warm else self.get_expected(p, x)
         if fault == "compile":
             raise RuntimeError("injected compile error")
         if fault == "crash":
@@ -181,6 +201,8 @@ class _Session:
         fn()
         if self.device == "cuda":
             self.torch.cuda.synchronize()
+        if warm:
+            return {"status": "ok"}
         got = outputs()
         if fault == "wrong":
             got = {k: v + 1.0 for k, v in got.items()}
@@ -206,13 +228,15 @@ def _rel_err(a, e) -> float:
     return (a - e).abs().max().item() if n == 0 else ((a - e).norm() / n).item()
 
 
-def _injected(cfg: KernelConfig) -> str | None:
+def _injected(cfg: KernelConfig, kind: str) -> str | None:
+    """The fault the test hook asks for on `cfg` in a `kind` ("warm" or "time") request."""
     spec = os.environ.get(INJECT_ENV)
     if not spec:
         return None
     d = cfg.as_dict()
     for rule in json.loads(spec):
-        if all(d.get(k) == v for k, v in rule["match"].items()):
+        if rule.get("on", kind) == kind and all(d.get(k) == v
+                                                for k, v in rule["match"].items()):
             return rule["fault"]
     return None
 
@@ -306,6 +330,13 @@ class CandidateWorker:
     def __exit__(self, *exc):
         self.close()
 
+    def kill(self) -> None:
+        """SIGKILL the worker from another thread: the thread waiting on it sees EOF."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
     def _kill(self) -> None:
         with contextlib.suppress(OSError, ValueError):
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -347,13 +378,21 @@ class CandidateWorker:
         tail = self._stderr_tail()
         return f"worker {what}" + (f"; stderr: {tail}" if tail else "")
 
-    def run(self, problem: Problem, backend: str, pass_: str, config: KernelConfig) -> Result:
+    def ensure_started(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             self.close()
             self.start()
+
+    def run(self, problem: Problem, backend: str, pass_: str, config: KernelConfig,
+            warm: bool = False) -> Result:
+        """Check and time `config`; warm=True: only run it once (compile), see the module
+        docstring. Either way a crash, hang or CUDA error costs only this worker process."""
+        self.ensure_started()
         self._n += 1
         req = {"id": self._n, "problem": problem.as_dict(), "backend": backend, "pass": pass_,
                "config": config.as_dict()}
+        if warm:
+            req["warm"] = True
         try:
             self.proc.stdin.write((json.dumps(req) + "\n").encode())
             self.proc.stdin.flush()

@@ -131,14 +131,19 @@ def _dkdv_tiles(
     GATE_CHUNK: tl.constexpr,
     DOT_PREC: tl.constexpr,
     PREFETCH_GATE: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     if GATED:
         if PREFETCH_GATE:
             nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, start, T, BLOCK_M, GATE_CHUNK)
     for m0 in tl.range(start, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        q = load_rows(q_base, offs_m, stride_qt, T, HEAD_D, HEAD_D_PAD, MASKED)
-        do = load_rows(do_base, offs_m, stride_dot, T, HEAD_DV, HEAD_DV_PAD, MASKED)
+        if USE_TMA:  # descriptors: rows past T and padded columns arrive as zeros
+            q = q_base.load([m0, 0])
+            do = do_base.load([m0, 0])
+        else:
+            q = load_rows(q_base, offs_m, stride_qt, T, HEAD_D, HEAD_D_PAD, MASKED)
+            do = load_rows(do_base, offs_m, stride_dot, T, HEAD_DV, HEAD_DV_PAD, MASKED)
         lse = load_vector(lse_base, offs_m, T, MASKED)
         delta = load_vector(delta_base, offs_m, T, MASKED)
         # Transposed scores [BLOCK_N, BLOCK_M]: keys on rows, so dk and dv need no transpose.
@@ -216,6 +221,7 @@ def gfwa_bwd_dkdv_kernel(
     GATE_CHUNK: tl.constexpr,
     DOT_PREC: tl.constexpr,
     PREFETCH_GATE: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
@@ -259,6 +265,16 @@ def gfwa_bwd_dkdv_kernel(
         bh = (b * H + h).to(tl.int64)
         q_base = Q + b64 * stride_qb + h * stride_qh
         do_base = DO + b64 * stride_dob + h * stride_doh
+        if USE_TMA:
+            q_base = tl.make_tensor_descriptor(
+                q_base, shape=[T, HEAD_D], strides=[stride_qt, 1], block_shape=[BLOCK_M, HEAD_D_PAD]
+            )
+            do_base = tl.make_tensor_descriptor(
+                do_base,
+                shape=[T, HEAD_DV],
+                strides=[stride_dot, 1],
+                block_shape=[BLOCK_M, HEAD_DV_PAD],
+            )
         cl_base = CL + bh * T
         cb_base = CB + bh * n_chunks
         cb_k = 0.0
@@ -303,6 +319,7 @@ def gfwa_bwd_dkdv_kernel(
                 GATE_CHUNK,
                 DOT_PREC,
                 PREFETCH_GATE,
+                USE_TMA,
             )
         if GATED:
             tl.store(DCOL + bh * T + offs_n, colsum, mask=key_ok)
@@ -352,14 +369,19 @@ def _dq_tiles(
     GATE_CHUNK: tl.constexpr,
     DOT_PREC: tl.constexpr,
     PREFETCH_GATE: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     if GATED:
         if PREFETCH_GATE:
             nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, start, T, BLOCK_N, GATE_CHUNK)
     for n0 in tl.range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = load_rows(k_base, offs_n, stride_kt, T, HEAD_D, HEAD_D_PAD, MASKED)
-        v = load_rows(v_base, offs_n, stride_vt, T, HEAD_DV, HEAD_DV_PAD, MASKED)
+        if USE_TMA:
+            k = k_base.load([n0, 0])
+            v = v_base.load([n0, 0])
+        else:
+            k = load_rows(k_base, offs_n, stride_kt, T, HEAD_D, HEAD_D_PAD, MASKED)
+            v = load_rows(v_base, offs_n, stride_vt, T, HEAD_DV, HEAD_DV_PAD, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse2[:, None]
         if GATED:
             if PREFETCH_GATE:
@@ -428,6 +450,7 @@ def gfwa_bwd_dq_kernel(
     GATE_CHUNK: tl.constexpr,
     DOT_PREC: tl.constexpr,
     PREFETCH_GATE: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -468,6 +491,13 @@ def gfwa_bwd_dq_kernel(
         ci = tl.load(cl_base + offs_m, mask=row_ok, other=0.0)
     k_base = K + b64 * stride_kb + hk * stride_kh
     v_base = V + b64 * stride_vb + hk * stride_vh
+    if USE_TMA:
+        k_base = tl.make_tensor_descriptor(
+            k_base, shape=[T, HEAD_D], strides=[stride_kt, 1], block_shape=[BLOCK_N, HEAD_D_PAD]
+        )
+        v_base = tl.make_tensor_descriptor(
+            v_base, shape=[T, HEAD_DV], strides=[stride_vt, 1], block_shape=[BLOCK_N, HEAD_DV_PAD]
+        )
     qk_scale = sm_scale * LOG2E
     dq = tl.zeros([BLOCK_M, HEAD_D_PAD], dtype=tl.float32)
     rowsum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -513,6 +543,7 @@ def gfwa_bwd_dq_kernel(
             GATE_CHUNK,
             DOT_PREC,
             PREFETCH_GATE,
+            USE_TMA,
         )
     tl.store(
         DQ + b64 * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
@@ -570,6 +601,7 @@ def launch_dkdv(
     dot_prec,
     prefetch_gate=False,
     seg_end=None,
+    tma=False,
 ):
     """seg_end: None, or for packed sequences (B = 1) int32 [T], the end of each position's
     sequence."""
@@ -625,6 +657,7 @@ def launch_dkdv(
         GATE_CHUNK=chunk,
         DOT_PREC=dot_prec,
         PREFETCH_GATE=prefetch_gate,
+        USE_TMA=tma,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -650,6 +683,7 @@ def launch_dq(
     dot_prec,
     prefetch_gate=False,
     seg_start=None,
+    tma=False,
 ):
     """seg_start: None, or for packed sequences (B = 1) int32 [T], the start of each
     position's sequence."""
@@ -700,6 +734,7 @@ def launch_dq(
         GATE_CHUNK=chunk,
         DOT_PREC=dot_prec,
         PREFETCH_GATE=prefetch_gate,
+        USE_TMA=tma,
         num_warps=num_warps,
         num_stages=num_stages,
     )

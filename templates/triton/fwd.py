@@ -15,7 +15,13 @@ This file imports nothing from gfwagen: the generator loads it by path.
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, gate_tile_load, key_tile_phases, varlen_key_phases
+from .common import (
+    LN2,
+    LOG2E,
+    gate_tile_load,
+    key_tile_phases,
+    varlen_key_phases,
+)
 
 
 @triton.jit
@@ -50,6 +56,7 @@ def _fwd_tiles(
     GATE_CHUNK: tl.constexpr,
     DOT_PREC: tl.constexpr,
     PREFETCH_GATE: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     offs_d = tl.arange(0, HEAD_D_PAD)
     offs_dv = tl.arange(0, HEAD_DV_PAD)
@@ -58,10 +65,18 @@ def _fwd_tiles(
             nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, start, T, BLOCK_N, GATE_CHUNK)
     for n0 in tl.range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
-        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_dv[None, :]
         if MASKED:
             in_t = offs_n < T
+        if USE_TMA:
+            # k_base, v_base are tensor descriptors: rows past T and padded columns come
+            # back as zeros, as the masked pointer loads below give them.
+            k = k_base.load([n0, 0])
+            v = v_base.load([n0, 0])
+        elif MASKED:
+            # Written out rather than through common.load_rows: that helper made ptxas spill
+            # 40 B/thread at 128x64 w8 (offline sm_90 compile); these loads spill none.
+            k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
+            v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_dv[None, :]
             if HEAD_D_PAD != HEAD_D:
                 k = tl.load(k_ptrs, mask=in_t[:, None] & (offs_d < HEAD_D)[None, :], other=0.0)
             else:
@@ -71,6 +86,8 @@ def _fwd_tiles(
             else:
                 v = tl.load(v_ptrs, mask=in_t[:, None], other=0.0)
         else:
+            k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
+            v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_dv[None, :]
             if HEAD_D_PAD != HEAD_D:
                 k = tl.load(k_ptrs, mask=(offs_d < HEAD_D)[None, :], other=0.0)
             else:
@@ -155,6 +172,7 @@ def gfwa_fwd_kernel(
     GATE_CHUNK: tl.constexpr,
     DOT_PREC: tl.constexpr,
     PREFETCH_GATE: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -180,6 +198,14 @@ def gfwa_fwd_kernel(
         q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
+    if USE_TMA:
+        # Hopper's tensor memory accelerator: one bulk copy per tile, no address math.
+        k_base = tl.make_tensor_descriptor(
+            k_base, shape=[T, HEAD_D], strides=[stride_kt, 1], block_shape=[BLOCK_N, HEAD_D_PAD]
+        )
+        v_base = tl.make_tensor_descriptor(
+            v_base, shape=[T, HEAD_DV], strides=[stride_vt, 1], block_shape=[BLOCK_N, HEAD_DV_PAD]
+        )
     qk_scale = sm_scale * LOG2E
 
     cl_base = CL + pid_bh.to(tl.int64) * T
@@ -237,6 +263,7 @@ def gfwa_fwd_kernel(
             GATE_CHUNK,
             DOT_PREC,
             PREFETCH_GATE,
+            USE_TMA,
         )
 
     # Every stored row saw at least its own key, so l_i > 0 there.
@@ -278,6 +305,7 @@ def launch_forward(
     dot_prec,
     prefetch_gate=False,
     seg_start=None,
+    tma=False,
 ):
     """q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] (last dim contiguous); gate None or
     (local [B,Hq,T] float32, base [B,Hq,chunks] float64, chunk) in log2 units; writes
@@ -326,6 +354,7 @@ def launch_forward(
         GATE_CHUNK=chunk,
         DOT_PREC=dot_prec,
         PREFETCH_GATE=prefetch_gate,
+        USE_TMA=tma,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The H200 tuning recorded in benchmarks/RESULTS.md, on a host with two H200s, in phases
+# (each fits one call of the workplace's GPU machine):
+#   s1-sweep  every feasible config of S1's space, each pass in one study shared by GPUs 0
+#             and 1 (--devices 0,1: the two-GPU check)
+#   s1-tpe    TPE on S1 with a quarter of each pass's sweep trials, then the report
+#             (benchmarks/tuner_vs_sweep.py)
+#   ship      S2-S5 (and the classes, if time) tuned by two single-GPU processes into two
+#             databases, merged with S1's into one, exported as tuning_db/h200.jsonl
+# Usage:  OUT=/some/dir bash benchmarks/tune_h200.sh PHASE [extra tune options]
+set -uo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+[ -f .gpu/setup.sh ] && source .gpu/setup.sh
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+out="${OUT:-/tmp/gfwagen-tune}"
+mkdir -p "$out"
+export GFWAGEN_CACHE_DIR="$out/cache"  # the studies' journals, read by the report
+phase="$1"
+shift
+tune() { python3 cli.py tune --gpu h200 --preset ship --format json "$@"; }
+
+case "$phase" in
+  s1-sweep)
+    tune --only S1 --sweep --devices 0,1 --db "$out/s1.sqlite" --no-plots "$@" \
+      > "$out/s1_sweep.json" 2> "$out/s1_sweep.log"
+    ;;
+  s1-tpe)
+    for pass in fwd bwd_kv bwd_q; do
+      n=$(python3 -c "
+from gfwagen.tuner import space; from gfwagen.spec import Problem
+p = Problem(8, 4096, 16, 16, 128, 128, 512, 'bf16', True)
+print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
+      tune --only S1 --passes "$pass" --trials "$n" --devices 0,1 --db "$out/s1.sqlite" \
+        --plots "$out/plots" "$@" > "$out/s1_tpe_$pass.json" 2> "$out/s1_tpe_$pass.log"
+    done
+    python3 benchmarks/tuner_vs_sweep.py --out "$out/tuner_vs_sweep.md"
+    ;;
+  ship)
+    # two processes, one GPU and one database each (the merge is the sharing workflow)
+    CUDA_VISIBLE_DEVICES=0 tune --only "${SHIP0:-S2,S3}" --db "$out/gpu0.sqlite" \
+      --plots "$out/plots" "$@" > "$out/ship0.json" 2> "$out/ship0.log" &
+    a=$!
+    CUDA_VISIBLE_DEVICES=1 tune --only "${SHIP1:-S4,S5}" --db "$out/gpu1.sqlite" \
+      --plots "$out/plots" "$@" > "$out/ship1.json" 2> "$out/ship1.log" &
+    b=$!
+    wait $a; wait $b
+    ;;
+  merge)
+    cp "$out/s1.sqlite" "$out/h200.sqlite"
+    for f in "$out"/gpu0.sqlite "$out"/gpu1.sqlite; do
+      [ -f "$f" ] && python3 cli.py db merge "$f" --db "$out/h200.sqlite"
+    done
+    python3 cli.py db export "$out/h200.jsonl" --db "$out/h200.sqlite"
+    ;;
+  *)
+    echo "phase: s1-sweep | s1-tpe | ship | merge" >&2
+    exit 2
+    ;;
+esac

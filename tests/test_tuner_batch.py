@@ -1,0 +1,213 @@
+"""The batched tuner on the CPU (fake timer): the warm pool (compile_jobs=2) and warm workers
+that crash or hang, repeats and pruned configs inside a batch, the exhaustive sweep (alone
+and over two driver processes), the journal lease, and the TPE-vs-sweep report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from gfwagen.db import TuningDB
+from gfwagen.spec import KernelConfig, Problem
+from gfwagen.tuner import compare, space
+from gfwagen.tuner.pool import Workers
+from gfwagen.tuner.study import (
+    TuneJob,
+    open_study,
+    run,
+    run_on_devices,
+    storage_for,
+    studies_dir,
+    sweep_job,
+)
+from gfwagen.tuner.timing import FakeTimer
+from gfwagen.tuner.worker import INJECT_ENV
+
+PROB = Problem(2, 512, 4, 2, 64, 64, 128, "bf16", True)
+FAST = FakeTimer.OPTIMUM
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("GFWAGEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("GFWAGEN_DB", str(tmp_path / "default.sqlite"))
+    monkeypatch.delenv(INJECT_ENV, raising=False)
+
+
+@pytest.fixture
+def small_space(monkeypatch):
+    """12 configs (block_m, block_n in 64/128, 8 warps, 2-4 stages), FakeTimer's optimum
+    among them: a sweep in seconds. Only this process enumerates the space, never a worker."""
+    monkeypatch.setattr(space, "TILES", (64, 128))
+    monkeypatch.setattr(space, "STAGES", (2, 3, 4))
+    monkeypatch.setattr(space, "WARPS", (8,))
+    monkeypatch.setattr(space, "DEFAULT_KNOBS", ())
+
+
+def db_rows(path) -> list[dict]:
+    with TuningDB(path, readonly=True) as db:
+        return [dict(r) for r in db.db.query("SELECT * FROM trials ORDER BY created_at")]
+
+
+def finished(job) -> list:
+    study = optuna.load_study(study_name=job.study_name, storage=storage_for(job))
+    return [t for t in study.get_trials() if t.state.is_finished()]
+
+
+def cfg_of(t) -> dict:
+    return KernelConfig.from_dict(t.user_attrs["config"]).as_dict()
+
+
+def test_warm_pool_survives_crashing_and_hanging_warm_workers(tmp_path, monkeypatch):
+    warm_crash = {**FAST, "num_stages": 2}  # the warm worker dies; the candidate is fine
+    warm_hang = {**FAST, "num_warps": 4}  # the warm worker hangs until the timeout
+    both_crash = {**FAST, "block_m": 64}  # warm and timing worker die: recorded as failed
+    rules = [{"match": warm_crash, "fault": "crash", "on": "warm"},
+             {"match": warm_hang, "fault": "hang", "on": "warm"},
+             {"match": both_crash, "fault": "crash"}]
+    monkeypatch.setenv(INJECT_ENV, json.dumps(rules))
+    db = tmp_path / "t.sqlite"
+    job = TuneJob(PROB, "triton", "fwd", 6, mode="fake", timeout=4.0, db_path=str(db), seed=0,
+                  compile_jobs=2, enqueue=(warm_crash, warm_hang, both_crash))
+    res = run(job)  # batches: [default, warm_crash], [warm_hang, both_crash], [TPE, TPE]
+    done = finished(job)
+    assert len(done) == 6 == res.trials
+    # first measurements only (TPE may ask for one of these configs again later)
+    by = {json.dumps(cfg_of(t), sort_keys=True): t for t in done
+          if "duplicate_of" not in t.user_attrs}
+
+    def trial(c):
+        return by[json.dumps(KernelConfig(**c).as_dict(), sort_keys=True)]
+
+    assert trial(warm_crash).user_attrs["status"] == "ok"
+    assert "status 7" in trial(warm_crash).user_attrs["warm_failed"]
+    assert trial(warm_hang).user_attrs["status"] == "ok"
+    assert "no result within" in trial(warm_hang).user_attrs["warm_failed"]
+    assert trial(both_crash).user_attrs["status"] == "failed"
+    assert "status 7" in trial(both_crash).user_attrs["reason"]
+    # the last batch was warmed by the replaced workers without trouble
+    assert all("warm_failed" not in t.user_attrs for t in done[4:])
+    assert len(db_rows(db)) == res.recorded == sum("duplicate_of" not in t.user_attrs
+                                                   for t in done)
+    assert res.best_config.as_dict() != KernelConfig(**both_crash).as_dict()
+
+
+def test_batch_warms_only_new_feasible_configs(tmp_path, monkeypatch):
+    pruned = {**FAST, "block_n": 32}
+    real_feasible = space.feasible
+
+    def feasible(spec, cfg, gpu=True):  # the fake mode skips the resource model: prune one
+        if cfg == KernelConfig(**pruned):
+            return False, "pruned before compiling: test"
+        return real_feasible(spec, cfg, gpu=gpu)
+
+    monkeypatch.setattr(space, "feasible", feasible)
+    warmed = []
+    real_warm = Workers.warm
+
+    def spy(self, problem, backend, pass_, configs):
+        warmed.append(list(configs))
+        return real_warm(self, problem, backend, pass_, configs)
+
+    monkeypatch.setattr(Workers, "warm", spy)
+    db = tmp_path / "t.sqlite"
+    default = space.default(PROB.spec("triton", "bwd_kv")).as_dict()
+    # batches of 3: [default, FAST, FAST], [pruned, default, TPE]
+    job = TuneJob(PROB, "triton", "bwd_kv", 6, mode="fake", db_path=str(db), seed=1,
+                  compile_jobs=3, enqueue=(FAST, FAST, pruned, default))
+    res = run(job)
+    done = finished(job)
+    # batch 1: the repeat of FAST is not compiled twice; batch 2: neither the pruned config
+    # nor the measured default, at most the TPE sample
+    assert len(warmed) == 2 and len(warmed[0]) == 2 and len(warmed[1]) <= 1
+    assert KernelConfig(**pruned) not in warmed[1]
+    assert done[2].user_attrs["duplicate_of"] == 1  # a repeat inside one batch
+    assert done[4].user_attrs["duplicate_of"] == 0  # the default again, from the study
+    assert done[3].user_attrs["status"] == "failed" and "test" in done[3].user_attrs["reason"]
+    assert len(db_rows(db)) == res.recorded == sum("duplicate_of" not in t.user_attrs
+                                                   for t in done) >= 4
+    assert res.trials == 6 and done[0].user_attrs.get("default")
+
+
+def test_sweep_runs_every_config_once_in_its_own_study(tmp_path, small_space):
+    db = tmp_path / "t.sqlite"
+    tpe = TuneJob(PROB, "triton", "fwd", 3, mode="fake", db_path=str(db), seed=0)
+    run(tpe)
+    sw = sweep_job(TuneJob(PROB, "triton", "fwd", 1, mode="fake", db_path=str(db), seed=0,
+                           compile_jobs=2))
+    configs = space.enumerate_configs(sw.spec(), gpu=False)
+    assert sw.n_trials == len(configs) == 12
+    res = run(sw)
+    assert res.study_name == tpe.study_name + "-sweep"
+    done = finished(sw)
+    assert sorted(json.dumps(cfg_of(t), sort_keys=True) for t in done) == \
+        sorted(json.dumps(c.as_dict(), sort_keys=True) for c in configs)
+    assert done[0].user_attrs.get("default") and res.default_ms is not None
+    assert res.best_config == KernelConfig(**FAST)
+    assert len(finished(tpe)) == 3  # the TPE study is untouched
+    assert len(db_rows(db)) == 3 + 12 - sum("duplicate_of" in t.user_attrs
+                                            for t in finished(tpe))
+    with TuningDB(db, readonly=True) as tdb:
+        (best,) = tdb.best_entries()
+    assert best["config"] == KernelConfig(**FAST).as_dict()
+
+    rows = compare.compare(compare.load_studies(studies_dir()))
+    (r,) = rows
+    assert (r.pass_, r.sweep_trials, r.tpe_trials) == ("fwd", 12, 3)
+    assert r.sweep_best == KernelConfig(**FAST).as_dict() and r.sweep_ms == res.best_ms
+    assert r.tpe_ms_in_sweep == pytest.approx(r.tpe_ms_own)  # the fake timer: no noise
+    assert r.gap >= 0 and r.within == (r.gap <= 3.0)  # 3 trials <= 12 / 4
+    assert r.default_ms == res.default_ms and r.speedup == pytest.approx(
+        res.default_ms / res.best_ms)
+    out = subprocess.run([sys.executable, "benchmarks/tuner_vs_sweep.py", "--studies",
+                          str(studies_dir())], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("| problem | pass | sweep trials | sweep best | sweep ms |")
+    assert lines[2].startswith("| B2 T512 H4/2 D64/64 W128 bf16 | fwd | 12 | bm128 bn64 w8 s3")
+    assert "of 1 studies" in lines[-1]
+
+
+def test_compare_verdict():
+    r = compare.Row("n", {}, "triton", "fwd", 100, {}, 1.0, 25, {}, 1.029, 1.01, 2.0)
+    assert r.within and r.gap == pytest.approx(2.9) and r.speedup == 2.0
+    assert not compare.Row("n", {}, "triton", "fwd", 100, {}, 1.0, 26, {}, 1.0, 1.0, None).within
+    r = compare.Row("n", {}, "triton", "fwd", 100, {}, 1.0, 10, {}, 1.04, 1.0, None)
+    assert not r.within and r.speedup is None
+    none = compare.Row("n", {}, "triton", "fwd", 100, {}, 1.0, 10, {}, None, 1.0, None)
+    assert none.gap is None and not none.within
+    assert "| - | no |" in compare.markdown([none])
+
+
+def test_sweep_over_two_drivers_measures_each_config_once(tmp_path, small_space):
+    db = tmp_path / "t.sqlite"
+    sw = sweep_job(TuneJob(PROB, "triton", "bwd_q", 1, mode="fake", db_path=str(db), seed=0,
+                           storage=str(tmp_path / "sweep.journal"), compile_jobs=2))
+    res = run_on_devices(sw, [0, 1])
+    done = finished(sw)
+    assert len(done) == res.trials == sw.n_trials == 12
+    assert len({json.dumps(cfg_of(t), sort_keys=True) for t in done}) == 12
+    assert not any("duplicate_of" in t.user_attrs for t in done)
+    assert len({t.user_attrs["driver"] for t in done}) == 2
+    assert len(db_rows(db)) == res.recorded == 12
+
+
+def test_fresh_run_joins_a_study_another_driver_is_running(tmp_path):
+    job = TuneJob(PROB, "triton", "fwd", 3, mode="fake", db_path=str(tmp_path / "t.sqlite"),
+                  seed=0)
+    run(job)
+    assert len(finished(job)) == 3
+    other = TuneJob(PROB, "triton", "fwd", 0, mode="fake", resume=True)
+    with open_study(other):  # another driver holds the study: a fresh run must not reset it
+        run(TuneJob(PROB, "triton", "fwd", 2, mode="fake", db_path=str(tmp_path / "t.sqlite"),
+                    seed=1))
+    assert len(finished(job)) == 5
+    run(TuneJob(PROB, "triton", "fwd", 2, mode="fake", db_path=str(tmp_path / "t.sqlite")))
+    assert len(finished(job)) == 2  # nobody running it: fresh means fresh
