@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gfwagen
-from gfwagen.gate import GATE_BOUND, sanitize_log_gate
+from gfwagen.gate import GATE_BOUND, GATE_CHUNK, sanitize_log_gate
 from gfwagen.reference import naive_attention
 from gfwagen.validate import CHECK_FINITE_ENV, check_finite
 
@@ -240,9 +240,25 @@ def test_neg_inf_gate_means_forget(case):
     ref_leaves = _f64(*leaves)
     ref = definition_attention(*ref_leaves, case["window"], case["scale"])
     ref_grads = torch.autograd.grad(ref, ref_leaves, do.double())
-    assert rel_err(o, ref) < 1e-5
+    tol = floor_tolerance(g, 1e-5)
+    assert rel_err(o, ref) < tol
     assert_grads_close(grads, ref_grads, grad_scales(*leaves, case["window"], case["scale"], do),
-                       1e-5)
+                       tol)
+
+
+def floor_tolerance(log_gate, tol: float) -> float:
+    """The kernels' documented fp32 bound with many floors (NUMERICS.md): they keep the gate
+    sums as float32 values local to 256-position chunks, and k floors (-128 = -185 in log2
+    units) in one chunk make those values ~185k, whose float32 rounding is ~185k * 2^-24
+    per logit, twice (c_i and c_j). The reference backend computes in float64: plain tol."""
+    if BACKEND == "reference" or log_gate is None:
+        return tol
+    floors = (log_gate.detach() <= -GATE_BOUND).float()  # B, T, H
+    T = floors.shape[1]
+    pad = (-T) % GATE_CHUNK
+    per_chunk = torch.nn.functional.pad(floors, (0, 0, 0, pad)).unflatten(1, (-1, GATE_CHUNK))
+    k = int(per_chunk.sum(2).max().item())
+    return max(tol, 2 * k * GATE_BOUND * 1.4426950408889634 * 2.0 ** -24)
 
 
 def test_sanitize_log_gate_is_a_clamp():
