@@ -97,13 +97,13 @@ def _lay_out(x: torch.Tensor, layout: str, grad: bool) -> torch.Tensor:
     if layout == "sliced":  # an interior window of a larger tensor: offset, gaps between heads
         shape = list(x.shape)
         big_shape = [shape[0], shape[1] + 3, 2 * shape[2]] + [2 * s for s in shape[3:]]
-        big = torch.zeros(big_shape, dtype=x.dtype)
+        big = torch.zeros(big_shape, dtype=x.dtype, device=x.device)
         idx = (slice(None), slice(2, 2 + shape[1]), slice(None, None, 2)) + tuple(
             slice(0, s) for s in shape[3:])
         big[idx] = x
         return big.requires_grad_(grad)[idx]
     if layout == "strided-last":  # the last dimension itself strided
-        big = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+        big = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
         big[..., ::2] = x
         return big.requires_grad_(grad)[..., ::2]
     if layout == "batch-expanded":  # one batch element shared by all: batch stride 0
@@ -112,19 +112,19 @@ def _lay_out(x: torch.Tensor, layout: str, grad: bool) -> torch.Tensor:
     return x.clone().requires_grad_(grad)
 
 
-def build(case: dict, grad: bool = False):
+def build(case: dict, grad: bool = False, device: str = "cpu"):
     gen = torch.Generator().manual_seed(case["seed"])
     B, T, Hq, Hkv, D, Dv = (case[k] for k in ("B", "T", "Hq", "Hkv", "D", "Dv"))
     dt = case["dtype"]
     raw = [torch.randn(B, T, Hq, D, generator=gen), torch.randn(B, T, Hkv, D, generator=gen),
            torch.randn(B, T, Hkv, Dv, generator=gen)]
-    q, k, v = (_lay_out(x.to(dt), lay, grad) for x, lay in zip(raw, case["layouts"]))
+    q, k, v = (_lay_out(x.to(dt).to(device), lay, grad) for x, lay in zip(raw, case["layouts"]))
     g = _gate_values(case["gate"], (B, T, Hq), gen)
     if case["neg_inf"]:
         forget = torch.rand(B, T, Hq, generator=gen) < case["neg_inf"]
         g = torch.where(forget, float("-inf"), g if g is not None else torch.zeros(B, T, Hq))
     if g is not None:
-        g = _lay_out(g, case["layouts"][3], grad)
+        g = _lay_out(g.to(device), case["layouts"][3], grad)
     return q, k, v, g
 
 
@@ -510,6 +510,32 @@ def test_triton_interpreter_matches_float64(case, neg_inf):
 
 
 # ---- left for the GPU (docs/RELIABILITY.md) ------------------------------------------------
+
+@pytest.mark.gpu
+@fuzz_settings(25)
+@given(case=cases(max_t=700, dtypes=(torch.bfloat16, torch.float16), head_dims=(16, 64, 128),
+                  max_b=2),
+       neg_inf=st.booleans())
+def test_gpu_kernels_match_float64(case, neg_inf):
+    """The fuzz cases through the compiled Triton kernels on CUDA tensors (every layout,
+    GQA/MQA, windows around T, -inf gates), against the definition in float64."""
+    case = {**case, "neg_inf": 0.15 if neg_inf and case["gate"] != "none" else False}
+    q, k, v, g = build(case, grad=True, device="cuda")
+    leaves = [t for t in (q, k, v, g) if t is not None]
+    o = gfwagen.attention(q, k, v, g, window=case["window"], scale=case["scale"])
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(case["seed"] + 1))
+    grads = [t.cpu() for t in torch.autograd.grad(o, leaves, do.to(o))]
+    cpu = [t.detach().cpu() for t in leaves]
+    ref_leaves = _f64(*cpu)
+    rg = ref_leaves[3] if g is not None else None
+    ref = definition_attention(*ref_leaves[:3], rg, case["window"], case["scale"])
+    ref_grads = torch.autograd.grad(ref, ref_leaves, do.double())
+    tol = TOL[case["dtype"]]
+    assert rel_err(o, ref) < tol
+    cg = cpu[3] if g is not None else None
+    assert_grads_close(grads, ref_grads, grad_scales(*cpu[:3], cg, case["window"],
+                                                     case["scale"], do), tol)
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
