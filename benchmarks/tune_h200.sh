@@ -5,8 +5,10 @@
 #             and 1 (--devices 0,1: the two-GPU check)
 #   s1-tpe    TPE on S1 with a quarter of each pass's sweep trials, then the report
 #             (benchmarks/tuner_vs_sweep.py)
-#   ship      S2-S5 (and the classes, if time) tuned by two single-GPU processes into two
-#             databases, merged with S1's into one, exported as tuning_db/h200.jsonl
+#   ship      S1-S5 (SHIP0 / SHIP1: the shapes of each GPU) tuned by two single-GPU processes
+#             into two databases
+#   classes   the 18 head-dim x window classes, the same way
+#   merge     S1's database plus the two, into h200.sqlite, exported best-only as h200.jsonl
 # Usage:  OUT=/some/dir bash benchmarks/tune_h200.sh PHASE [extra tune options]
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -46,15 +48,27 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     b=$!
     wait $a; wait $b
     ;;
+  classes)
+    # the 18 head-dim x window classes, split between the two GPUs (--trials etc. in "$@")
+    c0=C-d64-w256,C-d64-w512,C-d64-w1024,C-d64-w2048,C-d64-w4096,C-d64-w8192,C-d128-w256,C-d128-w512,C-d128-w1024
+    c1=C-d128-w2048,C-d128-w4096,C-d128-w8192,C-d256-w256,C-d256-w512,C-d256-w1024,C-d256-w2048,C-d256-w4096,C-d256-w8192
+    CUDA_VISIBLE_DEVICES=0 tune --only "$c0" --db "$out/gpu0.sqlite" --no-plots "$@" \
+      > "$out/classes0.json" 2> "$out/classes0.log" &
+    a=$!
+    CUDA_VISIBLE_DEVICES=1 tune --only "$c1" --db "$out/gpu1.sqlite" --no-plots "$@" \
+      > "$out/classes1.json" 2> "$out/classes1.log" &
+    b=$!
+    wait $a; wait $b
+    ;;
   merge)
     cp "$out/s1.sqlite" "$out/h200.sqlite"
     for f in "$out"/gpu0.sqlite "$out"/gpu1.sqlite; do
       [ -f "$f" ] && python3 cli.py db merge "$f" --db "$out/h200.sqlite"
     done
-    python3 cli.py db export "$out/h200.jsonl" --db "$out/h200.sqlite"
+    python3 cli.py db export "$out/h200.jsonl" --best-only --db "$out/h200.sqlite"
     ;;
   *)
-    echo "phase: s1-sweep | s1-tpe | ship | merge" >&2
+    echo "phase: s1-sweep | s1-tpe | ship | classes | merge" >&2
     exit 2
     ;;
 esac
