@@ -103,9 +103,10 @@ def _segments(cu_seqlens, T):
 
 
 def _per_sequence(cu_seqlens, fn, *tensors):
-    """Runs fn on each packed sequence's slice along T (views, no copies) and concatenates
-    the outputs along each output's T dim (given with fn's results). For the TVM CPU kernels,
-    which take one sequence per batch row: the host loop costs little next to CPU compute."""
+    """fn's results on each non-empty packed sequence, in order: each (tensor, dim) of
+    `tensors` is sliced along its T dim `dim` (views, no copies; None stays None). For the
+    TVM CPU kernels, which take one sequence per batch row: the host loop costs little next
+    to CPU compute. The caller concatenates."""
     from gfwagen.varlen import lengths
 
     outs, start = [], 0
