@@ -26,6 +26,7 @@ from .common import (
     load_rows,
     load_vector,
     pair_mask,
+    row_tile_descriptor,
     varlen_key_phases,
     varlen_query_phases,
 )
@@ -266,15 +267,8 @@ def gfwa_bwd_dkdv_kernel(
         q_base = Q + b64 * stride_qb + h * stride_qh
         do_base = DO + b64 * stride_dob + h * stride_doh
         if USE_TMA:
-            q_base = tl.make_tensor_descriptor(
-                q_base, shape=[T, HEAD_D], strides=[stride_qt, 1], block_shape=[BLOCK_M, HEAD_D_PAD]
-            )
-            do_base = tl.make_tensor_descriptor(
-                do_base,
-                shape=[T, HEAD_DV],
-                strides=[stride_dot, 1],
-                block_shape=[BLOCK_M, HEAD_DV_PAD],
-            )
+            q_base = row_tile_descriptor(q_base, T, stride_qt, BLOCK_M, HEAD_D, HEAD_D_PAD)
+            do_base = row_tile_descriptor(do_base, T, stride_dot, BLOCK_M, HEAD_DV, HEAD_DV_PAD)
         cl_base = CL + bh * T
         cb_base = CB + bh * n_chunks
         cb_k = 0.0
@@ -492,12 +486,8 @@ def gfwa_bwd_dq_kernel(
     k_base = K + b64 * stride_kb + hk * stride_kh
     v_base = V + b64 * stride_vb + hk * stride_vh
     if USE_TMA:
-        k_base = tl.make_tensor_descriptor(
-            k_base, shape=[T, HEAD_D], strides=[stride_kt, 1], block_shape=[BLOCK_N, HEAD_D_PAD]
-        )
-        v_base = tl.make_tensor_descriptor(
-            v_base, shape=[T, HEAD_DV], strides=[stride_vt, 1], block_shape=[BLOCK_N, HEAD_DV_PAD]
-        )
+        k_base = row_tile_descriptor(k_base, T, stride_kt, BLOCK_N, HEAD_D, HEAD_D_PAD)
+        v_base = row_tile_descriptor(v_base, T, stride_vt, BLOCK_N, HEAD_DV, HEAD_DV_PAD)
     qk_scale = sm_scale * LOG2E
     dq = tl.zeros([BLOCK_M, HEAD_D_PAD], dtype=tl.float32)
     rowsum = tl.zeros([BLOCK_M], dtype=tl.float32)

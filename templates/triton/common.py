@@ -139,3 +139,15 @@ def varlen_query_phases(
     int_lo = tl.minimum(int_lo, hi)
     int_hi = tl.maximum(tl.minimum(int_hi, (first // BLOCK_M) * BLOCK_M), int_lo)
     return lo, int_lo, int_hi, hi
+
+
+@triton.jit
+def row_tile_descriptor(
+    base, T, stride, BLOCK: tl.constexpr, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr
+):
+    """A Hopper tensor descriptor over the [T, WIDTH] slab at `base` (row stride `stride`,
+    last dim contiguous) that loads [BLOCK, WIDTH_PAD] tiles: rows past T and columns past
+    WIDTH arrive as zeros, as load_rows' masked loads give them."""
+    return tl.make_tensor_descriptor(
+        base, shape=[T, WIDTH], strides=[stride, 1], block_shape=[BLOCK, WIDTH_PAD]
+    )

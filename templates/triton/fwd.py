@@ -20,6 +20,7 @@ from .common import (
     LOG2E,
     gate_tile_load,
     key_tile_phases,
+    row_tile_descriptor,
     varlen_key_phases,
 )
 
@@ -200,12 +201,8 @@ def gfwa_fwd_kernel(
     v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
     if USE_TMA:
         # Hopper's tensor memory accelerator: one bulk copy per tile, no address math.
-        k_base = tl.make_tensor_descriptor(
-            k_base, shape=[T, HEAD_D], strides=[stride_kt, 1], block_shape=[BLOCK_N, HEAD_D_PAD]
-        )
-        v_base = tl.make_tensor_descriptor(
-            v_base, shape=[T, HEAD_DV], strides=[stride_vt, 1], block_shape=[BLOCK_N, HEAD_DV_PAD]
-        )
+        k_base = row_tile_descriptor(k_base, T, stride_kt, BLOCK_N, HEAD_D, HEAD_D_PAD)
+        v_base = row_tile_descriptor(v_base, T, stride_vt, BLOCK_N, HEAD_DV, HEAD_DV_PAD)
     qk_scale = sm_scale * LOG2E
 
     cl_base = CL + pid_bh.to(tl.int64) * T
