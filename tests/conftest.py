@@ -16,6 +16,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def log_gpu_errors(label: str, errs: dict) -> None:
+    """One `GPUERR label name=err ...` line on stdout and, when GFWAGEN_GPU_LOG names a file,
+    appended there: pytest-xdist workers' stdout is not shown, and a run's log carries the
+    numbers."""
+    line = f"GPUERR {label} " + " ".join(f"{k}={v:.2e}" for k, v in errs.items())
+    print(line)
+    if os.environ.get("GFWAGEN_GPU_LOG"):
+        with open(os.environ["GFWAGEN_GPU_LOG"], "a") as f:
+            f.write(line + "\n")
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||a - e|| / ||e||, in float64. Where the exact answer is zero (W = 1 makes dq and dk
     zero) the float64 reference is zero or rounding noise: for float32 inputs at W = 1 its

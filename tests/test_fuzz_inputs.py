@@ -21,7 +21,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err
+from conftest import log_gpu_errors, rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -563,9 +563,7 @@ def test_gpu_million_tokens_against_float64(gate, dtype):
     p = torch.softmax(logits.masked_fill(~ok[:, None, :], float("-inf")), dim=-1)
     ref = torch.einsum("rhw,rwhd->rhd", p, v64[cols])
     err = rel_err(o[0, rows], ref)
-    if os.environ.get("GFWAGEN_GPU_LOG"):
-        with open(os.environ["GFWAGEN_GPU_LOG"], "a") as f:
-            f.write(f"GPUERR million-fwd gate={gate} {dtype} o={err:.2e}\n")
+    log_gpu_errors(f"million-fwd gate={gate} {dtype}", {"o": err})
     assert err < TOL[dtype]
 
 
@@ -600,12 +598,8 @@ def test_gpu_million_tokens_backward_against_float64(gate):
     # dq, dk are ~1e-8 of their terms, below bf16's resolution of them.
     scaled = {n: (a.double() - e).norm().item() / max(e.norm().item(), m.item())
               for n, a, e, m in (("dq", grads[0], ref[0], sq), ("dk", grads[1], ref[1], sk))}
-    if os.environ.get("GFWAGEN_GPU_LOG"):
-        with open(os.environ["GFWAGEN_GPU_LOG"], "a") as f:
-            f.write(f"GPUERR million-bwd gate={gate} bf16 "
-                    + " ".join(f"{n}={e:.2e}" for n, e in errs.items())
-                    + " | vs terms: " + " ".join(f"{n}={e:.2e}" for n, e in scaled.items())
-                    + "\n")
+    log_gpu_errors(f"million-bwd gate={gate} bf16", {
+        **errs, **{f"{n}_vs_terms": e for n, e in scaled.items()}})
     for n in ("o", "dv", "dg"):
         assert errs[n] < TOL[torch.bfloat16], (n, errs[n])
     for n, e in scaled.items():

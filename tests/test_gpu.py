@@ -1,11 +1,10 @@
 """Realistic sizes on a CUDA GPU against float64 (skipped without one). Each case prints its
 errors on a `GPUERR` line so that a run's log carries the numbers."""
 
-import os
 
 import pytest
 import torch
-from conftest import make_inputs, rel_err
+from conftest import log_gpu_errors, make_inputs, rel_err
 
 import gfwagen
 from gfwagen.reference import reference_backward, reference_forward
@@ -51,11 +50,7 @@ def test_gpu_matches_float64(case, dtype_name):
     errs = {"o": rel_err(o, o64)}
     for nm, a, e in zip(["dq", "dk", "dv", "dg"], grads, ref):
         errs[nm] = rel_err(a, e)
-    line = f"GPUERR {name} {dtype_name} " + " ".join(f"{k}={v:.2e}" for k, v in errs.items())
-    print(line)
-    if os.environ.get("GFWAGEN_GPU_LOG"):  # pytest-xdist workers' stdout is not shown
-        with open(os.environ["GFWAGEN_GPU_LOG"], "a") as f:
-            f.write(line + "\n")
+    log_gpu_errors(f"{name} {dtype_name}", errs)
     for nm, err in errs.items():
         assert err < TOL[dtype], (nm, err)
 
@@ -120,11 +115,7 @@ def test_gpu_varlen_matches_per_sequence(case, dtype_name):
     errs = {"o": rel_err(o, torch.cat(refs["o"], 1))}
     for nm, a in zip(["dq", "dk", "dv", "dg"], grads):
         errs[nm] = rel_err(a, torch.cat(refs[nm], 1))
-    line = f"GPUERR {name} {dtype_name} " + " ".join(f"{k}={v:.2e}" for k, v in errs.items())
-    print(line)
-    if os.environ.get("GFWAGEN_GPU_LOG"):
-        with open(os.environ["GFWAGEN_GPU_LOG"], "a") as f:
-            f.write(line + "\n")
+    log_gpu_errors(f"{name} {dtype_name}", errs)
     for nm, err in errs.items():
         assert err < TOL[dtype], (nm, err)
 
@@ -154,10 +145,6 @@ def test_gpu_knobs_tma_prefetch(case, tma):
     for nm, a, e in zip(["dq", "dk", "dv", "dg"], got, ref):
         if e is not None:
             errs[nm] = rel_err(a, e)
-    line = f"GPUERR knobs-tma={tma} {name} bf16 " + " ".join(f"{k}={v:.2e}"
-                                                          for k, v in errs.items())
-    if os.environ.get("GFWAGEN_GPU_LOG"):
-        with open(os.environ["GFWAGEN_GPU_LOG"], "a") as f:
-            f.write(line + "\n")
+    log_gpu_errors(f"knobs-tma={tma} {name} bf16", errs)
     for nm, err in errs.items():
         assert err < 1e-2, (nm, err)
