@@ -12,15 +12,15 @@ from gfwagen.dispatch import tvm_available
 BACKENDS = ["triton", "reference"] + (["tvm"] if tvm_available() else [])
 
 
-def per_sequence_oracle(q, k, v, g, window, lens):
-    """o and the gradients of sum(o * do), sequence by sequence, in float64."""
+def per_sequence_oracle(q, k, v, g, window, lens, scale=None):
+    """o (float64, differentiable in the returned leaves), sequence by sequence."""
     leaves = [t.detach().double().requires_grad_() if t is not None else None
               for t in (q, k, v, g)]
     outs, s = [], 0
     for n in lens:
         sl = [t[:, s:s + n] if t is not None else None for t in leaves]
         if n:
-            outs.append(naive_attention(*sl, window=window))
+            outs.append(naive_attention(*sl, window=window, scale=scale))
         s += n
     return torch.cat(outs, 1), leaves
 
@@ -159,13 +159,7 @@ def test_varlen_with_template_knobs(tma, prefetch):
     o, lse = tb.forward(q, k, v, g, 9, 0.25, cfg_a, segs)
     do = torch.randn_like(o)
     got = tb.backward(do, q, k, v, o, lse, g, 9, 0.25, cfg_b, cfg_a, segs)
-    leaves = [t.double().requires_grad_() for t in (q, k, v, g)]
-    s, outs = 0, []
-    for n in lens:
-        if n:
-            outs.append(naive_attention(*(t[:, s:s + n] for t in leaves), window=9, scale=0.25))
-        s += n
-    ref = torch.cat(outs, 1)
+    ref, leaves = per_sequence_oracle(q, k, v, g, 9, lens, scale=0.25)
     assert rel_err(o, ref) < 1e-5
     exp = torch.autograd.grad(ref, leaves, do.double())
     for name, a, e in zip(("dq", "dk", "dv", "dg"), got, exp):
