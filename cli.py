@@ -645,12 +645,12 @@ def tune(gpu, preset, only, head_dim, window, dtype, seqlen, batch, heads, kv_he
         problems.append((name, Problem(b, t, h, hkv, d, d, w, dtype, gated)))
     path = _resolve(db_path)
     jobs = compile_jobs or _default_compile_jobs(mode, devs)
-    knob_list = None if knobs is None else \
-        tuple(k for k in knobs.split(",") if k and k != "none")
-    bad = [k for k in knob_list or () if k not in space.KNOBS]
-    if bad:
-        raise click.BadParameter(f"{', '.join(bad)}; known: {', '.join(space.KNOBS)}, none",
-                                 param_hint="--knobs")
+    knob_list = None
+    if knobs is not None:
+        try:
+            knob_list = space.check_knobs(k for k in knobs.split(",") if k and k != "none")
+        except ValueError as e:
+            raise click.BadParameter(f"{e}, or none", param_hint="--knobs") from None
     if mode == "cpu" and jobs > 1:
         _log("tune: --compile-jobs gains nothing on the CPU: TVM keeps compiled kernels per "
              "process, so the timing worker compiles again")

@@ -52,15 +52,21 @@ def tvm_extras() -> dict:
     return dict(getattr(tvm_backend, "TUNABLE_EXTRAS", {}) or {})
 
 
+def check_knobs(knobs) -> tuple[str, ...]:
+    """knobs as a tuple; ValueError naming any that is not in KNOBS."""
+    knobs = tuple(knobs)
+    bad = [k for k in knobs if k not in KNOBS]
+    if bad:
+        raise ValueError(f"unknown knob(s) {', '.join(bad)}; known: {', '.join(KNOBS)}")
+    return knobs
+
+
 def knobs_for(spec: KernelSpec, knobs=None) -> tuple[str, ...]:
     """The switches that change something for this spec (the gate prefetch needs a gate).
     knobs None: DEFAULT_KNOBS."""
     if spec.backend != "triton":
         return ()
-    knobs = DEFAULT_KNOBS if knobs is None else knobs
-    bad = [k for k in knobs if k not in KNOBS]
-    if bad:
-        raise ValueError(f"unknown knob(s) {', '.join(bad)}; known: {', '.join(KNOBS)}")
+    knobs = check_knobs(DEFAULT_KNOBS if knobs is None else knobs)
     return tuple(k for k in KNOBS if k in knobs and (k != "prefetch_gate" or spec.gated))
 
 
