@@ -1,19 +1,23 @@
 """The model features on a CUDA GPU (skipped without one): the fused gate preprocessing, the
-decode kernel over the ring cache, the GatedFWA layer (compiled training, cached generation)
-and NSA's gated sliding branch, against the same oracles as their CPU tests."""
+fused gate prefix sums and gate gradient, the decode kernel over the ring cache, the GatedFWA
+layer (compiled training, cached generation) and NSA's gated sliding branch, against the same
+oracles as their CPU tests."""
 
 import pytest
 import torch
 from conftest import make_inputs, rel_err
 from test_decode import _case
 from test_gate_preprocess import _inputs, _oracle
+from test_gate_sums import _check_bwd, _check_fwd, _log_gate, _sums
 from test_nsa import _plain_sliding_window
 
 import gfwagen
+from gfwagen import gate_sums
 from gfwagen.decode import decode_attention
 from gfwagen.gate_preprocess import gate_preprocess
 from gfwagen.nn import GatedFWA, GatedFWACache
 from gfwagen.nsa import gated_sliding_attn
+from gfwagen.varlen import segment_bounds
 
 pytestmark = pytest.mark.gpu
 
@@ -30,6 +34,81 @@ def test_gpu_gate_preprocess(B, T, H):
     exp = torch.autograd.grad((rg, rl), (h64, b64), (dg.double(), dl.double()))
     for a, e in zip(got, exp):
         assert rel_err(a, e) < 1e-5
+
+
+@pytest.mark.parametrize("B,T,H", [(8, 4096, 16), (2, 5000, 3), (1, 1, 1), (1, 1 << 18, 4)])
+@pytest.mark.parametrize("splits", [None, 1, 7])
+def test_gpu_gate_sums_match_torch(B, T, H, splits):
+    """The fused kernels against the torch functions on the GPU (torch's float64 cumsum there
+    is a parallel scan: neither side sums in order)."""
+    for kind in ("near0", "mixed"):
+        _check_fwd(_log_gate(B, T, H, kind, seed=T).cuda(), splits=splits)
+    for dtype in (torch.float32, torch.float64):
+        row, col = (t.cuda() for t in _sums(B, H, T, dtype, seed=T, layout="stacked"))
+        _check_bwd(row, col, splits=splits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_gate_sums_half_and_strided(dtype):
+    lg = _log_gate(2, 3000, 32, "mixed", seed=1).cuda()
+    _check_fwd(lg.to(dtype))
+    _check_fwd(lg[:, ::2, 1::3])
+
+
+@pytest.mark.parametrize("T", [300, 70000])
+def test_gpu_gate_grad_varlen(T):
+    g = torch.Generator().manual_seed(T)
+    cuts = torch.randint(0, T + 1, (max(1, T // 700),), generator=g).sort().values.tolist()
+    cu = torch.tensor([0, 0, 1, 1, *cuts, T - 1, T, T], device="cuda")
+    _, seg_end = segment_bounds(cu, T)
+    for dtype in (torch.float32, torch.float64):
+        row, col = (t.cuda() for t in _sums(1, 16, T, dtype, seed=1))
+        for splits in (None, 1):
+            _check_bwd(row, col, seg_end, splits=splits)
+
+
+def test_gpu_gate_sums_in_cuda_graph():
+    """No host sync: the fused launches capture into a CUDA graph and replay on new inputs."""
+    lg = _log_gate(2, 3000, 16, "near0").cuda()
+    row, col = (t.cuda() for t in _sums(2, 16, 3000, torch.float32, seed=0))
+    _, seg_end = segment_bounds(torch.tensor([0, 5, 5, 2000, 3000], device="cuda"), 3000)
+
+    def step():
+        return (*gate_sums.chunked_prefix_sums_fused(lg, spare=1),
+                gate_sums.gate_grad_from_sums_fused(row, col),
+                gate_sums.gate_grad_from_sums_fused(row, col, seg_end))
+
+    expected_before = [t.clone() for t in step()]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    lg.mul_(0.5)
+    row.mul_(2.0)
+    graph.replay()
+    expected = step()
+    for a, e, old in zip(outs, expected, expected_before):
+        assert torch.equal(a, e) and not torch.equal(a, old)
+
+
+def test_gpu_attention_fused_gate_sums_match_torch_path(monkeypatch):
+    """The whole op, forward and backward (packed sequences too), with the fused gate sums and
+    with the torch ones (GFWAGEN_GATE_SUMS=torch)."""
+    q, k, v, lg = make_inputs(1, 3000, 8, 2, 64, 64, torch.bfloat16, True, device="cuda", seed=0)
+    cu = torch.tensor([0, 1000, 1000, 2999, 3000], device="cuda")
+
+    def run(env):
+        monkeypatch.setenv(gate_sums.GATE_SUMS_ENV, env)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, lg)]
+        o = gfwagen.attention(*leaves, window=512, cu_seqlens=cu)
+        return (o, *torch.autograd.grad(o, leaves, torch.ones_like(o)))
+
+    for a, b in zip(run("fused"), run("torch")):
+        assert rel_err(a, b) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

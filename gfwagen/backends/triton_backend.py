@@ -12,6 +12,7 @@ import dataclasses
 
 import torch
 
+from gfwagen import gate_sums
 from gfwagen.gate import GATE_CHUNK, chunked_prefix_sums, gate_grad_from_sums
 from gfwagen.spec import KernelConfig
 from gfwagen.template_loader import load_template
@@ -38,9 +39,18 @@ def _fit(cfg: KernelConfig, T: int) -> tuple[int, int]:
 def _gate(log_gate):
     if log_gate is None:
         return None
-    local, base = chunked_prefix_sums(log_gate, GATE_CHUNK)
     # One spare base so a kernel's prefetch past the last chunk reads valid memory.
+    if gate_sums.use_fused(log_gate):
+        local, base = gate_sums.chunked_prefix_sums_fused(log_gate, GATE_CHUNK, spare=1)
+        return local, base, GATE_CHUNK
+    local, base = chunked_prefix_sums(log_gate, GATE_CHUNK)
     return local, torch.nn.functional.pad(base, (0, 1)).contiguous(), GATE_CHUNK
+
+
+def _gate_grad(row_sums, col_sums, seg_end):
+    if gate_sums.use_fused(row_sums):
+        return gate_sums.gate_grad_from_sums_fused(row_sums, col_sums, seg_end)
+    return gate_grad_from_sums(row_sums, col_sums, seg_end)
 
 
 def _tma_usable(*ts: torch.Tensor) -> bool:
@@ -167,6 +177,5 @@ def backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv: KernelConfig,
     elif q.numel() == 0:
         dg = torch.zeros_like(log_gate)
     else:
-        dg = gate_grad_from_sums(st.row_sums, st.col_sums,
-                                 segs[1] if segs is not None else None)
+        dg = _gate_grad(st.row_sums, st.col_sums, segs[1] if segs is not None else None)
     return st.dq, st.dk, st.dv, dg

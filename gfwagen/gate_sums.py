@@ -1,0 +1,87 @@
+"""The gate's prefix sums and their gradient in one or two Triton launches each (the template
+templates/triton/gate_sums.py), for the Triton backend on CUDA: the same results as
+gfwagen.gate.chunked_prefix_sums and gfwagen.gate.gate_grad_from_sums (to float64 rounding:
+the float64 sums run in another order), which stay the CPU path, the reference and the fallback.
+
+    local, base = chunked_prefix_sums_fused(log_gate, spare=1)   # base [B, H, nchunk + 1]
+    dlog_gate = gate_grad_from_sums_fused(row_sums, col_sums, seg_end)
+
+The torch versions take ~5-10 small launches each way; at B=8, T=4096, H=16 they were a visible
+share of a ~0.5 ms attention call. The launch shapes depend on tensor shapes only (no host
+sync: safe under torch.compile and in CUDA graphs). GFWAGEN_GATE_SUMS=torch turns the fused
+path off (use_fused is False everywhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from gfwagen.gate import GATE_CHUNK
+
+GATE_SUMS_ENV = "GFWAGEN_GATE_SUMS"
+
+__all__ = ["chunked_prefix_sums_fused", "gate_grad_from_sums_fused", "use_fused"]
+
+
+def use_fused(t: torch.Tensor) -> bool:
+    """Whether the Triton backend takes the fused kernels for this tensor: CUDA tensors, unless
+    GFWAGEN_GATE_SUMS=torch. CPU tensors (the Triton interpreter included) keep the torch
+    functions; the tests call the fused ones directly."""
+    return t.is_cuda and os.environ.get(GATE_SUMS_ENV, "fused") != "torch"
+
+
+def _template():
+    from gfwagen.template_loader import load_template
+
+    return load_template("triton", "gate_sums")
+
+
+def _device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def chunked_prefix_sums_fused(
+    log_gate: torch.Tensor, chunk: int = GATE_CHUNK, spare: int = 0, splits: int | None = None
+):
+    """As gfwagen.gate.chunked_prefix_sums: [B, T, H] log gates (float32/16, bfloat16, any
+    strides) -> (local [B, H, T] float32, base [B, H, ceil(T / chunk) + spare] float64), the
+    spare entries 0. splits: how many pieces T is cut into (None: chosen from the shape)."""
+    B, T, H = log_gate.shape
+    nc = -(-T // chunk)
+    local = torch.empty(B, H, T, dtype=torch.float32, device=log_gate.device)
+    base = torch.empty(B, H, nc + spare, dtype=torch.float64, device=log_gate.device)
+    if T == 0 or B * H == 0:
+        return local, base.zero_()
+    with _device(log_gate):
+        _template().launch_gate_sums_fwd(log_gate, local, base, chunk, splits)
+    return local, base
+
+
+def gate_grad_from_sums_fused(
+    row_sums: torch.Tensor,
+    col_sums: torch.Tensor,
+    seg_end: torch.Tensor | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """As gfwagen.gate.gate_grad_from_sums: row and column sums [B, H, T] (float32 or float64,
+    any strides), seg_end None or [T] int -> dlog_gate [B, T, H] float32 (float64 when the sums
+    are)."""
+    B, H, T = row_sums.shape
+    dev = row_sums.device
+    out_dtype = torch.float64 if row_sums.dtype == torch.float64 else torch.float32
+    out = torch.empty(B, T, H, dtype=out_dtype, device=dev)
+    if out.numel() == 0:
+        return out
+    tpl = _template()
+    n_split = tpl.bwd_splits(B, H, T, splits)
+    tot = torch.empty(B * H * n_split, dtype=torch.float64, device=dev) if n_split > 1 else None
+    rev = None
+    if seg_end is not None:
+        seg_end = seg_end.contiguous()
+        rev = torch.empty(B, T, H, dtype=torch.float64, device=dev)
+    with _device(row_sums):
+        tpl.launch_gate_sums_bwd(row_sums, col_sums, out, seg_end, rev, tot, splits)
+    return out

@@ -1,0 +1,295 @@
+"""The gate's prefix sums (forward) and their gradient (backward), Triton template: the fused
+versions of gfwagen.gate.chunked_prefix_sums and gfwagen.gate.gate_grad_from_sums.
+
+Forward, from log_gate [B, T, H] (any strides, any float dtype):
+
+    local [B, H, T] float32    = log2(e) * (sum of the gates of t's CHUNK-chunk up to t)
+    base  [B, H, n_base] float64: base[n] = log2(e) * (sum of the gates of chunks < n), and
+                                  0 in the spare entries past the last chunk
+
+Backward, from the attention's row and column sums of dS ([B, H, T], float32 or float64) and,
+for packed sequences, seg_end [T] (one past the end of each position's sequence):
+
+    dc = row - col (float64);  rev[t] = sum_{s >= t} dc_s
+    dlog_gate[t] = rev[t] - rev[seg_end[t]]  (rev[T] = 0), and exactly 0 at t = 0 and wherever
+                   seg_end changes (the first position of a sequence)
+
+Every sum runs in float64: |c| reaches 1e5 at a million tokens, and dc sums to zero over a
+sequence, so the suffix sums are differences of large partial sums.
+
+Both directions cut T into splits, one program per (batch, block of heads, split), so that a
+single long sequence still fills the GPU. A program walks its split one tile at a time carrying
+a float64 total. With one split the walk covers T and one launch does everything; with more,
+the sums that cross splits come from a second launch (the forward scans the chunk totals the
+first launch left in base; the backward's first launch stores each split's total and the
+second adds those of the later splits). This file imports nothing from gfwagen.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def gate_sums_fwd_kernel(
+    g_ptr,
+    local_ptr,
+    base_ptr,
+    T,
+    H,
+    NC,
+    N_BASE,
+    stride_b,
+    stride_t,
+    stride_h,
+    chunks_per_split,
+    BLOCK_H: tl.constexpr,
+    CHUNK: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_in = offs_h < H
+    k0 = tl.program_id(2) * chunks_per_split
+    k1 = tl.minimum(k0 + chunks_per_split, NC)
+    rows = (pid_b * H + offs_h).to(tl.int64)
+    g_row = g_ptr + pid_b * stride_b + offs_h.to(tl.int64) * stride_h
+    base_row = base_ptr + rows * N_BASE
+    running = tl.zeros([BLOCK_H], dtype=tl.float64)
+    for kc in tl.range(k0, k1):
+        offs_t = kc * CHUNK + tl.arange(0, CHUNK)
+        m = (offs_t < T)[:, None] & h_in[None, :]
+        x = tl.load(g_row[None, :] + offs_t.to(tl.int64)[:, None] * stride_t, mask=m, other=0.0)
+        x = x.to(tl.float64)
+        # The chunk-local sum in float64, narrowed once: float32 only ever holds the sum over
+        # one chunk, as the attention kernels assume.
+        loc = tl.cumsum(x, axis=0) * LOG2E
+        tl.store(local_ptr + rows[None, :] * T + offs_t[:, None], loc.to(tl.float32), mask=m)
+        total = tl.sum(x, axis=0)
+        if ONE_SPLIT:
+            tl.store(base_row + kc, running * LOG2E, mask=h_in)
+            running += total
+        else:
+            # Shifted by one so that gate_sums_scan_kernel's inclusive scan is base itself;
+            # the last chunk's total feeds no base.
+            tl.store(base_row + kc + 1, total, mask=h_in & (kc + 1 < NC))
+    if ONE_SPLIT:
+        # The spare entries (a kernel's gate prefetch may read one past the last chunk).
+        for n in tl.range(NC, N_BASE):
+            tl.store(base_row + n, tl.zeros([BLOCK_H], dtype=tl.float64), mask=h_in)
+
+
+@triton.jit
+def gate_sums_scan_kernel(base_ptr, NC, N_BASE, BLOCK: tl.constexpr):
+    """base[row, n] <- log2(e) * sum_{0 < m <= n} base[row, m] in place (the chunk totals that
+    gate_sums_fwd_kernel stored shifted by one), base[row, 0] = 0, spares 0."""
+    ptr = base_ptr + tl.program_id(0).to(tl.int64) * N_BASE
+    carry = tl.zeros([1], dtype=tl.float64)
+    for j in tl.range(0, tl.cdiv(N_BASE, BLOCK)):
+        idx = j * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(ptr + idx, mask=(idx >= 1) & (idx < NC), other=0.0).to(tl.float64)
+        c = tl.cumsum(x, axis=0) + carry
+        tl.store(ptr + idx, tl.where(idx < NC, c * LOG2E, 0.0), mask=idx < N_BASE)
+        carry += tl.sum(x, axis=0)
+
+
+@triton.jit
+def _dc_tile(row_ptr, col_ptr, offs_t, m, rs_t, cs_t):
+    r = tl.load(row_ptr + offs_t.to(tl.int64)[:, None] * rs_t, mask=m, other=0.0)
+    c = tl.load(col_ptr + offs_t.to(tl.int64)[:, None] * cs_t, mask=m, other=0.0)
+    return r.to(tl.float64) - c.to(tl.float64)
+
+
+@triton.jit
+def gate_sums_bwd_kernel(
+    row_ptr,
+    col_ptr,
+    tot_ptr,
+    out_ptr,
+    T,
+    H,
+    n_split,
+    tiles_per_split,
+    rs_b,
+    rs_h,
+    rs_t,
+    cs_b,
+    cs_h,
+    cs_t,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
+    TOTALS: tl.constexpr,
+    FROM_TOTALS: tl.constexpr,
+    RAW_REV: tl.constexpr,
+):
+    """TOTALS: tot[b, h, split] = sum of dc over the split. Otherwise the reverse sums of the
+    split, plus those of the later splits read from tot when FROM_TOTALS, into out ([B, T, H]):
+    rev itself in float64 when RAW_REV (gate_sums_restart_kernel finishes it), else the
+    gradient with its first position zeroed, in out's dtype."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_in = offs_h < H
+    split = tl.program_id(2)
+    j0 = split * tiles_per_split
+    j1 = tl.minimum(j0 + tiles_per_split, tl.cdiv(T, BLOCK_T))
+    r_row = row_ptr + pid_b * rs_b + offs_h.to(tl.int64)[None, :] * rs_h
+    c_row = col_ptr + pid_b * cs_b + offs_h.to(tl.int64)[None, :] * cs_h
+    tot_row = tot_ptr + (pid_b * H + offs_h).to(tl.int64) * n_split
+    if TOTALS:
+        acc = tl.zeros([BLOCK_H], dtype=tl.float64)
+        for j in tl.range(j0, j1):
+            offs_t = j * BLOCK_T + tl.arange(0, BLOCK_T)
+            m = (offs_t < T)[:, None] & h_in[None, :]
+            acc += tl.sum(_dc_tile(r_row, c_row, offs_t, m, rs_t, cs_t), axis=0)
+        tl.store(tot_row + split, acc, mask=h_in)
+    else:
+        carry = tl.zeros([BLOCK_H], dtype=tl.float64)
+        if FROM_TOTALS:
+            for s0 in tl.range(split + 1, n_split, SPLIT_BLOCK):
+                s = s0 + tl.arange(0, SPLIT_BLOCK)
+                tm = (s < n_split)[:, None] & h_in[None, :]
+                carry += tl.sum(tl.load(tot_row[None, :] + s[:, None], mask=tm, other=0.0), 0)
+        for i in tl.range(0, j1 - j0):
+            offs_t = (j1 - 1 - i) * BLOCK_T + tl.arange(0, BLOCK_T)
+            m = (offs_t < T)[:, None] & h_in[None, :]
+            dc = _dc_tile(r_row, c_row, offs_t, m, rs_t, cs_t)
+            rev = tl.cumsum(dc, axis=0, reverse=True) + carry[None, :]
+            carry += tl.sum(dc, axis=0)
+            out = out_ptr + (pid_b * T + offs_t)[:, None] * H + offs_h[None, :]
+            if RAW_REV:
+                tl.store(out, rev, mask=m)
+            else:
+                # dc sums to zero over the sequence: the gate at t = 0 has no gradient, and
+                # rev there is rounding residue.
+                rev = tl.where((offs_t == 0)[:, None], 0.0, rev)
+                tl.store(out, rev.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def gate_sums_restart_kernel(
+    rev_ptr, end_ptr, out_ptr, T, H, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr
+):
+    """out[b, t, h] = rev[b, t, h] - rev[b, seg_end[t], h] (rev past T is 0), exactly 0 at the
+    first position of each sequence; rev and out [B, T, H]."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    t_in = offs_t < T
+    m = t_in[:, None] & (offs_h < H)[None, :]
+    end = tl.load(end_ptr + offs_t, mask=t_in, other=0).to(tl.int64)
+    prev = tl.load(end_ptr + offs_t - 1, mask=t_in & (offs_t >= 1), other=0).to(tl.int64)
+    first = (offs_t == 0) | (end != prev)
+    rev = tl.load(rev_ptr + (pid_b * T + offs_t)[:, None] * H + offs_h[None, :], mask=m)
+    # Subtracting the tail past the sequence's end, rather than restarting the sum there,
+    # keeps gfwagen.gate.gate_grad_from_sums' arithmetic (and stays in bounds whatever
+    # seg_end holds).
+    in_range = (end >= 0) & (end < T)
+    tail = tl.load(
+        rev_ptr + (pid_b * T + end)[:, None] * H + offs_h[None, :],
+        mask=m & in_range[:, None],
+        other=0.0,
+    )
+    out = tl.where(first[:, None], 0.0, rev - tail)
+    tl.store(
+        out_ptr + (pid_b * T + offs_t)[:, None] * H + offs_h[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=m,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers: the caller allocates; these pick the launch shape from the shapes alone (no
+# device reads, so they run inside CUDA graphs).
+
+# Programs to aim for when splitting T: a few waves on a large GPU; a split never gets less
+# than one tile.
+TARGET_PROGRAMS = 512
+SCAN_BLOCK = 1024
+
+
+def _block_h(H):
+    return min(16, triton.next_power_of_2(H))
+
+
+def _split(tiles, lanes, splits):
+    """(splits, tiles per split) for `tiles` tiles per lane and `lanes` (batch, head block)
+    pairs; splits=None picks enough to reach TARGET_PROGRAMS."""
+    if splits is None:
+        splits = triton.cdiv(TARGET_PROGRAMS, max(lanes, 1))
+    per = triton.cdiv(tiles, max(1, min(int(splits), tiles)))
+    return triton.cdiv(tiles, per), per
+
+
+def launch_gate_sums_fwd(log_gate, local, base, chunk, splits=None, num_warps=4):
+    """log_gate [B, T, H] (T >= 1); local [B, H, T] float32 and base [B, H, n_base] float64,
+    n_base >= ceil(T / chunk), both contiguous."""
+    B, T, H = log_gate.shape
+    nc = triton.cdiv(T, chunk)
+    n_base = base.shape[-1]
+    bh = _block_h(H)
+    hb = triton.cdiv(H, bh)
+    n_split, per = _split(nc, B * hb, splits)
+    gate_sums_fwd_kernel[(B, hb, n_split)](
+        log_gate,
+        local,
+        base,
+        T,
+        H,
+        nc,
+        n_base,
+        log_gate.stride(0),
+        log_gate.stride(1),
+        log_gate.stride(2),
+        per,
+        BLOCK_H=bh,
+        CHUNK=chunk,
+        ONE_SPLIT=n_split == 1,
+        num_warps=num_warps,
+    )
+    if n_split > 1:
+        blk = min(SCAN_BLOCK, triton.next_power_of_2(n_base))
+        gate_sums_scan_kernel[(B * H,)](base, nc, n_base, BLOCK=blk, num_warps=4)
+
+
+def launch_gate_sums_bwd(
+    row, col, out, seg_end=None, rev=None, tot=None, splits=None, block_t=256, num_warps=4
+):
+    """row, col [B, H, T] (any strides); out [B, T, H] contiguous. With seg_end ([T] int),
+    rev is a float64 [B, T, H] scratch. tot: float64 scratch of at least B * H *
+    bwd_splits(...) elements, needed when that is more than one."""
+    B, H, T = row.shape
+    bh = _block_h(H)
+    hb = triton.cdiv(H, bh)
+    n_split, per = _split(triton.cdiv(T, block_t), B * hb, splits)
+    dst = rev if seg_end is not None else out
+    common = dict(BLOCK_T=block_t, BLOCK_H=bh, SPLIT_BLOCK=64, num_warps=num_warps)
+    args = (
+        row,
+        col,
+        tot if tot is not None else dst,
+        dst,
+        T,
+        H,
+        n_split,
+        per,
+        *row.stride(),
+        *col.stride(),
+    )
+    grid = (B, hb, n_split)
+    if n_split > 1:
+        gate_sums_bwd_kernel[grid](*args, TOTALS=True, FROM_TOTALS=False, RAW_REV=False, **common)
+    gate_sums_bwd_kernel[grid](
+        *args, TOTALS=False, FROM_TOTALS=n_split > 1, RAW_REV=seg_end is not None, **common
+    )
+    if seg_end is not None:
+        bt = 64
+        gate_sums_restart_kernel[(B, triton.cdiv(T, bt), hb)](
+            rev, seg_end, out, T, H, BLOCK_T=bt, BLOCK_H=bh, num_warps=4
+        )
+
+
+def bwd_splits(B, H, T, splits=None, block_t=256):
+    """How many splits launch_gate_sums_bwd uses (its tot scratch holds B * H * this)."""
+    return _split(triton.cdiv(T, block_t), B * triton.cdiv(H, _block_h(H)), splits)[0]

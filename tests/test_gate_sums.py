@@ -1,0 +1,207 @@
+"""The fused gate prefix sums and gate gradient (templates/triton/gate_sums.py) against the torch
+functions they replace on CUDA (gfwagen.gate), in the Triton interpreter, tiny shapes.
+
+Both sides sum in float64 but in different orders, so float64 results agree to rounding and
+float32 ones to one float32 rounding. (Sums of float32 inputs are usually exact in float64, and
+then the two agree bit for bit; the float64 and wide-range cases below are where they do not.)
+"""
+
+import os
+
+import pytest
+import torch
+from conftest import make_inputs
+
+import gfwagen
+from gfwagen import gate_sums
+from gfwagen.gate import GATE_BOUND, GATE_CHUNK, chunked_prefix_sums, gate_grad_from_sums
+from gfwagen.gate_sums import chunked_prefix_sums_fused, gate_grad_from_sums_fused
+from gfwagen.varlen import segment_bounds
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="runs the Triton interpreter (CPU only)"
+)
+
+F32_EPS = torch.finfo(torch.float32).eps
+
+
+def _log_gate(B, T, H, kind, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, H, generator=g)
+    if kind == "near0":  # ~ -0.1: long memory, |c| grows slowly
+        lg = -0.1 * torch.exp(0.3 * x)
+    elif kind == "deep":  # ~ -20
+        lg = -20.0 + 2.0 * x
+    elif kind == "mixed":  # realistic logsigmoid gates, a few at the clamp floor
+        lg = torch.nn.functional.logsigmoid(x + 3.0)
+        lg[torch.rand(B, T, H, generator=g) < 0.05] = -GATE_BOUND
+    else:
+        raise ValueError(kind)
+    return lg.to(dtype)
+
+
+def _check_fwd(lg, splits=None):
+    local, base = chunked_prefix_sums_fused(lg, splits=splits)
+    ref_local, ref_base = chunked_prefix_sums(lg)
+    assert local.dtype == torch.float32 and local.shape == ref_local.shape
+    assert base.dtype == torch.float64 and base.shape == ref_base.shape
+    assert local.is_contiguous() and base.is_contiguous()
+    scale = ref_base.abs().amax(-1, keepdim=True).clamp_min(1.0)
+    assert ((base - ref_base).abs() <= 1e-13 * scale).all()
+    assert (base[..., 0] == 0).all()
+    # local is one float32 rounding of a float64 value both sides agree on to ~1e-13
+    tol = F32_EPS * ref_local.double().abs() + 1e-12 * scale
+    assert ((local.double() - ref_local.double()).abs() <= tol).all()
+    return local, base
+
+
+@pytest.mark.parametrize("B,T,H", [(1, 1, 1), (2, 255, 3), (1, 256, 2), (2, 257, 5), (1, 1000, 2)])
+@pytest.mark.parametrize("kind", ["near0", "deep", "mixed"])
+def test_prefix_sums_match_torch(B, T, H, kind):
+    lg = _log_gate(B, T, H, kind, seed=T + H)
+    _check_fwd(lg)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 64])
+def test_prefix_sums_any_split(splits):
+    """One launch (one split: the running base is carried in the first kernel) and two (the
+    chunk totals scanned by the second), with splits that do not divide the chunk count."""
+    lg = _log_gate(2, 5 * GATE_CHUNK + 17, 3, "mixed", seed=splits)
+    _check_fwd(lg, splits=splits)
+
+
+def test_prefix_sums_strided_and_half():
+    lg = _log_gate(3, 300, 4, "near0", seed=7)
+    # a [B, H, T] tensor seen as [B, T, H] (the layout the fused kernel writes) and a slice
+    _check_fwd(lg.transpose(1, 2).contiguous().transpose(1, 2))
+    _check_fwd(_log_gate(2, 300, 8, "mixed", seed=8)[:, 1::2, ::3])
+    _check_fwd(lg.to(torch.float16))
+
+
+def test_prefix_sums_spare_entries_are_zero():
+    lg = _log_gate(1, 600, 2, "deep")
+    local, base = chunked_prefix_sums_fused(lg, spare=1, splits=1)
+    local2, base2 = chunked_prefix_sums_fused(lg, spare=1, splits=2)
+    ref_local, ref_base = chunked_prefix_sums(lg)
+    for b in (base, base2):
+        assert b.shape[-1] == ref_base.shape[-1] + 1 and (b[..., -1] == 0).all()
+        assert torch.allclose(b[..., :-1], ref_base, rtol=1e-14, atol=0)
+    assert torch.equal(local, local2)
+
+
+def test_prefix_sums_keep_precision_far_from_zero():
+    """|c| ~ 1.4e5 in log2 units (what T = 2^20 gates of -0.1 reach) after three chunks at the
+    clamp floor: base carries it to float64 rounding, and local, the chunks' own sums, keeps
+    float32 accuracy relative to the chunk, not to |c|."""
+    lg = _log_gate(1, 4 * GATE_CHUNK + 100, 2, "near0", seed=3)
+    lg[:, : 3 * GATE_CHUNK] = -GATE_BOUND
+    for splits in (1, 3):
+        local, base = _check_fwd(lg, splits=splits)
+        assert base[..., 3].abs().min() > 1.4e5
+        assert local[..., 3 * GATE_CHUNK :].abs().max() < 100
+
+
+def test_prefix_sums_empty():
+    local, base = chunked_prefix_sums_fused(torch.zeros(2, 0, 3), spare=1)
+    assert local.shape == (2, 3, 0) and base.shape == (2, 3, 1) and (base == 0).all()
+
+
+def _sums(B, H, T, dtype, seed, layout="bht"):
+    g = torch.Generator().manual_seed(seed)
+    row = torch.randn(B, H, T, generator=g, dtype=torch.float64)
+    col = torch.randn(B, H, T, generator=g, dtype=torch.float64)
+    # Real row and column sums of dS cancel over a sequence; make dc = row - col do so too,
+    # with a wide range of sizes so that the float64 sums round.
+    row = row * torch.exp(3.0 * torch.randn(B, H, T, generator=g, dtype=torch.float64))
+    col = col + (row - col).sum(-1, keepdim=True) / T
+    if layout == "stacked":  # the backend's two views of one [2, B, H, T] buffer
+        both = torch.stack([row, col]).to(dtype)
+        return both[0], both[1]
+    if layout == "strided":
+        return (
+            row.transpose(1, 2).contiguous().transpose(1, 2).to(dtype),
+            col.to(dtype).repeat(1, 1, 2)[..., ::2],
+        )
+    return row.to(dtype), col.to(dtype)
+
+
+def _check_bwd(row, col, seg_end=None, splits=None):
+    got = gate_grad_from_sums_fused(row, col, seg_end, splits=splits)
+    ref = gate_grad_from_sums(row, col, seg_end)
+    assert got.dtype == ref.dtype and got.shape == ref.shape and got.is_contiguous()
+    # float64 rounding of sums of |dc| (per (b, h)), then one float32 rounding when narrowed
+    bound = 1e-13 * (row.double() - col.double()).abs().sum(-1)[:, None, :]
+    if got.dtype == torch.float32:
+        bound = bound + F32_EPS * ref.double().abs()
+    assert ((got.double() - ref.double()).abs() <= bound).all()
+    # the zeros are exact, not rounding residue
+    first = torch.zeros(row.shape[-1], dtype=torch.bool, device=row.device)
+    first[:1] = True
+    if seg_end is not None:
+        first[1:] = seg_end[1:] != seg_end[:-1]
+    assert (got[:, first] == 0).all()
+    return got
+
+
+@pytest.mark.parametrize("B,H,T", [(1, 1, 1), (2, 3, 255), (1, 2, 256), (2, 5, 257), (1, 2, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gate_grad_matches_torch(B, H, T, dtype):
+    row, col = _sums(B, H, T, dtype, seed=T)
+    _check_bwd(row, col)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 64])
+@pytest.mark.parametrize("layout", ["stacked", "strided"])
+def test_gate_grad_any_split_and_layout(splits, layout):
+    row, col = _sums(2, 3, 4 * 256 + 9, torch.float64, seed=splits, layout=layout)
+    _check_bwd(row, col, splits=splits)
+
+
+VARLEN = [
+    [0, 300],
+    [0, 1, 1, 50, 256, 257, 257, 300],  # 1-token and empty sequences, a chunk-sized one
+    [0, 0, 299, 300],  # empty first, 1-token last
+    [0, 100, 200, 300, 300],  # empty last
+]
+
+
+@pytest.mark.parametrize("cu", VARLEN, ids=lambda cu: "-".join(map(str, cu)))
+@pytest.mark.parametrize("splits", [None, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gate_grad_varlen_restarts(cu, splits, dtype):
+    T = 300
+    _, seg_end = segment_bounds(torch.tensor(cu), T)
+    row, col = _sums(1, 3, T, dtype, seed=len(cu))
+    got = _check_bwd(row, col, seg_end, splits=splits)
+    # the restart: each sequence's gradient is that of the sequence alone
+    for a, b in zip(cu[:-1], cu[1:]):
+        if b > a:
+            alone = gate_grad_from_sums(row[..., a:b], col[..., a:b])
+            assert torch.allclose(got[:, a:b], alone, rtol=1e-6, atol=1e-9 * row.abs().max())
+
+
+def test_gate_grad_varlen_int64_and_empty():
+    _, seg_end = segment_bounds(torch.tensor([0, 3, 3, 7]), 7)
+    row, col = _sums(1, 2, 7, torch.float64, seed=0)
+    _check_bwd(row, col, seg_end.long())
+    out = gate_grad_from_sums_fused(row[..., :0], col[..., :0])
+    assert out.shape == (1, 0, 2)
+
+
+def test_backend_takes_fused_path(monkeypatch):
+    """The Triton backend with the fused kernels forced on (on the CPU they are off): the same
+    output and gradients as with the torch functions, packed sequences included."""
+    q, k, v, lg = make_inputs(1, 40, 2, 2, 16, 16, torch.float32, True, seed=0)
+    cu = torch.tensor([0, 13, 13, 40])
+    calls = []
+
+    def run(fused):
+        monkeypatch.setattr(gate_sums, "use_fused", lambda t: calls.append(fused) or fused)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, lg)]
+        o = gfwagen.attention(*leaves, window=9, backend="triton", cu_seqlens=cu)
+        return (o, *torch.autograd.grad(o, leaves, torch.ones_like(o)))
+
+    fused, plain = run(True), run(False)
+    assert True in calls and False in calls
+    for a, b in zip(fused, plain):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
