@@ -615,8 +615,12 @@ def tune(gpu, preset, only, head_dim, window, dtype, seqlen, batch, heads, kv_he
                                  "installed")
     backend = backend or "triton"
     if backend == "tvm" and mode == "cuda":
-        raise click.UsageError("the tvm backend runs only on the CPU here (its CUDA kernels are "
-                               "compiled, not launched on torch tensors); use --gpu cpu")
+        from gfwagen.backends import tvm_backend
+
+        if not tvm_backend.cuda_runtime_available():
+            raise RuntimeFailure("--backend tvm on a GPU needs a TVM build with its CUDA runtime "
+                                 "(the PyPI wheel has none; it compiles CUDA but cannot launch "
+                                 "it); use --gpu cpu to tune the TVM llvm kernels")
     if fake_timer:
         mode = "fake"
     pass_list = passes.split(",") if passes else list(space.passes(backend))

@@ -62,10 +62,12 @@ def _spec(backend, pass_, q, v, window, gated, group) -> KernelSpec:
 
 
 def _fallback_config(spec: KernelSpec, seqlen_bucket: int, device_type: str) -> KernelConfig:
-    if spec.backend == "tvm" and device_type == "cpu":
-        from gfwagen.backends.tvm_backend import DEFAULT_CPU_CONFIG
+    if spec.backend == "tvm":
+        from gfwagen.backends import tvm_backend
 
-        return DEFAULT_CPU_CONFIG
+        if device_type == "cpu":
+            return tvm_backend.DEFAULT_CPU_CONFIG
+        return tvm_backend.default_cuda_config(spec)
     return default_config(spec, seqlen_bucket)
 
 

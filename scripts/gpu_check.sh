@@ -12,7 +12,8 @@ mkdir -p "$out"
 export GFWAGEN_GPU_LOG="$out/gpu_errors.log"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
 timeout 420 python3 -m pytest -q -p no:cacheprovider -n "${1:-12}" -m gpu \
-  tests/test_gpu.py tests/test_fuzz_inputs.py > "$out/pytest_gpu.log" 2>&1
+  tests/test_gpu.py tests/test_fuzz_inputs.py tests/test_gpu_features.py tests/test_gpu_tvm.py \
+  > "$out/pytest_gpu.log" 2>&1
 echo "pytest exit $?" >> "$out/pytest_gpu.log"
 tail -5 "$out/pytest_gpu.log"
 timeout 120 python3 benchmarks/decode_bench.py --quick --graph > "$out/decode_bench.log" 2>&1

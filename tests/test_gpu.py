@@ -35,12 +35,18 @@ CASES = [
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_gpu_matches_float64(case, dtype_name):
+    check_case_against_float64(case, dtype_name, "auto")
+
+
+def check_case_against_float64(case, dtype_name, backend):
+    """One CASES entry through gfwagen.attention(backend=...), forward and backward, against
+    the float64 reference; the errors are logged on a GPUERR line."""
     name, B, T, Hq, Hkv, D, Dv, W, gated = case
     dtype = DTYPES[dtype_name]
     q, k, v, g = make_inputs(B, T, Hq, Hkv, D, Dv, dtype, gated, device="cuda")
     leaves = [t.requires_grad_() for t in (q, k, v)] + ([g.requires_grad_()] if gated else [])
     torch.cuda.synchronize()
-    o = gfwagen.attention(q, k, v, g, window=W)
+    o = gfwagen.attention(q, k, v, g, window=W, backend=backend)
     do = torch.randn_like(o)
     grads = torch.autograd.grad(o, leaves, do)
     d = [t.detach().double() for t in (q, k, v)]
@@ -50,7 +56,8 @@ def test_gpu_matches_float64(case, dtype_name):
     errs = {"o": rel_err(o, o64)}
     for nm, a, e in zip(["dq", "dk", "dv", "dg"], grads, ref):
         errs[nm] = rel_err(a, e)
-    log_gpu_errors(f"{name} {dtype_name}", errs)
+    log_gpu_errors(f"{name} {dtype_name}" if backend == "auto" else
+                   f"{backend} {name} {dtype_name}", errs)
     for nm, err in errs.items():
         assert err < TOL[dtype], (nm, err)
 

@@ -237,3 +237,67 @@ def test_auto_backend_on_cpu_is_tvm():
     # importing gfwagen (and calling nothing) must not import tvm
     code = "import sys, gfwagen; assert 'tvm' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- the tensor-core forward (templates/tvm/fwd_cuda.py): compiled here, run on the H200
+# (tests/test_gpu_tvm.py)
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("dtype,gated,window", [("bf16", True, 256), ("fp16", False, 0)])
+def test_tensor_core_forward_codegen(arch, dtype, gated, window):
+    from gfwagen.backends.tvm_backend import DEFAULT_CUDA_TC_CONFIG, tensor_core_forward
+
+    spec = KernelSpec("tvm", "fwd", 128, 128, window, dtype, gated, 2)
+    assert tensor_core_forward(spec)
+    src = cuda_source(build_cuda(spec, arch=arch))
+    mma = "mma.sync.aligned.m16n8k16.row.col.f32." + ("bf16.bf16" if dtype == "bf16" else
+                                                       "f16.f16")
+    assert mma in src and "ldmatrix.sync.aligned.m8n8.x4.trans" in src
+    assert "cp_async" in src and "extern __shared__" in src  # dynamic shared memory
+    # two 32-key softmax steps per 64-key tile: two row-max shuffles per row and step
+    assert DEFAULT_CUDA_TC_CONFIG.get("sub_n") == 32
+    assert src.count("__shfl_xor_sync") >= 2 * 2 * 2
+
+
+def test_tensor_core_forward_takes_only_what_it_can_run():
+    from gfwagen.backends.tvm_backend import _cuda_config, tensor_core_forward
+    from gfwagen.tuner import space
+
+    spec = KernelSpec("tvm", "fwd", 128, 128, 256, "bf16", True, 1)
+    for bad in (KernelConfig(8, 64, 1, 1), KernelConfig(64, 512, 4, 1), KernelConfig(64, 64, 4, 3),
+                KernelConfig(64, 64, 4, 1, extra=(("sub_n", 48),))):
+        assert not tensor_core_forward(spec, bad)
+        with pytest.raises(NotImplementedError, match="unsupported"):
+            _cuda_config(spec, bad)  # a tuner's candidate is never swapped for the default
+        assert not space.feasible(spec, bad)[0]
+    # fp32 and head dims off the 16 grid take the CUDA-core forward instead
+    assert not tensor_core_forward(spec.replace(dtype="fp32"))
+    assert not tensor_core_forward(spec.replace(head_dim=72, value_dim=72))
+    # dynamic shared memory: 64 x 128 keys, two stages = 70 KB is fine, not over 227 KiB
+    ok = KernelConfig(64, 128, 4, 2)
+    assert space.feasible(spec, ok)[0]
+    huge = KernelConfig(64, 256, 4, 2)
+    assert space.feasible(spec.replace(head_dim=256, value_dim=256), huge)[0] is False
+
+
+def test_cuda_core_defaults_fit_static_shared_memory():
+    from gfwagen.backends.tvm_backend import (
+        CUDA_STATIC_SMEM_LIMIT,
+        cuda_smem_bytes,
+        default_cuda_config,
+    )
+
+    for pass_ in ("fwd", "bwd_kv", "bwd_q"):
+        for D, Dv in ((64, 64), (128, 128), (192, 96), (256, 256)):
+            spec = KernelSpec("tvm", pass_, D, Dv, 200, "fp32", True, 1)
+            assert cuda_smem_bytes(spec, default_cuda_config(spec)) <= CUDA_STATIC_SMEM_LIMIT
+
+
+def test_tvm_on_cuda_tensors_needs_a_cuda_runtime(monkeypatch):
+    from gfwagen.backends import tvm_backend
+
+    monkeypatch.setattr(tvm_backend, "cuda_runtime_available", lambda: False)
+    q = torch.empty(1, 8, 1, 16)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with pytest.raises(NotImplementedError, match="CUDA runtime"):
+        tvm_backend._target(q, "llvm")

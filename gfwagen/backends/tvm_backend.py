@@ -6,10 +6,13 @@ called with torch tensors passed zero-copy through DLPack (`tvm.runtime.from_dlp
 TVM's own thread pool parallelizes the outer loop (batch x heads x tiles); set TVM_NUM_THREADS
 to bound it.
 
-CUDA: `build_cuda(spec, config, arch)` only compiles the GPU variant of the same templates
-(blockIdx/threadIdx binding, shared-memory tiles) to CUDA C; it needs no GPU. This TVM wheel
-has no CUDA runtime, so tvm.compile stops at source; build_cuda_cubin() runs nvcc on it.
-Running CUDA kernels on torch CUDA tensors is not wired up here.
+CUDA (target {"kind": "cuda", "arch": "sm_XY"}, picked from the tensors' device): the
+forward in fp16/bf16 with head dims that are multiples of 16 is templates/tvm/fwd_cuda.py
+(tensor cores: mma.sync, ldmatrix, cp.async); fp32 and the backward run the GPU variants of
+fwd.py/bwd.py (one thread per tile row, CUDA cores). Kernels take the torch tensors through
+DLPack and launch on torch's current stream (tvm_ffi.use_torch_stream). A TVM build without
+a CUDA runtime (the PyPI wheel) still compiles: build_cuda() gives the CUDA C, and
+build_cuda_cubin() runs nvcc on it; no GPU is needed for either.
 
 Semantics and shapes are those of gfwagen.reference.reference_forward / reference_backward.
 delta = rowsum(o * dO) is computed in torch (fp32) before the backward kernels; dlog_gate comes
@@ -18,6 +21,7 @@ from the kernels' row/column sums of dS through gfwagen.gate.gate_grad_from_sums
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from typing import Any
@@ -44,13 +48,25 @@ CUDA_DTYPES = ("fp32", "fp16", "bf16")
 # registers). Best of the sweep in benchmarks/cpu_bench.py on a 2-core AMD EPYC (Zen 4).
 DEFAULT_CPU_CONFIG = KernelConfig(block_m=32, block_n=64, num_warps=1, num_stages=1,
                                   extra=(("rm", 4), ("vn", 64)))
-# GPU tiles: block_m (block_n for bwd_kv) threads per block, one row each.
+# GPU tiles of the CUDA-core kernels: block_m (block_n for bwd_kv) threads per block, one row
+# each.
 DEFAULT_CUDA_CONFIG = KernelConfig(block_m=64, block_n=32, num_warps=2, num_stages=1)
+# The tensor-core forward: 4 warps of 16 rows, 64-key tiles in two softmax steps of 32, one
+# stage (fastest of 8 tile shapes at S1-S4 on the H200, benchmarks/RESULTS.md: at 168
+# registers three blocks share an SM; 64-key steps need 181 and fit two).
+DEFAULT_CUDA_TC_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=1,
+                                      extra=(("sub_n", 32),))
+CUDA_DYNAMIC_SMEM_LIMIT = 227 * 1024  # per block on sm_90 (H100/H200)
 CUDA_STATIC_SMEM_LIMIT = 48 * 1024
 
 _FUNC_NAMES = {"fwd": "gfwa_fwd", "bwd_kv": "gfwa_bwd_kv", "bwd_q": "gfwa_bwd_q"}
 _CACHE: dict[tuple[str, str, str], Any] = {}
 _LOCK = threading.Lock()
+
+
+def cuda_runtime_available() -> bool:
+    """Whether this TVM build can launch CUDA kernels (not just compile them)."""
+    return HAVE_TVM and bool(tvm.runtime.enabled("cuda"))
 
 
 def _require_tvm():
@@ -93,10 +109,34 @@ def _fit(cfg: KernelConfig, T: int) -> KernelConfig:
     return KernelConfig(bm, bn, cfg.num_warps, cfg.num_stages, cfg.extra)
 
 
+def tensor_core_forward(spec: KernelSpec, config: KernelConfig | None = None) -> bool:
+    """Whether the GPU forward of `spec` runs on tensor cores (templates/tvm/fwd_cuda.py)."""
+    if spec.pass_ != "fwd":
+        return False
+    tc = load_template("tvm", "fwd_cuda")
+    return tc.supports(spec.head_dim, spec.value_dim, spec.dtype,
+                       config or DEFAULT_CUDA_TC_CONFIG) is None
+
+
+def default_cuda_config(spec: KernelSpec) -> KernelConfig:
+    """The tensor-core forward's default, or the CUDA-core tiles with the tile that sets the
+    shared memory (block_n for fwd/bwd_q, block_m for bwd_kv) halved until the fp32 staging
+    fits the 48 KiB of static shared memory (head dims above 64 need it)."""
+    if tensor_core_forward(spec):
+        return DEFAULT_CUDA_TC_CONFIG
+    cfg = DEFAULT_CUDA_CONFIG
+    field = "block_m" if spec.pass_ == "bwd_kv" else "block_n"
+    while cuda_smem_bytes(spec, cfg) > CUDA_STATIC_SMEM_LIMIT and getattr(cfg, field) > 8:
+        cfg = dataclasses.replace(cfg, **{field: getattr(cfg, field) // 2})
+    return cfg
+
+
 def make_primfunc(spec: KernelSpec, config: KernelConfig, target: str = "cpu"):
     """The template's PrimFunc for one spec (target 'cpu' or 'gpu' picks the schedule)."""
     args = (spec.head_dim, spec.value_dim, spec.window, spec.dtype, spec.gated, spec.group,
             config)
+    if target == "gpu" and tensor_core_forward(spec, config):
+        return load_template("tvm", "fwd_cuda").make_forward_tc(*args)
     if spec.pass_ == "fwd":
         return load_template("tvm", "fwd").make_forward(*args, target=target)
     bwd = load_template("tvm", "bwd")
@@ -122,7 +162,53 @@ def clear_cache() -> None:
 
 
 def _kernel(spec: KernelSpec, config: KernelConfig, target: dict):
+    if target["kind"] == "cuda":
+        return build_cuda(spec, config, target["arch"])[_FUNC_NAMES[spec.pass_]]
     return _compile(spec, config, target, "cpu")[_FUNC_NAMES[spec.pass_]]
+
+
+def _target(q: torch.Tensor, target) -> dict:
+    """The build target for tensors like q: CUDA tensors build for their device's arch
+    (whatever `target` says), CPU tensors for `target` (llvm)."""
+    if q.is_cuda:
+        if not cuda_runtime_available():
+            raise NotImplementedError(
+                "tvm backend on CUDA tensors needs a TVM build with its CUDA runtime (the PyPI "
+                "wheel compiles CUDA but cannot launch it); use backend='triton' on the GPU")
+        major, minor = torch.cuda.get_device_capability(q.device)
+        return {"kind": "cuda", "arch": f"sm_{major}{minor}"}
+    return _cpu_target(target)
+
+
+def _launch(q: torch.Tensor, fn, *args) -> None:
+    """Run a compiled kernel; on CUDA, on torch's current stream of q's device."""
+    if not q.is_cuda:
+        fn(*args)
+        return
+    import tvm_ffi
+
+    with torch.cuda.device(q.device), tvm_ffi.use_torch_stream():
+        fn(*args)
+
+
+def _cuda_config(spec: KernelSpec, config: KernelConfig | None) -> KernelConfig:
+    """The config for the GPU template: the default when None, else `config` itself (extras
+    the template does not read, such as the CPU kernels' rm/vn, are ignored). A config the
+    template cannot run is an error, not a silent substitute: the tuner times what it asks."""
+    if config is None:
+        return default_cuda_config(spec)
+    if spec.pass_ == "fwd" and tensor_core_forward(spec):
+        why = load_template("tvm", "fwd_cuda").supports(spec.head_dim, spec.value_dim,
+                                                        spec.dtype, config)
+        if why is not None:
+            raise NotImplementedError(f"tvm cuda forward: unsupported {why}")
+        return config
+    smem = cuda_smem_bytes(spec, config)
+    if smem > CUDA_STATIC_SMEM_LIMIT:
+        raise NotImplementedError(
+            f"tvm cuda {spec.pass_}: block_m={config.block_m}, block_n={config.block_n} need "
+            f"{smem} B of static shared memory (> {CUDA_STATIC_SMEM_LIMIT})")
+    return config
 
 
 def _dl(t: torch.Tensor):
@@ -142,11 +228,13 @@ def _check_inputs(q, k, v, log_gate):
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError("q, k, v must share a dtype")
     if q.dtype not in CPU_DTYPES:
-        raise NotImplementedError(f"tvm backend: dtype {q.dtype} not supported on llvm "
+        raise NotImplementedError(f"tvm backend: dtype {q.dtype} not supported "
                                   f"(supported: {sorted(CPU_DTYPES.values())})")
-    if q.device.type != "cpu":
-        raise NotImplementedError("tvm backend runs CPU tensors only (target llvm); "
-                                  "build_cuda() only compiles the CUDA kernels")
+    if q.device.type not in ("cpu", "cuda"):
+        raise NotImplementedError(f"tvm backend runs CPU and CUDA tensors, got {q.device}")
+    for name, t in (("k", k), ("v", v), ("log_gate", log_gate)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
     if log_gate is not None and tuple(log_gate.shape) != (B, T, Hq):
         raise ValueError(f"log_gate must be [B, T, Hq] = {(B, T, Hq)}, got {tuple(log_gate.shape)}")
 
@@ -164,35 +252,44 @@ def _gate_sums(log_gate, device):
 
 
 def tvm_forward(q, k, v, log_gate=None, window=None, scale=None, config=None, target="llvm"):
-    """GatedFWA forward on CPU through TVM. Returns (o [B,T,Hq,Dv] q.dtype, lse [B,Hq,T] fp32)."""
+    """GatedFWA forward through TVM, on the CPU (llvm) or on the CUDA device of q.
+    Returns (o [B,T,Hq,Dv] q.dtype, lse [B,Hq,T] fp32)."""
     _require_tvm()
     _check_inputs(q, k, v, log_gate)
     B, T, Hq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    tgt = _cpu_target(target)
-    cfg = _fit(config or DEFAULT_CPU_CONFIG, T)
+    tgt = _target(q, target)
+    spec = _spec("fwd", q, k, v, log_gate, window)
+    cfg = _cuda_config(spec, config) if q.is_cuda else _fit(config or DEFAULT_CPU_CONFIG, T)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     c = _gate_sums(log_gate, q.device)
     o = torch.empty(B, T, Hq, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
     if B * T * Hq == 0:
         return o, lse
-    fn = _kernel(_spec("fwd", q, k, v, log_gate, window), cfg, tgt)
-    fn(_dl(q), _dl(k), _dl(v), _dl(c), _dl(o), _dl(lse), scale)
+    fn = _kernel(spec, cfg, tgt)
+    _launch(q, fn, _dl(q), _dl(k), _dl(v), _dl(c), _dl(o), _dl(lse), scale)
     return o, lse
 
 
 def tvm_backward(do, q, k, v, o, lse, log_gate=None, window=None, scale=None, config=None,
                  target="llvm", config_q=None):
-    """GatedFWA backward on CPU through TVM. Returns (dq, dk, dv, dlog_gate or None).
-    `config` tiles the dk/dv kernel, `config_q` (default: `config`) the dq kernel."""
+    """GatedFWA backward through TVM, on the CPU (llvm) or on the CUDA device of q.
+    Returns (dq, dk, dv, dlog_gate or None). `config` tiles the dk/dv kernel, `config_q`
+    (default: `config`) the dq kernel."""
     _require_tvm()
     _check_inputs(q, k, v, log_gate)
     B, T, Hq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    tgt = _cpu_target(target)
-    cfg = _fit(config or DEFAULT_CPU_CONFIG, T)
-    cfg_q = _fit(config_q or config or DEFAULT_CPU_CONFIG, T)
+    tgt = _target(q, target)
+    spec_kv = _spec("bwd_kv", q, k, v, log_gate, window)
+    spec_q = _spec("bwd_q", q, k, v, log_gate, window)
+    if q.is_cuda:
+        cfg = _fit(_cuda_config(spec_kv, config), T)
+        cfg_q = _fit(_cuda_config(spec_q, config_q or config), T)
+    else:
+        cfg = _fit(config or DEFAULT_CPU_CONFIG, T)
+        cfg_q = _fit(config_q or config or DEFAULT_CPU_CONFIG, T)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     do = do.to(q.dtype).contiguous()
     c = _gate_sums(log_gate, q.device)
@@ -206,11 +303,11 @@ def tvm_backward(do, q, k, v, o, lse, log_gate=None, window=None, scale=None, co
     if B * T * Hq == 0:
         dg = None if log_gate is None else torch.zeros_like(log_gate)
         return dq, dk, dv, dg
-    fkv = _kernel(_spec("bwd_kv", q, k, v, log_gate, window), cfg, tgt)
-    fq = _kernel(_spec("bwd_q", q, k, v, log_gate, window), cfg_q, tgt)
+    fkv = _kernel(spec_kv, cfg, tgt)
+    fq = _kernel(spec_q, cfg_q, tgt)
     a = [_dl(x) for x in (q, k, v, c, do, lse, delta)]
-    fkv(*a, _dl(dk), _dl(dv), _dl(dcol), scale)
-    fq(*a, _dl(dq), _dl(drow), scale)
+    _launch(q, fkv, *a, _dl(dk), _dl(dv), _dl(dcol), scale)
+    _launch(q, fq, *a, _dl(dq), _dl(drow), scale)
     dg = None
     if log_gate is not None:
         dg = gate_grad_from_sums(drow, dcol).to(log_gate.dtype)
@@ -218,8 +315,11 @@ def tvm_backward(do, q, k, v, o, lse, log_gate=None, window=None, scale=None, co
 
 
 def cuda_smem_bytes(spec: KernelSpec, config: KernelConfig) -> int:
-    """Static shared memory of the GPU variant (fp32 staging)."""
+    """Shared memory of the GPU variant: dynamic for the tensor-core forward, else static
+    (fp32 staging)."""
     D, Dv, BM, BN = spec.head_dim, spec.value_dim, config.block_m, config.block_n
+    if tensor_core_forward(spec, config):
+        return load_template("tvm", "fwd_cuda").smem_bytes(D, Dv, config)
     if spec.pass_ == "fwd":
         n = D * BN + BN * Dv + BN
     elif spec.pass_ == "bwd_kv":
@@ -230,14 +330,27 @@ def cuda_smem_bytes(spec: KernelSpec, config: KernelConfig) -> int:
 
 
 def build_cuda(spec: KernelSpec, config: KernelConfig | None = None, arch: str = "sm_90"):
-    """Compile (only) the GPU variant of the template for `spec` to a CUDA module.
+    """Compile the GPU variant of the template for `spec` to a CUDA module.
 
-    Returns the tvm runtime Executable; cuda_source() gives its CUDA C, build_cuda_cubin()
-    compiles that with nvcc. Needs no GPU. Cached like the CPU builds."""
+    Returns the tvm runtime Executable: runnable where TVM has its CUDA runtime; else
+    cuda_source() gives its CUDA C and build_cuda_cubin() compiles that with nvcc. Needs no
+    GPU. Cached like the CPU builds."""
     _require_tvm()
-    config = config or DEFAULT_CUDA_CONFIG
+    config = config or default_cuda_config(spec)
     if spec.dtype not in CUDA_DTYPES:
         raise NotImplementedError(f"tvm cuda: dtype {spec.dtype!r} not supported")
+    if tensor_core_forward(spec, config):
+        smem = cuda_smem_bytes(spec, config)
+        if smem > CUDA_DYNAMIC_SMEM_LIMIT:
+            raise NotImplementedError(
+                f"tvm cuda: forward tiles need {smem} B of shared memory "
+                f"(> {CUDA_DYNAMIC_SMEM_LIMIT}); lower block_n or num_stages")
+        return _compile(spec, config, {"kind": "cuda", "arch": arch}, "gpu")
+    if spec.pass_ == "fwd" and spec.dtype != "fp32":
+        tc = load_template("tvm", "fwd_cuda")
+        why = tc.supports(spec.head_dim, spec.value_dim, spec.dtype, config)
+        if tc.supports(spec.head_dim, spec.value_dim, spec.dtype, DEFAULT_CUDA_TC_CONFIG) is None:
+            raise NotImplementedError(f"tvm cuda: tensor-core forward config: unsupported {why}")
     threads = config.block_n if spec.pass_ == "bwd_kv" else config.block_m
     if threads > 1024:
         raise NotImplementedError(f"tvm cuda: {threads} threads per block (one per tile row) "

@@ -131,8 +131,10 @@ def resources(spec: KernelSpec, config: KernelConfig) -> dict:
     D, Dv, BM, BN, S = spec.head_dim, spec.value_dim, config.block_m, config.block_n, \
         config.num_stages
     if spec.backend == "tvm":
-        from gfwagen.backends.tvm_backend import cuda_smem_bytes
+        from gfwagen.backends.tvm_backend import cuda_smem_bytes, tensor_core_forward
 
+        if tensor_core_forward(spec, config):  # 2 threads per row: 32 per warp of 16 rows
+            return {"smem": cuda_smem_bytes(spec, config), "registers": 0, "threads": 2 * BM}
         threads = BN if spec.pass_ == "bwd_kv" else BM
         return {"smem": cuda_smem_bytes(spec, config), "registers": 0, "threads": threads}
     threads = 32 * config.num_warps
@@ -152,9 +154,12 @@ def violations(spec: KernelSpec, config: KernelConfig) -> list[float]:
     """[smem, registers] as fractions over the limit (<= 0: fits)."""
     r = resources(spec, config)
     if spec.backend == "tvm":
-        from gfwagen.backends.tvm_backend import CUDA_STATIC_SMEM_LIMIT
+        from gfwagen.backends import tvm_backend as tb
 
-        return [r["smem"] / CUDA_STATIC_SMEM_LIMIT - 1.0, r["threads"] / TVM_THREADS_LIMIT - 1.0]
+        # the tensor-core forward's tiles are dynamic shared memory; the others static
+        limit = (tb.CUDA_DYNAMIC_SMEM_LIMIT if tb.tensor_core_forward(spec, config)
+                 else tb.CUDA_STATIC_SMEM_LIMIT)
+        return [r["smem"] / limit - 1.0, r["threads"] / TVM_THREADS_LIMIT - 1.0]
     return [r["smem"] / SMEM_LIMIT - 1.0, r["registers"] / REG_LIMIT - 1.0]
 
 
@@ -166,6 +171,13 @@ def feasible(spec: KernelSpec, config: KernelConfig, *, gpu: bool = True) -> tup
         return False, str(e)
     if not gpu:
         return True, ""
+    if spec.backend == "tvm":
+        from gfwagen.backends import tvm_backend as tb
+
+        if tb.tensor_core_forward(spec) and not tb.tensor_core_forward(spec, config):
+            why = tb.load_template("tvm", "fwd_cuda").supports(
+                spec.head_dim, spec.value_dim, spec.dtype, config)
+            return False, f"the tensor-core forward takes no {why}"
     v = violations(spec, config)
     if max(v) <= 0:
         return True, ""

@@ -1,0 +1,107 @@
+"""TVM's CUDA forward (templates/tvm/fwd_cuda.py, tensor cores) against the Triton backend at
+S1-S5, bf16, gated, in one process: each TVM tile config, the best of them, and Triton as the
+op runs it (the shipped tuned config). Also the TVM backward (CUDA cores) at the smallest
+shape, for the record. Forward only is the issue's bar (within 1.5x of Triton).
+
+    python benchmarks/tvm_cuda_bench.py [--shapes S1,S5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import SHAPES, make_inputs, tflops  # noqa: E402
+
+import gfwagen  # noqa: E402
+from gfwagen.backends import tvm_backend  # noqa: E402
+from gfwagen.spec import KernelConfig  # noqa: E402
+
+# (block_m, block_n, num_stages, sub_n)
+CONFIGS = [(64, 32, 1, 32), (64, 32, 2, 32), (64, 64, 2, 64), (64, 64, 1, 32), (64, 64, 2, 32),
+           (64, 128, 1, 32), (128, 64, 2, 32), (128, 64, 2, 64)]
+
+
+def config(bm, bn, ns, sn) -> KernelConfig:
+    extra = (("sub_n", sn),) if sn != bn else ()
+    return KernelConfig(block_m=bm, block_n=bn, num_warps=bm // 16, num_stages=ns, extra=extra)
+
+
+def bench(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def measure(s):
+    """(Triton ms, {config: result}) for one shape."""
+    q, k, v, g, _ = make_inputs(s, torch.bfloat16)
+    q, k, v, g = (t.detach() for t in (q, k, v, g))
+    res = {}
+    with torch.no_grad():
+        o_tri = gfwagen.attention(q, k, v, g, window=s.W)
+        t_tri = bench(lambda: gfwagen.attention(q, k, v, g, window=s.W))
+        for bm, bn, ns, sn in CONFIGS:
+            cfg = config(bm, bn, ns, sn)
+            key = f"{bm}x{bn}s{ns}/{sn}"
+            try:
+                o_tvm, _ = tvm_backend.tvm_forward(q, k, v, g, s.W, None, cfg)
+                ms = bench(lambda cfg=cfg: tvm_backend.tvm_forward(q, k, v, g, s.W, None, cfg))
+                res[key] = {"ms": ms, "rel_vs_triton": rel(o_tvm, o_tri)}
+            except Exception as e:  # a config that does not build is reported, not fatal
+                res[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            print(s, key, res[key], flush=True)
+        # the best config's kernel alone: its time less the gate prefix sums (torch, float64)
+        ok = {c: r for c, r in res.items() if "ms" in r}
+        best = min(ok, key=lambda c: ok[c]["ms"])
+        cfg = config(*(int(x) for x in best.replace("s", "x").replace("/", "x").split("x")))
+        spec = tvm_backend._spec("fwd", q, k, v, g, s.W)
+        fn = tvm_backend._kernel(spec, cfg, tvm_backend._target(q, None))
+        c = tvm_backend._gate_sums(g, q.device)
+        o = torch.empty_like(q)
+        lse = torch.empty(s.B, s.H, s.T, device=q.device)
+        args = [tvm_backend._dl(t) for t in (q, k, v, c, o, lse)]
+        res["kernel_only"] = {"config": best, "ms": bench(
+            lambda: tvm_backend._launch(q, fn, *args, 1.0 / s.D ** 0.5))}
+        res["gate_sums_torch"] = {"ms": bench(lambda: tvm_backend._gate_sums(g, q.device))}
+        print(s, res["kernel_only"], res["gate_sums_torch"], flush=True)
+    return t_tri, res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    rows, out = [], {"device": torch.cuda.get_device_name(), "shapes": {}}
+    for name in args.shapes.split(","):
+        s = SHAPES[name]
+        t_tri, res = measure(s)
+        ok = {c: r for c, r in res.items() if "ms" in r and "x" in c}
+        best = min(ok, key=lambda c: ok[c]["ms"])
+        t_tvm = ok[best]["ms"]
+        out["shapes"][name] = {"triton_ms": t_tri, "tvm": res, "best": best}
+        rows.append((name, t_tri, tflops(s, "fwd", t_tri), t_tvm, tflops(s, "fwd", t_tvm), best,
+                     t_tvm / t_tri, ok[best]["rel_vs_triton"], res["kernel_only"]["ms"]))
+    print("\n| shape | Triton fwd ms | TFLOP/s | TVM fwd ms | TFLOP/s | TVM config | TVM/Triton "
+          "| rel. diff | TVM kernel alone ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]:.3f} | {r[2]:.0f} | {r[3]:.3f} | {r[4]:.0f} | {r[5]} | "
+              f"{r[6]:.2f}x | {r[7]:.1e} | {r[8]:.3f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
