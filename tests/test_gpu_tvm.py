@@ -52,3 +52,16 @@ def test_gpu_tvm_runs_on_the_current_stream():
         o, _ = tvm_backend.tvm_forward(q2, k, v, g, 128)
     s.synchronize()
     assert torch.equal(o, o_ref)
+
+
+def test_gpu_tvm_misaligned_views():
+    """Contiguous views 2 bytes off a 16-byte boundary (cp.async needs the boundary)."""
+    B, T, H, D = 1, 300, 2, 64
+    n = B * T * H * D
+    store = torch.randn(3 * n + 3, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (store[1 + i * n:1 + (i + 1) * n].view(B, T, H, D) for i in range(3))
+    assert q.data_ptr() % 16 == 2
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device="cuda") + 3)
+    o, _ = tvm_backend.tvm_forward(q, k, v, g, 77)
+    o_ref, _ = tvm_backend.tvm_forward(q.clone(), k.clone(), v.clone(), g, 77)
+    assert torch.equal(o, o_ref)

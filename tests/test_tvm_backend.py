@@ -301,3 +301,15 @@ def test_tvm_on_cuda_tensors_needs_a_cuda_runtime(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     with pytest.raises(NotImplementedError, match="CUDA runtime"):
         tvm_backend._target(q, "llvm")
+
+
+def test_tensor_core_forward_realigns_misaligned_views():
+    from gfwagen.backends.tvm_backend import _aligned16
+
+    base = torch.zeros(1 + 2 * 64, dtype=torch.bfloat16)
+    view = base[1:].view(1, 2, 1, 64)  # contiguous, 2 bytes past an aligned address
+    assert view.is_contiguous() and view.data_ptr() % 16 == 2
+    fixed = _aligned16(view)
+    assert fixed.data_ptr() % 16 == 0 and torch.equal(fixed, view)
+    ok = torch.zeros(1, 2, 1, 64, dtype=torch.bfloat16)
+    assert _aligned16(ok) is ok

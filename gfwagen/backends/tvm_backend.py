@@ -267,9 +267,18 @@ def tvm_forward(q, k, v, log_gate=None, window=None, scale=None, config=None, ta
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
     if B * T * Hq == 0:
         return o, lse
+    if q.is_cuda and tensor_core_forward(spec, cfg):
+        q, k, v = (_aligned16(t) for t in (q, k, v))
     fn = _kernel(spec, cfg, tgt)
     _launch(q, fn, _dl(q), _dl(k), _dl(v), _dl(c), _dl(o), _dl(lse), scale)
     return o, lse
+
+
+def _aligned16(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy of it at a 16-byte aligned address: the tensor-core forward copies 16-byte
+    rows with cp.async, which faults on a misaligned address (a contiguous view can start at
+    any element)."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def tvm_backward(do, q, k, v, o, lse, log_gate=None, window=None, scale=None, config=None,
