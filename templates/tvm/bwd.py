@@ -18,9 +18,10 @@ delta = rowsum(o * dO) [B,Hq,T] fp32 is an input (computed by the caller). lse i
 head) before narrowing to fp32. Masked entries get P = 0 by an explicit select.
 
 target="cpu": returns cpu.make_backward_kv_cpu / make_backward_q_cpu (register-blocked
-micro-kernels, see cpu.py); the per-row CPU schedule left in these bodies is no longer used.
-target="gpu": outer loop blockIdx.x, one thread per row (key row for bwd_kv, query row for
-bwd_q), tiles staged cooperatively in shared memory between barriers.
+micro-kernels, see cpu.py).
+target="gpu": these functions' bodies, CUDA cores: outer loop blockIdx.x, one thread per row (key
+row for bwd_kv, query row for bwd_q), tiles staged cooperatively in shared memory between
+barriers; per-row state lives in registers/local memory.
 """
 
 from __future__ import annotations
@@ -34,20 +35,6 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 MASK = -1.0e30  # finite "minus infinity" for masked logits (log2 domain)
 MASK_T = -5.0e29  # anything below this is a masked logit
-
-
-def _loops(gpu: bool, block_m: int):
-    if gpu:
-        outer = lambda n: T.thread_binding(n, thread="blockIdx.x")  # noqa: E731
-        rows = lambda n: T.thread_binding(n, thread="threadIdx.x")  # noqa: E731
-        vec = lambda n: T.serial(n)  # noqa: E731
-        shared = "shared"
-    else:
-        outer = lambda n: T.parallel(n)  # noqa: E731
-        rows = lambda n: T.serial(n)  # noqa: E731
-        vec = lambda n: T.vectorized(n)  # noqa: E731
-        shared = "local"
-    return outer, rows, vec, shared
 
 
 def _check(dtype, target):
@@ -65,22 +52,9 @@ def make_backward_kv(head_dim, value_dim, window, dtype, gated, group, config, t
     if target == "cpu":  # register-blocked CPU kernel (cpu.py)
         return make_backward_kv_cpu(D, DV, W, dtype, gated, G, config)
     dt = _DT[dtype]
-    gpu = target == "gpu"
     gated = bool(gated)
-    OUTER, ROWS, VEC, SH = _loops(gpu, BN)
-    R = 1 if gpu else BN
 
-    def RI(x):
-        return 0 if gpu else x
-
-    # transposed staging copy t[a, b] == s[b, a] exists on cpu only (it lets the reduction
-    # over a vectorize over b); gpu threads read the row-major shared tile directly.
-    def TR(t, s, a, b_):
-        return s[b_, a] if gpu else t[a, b_]
-
-    TD, TDV, TBM, TBN = (1, 1, 1, 1) if gpu else (D, DV, BM, BN)
-
-    # cooperative staging on gpu: BN threads
+    # cooperative staging: ceil(n / BN) rounds of the block's BN threads
     NQ_ = (BM * D + BN - 1) // BN
     NO_ = (BM * DV + BN - 1) // BN
     NS_ = (BM + BN - 1) // BN
@@ -117,34 +91,33 @@ def make_backward_kv(head_dim, value_dim, window, dtype, gated, group, config, t
         dk = T.match_buffer(dk_h, (B, L, HKV, D), dt)
         dv = T.match_buffer(dv_h, (B, L, HKV, DV), dt)
         dcol = T.match_buffer(dcol_h, (B, HQ, L), "float32")
-        for tile in OUTER(B * HKV * ((L + BN - 1) // BN)):
-            qt_s = T.alloc_buffer((TD, TBM), "float32", scope=SH)
-            q_s = T.alloc_buffer((BM, D), "float32", scope=SH)
-            dot_s = T.alloc_buffer((TDV, TBM), "float32", scope=SH)
-            do_s = T.alloc_buffer((BM, DV), "float32", scope=SH)
-            cq_s = T.alloc_buffer((BM,), "float32", scope=SH)
-            lse_s = T.alloc_buffer((BM,), "float32", scope=SH)
-            dl_s = T.alloc_buffer((BM,), "float32", scope=SH)
-            k_r = T.alloc_buffer((R, D), "float32", scope="local")
-            v_r = T.alloc_buffer((R, DV), "float32", scope="local")
-            ck_r = T.alloc_buffer((R,), "float32", scope="local")
-            dk_r = T.alloc_buffer((R, D), "float32", scope="local")
-            dv_r = T.alloc_buffer((R, DV), "float32", scope="local")
-            col_r = T.alloc_buffer((R,), "float32", scope="local")
+        for tile in T.thread_binding(B * HKV * ((L + BN - 1) // BN), thread="blockIdx.x"):
+            q_s = T.alloc_buffer((BM, D), "float32", scope="shared")
+            do_s = T.alloc_buffer((BM, DV), "float32", scope="shared")
+            cq_s = T.alloc_buffer((BM,), "float32", scope="shared")
+            lse_s = T.alloc_buffer((BM,), "float32", scope="shared")
+            dl_s = T.alloc_buffer((BM,), "float32", scope="shared")
+            # one key row per thread: its private state is a single row
+            k_r = T.alloc_buffer((1, D), "float32", scope="local")
+            v_r = T.alloc_buffer((1, DV), "float32", scope="local")
+            ck_r = T.alloc_buffer((1,), "float32", scope="local")
+            dk_r = T.alloc_buffer((1, D), "float32", scope="local")
+            dv_r = T.alloc_buffer((1, DV), "float32", scope="local")
+            col_r = T.alloc_buffer((1,), "float32", scope="local")
             p_r = T.alloc_buffer((BM,), "float32", scope="local")
             dp_r = T.alloc_buffer((BM,), "float32", scope="local")
             nk = (L + BN - 1) // BN
             b = tile // (HKV * nk)
             hk = tile // nk % HKV
             j0 = tile % nk * BN
-            for x in ROWS(BN):
+            for x in T.thread_binding(BN, thread="threadIdx.x"):
                 jc = T.min(j0 + x, L - 1)
-                for d in VEC(D):
-                    k_r[RI(x), d] = T.Cast("float32", k[b, jc, hk, d]) * (scale * T.float32(LOG2E))
-                    dk_r[RI(x), d] = T.float32(0)
-                for e in VEC(DV):
-                    v_r[RI(x), e] = T.Cast("float32", v[b, jc, hk, e])
-                    dv_r[RI(x), e] = T.float32(0)
+                for d in range(D):
+                    k_r[0, d] = T.Cast("float32", k[b, jc, hk, d]) * (scale * T.float32(LOG2E))
+                    dk_r[0, d] = T.float32(0)
+                for e in range(DV):
+                    v_r[0, e] = T.Cast("float32", v[b, jc, hk, e])
+                    dv_r[0, e] = T.float32(0)
             qt_hi = (L + BM - 1) // BM
             if W > 0:
                 qt_hi = (T.min(L, j0 + BN + W - 1) + BM - 1) // BM
@@ -152,113 +125,95 @@ def make_backward_kv(head_dim, value_dim, window, dtype, gated, group, config, t
                 h = hk * G + g
                 if gated:
                     cref = c[b, h, j0]
-                for x in ROWS(BN):
+                for x in T.thread_binding(BN, thread="threadIdx.x"):
                     if gated:
-                        ck_r[RI(x)] = T.Cast(
+                        ck_r[0] = T.Cast(
                             "float32", c[b, h, T.min(j0 + x, L - 1)] - cref
                         ) * T.float32(LOG2E)
                     else:
-                        ck_r[RI(x)] = T.float32(0)
-                    col_r[RI(x)] = T.float32(0)
+                        ck_r[0] = T.float32(0)
+                    col_r[0] = T.float32(0)
                 for qt in T.serial(j0 // BM, qt_hi):
                     i0 = qt * BM
-                    if gpu:
-                        T.tvm_storage_sync("shared")
-                        for x in ROWS(BN):
-                            for r in range(NQ_):
-                                if r * BN + x < BM * D:
-                                    q_s[(r * BN + x) // D, (r * BN + x) % D] = T.Cast(
-                                        "float32",
-                                        q[
-                                            b,
-                                            T.min(i0 + (r * BN + x) // D, L - 1),
-                                            h,
-                                            (r * BN + x) % D,
-                                        ],
-                                    )
-                            for r in range(NO_):
-                                if r * BN + x < BM * DV:
-                                    do_s[(r * BN + x) // DV, (r * BN + x) % DV] = T.Cast(
-                                        "float32",
-                                        do[
-                                            b,
-                                            T.min(i0 + (r * BN + x) // DV, L - 1),
-                                            h,
-                                            (r * BN + x) % DV,
-                                        ],
-                                    )
-                            for r in range(NS_):
-                                if r * BN + x < BM:
-                                    if gated:
-                                        cq_s[r * BN + x] = T.Cast(
-                                            "float32", c[b, h, T.min(i0 + r * BN + x, L - 1)] - cref
-                                        ) * T.float32(LOG2E)
-                                    else:
-                                        cq_s[r * BN + x] = T.float32(0)
-                                    lse_s[r * BN + x] = lse[
-                                        b, h, T.min(i0 + r * BN + x, L - 1)
-                                    ] * T.float32(LOG2E)
-                                    dl_s[r * BN + x] = delta[b, h, T.min(i0 + r * BN + x, L - 1)]
-                        T.tvm_storage_sync("shared")
-                    else:
-                        for ii in range(BM):
-                            ic = T.min(i0 + ii, L - 1)
-                            for d in VEC(D):
-                                q_s[ii, d] = T.Cast("float32", q[b, ic, h, d])
-                            for d in range(D):
-                                qt_s[d, ii] = q_s[ii, d]
-                            for e in VEC(DV):
-                                do_s[ii, e] = T.Cast("float32", do[b, ic, h, e])
-                            for e in range(DV):
-                                dot_s[e, ii] = do_s[ii, e]
-                            if gated:
-                                cq_s[ii] = T.Cast("float32", c[b, h, ic] - cref) * T.float32(LOG2E)
-                            else:
-                                cq_s[ii] = T.float32(0)
-                            lse_s[ii] = lse[b, h, ic] * T.float32(LOG2E)
-                            dl_s[ii] = delta[b, h, ic]
-                    for x in ROWS(BN):
+                    T.tvm_storage_sync("shared")
+                    for x in T.thread_binding(BN, thread="threadIdx.x"):
+                        for r in range(NQ_):
+                            if r * BN + x < BM * D:
+                                q_s[(r * BN + x) // D, (r * BN + x) % D] = T.Cast(
+                                    "float32",
+                                    q[
+                                        b,
+                                        T.min(i0 + (r * BN + x) // D, L - 1),
+                                        h,
+                                        (r * BN + x) % D,
+                                    ],
+                                )
+                        for r in range(NO_):
+                            if r * BN + x < BM * DV:
+                                do_s[(r * BN + x) // DV, (r * BN + x) % DV] = T.Cast(
+                                    "float32",
+                                    do[
+                                        b,
+                                        T.min(i0 + (r * BN + x) // DV, L - 1),
+                                        h,
+                                        (r * BN + x) % DV,
+                                    ],
+                                )
+                        for r in range(NS_):
+                            if r * BN + x < BM:
+                                if gated:
+                                    cq_s[r * BN + x] = T.Cast(
+                                        "float32", c[b, h, T.min(i0 + r * BN + x, L - 1)] - cref
+                                    ) * T.float32(LOG2E)
+                                else:
+                                    cq_s[r * BN + x] = T.float32(0)
+                                lse_s[r * BN + x] = lse[
+                                    b, h, T.min(i0 + r * BN + x, L - 1)
+                                ] * T.float32(LOG2E)
+                                dl_s[r * BN + x] = delta[b, h, T.min(i0 + r * BN + x, L - 1)]
+                    T.tvm_storage_sync("shared")
+                    for x in T.thread_binding(BN, thread="threadIdx.x"):
                         j = j0 + x
-                        for ii in VEC(BM):
+                        for ii in range(BM):
                             p_r[ii] = T.float32(0)
                             dp_r[ii] = T.float32(0)
                         for d in range(D):
-                            for ii in VEC(BM):
-                                p_r[ii] = p_r[ii] + k_r[RI(x), d] * TR(qt_s, q_s, d, ii)
+                            for ii in range(BM):
+                                p_r[ii] = p_r[ii] + k_r[0, d] * q_s[ii, d]
                         for e in range(DV):
-                            for ii in VEC(BM):
-                                dp_r[ii] = dp_r[ii] + v_r[RI(x), e] * TR(dot_s, do_s, e, ii)
-                        for ii in VEC(BM):
+                            for ii in range(BM):
+                                dp_r[ii] = dp_r[ii] + v_r[0, e] * do_s[ii, e]
+                        for ii in range(BM):
                             if W > 0:
                                 p_r[ii] = T.if_then_else(
                                     (j <= i0 + ii) and (i0 + ii < L) and (i0 + ii - j < W),
-                                    T.exp2(p_r[ii] + (cq_s[ii] - ck_r[RI(x)]) - lse_s[ii]),
+                                    T.exp2(p_r[ii] + (cq_s[ii] - ck_r[0]) - lse_s[ii]),
                                     T.float32(0),
                                 )
                             else:
                                 p_r[ii] = T.if_then_else(
                                     (j <= i0 + ii) and (i0 + ii < L),
-                                    T.exp2(p_r[ii] + (cq_s[ii] - ck_r[RI(x)]) - lse_s[ii]),
+                                    T.exp2(p_r[ii] + (cq_s[ii] - ck_r[0]) - lse_s[ii]),
                                     T.float32(0),
                                 )
                             dp_r[ii] = p_r[ii] * (dp_r[ii] - dl_s[ii])
                         csum: T.float32 = T.float32(0)
                         for ii in range(BM):
                             csum = csum + dp_r[ii]
-                            for e in VEC(DV):
-                                dv_r[RI(x), e] = dv_r[RI(x), e] + p_r[ii] * do_s[ii, e]
-                            for d in VEC(D):
-                                dk_r[RI(x), d] = dk_r[RI(x), d] + dp_r[ii] * q_s[ii, d]
-                        col_r[RI(x)] = col_r[RI(x)] + csum
-                for x in ROWS(BN):
+                            for e in range(DV):
+                                dv_r[0, e] = dv_r[0, e] + p_r[ii] * do_s[ii, e]
+                            for d in range(D):
+                                dk_r[0, d] = dk_r[0, d] + dp_r[ii] * q_s[ii, d]
+                        col_r[0] = col_r[0] + csum
+                for x in T.thread_binding(BN, thread="threadIdx.x"):
                     if j0 + x < L:
-                        dcol[b, h, j0 + x] = col_r[RI(x)]
-            for x in ROWS(BN):
+                        dcol[b, h, j0 + x] = col_r[0]
+            for x in T.thread_binding(BN, thread="threadIdx.x"):
                 if j0 + x < L:
-                    for d in VEC(D):
-                        dk[b, j0 + x, hk, d] = T.Cast(dt, dk_r[RI(x), d] * scale)
-                    for e in VEC(DV):
-                        dv[b, j0 + x, hk, e] = T.Cast(dt, dv_r[RI(x), e])
+                    for d in range(D):
+                        dk[b, j0 + x, hk, d] = T.Cast(dt, dk_r[0, d] * scale)
+                    for e in range(DV):
+                        dv[b, j0 + x, hk, e] = T.Cast(dt, dv_r[0, e])
 
     return gfwa_bwd_kv
 
@@ -271,21 +226,9 @@ def make_backward_q(head_dim, value_dim, window, dtype, gated, group, config, ta
     if target == "cpu":  # register-blocked CPU kernel (cpu.py)
         return make_backward_q_cpu(D, DV, W, dtype, gated, G, config)
     dt = _DT[dtype]
-    gpu = target == "gpu"
     gated = bool(gated)
-    OUTER, ROWS, VEC, SH = _loops(gpu, BM)
-    R = 1 if gpu else BM
 
-    def RI(x):
-        return 0 if gpu else x
-
-    # transposed staging copy t[a, b] == s[b, a] exists on cpu only (it lets the reduction
-    # over a vectorize over b); gpu threads read the row-major shared tile directly.
-    def TR(t, s, a, b_):
-        return s[b_, a] if gpu else t[a, b_]
-
-    TD, TDV, TBM, TBN = (1, 1, 1, 1) if gpu else (D, DV, BM, BN)
-
+    # cooperative staging: ceil(n / BM) rounds of the block's BM threads
     NK_ = (BN * D + BM - 1) // BM
     NV_ = (BN * DV + BM - 1) // BM
     NC_ = (BN + BM - 1) // BM
@@ -320,18 +263,18 @@ def make_backward_q(head_dim, value_dim, window, dtype, gated, group, config, ta
         delta = T.match_buffer(delta_h, (B, HQ, L), "float32")
         dq = T.match_buffer(dq_h, (B, L, HQ, D), dt)
         drow = T.match_buffer(drow_h, (B, HQ, L), "float32")
-        for tile in OUTER(B * HQ * ((L + BM - 1) // BM)):
-            kt_s = T.alloc_buffer((TD, TBN), "float32", scope=SH)
-            k_s = T.alloc_buffer((BN, D), "float32", scope=SH)
-            vt_s = T.alloc_buffer((DV, BN), "float32", scope=SH)
-            ck_s = T.alloc_buffer((BN,), "float32", scope=SH)
-            q_r = T.alloc_buffer((R, D), "float32", scope="local")
-            do_r = T.alloc_buffer((R, DV), "float32", scope="local")
-            cq_r = T.alloc_buffer((R,), "float32", scope="local")
-            lse_r = T.alloc_buffer((R,), "float32", scope="local")
-            dl_r = T.alloc_buffer((R,), "float32", scope="local")
-            dq_r = T.alloc_buffer((R, D), "float32", scope="local")
-            row_r = T.alloc_buffer((R,), "float32", scope="local")
+        for tile in T.thread_binding(B * HQ * ((L + BM - 1) // BM), thread="blockIdx.x"):
+            k_s = T.alloc_buffer((BN, D), "float32", scope="shared")
+            vt_s = T.alloc_buffer((DV, BN), "float32", scope="shared")
+            ck_s = T.alloc_buffer((BN,), "float32", scope="shared")
+            # one query row per thread: its private state is a single row
+            q_r = T.alloc_buffer((1, D), "float32", scope="local")
+            do_r = T.alloc_buffer((1, DV), "float32", scope="local")
+            cq_r = T.alloc_buffer((1,), "float32", scope="local")
+            lse_r = T.alloc_buffer((1,), "float32", scope="local")
+            dl_r = T.alloc_buffer((1,), "float32", scope="local")
+            dq_r = T.alloc_buffer((1, D), "float32", scope="local")
+            row_r = T.alloc_buffer((1,), "float32", scope="local")
             p_r = T.alloc_buffer((BN,), "float32", scope="local")
             dp_r = T.alloc_buffer((BN,), "float32", scope="local")
             nq = (L + BM - 1) // BM
@@ -341,108 +284,94 @@ def make_backward_q(head_dim, value_dim, window, dtype, gated, group, config, ta
             hk = h // G
             if gated:
                 cref = c[b, h, i0]
-            for x in ROWS(BM):
+            for x in T.thread_binding(BM, thread="threadIdx.x"):
                 ic = T.min(i0 + x, L - 1)
-                for d in VEC(D):
-                    q_r[RI(x), d] = T.Cast("float32", q[b, ic, h, d]) * (scale * T.float32(LOG2E))
-                    dq_r[RI(x), d] = T.float32(0)
-                for e in VEC(DV):
-                    do_r[RI(x), e] = T.Cast("float32", do[b, ic, h, e])
+                for d in range(D):
+                    q_r[0, d] = T.Cast("float32", q[b, ic, h, d]) * (scale * T.float32(LOG2E))
+                    dq_r[0, d] = T.float32(0)
+                for e in range(DV):
+                    do_r[0, e] = T.Cast("float32", do[b, ic, h, e])
                 if gated:
-                    cq_r[RI(x)] = T.Cast("float32", c[b, h, ic] - cref) * T.float32(LOG2E)
+                    cq_r[0] = T.Cast("float32", c[b, h, ic] - cref) * T.float32(LOG2E)
                 else:
-                    cq_r[RI(x)] = T.float32(0)
-                lse_r[RI(x)] = lse[b, h, ic] * T.float32(LOG2E)
-                dl_r[RI(x)] = delta[b, h, ic]
-                row_r[RI(x)] = T.float32(0)
+                    cq_r[0] = T.float32(0)
+                lse_r[0] = lse[b, h, ic] * T.float32(LOG2E)
+                dl_r[0] = delta[b, h, ic]
+                row_r[0] = T.float32(0)
             kt_hi = (T.min(L, i0 + BM) + BN - 1) // BN
             kt_lo = T.int64(0)
             if W > 0:
                 kt_lo = T.max(i0 - (W - 1), T.int64(0)) // BN
             for kt in T.serial(kt_lo, kt_hi):
                 j0 = kt * BN
-                if gpu:
-                    T.tvm_storage_sync("shared")
-                    for x in ROWS(BM):
-                        for r in range(NK_):
-                            if r * BM + x < BN * D:
-                                k_s[(r * BM + x) // D, (r * BM + x) % D] = T.Cast(
-                                    "float32",
-                                    k[
-                                        b,
-                                        T.min(j0 + (r * BM + x) // D, L - 1),
-                                        hk,
-                                        (r * BM + x) % D,
-                                    ],
-                                )
-                        for r in range(NV_):
-                            if r * BM + x < BN * DV:
-                                vt_s[(r * BM + x) % DV, (r * BM + x) // DV] = T.Cast(
-                                    "float32",
-                                    v[
-                                        b,
-                                        T.min(j0 + (r * BM + x) // DV, L - 1),
-                                        hk,
-                                        (r * BM + x) % DV,
-                                    ],
-                                )
-                        for r in range(NC_):
-                            if r * BM + x < BN:
-                                if gated:
-                                    ck_s[r * BM + x] = T.Cast(
-                                        "float32", c[b, h, T.min(j0 + r * BM + x, L - 1)] - cref
-                                    ) * T.float32(LOG2E)
-                                else:
-                                    ck_s[r * BM + x] = T.float32(0)
-                    T.tvm_storage_sync("shared")
-                else:
-                    for jj in range(BN):
-                        jc = T.min(j0 + jj, L - 1)
-                        for d in VEC(D):
-                            k_s[jj, d] = T.Cast("float32", k[b, jc, hk, d])
-                        for d in range(D):
-                            kt_s[d, jj] = k_s[jj, d]
-                        for e in range(DV):
-                            vt_s[e, jj] = T.Cast("float32", v[b, jc, hk, e])
-                        if gated:
-                            ck_s[jj] = T.Cast("float32", c[b, h, jc] - cref) * T.float32(LOG2E)
-                        else:
-                            ck_s[jj] = T.float32(0)
-                for x in ROWS(BM):
+                T.tvm_storage_sync("shared")
+                for x in T.thread_binding(BM, thread="threadIdx.x"):
+                    for r in range(NK_):
+                        if r * BM + x < BN * D:
+                            k_s[(r * BM + x) // D, (r * BM + x) % D] = T.Cast(
+                                "float32",
+                                k[
+                                    b,
+                                    T.min(j0 + (r * BM + x) // D, L - 1),
+                                    hk,
+                                    (r * BM + x) % D,
+                                ],
+                            )
+                    for r in range(NV_):
+                        if r * BM + x < BN * DV:
+                            vt_s[(r * BM + x) % DV, (r * BM + x) // DV] = T.Cast(
+                                "float32",
+                                v[
+                                    b,
+                                    T.min(j0 + (r * BM + x) // DV, L - 1),
+                                    hk,
+                                    (r * BM + x) % DV,
+                                ],
+                            )
+                    for r in range(NC_):
+                        if r * BM + x < BN:
+                            if gated:
+                                ck_s[r * BM + x] = T.Cast(
+                                    "float32", c[b, h, T.min(j0 + r * BM + x, L - 1)] - cref
+                                ) * T.float32(LOG2E)
+                            else:
+                                ck_s[r * BM + x] = T.float32(0)
+                T.tvm_storage_sync("shared")
+                for x in T.thread_binding(BM, thread="threadIdx.x"):
                     i = i0 + x
-                    for jj in VEC(BN):
+                    for jj in range(BN):
                         p_r[jj] = T.float32(0)
                         dp_r[jj] = T.float32(0)
                     for d in range(D):
-                        for jj in VEC(BN):
-                            p_r[jj] = p_r[jj] + q_r[RI(x), d] * TR(kt_s, k_s, d, jj)
+                        for jj in range(BN):
+                            p_r[jj] = p_r[jj] + q_r[0, d] * k_s[jj, d]
                     for e in range(DV):
-                        for jj in VEC(BN):
-                            dp_r[jj] = dp_r[jj] + do_r[RI(x), e] * vt_s[e, jj]
-                    for jj in VEC(BN):
+                        for jj in range(BN):
+                            dp_r[jj] = dp_r[jj] + do_r[0, e] * vt_s[e, jj]
+                    for jj in range(BN):
                         if W > 0:
                             p_r[jj] = T.if_then_else(
                                 (j0 + jj <= i) and (i < L) and (i - (j0 + jj) < W),
-                                T.exp2(p_r[jj] + (cq_r[RI(x)] - ck_s[jj]) - lse_r[RI(x)]),
+                                T.exp2(p_r[jj] + (cq_r[0] - ck_s[jj]) - lse_r[0]),
                                 T.float32(0),
                             )
                         else:
                             p_r[jj] = T.if_then_else(
                                 (j0 + jj <= i) and (i < L),
-                                T.exp2(p_r[jj] + (cq_r[RI(x)] - ck_s[jj]) - lse_r[RI(x)]),
+                                T.exp2(p_r[jj] + (cq_r[0] - ck_s[jj]) - lse_r[0]),
                                 T.float32(0),
                             )
-                        dp_r[jj] = p_r[jj] * (dp_r[jj] - dl_r[RI(x)])
+                        dp_r[jj] = p_r[jj] * (dp_r[jj] - dl_r[0])
                     rsum: T.float32 = T.float32(0)
                     for jj in range(BN):
                         rsum = rsum + dp_r[jj]
-                        for d in VEC(D):
-                            dq_r[RI(x), d] = dq_r[RI(x), d] + dp_r[jj] * k_s[jj, d]
-                    row_r[RI(x)] = row_r[RI(x)] + rsum
-            for x in ROWS(BM):
+                        for d in range(D):
+                            dq_r[0, d] = dq_r[0, d] + dp_r[jj] * k_s[jj, d]
+                    row_r[0] = row_r[0] + rsum
+            for x in T.thread_binding(BM, thread="threadIdx.x"):
                 if i0 + x < L:
-                    for d in VEC(D):
-                        dq[b, i0 + x, h, d] = T.Cast(dt, dq_r[RI(x), d] * scale)
-                    drow[b, h, i0 + x] = row_r[RI(x)]
+                    for d in range(D):
+                        dq[b, i0 + x, h, d] = T.Cast(dt, dq_r[0, d] * scale)
+                    drow[b, h, i0 + x] = row_r[0]
 
     return gfwa_bwd_q

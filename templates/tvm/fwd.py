@@ -21,11 +21,11 @@ W + block_m positions (GATEDFWA.md section 3).
 Masked entries get a finite sentinel logit (-1e30) and an explicit select to p = 0, so no
 -inf - -inf can occur, whatever fast-math flags the code generator uses.
 
-target="cpu": returns cpu.make_forward_cpu (register-blocked micro-kernels, see cpu.py); the
-per-row CPU schedule that remains in this function's body is no longer used.
-target="gpu": the outer loop is blockIdx.x, one thread per query row (block_m threads), the K/V
-tiles and the tile's gate sums are staged cooperatively in shared memory between barriers;
-per-row state lives in registers/local memory.
+target="cpu": returns cpu.make_forward_cpu (register-blocked micro-kernels, see cpu.py).
+target="gpu": this function's body, on CUDA cores (fp16/bf16 with head dims that are multiples
+of 16 use the tensor-core forward in fwd_cuda.py instead): the outer loop is blockIdx.x, one
+thread per query row (block_m threads), the K/V tiles and the tile's gate sums are staged
+cooperatively in shared memory between barriers; per-row state lives in registers/local memory.
 """
 
 from __future__ import annotations
@@ -41,20 +41,6 @@ MASK = -1.0e30  # finite "minus infinity" for masked logits (log2 domain)
 MASK_T = -5.0e29  # anything below this is a masked logit
 
 
-def _loops(gpu: bool, block_m: int):
-    if gpu:
-        outer = lambda n: T.thread_binding(n, thread="blockIdx.x")  # noqa: E731
-        rows = lambda n: T.thread_binding(n, thread="threadIdx.x")  # noqa: E731
-        vec = lambda n: T.serial(n)  # noqa: E731
-        shared = "shared"
-    else:
-        outer = lambda n: T.parallel(n)  # noqa: E731
-        rows = lambda n: T.serial(n)  # noqa: E731
-        vec = lambda n: T.vectorized(n)  # noqa: E731
-        shared = "local"
-    return outer, rows, vec, shared
-
-
 def make_forward(head_dim, value_dim, window, dtype, gated, group, config, target="cpu"):
     D, DV, G = int(head_dim), int(value_dim), int(group)
     W = int(window or 0)  # 0: full causal
@@ -66,15 +52,9 @@ def make_forward(head_dim, value_dim, window, dtype, gated, group, config, targe
     if target == "cpu":  # register-blocked CPU kernel (cpu.py)
         return make_forward_cpu(D, DV, W, dtype, gated, G, config)
     dt = _DT[dtype]
-    gpu = target == "gpu"
     gated = bool(gated)
-    OUTER, ROWS, VEC, SH = _loops(gpu, BM)
-    R = 1 if gpu else BM
 
-    def RI(x):  # index of a row's private state: per thread on gpu, per row on cpu
-        return 0 if gpu else x
-
-    # cooperative staging on gpu: ceil(n / BM) rounds of BM threads
+    # cooperative staging: ceil(n / BM) rounds of the block's BM threads
     NK = (BN * D + BM - 1) // BM
     NV = (BN * DV + BM - 1) // BM
     NC = (BN + BM - 1) // BM
@@ -103,15 +83,16 @@ def make_forward(head_dim, value_dim, window, dtype, gated, group, config, targe
         c = T.match_buffer(c_h, (CB, CH, CT), "float64")
         o = T.match_buffer(o_h, (B, L, HQ, DV), dt)
         lse = T.match_buffer(lse_h, (B, HQ, L), "float32")
-        for tile in OUTER(B * HQ * ((L + BM - 1) // BM)):
-            kt_s = T.alloc_buffer((D, BN), "float32", scope=SH)
-            v_s = T.alloc_buffer((BN, DV), "float32", scope=SH)
-            ck_s = T.alloc_buffer((BN,), "float32", scope=SH)
-            q_r = T.alloc_buffer((R, D), "float32", scope="local")
-            cq_r = T.alloc_buffer((R,), "float32", scope="local")
-            m_r = T.alloc_buffer((R,), "float32", scope="local")
-            l_r = T.alloc_buffer((R,), "float32", scope="local")
-            acc_r = T.alloc_buffer((R, DV), "float32", scope="local")
+        for tile in T.thread_binding(B * HQ * ((L + BM - 1) // BM), thread="blockIdx.x"):
+            kt_s = T.alloc_buffer((D, BN), "float32", scope="shared")
+            v_s = T.alloc_buffer((BN, DV), "float32", scope="shared")
+            ck_s = T.alloc_buffer((BN,), "float32", scope="shared")
+            # one query row per thread: its private state is a single row
+            q_r = T.alloc_buffer((1, D), "float32", scope="local")
+            cq_r = T.alloc_buffer((1,), "float32", scope="local")
+            m_r = T.alloc_buffer((1,), "float32", scope="local")
+            l_r = T.alloc_buffer((1,), "float32", scope="local")
+            acc_r = T.alloc_buffer((1, DV), "float32", scope="local")
             s_r = T.alloc_buffer((BN,), "float32", scope="local")
             nq = (L + BM - 1) // BM
             b = tile // (HQ * nq)
@@ -121,18 +102,18 @@ def make_forward(head_dim, value_dim, window, dtype, gated, group, config, targe
             if gated:
                 cref = c[b, h, i0]
             # ---- per-row init: q pre-scaled into the log2 domain, gate sums, softmax state
-            for x in ROWS(BM):
+            for x in T.thread_binding(BM, thread="threadIdx.x"):
                 ic = T.min(i0 + x, L - 1)
-                for d in VEC(D):
-                    q_r[RI(x), d] = T.Cast("float32", q[b, ic, h, d]) * (scale * T.float32(LOG2E))
+                for d in range(D):
+                    q_r[0, d] = T.Cast("float32", q[b, ic, h, d]) * (scale * T.float32(LOG2E))
                 if gated:
-                    cq_r[RI(x)] = T.Cast("float32", c[b, h, ic] - cref) * T.float32(LOG2E)
+                    cq_r[0] = T.Cast("float32", c[b, h, ic] - cref) * T.float32(LOG2E)
                 else:
-                    cq_r[RI(x)] = T.float32(0)
-                m_r[RI(x)] = T.float32(MASK)
-                l_r[RI(x)] = T.float32(0)
-                for e in VEC(DV):
-                    acc_r[RI(x), e] = T.float32(0)
+                    cq_r[0] = T.float32(0)
+                m_r[0] = T.float32(MASK)
+                l_r[0] = T.float32(0)
+                for e in range(DV):
+                    acc_r[0, e] = T.float32(0)
             # ---- key tiles intersecting the window of rows [i0, i0 + BM)
             kt_hi = (T.min(L, i0 + BM) + BN - 1) // BN
             kt_lo = T.int64(0)
@@ -140,95 +121,83 @@ def make_forward(head_dim, value_dim, window, dtype, gated, group, config, targe
                 kt_lo = T.max(i0 - (W - 1), T.int64(0)) // BN
             for kt in T.serial(kt_lo, kt_hi):
                 j0 = kt * BN
-                if gpu:
-                    T.tvm_storage_sync("shared")
-                    for x in ROWS(BM):
-                        for r in range(NK):
-                            if r * BM + x < BN * D:
-                                kt_s[(r * BM + x) % D, (r * BM + x) // D] = T.Cast(
-                                    "float32",
-                                    k[
-                                        b,
-                                        T.min(j0 + (r * BM + x) // D, L - 1),
-                                        hk,
-                                        (r * BM + x) % D,
-                                    ],
-                                )
-                        for r in range(NV):
-                            if r * BM + x < BN * DV:
-                                v_s[(r * BM + x) // DV, (r * BM + x) % DV] = T.Cast(
-                                    "float32",
-                                    v[
-                                        b,
-                                        T.min(j0 + (r * BM + x) // DV, L - 1),
-                                        hk,
-                                        (r * BM + x) % DV,
-                                    ],
-                                )
-                        for r in range(NC):
-                            if r * BM + x < BN:
-                                if gated:
-                                    ck_s[r * BM + x] = T.Cast(
-                                        "float32", c[b, h, T.min(j0 + r * BM + x, L - 1)] - cref
-                                    ) * T.float32(LOG2E)
-                                else:
-                                    ck_s[r * BM + x] = T.float32(0)
-                    T.tvm_storage_sync("shared")
-                else:
-                    for jj in range(BN):
-                        jc = T.min(j0 + jj, L - 1)
-                        for d in VEC(D):
-                            kt_s[d, jj] = T.Cast("float32", k[b, jc, hk, d])
-                        for e in VEC(DV):
-                            v_s[jj, e] = T.Cast("float32", v[b, jc, hk, e])
-                        if gated:
-                            ck_s[jj] = T.Cast("float32", c[b, h, jc] - cref) * T.float32(LOG2E)
-                        else:
-                            ck_s[jj] = T.float32(0)
-                for x in ROWS(BM):
+                T.tvm_storage_sync("shared")
+                for x in T.thread_binding(BM, thread="threadIdx.x"):
+                    for r in range(NK):
+                        if r * BM + x < BN * D:
+                            kt_s[(r * BM + x) % D, (r * BM + x) // D] = T.Cast(
+                                "float32",
+                                k[
+                                    b,
+                                    T.min(j0 + (r * BM + x) // D, L - 1),
+                                    hk,
+                                    (r * BM + x) % D,
+                                ],
+                            )
+                    for r in range(NV):
+                        if r * BM + x < BN * DV:
+                            v_s[(r * BM + x) // DV, (r * BM + x) % DV] = T.Cast(
+                                "float32",
+                                v[
+                                    b,
+                                    T.min(j0 + (r * BM + x) // DV, L - 1),
+                                    hk,
+                                    (r * BM + x) % DV,
+                                ],
+                            )
+                    for r in range(NC):
+                        if r * BM + x < BN:
+                            if gated:
+                                ck_s[r * BM + x] = T.Cast(
+                                    "float32", c[b, h, T.min(j0 + r * BM + x, L - 1)] - cref
+                                ) * T.float32(LOG2E)
+                            else:
+                                ck_s[r * BM + x] = T.float32(0)
+                T.tvm_storage_sync("shared")
+                for x in T.thread_binding(BM, thread="threadIdx.x"):
                     i = i0 + x
-                    for jj in VEC(BN):
+                    for jj in range(BN):
                         s_r[jj] = T.float32(0)
                     for d in range(D):
-                        for jj in VEC(BN):
-                            s_r[jj] = s_r[jj] + q_r[RI(x), d] * kt_s[d, jj]
-                    for jj in VEC(BN):
+                        for jj in range(BN):
+                            s_r[jj] = s_r[jj] + q_r[0, d] * kt_s[d, jj]
+                    for jj in range(BN):
                         if W > 0:
                             s_r[jj] = T.if_then_else(
                                 (j0 + jj <= i) and (j0 + jj > i - W) and (i < L),
-                                s_r[jj] + (cq_r[RI(x)] - ck_s[jj]),
+                                s_r[jj] + (cq_r[0] - ck_s[jj]),
                                 T.float32(MASK),
                             )
                         else:
                             s_r[jj] = T.if_then_else(
                                 (j0 + jj <= i) and (i < L),
-                                s_r[jj] + (cq_r[RI(x)] - ck_s[jj]),
+                                s_r[jj] + (cq_r[0] - ck_s[jj]),
                                 T.float32(MASK),
                             )
-                    mx: T.float32 = m_r[RI(x)]
+                    mx: T.float32 = m_r[0]
                     for jj in range(BN):
                         mx = T.max(mx, s_r[jj])
-                    alpha: T.float32 = T.exp2(m_r[RI(x)] - mx)
-                    for jj in VEC(BN):
+                    alpha: T.float32 = T.exp2(m_r[0] - mx)
+                    for jj in range(BN):
                         s_r[jj] = T.if_then_else(
                             s_r[jj] > T.float32(MASK_T), T.exp2(s_r[jj] - mx), T.float32(0)
                         )
                     psum: T.float32 = T.float32(0)
                     for jj in range(BN):
                         psum = psum + s_r[jj]
-                    l_r[RI(x)] = l_r[RI(x)] * alpha + psum
-                    m_r[RI(x)] = mx
-                    for e in VEC(DV):
-                        acc_r[RI(x), e] = acc_r[RI(x), e] * alpha
+                    l_r[0] = l_r[0] * alpha + psum
+                    m_r[0] = mx
+                    for e in range(DV):
+                        acc_r[0, e] = acc_r[0, e] * alpha
                     for jj in range(BN):
-                        for e in VEC(DV):
-                            acc_r[RI(x), e] = acc_r[RI(x), e] + s_r[jj] * v_s[jj, e]
+                        for e in range(DV):
+                            acc_r[0, e] = acc_r[0, e] + s_r[jj] * v_s[jj, e]
             # ---- epilogue
-            for x in ROWS(BM):
+            for x in T.thread_binding(BM, thread="threadIdx.x"):
                 if i0 + x < L:
-                    inv: T.float32 = T.float32(1) / l_r[RI(x)]
-                    for e in VEC(DV):
-                        o[b, i0 + x, h, e] = T.Cast(dt, acc_r[RI(x), e] * inv)
-                    lse[b, h, i0 + x] = (m_r[RI(x)] + T.log2(l_r[RI(x)])) * T.float32(LN2)
+                    inv: T.float32 = T.float32(1) / l_r[0]
+                    for e in range(DV):
+                        o[b, i0 + x, h, e] = T.Cast(dt, acc_r[0, e] * inv)
+                    lse[b, h, i0 + x] = (m_r[0] + T.log2(l_r[0])) * T.float32(LN2)
 
     return gfwa_fwd
