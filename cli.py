@@ -429,7 +429,7 @@ def generate_cmd(backend, pass_, head_dim, value_dim, window, dtype, gated, grou
             from gfwagen.backends import tvm_backend
 
             base = (tvm_backend.DEFAULT_CPU_CONFIG if target == "cpu"
-                    else tvm_backend.DEFAULT_CUDA_CONFIG)
+                    else tvm_backend.default_cuda_config(spec))
         cfg = KernelConfig(block_m or base.block_m, block_n or base.block_n,
                            num_warps or base.num_warps, num_stages or base.num_stages, base.extra)
         generator.check_config(spec, cfg)

@@ -56,6 +56,30 @@ def test_space_and_resources():
         space.params("tvm", "bwd_q")
 
 
+def test_tvm_space_on_a_gpu():
+    """On a GPU the TVM forward's space is the tensor-core template's: its default first,
+    stages and softmax steps searched, every enumerated config one the template runs; the
+    CPU space and the CUDA-core passes keep block_m x block_n."""
+    pytest.importorskip("tvm")
+    from gfwagen.backends import tvm_backend
+
+    spec = PROB.spec("tvm", "fwd")  # bf16, D = 128
+    names = space.params("tvm", "fwd", space.knobs_for(spec, None, gpu=True))
+    assert names["num_stages"] == (1, 2) and names["x_sub_n"] == (16, 32, 64)
+    d = space.default(spec, gpu=True)
+    assert d == tvm_backend.DEFAULT_CUDA_TC_CONFIG
+    assert space.config_from_params(spec, space.config_params(spec, d, gpu=True), gpu=True) == d
+    configs = space.enumerate_configs(spec, gpu=True)
+    assert d in configs and all(tvm_backend.tensor_core_forward(spec, c) for c in configs)
+    assert {c.num_stages for c in configs} == {1, 2}
+    assert "num_stages" not in space.params("tvm", "fwd", space.knobs_for(spec))  # the CPU
+    assert space.default(spec) == tvm_backend.DEFAULT_CPU_CONFIG
+    kv = spec.replace(pass_="bwd_kv")
+    assert space.default(kv, gpu=True) == tvm_backend.default_cuda_config(kv)
+    assert set(space.params("tvm", "bwd_kv", space.knobs_for(kv, None, gpu=True))) == {
+        "block_m", "block_n"}
+
+
 def test_fake_timer_and_summary():
     spec = PROB.spec("triton", "fwd")
     t = FakeTimer()

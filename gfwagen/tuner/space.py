@@ -4,10 +4,11 @@ Triton: block_m, block_n in {16, ..., 256} (powers of two dividing the gate chun
 num_warps in {4, 8}, num_stages in {1, ..., 5}, plus the template switches named in `knobs`
 (KNOBS: "tma", Hopper tensor-descriptor loads; "prefetch_gate", the next tile's gate values
 loaded one iteration ahead, searched only for gated problems).
-TVM: block_m, block_n (one thread per tile row on the GPU, loop tiles on the CPU) plus
-whatever knobs tvm_backend declares in TUNABLE_EXTRAS ({name: choices}); warps and stages
-mean nothing to its templates. TVM's backward takes one config for both kernels, so it is
-tuned as pass "bwd_kv" only.
+TVM: block_m, block_n (one thread per tile row in the GPU's CUDA-core kernels, loop tiles on
+the CPU) plus whatever knobs tvm_backend declares in TUNABLE_EXTRAS ({name: choices}); the
+tensor-core forward on a GPU (bf16/fp16) adds num_stages (its cp.async stages) and sub_n (keys
+per softmax step), through the pseudo-knob TENSOR_CORE that knobs_for adds for it. TVM's
+backward takes one config for both kernels, so it is tuned as pass "bwd_kv" only.
 
 The resource model is an estimate, deliberately conservative (it only has to keep the
 sampler out of configs that cannot launch or would spill heavily): shared memory of the
@@ -36,6 +37,8 @@ TVM_THREADS_LIMIT = 1024
 # caller names others: tensor descriptors cut the backward's register spills (offline sm_90
 # compile, benchmarks/RESULTS.md); prefetch_gate is opt-in.
 KNOBS = ("tma", "prefetch_gate")
+TENSOR_CORE = "tensor_core"  # not a user knob: the TVM tensor-core forward's own parameters
+TVM_TC_PARAMS = {"num_stages": (1, 2), "x_sub_n": (16, 32, 64)}
 DEFAULT_KNOBS = ("tma",)
 CONSTRAINT_NAMES = ("smem", "registers", "failed")
 
@@ -61,9 +64,14 @@ def check_knobs(knobs) -> tuple[str, ...]:
     return knobs
 
 
-def knobs_for(spec: KernelSpec, knobs=None) -> tuple[str, ...]:
+def knobs_for(spec: KernelSpec, knobs=None, gpu: bool = False) -> tuple[str, ...]:
     """The switches that change something for this spec (the gate prefetch needs a gate).
-    knobs None: DEFAULT_KNOBS."""
+    knobs None: DEFAULT_KNOBS. TVM: TENSOR_CORE when the spec's GPU forward is the
+    tensor-core template (gpu), else none."""
+    if spec.backend == "tvm":
+        from gfwagen.backends import tvm_backend
+
+        return (TENSOR_CORE,) if gpu and tvm_backend.tensor_core_forward(spec) else ()
     if spec.backend != "triton":
         return ()
     knobs = check_knobs(DEFAULT_KNOBS if knobs is None else knobs)
@@ -78,7 +86,10 @@ def params(backend: str, pass_: str, knobs: tuple = ()) -> dict[str, tuple]:
                          f"(tunable: {', '.join(passes(backend))})")
     if backend == "tvm":
         p = {"block_m": TVM_TILES, "block_n": TVM_TILES}
-        p.update({f"x_{k}": tuple(v) for k, v in sorted(tvm_extras().items())})
+        if TENSOR_CORE in knobs:
+            p.update(TVM_TC_PARAMS)
+        else:
+            p.update({f"x_{k}": tuple(v) for k, v in sorted(tvm_extras().items())})
         return p
     chunk = gate_chunk()
     tiles = tuple(t for t in TILES if chunk % t == 0)
@@ -87,8 +98,8 @@ def params(backend: str, pass_: str, knobs: tuple = ()) -> dict[str, tuple]:
     return p
 
 
-def config_from_params(spec: KernelSpec, values: dict) -> KernelConfig:
-    base = default_config(spec) if spec.backend == "triton" else _tvm_default(spec)
+def config_from_params(spec: KernelSpec, values: dict, gpu: bool = False) -> KernelConfig:
+    base = default_config(spec) if spec.backend == "triton" else _tvm_default(spec, gpu)
     # a switch that is off is left out, so a config reads the same with or without it
     extra = {k[2:]: v for k, v in values.items()
              if k.startswith("x_") and not (k[2:] in KNOBS and v is False)}
@@ -99,30 +110,31 @@ def config_from_params(spec: KernelSpec, values: dict) -> KernelConfig:
                         extra=tuple(sorted({**dict(base.extra), **extra}.items())))
 
 
-def config_params(spec: KernelSpec, config: KernelConfig, knobs=None) -> dict:
+def config_params(spec: KernelSpec, config: KernelConfig, knobs=None,
+                  gpu: bool = False) -> dict:
     """The inverse of config_from_params: what to enqueue for `config`."""
-    names = params(spec.backend, spec.pass_, knobs_for(spec, knobs))
+    names = params(spec.backend, spec.pass_, knobs_for(spec, knobs, gpu))
     out = {}
     for n in names:
         out[n] = config.get(n[2:], False) if n.startswith("x_") else getattr(config, n)
     return out
 
 
-def _tvm_default(spec: KernelSpec) -> KernelConfig:
+def _tvm_default(spec: KernelSpec, gpu: bool = False) -> KernelConfig:
     from gfwagen.backends import tvm_backend
 
-    return tvm_backend.DEFAULT_CPU_CONFIG
+    return tvm_backend.default_cuda_config(spec) if gpu else tvm_backend.DEFAULT_CPU_CONFIG
 
 
-def default(spec: KernelSpec, knobs=None) -> KernelConfig:
+def default(spec: KernelSpec, knobs=None, gpu: bool = False) -> KernelConfig:
     """The config the op would use untuned, snapped into the space (trial 0 of a study)."""
-    cfg = default_config(spec) if spec.backend == "triton" else _tvm_default(spec)
-    p = params(spec.backend, spec.pass_, knobs_for(spec, knobs))
+    cfg = default_config(spec) if spec.backend == "triton" else _tvm_default(spec, gpu)
+    p = params(spec.backend, spec.pass_, knobs_for(spec, knobs, gpu))
     vals = {}
     for n, choices in p.items():
         v = cfg.get(n[2:], False) if n.startswith("x_") else getattr(cfg, n)
         vals[n] = v if v in choices else min(choices, key=lambda c: abs(c - v))
-    return config_from_params(spec, vals)
+    return config_from_params(spec, vals, gpu)
 
 
 def resources(spec: KernelSpec, config: KernelConfig) -> dict:
@@ -193,10 +205,10 @@ def feasible(spec: KernelSpec, config: KernelConfig, *, gpu: bool = True) -> tup
 def enumerate_configs(spec: KernelSpec, *, gpu: bool = True,
                       knobs=None) -> list[KernelConfig]:
     """Every feasible config of the space (the exhaustive sweep's list)."""
-    p = params(spec.backend, spec.pass_, knobs_for(spec, knobs))
+    p = params(spec.backend, spec.pass_, knobs_for(spec, knobs, gpu))
     out = []
     for combo in itertools.product(*p.values()):
-        cfg = config_from_params(spec, dict(zip(p, combo)))
+        cfg = config_from_params(spec, dict(zip(p, combo)), gpu)
         if feasible(spec, cfg, gpu=gpu)[0]:
             out.append(cfg)
     return out

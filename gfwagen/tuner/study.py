@@ -135,7 +135,7 @@ def sweep_job(job: TuneJob) -> TuneJob:
     the default included even when the resource model prunes it)."""
     spec = job.spec()
     configs = space.enumerate_configs(spec, gpu=job.mode == "cuda", knobs=job.knobs)
-    n = len(configs) + (space.default(spec, job.knobs) not in configs)
+    n = len(configs) + (space.default(spec, job.knobs, job.mode == "cuda") not in configs)
     return dataclasses.replace(job, sweep=True, n_trials=n, enqueue=())
 
 
@@ -226,18 +226,19 @@ def prepare(job: TuneJob, fresh: bool | None = None):
                                 load_if_exists=True)
     if not study.get_trials(deepcopy=False):
         spec = job.spec()
-        default = space.default(spec, job.knobs)
+        gpu = job.mode == "cuda"
+        default = space.default(spec, job.knobs, gpu)
         # what the report (compare.py) needs to pair a TPE study with its sweep
         study.set_user_attr("job", {"problem": job.problem.as_dict(), "backend": job.backend,
                                     "pass": job.pass_, "sweep": job.sweep})
-        study.enqueue_trial(space.config_params(spec, default, job.knobs),
+        study.enqueue_trial(space.config_params(spec, default, job.knobs, gpu),
                             user_attrs={"default": True})
         extra = [KernelConfig.from_dict(c) for c in job.enqueue]
         if job.sweep:
-            extra = [c for c in space.enumerate_configs(spec, gpu=job.mode == "cuda",
+            extra = [c for c in space.enumerate_configs(spec, gpu=gpu,
                                                         knobs=job.knobs) if c != default]
         for c in extra:
-            study.enqueue_trial(space.config_params(spec, c, job.knobs))
+            study.enqueue_trial(space.config_params(spec, c, job.knobs, gpu))
     return study
 
 
@@ -340,10 +341,10 @@ class _Driver:
     def __init__(self, job: TuneJob, study, tdb, workers: Workers):
         self.job, self.study, self.tdb, self.workers = job, study, tdb, workers
         self.spec = job.spec()
-        self.names = space.params(job.backend, job.pass_,
-                                  space.knobs_for(self.spec, job.knobs))
-        self.fp = _device_fp(job)
         self.gpu = job.mode == "cuda"
+        self.names = space.params(job.backend, job.pass_,
+                                  space.knobs_for(self.spec, job.knobs, self.gpu))
+        self.fp = _device_fp(job)
         self.who = f"{socket.gethostname()}:{os.getpid()}"
         self.progress = _Progress(job.label or f"{job.backend} {job.pass_}", 0)
         self.recorded = 0  # rows this driver wrote to the TuningDB
@@ -374,7 +375,8 @@ class _Driver:
     def _ask(self):
         trial = self.study.ask()
         cfg = space.config_from_params(
-            self.spec, {k: trial.suggest_categorical(k, list(v)) for k, v in self.names.items()})
+            self.spec, {k: trial.suggest_categorical(k, list(v)) for k, v in self.names.items()},
+            self.gpu)
         trial.set_user_attr("config", cfg.as_dict())
         trial.set_user_attr("driver", self.who)
         return trial, cfg
