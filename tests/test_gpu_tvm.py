@@ -23,7 +23,9 @@ def test_gpu_tvm_matches_float64(case, dtype_name):
 
 @pytest.mark.parametrize("cfg", [(16, 16, 1, 16), (32, 32, 2, 32), (64, 128, 2, 128),
                                  (128, 64, 1, 64), (128, 128, 2, 128), (64, 64, 2, 32),
-                                 (64, 128, 1, 32)])
+                                 (64, 128, 1, 32),
+                                 # more keys per tile than threads (the gate staging loops)
+                                 (16, 64, 1, 64), (32, 128, 2, 32)])
 def test_gpu_tvm_tensor_core_configs(cfg):
     """Every tile shape the tuner may pick gives the same answer (T and W off the tiles)."""
     from gfwagen.spec import KernelConfig

@@ -116,10 +116,12 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                 16,
             )
         if gated:
-            if tx < BN:
-                ck_s[st * BN + tx] = T.Cast(
-                    "float32", c[b, h, T.min(kt * BN + tx, L - 1)] - c[b, h, i0]
-                ) * T.float32(LOG2E)
+            # block_n may exceed the thread count (16 rows = 32 threads, 64 keys)
+            for rr in T.unroll((BN + NT - 1) // NT):
+                if rr * NT + tx < BN:
+                    ck_s[st * BN + rr * NT + tx] = T.Cast(
+                        "float32", c[b, h, T.min(kt * BN + rr * NT + tx, L - 1)] - c[b, h, i0]
+                    ) * T.float32(LOG2E)
 
     @T.macro
     def fragment_mma(trans, smem, smem_off, frag, a, a_off, c, c_block):
