@@ -7,6 +7,12 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
+def heads_per_program(H):
+    """Heads one program of the gate kernels (gate.py, gate_sums.py) covers: a power of two
+    for tl.arange, at most 16."""
+    return min(16, triton.next_power_of_2(H))
+
+
 @triton.jit
 def key_tile_phases(m0, T, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
     """Key-tile bounds for query rows [m0, m0+BLOCK_M): [lo, int_lo) edge, [int_lo, int_hi)

@@ -18,6 +18,8 @@ the per-chunk total and the carried base in float64. This file imports nothing f
 import triton
 import triton.language as tl
 
+from .common import heads_per_program
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -131,15 +133,11 @@ def gate_bwd_kernel(
         tl.store(dbeta_ptr + idx, db.to(dbeta_ptr.dtype.element_ty), mask=m)
 
 
-def _block_h(H):
-    return min(16, triton.next_power_of_2(H))
-
-
 def launch_gate_fwd(h, beta, g, local, base, eps, chunk, with_prefix, num_warps=4):
     """h, beta [B, T, H] contiguous (any float dtype); g [B, T, H] float32; local [B, H, T]
     float32 and base [B, H, ceil(T / chunk)] float64 when with_prefix (else any tensor)."""
     B, T, H = h.shape
-    bh = _block_h(H)
+    bh = heads_per_program(H)
     nchunk = triton.cdiv(T, chunk)
     grid = (B, triton.cdiv(H, bh))
     gate_fwd_kernel[grid](
@@ -163,7 +161,7 @@ def launch_gate_bwd(h, beta, dg, dlocal, dbase, dh, dbeta, eps, chunk, with_pref
     """dg [B, T, H] float32; dlocal [B, H, T] float32 and dbase [B, H, ceil(T / chunk)] float64
     when with_prefix; dh, dbeta [B, T, H] in the dtypes of h and beta."""
     B, T, H = h.shape
-    bh = _block_h(H)
+    bh = heads_per_program(H)
     nchunk = triton.cdiv(T, chunk)
     grid = (B, triton.cdiv(H, bh))
     gate_bwd_kernel[grid](

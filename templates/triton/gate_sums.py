@@ -28,6 +28,8 @@ second adds those of the later splits). This file imports nothing from gfwagen.
 import triton
 import triton.language as tl
 
+from .common import heads_per_program
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -209,10 +211,6 @@ TARGET_PROGRAMS = 512
 SCAN_BLOCK = 1024
 
 
-def _block_h(H):
-    return min(16, triton.next_power_of_2(H))
-
-
 def _split(tiles, lanes, splits):
     """(splits, tiles per split) for `tiles` tiles per lane and `lanes` (batch, head block)
     pairs; splits=None picks enough to reach TARGET_PROGRAMS."""
@@ -228,7 +226,7 @@ def launch_gate_sums_fwd(log_gate, local, base, chunk, splits=None, num_warps=4)
     B, T, H = log_gate.shape
     nc = triton.cdiv(T, chunk)
     n_base = base.shape[-1]
-    bh = _block_h(H)
+    bh = heads_per_program(H)
     hb = triton.cdiv(H, bh)
     n_split, per = _split(nc, B * hb, splits)
     gate_sums_fwd_kernel[(B, hb, n_split)](
@@ -260,7 +258,7 @@ def launch_gate_sums_bwd(
     rev is a float64 [B, T, H] scratch. tot: float64 scratch of at least B * H *
     bwd_splits(...) elements, needed when that is more than one."""
     B, H, T = row.shape
-    bh = _block_h(H)
+    bh = heads_per_program(H)
     hb = triton.cdiv(H, bh)
     n_split, per = _split(triton.cdiv(T, block_t), B * hb, splits)
     dst = rev if seg_end is not None else out
@@ -292,4 +290,4 @@ def launch_gate_sums_bwd(
 
 def bwd_splits(B, H, T, splits=None, block_t=256):
     """How many splits launch_gate_sums_bwd uses (its tot scratch holds B * H * this)."""
-    return _split(triton.cdiv(T, block_t), B * triton.cdiv(H, _block_h(H)), splits)[0]
+    return _split(triton.cdiv(T, block_t), B * triton.cdiv(H, heads_per_program(H)), splits)[0]
