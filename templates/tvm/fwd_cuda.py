@@ -96,25 +96,23 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     # buffers and variables as arguments. A Python-valued argument (masked) selects code at
     # parse time.
     @T.macro
+    def copy_rows(dst, src, kt, st, dim, stride, copies, b, hk, L, tx):
+        # the tile's block_n rows of src [B, T, Hkv, dim] into dst (padded rows), 16 bytes
+        # per cp.async; rows past the end are clamped to the last row: finite values that
+        # the mask (j <= i) then excludes
+        for rr in T.unroll(copies):
+            ci = rr * NT + tx
+            jr = ci // (dim // 8)
+            T.ptx["cp.async.cg.shared.global"](
+                T.address_of(dst[(st * BN + jr) * stride + ci % (dim // 8) * 8]),
+                T.address_of(src[b, T.min(kt * BN + jr, L - 1), hk, ci % (dim // 8) * 8]),
+                16,
+            )
+
+    @T.macro
     def load_tile(kt, st, k_s, v_s, ck_s, k, v, c, b, h, hk, i0, L, tx):
-        # K, V rows past the end are clamped to the last row: finite values
-        # that the mask (j <= i) then excludes
-        for rr in T.unroll(NKC):
-            ci = rr * NT + tx
-            jr = ci // (D // 8)
-            T.ptx["cp.async.cg.shared.global"](
-                T.address_of(k_s[(st * BN + jr) * KS + ci % (D // 8) * 8]),
-                T.address_of(k[b, T.min(kt * BN + jr, L - 1), hk, ci % (D // 8) * 8]),
-                16,
-            )
-        for rr in T.unroll(NVC):
-            ci = rr * NT + tx
-            jr = ci // (DV // 8)
-            T.ptx["cp.async.cg.shared.global"](
-                T.address_of(v_s[(st * BN + jr) * VS + ci % (DV // 8) * 8]),
-                T.address_of(v[b, T.min(kt * BN + jr, L - 1), hk, ci % (DV // 8) * 8]),
-                16,
-            )
+        copy_rows(k_s, k, kt, st, D, KS, NKC, b, hk, L, tx)
+        copy_rows(v_s, v, kt, st, DV, VS, NVC, b, hk, L, tx)
         if gated:
             # block_n may exceed the thread count (16 rows = 32 threads, 64 keys)
             for rr in T.unroll((BN + NT - 1) // NT):
