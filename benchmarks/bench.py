@@ -206,6 +206,21 @@ def check(f, gated, s, q, k, v, g, dout):
             for n, x, r in zip(names, (o, *grads), refs[: len(names)], strict=True)}
 
 
+def cuda_graph_ms(fn, rep=200) -> float:
+    """Median ms of fn replayed as a CUDA graph: GPU time without the host's launch costs. fn
+    runs once on a side stream before the capture, so that no lazy initialization or first
+    allocation happens inside it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=25, rep=rep, return_mode="median")
+
+
 def time_modes(out, f, gated, modes, q, k, v, g, dout, warmup, rep):
     """Median ms per mode into out, filled as it goes so a later mode's OOM keeps the rest."""
     inputs = (q, k, v, g) if gated else (q, k, v)

@@ -169,16 +169,9 @@ def main(argv=None) -> int:
         pct = 100 * gbs / (a.peak_tbs * 1e3)
         line = f"{n:>8} {bn:>7} {nw:>5} {st:>6} {ms * 1e3:>9.1f} {gbs:>8.0f} {pct:>6.1f}"
         if a.graph:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            gms = triton.testing.do_bench(graph.replay, warmup=25, rep=200,
-                                          return_mode="median")
+            from bench import cuda_graph_ms
+
+            gms = cuda_graph_ms(fn)
             gpct = 100 * nbytes / (gms * 1e-3) / 1e9 / (a.peak_tbs * 1e3)
             line += f" {gms * 1e3:>9.1f} {gpct:>6.1f}"
             pct = max(pct, gpct)

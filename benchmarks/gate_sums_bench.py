@@ -39,15 +39,9 @@ def _time(fn, graph, rep):
     ms = triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
     if not graph:
         return ms, None
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return ms, triton.testing.do_bench(g.replay, warmup=25, rep=rep, return_mode="median")
+    from bench import cuda_graph_ms
+
+    return ms, cuda_graph_ms(fn, rep)
 
 
 def _cases(B, T, H, gen):
