@@ -4,7 +4,7 @@
 #   s1-sweep  every feasible config of S1's space, each pass in one study shared by GPUs 0
 #             and 1 (--devices 0,1: the two-GPU check)
 #   s1-tpe    TPE on S1 with a quarter of each pass's sweep trials, then the report
-#             (benchmarks/tuner_vs_sweep.py)
+#             (benchmarks/tuner_vs_sweep.py); PASSES="bwd_kv bwd_q" limits the passes
 #   ship      S1-S5 (SHIP0 / SHIP1: the shapes of each GPU) tuned by two single-GPU processes
 #             into two databases
 #   classes   the 18 head-dim x window classes, the same way
@@ -28,7 +28,7 @@ case "$phase" in
       > "$out/s1_sweep.json" 2> "$out/s1_sweep.log"
     ;;
   s1-tpe)
-    for pass in fwd bwd_kv bwd_q; do
+    for pass in ${PASSES:-fwd bwd_kv bwd_q}; do
       n=$(python3 -c "
 from gfwagen.tuner import space; from gfwagen.spec import Problem
 p = Problem(8, 4096, 16, 16, 128, 128, 512, 'bf16', True)
