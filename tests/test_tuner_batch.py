@@ -18,6 +18,7 @@ from gfwagen.tuner import compare, space
 from gfwagen.tuner.pool import Workers
 from gfwagen.tuner.study import (
     TuneJob,
+    is_measurement,
     open_study,
     run,
     run_on_devices,
@@ -68,9 +69,10 @@ def test_warm_pool_survives_crashing_and_hanging_warm_workers(tmp_path, monkeypa
     warm_crash = {**FAST, "num_stages": 2}  # the warm worker dies; the candidate is fine
     warm_hang = {**FAST, "num_warps": 4}  # the warm worker hangs until the timeout
     both_crash = {**FAST, "block_m": 64}  # warm and timing worker die: recorded as failed
-    rules = [{"match": warm_crash, "fault": "crash", "on": "warm"},
-             {"match": warm_hang, "fault": "hang", "on": "warm"},
-             {"match": both_crash, "fault": "crash"}]
+    # exact matches (no switch on): the closing refinement tries the same tiles with tma
+    rules = [{"match": {**warm_crash, "extra": {}}, "fault": "crash", "on": "warm"},
+             {"match": {**warm_hang, "extra": {}}, "fault": "hang", "on": "warm"},
+             {"match": {**both_crash, "extra": {}}, "fault": "crash"}]
     monkeypatch.setenv(INJECT_ENV, json.dumps(rules))
     db = tmp_path / "t.sqlite"
     job = TuneJob(PROB, "triton", "fwd", 6, mode="fake", timeout=4.0, db_path=str(db), seed=0,
@@ -118,21 +120,26 @@ def test_batch_warms_only_new_feasible_configs(tmp_path, monkeypatch):
     monkeypatch.setattr(Workers, "warm", spy)
     db = tmp_path / "t.sqlite"
     default = space.default(PROB.spec("triton", "bwd_kv")).as_dict()
-    # batches of 3: [default, FAST, FAST], [pruned, default, TPE]
+    # batches of 3: [default, FAST, FAST], [pruned, default, new], then until 6 measured
     job = TuneJob(PROB, "triton", "bwd_kv", 6, mode="fake", db_path=str(db), seed=1,
                   compile_jobs=3, enqueue=(FAST, FAST, pruned, default))
     res = run(job)
     done = finished(job)
     # batch 1: the repeat of FAST is not compiled twice; batch 2: neither the pruned config
-    # nor the measured default, at most the TPE sample
-    assert len(warmed) == 2 and len(warmed[0]) == 2 and len(warmed[1]) <= 1
-    assert KernelConfig(**pruned) not in warmed[1]
+    # nor the measured default, only the one new config
+    assert len(warmed[0]) == 2 and len(warmed[1]) == 1
+    assert all(KernelConfig(**pruned) not in w for w in warmed)
     assert done[2].user_attrs["duplicate_of"] == 1  # a repeat inside one batch
     assert done[4].user_attrs["duplicate_of"] == 0  # the default again, from the study
     assert done[3].user_attrs["status"] == "failed" and "test" in done[3].user_attrs["reason"]
+    assert done[3].user_attrs["pruned"] and not is_measurement(done[3])
+    # six measurements (repeats and the pruned config do not count), none compiled twice
+    assert sum(map(is_measurement, done)) == 6
+    flat = [c for w in warmed for c in w]
+    assert len(flat) == len(set(flat))
     assert len(db_rows(db)) == res.recorded == sum("duplicate_of" not in t.user_attrs
-                                                   for t in done) >= 4
-    assert res.trials == 6 and done[0].user_attrs.get("default")
+                                                   for t in done) == 7
+    assert res.trials == len(done) and done[0].user_attrs.get("default")
 
 
 def test_sweep_runs_every_config_once_in_its_own_study(tmp_path, small_space):
@@ -208,6 +215,6 @@ def test_fresh_run_joins_a_study_another_driver_is_running(tmp_path):
     with open_study(other):  # another driver holds the study: a fresh run must not reset it
         run(TuneJob(PROB, "triton", "fwd", 2, mode="fake", db_path=str(tmp_path / "t.sqlite"),
                     seed=1))
-    assert len(finished(job)) == 5
+    assert sum(map(is_measurement, finished(job))) == 5
     run(TuneJob(PROB, "triton", "fwd", 2, mode="fake", db_path=str(tmp_path / "t.sqlite")))
-    assert len(finished(job)) == 2  # nobody running it: fresh means fresh
+    assert sum(map(is_measurement, finished(job))) == 2  # nobody running it: fresh is fresh

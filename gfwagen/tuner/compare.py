@@ -10,7 +10,8 @@ its trials, their order, the default (trial 0) and the repeats.
 TPE's best is compared on the sweep's measurement of the same config, so both sides of the
 gap come from one measurement pass and timing noise between two runs cannot decide it; TPE's
 own measurement is shown beside it. The verdict: within 3% of the sweep's best using at
-most a quarter of the sweep's trials.
+most a quarter of the sweep's trials. Trials are measurements (study.is_measurement): the
+TPE study's repeats and pruned proposals cost no GPU time and are shown apart, as "asked".
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Row:
     sweep_best: dict | None
     sweep_ms: float | None
     tpe_trials: int
+    tpe_asked: int  # every trial of the TPE study, repeats and pruned proposals included
     tpe_best: dict | None
     tpe_ms_in_sweep: float | None  # the sweep's measurement of TPE's best config
     tpe_ms_own: float | None
@@ -80,6 +82,12 @@ def _done(study) -> list:
     return [t for t in study.get_trials(deepcopy=False) if "status" in t.user_attrs]
 
 
+def _measured(study) -> int:
+    from gfwagen.tuner.study import is_measurement
+
+    return sum(map(is_measurement, study.get_trials(deepcopy=False)))
+
+
 def compare(studies: dict) -> list[Row]:
     """One Row per TPE study whose "<name>-sweep" study is there too, sorted by name."""
     from gfwagen.tuner.study import best_trial
@@ -101,9 +109,10 @@ def compare(studies: dict) -> list[Row]:
         default = next((t for t in s_trials if t.user_attrs.get("default")), None)
         rows.append(Row(
             name=name, problem=job.get("problem", {}), backend=job.get("backend", "?"),
-            pass_=job.get("pass", "?"), sweep_trials=len(s_trials),
+            pass_=job.get("pass", "?"), sweep_trials=_measured(sweep),
             sweep_best=s_best.user_attrs["config"] if s_best else None,
-            sweep_ms=s_best.value if s_best else None, tpe_trials=len(_done(tpe)),
+            sweep_ms=s_best.value if s_best else None, tpe_trials=_measured(tpe),
+            tpe_asked=len(_done(tpe)),
             tpe_best=t_best.user_attrs["config"] if t_best else None, tpe_ms_in_sweep=in_sweep,
             tpe_ms_own=t_best.value if t_best else None,
             default_ms=default.value if default is not None
@@ -132,14 +141,14 @@ def _problem(p: dict) -> str:
 
 def markdown(rows: list[Row]) -> str:
     head = ["problem", "pass", "sweep trials", "sweep best", "sweep ms", "TPE trials",
-            "TPE best", "TPE best ms (sweep)", "TPE best ms (own)", "gap %",
+            "TPE asked", "TPE best", "TPE best ms (sweep)", "TPE best ms (own)", "gap %",
             f"<= {GAP_LIMIT:g}% with <= 1/4 trials", "default ms", "speed-up"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         g = r.gap
         cells = [_problem(r.problem), r.pass_, str(r.sweep_trials), _cfg(r.sweep_best),
-                 _ms(r.sweep_ms), str(r.tpe_trials), _cfg(r.tpe_best), _ms(r.tpe_ms_in_sweep),
-                 _ms(r.tpe_ms_own), "-" if g is None else f"{g:.1f}",
+                 _ms(r.sweep_ms), str(r.tpe_trials), str(r.tpe_asked), _cfg(r.tpe_best),
+                 _ms(r.tpe_ms_in_sweep), _ms(r.tpe_ms_own), "-" if g is None else f"{g:.1f}",
                  "yes" if r.within else "no", _ms(r.default_ms),
                  "-" if r.speedup is None else f"{r.speedup:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")

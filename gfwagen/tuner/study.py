@@ -15,6 +15,11 @@ are tuned separately (they are separate kernels with separate configs).
   study; tuner/compare.py sets the two side by side.
 - Trial 0 is the heuristic default (study.enqueue_trial), so every study measures what the
   op would run untuned, and "speed-up over the default" is read off the same study.
+- A TPE study's trials (search.py): an initial design of one config per tile (enqueued after
+  the default), then TPE, then each driver's last quarter on the untried pipelines of the
+  best tiles. n_trials counts measurements (configs compiled, checked and timed): a repeat
+  answered from the study and a config the resource model prunes cost no GPU time and do
+  not count, up to ASK_LIMIT asks per measurement.
 - Every trial that measures something is recorded in the TuningDB with its status (configs
   the resource model prunes are recorded as 'failed' with the estimate as reason, without
   compiling); a config the study already measured is answered from the study, not rerun.
@@ -40,11 +45,12 @@ from collections import Counter
 from pathlib import Path
 
 from gfwagen.spec import KernelConfig, Problem
-from gfwagen.tuner import space
+from gfwagen.tuner import search, space
 from gfwagen.tuner.lease import journal_lease
 from gfwagen.tuner.pool import Workers
 
 PENALTY_MS = 1e9  # objective value of a trial without a measurement (constraints mark it)
+ASK_LIMIT = 10  # asks per measurement before a study whose space is used up stops
 # The device a fake-timer run is recorded under: never a real machine's key.
 FAKE_DEVICE = {"kind": "cpu", "name": "fake-timer", "compute_capability": None, "sm_count": None,
                "memory_bytes": None, "driver_version": None, "cuda_version": None,
@@ -57,7 +63,7 @@ class TuneJob:
     backend: str
     pass_: str
     n_trials: int
-    mode: str = "cuda"  # cuda | cpu | fake (see worker.MODES)
+    mode: str = "cuda"  # cuda | cpu | fake (see worker.MODES) | replay (replay.py)
     timeout: float = 120.0  # per candidate, compile included
     db_path: str | None = None
     storage: str | None = None  # RDB URL or journal file path; None: the default journal
@@ -134,22 +140,29 @@ def sweep_job(job: TuneJob) -> TuneJob:
     """The job that runs every feasible config of job's space once (trials = their count,
     the default included even when the resource model prunes it)."""
     spec = job.spec()
-    configs = space.enumerate_configs(spec, gpu=job.mode == "cuda", knobs=job.knobs)
-    n = len(configs) + (space.default(spec, job.knobs, job.mode == "cuda") not in configs)
+    configs = space.enumerate_configs(spec, gpu=gpu_space(job), knobs=job.knobs)
+    n = len(configs) + (space.default(spec, job.knobs, gpu_space(job)) not in configs)
     return dataclasses.replace(job, sweep=True, n_trials=n, enqueue=())
+
+
+def gpu_space(job: TuneJob) -> bool:
+    """Whether the job searches the GPU's space (resource model, GPU-only knobs)."""
+    return job.mode in ("cuda", "replay")
 
 
 def _device_fp(job: TuneJob) -> dict:
     if job.mode == "fake":
         return dict(FAKE_DEVICE)
+    if job.mode == "replay":
+        return {**FAKE_DEVICE, "name": "replay"}
     from gfwagen.db import device_fingerprint
 
     return device_fingerprint("cpu" if job.mode == "cpu" else job.device)
 
 
 def _device_label(job: TuneJob) -> str:
-    if job.mode == "fake":
-        return "fake"
+    if job.mode in ("fake", "replay"):
+        return job.mode
     from gfwagen.db import gpu_model_name
 
     return gpu_model_name(_device_fp(job))
@@ -226,7 +239,7 @@ def prepare(job: TuneJob, fresh: bool | None = None):
                                 load_if_exists=True)
     if not study.get_trials(deepcopy=False):
         spec = job.spec()
-        gpu = job.mode == "cuda"
+        gpu = gpu_space(job)
         default = space.default(spec, job.knobs, gpu)
         # what the report (compare.py) needs to pair a TPE study with its sweep
         study.set_user_attr("job", {"problem": job.problem.as_dict(), "backend": job.backend,
@@ -239,6 +252,11 @@ def prepare(job: TuneJob, fresh: bool | None = None):
                                                         knobs=job.knobs) if c != default]
         for c in extra:
             study.enqueue_trial(space.config_params(spec, c, job.knobs, gpu))
+        if not job.sweep:
+            n = search.design_budget(job.n_trials) - len(extra)
+            for c in search.design(spec, default, n, job.knobs, gpu):
+                study.enqueue_trial(space.config_params(spec, c, job.knobs, gpu),
+                                    skip_if_exists=True)
     return study
 
 
@@ -300,6 +318,13 @@ def _trial_config(ft) -> KernelConfig:
     return KernelConfig.from_dict(ft.user_attrs["config"])
 
 
+def is_measurement(trial) -> bool:
+    """Whether the trial compiled and ran its candidate (what --trials counts): not a
+    repeat answered from the study, not a config the resource model pruned."""
+    a = trial.user_attrs
+    return "status" in a and "duplicate_of" not in a and not a.get("pruned")
+
+
 def best_trial(study):
     """The fastest trial whose candidate ran and was right (never a failed one)."""
     ok = [t for t in study.get_trials(deepcopy=False)
@@ -320,8 +345,7 @@ def run(job: TuneJob, fresh: bool | None = None, workers: Workers | None = None)
         with open_study(job, fresh) as study:
             n = job.n_trials
             if job.resume and not _is_rdb(job):
-                n = max(0, n - sum(t.state.is_finished()
-                                   for t in study.get_trials(deepcopy=False)))
+                n = max(0, n - sum(is_measurement(t) for t in study.get_trials(deepcopy=False)))
             tdb = TuningDB(job.db_path) if job.db_path is not None else TuningDB()
             driver = _Driver(job, study, tdb, workers)
             try:
@@ -341,7 +365,7 @@ class _Driver:
     def __init__(self, job: TuneJob, study, tdb, workers: Workers):
         self.job, self.study, self.tdb, self.workers = job, study, tdb, workers
         self.spec = job.spec()
-        self.gpu = job.mode == "cuda"
+        self.gpu = gpu_space(job)
         self.names = space.params(job.backend, job.pass_,
                                   space.knobs_for(self.spec, job.knobs, self.gpu))
         self.fp = _device_fp(job)
@@ -350,27 +374,46 @@ class _Driver:
         self.recorded = 0  # rows this driver wrote to the TuningDB
 
     def run(self, n: int) -> None:
+        """Until n measurements (or ASK_LIMIT * n asks, when the space runs out)."""
         optuna = _optuna()
         self.progress.total = n
-        done = 0
-        while done < n:
+        done = asked = 0
+        refine_from = n if self.job.sweep else n - search.refine_budget(n)
+        while done < n and asked < ASK_LIMIT * max(n, 1):
+            want = min(self.job.batch, n - done)
+            if done >= refine_from:
+                self._enqueue_refinements(want)
             batch, told = [], 0
             try:
                 # ask one at a time and suggest at once, so the next ask already sees this
                 # trial's params as a running trial (constant liar)
-                for _ in range(min(self.job.batch, n - done)):
+                for _ in range(want):
                     batch.append(self._ask())
                 warm_failed = self._warm(batch)
                 for trial, cfg in batch:
                     value = self._evaluate(trial, cfg, warm_failed.get(cfg))
                     self.study.tell(trial, value)
                     told += 1
+                    done += is_measurement(trial)
             except BaseException:
                 for trial, _ in batch[told:]:  # never leave a trial RUNNING in the study
                     with contextlib.suppress(Exception):
                         self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 raise
-            done += len(batch)
+            asked += len(batch)
+
+    def _enqueue_refinements(self, k: int) -> None:
+        """Queue up to k untried pipelines of the best tiles measured so far (search.py);
+        what another driver already queued or runs is left to it."""
+        trials = self.study.get_trials(deepcopy=False)
+        queued = (t.system_attrs.get("fixed_params", t.params) for t in trials)
+        taken = {space.config_from_params(self.spec, p, self.gpu) for p in queued
+                 if set(p) == set(self.names)}
+        ok = {_trial_config(t): t.value for t in trials
+              if t.user_attrs.get("status") == "ok" and t.value is not None}
+        for c in search.refinements(self.spec, ok, taken, self.job.knobs, self.gpu)[:k]:
+            self.study.enqueue_trial(space.config_params(self.spec, c, self.job.knobs,
+                                                         self.gpu), skip_if_exists=True)
 
     def _ask(self):
         trial = self.study.ask()
@@ -423,6 +466,7 @@ class _Driver:
         if not ok:
             res_status, res = "failed", None
             reason = why
+            trial.set_user_attr("pruned", True)
         else:
             if warm_failed is not None:
                 trial.set_user_attr("warm_failed", warm_failed)
