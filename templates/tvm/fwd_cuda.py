@@ -86,6 +86,18 @@ def smem_bytes(head_dim, value_dim, config) -> int:
     return q + ns * (bn * (head_dim + PAD) * 2 + bn * (value_dim + PAD) * 2 + bn * 4)
 
 
+def registers(head_dim, value_dim, config) -> int:
+    """Estimated registers per thread: the fragments each thread holds (fp32 accumulators and
+    scores, bf16/fp16 pairs of P, Q and the B fragments) plus 40 for addresses, indices and
+    row statistics. Offline ptxas (sm_90, block_m 64-256, block_n 32/64, D 64/128, 80 tiles)
+    lands 20 below to 55 above it where nothing spills (it rounds up towards the occupancy
+    steps 128, 168, 255); every tile it makes spill more than 50 bytes is estimated over 255."""
+    bn, wm = int(config.block_n), int(config.get("warp_m", 1))
+    sn = int(config.get("sub_n", bn))
+    q = 4 if config.get("q_smem", False) else head_dim // 4  # the A fragments held
+    return wm * (value_dim // 2 + sn // 2 + sn // 4 + q) + 8 + 40
+
+
 def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     D, DV, G = int(head_dim), int(value_dim), int(group)
     W = int(window or 0)  # 0: full causal
