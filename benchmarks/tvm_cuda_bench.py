@@ -3,7 +3,13 @@ S1-S5, bf16, gated, in one process: each TVM tile config, the best of them, and 
 op runs it (the shipped tuned config). Also the TVM backward (CUDA cores) at the smallest
 shape, for the record. Forward only is the issue's bar (within 1.5x of Triton).
 
-    python benchmarks/tvm_cuda_bench.py [--shapes S1,S5] [--json out.json]
+    python benchmarks/tvm_cuda_bench.py [--shapes S1,S5] [--configs new|old|all] [--json out.json]
+
+Configs (--configs): "new" (default) is the default tile, S5's best of the earlier runs, and
+the tiles with two 16-row blocks per warp (warp_m = 2) or Q staged in shared memory
+(q_smem); "old" the eight tiles of the earlier runs (benchmarks/RESULTS.md); "all" both. A
+config the tuner's resource model prunes for a shape (the register estimate: warp_m = 2
+with Q held at D = 128) is listed as skipped, not built.
 """
 
 from __future__ import annotations
@@ -22,15 +28,30 @@ from bench import SHAPES, make_inputs, tflops  # noqa: E402
 import gfwagen  # noqa: E402
 from gfwagen.backends import tvm_backend  # noqa: E402
 from gfwagen.spec import KernelConfig  # noqa: E402
+from gfwagen.tuner import space  # noqa: E402
 
-# (block_m, block_n, num_stages, sub_n)
-CONFIGS = [(64, 32, 1, 32), (64, 32, 2, 32), (64, 64, 2, 64), (64, 64, 1, 32), (64, 64, 2, 32),
-           (64, 128, 1, 32), (128, 64, 2, 32), (128, 64, 2, 64)]
+# (block_m, block_n, num_stages, sub_n[, warp_m, q_smem])
+OLD_CONFIGS = [(64, 32, 1, 32), (64, 32, 2, 32), (64, 64, 2, 64), (64, 64, 1, 32),
+               (64, 64, 2, 32), (64, 128, 1, 32), (128, 64, 2, 32), (128, 64, 2, 64)]
+NEW_CONFIGS = [(64, 64, 1, 32), (64, 64, 2, 64),
+               (128, 64, 1, 32, 2, True), (128, 64, 2, 32, 2, True), (128, 32, 1, 32, 2, True),
+               (128, 64, 2, 32, 2, False), (64, 32, 1, 32, 1, True)]
+CONFIG_SETS = {"new": NEW_CONFIGS, "old": OLD_CONFIGS,
+               "all": NEW_CONFIGS + [c for c in OLD_CONFIGS if c not in NEW_CONFIGS]}
+CONFIGS = NEW_CONFIGS
 
 
-def config(bm, bn, ns, sn) -> KernelConfig:
+def config(bm, bn, ns, sn, wm=1, qs=False) -> KernelConfig:
     extra = (("sub_n", sn),) if sn != bn else ()
-    return KernelConfig(block_m=bm, block_n=bn, num_warps=bm // 16, num_stages=ns, extra=extra)
+    extra += (("warp_m", wm),) if wm != 1 else ()
+    extra += (("q_smem", True),) if qs else ()
+    return KernelConfig(block_m=bm, block_n=bn, num_warps=bm // (16 * wm), num_stages=ns,
+                        extra=extra)
+
+
+def config_name(bm, bn, ns, sn, wm=1, qs=False) -> str:
+    """64x64s1/32 as before; two row blocks per warp add w2, Q in shared memory q."""
+    return f"{bm}x{bn}s{ns}/{sn}" + (f"w{wm}" if wm != 1 else "") + ("q" if qs else "")
 
 
 def bench(fn) -> float:
@@ -47,13 +68,19 @@ def measure(s):
     """(Triton ms, {config: result}) for one shape."""
     q, k, v, g, _ = make_inputs(s, torch.bfloat16)
     q, k, v, g = (t.detach() for t in (q, k, v, g))
-    res = {}
+    res, configs = {}, {}
+    spec = tvm_backend._spec("fwd", q, k, v, g, s.W)
     with torch.no_grad():
         o_tri = gfwagen.attention(q, k, v, g, window=s.W)
         t_tri = bench(lambda: gfwagen.attention(q, k, v, g, window=s.W))
-        for bm, bn, ns, sn in CONFIGS:
-            cfg = config(bm, bn, ns, sn)
-            key = f"{bm}x{bn}s{ns}/{sn}"
+        for c in CONFIGS:
+            cfg, key = config(*c), config_name(*c)
+            fits, why = space.feasible(spec, cfg)
+            if not fits:
+                res[key] = {"skipped": why}
+                print(s, key, res[key], flush=True)
+                continue
+            configs[key] = cfg
             try:
                 o_tvm, _ = tvm_backend.tvm_forward(q, k, v, g, s.W, None, cfg)
                 ms = bench(lambda cfg=cfg: tvm_backend.tvm_forward(q, k, v, g, s.W, None, cfg))
@@ -64,9 +91,7 @@ def measure(s):
         # the best config's kernel alone: its time less the gate prefix sums (torch, float64)
         ok = {c: r for c, r in res.items() if "ms" in r}
         best = min(ok, key=lambda c: ok[c]["ms"])
-        cfg = config(*(int(x) for x in best.replace("s", "x").replace("/", "x").split("x")))
-        spec = tvm_backend._spec("fwd", q, k, v, g, s.W)
-        fn = tvm_backend._kernel(spec, cfg, tvm_backend._target(q, None))
+        fn = tvm_backend._kernel(spec, configs[best], tvm_backend._target(q, None))
         c = tvm_backend._gate_sums(g, q.device)
         o = torch.empty_like(q)
         lse = torch.empty(s.B, s.H, s.T, device=q.device)
@@ -81,8 +106,11 @@ def measure(s):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--configs", default="new", choices=sorted(CONFIG_SETS))
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    global CONFIGS
+    CONFIGS = CONFIG_SETS[args.configs]
     rows, out = [], {"device": torch.cuda.get_device_name(), "shapes": {}}
     for name in args.shapes.split(","):
         s = SHAPES[name]

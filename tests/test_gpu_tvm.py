@@ -21,25 +21,64 @@ def test_gpu_tvm_matches_float64(case, dtype_name):
     check_case_against_float64(case, dtype_name, "tvm")
 
 
-@pytest.mark.parametrize("cfg", [(16, 16, 1, 16), (32, 32, 2, 32), (64, 128, 2, 128),
-                                 (128, 64, 1, 64), (128, 128, 2, 128), (64, 64, 2, 32),
-                                 (64, 128, 1, 32),
-                                 # more keys per tile than threads (the gate staging loops)
-                                 (16, 64, 1, 64), (32, 128, 2, 32)])
-def test_gpu_tvm_tensor_core_configs(cfg):
-    """Every tile shape the tuner may pick gives the same answer (T and W off the tiles)."""
+def _tc_config(bm, bn, ns, sn, wm=1, qs=False):
     from gfwagen.spec import KernelConfig
 
-    bm, bn, ns, sn = cfg
+    extra = (("sub_n", sn),) if sn != bn else ()
+    extra += (("warp_m", wm),) if wm != 1 else ()
+    extra += (("q_smem", True),) if qs else ()
+    return KernelConfig(block_m=bm, block_n=bn, num_warps=bm // (16 * wm), num_stages=ns,
+                        extra=extra)
+
+
+# (block_m, block_n, num_stages, sub_n[, warp_m, q_smem])
+TC_CONFIGS = [(16, 16, 1, 16), (32, 32, 2, 32), (64, 128, 2, 128), (128, 64, 1, 64),
+              (128, 128, 2, 128), (64, 64, 2, 32), (64, 128, 1, 32),
+              # more keys per tile than threads (the gate staging loops)
+              (16, 64, 1, 64), (32, 128, 2, 32),
+              # two 16-row blocks per warp, Q in shared memory or held (the latter spills at
+              # D = 128: checked for correctness, not speed); 8 warps; one warp of 64 keys
+              (128, 64, 1, 32, 2, True), (128, 64, 2, 32, 2, True), (128, 32, 1, 32, 2, True),
+              (128, 64, 2, 16, 2, False), (256, 64, 1, 32, 2, True), (32, 64, 2, 64, 2, True),
+              # one block per warp, Q in shared memory
+              (64, 32, 1, 32, 1, True), (64, 64, 2, 32, 1, True)]
+
+
+@pytest.mark.parametrize("cfg", TC_CONFIGS, ids=["x".join(map(str, c)) for c in TC_CONFIGS])
+def test_gpu_tvm_tensor_core_configs(cfg):
+    """Every tile shape the tuner may pick gives the same answer (T and W off the tiles; W
+    below block_m at 256 rows)."""
+    config = _tc_config(*cfg)
     q, k, v, g = make_inputs(2, 777, 8, 2, 128, 128, torch.bfloat16, True, device="cuda")
-    config = KernelConfig(block_m=bm, block_n=bn, num_warps=bm // 16, num_stages=ns,
-                          extra=(("sub_n", sn),) if sn != bn else ())
     o, lse = tvm_backend.tvm_forward(q, k, v, g, 200, None, config)
     d = [t.double() for t in (q, k, v)]
     o64, lse64 = reference_forward(*d, g.double(), 200)
     errs = {"o": rel_err(o, o64), "lse": rel_err(lse, lse64)}
-    log_gpu_errors(f"tvm-tc {bm}x{bn}s{ns}/{sn}", errs)
+    log_gpu_errors(f"tvm-tc {cfg}", errs)
     assert errs["o"] < 1e-2 and errs["lse"] < 1e-4, errs
+
+
+# (B, T, Hq, Hkv, D, Dv, window, gated, dtype) x warp_m = 2 configs: the row blocks' masks,
+# gate biases and outputs where the window is one key, shorter than a row block, causal,
+# and T off every tile
+WARP_M_SHAPES = [(1, 300, 4, 4, 64, 64, 1, True, torch.bfloat16),
+                 (2, 333, 4, 2, 64, 64, 9, True, torch.float16),
+                 (1, 517, 4, 1, 128, 128, None, True, torch.bfloat16),
+                 (2, 200, 2, 2, 64, 32, 50, False, torch.float16)]
+
+
+@pytest.mark.parametrize("cfg", [(128, 64, 1, 32, 2, True), (64, 32, 2, 32, 2, False)],
+                         ids=["128x64x1x32x2xq", "64x32x2x32x2"])
+@pytest.mark.parametrize("shape", WARP_M_SHAPES, ids=["W1", "W9-gqa", "causal-mqa", "dv32-nogate"])
+def test_gpu_tvm_warp_m_edges(shape, cfg):
+    B, T, Hq, Hkv, D, Dv, W, gated, dtype = shape
+    q, k, v, g = make_inputs(B, T, Hq, Hkv, D, Dv, dtype, gated, device="cuda")
+    o, lse = tvm_backend.tvm_forward(q, k, v, g, W, None, _tc_config(*cfg))
+    d = [t.double() for t in (q, k, v)]
+    o64, lse64 = reference_forward(*d, None if g is None else g.double(), W)
+    errs = {"o": rel_err(o, o64), "lse": rel_err(lse, lse64)}
+    log_gpu_errors(f"tvm-tc warp_m {cfg} {shape[:8]}", errs)
+    assert not o.isnan().any() and errs["o"] < 1e-2 and errs["lse"] < 1e-4, errs
 
 
 def test_gpu_tvm_runs_on_the_current_stream():

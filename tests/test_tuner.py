@@ -66,12 +66,23 @@ def test_tvm_space_on_a_gpu():
     spec = PROB.spec("tvm", "fwd")  # bf16, D = 128
     names = space.params("tvm", "fwd", space.knobs_for(spec, None, gpu=True))
     assert names["num_stages"] == (1, 2) and names["x_sub_n"] == (16, 32, 64)
+    assert names["x_warp_m"] == (1, 2) and names["x_q_smem"] == (False, True)
     d = space.default(spec, gpu=True)
     assert d == tvm_backend.DEFAULT_CUDA_TC_CONFIG
     assert space.config_from_params(spec, space.config_params(spec, d, gpu=True), gpu=True) == d
     configs = space.enumerate_configs(spec, gpu=True)
     assert d in configs and all(tvm_backend.tensor_core_forward(spec, c) for c in configs)
     assert {c.num_stages for c in configs} == {1, 2}
+    # the knobs at their defaults are left out (the config keys of earlier studies hold)
+    for c in configs:
+        assert space.config_from_params(spec, space.config_params(spec, c, gpu=True),
+                                        gpu=True) == c
+        assert c.get("warp_m") in (None, 2) and c.get("q_smem") in (None, True)
+    assert any(c.get("warp_m") == 2 and not c.get("q_smem") for c in configs)  # D = 64
+    # at D = 128 two row blocks per warp come only with Q in shared memory (registers)
+    two = [c for c in space.enumerate_configs(spec.replace(head_dim=128, value_dim=128), gpu=True)
+           if c.get("warp_m") == 2]
+    assert two and all(c.get("q_smem") for c in two)
     assert "num_stages" not in space.params("tvm", "fwd", space.knobs_for(spec))  # the CPU
     assert space.default(spec) == tvm_backend.DEFAULT_CPU_CONFIG
     kv = spec.replace(pass_="bwd_kv")

@@ -280,6 +280,73 @@ def test_tensor_core_forward_takes_only_what_it_can_run():
     assert space.feasible(spec.replace(head_dim=256, value_dim=256), huge)[0] is False
 
 
+@pytest.mark.parametrize("dtype,D,gated,window,qs", [("bf16", 128, True, 256, True),
+                                                     ("fp16", 64, False, 0, False),
+                                                     ("bf16", 64, True, 100, True)])
+def test_tensor_core_forward_two_row_blocks_per_warp(dtype, D, gated, window, qs):
+    """warp_m = 2: every K/V fragment ldmatrix reads feeds one mma per row block (four per
+    ldmatrix.x4, against two at warp_m = 1); q_smem adds one Q ldmatrix per row block and k
+    step and stages Q in shared memory."""
+    from gfwagen.backends.tvm_backend import cuda_smem_bytes
+
+    spec = KernelSpec("tvm", "fwd", D, D, window, dtype, gated, 2)
+    bm, bn, sn = 128, 64, 32
+    extra = (("sub_n", sn), ("warp_m", 2)) + ((("q_smem", True),) if qs else ())
+    cfg = KernelConfig(bm, bn, 4, 1, extra=extra)
+    src = cuda_source(build_cuda(spec, cfg))
+    assert "__launch_bounds__(128)" in src  # 4 warps of 32 rows
+    steps = bn // sn
+    kv_ldm = steps * (D // 16 * sn // 16 + sn // 16 * D // 16)
+    q_ldm = steps * D // 16 * 2 if qs else 0
+    assert src.count("mma.sync.aligned.m16n8k16") == 2 * 2 * kv_ldm
+    assert src.count("ldmatrix.sync.aligned") == kv_ldm + q_ldm
+    q_bytes = bm * (D + 8) * 2 if qs else 0
+    assert cuda_smem_bytes(spec, cfg) == q_bytes + bn * (2 * (D + 8) * 2 + 4)
+
+
+def test_tensor_core_forward_knob_defaults_are_the_old_kernel():
+    """warp_m = 1 and q_smem = False written out give the kernel that leaving them out gives
+    (the configs measured before these knobs existed)."""
+    spec = KernelSpec("tvm", "fwd", 64, 64, 256, "bf16", True, 2)
+    plain = KernelConfig(64, 64, 4, 1, extra=(("sub_n", 32),))
+    spelled = KernelConfig(64, 64, 4, 1, extra=(("sub_n", 32), ("warp_m", 1), ("q_smem", False)))
+    assert cuda_source(build_cuda(spec, plain)) == cuda_source(build_cuda(spec, spelled))
+
+
+def test_tensor_core_forward_warp_m_limits():
+    from gfwagen.backends.tvm_backend import _cuda_config, tensor_core_forward
+    from gfwagen.tuner import space
+
+    spec = KernelSpec("tvm", "fwd", 128, 128, 256, "bf16", True, 1)
+    for bad in (KernelConfig(16, 64, 1, 1, extra=(("warp_m", 2),)),  # fewer rows than a warp's
+                KernelConfig(64, 64, 4, 1, extra=(("warp_m", 3),)),
+                KernelConfig(64, 64, 4, 1, extra=(("q_smem", 1),))):
+        assert not tensor_core_forward(spec, bad)
+        with pytest.raises(NotImplementedError, match="unsupported"):
+            _cuda_config(spec, bad)
+    # threads: 2 per row at warp_m = 1, 1 per row at 2 (256 rows = 8 warps)
+    one = space.resources(spec, KernelConfig(128, 64, 8, 1))
+    two = space.resources(spec, KernelConfig(256, 64, 8, 1, extra=(("warp_m", 2),
+                                                                   ("q_smem", True))))
+    assert one["threads"] == two["threads"] == 256
+    # at D = 128 two row blocks fit the registers only with Q in shared memory
+    held = KernelConfig(128, 64, 4, 1, extra=(("sub_n", 32), ("warp_m", 2)))
+    staged = KernelConfig(128, 64, 4, 1, extra=(("sub_n", 32), ("warp_m", 2), ("q_smem", True)))
+    ok, why = space.feasible(spec, held)
+    assert not ok and "registers" in why
+    assert space.feasible(spec, staged)[0]
+    assert space.feasible(spec.replace(head_dim=64, value_dim=64), held)[0]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("extra", [(("warp_m", 2), ("q_smem", True)), (("q_smem", True),)])
+def test_tensor_core_forward_knobs_compile_with_nvcc(extra):
+    spec = KernelSpec("tvm", "fwd", 128, 128, 256, "fp16", True, 2)
+    bm = 64 * dict(extra).get("warp_m", 1)
+    cubin = build_cuda_cubin(spec, KernelConfig(bm, 64, 4, 2, extra=(("sub_n", 32),) + extra))
+    assert cubin[:4] == b"\x7fELF"
+
+
 def test_cuda_core_defaults_fit_static_shared_memory():
     from gfwagen.backends.tvm_backend import (
         CUDA_STATIC_SMEM_LIMIT,

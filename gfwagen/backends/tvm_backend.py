@@ -53,7 +53,10 @@ DEFAULT_CPU_CONFIG = KernelConfig(block_m=32, block_n=64, num_warps=1, num_stage
 DEFAULT_CUDA_CONFIG = KernelConfig(block_m=64, block_n=32, num_warps=2, num_stages=1)
 # The tensor-core forward: 4 warps of 16 rows, 64-key tiles in two softmax steps of 32, one
 # stage (fastest of 8 tile shapes at S1-S4 on the H200, benchmarks/RESULTS.md: at 168
-# registers three blocks share an SM; 64-key steps need 181 and fit two).
+# registers three blocks share an SM; 64-key steps need 181 and fit two). Its extras:
+# sub_n (keys per softmax step), warp_m (16-row blocks per warp, 1 or 2) and q_smem (Q
+# staged in shared memory); the warps are block_m / (16 warp_m), whatever num_warps says
+# (the tuner leaves num_warps at its default), so block_m must be a multiple of 16 warp_m.
 DEFAULT_CUDA_TC_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=1,
                                       extra=(("sub_n", 32),))
 CUDA_DYNAMIC_SMEM_LIMIT = 227 * 1024  # per block on sm_90 (H100/H200)

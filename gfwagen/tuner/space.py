@@ -6,14 +6,17 @@ num_warps in {4, 8}, num_stages in {1, ..., 5}, plus the template switches named
 loaded one iteration ahead, searched only for gated problems).
 TVM: block_m, block_n (one thread per tile row in the GPU's CUDA-core kernels, loop tiles on
 the CPU) plus whatever knobs tvm_backend declares in TUNABLE_EXTRAS ({name: choices}); the
-tensor-core forward on a GPU (bf16/fp16) adds num_stages (its cp.async stages) and sub_n (keys
-per softmax step), through the pseudo-knob TENSOR_CORE that knobs_for adds for it. TVM's
-backward takes one config for both kernels, so it is tuned as pass "bwd_kv" only.
+tensor-core forward on a GPU (bf16/fp16) adds num_stages (its cp.async stages), sub_n (keys
+per softmax step), warp_m (16-row blocks per warp) and q_smem (Q staged in shared memory),
+through the pseudo-knob TENSOR_CORE that knobs_for adds for it. TVM's backward takes one
+config for both kernels, so it is tuned as pass "bwd_kv" only.
 
 The resource model is an estimate, deliberately conservative (it only has to keep the
 sampler out of configs that cannot launch or would spill heavily): shared memory of the
 pipelined tiles against the 227 KiB a block may use on an H100/H200 (228 KiB per SM), and
-fp32 accumulator registers per thread against 255. `violations` is what the study sets as
+fp32 accumulator registers per thread against 255 (the TVM tensor-core forward at warp_m = 2:
+its template's estimate of the fragments per thread; TVM: threads per block against 1024
+as well). `violations` is what the study sets as
 Optuna trial constraints (Trial.set_constraint): each value <= 0 when that resource fits.
 """
 
@@ -38,7 +41,12 @@ TVM_THREADS_LIMIT = 1024
 # compile, benchmarks/RESULTS.md); prefetch_gate is opt-in.
 KNOBS = ("tma", "prefetch_gate")
 TENSOR_CORE = "tensor_core"  # not a user knob: the TVM tensor-core forward's own parameters
-TVM_TC_PARAMS = {"num_stages": (1, 2), "x_sub_n": (16, 32, 64)}
+TVM_TC_PARAMS = {"num_stages": (1, 2), "x_sub_n": (16, 32, 64), "x_warp_m": (1, 2),
+                 "x_q_smem": (False, True)}
+# Extras of the tensor-core forward at the template's own default are left out of a config,
+# so that it reads and hashes (compile cache, tuning database) the same as one written
+# without them: the default config and the configs measured before these knobs existed.
+TVM_TC_DEFAULTS = {"warp_m": 1, "q_smem": False}
 DEFAULT_KNOBS = ("tma",)
 CONSTRAINT_NAMES = ("smem", "registers", "failed")
 
@@ -103,11 +111,25 @@ def config_from_params(spec: KernelSpec, values: dict, gpu: bool = False) -> Ker
     # a switch that is off is left out, so a config reads the same with or without it
     extra = {k[2:]: v for k, v in values.items()
              if k.startswith("x_") and not (k[2:] in KNOBS and v is False)}
+    extra = {**dict(base.extra), **extra}
+    if spec.backend == "tvm":
+        extra = {k: v for k, v in extra.items() if not _tvm_tc_default(k, v)}
     return KernelConfig(block_m=int(values.get("block_m", base.block_m)),
                         block_n=int(values.get("block_n", base.block_n)),
                         num_warps=int(values.get("num_warps", base.num_warps)),
                         num_stages=int(values.get("num_stages", base.num_stages)),
-                        extra=tuple(sorted({**dict(base.extra), **extra}.items())))
+                        extra=tuple(sorted(extra.items())))
+
+
+def _tvm_tc_default(name: str, value) -> bool:
+    d = TVM_TC_DEFAULTS.get(name)
+    return d is not None and type(value) is type(d) and value == d
+
+
+def _extra_value(config: KernelConfig, param: str):
+    """An x_ parameter's value in `config`; absent: the template default, or False (a
+    switch that is off)."""
+    return config.get(param[2:], TVM_TC_DEFAULTS.get(param[2:], False))
 
 
 def config_params(spec: KernelSpec, config: KernelConfig, knobs=None,
@@ -116,7 +138,7 @@ def config_params(spec: KernelSpec, config: KernelConfig, knobs=None,
     names = params(spec.backend, spec.pass_, knobs_for(spec, knobs, gpu))
     out = {}
     for n in names:
-        out[n] = config.get(n[2:], False) if n.startswith("x_") else getattr(config, n)
+        out[n] = _extra_value(config, n) if n.startswith("x_") else getattr(config, n)
     return out
 
 
@@ -132,21 +154,29 @@ def default(spec: KernelSpec, knobs=None, gpu: bool = False) -> KernelConfig:
     p = params(spec.backend, spec.pass_, knobs_for(spec, knobs, gpu))
     vals = {}
     for n, choices in p.items():
-        v = cfg.get(n[2:], False) if n.startswith("x_") else getattr(cfg, n)
+        v = _extra_value(cfg, n) if n.startswith("x_") else getattr(cfg, n)
         vals[n] = v if v in choices else min(choices, key=lambda c: abs(c - v))
     return config_from_params(spec, vals, gpu)
 
 
 def resources(spec: KernelSpec, config: KernelConfig) -> dict:
-    """Estimated shared memory (bytes per block) and fp32 accumulator registers per thread."""
+    """Estimated shared memory (bytes per block), registers per thread (0: not estimated) and
+    threads per block."""
     b = DTYPES[spec.dtype].itemsize
     D, Dv, BM, BN, S = spec.head_dim, spec.value_dim, config.block_m, config.block_n, \
         config.num_stages
     if spec.backend == "tvm":
         from gfwagen.backends.tvm_backend import cuda_smem_bytes, tensor_core_forward
+        from gfwagen.template_loader import load_template
 
-        if tensor_core_forward(spec, config):  # 2 threads per row: 32 per warp of 16 rows
-            return {"smem": cuda_smem_bytes(spec, config), "registers": 0, "threads": 2 * BM}
+        if tensor_core_forward(spec, config):  # a warp per 16 x warp_m rows
+            wm = config.get("warp_m", 1)
+            # estimated at two row blocks per warp only: one block's tiles are the op's
+            # defaults and were measured without it (at D = 256 the default spills, and
+            # stays in the space)
+            regs = load_template("tvm", "fwd_cuda").registers(D, Dv, config) if wm > 1 else 0
+            return {"smem": cuda_smem_bytes(spec, config), "registers": regs,
+                    "threads": 2 * BM // wm}
         threads = BN if spec.pass_ == "bwd_kv" else BM
         return {"smem": cuda_smem_bytes(spec, config), "registers": 0, "threads": threads}
     threads = 32 * config.num_warps
@@ -163,7 +193,8 @@ def resources(spec: KernelSpec, config: KernelConfig) -> dict:
 
 
 def violations(spec: KernelSpec, config: KernelConfig) -> list[float]:
-    """[smem, registers] as fractions over the limit (<= 0: fits)."""
+    """[smem, registers] as fractions over the limit (<= 0: fits); TVM: [smem, the worse of
+    threads and registers]."""
     r = resources(spec, config)
     if spec.backend == "tvm":
         from gfwagen.backends import tvm_backend as tb
@@ -171,7 +202,8 @@ def violations(spec: KernelSpec, config: KernelConfig) -> list[float]:
         # the tensor-core forward's tiles are dynamic shared memory; the others static
         limit = (tb.CUDA_DYNAMIC_SMEM_LIMIT if tb.tensor_core_forward(spec, config)
                  else tb.CUDA_STATIC_SMEM_LIMIT)
-        return [r["smem"] / limit - 1.0, r["threads"] / TVM_THREADS_LIMIT - 1.0]
+        return [r["smem"] / limit - 1.0, max(r["threads"] / TVM_THREADS_LIMIT - 1.0,
+                                             r["registers"] / REG_LIMIT - 1.0)]
     return [r["smem"] / SMEM_LIMIT - 1.0, r["registers"] / REG_LIMIT - 1.0]
 
 
@@ -194,11 +226,19 @@ def feasible(spec: KernelSpec, config: KernelConfig, *, gpu: bool = True) -> tup
     if max(v) <= 0:
         return True, ""
     r = resources(spec, config)
-    names = ("shared memory", "registers/thread") if spec.backend == "triton" else \
-        ("static shared memory", "threads/block")
-    vals = (r["smem"], r["registers"] if spec.backend == "triton" else r["threads"])
-    bad = [f"{n} ~{val} ({100 * (x + 1):.0f}% of the limit)"
-           for n, val, x in zip(names, vals, v) if x > 0]
+    if spec.backend == "triton":
+        items = [("shared memory", r["smem"], SMEM_LIMIT),
+                 ("registers/thread", r["registers"], REG_LIMIT)]
+    else:
+        from gfwagen.backends import tvm_backend as tb
+
+        tc = tb.tensor_core_forward(spec, config)
+        items = [("dynamic shared memory" if tc else "static shared memory", r["smem"],
+                  tb.CUDA_DYNAMIC_SMEM_LIMIT if tc else tb.CUDA_STATIC_SMEM_LIMIT),
+                 ("threads/block", r["threads"], TVM_THREADS_LIMIT),
+                 ("registers/thread", r["registers"], REG_LIMIT)]
+    bad = [f"{n} ~{val} ({100 * val / lim:.0f}% of the limit)"
+           for n, val, lim in items if val > lim]
     return False, "pruned before compiling: estimated " + ", ".join(bad)
 
 

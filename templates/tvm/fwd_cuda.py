@@ -3,21 +3,27 @@
 Imports nothing from gfwagen (loaded by path through gfwagen.template_loader).
 
 `make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config)` closes over the
-specialization (fp16/bf16, head dims multiples of 16) and the config (block_m = 16 rows per
-warp x warps, block_n keys per loaded tile, num_stages 1 or 2, extra sub_n: keys per softmax
-step, block_n by default; a tile of block_n keys is then block_n / sub_n steps between two
-barriers, while the score fragments stay sub_n wide) and returns a PrimFunc with the same
-signature as fwd.make_forward:
+specialization (fp16/bf16, head dims multiples of 16) and the config (block_m = 16 x warp_m
+rows per warp x warps, block_n keys per loaded tile, num_stages 1 or 2; extras: sub_n, keys
+per softmax step, block_n by default: a tile of block_n keys is then block_n / sub_n steps
+between two barriers, while the score fragments stay sub_n wide; warp_m, 16-row blocks per
+warp, 1 by default; q_smem, Q staged in shared memory, False by default) and returns a
+PrimFunc with the same signature as fwd.make_forward:
 
     gfwa_fwd(q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv], c [*,*,*] float64 ([B,Hq,T] prefix
              sums; a dummy when ungated), o [B,T,Hq,Dv], lse [B,Hq,T] float32, scale)
 
 FlashAttention-2 structure at warp level, written out instead of scheduled: TVM's tensorize
 intrinsics cover a GEMM, not the softmax that has to sit between the two products with its
-operands still in registers. Each warp owns 16 query rows and runs mma.sync m16n8k16
-(fp32 accumulate) for S = Q K^T and O += P V. The S accumulator fragment of two adjacent
-8-key blocks is exactly the A fragment of a 16-key step of P V, so P never leaves
-registers. K and V tiles go global -> shared by cp.async (16 B per copy; two stages overlap
+operands still in registers. Each warp owns 16 x warp_m query rows (contiguous; row block
+mb at 16 mb) and runs mma.sync m16n8k16 (fp32 accumulate) for S = Q K^T and O += P V.
+With warp_m = 2 every K or V fragment that ldmatrix reads from shared memory feeds two mmas,
+one per row block: at one block per warp the kernel is bound by shared-memory reads (one
+ldmatrix.x4 per two mmas). The price is a second 16 x Dv fp32 accumulator; q_smem pays
+for it by re-reading Q's A fragments from shared memory per k step (ldmatrix) instead of
+holding them all (D / 4 registers per block, 32 at D = 128). The S accumulator fragment
+of two adjacent 8-key blocks is exactly the A fragment of a 16-key step of P V, so P never
+leaves registers. K and V tiles go global -> shared by cp.async (16 B per copy; two stages overlap
 the next tile's copy with this tile's math) and shared -> registers by ldmatrix (V with
 .trans, which turns its row-major tile into the B fragment). Shared rows are padded by 8
 elements, so the 8 row addresses of one ldmatrix fall in 8 distinct bank groups.
@@ -52,8 +58,14 @@ def supports(head_dim, value_dim, dtype, config) -> str | None:
     if head_dim % 16 or value_dim % 16:
         return f"head dims {head_dim}/{value_dim} (multiples of 16)"
     bm, bn, ns = int(config.block_m), int(config.block_n), int(config.num_stages)
-    if bm % 16 or not 16 <= bm <= 256:
-        return f"block_m {bm} (16 rows per warp, 1 to 16 warps)"
+    wm, qsm = config.get("warp_m", 1), config.get("q_smem", False)
+    if type(wm) is not int or wm not in (1, 2):
+        return f"warp_m {wm!r} (1 or 2 row blocks of 16 per warp)"
+    if type(qsm) is not bool:
+        return f"q_smem {qsm!r} (True or False)"
+    rows = 16 * wm  # per warp
+    if bm % rows or not rows <= bm <= 256:
+        return f"block_m {bm} ({rows} rows per warp at warp_m {wm}, 1 to {256 // rows} warps)"
     if bn % 16 or not 16 <= bn <= 256:
         return f"block_n {bn} (a multiple of 16, <= 256)"
     if ns not in (1, 2):
@@ -61,7 +73,7 @@ def supports(head_dim, value_dim, dtype, config) -> str | None:
     sn = int(config.get("sub_n", bn))
     if sn % 16 or bn % sn:
         return f"sub_n {sn} (a multiple of 16 dividing block_n {bn})"
-    threads = 2 * bm  # 32 per warp, 16 rows per warp
+    threads = 2 * bm // wm  # 32 per warp
     for dim in (head_dim, value_dim):
         if (bn * dim // 8) % threads:
             return f"block_n {bn} x dim {dim} / 8 copies not a multiple of {threads} threads"
@@ -70,7 +82,20 @@ def supports(head_dim, value_dim, dtype, config) -> str | None:
 
 def smem_bytes(head_dim, value_dim, config) -> int:
     bn, ns = int(config.block_n), int(config.num_stages)
-    return ns * (bn * (head_dim + PAD) * 2 + bn * (value_dim + PAD) * 2 + bn * 4)
+    q = int(config.block_m) * (head_dim + PAD) * 2 if config.get("q_smem", False) else 0
+    return q + ns * (bn * (head_dim + PAD) * 2 + bn * (value_dim + PAD) * 2 + bn * 4)
+
+
+def registers(head_dim, value_dim, config) -> int:
+    """Estimated registers per thread: the fragments each thread holds (fp32 accumulators and
+    scores, bf16/fp16 pairs of P, Q and the B fragments) plus 40 for addresses, indices and
+    row statistics. Offline ptxas (sm_90, block_m 64-256, block_n 32/64, D 64/128, 80 tiles)
+    lands 20 below to 55 above it where nothing spills (it rounds up towards the occupancy
+    steps 128, 168, 255); every tile it makes spill more than 50 bytes is estimated over 255."""
+    bn, wm = int(config.block_n), int(config.get("warp_m", 1))
+    sn = int(config.get("sub_n", bn))
+    q = 4 if config.get("q_smem", False) else head_dim // 4  # the A fragments held
+    return wm * (value_dim // 2 + sn // 2 + sn // 4 + q) + 8 + 40
 
 
 def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
@@ -82,37 +107,47 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     dt, ptx = _DT[dtype], _PTX[dtype]
     gated = bool(gated)
     BM, BN, NS = int(config.block_m), int(config.block_n), int(config.num_stages)
-    NW = BM // 16
+    WM = int(config.get("warp_m", 1))  # 16-row blocks per warp
+    QSM = bool(config.get("q_smem", False))
+    NW = BM // (16 * WM)
     NT = 32 * NW
     KS = D + PAD  # shared row strides (elements)
     VS = DV + PAD
+    QST = D + PAD
     NKC = BN * D // 8 // NT  # 16-byte copies per thread per K tile
     NVC = BN * DV // 8 // NT
+    NQC = BM * D // 8 // NT  # D * WM / 16: always whole
     SN = int(config.get("sub_n", BN))  # keys per softmax step (a loaded tile holds BN // SN)
     NB = SN // 8  # 8-key accumulator blocks
     NDB = DV // 8  # 8-column output blocks
+    # per-row-block strides of the register buffers (row block mb of a warp at mb * stride)
+    QA = D // 2  # q_r: the A fragments of every k step
+    QK, QB = (0, 8) if QSM else (8, QA)  # qa elements per k step, per row block
+    SA = NB * 4  # s_r
+    PA = SN // 2  # p_r
+    OA = NDB * 4  # acc
 
     # Macros expand inside gfwa_fwd; they see this factory's constants and take gfwa_fwd's
     # buffers and variables as arguments. A Python-valued argument (masked) selects code at
     # parse time.
     @T.macro
-    def copy_rows(dst, src, kt, st, dim, stride, copies, b, hk, L, tx):
-        # the tile's block_n rows of src [B, T, Hkv, dim] into dst (padded rows), 16 bytes
+    def copy_rows(dst, d0, stride, src, s0, hh, dim, copies, b, L, tx):
+        # rows s0... of src [B, T, H, dim] (head hh) into dst's padded rows d0..., 16 bytes
         # per cp.async; rows past the end are clamped to the last row: finite values that
-        # the mask (j <= i) then excludes
+        # the mask (j <= i) then excludes, or (Q) rows whose output is never written
         for rr in T.unroll(copies):
             ci = rr * NT + tx
             jr = ci // (dim // 8)
             T.ptx["cp.async.cg.shared.global"](
-                T.address_of(dst[(st * BN + jr) * stride + ci % (dim // 8) * 8]),
-                T.address_of(src[b, T.min(kt * BN + jr, L - 1), hk, ci % (dim // 8) * 8]),
+                T.address_of(dst[(d0 + jr) * stride + ci % (dim // 8) * 8]),
+                T.address_of(src[b, T.min(s0 + jr, L - 1), hh, ci % (dim // 8) * 8]),
                 16,
             )
 
     @T.macro
     def load_tile(kt, st, k_s, v_s, ck_s, k, v, c, b, h, hk, i0, L, tx):
-        copy_rows(k_s, k, kt, st, D, KS, NKC, b, hk, L, tx)
-        copy_rows(v_s, v, kt, st, DV, VS, NVC, b, hk, L, tx)
+        copy_rows(k_s, st * BN, KS, k, kt * BN, hk, D, NKC, b, L, tx)
+        copy_rows(v_s, st * BN, VS, v, kt * BN, hk, DV, NVC, b, L, tx)
         if gated:
             # block_n may exceed the thread count (16 rows = 32 threads, 64 keys)
             for rr in T.unroll((BN + NT - 1) // NT):
@@ -122,99 +157,132 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                     ) * T.float32(LOG2E)
 
     @T.macro
-    def fragment_mma(trans, smem, smem_off, frag, a, a_off, c, c_block):
+    def fragment_mma(trans, smem, smem_off, frag, a, a_off, a_stride, c, c_block, c_stride):
         # One ldmatrix.x4 loads the B fragments of two 8-column blocks (.trans: from a
-        # row-major [k, n] tile); each feeds one m16n8k16 step into its accumulator block.
+        # row-major [k, n] tile); each feeds one m16n8k16 step per row block of the warp
+        # (warp_m of them: the shared-memory read is shared by their mmas), whose A
+        # fragments lie a_stride and accumulators c_stride elements apart.
         T.ptx_legacy.ldmatrix(
             trans, 4, ".b16", frag.data, 0, smem.access_ptr("r"), smem_off, dtype=dt
         )
         for half in T.unroll(2):
-            T.ptx_legacy.mma(
-                "m16n8k16",
-                "row",
-                "col",
-                ptx,
-                ptx,
-                "fp32",
-                a.data,
-                a_off,
-                frag.data,
-                half * 4,
-                c.data,
-                (c_block + half) * 4,
-                False,
-                dtype="float32",
-            )
+            for mb in T.unroll(WM):
+                T.ptx_legacy.mma(
+                    "m16n8k16",
+                    "row",
+                    "col",
+                    ptx,
+                    ptx,
+                    "fp32",
+                    a.data,
+                    a_off + mb * a_stride,
+                    frag.data,
+                    half * 4,
+                    c.data,
+                    (c_block + half) * 4 + mb * c_stride,
+                    False,
+                    dtype="float32",
+                )
 
     @T.macro
-    def scores(kb, k_s, kf, q_r, s_r, lane):
+    def scores(kb, k_s, kf, qa, q_s, wr, s_r, lane):
         # S = Q K^T: per 16-key pair one ldmatrix.x4 gives the B fragments of
-        # two 8-key blocks for one 16-wide k step
-        for x in T.unroll(NB * 4):
+        # two 8-key blocks for one 16-wide k step. qa: the A fragments, held (q_r, every k
+        # step) or, with Q in shared memory (q_s; wr: the warp's first row there), loaded
+        # per k step for the warp's row blocks
+        for x in T.unroll(WM * SA):
             s_r[x] = T.float32(0)
         for ks in T.unroll(D // 16):
+            if QSM:
+                # matrices (rows 0-7, 8-15) x (k 0-7, 8-15) of the 16 x 16 block land in
+                # the A operand's register order
+                for mb in T.unroll(WM):
+                    T.ptx_legacy.ldmatrix(
+                        False,
+                        4,
+                        ".b16",
+                        qa.data,
+                        mb * 8,
+                        q_s.access_ptr("r"),
+                        (wr + mb * 16 + lane % 16) * QST + ks * 16 + lane // 16 * 8,
+                        dtype=dt,
+                    )
             for nb in T.unroll(SN // 16):
                 fragment_mma(
                     False,
                     k_s,
                     (kb + nb * 16 + lane // 16 * 8 + lane % 8) * KS + ks * 16 + lane // 8 % 2 * 8,
                     kf,
-                    q_r,
-                    ks * 8,
+                    qa,
+                    ks * QK,
+                    QB,
                     s_r,
                     nb * 2,
+                    SA,
                 )
 
     @T.macro
     def softmax_step(kb, dj, masked, s_r, ck_s, cq_r, m_r, l_r, acc, t4, sl2):
-        for r in T.unroll(2):
-            for nb in T.unroll(NB):
-                for e in T.unroll(2):
-                    x = nb * 4 + r * 2 + e
-                    if gated:
-                        s_r[x] = s_r[x] * sl2 + (cq_r[r] - ck_s[kb + nb * 8 + t4 * 2 + e])
-                    else:
-                        s_r[x] = s_r[x] * sl2
-                    if masked:
-                        # key minus query position, in int32 (dj: the tile's j0 - row0)
-                        rel = dj + (nb * 8 - r * 8) + t4 * 2 + e
-                        if W > 0:
-                            s_r[x] = T.if_then_else(rel <= 0 and rel > -W, s_r[x], T.float32(MASK))
+        # row block mb's rows are 16 mb below the warp's first (dj: the step's first key
+        # minus that row)
+        for mb in T.unroll(WM):
+            for r in T.unroll(2):
+                for nb in T.unroll(NB):
+                    for e in T.unroll(2):
+                        x = mb * SA + nb * 4 + r * 2 + e
+                        if gated:
+                            s_r[x] = s_r[x] * sl2 + (
+                                cq_r[mb * 2 + r] - ck_s[kb + nb * 8 + t4 * 2 + e]
+                            )
                         else:
-                            s_r[x] = T.if_then_else(rel <= 0, s_r[x], T.float32(MASK))
-            mx: T.float32 = m_r[r]
-            for nb in T.unroll(NB):
-                for e in T.unroll(2):
-                    mx = T.max(mx, s_r[nb * 4 + r * 2 + e])
-            mx = T.max(mx, T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), mx, 1, 32))
-            mx = T.max(mx, T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), mx, 2, 32))
-            alpha: T.float32 = T.exp2(m_r[r] - mx)
-            m_r[r] = mx
-            psum: T.float32 = T.float32(0)
-            for nb in T.unroll(NB):
-                for e in T.unroll(2):
-                    x = nb * 4 + r * 2 + e
-                    if masked:
-                        s_r[x] = T.if_then_else(
-                            s_r[x] > T.float32(MASK_T),
-                            T.exp2(s_r[x] - mx),
-                            T.float32(0),
+                            s_r[x] = s_r[x] * sl2
+                        if masked:
+                            # key minus query position, in int32
+                            rel = dj + (nb * 8 - r * 8 - mb * 16) + t4 * 2 + e
+                            if W > 0:
+                                s_r[x] = T.if_then_else(
+                                    rel <= 0 and rel > -W, s_r[x], T.float32(MASK)
+                                )
+                            else:
+                                s_r[x] = T.if_then_else(rel <= 0, s_r[x], T.float32(MASK))
+                mx: T.float32 = m_r[mb * 2 + r]
+                for nb in T.unroll(NB):
+                    for e in T.unroll(2):
+                        mx = T.max(mx, s_r[mb * SA + nb * 4 + r * 2 + e])
+                mx = T.max(mx, T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), mx, 1, 32))
+                mx = T.max(mx, T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), mx, 2, 32))
+                alpha: T.float32 = T.exp2(m_r[mb * 2 + r] - mx)
+                m_r[mb * 2 + r] = mx
+                psum: T.float32 = T.float32(0)
+                for nb in T.unroll(NB):
+                    for e in T.unroll(2):
+                        x = mb * SA + nb * 4 + r * 2 + e
+                        if masked:
+                            s_r[x] = T.if_then_else(
+                                s_r[x] > T.float32(MASK_T),
+                                T.exp2(s_r[x] - mx),
+                                T.float32(0),
+                            )
+                        else:
+                            s_r[x] = T.exp2(s_r[x] - mx)
+                        psum = psum + s_r[x]
+                l_r[mb * 2 + r] = l_r[mb * 2 + r] * alpha + psum
+                for db in T.unroll(NDB):
+                    for e in T.unroll(2):
+                        acc[mb * OA + db * 4 + r * 2 + e] = (
+                            acc[mb * OA + db * 4 + r * 2 + e] * alpha
                         )
-                    else:
-                        s_r[x] = T.exp2(s_r[x] - mx)
-                    psum = psum + s_r[x]
-            l_r[r] = l_r[r] * alpha + psum
-            for db in T.unroll(NDB):
-                for e in T.unroll(2):
-                    acc[db * 4 + r * 2 + e] = acc[db * 4 + r * 2 + e] * alpha
 
     @T.macro
     def accumulate(kb, s_r, p_r, v_s, vf, acc, lane):
         # P (the S fragments, narrowed) as the A operand of O += P V
-        for kk in T.unroll(SN // 16):
-            for u in T.unroll(4):
-                for e in T.unroll(2):
-                    p_r[kk * 8 + u * 2 + e] = T.Cast(dt, s_r[(kk * 2 + u // 2) * 4 + u % 2 * 2 + e])
+        for mb in T.unroll(WM):
+            for kk in T.unroll(SN // 16):
+                for u in T.unroll(4):
+                    for e in T.unroll(2):
+                        p_r[mb * PA + kk * 8 + u * 2 + e] = T.Cast(
+                            dt, s_r[mb * SA + (kk * 2 + u // 2) * 4 + u % 2 * 2 + e]
+                        )
         for kk in T.unroll(SN // 16):
             for db in T.unroll(DV // 16):
                 fragment_mma(
@@ -224,8 +292,10 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                     vf,
                     p_r,
                     kk * 8,
+                    PA,
                     acc,
                     db * 2,
+                    OA,
                 )
 
     @T.prim_func
@@ -259,15 +329,19 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                 k_s = T.alloc_buffer((NS * BN * KS,), dt, scope="shared.dyn")
                 v_s = T.alloc_buffer((NS * BN * VS,), dt, scope="shared.dyn")
                 ck_s = T.alloc_buffer((NS * BN,), "float32", scope="shared.dyn")
-                q_r = T.alloc_buffer((D // 2,), dt, scope="local")
-                s_r = T.alloc_buffer((NB * 4,), "float32", scope="local")
-                p_r = T.alloc_buffer((SN // 2,), dt, scope="local")
+                if QSM:
+                    q_s = T.alloc_buffer((BM * QST,), dt, scope="shared.dyn")
+                    qf = T.alloc_buffer((WM * 8,), dt, scope="local")
+                else:
+                    q_r = T.alloc_buffer((WM * QA,), dt, scope="local")
+                s_r = T.alloc_buffer((WM * SA,), "float32", scope="local")
+                p_r = T.alloc_buffer((WM * PA,), dt, scope="local")
                 kf = T.alloc_buffer((8,), dt, scope="local")
                 vf = T.alloc_buffer((8,), dt, scope="local")
-                acc = T.alloc_buffer((NDB * 4,), "float32", scope="local")
-                m_r = T.alloc_buffer((2,), "float32", scope="local")
-                l_r = T.alloc_buffer((2,), "float32", scope="local")
-                cq_r = T.alloc_buffer((2,), "float32", scope="local")
+                acc = T.alloc_buffer((WM * OA,), "float32", scope="local")
+                m_r = T.alloc_buffer((WM * 2,), "float32", scope="local")
+                l_r = T.alloc_buffer((WM * 2,), "float32", scope="local")
+                cq_r = T.alloc_buffer((WM * 2,), "float32", scope="local")
                 nq = (L + BM - 1) // BM
                 b = tile // (HQ * nq)
                 h = tile // nq % HQ
@@ -276,28 +350,38 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                 lane = tx % 32
                 g = lane // 4
                 t4 = lane % 4
-                row0 = i0 + tx // 32 * 16 + g  # this thread's rows: row0, row0 + 8
+                # this thread's rows: row0 + 16 mb + {0, 8} for row block mb
+                row0 = i0 + tx // 32 * (16 * WM) + g
                 sl2 = scale * T.float32(LOG2E)
-                # ---- Q fragments straight from global (read once per block)
-                for ks in T.unroll(D // 16):
-                    for u in T.unroll(4):
-                        for e in T.unroll(2):
-                            q_r[ks * 8 + u * 2 + e] = q[
-                                b,
-                                T.min(row0 + u % 2 * 8, L - 1),
-                                h,
-                                ks * 16 + u // 2 * 8 + t4 * 2 + e,
-                            ]
-                for r in T.unroll(2):
-                    m_r[r] = T.float32(MASK)
-                    l_r[r] = T.float32(0)
-                    if gated:
-                        cq_r[r] = T.Cast(
-                            "float32", c[b, h, T.min(row0 + r * 8, L - 1)] - c[b, h, i0]
-                        ) * T.float32(LOG2E)
-                    else:
-                        cq_r[r] = T.float32(0)
-                for x in T.unroll(NDB * 4):
+                if QSM:
+                    # the block's Q rows, staged once (their own commit group, the oldest:
+                    # the first tile's wait covers it)
+                    copy_rows(q_s, 0, QST, q, i0, h, D, NQC, b, L, tx)
+                    T.ptx["cp.async.commit_group"]()
+                else:
+                    # ---- Q fragments straight from global (read once per block)
+                    for mb in T.unroll(WM):
+                        for ks in T.unroll(D // 16):
+                            for u in T.unroll(4):
+                                for e in T.unroll(2):
+                                    q_r[mb * QA + ks * 8 + u * 2 + e] = q[
+                                        b,
+                                        T.min(row0 + mb * 16 + u % 2 * 8, L - 1),
+                                        h,
+                                        ks * 16 + u // 2 * 8 + t4 * 2 + e,
+                                    ]
+                for mb in T.unroll(WM):
+                    for r in T.unroll(2):
+                        m_r[mb * 2 + r] = T.float32(MASK)
+                        l_r[mb * 2 + r] = T.float32(0)
+                        if gated:
+                            cq_r[mb * 2 + r] = T.Cast(
+                                "float32",
+                                c[b, h, T.min(row0 + mb * 16 + r * 8, L - 1)] - c[b, h, i0],
+                            ) * T.float32(LOG2E)
+                        else:
+                            cq_r[mb * 2 + r] = T.float32(0)
+                for x in T.unroll(WM * OA):
                     acc[x] = T.float32(0)
                 kt_hi = (T.min(L, i0 + BM) + BN - 1) // BN
                 kt_lo = T.int64(0)
@@ -326,7 +410,10 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                         j0 = kt * BN + sub * SN
                         dj = T.Cast("int32", j0 - row0)
                         kb = st * BN + sub * SN  # the step's first key row in shared memory
-                        scores(kb, k_s, kf, q_r, s_r, lane)
+                        if QSM:
+                            scores(kb, k_s, kf, qf, q_s, tx // 32 * (16 * WM), s_r, lane)
+                        else:
+                            scores(kb, k_s, kf, q_r, q_r, 0, s_r, lane)
                         # interior: every key of the step is <= the block's first row and
                         # inside the last row's window
                         inside = j0 + SN - 1 <= i0
@@ -339,19 +426,20 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                         accumulate(kb, s_r, p_r, v_s, vf, acc, lane)
                     T.tvm_storage_sync("shared")
                 # ---- epilogue: the row sums were per thread, add the quad's four
-                for r in T.unroll(2):
-                    lt: T.float32 = l_r[r]
-                    lt = lt + T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), lt, 1, 32)
-                    lt = lt + T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), lt, 2, 32)
-                    inv: T.float32 = T.float32(1) / lt
-                    ii = row0 + r * 8
-                    if ii < L:
-                        for db in T.unroll(NDB):
-                            for e in T.unroll(2):
-                                o[b, ii, h, db * 8 + t4 * 2 + e] = T.Cast(
-                                    dt, acc[db * 4 + r * 2 + e] * inv
-                                )
-                        if t4 == 0:
-                            lse[b, h, ii] = (m_r[r] + T.log2(lt)) * T.float32(LN2)
+                for mb in T.unroll(WM):
+                    for r in T.unroll(2):
+                        lt: T.float32 = l_r[mb * 2 + r]
+                        lt = lt + T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), lt, 1, 32)
+                        lt = lt + T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), lt, 2, 32)
+                        inv: T.float32 = T.float32(1) / lt
+                        ii = row0 + mb * 16 + r * 8
+                        if ii < L:
+                            for db in T.unroll(NDB):
+                                for e in T.unroll(2):
+                                    o[b, ii, h, db * 8 + t4 * 2 + e] = T.Cast(
+                                        dt, acc[mb * OA + db * 4 + r * 2 + e] * inv
+                                    )
+                            if t4 == 0:
+                                lse[b, h, ii] = (m_r[mb * 2 + r] + T.log2(lt)) * T.float32(LN2)
 
     return gfwa_fwd
