@@ -4,6 +4,7 @@ and over two driver processes), the journal lease, and the TPE-vs-sweep report."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -218,3 +219,53 @@ def test_fresh_run_joins_a_study_another_driver_is_running(tmp_path):
     assert sum(map(is_measurement, finished(job))) == 5
     run(TuneJob(PROB, "triton", "fwd", 2, mode="fake", db_path=str(tmp_path / "t.sqlite")))
     assert sum(map(is_measurement, finished(job))) == 2  # nobody running it: fresh is fresh
+
+
+def test_default_is_measured_even_when_the_resource_model_prunes_it(tmp_path, monkeypatch):
+    """The op runs the default untuned, so the study times it even when the estimate says it
+    does not fit (the dk/dv default at D = 256); any other config the estimate prunes is
+    recorded without compiling."""
+    spec = PROB.spec("triton", "bwd_kv")
+    default = space.default(spec)
+    other = KernelConfig(**{**FAST, "block_n": 32})
+    real_feasible = space.feasible
+
+    def feasible(spec, cfg, gpu=True):
+        if cfg in (default, other):
+            return False, "pruned before compiling: estimated registers/thread ~328 (test)"
+        return real_feasible(spec, cfg, gpu=gpu)
+
+    monkeypatch.setattr(space, "feasible", feasible)
+    job = TuneJob(PROB, "triton", "bwd_kv", 3, mode="fake", db_path=str(tmp_path / "t.sqlite"),
+                  seed=0, enqueue=(other.as_dict(),))
+    res = run(job)
+    done = finished(job)
+    assert done[0].user_attrs["default"] and done[0].user_attrs["status"] == "ok"
+    assert is_measurement(done[0]) and res.default_ms == done[0].value
+    assert done[1].user_attrs["pruned"] and done[1].user_attrs["status"] == "failed"
+
+
+def test_a_study_starts_from_the_nearest_tuned_problems(tmp_path):
+    """Tuning W=256 after W=128 (same database) tries W=128's best right after the default;
+    the W=128 study itself, run first, had nothing to start from."""
+    db = str(tmp_path / "t.sqlite")
+    first = run(TuneJob(PROB, "triton", "fwd", 4, mode="fake", db_path=db, seed=0))
+    near = dataclasses.replace(PROB, window=256)
+    job = TuneJob(near, "triton", "fwd", 4, mode="fake", db_path=db, seed=0)
+    run(job)
+    done = finished(job)
+    warm = [t for t in done if t.user_attrs.get("warm_start")]
+    assert [cfg_of(t) for t in warm] == [first.best_config.as_dict()]
+    assert warm[0].number == 1  # right after the default
+    again = TuneJob(PROB, "triton", "fwd", 2, mode="fake", db_path=db, seed=1)
+    run(again)  # fresh: W=256's best is now the nearest other problem, its own is not used
+    warm = [t for t in finished(again) if t.user_attrs.get("warm_start")]
+    assert len(warm) <= 1 and all(cfg_of(t) == run_best(db, near) for t in warm)
+
+
+def run_best(db, problem) -> dict:
+    with TuningDB(db, readonly=True) as tdb:
+        rows = [e for e in tdb.best_entries() if e["pass"] == "fwd"
+                and e["spec"]["window"] == problem.window]
+    (e,) = rows
+    return KernelConfig.from_dict(e["config"]).as_dict()

@@ -33,11 +33,11 @@ class Row:
     sweep_best: dict | None
     sweep_ms: float | None
     tpe_trials: int
-    tpe_asked: int  # every trial of the TPE study, repeats and pruned proposals included
     tpe_best: dict | None
     tpe_ms_in_sweep: float | None  # the sweep's measurement of TPE's best config
     tpe_ms_own: float | None
     default_ms: float | None  # the sweep's measurement of the default (trial 0)
+    tpe_asked: int | None = None  # every trial of the TPE study, repeats and pruned included
 
     @property
     def gap(self) -> float | None:
@@ -147,7 +147,8 @@ def markdown(rows: list[Row]) -> str:
     for r in rows:
         g = r.gap
         cells = [_problem(r.problem), r.pass_, str(r.sweep_trials), _cfg(r.sweep_best),
-                 _ms(r.sweep_ms), str(r.tpe_trials), str(r.tpe_asked), _cfg(r.tpe_best),
+                 _ms(r.sweep_ms), str(r.tpe_trials),
+                 "-" if r.tpe_asked is None else str(r.tpe_asked), _cfg(r.tpe_best),
                  _ms(r.tpe_ms_in_sweep), _ms(r.tpe_ms_own), "-" if g is None else f"{g:.1f}",
                  "yes" if r.within else "no", _ms(r.default_ms),
                  "-" if r.speedup is None else f"{r.speedup:.2f}x"]

@@ -1,5 +1,6 @@
-"""How a tuning study spends its trials around the TPE sampler: an initial design of tiles
-first, TPE in the middle, and a closing refinement of the best tiles' pipelines.
+"""How a tuning study spends its trials around the TPE sampler: the best configs of the
+nearest problems already tuned (warm start) and an initial design of tiles first, TPE in the
+middle, and a closing refinement of the best tiles' pipelines.
 
 Why: measured on the H200's S1 sweeps (benchmarks/RESULTS.md), the time of a config is
 decided by its tile (block_m, block_n, warps) and then by a rugged pipeline axis (stages,
@@ -22,6 +23,7 @@ from gfwagen.tuner import space
 
 TILE_FIELDS = ("block_m", "block_n", "num_warps")
 DESIGN_SHARE = 0.5  # at most this share of a study's trials goes to the initial design
+WARM_START = 3  # best configs of the nearest tuned problems, tried right after the default
 REFINE_SHARE = 0.25  # the last quarter of a driver's trials refines the best tiles
 
 
@@ -85,3 +87,32 @@ def refinements(spec: KernelSpec, measured: dict[KernelConfig, float], taken: se
         out += sorted(by_tile.get(t, []), key=lambda c: (abs(c.num_stages - s), c.num_stages,
                                                           sorted(c.extra)))
     return out
+
+
+def warm_start(entries: list[dict], spec: KernelSpec, seqlen: int, model: str,
+               k: int = WARM_START) -> list[KernelConfig]:
+    """The best configs that `entries` (TuningDB.best_entries) record on the same GPU model
+    for the k nearest other problems of the same backend, pass, head and value dims, dtype
+    and gate (nearest in log2 of window, sequence length and GQA group), so that tuning S2
+    starts from what won at S1. The problem's own entry is left out: a study never starts
+    from its own answer."""
+    from gfwagen.db.records import seqlen_bucket, spec_class
+
+    own, bucket = spec_class(spec).as_dict(), seqlen_bucket(seqlen)
+    same = ("backend", "pass_", "head_dim", "value_dim", "dtype", "gated")
+    ranked = []
+    for e in entries:
+        s = e["spec"]
+        if e.get("model") != model or any(s.get(f) != own[f] for f in same):
+            continue
+        if s == own and e["seqlen_bucket"] == bucket:
+            continue
+        w = s["window"] or e["seqlen_bucket"]  # full causal: the window is the sequence
+        d = _distance((w, e["seqlen_bucket"], s["group"]),
+                      (own["window"] or bucket, bucket, own["group"]))
+        ranked.append((d, KernelConfig.from_dict(e["config"])))
+    out = []
+    for _, cfg in sorted(ranked, key=lambda x: (x[0], repr(x[1]))):
+        if cfg not in out:
+            out.append(cfg)
+    return out[:k]

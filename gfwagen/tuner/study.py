@@ -15,8 +15,9 @@ are tuned separately (they are separate kernels with separate configs).
   study; tuner/compare.py sets the two side by side.
 - Trial 0 is the heuristic default (study.enqueue_trial), so every study measures what the
   op would run untuned, and "speed-up over the default" is read off the same study.
-- A TPE study's trials (search.py): an initial design of one config per tile (enqueued after
-  the default), then TPE, then each driver's last quarter on the untried pipelines of the
+- A TPE study's trials (search.py): the best configs of the nearest problems the database
+  already holds (warm start) and an initial design of one config per tile, both enqueued
+  after the default, then TPE, then each driver's last quarter on the untried pipelines of the
   best tiles. n_trials counts measurements (configs compiled, checked and timed): a repeat
   answered from the study and a config the resource model prunes cost no GPU time and do
   not count, up to ASK_LIMIT asks per measurement.
@@ -253,11 +254,27 @@ def prepare(job: TuneJob, fresh: bool | None = None):
         for c in extra:
             study.enqueue_trial(space.config_params(spec, c, job.knobs, gpu))
         if not job.sweep:
-            n = search.design_budget(job.n_trials) - len(extra)
+            warm = [c for c in _warm_start(job, spec) if c != default and c not in extra]
+            n = search.design_budget(job.n_trials) - len(extra) - len(warm)
+            for c in warm:
+                study.enqueue_trial(space.config_params(spec, c, job.knobs, gpu),
+                                    user_attrs={"warm_start": True}, skip_if_exists=True)
             for c in search.design(spec, default, n, job.knobs, gpu):
                 study.enqueue_trial(space.config_params(spec, c, job.knobs, gpu),
                                     skip_if_exists=True)
     return study
+
+
+def _warm_start(job: TuneJob, spec) -> list[KernelConfig]:
+    """search.warm_start from the job's database, the feasible configs only."""
+    from gfwagen.db import TuningDB, gpu_model_name
+
+    with TuningDB(job.db_path) as db:  # created now if new: the driver writes to it next
+        entries = db.best_entries()
+    gpu = gpu_space(job)
+    return [c for c in search.warm_start(entries, spec, job.problem.seqlen,
+                                         gpu_model_name(_device_fp(job)))
+            if space.feasible(spec, c, gpu=gpu)[0]]
 
 
 @contextlib.contextmanager
@@ -439,7 +456,7 @@ class _Driver:
         todo = []
         for trial, cfg in batch:
             if cfg not in todo and self._measured(trial) is None and \
-                    space.feasible(self.spec, cfg, gpu=self.gpu)[0]:
+                    self._runnable(trial, cfg)[0]:
                 todo.append(cfg)
         results = self.workers.warm(self.job.problem, self.job.backend, self.job.pass_, todo)
         failed = {c: r.reason for c, r in zip(todo, results) if r.status != "ok"}
@@ -447,6 +464,15 @@ class _Driver:
             self.progress.note(f"warming {config_text(c)} failed ({why}); the timing worker "
                                "tries it anyway")
         return failed
+
+    def _runnable(self, trial, cfg: KernelConfig) -> tuple[bool, str]:
+        """space.feasible, except that the default is run even when only the resource model
+        (an estimate) prunes it: the op runs it untuned, so its time is the baseline every
+        speed-up is read against (at D = 256 the estimate prunes the dk/dv default)."""
+        ok, why = space.feasible(self.spec, cfg, gpu=self.gpu)
+        if not ok and trial.user_attrs.get("default") and why.startswith("pruned"):
+            return True, ""
+        return ok, why
 
     def _evaluate(self, trial, cfg: KernelConfig, warm_failed: str | None) -> float:
         """What the single-trial objective did: answer a repeat from the study, record a
@@ -462,7 +488,7 @@ class _Driver:
             self.progress.update(self.study, t.user_attrs["status"] + " (again)", cfg,
                                  t.value if t.user_attrs["status"] == "ok" else None)
             return t.value
-        ok, why = space.feasible(self.spec, cfg, gpu=self.gpu)
+        ok, why = self._runnable(trial, cfg)
         if not ok:
             res_status, res = "failed", None
             reason = why
