@@ -59,6 +59,12 @@ DEFAULT_CUDA_CONFIG = KernelConfig(block_m=64, block_n=32, num_warps=2, num_stag
 # (the tuner leaves num_warps at its default), so block_m must be a multiple of 16 warp_m.
 DEFAULT_CUDA_TC_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=1,
                                       extra=(("sub_n", 32),))
+# Two 16-row blocks per warp with Q re-read from shared memory: on the H200 at D = 128 the
+# fastest of the tiles timed at S1-S4, 5-12% under DEFAULT_CUDA_TC_CONFIG; at D = 64 (S5) it
+# was 15% slower (benchmarks/RESULTS.md, session 4), and above D = 128 its registers spill.
+WIDE_CUDA_TC_CONFIG = KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=2,
+                                   extra=(("q_smem", True), ("sub_n", 32), ("warp_m", 2)))
+WIDE_MIN_HEAD_DIM = 128
 CUDA_DYNAMIC_SMEM_LIMIT = 227 * 1024  # per block on sm_90 (H100/H200)
 CUDA_STATIC_SMEM_LIMIT = 48 * 1024
 
@@ -122,10 +128,17 @@ def tensor_core_forward(spec: KernelSpec, config: KernelConfig | None = None) ->
 
 
 def default_cuda_config(spec: KernelSpec) -> KernelConfig:
-    """The tensor-core forward's default, or the CUDA-core tiles with the tile that sets the
-    shared memory (block_n for fwd/bwd_q, block_m for bwd_kv) halved until the fp32 staging
-    fits the 48 KiB of static shared memory (head dims above 64 need it)."""
+    """The tensor-core forward's default (WIDE_CUDA_TC_CONFIG where it fits), or the CUDA-core
+    tiles with the tile that sets the shared memory (block_n for fwd/bwd_q, block_m for
+    bwd_kv) halved until the fp32 staging fits the 48 KiB of static shared memory (head dims
+    above 64 need it)."""
     if tensor_core_forward(spec):
+        tc, wide = load_template("tvm", "fwd_cuda"), WIDE_CUDA_TC_CONFIG
+        if spec.head_dim >= WIDE_MIN_HEAD_DIM and \
+                tc.supports(spec.head_dim, spec.value_dim, spec.dtype, wide) is None and \
+                tc.registers(spec.head_dim, spec.value_dim, wide) <= 255 and \
+                cuda_smem_bytes(spec, wide) <= CUDA_DYNAMIC_SMEM_LIMIT:
+            return wide
         return DEFAULT_CUDA_TC_CONFIG
     cfg = DEFAULT_CUDA_CONFIG
     field = "block_m" if spec.pass_ == "bwd_kv" else "block_n"
