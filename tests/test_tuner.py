@@ -4,6 +4,7 @@ faults (compile error, crash, hang, wrong result), the TuningDB and a shared jou
 from __future__ import annotations
 
 import json
+import math
 
 import optuna
 import pytest
@@ -149,3 +150,25 @@ def test_two_processes_share_a_journal_study(tmp_path):
     measured = [t for t in done if "duplicate_of" not in t.user_attrs]
     assert len(trials(db)) == len(measured)
     assert done[0].user_attrs.get("default")
+
+
+def test_search_design_and_refinements():
+    """The initial design: one feasible config per tile, the default's pipeline, nearest
+    tiles first; the refinement: the untried pipelines of the best measured tile first."""
+    from gfwagen.tuner import search
+
+    spec = PROB.spec("triton", "bwd_kv")
+    d = space.default(spec)
+    tiles = search.design(spec, d, 100)
+    assert len({search.tile_of(c) for c in tiles}) == len(tiles) > 10
+    assert search.tile_of(d) not in {search.tile_of(c) for c in tiles}
+    assert all((c.num_stages, c.extra) == (d.num_stages, d.extra) for c in tiles)
+    assert all(space.feasible(spec, c)[0] for c in tiles)
+    dist = [sum(abs(math.log2(a) - math.log2(b)) for a, b in
+                zip(search.tile_of(c), search.tile_of(d), strict=True)) for c in tiles]
+    assert dist == sorted(dist) and search.design(spec, d, 3) == tiles[:3]
+    fast, slow = tiles[0], tiles[1]
+    ref = search.refinements(spec, {fast: 1.0, slow: 2.0}, {d, fast, slow})
+    assert ref and search.tile_of(ref[0]) == search.tile_of(fast)
+    assert fast not in ref and {search.tile_of(c) for c in ref} == {search.tile_of(fast),
+                                                                    search.tile_of(slow)}

@@ -269,3 +269,26 @@ def run_best(db, problem) -> dict:
                 and e["spec"]["window"] == problem.window]
     (e,) = rows
     return KernelConfig.from_dict(e["config"]).as_dict()
+
+
+def test_replay_runs_the_tuner_on_a_recorded_table(tmp_path, small_space):
+    """mode='replay' drives the real search on the GPU space, answered from a table: every
+    config is timed at most once, n measurements are made, and the last quarter refines the
+    best tiles (same tile as a measured config, another pipeline)."""
+    from gfwagen.tuner import search
+    from gfwagen.tuner.replay import ReplayWorkers
+    from gfwagen.tuner.timing import FakeTimer
+    from gfwagen.tuner.worker import Result
+
+    spec = PROB.spec("triton", "fwd")
+    configs = space.enumerate_configs(spec, gpu=True)
+    table = {c: Result("ok", FakeTimer().synthetic_ms(spec, c), 0.0) for c in configs}
+    workers = ReplayWorkers(table)
+    job = TuneJob(PROB, "triton", "fwd", 8, mode="replay", db_path=str(tmp_path / "r.sqlite"),
+                  seed=0, compile_jobs=2)
+    res = run(job, workers=workers)
+    asked = workers.timing.asked
+    assert len(asked) == len(set(asked)) == 8
+    assert res.best_ms == min(table[c].median_ms for c in asked)
+    tiles = {search.tile_of(c) for c in asked[:-2]}
+    assert all(search.tile_of(c) in tiles for c in asked[-2:])  # the refinement's two
