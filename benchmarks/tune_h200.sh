@@ -7,7 +7,8 @@
 #             (benchmarks/tuner_vs_sweep.py); PASSES="bwd_kv bwd_q" limits the passes
 #   ship      S1-S5 (SHIP0 / SHIP1: the shapes of each GPU) tuned by two single-GPU processes
 #             into two databases
-#   classes   the 18 head-dim x window classes, the same way
+#   classes   the 18 head-dim x window classes, the same way (session 4 ran them with
+#             --trials 8..10, split differently across its calls: benchmarks/RESULTS.md)
 #   merge     S1's database plus the two, into h200.sqlite, exported best-only as h200.jsonl
 # Usage:  OUT=/some/dir bash benchmarks/tune_h200.sh PHASE [extra tune options]
 set -uo pipefail
