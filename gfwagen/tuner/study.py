@@ -105,17 +105,18 @@ class StudyResult:
     problem: Problem
     backend: str
     pass_: str
-    trials: int
-    statuses: dict
+    trials: int  # measurements (is_measurement), what --trials counts
+    statuses: dict  # of the trials that were not repeats: measurements and pruned configs
     best_config: KernelConfig | None
     best_ms: float | None
     default_ms: float | None
     recorded: int | None = None  # rows this run (its drivers) wrote to the TuningDB
+    asked: int | None = None  # every trial, repeats and pruned proposals included
 
     def as_dict(self) -> dict:
         return {"study": self.study_name, "problem": self.problem.as_dict(),
                 "backend": self.backend, "pass": self.pass_, "trials": self.trials,
-                "statuses": self.statuses, "recorded": self.recorded,
+                "asked": self.asked, "statuses": self.statuses, "recorded": self.recorded,
                 "best_config": self.best_config.as_dict() if self.best_config else None,
                 "best_ms": self.best_ms, "default_ms": self.default_ms,
                 "speedup": (self.default_ms / self.best_ms)
@@ -516,10 +517,12 @@ def summarize(study, job: TuneJob, recorded: int | None = None) -> StudyResult:
     default = next((t for t in trials if t.user_attrs.get("default")), None)
     default_ms = default.value if default is not None and \
         default.user_attrs.get("status") == "ok" else None
-    return StudyResult(study.study_name, job.problem, job.backend, job.pass_, len(trials),
-                       dict(Counter(t.user_attrs["status"] for t in trials)),
+    firsts = [t for t in trials if "duplicate_of" not in t.user_attrs]
+    return StudyResult(study.study_name, job.problem, job.backend, job.pass_,
+                       sum(map(is_measurement, trials)),
+                       dict(Counter(t.user_attrs["status"] for t in firsts)),
                        _trial_config(best) if best else None, best.value if best else None,
-                       default_ms, recorded)
+                       default_ms, recorded, asked=len(trials))
 
 
 def load_result(job: TuneJob) -> StudyResult:
