@@ -51,8 +51,9 @@ DEFAULT_CPU_CONFIG = KernelConfig(block_m=32, block_n=64, num_warps=1, num_stage
 # GPU tiles of the CUDA-core kernels: block_m (block_n for bwd_kv) threads per block, one row
 # each.
 DEFAULT_CUDA_CONFIG = KernelConfig(block_m=64, block_n=32, num_warps=2, num_stages=1)
-# The tensor-core forward: 4 warps of 16 rows, 64-key tiles in two softmax steps of 32, one
-# stage (fastest of 8 tile shapes at S1-S4 on the H200, benchmarks/RESULTS.md: at 168
+# The tensor-core forward's default where WIDE_CUDA_TC_CONFIG (below) does not apply (head dims
+# under 128, or too many registers): 4 warps of 16 rows, 64-key tiles in two softmax steps of
+# 32, one stage (fastest of the 8 one-block-per-warp tiles at S1-S4 on the H200: at 168
 # registers three blocks share an SM; 64-key steps need 181 and fit two). Its extras:
 # sub_n (keys per softmax step), warp_m (16-row blocks per warp, 1 or 2) and q_smem (Q
 # staged in shared memory); the warps are block_m / (16 warp_m), whatever num_warps says
@@ -61,7 +62,8 @@ DEFAULT_CUDA_TC_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_s
                                       extra=(("sub_n", 32),))
 # Two 16-row blocks per warp with Q re-read from shared memory: on the H200 at D = 128 the
 # fastest of the tiles timed at S1-S4, 5-12% under DEFAULT_CUDA_TC_CONFIG; at D = 64 (S5) it
-# was 15% slower (benchmarks/RESULTS.md, session 4), and above D = 128 its registers spill.
+# was 15% slower (benchmarks/RESULTS.md, session 4); from D = 160 (Dv = D) its register
+# estimate passes 255 and it would spill.
 WIDE_CUDA_TC_CONFIG = KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=2,
                                    extra=(("q_smem", True), ("sub_n", 32), ("warp_m", 2)))
 WIDE_MIN_HEAD_DIM = 128
