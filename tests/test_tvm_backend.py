@@ -380,3 +380,24 @@ def test_tensor_core_forward_realigns_misaligned_views():
     assert fixed.data_ptr() % 16 == 0 and torch.equal(fixed, view)
     ok = torch.zeros(1, 2, 1, 64, dtype=torch.bfloat16)
     assert _aligned16(ok) is ok
+
+
+def test_tensor_core_default_by_head_dim():
+    """The wide tile (two 16-row blocks per warp, Q in shared memory) is the default from
+    D = 128 while its register estimate fits; D = 64 and the wide heads keep 64x64, and the
+    template runs both (benchmarks/RESULTS.md, session 4)."""
+    pytest.importorskip("tvm")
+    from gfwagen.backends import tvm_backend as tb
+    from gfwagen.template_loader import load_template
+
+    tc = load_template("tvm", "fwd_cuda")
+    for D, Dv, dtype, want in ((128, 128, "bf16", tb.WIDE_CUDA_TC_CONFIG),
+                               (128, 64, "fp16", tb.WIDE_CUDA_TC_CONFIG),
+                               (64, 64, "bf16", tb.DEFAULT_CUDA_TC_CONFIG),
+                               (192, 192, "bf16", tb.DEFAULT_CUDA_TC_CONFIG),
+                               (256, 256, "fp16", tb.DEFAULT_CUDA_TC_CONFIG)):
+        spec = KernelSpec("tvm", "fwd", D, Dv, 512, dtype, True, 1)
+        got = tb.default_cuda_config(spec)
+        assert got == want, (D, Dv, dtype)
+        assert tc.supports(D, Dv, dtype, got) is None
+        assert tc.registers(D, Dv, got) <= 255 or got is tb.DEFAULT_CUDA_TC_CONFIG
