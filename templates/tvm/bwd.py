@@ -29,6 +29,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from .cpu import make_backward_kv_cpu, make_backward_q_cpu
+from .staging import stage_rows
 
 _DT = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 LOG2E = 1.4426950408889634
@@ -137,28 +138,8 @@ def make_backward_kv(head_dim, value_dim, window, dtype, gated, group, config, t
                     i0 = qt * BM
                     T.tvm_storage_sync("shared")
                     for x in T.thread_binding(BN, thread="threadIdx.x"):
-                        for r in range(NQ_):
-                            if r * BN + x < BM * D:
-                                q_s[(r * BN + x) // D, (r * BN + x) % D] = T.Cast(
-                                    "float32",
-                                    q[
-                                        b,
-                                        T.min(i0 + (r * BN + x) // D, L - 1),
-                                        h,
-                                        (r * BN + x) % D,
-                                    ],
-                                )
-                        for r in range(NO_):
-                            if r * BN + x < BM * DV:
-                                do_s[(r * BN + x) // DV, (r * BN + x) % DV] = T.Cast(
-                                    "float32",
-                                    do[
-                                        b,
-                                        T.min(i0 + (r * BN + x) // DV, L - 1),
-                                        h,
-                                        (r * BN + x) % DV,
-                                    ],
-                                )
+                        stage_rows(q_s, False, q, b, h, i0, BM, D, NQ_, BN, x, L)
+                        stage_rows(do_s, False, do, b, h, i0, BM, DV, NO_, BN, x, L)
                         for r in range(NS_):
                             if r * BN + x < BM:
                                 if gated:
@@ -306,28 +287,8 @@ def make_backward_q(head_dim, value_dim, window, dtype, gated, group, config, ta
                 j0 = kt * BN
                 T.tvm_storage_sync("shared")
                 for x in T.thread_binding(BM, thread="threadIdx.x"):
-                    for r in range(NK_):
-                        if r * BM + x < BN * D:
-                            k_s[(r * BM + x) // D, (r * BM + x) % D] = T.Cast(
-                                "float32",
-                                k[
-                                    b,
-                                    T.min(j0 + (r * BM + x) // D, L - 1),
-                                    hk,
-                                    (r * BM + x) % D,
-                                ],
-                            )
-                    for r in range(NV_):
-                        if r * BM + x < BN * DV:
-                            vt_s[(r * BM + x) % DV, (r * BM + x) // DV] = T.Cast(
-                                "float32",
-                                v[
-                                    b,
-                                    T.min(j0 + (r * BM + x) // DV, L - 1),
-                                    hk,
-                                    (r * BM + x) % DV,
-                                ],
-                            )
+                    stage_rows(k_s, False, k, b, hk, j0, BN, D, NK_, BM, x, L)
+                    stage_rows(vt_s, True, v, b, hk, j0, BN, DV, NV_, BM, x, L)
                     for r in range(NC_):
                         if r * BM + x < BN:
                             if gated:

@@ -33,6 +33,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from .cpu import make_forward_cpu
+from .staging import stage_rows
 
 _DT = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 LOG2E = 1.4426950408889634
@@ -123,28 +124,8 @@ def make_forward(head_dim, value_dim, window, dtype, gated, group, config, targe
                 j0 = kt * BN
                 T.tvm_storage_sync("shared")
                 for x in T.thread_binding(BM, thread="threadIdx.x"):
-                    for r in range(NK):
-                        if r * BM + x < BN * D:
-                            kt_s[(r * BM + x) % D, (r * BM + x) // D] = T.Cast(
-                                "float32",
-                                k[
-                                    b,
-                                    T.min(j0 + (r * BM + x) // D, L - 1),
-                                    hk,
-                                    (r * BM + x) % D,
-                                ],
-                            )
-                    for r in range(NV):
-                        if r * BM + x < BN * DV:
-                            v_s[(r * BM + x) // DV, (r * BM + x) % DV] = T.Cast(
-                                "float32",
-                                v[
-                                    b,
-                                    T.min(j0 + (r * BM + x) // DV, L - 1),
-                                    hk,
-                                    (r * BM + x) % DV,
-                                ],
-                            )
+                    stage_rows(kt_s, True, k, b, hk, j0, BN, D, NK, BM, x, L)
+                    stage_rows(v_s, False, v, b, hk, j0, BN, DV, NV, BM, x, L)
                     for r in range(NC):
                         if r * BM + x < BN:
                             if gated:
