@@ -35,7 +35,8 @@ OLD_CONFIGS = [(64, 32, 1, 32), (64, 32, 2, 32), (64, 64, 2, 64), (64, 64, 1, 32
                (64, 64, 2, 32), (64, 128, 1, 32), (128, 64, 2, 32), (128, 64, 2, 64)]
 NEW_CONFIGS = [(64, 64, 1, 32), (64, 64, 2, 64),
                (128, 64, 1, 32, 2, True), (128, 64, 2, 32, 2, True), (128, 32, 1, 32, 2, True),
-               (128, 64, 2, 32, 2, False), (64, 32, 1, 32, 1, True)]
+               (128, 64, 2, 32, 2, False), (64, 32, 1, 32, 1, True),
+               (128, 64, 2, 64, 2, True), (128, 32, 2, 32, 2, True)]
 CONFIG_SETS = {"new": NEW_CONFIGS, "old": OLD_CONFIGS,
                "all": NEW_CONFIGS + [c for c in OLD_CONFIGS if c not in NEW_CONFIGS]}
 CONFIGS = NEW_CONFIGS

@@ -7,14 +7,16 @@ import functools
 
 import torch
 
-from gfwagen import reference
+from gfwagen import gate_sums, reference
+from gfwagen.gate import sanitize_log_gate
 from gfwagen.heuristics import default_config, interpreting
 from gfwagen.spec import KernelConfig, KernelSpec, dtype_name, window_class
 
 
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """The backend that runs a call. "auto": Triton on CUDA; on the CPU, see cpu_auto_backend
-    (dtype is q's dtype; without it "auto" on the CPU means the reference)."""
+    """The backend that runs a call. "auto": Triton on CUDA (run_forward and run_backward then
+    ask the tuning database whether TVM measured faster: cuda_auto_backend); on the CPU, see
+    cpu_auto_backend (dtype is q's dtype; without it "auto" on the CPU means the reference)."""
     if requested == "reference":
         return "reference"
     if device.type == "cuda":
@@ -54,6 +56,56 @@ def cpu_auto_backend(dtype: torch.dtype | None) -> str:
     if dtype in _TVM_CPU_DTYPES and tvm_available():
         return "tvm"
     return "reference"
+
+
+# what each backend times for a direction: TVM tunes its whole backward as "bwd_kv"
+_TIMED_PASSES = {("triton", "fwd"): ("fwd",), ("triton", "bwd"): ("bwd_kv", "bwd_q"),
+                 ("tvm", "fwd"): ("fwd",), ("tvm", "bwd"): ("bwd_kv",)}
+
+
+@functools.lru_cache(maxsize=4096)
+def _tuned_ms(backend: str, direction: str, key: tuple, bucket: int, device: str) -> float | None:
+    """The tuning database's time of `backend` for one direction of a problem on `device`, or
+    None when some pass of it was never tuned there (at the same fallback level as any other:
+    lookup's device -> model -> architecture)."""
+    from gfwagen.db.fingerprint import device_fingerprint
+    from gfwagen.db.lookup import get_snapshot
+
+    fp = device_fingerprint(torch.device(device))
+    total = 0.0
+    for pass_ in _TIMED_PASSES[(backend, direction)]:
+        entry, _ = get_snapshot().lookup_entry(KernelSpec(backend, pass_, *key), bucket, fp)
+        if entry is None:
+            return None
+        total += entry.median_ms
+    return total
+
+
+@functools.cache
+def _tvm_cuda_ready() -> bool:
+    try:
+        from gfwagen.backends import tvm_backend
+    except Exception:
+        return False
+    return tvm_backend.HAVE_TVM and tvm_backend.cuda_runtime_available()
+
+
+def cuda_auto_backend(direction: str, q, v, window, gated: bool, group: int) -> str:
+    """backend="auto" on CUDA for one direction ("fwd" or "bwd"): "tvm" when the tuning
+    database holds TVM and Triton times for this problem on this GPU and TVM's is lower (and
+    TVM with its CUDA runtime imports), else "triton". The two directions choose separately:
+    both backends keep the same lse contract, so either backward takes either forward's."""
+    key = (q.shape[3], v.shape[3], window_class(window), dtype_name(q.dtype), gated, group)
+    bucket = 1 << max(0, (int(q.shape[1]) - 1).bit_length())
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    device = f"cuda:{index}"
+    tvm_ms = _tuned_ms("tvm", direction, key, bucket, device)
+    if tvm_ms is None:
+        return "triton"
+    triton_ms = _tuned_ms("triton", direction, key, bucket, device)
+    if triton_ms is None or tvm_ms >= triton_ms:
+        return "triton"
+    return "tvm" if _tvm_cuda_ready() else "triton"
 
 
 def _spec(backend, pass_, q, v, window, gated, group) -> KernelSpec:
@@ -120,13 +172,26 @@ def _per_sequence(cu_seqlens, fn, *tensors):
     return outs
 
 
+def _sanitized(log_gate, backend: str):
+    """The gate policy's clamp (gfwagen.gate.sanitize_log_gate), except where the Triton
+    backend's fused gate sums apply it as they load the gate (a launch less per call)."""
+    if log_gate is None or (backend == "triton" and gate_sums.use_fused(log_gate)):
+        return log_gate
+    return sanitize_log_gate(log_gate)
+
+
 def run_forward(q, k, v, log_gate, window, scale, backend, cu_seqlens=None):
+    auto = backend == "auto"
     backend = resolve_backend(backend, q.device, q.dtype)
     if backend == "reference":
+        log_gate = _sanitized(log_gate, backend)
         o, lse = reference.reference_forward(q, k, v, log_gate, window, scale,
                                              cu_seqlens=cu_seqlens)
         return o, lse.float()
     group = q.shape[2] // k.shape[2]
+    if auto and q.is_cuda:
+        backend = cuda_auto_backend("fwd", q, v, window, log_gate is not None, group)
+    log_gate = _sanitized(log_gate, backend)
     cfg = select_config(_spec(backend, "fwd", q, v, window, log_gate is not None, group),
                         q.shape[1], q.device)
     if backend == "tvm":
@@ -149,12 +214,17 @@ def run_forward(q, k, v, log_gate, window, scale, backend, cu_seqlens=None):
 
 
 def run_backward(do, q, k, v, o, lse, log_gate, window, scale, backend, cu_seqlens=None):
+    auto = backend == "auto"
     backend = resolve_backend(backend, q.device, q.dtype)
     if backend == "reference":
+        log_gate = _sanitized(log_gate, backend)
         return reference.reference_backward(do, q, k, v, o, lse, log_gate, window, scale,
                                             cu_seqlens=cu_seqlens)
     group = q.shape[2] // k.shape[2]
     gated = log_gate is not None
+    if auto and q.is_cuda:
+        backend = cuda_auto_backend("bwd", q, v, window, gated, group)
+    log_gate = _sanitized(log_gate, backend)
     cfg_kv = select_config(_spec(backend, "bwd_kv", q, v, window, gated, group), q.shape[1],
                            q.device)
     cfg_q = select_config(_spec(backend, "bwd_q", q, v, window, gated, group), q.shape[1],

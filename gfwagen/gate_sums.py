@@ -44,11 +44,13 @@ def _device(t: torch.Tensor):
 
 
 def chunked_prefix_sums_fused(
-    log_gate: torch.Tensor, chunk: int = GATE_CHUNK, spare: int = 0, splits: int | None = None
+    log_gate: torch.Tensor, chunk: int = GATE_CHUNK, spare: int = 0, splits: int | None = None,
+    bound: float = 0.0,
 ):
     """As gfwagen.gate.chunked_prefix_sums: [B, T, H] log gates (float32/16, bfloat16, any
     strides) -> (local [B, H, T] float32, base [B, H, ceil(T / chunk) + spare] float64), the
-    spare entries 0. splits: how many pieces T is cut into (None: chosen from the shape)."""
+    spare entries 0. splits: how many pieces T is cut into (None: chosen from the shape).
+    bound > 0: the sums of log_gate clamped to [-bound, bound] (gate.sanitize_log_gate)."""
     B, T, H = log_gate.shape
     nc = -(-T // chunk)
     local = torch.empty(B, H, T, dtype=torch.float32, device=log_gate.device)
@@ -56,7 +58,7 @@ def chunked_prefix_sums_fused(
     if T == 0 or B * H == 0:
         return local, base.zero_()
     with _device(log_gate):
-        _template().launch_gate_sums_fwd(log_gate, local, base, chunk, splits)
+        _template().launch_gate_sums_fwd(log_gate, local, base, chunk, splits, bound=bound)
     return local, base
 
 

@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from gfwagen import dispatch
-from gfwagen.gate import sanitize_log_gate
 from gfwagen.validate import check_cu_seqlens_values, check_finite, check_inputs
 
 
@@ -40,8 +39,9 @@ def _fwd_impl(q, k, v, log_gate, window, scale, backend, cu_seqlens):
     check_cu_seqlens_values(cu_seqlens, q.shape[1])  # CPU tensors, or when asked (a sync)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     if log_gate is not None:
-        # Every backend, forward and backward, sees the same clamped gate (docs/NUMERICS.md).
-        log_gate = sanitize_log_gate(log_gate).contiguous()
+        # Clamped by dispatch (every backend, forward and backward, sees the same clamped
+        # gate: docs/NUMERICS.md).
+        log_gate = log_gate.contiguous()
     o, lse = dispatch.run_forward(q, k, v, log_gate, window, _scale(q, scale), backend,
                                   cu_seqlens)
     # The fake promises contiguous outputs; compiled graphs check strides against it.
@@ -70,7 +70,7 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
                   cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     do, q, k, v, o = (_last_dim_contiguous(t) for t in (do, q, k, v, o))
     if log_gate is not None:
-        log_gate = sanitize_log_gate(log_gate).contiguous()
+        log_gate = log_gate.contiguous()
     dq, dk, dv, dg = dispatch.run_backward(do, q, k, v, o, lse.contiguous(), log_gate, window,
                                            _scale(q, scale), backend, cu_seqlens)
     if dg is None:
@@ -90,6 +90,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, o, lse, log_gate, cu_seqlens)
     ctx.window, ctx.scale, ctx.backend = window, scale, backend
     ctx.mark_non_differentiable(lse)
+    # lse's incoming gradient is unused: not materializing it saves a zero-fill per backward
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, do, _dlse):

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import types
 
 import pytest
+import torch
 
 from gfwagen.db import (
     DatabaseError,
@@ -571,3 +573,52 @@ def test_snapshot_skips_unreadable_user_db(tmp_path):
         snap = Snapshot.load(bad, shipped=False)
     assert len(snap) == 0 and snap.lookup(SPEC, 4096, H200)[0] is None
     assert bad.read_bytes() == b"garbage" * 1000
+
+
+# ---- backend="auto" on CUDA: the faster backend per direction, from the database ----------
+
+def _auto_setup(tmp_path, monkeypatch, times, tvm_ready=True):
+    """A database holding `times` {(backend, pass): ms} for PROB on the H200, and the dispatch
+    looking at it as if it ran there."""
+    from gfwagen import dispatch
+    from gfwagen.db import lookup
+
+    path = tmp_path / "auto.sqlite"
+    with TuningDB(path) as db:
+        for i, ((backend, pass_), ms) in enumerate(sorted(times.items())):
+            rec(db, backend=backend, pass_=pass_, ms=ms, tc=toolchain(), t=i)
+    snap = Snapshot.load(path, shipped=False)
+    monkeypatch.setattr(lookup, "get_snapshot", lambda: snap)
+    monkeypatch.setattr("gfwagen.db.fingerprint.device_fingerprint", lambda dev: H200)
+    monkeypatch.setattr(dispatch, "_tvm_cuda_ready", lambda: tvm_ready)
+    dispatch._tuned_ms.cache_clear()
+    q = types.SimpleNamespace(shape=(PROB.batch, PROB.seqlen, PROB.heads, PROB.head_dim),
+                              dtype=torch.bfloat16, device=torch.device("cuda:0"))
+    group = PROB.heads // PROB.kv_heads
+    return lambda direction: dispatch.cuda_auto_backend(direction, q, q, PROB.window, True,
+                                                        group)
+
+
+@pytest.mark.parametrize("times, fwd, bwd", [
+    # TVM faster forward, Triton faster backward (its two passes summed: 0.6 + 0.5 < 1.2)
+    ({("triton", "fwd"): 1.0, ("tvm", "fwd"): 0.8, ("triton", "bwd_kv"): 0.6,
+      ("triton", "bwd_q"): 0.5, ("tvm", "bwd_kv"): 1.2}, "tvm", "triton"),
+    # TVM's backward beats the sum, not each Triton pass alone
+    ({("triton", "fwd"): 1.0, ("tvm", "fwd"): 1.5, ("triton", "bwd_kv"): 0.6,
+      ("triton", "bwd_q"): 0.5, ("tvm", "bwd_kv"): 1.0}, "triton", "tvm"),
+    # Triton never tuned: nothing to compare against, Triton runs
+    ({("tvm", "fwd"): 0.1, ("tvm", "bwd_kv"): 0.1}, "triton", "triton"),
+    # a Triton backward pass missing: no sum to compare
+    ({("triton", "bwd_kv"): 5.0, ("tvm", "bwd_kv"): 1.0}, "triton", "triton"),
+    # no TVM entry at all
+    ({("triton", "fwd"): 1.0}, "triton", "triton"),
+])
+def test_auto_backend_on_cuda_picks_the_faster_tuned(tmp_path, monkeypatch, times, fwd, bwd):
+    pick = _auto_setup(tmp_path, monkeypatch, times)
+    assert (pick("fwd"), pick("bwd")) == (fwd, bwd)
+
+
+def test_auto_backend_keeps_triton_without_tvm_cuda(tmp_path, monkeypatch):
+    pick = _auto_setup(tmp_path, monkeypatch, {("triton", "fwd"): 1.0, ("tvm", "fwd"): 0.5},
+                       tvm_ready=False)
+    assert pick("fwd") == "triton"

@@ -101,6 +101,25 @@ def test_prefix_sums_keep_precision_far_from_zero():
         assert local[..., 3 * GATE_CHUNK :].abs().max() < 100
 
 
+@pytest.mark.parametrize("splits", [1, 2])
+def test_prefix_sums_clamp_on_load(splits):
+    """bound: the sums of the clamped gate (gate.sanitize_log_gate) without a clamp launch:
+    -inf and gates past the bound clamp, gates inside stay, NaN stays NaN."""
+    from gfwagen.gate import sanitize_log_gate
+
+    lg = _log_gate(2, 2 * GATE_CHUNK + 9, 3, "mixed", seed=11)
+    lg[0, 5, 0], lg[0, 300, 1], lg[1, 7, 2] = -float("inf"), -1e4, float("inf")
+    lg[1, 100, 1] = 3 * GATE_BOUND
+    local, base = chunked_prefix_sums_fused(lg, splits=splits, bound=GATE_BOUND)
+    ref_local, ref_base = chunked_prefix_sums(sanitize_log_gate(lg))
+    assert torch.isfinite(local).all() and torch.isfinite(base).all()
+    torch.testing.assert_close(base, ref_base, rtol=1e-13, atol=1e-9)
+    torch.testing.assert_close(local, ref_local, rtol=1e-6, atol=1e-4)
+    lg[1, 3, 0] = float("nan")
+    local, _ = chunked_prefix_sums_fused(lg, splits=splits, bound=GATE_BOUND)
+    assert local[1, 0, 3:GATE_CHUNK].isnan().all() and not local[1, 0, :3].isnan().any()
+
+
 def test_prefix_sums_empty():
     local, base = chunked_prefix_sums_fused(torch.zeros(2, 0, 3), spare=1)
     assert local.shape == (2, 3, 0) and base.shape == (2, 3, 1) and (base == 0).all()
@@ -192,6 +211,8 @@ def test_backend_takes_fused_path(monkeypatch):
     """The Triton backend with the fused kernels forced on (on the CPU they are off): the same
     output and gradients as with the torch functions, packed sequences included."""
     q, k, v, lg = make_inputs(1, 40, 2, 2, 16, 16, torch.float32, True, seed=0)
+    # gates past the clamp: the fused sums clamp on load, the torch path clamps before
+    lg[0, 3, 1], lg[0, 20, 0], lg[0, 30, 1] = -float("inf"), -1e3, 2 * GATE_BOUND
     cu = torch.tensor([0, 13, 13, 40])
     calls = []
 

@@ -13,7 +13,7 @@ import dataclasses
 import torch
 
 from gfwagen import gate_sums
-from gfwagen.gate import GATE_CHUNK, chunked_prefix_sums, gate_grad_from_sums
+from gfwagen.gate import GATE_BOUND, GATE_CHUNK, chunked_prefix_sums, gate_grad_from_sums
 from gfwagen.spec import KernelConfig
 from gfwagen.template_loader import load_template
 
@@ -39,9 +39,11 @@ def _fit(cfg: KernelConfig, T: int) -> tuple[int, int]:
 def _gate(log_gate):
     if log_gate is None:
         return None
-    # One spare base so a kernel's prefetch past the last chunk reads valid memory.
+    # One spare base so a kernel's prefetch past the last chunk reads valid memory. The fused
+    # sums clamp the gate as they load it (gfwagen.dispatch leaves the clamp to them).
     if gate_sums.use_fused(log_gate):
-        local, base = gate_sums.chunked_prefix_sums_fused(log_gate, GATE_CHUNK, spare=1)
+        local, base = gate_sums.chunked_prefix_sums_fused(log_gate, GATE_CHUNK, spare=1,
+                                                          bound=GATE_BOUND)
         return local, base, GATE_CHUNK
     local, base = chunked_prefix_sums(log_gate, GATE_CHUNK)
     return local, torch.nn.functional.pad(base, (0, 1)).contiguous(), GATE_CHUNK

@@ -183,6 +183,12 @@ class Snapshot:
         """The tuned config for `spec` at `seqlen` on the device `fingerprint` describes, and a
         sentence saying why; (None, "no tuned entry ...") when the caller should use its
         heuristic default."""
+        entry, reason = self.lookup_entry(spec, seqlen, fingerprint)
+        return (entry.config if entry is not None else None), reason
+
+    def lookup_entry(self, spec: KernelSpec, seqlen: int,
+                     fingerprint: dict) -> tuple[BestEntry | None, str]:
+        """As lookup, with the whole entry (its measured median included)."""
         dkey = device_key(fingerprint)
         memo_key = (spec, seqlen, dkey)
         hit = self._memo.get(memo_key)
@@ -231,7 +237,7 @@ class Snapshot:
                 where += ", other toolchain"
             if e.source == SOURCE_SHIPPED:
                 where += ", shipped"
-            return e.config, reason.format(model=e.model, arch=sm, where=where)
+            return e, reason.format(model=e.model, arch=sm, where=where)
         return None, f"no tuned entry for {model} ({sm}); heuristic default"
 
 

@@ -147,8 +147,9 @@ def _dkdv_tiles(
             do = load_rows(do_base, offs_m, stride_dot, T, HEAD_DV, HEAD_DV_PAD, MASKED)
         lse = load_vector(lse_base, offs_m, T, MASKED)
         delta = load_vector(delta_base, offs_m, T, MASKED)
-        # Transposed scores [BLOCK_N, BLOCK_M]: keys on rows, so dk and dv need no transpose.
-        s = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - (lse * LOG2E)[None, :]
+        # Everything per query (its lse, its gate sum) is folded into one vector first, so
+        # each score costs one multiply-add and one subtract (the key's gate sum).
+        row_shift = lse * LOG2E
         if GATED:
             if PREFETCH_GATE:
                 ci, nxt_local, nxt_base = gate_tile_prefetched(
@@ -156,7 +157,11 @@ def _dkdv_tiles(
                 )
             else:
                 ci = gate_tile(cl_base, cb_base, m0, cb_k, T, BLOCK_M, GATE_CHUNK, MASKED)
-            s += ci[None, :] - cj[:, None]
+            row_shift -= ci
+        # Transposed scores [BLOCK_N, BLOCK_M]: keys on rows, so dk and dv need no transpose.
+        s = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - row_shift[None, :]
+        if GATED:
+            s -= cj[:, None]
         p = tl.math.exp2(s)
         if MASKED:
             valid = pair_mask(offs_m[None, :], offs_n[:, None], T, WINDOW)
@@ -335,9 +340,8 @@ def _dq_tiles(
     rowsum,
     q,
     do,
-    lse2,
+    row_shift,
     delta,
-    ci,
     cb_q,
     offs_m,
     seg_lo,
@@ -376,7 +380,8 @@ def _dq_tiles(
         else:
             k = load_rows(k_base, offs_n, stride_kt, T, HEAD_D, HEAD_D_PAD, MASKED)
             v = load_rows(v_base, offs_n, stride_vt, T, HEAD_DV, HEAD_DV_PAD, MASKED)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse2[:, None]
+        # row_shift = lse - c_i (log2 units), folded once per program by the caller.
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - row_shift[:, None]
         if GATED:
             if PREFETCH_GATE:
                 cj, nxt_local, nxt_base = gate_tile_prefetched(
@@ -384,7 +389,7 @@ def _dq_tiles(
                 )
             else:
                 cj = gate_tile(cl_base, cb_base, n0, cb_q, T, BLOCK_N, GATE_CHUNK, MASKED)
-            s += ci[:, None] - cj[None, :]
+            s -= cj[None, :]
         p = tl.math.exp2(s)
         if MASKED:
             valid = pair_mask(offs_m[:, None], offs_n[None, :], T, WINDOW)
@@ -479,10 +484,10 @@ def gfwa_bwd_dq_kernel(
     cl_base = CL + bh * T
     cb_base = CB + bh * n_chunks
     cb_q = 0.0
-    ci = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_shift = lse2
     if GATED:
         cb_q = tl.load(cb_base + m0 // GATE_CHUNK)
-        ci = tl.load(cl_base + offs_m, mask=row_ok, other=0.0)
+        row_shift = lse2 - tl.load(cl_base + offs_m, mask=row_ok, other=0.0)
     k_base = K + b64 * stride_kb + hk * stride_kh
     v_base = V + b64 * stride_vb + hk * stride_vh
     if USE_TMA:
@@ -505,9 +510,8 @@ def gfwa_bwd_dq_kernel(
             rowsum,
             q,
             do,
-            lse2,
+            row_shift,
             delta,
-            ci,
             cb_q,
             offs_m,
             seg_lo,

@@ -31,7 +31,6 @@ def _fwd_tiles(
     l_i,
     m_i,
     q,
-    ci,
     cb_q,
     offs_m,
     seg_lo,
@@ -112,7 +111,9 @@ def _fwd_tiles(
                     cj = tl.load(cl_base + offs_n, mask=in_t, other=0.0) + off
                 else:
                     cj = tl.load(cl_base + offs_n) + off
-            s += ci[:, None] - cj[None, :]
+            # The query's own c_i is a per-row constant, which softmax ignores: it enters
+            # only the log-sum-exp (epilogue). What is left folds into the scale's multiply.
+            s -= cj[None, :]
         if MASKED:
             valid = (offs_n[None, :] <= offs_m[:, None]) & in_t[None, :]
             if WINDOW > 0:
@@ -234,7 +235,6 @@ def gfwa_fwd_kernel(
             l_i,
             m_i,
             q,
-            ci,
             cb_q,
             offs_m,
             seg_lo,
@@ -281,7 +281,7 @@ def gfwa_fwd_kernel(
         )
     else:
         tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
-    lse = (m_i + tl.math.log2(l_safe)) * LN2
+    lse = (m_i + tl.math.log2(l_safe) + ci) * LN2
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
 
 

@@ -49,6 +49,7 @@ def gate_sums_fwd_kernel(
     BLOCK_H: tl.constexpr,
     CHUNK: tl.constexpr,
     ONE_SPLIT: tl.constexpr,
+    BOUND: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -63,6 +64,10 @@ def gate_sums_fwd_kernel(
         offs_t = kc * CHUNK + tl.arange(0, CHUNK)
         m = (offs_t < T)[:, None] & h_in[None, :]
         x = tl.load(g_row[None, :] + offs_t.to(tl.int64)[:, None] * stride_t, mask=m, other=0.0)
+        if BOUND > 0:
+            # gfwagen.gate.sanitize_log_gate's clamp, applied on load rather than as a launch
+            # of its own; NaN stays NaN as there.
+            x = tl.clamp(x, -BOUND, BOUND, propagate_nan=tl.PropagateNan.ALL)
         x = x.to(tl.float64)
         # The chunk-local sum in float64, narrowed once: float32 only ever holds the sum over
         # one chunk, as the attention kernels assume.
@@ -220,9 +225,10 @@ def _split(tiles, lanes, splits):
     return triton.cdiv(tiles, per), per
 
 
-def launch_gate_sums_fwd(log_gate, local, base, chunk, splits=None, num_warps=4):
-    """log_gate [B, T, H] (T >= 1); local [B, H, T] float32 and base [B, H, n_base] float64,
-    n_base >= ceil(T / chunk), both contiguous."""
+def launch_gate_sums_fwd(log_gate, local, base, chunk, splits=None, num_warps=4, bound=0.0):
+    """log_gate [B, T, H] (T >= 1), clamped to [-bound, bound] on load when bound > 0;
+    local [B, H, T] float32 and base [B, H, n_base] float64, n_base >= ceil(T / chunk), both
+    contiguous."""
     B, T, H = log_gate.shape
     nc = triton.cdiv(T, chunk)
     n_base = base.shape[-1]
@@ -244,6 +250,7 @@ def launch_gate_sums_fwd(log_gate, local, base, chunk, splits=None, num_warps=4)
         BLOCK_H=bh,
         CHUNK=chunk,
         ONE_SPLIT=n_split == 1,
+        BOUND=float(bound),
         num_warps=num_warps,
     )
     if n_split > 1:

@@ -222,7 +222,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                 )
 
     @T.macro
-    def softmax_step(kb, dj, masked, s_r, ck_s, cq_r, m_r, l_r, acc, t4, sl2):
+    def softmax_step(kb, dj, masked, s_r, ck_s, m_r, l_r, acc, t4, sl2):
         # row block mb's rows are 16 mb below the warp's first (dj: the step's first key
         # minus that row)
         for mb in T.unroll(WM):
@@ -231,9 +231,9 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                     for e in T.unroll(2):
                         x = mb * SA + nb * 4 + r * 2 + e
                         if gated:
-                            s_r[x] = s_r[x] * sl2 + (
-                                cq_r[mb * 2 + r] - ck_s[kb + nb * 8 + t4 * 2 + e]
-                            )
+                            # c_i is constant along a row, which softmax ignores: it joins
+                            # only the lse (epilogue), and each logit costs one fma
+                            s_r[x] = s_r[x] * sl2 - ck_s[kb + nb * 8 + t4 * 2 + e]
                         else:
                             s_r[x] = s_r[x] * sl2
                         if masked:
@@ -420,9 +420,9 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                         if W > 0:
                             inside = inside and j0 > i0 + BM - 1 - W
                         if inside:
-                            softmax_step(kb, dj, False, s_r, ck_s, cq_r, m_r, l_r, acc, t4, sl2)
+                            softmax_step(kb, dj, False, s_r, ck_s, m_r, l_r, acc, t4, sl2)
                         else:
-                            softmax_step(kb, dj, True, s_r, ck_s, cq_r, m_r, l_r, acc, t4, sl2)
+                            softmax_step(kb, dj, True, s_r, ck_s, m_r, l_r, acc, t4, sl2)
                         accumulate(kb, s_r, p_r, v_s, vf, acc, lane)
                     T.tvm_storage_sync("shared")
                 # ---- epilogue: the row sums were per thread, add the quad's four
@@ -440,6 +440,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                                         dt, acc[mb * OA + db * 4 + r * 2 + e] * inv
                                     )
                             if t4 == 0:
-                                lse[b, h, ii] = (m_r[mb * 2 + r] + T.log2(lt)) * T.float32(LN2)
+                                lse[b, h, ii] = (
+                                    m_r[mb * 2 + r] + T.log2(lt) + cq_r[mb * 2 + r]
+                                ) * T.float32(LN2)
 
     return gfwa_fwd
