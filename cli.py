@@ -197,8 +197,10 @@ def db_merge(other, db_path):
 @click.option("--kv-heads", type=click.IntRange(min=1), default=None,
               help="[default: --heads]")
 @click.option("--gated/--no-gated", default=True, show_default=True)
-@click.option("--backend", type=click.Choice(["triton", "tvm", "reference"]),
-              default="triton", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "triton", "tvm", "reference"]),
+              default="triton", show_default=True,
+              help="auto: the backend the op's backend='auto' takes on that GPU (the one the "
+                   "database measured faster for the pass's direction, else triton).")
 @click.option("--pass", "pass_", type=click.Choice(["fwd", "bwd_kv", "bwd_q"]), default="fwd",
               show_default=True)
 @click.option("--fingerprint", "fingerprint_file", type=click.Path(exists=True, dir_okay=False),
@@ -215,6 +217,7 @@ def db_which(head_dim, value_dim, window, dtype, seqlen, heads, kv_heads, gated,
     """Print which config a call would use, and why (tuned entry or heuristic default)."""
     from gfwagen.db import Snapshot, arch, device_fingerprint, gpu_model_name
     from gfwagen.db.records import check_fingerprint
+    from gfwagen.dispatch import faster_backend
     from gfwagen.heuristics import default_config
     from gfwagen.spec import Problem
 
@@ -224,7 +227,7 @@ def db_which(head_dim, value_dim, window, dtype, seqlen, heads, kv_heads, gated,
     problem = Problem(1, seqlen, heads, kv_heads, head_dim, value_dim or head_dim, window,
                       dtype, gated)
     try:
-        spec = problem.spec(backend, pass_)
+        spec = problem.spec("triton" if backend == "auto" else backend, pass_)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     if fingerprint_file:
@@ -235,17 +238,26 @@ def db_which(head_dim, value_dim, window, dtype, seqlen, heads, kv_heads, gated,
     else:
         fp = device_fingerprint()
     snap = Snapshot.load(db_path=db_path, shipped=shipped)
+    times = None
+    if backend == "auto":
+        # as on a GPU with TVM's CUDA runtime (without it the op keeps Triton)
+        backend, times = faster_backend(snap, spec, seqlen, fp)
+        spec = spec.replace(backend=backend)
     cfg, reason = snap.lookup(spec, seqlen, fp)
     tuned = cfg is not None
     if cfg is None:
         cfg = default_config(spec)
     if fmt == "json":
         _emit_json({"spec": spec.as_dict(), "seqlen": seqlen, "config": cfg.as_dict(),
-                    "tuned": tuned, "reason": reason,
+                    "tuned": tuned, "reason": reason, "auto_ms": times,
                     "device": {"name": fp["name"], "model": gpu_model_name(fp),
                                "arch": arch(fp)},
                     "sources": list(snap.sources)})
         return
+    if times is not None:
+        ms = ", ".join(f"{b} {'-' if t is None else f'{t:.3f} ms'}" for b, t in times.items())
+        click.echo(f"backend: {backend} (tuned {'forward' if pass_ == 'fwd' else 'backward'}: "
+                   f"{ms})")
     click.echo(f"config: {_config_text(cfg.as_dict())}")
     click.echo(f"why:    {reason}")
 

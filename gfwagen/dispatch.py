@@ -63,22 +63,36 @@ _TIMED_PASSES = {("triton", "fwd"): ("fwd",), ("triton", "bwd"): ("bwd_kv", "bwd
                  ("tvm", "fwd"): ("fwd",), ("tvm", "bwd"): ("bwd_kv",)}
 
 
+def faster_backend(snapshot, spec: KernelSpec, seqlen: int,
+                   fingerprint: dict) -> tuple[str, dict[str, float | None]]:
+    """Which backend the tuning database `snapshot` measured faster for the direction of
+    `spec` (its pass "fwd", or a backward pass: the whole backward) on the device
+    `fingerprint` describes, and each backend's time (None: some pass of it never tuned
+    there, at the same lookup fallbacks as the configs). "tvm" only when both have times and
+    TVM's is lower."""
+    direction = "fwd" if spec.pass_ == "fwd" else "bwd"
+    times: dict[str, float | None] = {}
+    for backend in ("triton", "tvm"):
+        total: float | None = 0.0
+        for pass_ in _TIMED_PASSES[(backend, direction)]:
+            entry, _ = snapshot.lookup_entry(spec.replace(backend=backend, pass_=pass_),
+                                             seqlen, fingerprint)
+            if entry is None:
+                total = None
+                break
+            total += entry.median_ms
+        times[backend] = total
+    tvm, tri = times["tvm"], times["triton"]
+    return ("tvm" if tvm is not None and tri is not None and tvm < tri else "triton"), times
+
+
 @functools.lru_cache(maxsize=4096)
-def _tuned_ms(backend: str, direction: str, key: tuple, bucket: int, device: str) -> float | None:
-    """The tuning database's time of `backend` for one direction of a problem on `device`, or
-    None when some pass of it was never tuned there (at the same fallback level as any other:
-    lookup's device -> model -> architecture)."""
+def _auto_choice(spec: KernelSpec, bucket: int, device: str) -> str:
     from gfwagen.db.fingerprint import device_fingerprint
     from gfwagen.db.lookup import get_snapshot
 
-    fp = device_fingerprint(torch.device(device))
-    total = 0.0
-    for pass_ in _TIMED_PASSES[(backend, direction)]:
-        entry, _ = get_snapshot().lookup_entry(KernelSpec(backend, pass_, *key), bucket, fp)
-        if entry is None:
-            return None
-        total += entry.median_ms
-    return total
+    return faster_backend(get_snapshot(), spec, bucket,
+                          device_fingerprint(torch.device(device)))[0]
 
 
 @functools.cache
@@ -91,19 +105,15 @@ def _tvm_cuda_ready() -> bool:
 
 
 def cuda_auto_backend(direction: str, q, v, window, gated: bool, group: int) -> str:
-    """backend="auto" on CUDA for one direction ("fwd" or "bwd"): "tvm" when the tuning
-    database holds TVM and Triton times for this problem on this GPU and TVM's is lower (and
-    TVM with its CUDA runtime imports), else "triton". The two directions choose separately:
-    both backends keep the same lse contract, so either backward takes either forward's."""
-    key = (q.shape[3], v.shape[3], window_class(window), dtype_name(q.dtype), gated, group)
+    """backend="auto" on CUDA for one direction ("fwd" or "bwd"): "tvm" where faster_backend
+    says so for this problem on this GPU (and TVM with its CUDA runtime imports), else
+    "triton". The two directions choose separately: both backends keep the same lse
+    contract, so either backward takes either forward's."""
+    spec = _spec("triton", "fwd" if direction == "fwd" else "bwd_kv", q, v, window, gated,
+                 group)
     bucket = 1 << max(0, (int(q.shape[1]) - 1).bit_length())
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    device = f"cuda:{index}"
-    tvm_ms = _tuned_ms("tvm", direction, key, bucket, device)
-    if tvm_ms is None:
-        return "triton"
-    triton_ms = _tuned_ms("triton", direction, key, bucket, device)
-    if triton_ms is None or tvm_ms >= triton_ms:
+    if _auto_choice(spec, bucket, f"cuda:{index}") != "tvm":
         return "triton"
     return "tvm" if _tvm_cuda_ready() else "triton"
 

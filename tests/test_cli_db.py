@@ -219,6 +219,29 @@ def test_which_tuned_and_fallback_levels(runner, env, tmp_path):
     assert "no tuned entry" in r.stdout
 
 
+def test_which_auto_names_the_faster_backend(runner, env, tmp_path):
+    """--backend auto: what the op's backend="auto" takes on that GPU, per direction, with
+    both backends' tuned times."""
+    with TuningDB(env) as db:
+        for i, (backend, pass_, ms, bm) in enumerate([
+                ("triton", "fwd", 1.0, 64), ("tvm", "fwd", 0.7, 32),
+                ("triton", "bwd_kv", 1.0, 64), ("triton", "bwd_q", 0.5, 64),
+                ("tvm", "bwd_kv", 2.0, 16)]):
+            db.record_trial(PROB, backend, pass_, KernelConfig(block_m=bm), median_ms=ms,
+                            spread=0.01, device=H200, toolchain_versions=TC, host="h",
+                            created_at=f"2025-02-01T00:00:0{i}+00:00")
+    fp = tmp_path / "fp.json"
+    fp.write_text(json.dumps(H200))
+    r = runner.invoke(main, WHICH + ["--fingerprint", str(fp), "--backend", "auto"])
+    assert r.exit_code == 0, r.output
+    assert "backend: tvm (tuned forward: triton 1.000 ms, tvm 0.700 ms)" in r.stdout
+    r = runner.invoke(main, WHICH + ["--fingerprint", str(fp), "--backend", "auto", "--pass",
+                                     "bwd_q", "--format", "json"])
+    data = json.loads(r.stdout)
+    assert data["spec"]["backend"] == "triton" and data["config"]["block_m"] == 64
+    assert data["auto_ms"] == {"triton": 1.5, "tvm": 2.0}
+
+
 @pytest.mark.parametrize("extra", [["--kv-heads", "5"], ["--dtype", "int8"],
                                    ["--head-dim", "0"], ["--backend", "cuda"]])
 def test_which_usage_errors(runner, extra):

@@ -591,7 +591,7 @@ def _auto_setup(tmp_path, monkeypatch, times, tvm_ready=True):
     monkeypatch.setattr(lookup, "get_snapshot", lambda: snap)
     monkeypatch.setattr("gfwagen.db.fingerprint.device_fingerprint", lambda dev: H200)
     monkeypatch.setattr(dispatch, "_tvm_cuda_ready", lambda: tvm_ready)
-    dispatch._tuned_ms.cache_clear()
+    dispatch._auto_choice.cache_clear()
     q = types.SimpleNamespace(shape=(PROB.batch, PROB.seqlen, PROB.heads, PROB.head_dim),
                               dtype=torch.bfloat16, device=torch.device("cuda:0"))
     group = PROB.heads // PROB.kv_heads
