@@ -78,6 +78,19 @@ def _signature(params: list[str], spec: KernelSpec, constexprs: dict) -> dict:
     return sig
 
 
+# What Triton's launcher specializes at run time as divisible by 16 (tt.divisibility) for the
+# calls that matter: torch's allocations (16-byte aligned), contiguous [B, T, H, D] strides with
+# D a multiple of 16, and T, H multiples of 16. Without these hints the compiler can prove no
+# alignment, and loads come out as 2-byte scalars with no async copies: nothing like the
+# kernel that runs.
+_DIVISIBLE_INTS = {"T", "H", "HKV"}
+
+
+def _attrs(params: list[str], signature: dict) -> dict:
+    return {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
+            if signature[p].startswith("*") or p.startswith("stride_") or p in _DIVISIBLE_INTS}
+
+
 def _resources(cubin: bytes) -> tuple[int | None, int | None]:
     """Registers and stack bytes per thread, from the cuobjdump Triton ships (None if absent)."""
     import triton
@@ -113,9 +126,11 @@ def compile_pass(spec: KernelSpec, cfg: KernelConfig, arch: str = "sm_90",
     # Only the knobs this template declares (older templates, as kept for comparisons,
     # lack newer ones).
     constexprs = {k: v for k, v in _constexprs(spec, cfg, varlen).items() if k in params}
+    signature = _signature(params, spec, constexprs)
     src = triton.compiler.ASTSource(
-        fn=kernel, signature=_signature(params, spec, constexprs),
-        constexprs={(params.index(k),): v for k, v in constexprs.items()})
+        fn=kernel, signature=signature,
+        constexprs={(params.index(k),): v for k, v in constexprs.items()},
+        attrs=_attrs(params, signature))
     cc = int(arch.removeprefix("sm_"))
     out = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))

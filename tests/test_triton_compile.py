@@ -29,7 +29,8 @@ for pass_, d, w, gated, extra in cases:
     cfg = KernelConfig(**{**base.as_dict(), "extra": extra})
     b = compile_pass(spec, cfg)
     out.append(dict(pass_=pass_, d=d, w=w, extra=extra, shared=b.shared_bytes,
-                     wgmma=b.uses_wgmma, regs=b.registers, stack=b.stack_bytes))
+                     wgmma=b.uses_wgmma, regs=b.registers, stack=b.stack_bytes,
+                     async16=b.ptx.count("cp.async.cg.shared.global")))
 print(json.dumps(out))
 """
 
@@ -47,3 +48,6 @@ def test_templates_compile_for_sm90_and_use_wgmma():
     for b in builds:
         assert b["wgmma"], b
         assert 0 < b["shared"] <= H100_MAX_SHARED, b
+        # the launcher's alignment hints reached the compiler: 16-byte async tile copies, as
+        # the kernels that run have (without them: 2-byte scalar loads)
+        assert b["async16"] > 0, b
