@@ -303,8 +303,10 @@ class _Progress:
         self.label, self.total, self.n = label, total, 0
         self.tty = sys.stderr.isatty()
 
-    def update(self, study, status: str, cfg: KernelConfig, ms: float | None) -> None:
-        self.n += 1
+    def update(self, study, status: str, cfg: KernelConfig, ms: float | None,
+               measured: bool = True) -> None:
+        # the count is of measurements (what --trials asks for): a repeat shows, not counts
+        self.n += int(measured)
         width = 20
         done = int(width * min(self.n, self.total) / max(self.total, 1))
         best = best_trial(study)
@@ -487,7 +489,8 @@ class _Driver:
             _set_constraints(trial, t.user_attrs["constraints"])
             trial.set_user_attr("duplicate_of", t.number)
             self.progress.update(self.study, t.user_attrs["status"] + " (again)", cfg,
-                                 t.value if t.user_attrs["status"] == "ok" else None)
+                                 t.value if t.user_attrs["status"] == "ok" else None,
+                                 measured=False)
             return t.value
         ok, why = self._runnable(trial, cfg)
         if not ok:
@@ -507,7 +510,8 @@ class _Driver:
                               spread=res.spread if ms is not None else None, status=res_status,
                               reason=reason, device=self.fp)
         self.recorded += 1
-        self.progress.update(self.study, res_status, cfg, ms)
+        self.progress.update(self.study, res_status + (" (pruned)" if not ok else ""), cfg, ms,
+                             measured=ok)
         return ms if ms is not None else PENALTY_MS
 
 
