@@ -29,10 +29,9 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from .cpu import make_backward_kv_cpu, make_backward_q_cpu
-from .staging import stage_rows
+from .staging import LOG2E, stage_gate, stage_rows
 
 _DT = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 MASK = -1.0e30  # finite "minus infinity" for masked logits (log2 domain)
 MASK_T = -5.0e29  # anything below this is a masked logit
@@ -124,8 +123,8 @@ def make_backward_kv(head_dim, value_dim, window, dtype, gated, group, config, t
                 qt_hi = (T.min(L, j0 + BN + W - 1) + BM - 1) // BM
             for g in range(G):
                 h = hk * G + g
-                if gated:
-                    cref = c[b, h, j0]
+                # the gate's float64 reference (bound when ungated too: stage_gate takes it)
+                cref = c[b, h, j0] if gated else T.float64(0)
                 for x in T.thread_binding(BN, thread="threadIdx.x"):
                     if gated:
                         ck_r[0] = T.Cast(
@@ -140,14 +139,9 @@ def make_backward_kv(head_dim, value_dim, window, dtype, gated, group, config, t
                     for x in T.thread_binding(BN, thread="threadIdx.x"):
                         stage_rows(q_s, False, q, b, h, i0, BM, D, NQ_, BN, x, L)
                         stage_rows(do_s, False, do, b, h, i0, BM, DV, NO_, BN, x, L)
+                        stage_gate(cq_s, gated, c, b, h, i0, BM, NS_, BN, x, cref, L)
                         for r in range(NS_):
                             if r * BN + x < BM:
-                                if gated:
-                                    cq_s[r * BN + x] = T.Cast(
-                                        "float32", c[b, h, T.min(i0 + r * BN + x, L - 1)] - cref
-                                    ) * T.float32(LOG2E)
-                                else:
-                                    cq_s[r * BN + x] = T.float32(0)
                                 lse_s[r * BN + x] = lse[
                                     b, h, T.min(i0 + r * BN + x, L - 1)
                                 ] * T.float32(LOG2E)
@@ -263,8 +257,7 @@ def make_backward_q(head_dim, value_dim, window, dtype, gated, group, config, ta
             h = tile // nq % HQ
             i0 = tile % nq * BM
             hk = h // G
-            if gated:
-                cref = c[b, h, i0]
+            cref = c[b, h, i0] if gated else T.float64(0)
             for x in T.thread_binding(BM, thread="threadIdx.x"):
                 ic = T.min(i0 + x, L - 1)
                 for d in range(D):
@@ -289,14 +282,7 @@ def make_backward_q(head_dim, value_dim, window, dtype, gated, group, config, ta
                 for x in T.thread_binding(BM, thread="threadIdx.x"):
                     stage_rows(k_s, False, k, b, hk, j0, BN, D, NK_, BM, x, L)
                     stage_rows(vt_s, True, v, b, hk, j0, BN, DV, NV_, BM, x, L)
-                    for r in range(NC_):
-                        if r * BM + x < BN:
-                            if gated:
-                                ck_s[r * BM + x] = T.Cast(
-                                    "float32", c[b, h, T.min(j0 + r * BM + x, L - 1)] - cref
-                                ) * T.float32(LOG2E)
-                            else:
-                                ck_s[r * BM + x] = T.float32(0)
+                    stage_gate(ck_s, gated, c, b, h, j0, BN, NC_, BM, x, cref, L)
                 T.tvm_storage_sync("shared")
                 for x in T.thread_binding(BM, thread="threadIdx.x"):
                     i = i0 + x

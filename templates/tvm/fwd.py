@@ -33,10 +33,9 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from .cpu import make_forward_cpu
-from .staging import stage_rows
+from .staging import LOG2E, stage_gate, stage_rows
 
 _DT = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 MASK = -1.0e30  # finite "minus infinity" for masked logits (log2 domain)
 MASK_T = -5.0e29  # anything below this is a masked logit
@@ -100,8 +99,8 @@ def make_forward(head_dim, value_dim, window, dtype, gated, group, config, targe
             h = tile // nq % HQ
             i0 = tile % nq * BM
             hk = h // G
-            if gated:
-                cref = c[b, h, i0]
+            # the gate's float64 reference (bound when ungated too: stage_gate takes it)
+            cref = c[b, h, i0] if gated else T.float64(0)
             # ---- per-row init: q pre-scaled into the log2 domain, gate sums, softmax state
             for x in T.thread_binding(BM, thread="threadIdx.x"):
                 ic = T.min(i0 + x, L - 1)
@@ -126,14 +125,7 @@ def make_forward(head_dim, value_dim, window, dtype, gated, group, config, targe
                 for x in T.thread_binding(BM, thread="threadIdx.x"):
                     stage_rows(kt_s, True, k, b, hk, j0, BN, D, NK, BM, x, L)
                     stage_rows(v_s, False, v, b, hk, j0, BN, DV, NV, BM, x, L)
-                    for r in range(NC):
-                        if r * BM + x < BN:
-                            if gated:
-                                ck_s[r * BM + x] = T.Cast(
-                                    "float32", c[b, h, T.min(j0 + r * BM + x, L - 1)] - cref
-                                ) * T.float32(LOG2E)
-                            else:
-                                ck_s[r * BM + x] = T.float32(0)
+                    stage_gate(ck_s, gated, c, b, h, j0, BN, NC, BM, x, cref, L)
                 T.tvm_storage_sync("shared")
                 for x in T.thread_binding(BM, thread="threadIdx.x"):
                     i = i0 + x

@@ -1,5 +1,5 @@
 """Cooperative staging into shared memory for the CUDA-core TVM templates (fwd.py, bwd.py):
-the index arithmetic their six tile loads share, as a TVMScript macro.
+the index arithmetic their six tile loads and three gate-sum loads share, as TVMScript macros.
 
 Imports nothing from gfwagen (loaded through gfwagen.template_loader with its importers).
 """
@@ -7,6 +7,8 @@ Imports nothing from gfwagen (loaded through gfwagen.template_loader with its im
 from __future__ import annotations
 
 from tvm.script import tirx as T
+
+LOG2E = 1.4426950408889634
 
 
 @T.macro
@@ -36,3 +38,17 @@ def stage_rows(dst, transpose, src, b, hh, row0, rows, width, rounds, threads, x
                         (r * threads + x) % width,
                     ],
                 )
+
+
+@T.macro
+def stage_gate(dst, gated, c, b, h, t0, n, rounds, threads, x, cref, L):
+    # the prefix sums c[b, h, t0..t0+n) relative to cref (float64, then narrowed) in log2
+    # units into dst [n]; zeros when not gated (c is then a dummy, never read)
+    for r in range(rounds):
+        if r * threads + x < n:
+            if gated:
+                dst[r * threads + x] = T.Cast(
+                    "float32", c[b, h, T.min(t0 + r * threads + x, L - 1)] - cref
+                ) * T.float32(LOG2E)
+            else:
+                dst[r * threads + x] = T.float32(0)
