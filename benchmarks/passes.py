@@ -20,23 +20,15 @@ import time
 from pathlib import Path
 
 import torch
-import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import SHAPES, flops, make_inputs  # noqa: E402
+from knobs import PASS_FLOPS, bench  # noqa: E402
 
 import gfwagen  # noqa: E402,F401  (registers torch.ops.gfwa)
 from gfwagen import dispatch  # noqa: E402
 from gfwagen.backends import triton_backend as tb  # noqa: E402
 from gfwagen.spec import KernelSpec  # noqa: E402
-
-PASS_FLOPS = {"fwd": 1.0, "bwd_kv": 1.5, "bwd_q": 1.0}  # of the forward's matrix FLOPs
-
-
-def bench(fn, rep):
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
 
 
 def host_ms(fn, calls=30) -> float:
