@@ -591,12 +591,16 @@ def _default_compile_jobs(mode: str, devices: list[int] | None) -> int:
               help="Testing: run candidates as the CPU reference and time them synthetically.")
 @click.option("--seed", type=int, default=None, hidden=True)
 @click.option("--resume", is_flag=True, help="Continue the studies of an earlier run.")
+@click.option("--refine", is_flag=True,
+              help="Try the database's best config for each shape and pass first, then it with "
+                   "each searched knob flipped (e.g. after adding --knobs prefetch_gate), then "
+                   "search as usual.")
 @db_option
 @format_option
 @runtime_errors
 def tune(gpu, preset, only, head_dim, window, dtype, seqlen, batch, heads, kv_heads, gated, passes,
          trials, sweep, knobs, compile_jobs, timeout, backend, devices, storage, plots_dir,
-         no_plots, fake_timer, seed, resume, db_path, fmt):
+         no_plots, fake_timer, seed, resume, refine, db_path, fmt):
     """Tune the kernels' configs with Optuna and record every trial in the tuning database.
 
     Every candidate runs in a worker process, is checked against the reference before it is
@@ -680,7 +684,7 @@ def tune(gpu, preset, only, head_dim, window, dtype, seqlen, batch, heads, kv_he
                 job = TuneJob(problem, backend, p, trials, mode=mode, timeout=timeout,
                               db_path=str(path), storage=storage, resume=resume, seed=seed,
                               label=f"{name} {p}" + (" sweep" if sweep else ""),
-                              compile_jobs=jobs, knobs=knob_list)
+                              compile_jobs=jobs, knobs=knob_list, refine=refine)
                 if sweep:
                     job = sweep_job(job)
                 try:

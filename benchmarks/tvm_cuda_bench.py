@@ -3,11 +3,15 @@ S1-S5, bf16, gated, in one process: each TVM tile config, the best of them, and 
 op runs it (the shipped tuned config). Also the TVM backward (CUDA cores) at the smallest
 shape, for the record. Forward only is the issue's bar (within 1.5x of Triton).
 
-    python benchmarks/tvm_cuda_bench.py [--shapes S1,S5] [--configs new|old|all] [--json out.json]
+    python benchmarks/tvm_cuda_bench.py [--shapes S1,S5] [--configs new|old|all|best] [--plain]
+                                        [--json out.json]
 
 Configs (--configs): "new" (default) is the default tile, S5's best of the earlier runs, and
 the tiles with two 16-row blocks per warp (warp_m = 2) or Q staged in shared memory
-(q_smem); "old" the eight tiles of the earlier runs (benchmarks/RESULTS.md); "all" both. A
+(q_smem); "old" the eight tiles of the earlier runs (benchmarks/RESULTS.md); "all" both;
+"best" the fastest of session 5 for the shape's head dim only (quick A/B of two template
+versions: run twice with GFWAGEN_TEMPLATES). --plain also times that kernel with the gate
+off, the gate's cost in the TVM forward. A
 config the tuner's resource model prunes for a shape (the register estimate: warp_m = 2
 with Q held at D = 128) is listed as skipped, not built.
 """
@@ -39,7 +43,10 @@ NEW_CONFIGS = [(64, 64, 1, 32), (64, 64, 2, 64),
                (128, 64, 2, 64, 2, True), (128, 32, 2, 32, 2, True)]
 CONFIG_SETS = {"new": NEW_CONFIGS, "old": OLD_CONFIGS,
                "all": NEW_CONFIGS + [c for c in OLD_CONFIGS if c not in NEW_CONFIGS]}
+# session 5's fastest per head dim (benchmarks/RESULTS.md)
+BEST_CONFIGS = {128: [(128, 64, 2, 32, 2, True)], 64: [(64, 64, 2, 64)]}
 CONFIGS = NEW_CONFIGS
+PLAIN = False
 
 
 def config(bm, bn, ns, sn, wm=1, qs=False) -> KernelConfig:
@@ -74,7 +81,7 @@ def measure(s):
     with torch.no_grad():
         o_tri = gfwagen.attention(q, k, v, g, window=s.W)
         t_tri = bench(lambda: gfwagen.attention(q, k, v, g, window=s.W))
-        for c in CONFIGS:
+        for c in (BEST_CONFIGS[s.D] if CONFIGS is BEST_CONFIGS else CONFIGS):
             cfg, key = config(*c), config_name(*c)
             fits, why = space.feasible(spec, cfg)
             if not fits:
@@ -100,6 +107,14 @@ def measure(s):
         res["kernel_only"] = {"config": best, "ms": bench(
             lambda: tvm_backend._launch(q, fn, *args, 1.0 / s.D ** 0.5))}
         res["gate_sums_torch"] = {"ms": bench(lambda: tvm_backend._gate_sums(g, q.device))}
+        if PLAIN:
+            spec0 = tvm_backend._spec("fwd", q, k, v, None, s.W)
+            fn0 = tvm_backend._kernel(spec0, configs[best], tvm_backend._target(q, None))
+            args0 = [tvm_backend._dl(t) for t in (q, k, v, tvm_backend._gate_sums(None, q.device),
+                                                  o, lse)]
+            res["kernel_only_plain"] = {"config": best, "ms": bench(
+                lambda: tvm_backend._launch(q, fn0, *args0, 1.0 / s.D ** 0.5))}
+            print(s, res["kernel_only_plain"], flush=True)
         print(s, res["kernel_only"], res["gate_sums_torch"], flush=True)
     return t_tri, res
 
@@ -107,11 +122,13 @@ def measure(s):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--configs", default="new", choices=sorted(CONFIG_SETS))
+    ap.add_argument("--configs", default="new", choices=sorted(CONFIG_SETS) + ["best"])
+    ap.add_argument("--plain", action="store_true", help="also the best kernel ungated")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    global CONFIGS
-    CONFIGS = CONFIG_SETS[args.configs]
+    global CONFIGS, PLAIN
+    CONFIGS = BEST_CONFIGS if args.configs == "best" else CONFIG_SETS[args.configs]
+    PLAIN = args.plain
     rows, out = [], {"device": torch.cuda.get_device_name(), "shapes": {}}
     for name in args.shapes.split(","):
         s = SHAPES[name]

@@ -39,7 +39,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     sequences end to end along T, cu_seqlens = [0, len_0, len_0 + len_1, ..., T] (int32 or
     int64, on q's device). The window and the gate restart at every sequence.
     """
+    # Eager calls skip the op's machinery (same kernels, same checks: ops.EagerAttention).
     # Checked here as well as inside the op: the dispatcher's own argument parsing would
     # otherwise answer a non-tensor with a RuntimeError before the op's checks run.
+    if _ops.eager_ok(q, k, v, log_gate, cu_seqlens):
+        return _ops.EagerAttention.apply(q, k, v, log_gate, window, scale, backend, cu_seqlens)
     check_inputs(q, k, v, log_gate, window, scale, backend, cu_seqlens)
     return torch.ops.gfwa.attention(q, k, v, log_gate, window, scale, backend, cu_seqlens)

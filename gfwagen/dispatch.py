@@ -183,9 +183,9 @@ def _per_sequence(cu_seqlens, fn, *tensors):
 
 
 def _sanitized(log_gate, backend: str):
-    """The gate policy's clamp (gfwagen.gate.sanitize_log_gate), except where the Triton
-    backend's fused gate sums apply it as they load the gate (a launch less per call)."""
-    if log_gate is None or (backend == "triton" and gate_sums.use_fused(log_gate)):
+    """The gate policy's clamp (gfwagen.gate.sanitize_log_gate), except where the fused gate
+    sums (CUDA, both backends) apply it as they load the gate (a launch less per call)."""
+    if log_gate is None or (backend in ("triton", "tvm") and gate_sums.use_fused(log_gate)):
         return log_gate
     return sanitize_log_gate(log_gate)
 

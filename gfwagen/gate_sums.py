@@ -4,6 +4,7 @@ gfwagen.gate.chunked_prefix_sums and gfwagen.gate.gate_grad_from_sums (to float6
 the float64 sums run in another order), which stay the CPU path, the reference and the fallback.
 
     local, base = chunked_prefix_sums_fused(log_gate, spare=1)   # base [B, H, nchunk + 1]
+    c = prefix_sums_fused(log_gate)                              # [B, H, T] float64 (TVM)
     dlog_gate = gate_grad_from_sums_fused(row_sums, col_sums, seg_end)
 
 The torch versions take ~5-10 small launches each way; at B=8, T=4096, H=16 they were a visible
@@ -23,11 +24,12 @@ from gfwagen.gate import GATE_CHUNK
 
 GATE_SUMS_ENV = "GFWAGEN_GATE_SUMS"
 
-__all__ = ["chunked_prefix_sums_fused", "gate_grad_from_sums_fused", "use_fused"]
+__all__ = ["chunked_prefix_sums_fused", "gate_grad_from_sums_fused", "prefix_sums_fused",
+           "use_fused"]
 
 
 def use_fused(t: torch.Tensor) -> bool:
-    """Whether the Triton backend takes the fused kernels for this tensor: CUDA tensors, unless
+    """Whether the backends take the fused kernels for this tensor: CUDA tensors, unless
     GFWAGEN_GATE_SUMS=torch. CPU tensors (the Triton interpreter included) keep the torch
     functions; the tests call the fused ones directly."""
     return t.is_cuda and os.environ.get(GATE_SUMS_ENV, "fused") != "torch"
@@ -60,6 +62,24 @@ def chunked_prefix_sums_fused(
     with _device(log_gate):
         _template().launch_gate_sums_fwd(log_gate, local, base, chunk, splits, bound=bound)
     return local, base
+
+
+def prefix_sums_fused(log_gate: torch.Tensor, splits: int | None = None,
+                      bound: float = 0.0) -> torch.Tensor:
+    """As gfwagen.gate.prefix_sums: [B, T, H] log gates (any float dtype, any strides) ->
+    [B, H, T] float64 inclusive prefix sums in natural units, summed in float64 throughout;
+    bound > 0 clamps as chunked_prefix_sums_fused does. For the TVM templates, which take
+    the whole sums: two or three launches where the torch version takes a clamp, a
+    transposing copy and a float64 scan (34 us at B=8, T=4096, H=16 on the H200)."""
+    B, T, H = log_gate.shape
+    c = torch.empty(B, H, T, dtype=torch.float64, device=log_gate.device)
+    if T == 0 or B * H == 0:
+        return c
+    base = torch.empty(B, H, -(-T // GATE_CHUNK), dtype=torch.float64, device=log_gate.device)
+    with _device(log_gate):
+        _template().launch_gate_sums_fwd(log_gate, c, base, GATE_CHUNK, splits, bound=bound,
+                                         absolute=True)
+    return c
 
 
 def gate_grad_from_sums_fused(

@@ -226,3 +226,20 @@ def test_backend_takes_fused_path(monkeypatch):
     assert True in calls and False in calls
     for a, b in zip(fused, plain):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("kind", ["near0", "deep", "mixed"])
+def test_whole_prefix_sums_match_torch(kind, splits):
+    """prefix_sums_fused (the TVM backend's gate sums on CUDA) against gate.prefix_sums: float64
+    throughout, so equal to float64 rounding of |c|; the clamp applied on load."""
+    from gfwagen.gate import prefix_sums, sanitize_log_gate
+    from gfwagen.gate_sums import prefix_sums_fused
+
+    lg = _log_gate(2, 3 * GATE_CHUNK + 41, 3, kind, seed=splits)
+    lg[1, 9, 2] = -float("inf")
+    c = prefix_sums_fused(lg, splits=splits, bound=GATE_BOUND)
+    ref = prefix_sums(sanitize_log_gate(lg))
+    assert c.dtype == torch.float64 and c.shape == ref.shape and c.is_contiguous()
+    torch.testing.assert_close(c, ref, rtol=1e-13, atol=1e-10)
+    assert prefix_sums_fused(lg[:, :0]).shape == (2, 3, 0)

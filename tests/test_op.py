@@ -148,3 +148,59 @@ def test_empty_sequence_returns_empty():
     q, k, v, g = make_inputs(2, 0, 2, 2, 16, 16, torch.float32, True)
     o = gfwagen.attention(q, k, v, g, window=4)
     assert o.shape == (2, 0, 2, 16)
+
+
+@pytest.mark.parametrize("gated,cu", [(True, None), (False, None), (True, [0, 9, 9, 30])])
+def test_eager_path_equals_the_op(gated, cu):
+    """gfwagen.attention's eager path (ops.EagerAttention) against torch.ops.gfwa.attention:
+    the same output and gradients, bit for bit, packed sequences included."""
+    B = 1 if cu else 2
+    q, k, v, g = make_inputs(B, 30, 4, 2, 16, 16, torch.float32, gated)
+    cu_t = torch.tensor(cu) if cu else None
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, g) if t is not None]
+        o = fn(*leaves[:3], leaves[3] if gated else None)
+        return (o, *torch.autograd.grad(o, leaves, torch.ones_like(o)))
+
+    eager = run(lambda q, k, v, g: gfwagen.attention(q, k, v, g, window=6, cu_seqlens=cu_t))
+    op = run(lambda q, k, v, g: torch.ops.gfwa.attention(q, k, v, g, 6, None, "auto", cu_t))
+    assert type(eager[0].grad_fn).__name__ == "EagerAttentionBackward"
+    for a, b in zip(eager, op, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_modes_and_transforms_take_the_op():
+    """Under a dispatch mode (fake tensors, flop counters, tracing) the call must reach
+    gfwa::attention_fwd, which the mode sees; the eager shortcut would hide it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v, g = make_inputs(1, 10, 2, 2, 16, 16, torch.float32, True)
+    with Record() as mode:
+        gfwagen.attention(q, k, v, g, window=3)
+    assert any("gfwa.attention_fwd" in name for name in mode.ops), mode.ops[:5]
+    with Record():
+        assert not gfwagen.ops.eager_ok(q)
+    assert gfwagen.ops.eager_ok(q, None)
+    assert not torch.func.vmap(lambda x: torch.tensor(gfwagen.ops.eager_ok(x)))(q)
+
+
+def test_double_backward_is_refused_as_by_the_op():
+    """Neither path differentiates its backward: a second derivative is an error on both, not
+    a gradient treated as a constant."""
+    q, k, v, g = (t.requires_grad_() for t in make_inputs(1, 8, 1, 1, 16, 16,
+                                                          torch.float32, True))
+    for fn in (lambda: gfwagen.attention(q, k, v, g, window=3),
+               lambda: torch.ops.gfwa.attention(q, k, v, g, 3)):
+        (dq,) = torch.autograd.grad(fn().sum(), q, create_graph=True)
+        with pytest.raises(RuntimeError, match="no autograd formula|not differentiable"):
+            torch.autograd.grad(dq.sum(), q)

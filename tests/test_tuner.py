@@ -175,3 +175,26 @@ def test_search_design_and_refinements():
     assert ref and search.tile_of(ref[0]) == search.tile_of(fast)
     assert fast not in ref and {search.tile_of(c) for c in ref} == {search.tile_of(fast),
                                                                     search.tile_of(slow)}
+
+
+def test_refine_tries_the_databases_best_and_its_knob_flips_first(tmp_path):
+    """--refine: after the default, the database's own best for the problem, then it with
+    each searched knob flipped (prefetch_gate newly searched here), then the usual search."""
+    db = tmp_path / "r.sqlite"
+    first = run(TuneJob(PROB, "triton", "fwd", 4, mode="fake", timeout=30.0, db_path=str(db),
+                        seed=0))
+    best = first.best_config
+    job = TuneJob(PROB, "triton", "fwd", 5, mode="fake", timeout=30.0, db_path=str(db),
+                  seed=1, refine=True, knobs=("tma", "prefetch_gate"), study_name="refined")
+    run(job)
+    study = optuna.load_study(study_name="refined", storage=storage_for(job))
+    spec = PROB.spec("triton", "fwd")
+    tried = [space.config_from_params(spec, t.params) for t in study.get_trials()]
+
+    def flip(c, k):
+        return KernelConfig(c.block_m, c.block_n, c.num_warps, c.num_stages,
+                            tuple((n, v) for n, v in c.extra if n != k) + ((k, not c.get(k)),))
+
+    want = [c for c in (best, flip(best, "tma"), flip(best, "prefetch_gate"))
+            if c != tried[0] and space.feasible(spec, c)[0]]
+    assert want and [c.as_dict() for c in tried[1:1 + len(want)]] == [c.as_dict() for c in want]

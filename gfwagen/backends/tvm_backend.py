@@ -16,7 +16,8 @@ build_cuda_cubin() runs nvcc on it; no GPU is needed for either.
 
 Semantics and shapes are those of gfwagen.reference.reference_forward / reference_backward.
 delta = rowsum(o * dO) is computed in torch (fp32) before the backward kernels; dlog_gate comes
-from the kernels' row/column sums of dS through gfwagen.gate.gate_grad_from_sums.
+from the kernels' row/column sums of dS through gfwagen.gate.gate_grad_from_sums. On CUDA the
+gate's prefix sums and that gradient are gfwagen.gate_sums' fused Triton kernels.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from typing import Any
 
 import torch
 
-from gfwagen.gate import gate_grad_from_sums, prefix_sums
+from gfwagen import gate_sums
+from gfwagen.gate import GATE_BOUND, gate_grad_from_sums, prefix_sums
 from gfwagen.spec import KernelConfig, KernelSpec, stable_hash
 from gfwagen.template_loader import load_template
 
@@ -264,9 +266,19 @@ def _spec(pass_, q, k, v, log_gate, window) -> KernelSpec:
 
 
 def _gate_sums(log_gate, device):
+    """[B, Hq, T] float64 prefix sums (a dummy when ungated). On CUDA the fused Triton kernels
+    make them and apply the gate clamp as they load (gfwagen.dispatch leaves it to them)."""
     if log_gate is None:
         return torch.zeros(1, 1, 1, dtype=torch.float64, device=device)
-    return prefix_sums(log_gate)  # [B, Hq, T] float64
+    if gate_sums.use_fused(log_gate):
+        return gate_sums.prefix_sums_fused(log_gate, bound=GATE_BOUND)
+    return prefix_sums(log_gate)
+
+
+def _gate_grad(drow, dcol):
+    if gate_sums.use_fused(drow):
+        return gate_sums.gate_grad_from_sums_fused(drow, dcol)
+    return gate_grad_from_sums(drow, dcol)
 
 
 def tvm_forward(q, k, v, log_gate=None, window=None, scale=None, config=None, target="llvm"):
@@ -337,7 +349,7 @@ def tvm_backward(do, q, k, v, o, lse, log_gate=None, window=None, scale=None, co
     _launch(q, fq, *a, _dl(dq), _dl(drow), scale)
     dg = None
     if log_gate is not None:
-        dg = gate_grad_from_sums(drow, dcol).to(log_gate.dtype)
+        dg = _gate_grad(drow, dcol).to(log_gate.dtype)
     return dq, dk, dv, dg
 
 

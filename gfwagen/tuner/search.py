@@ -16,6 +16,7 @@ A "tile" is a config without its pipeline knobs; both backends' configs split th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from gfwagen.spec import KernelConfig, KernelSpec
@@ -86,6 +87,32 @@ def refinements(spec: KernelSpec, measured: dict[KernelConfig, float], taken: se
         s = best[t].num_stages
         out += sorted(by_tile.get(t, []), key=lambda c: (abs(c.num_stages - s), c.num_stages,
                                                           sorted(c.extra)))
+    return out
+
+
+def own_best(entries: list[dict], spec: KernelSpec, seqlen: int,
+             model: str) -> KernelConfig | None:
+    """The best config that `entries` (TuningDB.best_entries) hold for this very problem
+    class (spec and sequence-length bucket) on this GPU model, or None."""
+    from gfwagen.db.records import seqlen_bucket, spec_class
+
+    own, bucket = spec_class(spec).as_dict(), seqlen_bucket(seqlen)
+    for e in entries:
+        if e.get("model") == model and e["spec"] == own and e["seqlen_bucket"] == bucket:
+            return KernelConfig.from_dict(e["config"])
+    return None
+
+
+def knob_flips(best: KernelConfig, spec: KernelSpec, knobs: tuple[str, ...],
+               gpu: bool) -> list[KernelConfig]:
+    """`best` itself, then `best` with each knob flipped, the feasible ones: what a new knob
+    (or a new template) does to a known winner, measured before the search wanders off."""
+    out = [best]
+    for k in knobs:
+        extra = tuple((n, v) for n, v in best.extra if n != k)
+        flipped = dataclasses.replace(best, extra=extra + ((k, not best.get(k, False)),))
+        if space.feasible(spec, flipped, gpu=gpu)[0]:
+            out.append(flipped)
     return out
 
 

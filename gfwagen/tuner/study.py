@@ -77,6 +77,7 @@ class TuneJob:
     compile_jobs: int = 1  # warm workers compiling a batch in parallel; also the batch size
     sweep: bool = False  # every feasible config once, in the "<name>-sweep" study
     knobs: tuple | None = None  # Triton switches searched (space.KNOBS); None: the default
+    refine: bool = False  # enqueue the database's own best and its knob flips first
 
     @property
     def batch(self) -> int:
@@ -249,6 +250,8 @@ def prepare(job: TuneJob, fresh: bool | None = None):
         study.enqueue_trial(space.config_params(spec, default, job.knobs, gpu),
                             user_attrs={"default": True})
         extra = [KernelConfig.from_dict(c) for c in job.enqueue]
+        if job.refine and not job.sweep:
+            extra += [c for c in _refinements(job, spec) if c != default and c not in extra]
         if job.sweep:
             extra = [c for c in space.enumerate_configs(spec, gpu=gpu,
                                                         knobs=job.knobs) if c != default]
@@ -264,6 +267,19 @@ def prepare(job: TuneJob, fresh: bool | None = None):
                 study.enqueue_trial(space.config_params(spec, c, job.knobs, gpu),
                                     skip_if_exists=True)
     return study
+
+
+def _refinements(job: TuneJob, spec) -> list[KernelConfig]:
+    """search.knob_flips of the job database's best for this problem (none if it has none)."""
+    from gfwagen.db import TuningDB, gpu_model_name
+
+    with TuningDB(job.db_path) as db:
+        entries = db.best_entries()
+    best = search.own_best(entries, spec, job.problem.seqlen, gpu_model_name(_device_fp(job)))
+    if best is None:
+        return []
+    gpu = gpu_space(job)
+    return search.knob_flips(best, spec, space.knobs_for(spec, job.knobs, gpu), gpu)
 
 
 def _warm_start(job: TuneJob, spec) -> list[KernelConfig]:

@@ -31,6 +31,7 @@ import triton.language as tl
 from .common import heads_per_program
 
 LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -50,6 +51,7 @@ def gate_sums_fwd_kernel(
     CHUNK: tl.constexpr,
     ONE_SPLIT: tl.constexpr,
     BOUND: tl.constexpr,
+    LOCAL_F64: tl.constexpr = False,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -71,8 +73,13 @@ def gate_sums_fwd_kernel(
         x = x.to(tl.float64)
         # The chunk-local sum in float64, narrowed once: float32 only ever holds the sum over
         # one chunk, as the attention kernels assume.
-        loc = tl.cumsum(x, axis=0) * LOG2E
-        tl.store(local_ptr + rows[None, :] * T + offs_t[:, None], loc.to(tl.float32), mask=m)
+        loc = tl.cumsum(x, axis=0)
+        if LOCAL_F64:
+            # natural units, float64 (gate_sums_absolute_kernel then adds the base)
+            tl.store(local_ptr + rows[None, :] * T + offs_t[:, None], loc, mask=m)
+        else:
+            loc = loc * LOG2E
+            tl.store(local_ptr + rows[None, :] * T + offs_t[:, None], loc.to(tl.float32), mask=m)
         total = tl.sum(x, axis=0)
         if ONE_SPLIT:
             tl.store(base_row + kc, running * LOG2E, mask=h_in)
@@ -99,6 +106,18 @@ def gate_sums_scan_kernel(base_ptr, NC, N_BASE, BLOCK: tl.constexpr):
         c = tl.cumsum(x, axis=0) + carry
         tl.store(ptr + idx, tl.where(idx < NC, c * LOG2E, 0.0), mask=idx < N_BASE)
         carry += tl.sum(x, axis=0)
+
+
+@triton.jit
+def gate_sums_absolute_kernel(c_ptr, base_ptr, T, N_BASE, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """c[row, t] += ln(2) * base[row, t // CHUNK] in place: float64 chunk-local sums (natural
+    units) into the whole prefix sums, for kernels that take those (the TVM templates)."""
+    row = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < T
+    base = tl.load(base_ptr + row * N_BASE + offs // CHUNK, mask=m, other=0.0)
+    c = tl.load(c_ptr + row * T + offs, mask=m, other=0.0)
+    tl.store(c_ptr + row * T + offs, c + base * LN2, mask=m)
 
 
 @triton.jit
@@ -225,10 +244,13 @@ def _split(tiles, lanes, splits):
     return triton.cdiv(tiles, per), per
 
 
-def launch_gate_sums_fwd(log_gate, local, base, chunk, splits=None, num_warps=4, bound=0.0):
+def launch_gate_sums_fwd(
+    log_gate, local, base, chunk, splits=None, num_warps=4, bound=0.0, absolute=False
+):
     """log_gate [B, T, H] (T >= 1), clamped to [-bound, bound] on load when bound > 0;
     local [B, H, T] float32 and base [B, H, n_base] float64, n_base >= ceil(T / chunk), both
-    contiguous."""
+    contiguous. absolute: local is float64 and receives the whole prefix sums in natural
+    units (base is then scratch)."""
     B, T, H = log_gate.shape
     nc = triton.cdiv(T, chunk)
     n_base = base.shape[-1]
@@ -251,11 +273,23 @@ def launch_gate_sums_fwd(log_gate, local, base, chunk, splits=None, num_warps=4,
         CHUNK=chunk,
         ONE_SPLIT=n_split == 1,
         BOUND=float(bound),
+        LOCAL_F64=absolute,
         num_warps=num_warps,
     )
     if n_split > 1:
         blk = min(SCAN_BLOCK, triton.next_power_of_2(n_base))
         gate_sums_scan_kernel[(B * H,)](base, nc, n_base, BLOCK=blk, num_warps=4)
+    if absolute:
+        blk = 1024
+        gate_sums_absolute_kernel[(triton.cdiv(T, blk), B * H)](
+            local,
+            base,
+            T,
+            n_base,
+            CHUNK=chunk,
+            BLOCK=blk,
+            num_warps=4,
+        )
 
 
 def launch_gate_sums_bwd(

@@ -117,6 +117,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     NKC = BN * D // 8 // NT  # 16-byte copies per thread per K tile
     NVC = BN * DV // 8 // NT
     NQC = BM * D // 8 // NT  # D * WM / 16: always whole
+    NGC = (BN + NT - 1) // NT  # gate sums per thread per key tile
     SN = int(config.get("sub_n", BN))  # keys per softmax step (a loaded tile holds BN // SN)
     NB = SN // 8  # 8-key accumulator blocks
     NDB = DV // 8  # 8-column output blocks
@@ -145,16 +146,27 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             )
 
     @T.macro
-    def load_tile(kt, st, k_s, v_s, ck_s, k, v, c, b, h, hk, i0, L, tx):
+    def load_tile(kt, st, k_s, v_s, k, v, b, hk, L, tx):
         copy_rows(k_s, st * BN, KS, k, kt * BN, hk, D, NKC, b, L, tx)
         copy_rows(v_s, st * BN, VS, v, kt * BN, hk, DV, NVC, b, L, tx)
-        if gated:
-            # block_n may exceed the thread count (16 rows = 32 threads, 64 keys)
-            for rr in T.unroll((BN + NT - 1) // NT):
-                if rr * NT + tx < BN:
-                    ck_s[st * BN + rr * NT + tx] = T.Cast(
-                        "float32", c[b, h, T.min(kt * BN + rr * NT + tx, L - 1)] - c[b, h, i0]
-                    ) * T.float32(LOG2E)
+
+    # The key tiles' prefix sums are plain loads (float64, narrowed on the way to shared
+    # memory), not cp.async. Loaded and stored in one go, each tile's load stalled the block
+    # at the barrier that follows; gate_fetch issues it a tile of math ahead into registers
+    # (block_n may exceed the thread count: 16 rows = 32 threads, 64 keys) and gate_store
+    # narrows it once that math is done.
+    @T.macro
+    def gate_fetch(kt, cg_r, c, b, h, L, tx):
+        for rr in T.unroll(NGC):
+            cg_r[rr] = c[b, h, T.min(kt * BN + rr * NT + tx, L - 1)]
+
+    @T.macro
+    def gate_store(st, cg_r, ck_s, cref, tx):
+        for rr in T.unroll(NGC):
+            if rr * NT + tx < BN:
+                ck_s[st * BN + rr * NT + tx] = T.Cast("float32", cg_r[rr] - cref) * T.float32(
+                    LOG2E
+                )
 
     @T.macro
     def fragment_mma(trans, smem, smem_off, frag, a, a_off, a_stride, c, c_block, c_stride):
@@ -329,6 +341,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                 k_s = T.alloc_buffer((NS * BN * KS,), dt, scope="shared.dyn")
                 v_s = T.alloc_buffer((NS * BN * VS,), dt, scope="shared.dyn")
                 ck_s = T.alloc_buffer((NS * BN,), "float32", scope="shared.dyn")
+                if gated:
+                    cg_r = T.alloc_buffer((NGC,), "float64", scope="local")
                 if QSM:
                     q_s = T.alloc_buffer((BM * QST,), dt, scope="shared.dyn")
                     qf = T.alloc_buffer((WM * 8,), dt, scope="local")
@@ -389,22 +403,39 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                     kt_lo = T.max(i0 - (W - 1), T.int64(0)) // BN
                 n_tiles = kt_hi - kt_lo
 
+                if gated:
+                    cref: T.float64 = c[b, h, i0]
+                    if n_tiles > 0:
+                        gate_fetch(kt_lo, cg_r, c, b, h, L, tx)
                 if NS == 2:
                     if n_tiles > 0:
-                        load_tile(kt_lo, 0, k_s, v_s, ck_s, k, v, c, b, h, hk, i0, L, tx)
+                        load_tile(kt_lo, 0, k_s, v_s, k, v, b, hk, L, tx)
+                        if gated:
+                            gate_store(0, cg_r, ck_s, cref, tx)
+                            if n_tiles > 1:
+                                gate_fetch(kt_lo + 1, cg_r, c, b, h, L, tx)
                     T.ptx["cp.async.commit_group"]()
                 for it in T.serial(T.Cast("int32", n_tiles)):
                     kt = kt_lo + T.Cast("int64", it)
                     st = it % NS
+                    # the tile loaded now: the next one into the other stage (two stages),
+                    # this one (one stage); its gate sums were fetched during the last tile
+                    ahead = T.Cast("int64", it) + (NS - 1)
                     if NS == 2:
-                        if T.Cast("int64", it) + 1 < n_tiles:
-                            load_tile(kt + 1, 1 - st, k_s, v_s, ck_s, k, v, c, b, h, hk, i0, L, tx)
-                        T.ptx["cp.async.commit_group"]()
-                        T.ptx["cp.async.wait_group"](1)
+                        if ahead < n_tiles:
+                            load_tile(kt + 1, 1 - st, k_s, v_s, k, v, b, hk, L, tx)
                     else:
-                        load_tile(kt, 0, k_s, v_s, ck_s, k, v, c, b, h, hk, i0, L, tx)
-                        T.ptx["cp.async.commit_group"]()
-                        T.ptx["cp.async.wait_group"](0)
+                        load_tile(kt, 0, k_s, v_s, k, v, b, hk, L, tx)
+                    if gated:
+                        # stored here, between the barriers that end the last tile's math
+                        # and start this one's: no read of ck_s in between, and a store
+                        # after this tile's math would make TVM add a barrier before it
+                        if ahead < n_tiles:
+                            gate_store((it + NS - 1) % NS, cg_r, ck_s, cref, tx)
+                        if ahead + 1 < n_tiles:
+                            gate_fetch(kt + NS, cg_r, c, b, h, L, tx)
+                    T.ptx["cp.async.commit_group"]()
+                    T.ptx["cp.async.wait_group"](NS - 1)
                     T.tvm_storage_sync("shared")
                     for sub in T.unroll(BN // SN):
                         j0 = kt * BN + sub * SN
