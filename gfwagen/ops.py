@@ -139,10 +139,11 @@ class _NoSecondDerivative(torch.autograd.Function):
 
 class EagerAttention(torch.autograd.Function):
     """The same forward and backward as torch.ops.gfwa.attention, for eager calls: without the
-    custom op's dispatch, autograd wrapper and compiler guard around each direction, which
-    measured ~0.4 ms of host time per forward+backward on the H200's host (more than S5's
-    kernels leave room for). gfwagen.attention takes it outside torch.compile and tensor
-    subclasses or modes; everything else goes through the op."""
+    custom op's dispatch, autograd wrapper and compiler guard around each direction. On the
+    H200's host that is 0.23 ms of host time less per forward+backward, and S5's forward,
+    host-bound through the op, went from 0.70 to 0.36 ms (benchmarks/RESULTS.md, session 6).
+    gfwagen.attention takes it outside torch.compile, tensor subclasses, modes and functorch
+    transforms; everything else goes through the op."""
 
     @staticmethod
     def forward(ctx, q, k, v, log_gate, window, scale, backend, cu_seqlens):
