@@ -198,3 +198,9 @@ def test_refine_tries_the_databases_best_and_its_knob_flips_first(tmp_path):
     want = [c for c in (best, flip(best, "tma"), flip(best, "prefetch_gate"))
             if c != tried[0] and space.feasible(spec, c)[0]]
     assert want and [c.as_dict() for c in tried[1:1 + len(want)]] == [c.as_dict() for c in want]
+    # TVM's tensor-core parameters are not switches: nothing to flip there
+    from gfwagen.tuner import search
+
+    tvm_spec = PROB.spec("tvm", "fwd")
+    cfg = KernelConfig(64, 64, 4, 1)
+    assert search.knob_flips(cfg, tvm_spec, (space.TENSOR_CORE,), True) == [cfg]

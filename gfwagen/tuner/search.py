@@ -108,7 +108,7 @@ def knob_flips(best: KernelConfig, spec: KernelSpec, knobs: tuple[str, ...],
     """`best` itself, then `best` with each knob flipped, the feasible ones: what a new knob
     (or a new template) does to a known winner, measured before the search wanders off."""
     out = [best]
-    for k in knobs:
+    for k in (k for k in knobs if k in space.KNOBS):  # not TVM's TENSOR_CORE pseudo-knob
         extra = tuple((n, v) for n, v in best.extra if n != k)
         flipped = dataclasses.replace(best, extra=extra + ((k, not best.get(k, False)),))
         if space.feasible(spec, flipped, gpu=gpu)[0]:
