@@ -251,7 +251,7 @@ def prepare(job: TuneJob, fresh: bool | None = None):
                             user_attrs={"default": True})
         extra = [KernelConfig.from_dict(c) for c in job.enqueue]
         if job.refine and not job.sweep:
-            extra += [c for c in _refinements(job, spec) if c != default and c not in extra]
+            extra += [c for c in _best_and_knob_flips(job, spec) if c != default and c not in extra]
         if job.sweep:
             extra = [c for c in space.enumerate_configs(spec, gpu=gpu,
                                                         knobs=job.knobs) if c != default]
@@ -269,7 +269,7 @@ def prepare(job: TuneJob, fresh: bool | None = None):
     return study
 
 
-def _refinements(job: TuneJob, spec) -> list[KernelConfig]:
+def _best_and_knob_flips(job: TuneJob, spec) -> list[KernelConfig]:
     """search.knob_flips of the job database's best for this problem (none if it has none)."""
     from gfwagen.db import TuningDB, gpu_model_name
 
