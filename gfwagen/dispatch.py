@@ -111,9 +111,7 @@ def cuda_auto_backend(direction: str, q, v, window, gated: bool, group: int) -> 
     contract, so either backward takes either forward's."""
     spec = _spec("triton", "fwd" if direction == "fwd" else "bwd_kv", q, v, window, gated,
                  group)
-    bucket = 1 << max(0, (int(q.shape[1]) - 1).bit_length())
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    if _auto_choice(spec, bucket, f"cuda:{index}") != "tvm":
+    if _auto_choice(spec, *_memo_keys(q.shape[1], q.device)) != "tvm":
         return "triton"
     return "tvm" if _tvm_cuda_ready() else "triton"
 
@@ -151,11 +149,17 @@ def select_config(spec: KernelSpec, seqlen: int, device: torch.device) -> Kernel
     tunes); the reference and the Triton interpreter have nothing to tune."""
     if interpreting() or (device.type == "cpu" and spec.backend != "tvm"):
         return default_config(spec, seqlen)
+    return _lookup(spec, *_memo_keys(seqlen, device))
+
+
+def _memo_keys(seqlen: int, device: torch.device) -> tuple[int, str]:
+    """The memoized lookups' keys: the sequence length rounded up to a power of two (the
+    database buckets within it) and the device as "cpu" or "cuda:<index>"."""
     bucket = 1 << max(0, (int(seqlen) - 1).bit_length())
     if device.type == "cpu":
-        return _lookup(spec, bucket, "cpu")
+        return bucket, "cpu"
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _lookup(spec, bucket, f"cuda:{index}")
+    return bucket, f"cuda:{index}"
 
 
 def _segments(cu_seqlens, T):

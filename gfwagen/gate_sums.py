@@ -20,12 +20,12 @@ import os
 
 import torch
 
-from gfwagen.gate import GATE_CHUNK
+from gfwagen.gate import GATE_CHUNK, gate_grad_from_sums
 
 GATE_SUMS_ENV = "GFWAGEN_GATE_SUMS"
 
-__all__ = ["chunked_prefix_sums_fused", "gate_grad_from_sums_fused", "prefix_sums_fused",
-           "use_fused"]
+__all__ = ["chunked_prefix_sums_fused", "gate_grad", "gate_grad_from_sums_fused",
+           "prefix_sums_fused", "use_fused"]
 
 
 def use_fused(t: torch.Tensor) -> bool:
@@ -80,6 +80,14 @@ def prefix_sums_fused(log_gate: torch.Tensor, splits: int | None = None,
         _template().launch_gate_sums_fwd(log_gate, c, base, GATE_CHUNK, splits, bound=bound,
                                          absolute=True)
     return c
+
+
+def gate_grad(row_sums: torch.Tensor, col_sums: torch.Tensor,
+              seg_end: torch.Tensor | None = None) -> torch.Tensor:
+    """gate_grad_from_sums_fused where use_fused says so, else gfwagen.gate's torch version."""
+    if use_fused(row_sums):
+        return gate_grad_from_sums_fused(row_sums, col_sums, seg_end)
+    return gate_grad_from_sums(row_sums, col_sums, seg_end)
 
 
 def gate_grad_from_sums_fused(

@@ -158,15 +158,15 @@ class EagerAttention(torch.autograd.Function):
         q, k, v, o, lse, log_gate, cu_seqlens = ctx.saved_tensors
         with torch.no_grad():
             grads = _bwd_impl(do, q, k, v, o, lse, log_gate, ctx.window, ctx.scale,
-                              ctx.backend, cu_seqlens)
-        grads = [g for g in grads if g is not None]
+                              ctx.backend, cu_seqlens)  # dg None when ungated
         anchor = next((t for t in (q, k, v, log_gate) if t is not None and t.requires_grad),
                       None)
         if torch.is_grad_enabled() and anchor is not None:
             # create_graph=True: differentiating these gradients must fail, as through the
             # op, not treat them as constants (a gradient penalty would silently lose terms)
-            grads = [_NoSecondDerivative.apply(g, anchor) for g in grads]
-        return *grads[:3], (grads[3] if log_gate is not None else None), None, None, None, None
+            grads = [None if g is None else _NoSecondDerivative.apply(g, anchor)
+                     for g in grads]
+        return *grads, None, None, None, None
 
 
 def eager_ok(*tensors) -> bool:

@@ -13,7 +13,7 @@ import dataclasses
 import torch
 
 from gfwagen import gate_sums
-from gfwagen.gate import GATE_BOUND, GATE_CHUNK, chunked_prefix_sums, gate_grad_from_sums
+from gfwagen.gate import GATE_BOUND, GATE_CHUNK, chunked_prefix_sums
 from gfwagen.spec import KernelConfig
 from gfwagen.template_loader import load_template
 
@@ -47,12 +47,6 @@ def _gate(log_gate):
         return local, base, GATE_CHUNK
     local, base = chunked_prefix_sums(log_gate, GATE_CHUNK)
     return local, torch.nn.functional.pad(base, (0, 1)).contiguous(), GATE_CHUNK
-
-
-def _gate_grad(row_sums, col_sums, seg_end):
-    if gate_sums.use_fused(row_sums):
-        return gate_sums.gate_grad_from_sums_fused(row_sums, col_sums, seg_end)
-    return gate_grad_from_sums(row_sums, col_sums, seg_end)
 
 
 def _tma_usable(*ts: torch.Tensor) -> bool:
@@ -179,5 +173,5 @@ def backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv: KernelConfig,
     elif q.numel() == 0:
         dg = torch.zeros_like(log_gate)
     else:
-        dg = _gate_grad(st.row_sums, st.col_sums, segs[1] if segs is not None else None)
+        dg = gate_sums.gate_grad(st.row_sums, st.col_sums, segs[1] if segs is not None else None)
     return st.dq, st.dk, st.dv, dg

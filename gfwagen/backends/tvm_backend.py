@@ -16,8 +16,9 @@ build_cuda_cubin() runs nvcc on it; no GPU is needed for either.
 
 Semantics and shapes are those of gfwagen.reference.reference_forward / reference_backward.
 delta = rowsum(o * dO) is computed in torch (fp32) before the backward kernels; dlog_gate comes
-from the kernels' row/column sums of dS through gfwagen.gate.gate_grad_from_sums. On CUDA the
-gate's prefix sums and that gradient are gfwagen.gate_sums' fused Triton kernels.
+from the kernels' row/column sums of dS through gfwagen.gate_sums.gate_grad (the fused Triton
+kernel on CUDA, gfwagen.gate's torch version elsewhere); on CUDA the gate's prefix sums are
+fused Triton kernels too.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from gfwagen import gate_sums
-from gfwagen.gate import GATE_BOUND, gate_grad_from_sums, prefix_sums
+from gfwagen.gate import GATE_BOUND, prefix_sums
 from gfwagen.spec import KernelConfig, KernelSpec, stable_hash
 from gfwagen.template_loader import load_template
 
@@ -275,12 +276,6 @@ def _gate_sums(log_gate, device):
     return prefix_sums(log_gate)
 
 
-def _gate_grad(drow, dcol):
-    if gate_sums.use_fused(drow):
-        return gate_sums.gate_grad_from_sums_fused(drow, dcol)
-    return gate_grad_from_sums(drow, dcol)
-
-
 def tvm_forward(q, k, v, log_gate=None, window=None, scale=None, config=None, target="llvm"):
     """GatedFWA forward through TVM, on the CPU (llvm) or on the CUDA device of q.
     Returns (o [B,T,Hq,Dv] q.dtype, lse [B,Hq,T] fp32)."""
@@ -349,7 +344,7 @@ def tvm_backward(do, q, k, v, o, lse, log_gate=None, window=None, scale=None, co
     _launch(q, fq, *a, _dl(dq), _dl(drow), scale)
     dg = None
     if log_gate is not None:
-        dg = _gate_grad(drow, dcol).to(log_gate.dtype)
+        dg = gate_sums.gate_grad(drow, dcol).to(log_gate.dtype)
     return dq, dk, dv, dg
 
 

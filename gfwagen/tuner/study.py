@@ -269,13 +269,19 @@ def prepare(job: TuneJob, fresh: bool | None = None):
     return study
 
 
-def _best_and_knob_flips(job: TuneJob, spec) -> list[KernelConfig]:
-    """search.knob_flips of the job database's best for this problem (none if it has none)."""
+def _best_entries(job: TuneJob) -> tuple[list[dict], str]:
+    """The job database's best entries and this job's GPU model, what search matches on."""
     from gfwagen.db import TuningDB, gpu_model_name
 
-    with TuningDB(job.db_path) as db:
+    with TuningDB(job.db_path) as db:  # created now if new: the driver writes to it next
         entries = db.best_entries()
-    best = search.own_best(entries, spec, job.problem.seqlen, gpu_model_name(_device_fp(job)))
+    return entries, gpu_model_name(_device_fp(job))
+
+
+def _best_and_knob_flips(job: TuneJob, spec) -> list[KernelConfig]:
+    """search.knob_flips of the job database's best for this problem (none if it has none)."""
+    entries, model = _best_entries(job)
+    best = search.own_best(entries, spec, job.problem.seqlen, model)
     if best is None:
         return []
     gpu = gpu_space(job)
@@ -284,13 +290,9 @@ def _best_and_knob_flips(job: TuneJob, spec) -> list[KernelConfig]:
 
 def _warm_start(job: TuneJob, spec) -> list[KernelConfig]:
     """search.warm_start from the job's database, the feasible configs only."""
-    from gfwagen.db import TuningDB, gpu_model_name
-
-    with TuningDB(job.db_path) as db:  # created now if new: the driver writes to it next
-        entries = db.best_entries()
+    entries, model = _best_entries(job)
     gpu = gpu_space(job)
-    return [c for c in search.warm_start(entries, spec, job.problem.seqlen,
-                                         gpu_model_name(_device_fp(job)))
+    return [c for c in search.warm_start(entries, spec, job.problem.seqlen, model)
             if space.feasible(spec, c, gpu=gpu)[0]]
 
 
