@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """The gate's cost in the Triton forward at the config the op picks (the tuning database's):
 gated, gated with the gate-sum prefetch knob flipped, and the same kernel with the gate off.
+With --passes bwd_kv,bwd_q the same for the backward's two kernels (gated, tma flipped, the
+gate off at the gated config).
 With --once it only runs the gated and the plain forward once each, after a warm-up, for a
 profiler (Nsight Compute) to capture:
 
@@ -20,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import SHAPES, flops, make_inputs  # noqa: E402
-from knobs import bench  # noqa: E402
+from knobs import PASS_FLOPS, bench, pass_fn  # noqa: E402
 
 from gfwagen import dispatch  # noqa: E402
 from gfwagen.backends import triton_backend as tb  # noqa: E402
@@ -39,6 +41,32 @@ def variants(s, q):
             "plain (its own config)": (False, cfg[False])}
 
 
+def backward_variants(s, q, pass_):
+    cfg = dispatch.select_config(KernelSpec("triton", pass_, s.D, s.D, s.W, "bf16", True, 1),
+                                 s.T, q.device)
+    flip = not cfg.get("tma", False)
+    extra = tuple((k, v) for k, v in cfg.extra if k != "tma")
+    return {"gated": (True, cfg),
+            f"gated tma={flip}": (True, dataclasses.replace(cfg, extra=extra + (("tma", flip),))),
+            "plain (gated config)": (False, cfg)}
+
+
+def time_backward(name, s, q, k, v, g, do, passes, rep) -> None:
+    with torch.no_grad():
+        cfg = dispatch.select_config(KernelSpec("triton", "fwd", s.D, s.D, s.W, "bf16", True, 1),
+                                     s.T, q.device)
+        o, lse = tb.forward(q, k, v, g, s.W, s.D ** -0.5, cfg)
+    x = (q, k, v, g, do, s.W, o, lse)
+    for pass_ in passes:
+        base = None
+        for label, (gated, cfg) in backward_variants(s, q, pass_).items():
+            ms = bench(pass_fn(pass_, x, cfg, gated), rep)
+            base = base or ms
+            tf = PASS_FLOPS[pass_] * flops(s, "fwd") / ms / 1e9
+            print(f"{name} {pass_} {label:22s} {ms:7.3f} ms {tf:6.1f} TFLOP/s "
+                  f"{100 * (ms / base - 1):+6.1f}%  {cfg.as_dict()}", flush=True)
+
+
 def time_forward(q, k, v, gate, s, cfg, rep) -> float:
     return bench(lambda: tb.forward(q, k, v, gate, s.W, s.D ** -0.5, cfg), rep)
 
@@ -48,10 +76,16 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="S1,S4,S5")
     p.add_argument("--once", action="store_true", help="one gated and one plain call")
     p.add_argument("--rep", type=int, default=100)
+    p.add_argument("--passes", default="fwd", help="fwd, bwd_kv, bwd_q (comma-separated)")
     a = p.parse_args(argv)
+    passes = a.passes.split(",")
     for name in a.shapes.split(","):
         s = SHAPES[name]
-        q, k, v, g, _ = (t.detach() for t in make_inputs(s, torch.bfloat16))
+        q, k, v, g, do = (t.detach() for t in make_inputs(s, torch.bfloat16))
+        if set(passes) - {"fwd"}:
+            time_backward(name, s, q, k, v, g, do, [p_ for p_ in passes if p_ != "fwd"], a.rep)
+        if "fwd" not in passes:
+            continue
         vs = variants(s, q)
         if a.once:  # warm-up (compiles), then the two calls to capture: gated, plain
             for _ in range(2):
