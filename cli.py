@@ -539,6 +539,41 @@ def _default_compile_jobs(mode: str, devices: list[int] | None) -> int:
     return max(1, min(16, cores // max(1, len(devices or [0]))))
 
 
+def _tried_configs(texts) -> list:
+    """--try's JSON configs as KernelConfigs; a malformed one is a usage error naming it."""
+    from gfwagen.spec import KernelConfig
+
+    out = []
+    for text in texts:
+        try:
+            d = json.loads(text)
+            if not isinstance(d, dict):
+                raise TypeError(f"a {type(d).__name__}, not an object")
+            out.append(KernelConfig.from_dict(d))
+        except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+            raise click.BadParameter(f"{text!r}: {e}; expected a JSON object with block_m, "
+                                     "block_n, num_warps, num_stages and optionally extra",
+                                     param_hint="--try") from None
+    return out
+
+
+def _with_tried(job, configs):
+    """job enqueueing the --try configs that fit its kernel (the others are logged, not run)."""
+    import dataclasses
+
+    from gfwagen.tuner import space
+    from gfwagen.tuner.study import gpu_space
+
+    out = []
+    for c in configs:
+        ok, why = space.feasible(job.spec(), c, gpu=gpu_space(job))
+        if ok:
+            out.append(c.as_dict())
+        else:
+            _log(f"tune: --try {c.as_dict()} skipped for {job.label}: {why}")
+    return dataclasses.replace(job, enqueue=tuple(out))
+
+
 @main.command("tune", context_settings=CONTEXT)
 @click.option("--gpu", default="auto", show_default=True,
               help="The GPU model to tune (e.g. h200; exit 3 when it is not the one visible), "
@@ -595,12 +630,17 @@ def _default_compile_jobs(mode: str, devices: list[int] | None) -> int:
               help="Try the database's best config for each shape and pass first, then it with "
                    "each searched knob flipped (e.g. after adding --knobs prefetch_gate), then "
                    "search as usual.")
+@click.option("--try", "try_configs", multiple=True, metavar="JSON",
+              help="A config to measure right after the default, as JSON (e.g. "
+                   "'{\"block_m\": 128, \"block_n\": 64, \"num_warps\": 4, \"num_stages\": 2, "
+                   "\"extra\": {\"sub_n\": 64}}'); repeatable; tried for every shape and pass "
+                   "of the run where it fits.")
 @db_option
 @format_option
 @runtime_errors
 def tune(gpu, preset, only, head_dim, window, dtype, seqlen, batch, heads, kv_heads, gated, passes,
          trials, sweep, knobs, compile_jobs, timeout, backend, devices, storage, plots_dir,
-         no_plots, fake_timer, seed, resume, refine, db_path, fmt):
+         no_plots, fake_timer, seed, resume, refine, try_configs, db_path, fmt):
     """Tune the kernels' configs with Optuna and record every trial in the tuning database.
 
     Every candidate runs in a worker process, is checked against the reference before it is
@@ -674,6 +714,7 @@ def tune(gpu, preset, only, head_dim, window, dtype, seqlen, batch, heads, kv_he
     if mode == "cpu" and jobs > 1:
         _log("tune: --compile-jobs gains nothing on the CPU: TVM keeps compiled kernels per "
              "process, so the timing worker compiles again")
+    tried = _tried_configs(try_configs)
     multi = bool(devs and len(devs) > 1)
     results = []
     # one driver here (single device): its worker processes serve every study; with
@@ -685,6 +726,7 @@ def tune(gpu, preset, only, head_dim, window, dtype, seqlen, batch, heads, kv_he
                               db_path=str(path), storage=storage, resume=resume, seed=seed,
                               label=f"{name} {p}" + (" sweep" if sweep else ""),
                               compile_jobs=jobs, knobs=knob_list, refine=refine)
+                job = _with_tried(job, tried)
                 if sweep:
                     job = sweep_job(job)
                 try:

@@ -10,8 +10,8 @@ Configs (--configs): "new" (default) is the default tile, S5's best of the earli
 the tiles with two 16-row blocks per warp (warp_m = 2) or Q staged in shared memory
 (q_smem); "old" the eight tiles of the earlier runs (benchmarks/RESULTS.md); "all" both;
 "best" the fastest of session 5 for the shape's head dim only (quick A/B of two template
-versions: run twice with GFWAGEN_TEMPLATES); "lazy" those with and without lazy_rescale
-(the accumulator rescaled only when a row maximum grows past the slack), and 8 warps.
+versions: run twice with GFWAGEN_TEMPLATES); "sub64" adds, at D = 128, the wide tile with
+64-key softmax steps (one rescale and one Q read per tile).
 --plain also times that kernel with the gate off, the gate's cost in the TVM forward. A
 config the tuner's resource model prunes for a shape (the register estimate: warp_m = 2
 with Q held at D = 128) is listed as skipped, not built.
@@ -35,7 +35,7 @@ from gfwagen.backends import tvm_backend  # noqa: E402
 from gfwagen.spec import KernelConfig  # noqa: E402
 from gfwagen.tuner import space  # noqa: E402
 
-# (block_m, block_n, num_stages, sub_n[, warp_m, q_smem, lazy_rescale])
+# (block_m, block_n, num_stages, sub_n[, warp_m, q_smem])
 OLD_CONFIGS = [(64, 32, 1, 32), (64, 32, 2, 32), (64, 64, 2, 64), (64, 64, 1, 32),
                (64, 64, 2, 32), (64, 128, 1, 32), (128, 64, 2, 32), (128, 64, 2, 64)]
 NEW_CONFIGS = [(64, 64, 1, 32), (64, 64, 2, 64),
@@ -46,32 +46,23 @@ CONFIG_SETS = {"new": NEW_CONFIGS, "old": OLD_CONFIGS,
                "all": NEW_CONFIGS + [c for c in OLD_CONFIGS if c not in NEW_CONFIGS]}
 # session 5's fastest per head dim (benchmarks/RESULTS.md)
 BEST_CONFIGS = {128: [(128, 64, 2, 32, 2, True)], 64: [(64, 64, 2, 64)]}
-LAZY_CONFIGS = {128: BEST_CONFIGS[128] + [(128, 64, 2, 32, 2, True, True),
-                                          (256, 64, 1, 32, 2, True, True),
-                                          (256, 64, 2, 32, 2, True, True),
-                                          (128, 128, 2, 32, 2, True, True)],
-                64: BEST_CONFIGS[64] + [(64, 64, 2, 64, 1, False, True),
-                                        (64, 64, 2, 32, 1, False, True),
-                                        (128, 64, 2, 32, 2, True, True)]}
-PER_HEAD_DIM = {"best": BEST_CONFIGS, "lazy": LAZY_CONFIGS}
+SUB64_CONFIGS = {128: BEST_CONFIGS[128] + [(128, 64, 2, 64, 2, True)], 64: BEST_CONFIGS[64]}
+PER_HEAD_DIM = {"best": BEST_CONFIGS, "sub64": SUB64_CONFIGS}
 CONFIGS = NEW_CONFIGS
 PLAIN = False
 
 
-def config(bm, bn, ns, sn, wm=1, qs=False, lazy=False) -> KernelConfig:
+def config(bm, bn, ns, sn, wm=1, qs=False) -> KernelConfig:
     extra = (("sub_n", sn),) if sn != bn else ()
     extra += (("warp_m", wm),) if wm != 1 else ()
     extra += (("q_smem", True),) if qs else ()
-    extra += (("lazy_rescale", True),) if lazy else ()
     return KernelConfig(block_m=bm, block_n=bn, num_warps=bm // (16 * wm), num_stages=ns,
                         extra=extra)
 
 
-def config_name(bm, bn, ns, sn, wm=1, qs=False, lazy=False) -> str:
-    """64x64s1/32 as before; two row blocks per warp add w2, Q in shared memory q, the lazy
-    rescale L."""
-    return (f"{bm}x{bn}s{ns}/{sn}" + (f"w{wm}" if wm != 1 else "") + ("q" if qs else "")
-            + ("L" if lazy else ""))
+def config_name(bm, bn, ns, sn, wm=1, qs=False) -> str:
+    """64x64s1/32 as before; two row blocks per warp add w2, Q in shared memory q."""
+    return f"{bm}x{bn}s{ns}/{sn}" + (f"w{wm}" if wm != 1 else "") + ("q" if qs else "")
 
 
 def bench(fn) -> float:

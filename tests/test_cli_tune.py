@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -186,3 +187,24 @@ def test_two_tune_processes_share_one_database(env):
         if mine:
             assert sum(map(is_measurement, mine)) == n
             assert s["recorded"] == sum("duplicate_of" not in t.user_attrs for t in mine)
+
+
+def test_tune_try_measures_the_given_config(env):
+    """--try: the config is measured right after the default (and recorded); one that does not
+    fit is logged and skipped; malformed JSON is a usage error naming the option."""
+    tried = {"block_m": 32, "block_n": 16, "num_warps": 4, "num_stages": 1, "extra": {}}
+    base = ["tune", "--preset", "quick", "--fake-timer", "--passes", "fwd", "--no-plots",
+            "--format", "json", "--trials", "2", "--knobs", "none", "--seed", "0"]
+    r = CliRunner().invoke(main, base + ["--try", json.dumps(tried)])
+    assert r.exit_code == 0, r.output + r.stderr
+    out = io.StringIO()
+    with TuningDB(env / "db" / "tuning.sqlite", readonly=True) as db:
+        db.export_jsonl(stream=out)
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert tried in [r["config"] for r in rows if r["kind"] == "trial"]
+    huge = dict(tried, block_m=4096)
+    r = CliRunner().invoke(main, base + ["--try", json.dumps(huge)])
+    assert r.exit_code == 0 and "--try" in r.stderr and "skipped" in r.stderr
+    for bad in ("{block_m: 1}", "[1, 2]", '{"block_m": 32, "tile": 9}'):
+        r = CliRunner().invoke(main, base + ["--try", bad])
+        assert r.exit_code == 2 and "--try" in r.output, (bad, r.output)

@@ -3,7 +3,6 @@ CUDA variant's compilation without a GPU."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import zlib
 
@@ -310,27 +309,8 @@ def test_tensor_core_forward_knob_defaults_are_the_old_kernel():
     (the configs measured before these knobs existed)."""
     spec = KernelSpec("tvm", "fwd", 64, 64, 256, "bf16", True, 2)
     plain = KernelConfig(64, 64, 4, 1, extra=(("sub_n", 32),))
-    spelled = KernelConfig(64, 64, 4, 1, extra=(("sub_n", 32), ("warp_m", 1), ("q_smem", False),
-                                                ("lazy_rescale", False)))
+    spelled = KernelConfig(64, 64, 4, 1, extra=(("sub_n", 32), ("warp_m", 1), ("q_smem", False)))
     assert cuda_source(build_cuda(spec, plain)) == cuda_source(build_cuda(spec, spelled))
-
-
-def test_tensor_core_forward_lazy_rescale_branches_on_the_slack():
-    """lazy_rescale puts the accumulator's rescale behind a test of the row maximum against
-    the slack (one per row of a thread per softmax step), and leaves the mma count alone."""
-    from gfwagen.template_loader import load_template
-
-    spec = KernelSpec("tvm", "fwd", 64, 64, 256, "bf16", True, 2)
-    base = (("sub_n", 32),)
-    plain = cuda_source(build_cuda(spec, KernelConfig(64, 64, 4, 1, extra=base)))
-    lazy = cuda_source(build_cuda(spec, KernelConfig(64, 64, 4, 1,
-                                                     extra=base + (("lazy_rescale", True),))))
-    assert load_template("tvm", "fwd_cuda").RESCALE_SLACK == 8.0  # 0x1p+3 in the CUDA C
-    test = re.compile(r"if \(\(m_r\w*\[\d+\] \+ 0x1p\+3f")
-    assert not test.search(plain)
-    # per softmax step of the tile (two, unrolled), masked and interior: two rows per thread
-    assert len(test.findall(lazy)) == 2 * 2 * 2
-    assert lazy.count("mma.sync.aligned") == plain.count("mma.sync.aligned")
 
 
 def test_tensor_core_forward_warp_m_limits():
@@ -340,8 +320,7 @@ def test_tensor_core_forward_warp_m_limits():
     spec = KernelSpec("tvm", "fwd", 128, 128, 256, "bf16", True, 1)
     for bad in (KernelConfig(16, 64, 1, 1, extra=(("warp_m", 2),)),  # fewer rows than a warp's
                 KernelConfig(64, 64, 4, 1, extra=(("warp_m", 3),)),
-                KernelConfig(64, 64, 4, 1, extra=(("q_smem", 1),)),
-                KernelConfig(64, 64, 4, 1, extra=(("lazy_rescale", "yes"),))):
+                KernelConfig(64, 64, 4, 1, extra=(("q_smem", 1),))):
         assert not tensor_core_forward(spec, bad)
         with pytest.raises(NotImplementedError, match="unsupported"):
             _cuda_config(spec, bad)

@@ -42,11 +42,11 @@ TVM_THREADS_LIMIT = 1024
 KNOBS = ("tma", "prefetch_gate")
 TENSOR_CORE = "tensor_core"  # not a user knob: the TVM tensor-core forward's own parameters
 TVM_TC_PARAMS = {"num_stages": (1, 2), "x_sub_n": (16, 32, 64), "x_warp_m": (1, 2),
-                 "x_q_smem": (False, True), "x_lazy_rescale": (False, True)}
+                 "x_q_smem": (False, True)}
 # Extras of the tensor-core forward at the template's own default are left out of a config,
 # so that it reads and hashes (compile cache, tuning database) the same as one written
 # without them: the default config and the configs measured before these knobs existed.
-TVM_TC_DEFAULTS = {"warp_m": 1, "q_smem": False, "lazy_rescale": False}
+TVM_TC_DEFAULTS = {"warp_m": 1, "q_smem": False}
 DEFAULT_KNOBS = ("tma",)
 CONSTRAINT_NAMES = ("smem", "registers", "failed")
 

@@ -7,9 +7,8 @@ specialization (fp16/bf16, head dims multiples of 16) and the config (block_m = 
 rows per warp x warps, block_n keys per loaded tile, num_stages 1 or 2; extras: sub_n, keys
 per softmax step, block_n by default: a tile of block_n keys is then block_n / sub_n steps
 between two barriers, while the score fragments stay sub_n wide; warp_m, 16-row blocks per
-warp, 1 by default; q_smem, Q staged in shared memory, False by default; lazy_rescale, the
-accumulator rescaled only when a row maximum grows past RESCALE_SLACK, False by default)
-and returns a PrimFunc with the same signature as fwd.make_forward:
+warp, 1 by default; q_smem, Q staged in shared memory, False by default) and returns a
+PrimFunc with the same signature as fwd.make_forward:
 
     gfwa_fwd(q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv], c [*,*,*] float64 ([B,Hq,T] prefix
              sums; a dummy when ungated), o [B,T,Hq,Dv], lse [B,Hq,T] float32, scale)
@@ -50,10 +49,6 @@ LN2 = 0.6931471805599453
 MASK = -1.0e30  # finite "minus infinity" for masked logits (log2 domain)
 MASK_T = -5.0e29  # anything below this is a masked logit
 PAD = 8  # elements of padding per shared row (16 bytes)
-# lazy_rescale: how far (log2 units) a row's maximum may pass the reference the exponentials
-# are taken against before the accumulator is rescaled; 2^8 keeps P and the row sums far
-# from bf16/fp32 overflow
-RESCALE_SLACK = 8.0
 
 
 def supports(head_dim, value_dim, dtype, config) -> str | None:
@@ -63,12 +58,11 @@ def supports(head_dim, value_dim, dtype, config) -> str | None:
     if head_dim % 16 or value_dim % 16:
         return f"head dims {head_dim}/{value_dim} (multiples of 16)"
     bm, bn, ns = int(config.block_m), int(config.block_n), int(config.num_stages)
-    wm = config.get("warp_m", 1)
+    wm, qsm = config.get("warp_m", 1), config.get("q_smem", False)
     if type(wm) is not int or wm not in (1, 2):
         return f"warp_m {wm!r} (1 or 2 row blocks of 16 per warp)"
-    for name in ("q_smem", "lazy_rescale"):
-        if type(config.get(name, False)) is not bool:
-            return f"{name} {config.get(name)!r} (True or False)"
+    if type(qsm) is not bool:
+        return f"q_smem {qsm!r} (True or False)"
     rows = 16 * wm  # per warp
     if bm % rows or not rows <= bm <= 256:
         return f"block_m {bm} ({rows} rows per warp at warp_m {wm}, 1 to {256 // rows} warps)"
@@ -94,14 +88,17 @@ def smem_bytes(head_dim, value_dim, config) -> int:
 
 def registers(head_dim, value_dim, config) -> int:
     """Estimated registers per thread: the fragments each thread holds (fp32 accumulators and
-    scores, bf16/fp16 pairs of P, Q and the B fragments) plus 40 for addresses, indices and
-    row statistics. Offline ptxas (sm_90, block_m 64-256, block_n 32/64, D 64/128, 80 tiles)
-    lands 20 below to 55 above it where nothing spills (it rounds up towards the occupancy
-    steps 128, 168, 255); every tile it makes spill more than 50 bytes is estimated over 255."""
+    scores, Q's A fragments and the B fragments; P's bf16/fp16 pairs are converted from the
+    scores, which die there, so they are not counted on top) plus 40 for addresses, indices
+    and row statistics. Offline ptxas (sm_90, two stages, warp_m 2, block_m 64-256, block_n
+    32-128, sub_n 16-64, D 64/128, Q held or staged: 96 tiles) puts 5 tiles that spill more
+    than 50 bytes under 255 (four at block_n 128 and D = 128) and none that spill less over
+    it. Counting P on top (before session 7) pruned the wide tile with 64-key steps at D = 128,
+    which spills as little as the 32-key one (32 bytes, outside the key loop)."""
     bn, wm = int(config.block_n), int(config.get("warp_m", 1))
     sn = int(config.get("sub_n", bn))
     q = 4 if config.get("q_smem", False) else head_dim // 4  # the A fragments held
-    return wm * (value_dim // 2 + sn // 2 + sn // 4 + q) + 8 + 40
+    return wm * (value_dim // 2 + sn // 2 + q) + 8 + 40
 
 
 def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
@@ -115,7 +112,6 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     BM, BN, NS = int(config.block_m), int(config.block_n), int(config.num_stages)
     WM = int(config.get("warp_m", 1))  # 16-row blocks per warp
     QSM = bool(config.get("q_smem", False))
-    LAZY = bool(config.get("lazy_rescale", False))
     NW = BM // (16 * WM)
     NT = 32 * NW
     KS = D + PAD  # shared row strides (elements)
@@ -270,25 +266,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                         mx = T.max(mx, s_r[mb * SA + nb * 4 + r * 2 + e])
                 mx = T.max(mx, T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), mx, 1, 32))
                 mx = T.max(mx, T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), mx, 2, 32))
-                if LAZY:
-                    # the row's reference maximum moves only when the new one passes it by
-                    # RESCALE_SLACK (log2 units): the exponentials stay below 2^slack, and
-                    # the common step skips the accumulator's rescale (one multiply per
-                    # output element); the choice is the quad's, so its four threads agree
-                    if mx > m_r[mb * 2 + r] + T.float32(RESCALE_SLACK):
-                        alpha_l: T.float32 = T.exp2(m_r[mb * 2 + r] - mx)
-                        m_r[mb * 2 + r] = mx
-                        l_r[mb * 2 + r] = l_r[mb * 2 + r] * alpha_l
-                        for db in T.unroll(NDB):
-                            for e in T.unroll(2):
-                                acc[mb * OA + db * 4 + r * 2 + e] = (
-                                    acc[mb * OA + db * 4 + r * 2 + e] * alpha_l
-                                )
-                    mx = m_r[mb * 2 + r]
-                alpha: T.float32 = T.float32(1)
-                if not LAZY:
-                    alpha = T.exp2(m_r[mb * 2 + r] - mx)
-                    m_r[mb * 2 + r] = mx
+                alpha: T.float32 = T.exp2(m_r[mb * 2 + r] - mx)
+                m_r[mb * 2 + r] = mx
                 psum: T.float32 = T.float32(0)
                 for nb in T.unroll(NB):
                     for e in T.unroll(2):
@@ -302,15 +281,12 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                         else:
                             s_r[x] = T.exp2(s_r[x] - mx)
                         psum = psum + s_r[x]
-                if LAZY:
-                    l_r[mb * 2 + r] = l_r[mb * 2 + r] + psum
-                else:
-                    l_r[mb * 2 + r] = l_r[mb * 2 + r] * alpha + psum
-                    for db in T.unroll(NDB):
-                        for e in T.unroll(2):
-                            acc[mb * OA + db * 4 + r * 2 + e] = (
-                                acc[mb * OA + db * 4 + r * 2 + e] * alpha
-                            )
+                l_r[mb * 2 + r] = l_r[mb * 2 + r] * alpha + psum
+                for db in T.unroll(NDB):
+                    for e in T.unroll(2):
+                        acc[mb * OA + db * 4 + r * 2 + e] = (
+                            acc[mb * OA + db * 4 + r * 2 + e] * alpha
+                        )
 
     @T.macro
     def accumulate(kb, s_r, p_r, v_s, vf, acc, lane):
