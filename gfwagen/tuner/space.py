@@ -180,15 +180,24 @@ def resources(spec: KernelSpec, config: KernelConfig) -> dict:
         threads = BN if spec.pass_ == "bwd_kv" else BM
         return {"smem": cuda_smem_bytes(spec, config), "registers": 0, "threads": threads}
     threads = 32 * config.num_warps
+    # The tiles, plus what triton 3.6 adds (offline sm_90 builds at D = 64 and 128: within
+    # 16 bytes of 18 configs without tma, at most 1 KiB over with it): 1 KiB in the gated
+    # kernels, and in dk/dv the pipelined per-query vectors, lse and delta (and the gate's,
+    # growing with the stages). Without them a gated S4 dk/dv at 128x64 s3 was estimated at
+    # 229,376 bytes, passed, and needed 233,472 (the limit is 232,448).
     if spec.pass_ == "fwd":  # Q tile resident, K and V tiles pipelined
-        smem = BM * D * b + S * BN * (D + Dv) * b
+        smem = BM * D * b + S * BN * (D + Dv) * b + (1024 if spec.gated else 0)
         acc = BM * Dv + BM * BN  # o accumulator + the score tile
     elif spec.pass_ == "bwd_kv":  # K, V resident, Q and dO tiles pipelined
-        smem = BN * (D + Dv) * b + S * BM * (D + Dv) * b
+        smem = BN * (D + Dv) * b + S * BM * (D + Dv) * b + 8 * BM * (S - 1)
+        if spec.gated:
+            smem += 4 * BM * (S - 1) ** 2 + 8
         acc = BN * (D + Dv) + 2 * BM * BN  # dk, dv + P^T and dP^T
     else:  # bwd_q: Q, dO resident, K and V pipelined
-        smem = BM * (D + Dv) * b + S * BN * (D + Dv) * b
+        smem = BM * (D + Dv) * b + S * BN * (D + Dv) * b + (1024 if spec.gated else 0)
         acc = BM * D + 2 * BM * BN  # dq + P and dP
+    if config.get("tma", False):  # the descriptors' barriers (1 KiB at S4's forward tile)
+        smem += 1024
     return {"smem": smem, "registers": acc // threads + REG_OVERHEAD, "threads": threads}
 
 
