@@ -14,7 +14,6 @@ profiler (Nsight Compute) to capture:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -27,16 +26,15 @@ from knobs import PASS_FLOPS, bench, pass_fn  # noqa: E402
 from gfwagen import dispatch  # noqa: E402
 from gfwagen.backends import triton_backend as tb  # noqa: E402
 from gfwagen.spec import KernelSpec  # noqa: E402
+from gfwagen.tuner.search import flipped  # noqa: E402
 
 
 def variants(s, q):
     cfg = {g: dispatch.select_config(KernelSpec("triton", "fwd", s.D, s.D, s.W, "bf16", g, 1),
                                      s.T, q.device) for g in (True, False)}
-    flip = not cfg[True].get("prefetch_gate", False)
-    extra = tuple((k, v) for k, v in cfg[True].extra if k != "prefetch_gate")
+    flip = flipped(cfg[True], "prefetch_gate")
     return {"gated": (True, cfg[True]),
-            f"gated prefetch_gate={flip}": (True, dataclasses.replace(
-                cfg[True], extra=extra + (("prefetch_gate", flip),))),
+            f"gated prefetch_gate={flip.get('prefetch_gate')}": (True, flip),
             "plain (gated config)": (False, cfg[True]),
             "plain (its own config)": (False, cfg[False])}
 
@@ -44,10 +42,9 @@ def variants(s, q):
 def backward_variants(s, q, pass_):
     cfg = dispatch.select_config(KernelSpec("triton", pass_, s.D, s.D, s.W, "bf16", True, 1),
                                  s.T, q.device)
-    flip = not cfg.get("tma", False)
-    extra = tuple((k, v) for k, v in cfg.extra if k != "tma")
+    flip = flipped(cfg, "tma")
     return {"gated": (True, cfg),
-            f"gated tma={flip}": (True, dataclasses.replace(cfg, extra=extra + (("tma", flip),))),
+            f"gated tma={flip.get('tma')}": (True, flip),
             "plain (gated config)": (False, cfg)}
 
 

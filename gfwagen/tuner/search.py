@@ -109,11 +109,16 @@ def knob_flips(best: KernelConfig, spec: KernelSpec, knobs: tuple[str, ...],
     (or a new template) does to a known winner, measured before the search wanders off."""
     out = [best]
     for k in (k for k in knobs if k in space.KNOBS):  # not TVM's TENSOR_CORE pseudo-knob
-        extra = tuple((n, v) for n, v in best.extra if n != k)
-        flipped = dataclasses.replace(best, extra=extra + ((k, not best.get(k, False)),))
-        if space.feasible(spec, flipped, gpu=gpu)[0]:
-            out.append(flipped)
+        f = flipped(best, k)
+        if space.feasible(spec, f, gpu=gpu)[0]:
+            out.append(f)
     return out
+
+
+def flipped(config: KernelConfig, knob: str) -> KernelConfig:
+    """config with the boolean switch `knob` (absent: off) turned the other way."""
+    extra = tuple((n, v) for n, v in config.extra if n != knob)
+    return dataclasses.replace(config, extra=extra + ((knob, not config.get(knob, False)),))
 
 
 def warm_start(entries: list[dict], spec: KernelSpec, seqlen: int, model: str,
