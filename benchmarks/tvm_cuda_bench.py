@@ -11,7 +11,8 @@ the tiles with two 16-row blocks per warp (warp_m = 2) or Q staged in shared mem
 (q_smem); "old" the eight tiles of the earlier runs (benchmarks/RESULTS.md); "all" both;
 "best" the fastest of session 5 for the shape's head dim only (quick A/B of two template
 versions: run twice with GFWAGEN_TEMPLATES); "sub64" adds, at D = 128, the wide tile with
-64-key softmax steps (one rescale and one Q read per tile).
+64-key softmax steps (one rescale and one Q read per tile); "wgmma" adds the warpgroup-MMA
+template's tiles (templates/tvm/fwd_wgmma.py, sm_90).
 --plain also times that kernel with the gate off, the gate's cost in the TVM forward. A
 config the tuner's resource model prunes for a shape (the register estimate: warp_m = 2
 with Q held at D = 128) is listed as skipped, not built.
@@ -47,12 +48,19 @@ CONFIG_SETS = {"new": NEW_CONFIGS, "old": OLD_CONFIGS,
 # session 5's fastest per head dim (benchmarks/RESULTS.md)
 BEST_CONFIGS = {128: [(128, 64, 2, 32, 2, True)], 64: [(64, 64, 2, 64)]}
 SUB64_CONFIGS = {128: BEST_CONFIGS[128] + [(128, 64, 2, 64, 2, True)], 64: BEST_CONFIGS[64]}
-PER_HEAD_DIM = {"best": BEST_CONFIGS, "sub64": SUB64_CONFIGS}
+# Hopper's warpgroup MMA (templates/tvm/fwd_wgmma.py): ("wg", block_m, block_n, num_stages)
+WGMMA_TILES = [("wg", 64, 64, 2), ("wg", 64, 128, 2), ("wg", 128, 64, 2), ("wg", 128, 128, 2),
+               ("wg", 128, 128, 1), ("wg", 64, 256, 1), ("wg", 128, 256, 1)]
+WGMMA_CONFIGS = {d: BEST_CONFIGS[d] + WGMMA_TILES for d in BEST_CONFIGS}
+PER_HEAD_DIM = {"best": BEST_CONFIGS, "sub64": SUB64_CONFIGS, "wgmma": WGMMA_CONFIGS}
 CONFIGS = NEW_CONFIGS
 PLAIN = False
 
 
-def config(bm, bn, ns, sn, wm=1, qs=False) -> KernelConfig:
+def config(bm, bn, ns, sn=None, wm=1, qs=False) -> KernelConfig:
+    if bm == "wg":  # ("wg", block_m, block_n, num_stages): templates/tvm/fwd_wgmma.py
+        return KernelConfig(block_m=bn, block_n=ns, num_warps=bn // 16, num_stages=sn,
+                            extra=(("wgmma", True),))
     extra = (("sub_n", sn),) if sn != bn else ()
     extra += (("warp_m", wm),) if wm != 1 else ()
     extra += (("q_smem", True),) if qs else ()
@@ -60,8 +68,11 @@ def config(bm, bn, ns, sn, wm=1, qs=False) -> KernelConfig:
                         extra=extra)
 
 
-def config_name(bm, bn, ns, sn, wm=1, qs=False) -> str:
-    """64x64s1/32 as before; two row blocks per warp add w2, Q in shared memory q."""
+def config_name(bm, bn, ns, sn=None, wm=1, qs=False) -> str:
+    """64x64s1/32 as before; two row blocks per warp add w2, Q in shared memory q; wgmma
+    tiles are wg128x64s2."""
+    if bm == "wg":
+        return f"wg{bn}x{ns}s{sn}"
     return f"{bm}x{bn}s{ns}/{sn}" + (f"w{wm}" if wm != 1 else "") + ("q" if qs else "")
 
 

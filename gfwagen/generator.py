@@ -34,6 +34,9 @@ from gfwagen.template_loader import template_path, template_source_hash
 
 # The template file each (backend, pass) launches; its relative imports are followed.
 PASS_TEMPLATE = {"fwd": "fwd", "bwd_kv": "bwd", "bwd_q": "bwd"}
+# Templates a TVM pass may build instead of its pass file: the GPU forward's tensor-core
+# ones (tvm_backend picks them by config), which the pass file does not import.
+TVM_ALTERNATES = {"fwd": ("fwd_cuda", "fwd_wgmma")}
 LAUNCHERS = {"fwd": "launch_forward", "bwd_kv": "launch_dkdv", "bwd_q": "launch_dq"}
 MANIFEST = "manifest.json"
 TVM_LIBRARY = "kernel.so"
@@ -68,6 +71,8 @@ def template_files(spec: KernelSpec) -> list[str]:
     order, every sibling it imports relatively."""
     _require_template_backend(spec)
     out, todo = [], [PASS_TEMPLATE[spec.pass_]]
+    if spec.backend == "tvm":
+        todo += TVM_ALTERNATES.get(spec.pass_, ())
     while todo:
         name = todo.pop(0)
         if name in out:

@@ -83,6 +83,42 @@ def test_gpu_tvm_warp_m_edges(shape, cfg):
     assert not o.isnan().any() and errs["o"] < 1e-2 and errs["lse"] < 1e-4, errs
 
 
+# the warpgroup-MMA forward (templates/tvm/fwd_wgmma.py, sm_90 only): (block_m, block_n,
+# num_stages) x shapes off every tile: a one-key window, a window below a warpgroup's rows,
+# causal MQA, Dv != D ungated, a window longer than T, the tuned tile's S4 geometry cut short
+WGMMA_TILES = [(64, 64, 1), (64, 128, 2), (128, 64, 2), (128, 128, 2), (64, 256, 1),
+               (128, 128, 1)]
+WGMMA_SHAPES = [(2, 777, 8, 2, 128, 128, 200, True, torch.bfloat16),
+                (1, 300, 4, 4, 64, 64, 1, True, torch.bfloat16),
+                (2, 333, 4, 2, 64, 64, 9, True, torch.float16),
+                (1, 517, 4, 1, 128, 128, None, True, torch.bfloat16),
+                (2, 200, 2, 2, 128, 64, 50, False, torch.float16),
+                (1, 250, 2, 2, 64, 128, 3000, True, torch.bfloat16)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or
+                    torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only")
+@pytest.mark.parametrize("cfg", WGMMA_TILES, ids=["x".join(map(str, c)) for c in WGMMA_TILES])
+@pytest.mark.parametrize("shape", WGMMA_SHAPES,
+                         ids=["W200-gqa", "W1", "W9-gqa-fp16", "causal-mqa", "dv64-nogate",
+                              "W-over-T"])
+def test_gpu_tvm_wgmma_matches_float64(shape, cfg):
+    from gfwagen.spec import KernelConfig
+
+    B, T, Hq, Hkv, D, Dv, W, gated, dtype = shape
+    config = KernelConfig(cfg[0], cfg[1], cfg[0] // 16, cfg[2], extra=(("wgmma", True),))
+    q, k, v, g = make_inputs(B, T, Hq, Hkv, D, Dv, dtype, gated, device="cuda")
+    spec = tvm_backend._spec("fwd", q, k, v, g, W)
+    if not tvm_backend.tensor_core_forward(spec, config):
+        pytest.skip(f"tile {cfg} does not divide the copies at D={D}, Dv={Dv}")
+    o, lse = tvm_backend.tvm_forward(q, k, v, g, W, None, config)
+    d = [t.double() for t in (q, k, v)]
+    o64, lse64 = reference_forward(*d, None if g is None else g.double(), W)
+    errs = {"o": rel_err(o, o64), "lse": rel_err(lse, lse64)}
+    log_gpu_errors(f"tvm-wgmma {cfg} {shape[:8]}", errs)
+    assert not o.isnan().any() and errs["o"] < 1e-2 and errs["lse"] < 1e-4, errs
+
+
 def test_gpu_tvm_runs_on_the_current_stream():
     """A kernel launched under another stream is ordered after that stream's earlier work."""
     q, k, v, g = make_inputs(1, 1024, 4, 4, 64, 64, torch.float16, True, device="cuda")

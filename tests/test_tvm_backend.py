@@ -249,7 +249,8 @@ def test_tensor_core_forward_codegen(arch, dtype, gated, window):
 
     spec = KernelSpec("tvm", "fwd", 128, 128, window, dtype, gated, 2)
     assert tensor_core_forward(spec)
-    src = cuda_source(build_cuda(spec, arch=arch))
+    # sm_90's default is the warpgroup-MMA template (below); this is the mma.sync one
+    src = cuda_source(build_cuda(spec, DEFAULT_CUDA_TC_CONFIG, arch=arch))
     mma = "mma.sync.aligned.m16n8k16.row.col.f32." + ("bf16.bf16" if dtype == "bf16" else
                                                        "f16.f16")
     assert mma in src and "ldmatrix.sync.aligned.m8n8.x4.trans" in src
@@ -418,3 +419,110 @@ def test_launches_reuse_the_compiled_function(monkeypatch):
     tb.clear_cache()
     o3, _ = tvm_forward(q, k, v, lg, 8, config=CFG)
     assert len(lookups) == 1 and torch.allclose(o1, o3)
+
+
+# ---- the warpgroup-MMA forward (templates/tvm/fwd_wgmma.py, sm_90a): compiled here, run on
+# the H200 (tests/test_gpu_tvm.py)
+
+def _wgmma(bm=128, bn=64, ns=2):
+    return KernelConfig(bm, bn, bm // 16, ns, extra=(("wgmma", True),))
+
+
+@pytest.mark.parametrize("dtype,D,Dv,gated,window,bm,bn,ns", [
+    ("bf16", 128, 128, True, 256, 128, 64, 2), ("fp16", 64, 64, False, 0, 64, 128, 1),
+    ("bf16", 128, 64, True, 100, 64, 256, 1)])
+def test_wgmma_forward_codegen(dtype, D, Dv, gated, window, bm, bn, ns):
+    """D / 16 score MMAs (both operands from shared memory) and block_n / 16 output MMAs (P
+    from registers, V transposed) per key tile, built for sm_90a; shared memory as the
+    template counts it."""
+    from gfwagen.backends.tvm_backend import cuda_smem_bytes, tensor_core_forward
+
+    spec = KernelSpec("tvm", "fwd", D, Dv, window, dtype, gated, 2)
+    cfg = _wgmma(bm, bn, ns)
+    assert tensor_core_forward(spec, cfg)
+    src = cuda_source(build_cuda(spec, cfg, arch="sm_90"))
+    t = "bf16.bf16" if dtype == "bf16" else "f16.f16"
+    calls = [ln for ln in src.splitlines() if "_mma_async_sync_aligned_" in ln and
+             "__device__" not in ln]
+    assert sum(f"m64n{bn}k16" in ln for ln in calls) == D // 16
+    assert sum(f"m64n{Dv}k16" in ln for ln in calls) == bn // 16
+    assert f"wgmma.mma_async.sync.aligned.m64n{bn}k16.f32.{t}" in src
+    assert f"__launch_bounds__({2 * bm})" in src
+    assert "fence.proxy.async.shared::cta" in src and src.count("__syncthreads()") == 2
+    assert cuda_smem_bytes(spec, cfg) == 2 * bm * D + ns * (2 * bn * (D + Dv) + 4 * bn)
+
+
+def test_wgmma_is_the_default_on_sm90_only():
+    """The untuned GPU forward: wgmma on sm_90, mma.sync elsewhere (sm_80) and for head dims
+    off the 64-column atoms; on this machine (no GPU) the arch must be named."""
+    from gfwagen.backends import tvm_backend as tb
+
+    WGMMA_CUDA_TC_CONFIG, default_cuda_config = tb.WGMMA_CUDA_TC_CONFIG, tb.default_cuda_config
+
+    spec = KernelSpec("tvm", "fwd", 128, 128, 256, "bf16", True, 1)
+    assert default_cuda_config(spec, "sm_90") == WGMMA_CUDA_TC_CONFIG
+    assert not default_cuda_config(spec, "sm_80").get("wgmma")
+    assert not default_cuda_config(spec.replace(head_dim=96, value_dim=96), "sm_90").get("wgmma")
+    assert not default_cuda_config(spec.replace(pass_="bwd_kv"), "sm_90").get("wgmma")
+    src = cuda_source(build_cuda(spec, arch="sm_90"))
+    assert "wgmma.mma_async" in src and "mma.sync" not in src
+    if tb.device_arch() is None:
+        assert not default_cuda_config(spec).get("wgmma")
+
+
+def test_wgmma_joins_the_tuners_space_on_sm90(monkeypatch):
+    """x_wgmma is searched where the GPU is an sm_90; a wgmma trial drops the mma.sync knobs
+    and counts a warpgroup per 64 rows; wgmma off reads as the config without the knob."""
+    from gfwagen.backends import tvm_backend
+    from gfwagen.tuner import space
+
+    spec = KernelSpec("tvm", "fwd", 128, 128, 256, "bf16", True, 1)
+    monkeypatch.setattr(tvm_backend, "device_arch", lambda: "sm_80")
+    assert "x_wgmma" not in space.params("tvm", "fwd", space.knobs_for(spec, gpu=True))
+    monkeypatch.setattr(tvm_backend, "device_arch", lambda: "sm_90")
+    p = space.params("tvm", "fwd", space.knobs_for(spec, gpu=True))
+    assert p["x_wgmma"] == (False, True)
+    vals = {"block_m": 128, "block_n": 128, "num_stages": 2, "x_sub_n": 32, "x_warp_m": 2,
+            "x_q_smem": True, "x_wgmma": True}
+    cfg = space.config_from_params(spec, vals, gpu=True)
+    assert cfg == KernelConfig(128, 128, 8, 2, extra=(("wgmma", True),))
+    assert space.feasible(spec, cfg)[0]
+    off = space.config_from_params(spec, {**vals, "x_wgmma": False}, gpu=True)
+    assert off.get("wgmma") is None and off.get("warp_m") == 2
+    assert space.default(spec, gpu=True) == tvm_backend.WGMMA_CUDA_TC_CONFIG
+    assert space.config_params(spec, cfg, gpu=True)["x_wgmma"] is True
+
+
+def test_wgmma_forward_limits():
+    """wgmma needs an sm_90 GPU and head dims on the 64-column swizzle atoms; a config it
+    cannot run is refused by name, never swapped for another template."""
+    from gfwagen.backends.tvm_backend import _cuda_config, cuda_arch, tensor_core_forward
+    from gfwagen.tuner import space
+
+    spec = KernelSpec("tvm", "fwd", 128, 128, 256, "bf16", True, 1)
+    assert cuda_arch(_wgmma(), "sm_90") == "sm_90a"
+    assert cuda_arch(KernelConfig(), "sm_80") == "sm_80"
+    with pytest.raises(NotImplementedError, match="sm_90"):
+        build_cuda(spec, _wgmma(), arch="sm_80")
+    for bad in (_wgmma(bm=32), _wgmma(bm=256), _wgmma(bn=8), _wgmma(bn=512), _wgmma(ns=3)):
+        assert not tensor_core_forward(spec, bad)
+        with pytest.raises(NotImplementedError, match="unsupported"):
+            _cuda_config(spec, bad)
+        assert not space.feasible(spec, bad)[0]
+    d96 = spec.replace(head_dim=96, value_dim=96)  # mma.sync takes it, wgmma does not
+    assert tensor_core_forward(d96) and not tensor_core_forward(d96, _wgmma())
+    with pytest.raises(NotImplementedError, match="multiples of 64"):
+        build_cuda(d96, _wgmma())
+    # two warpgroups of 128 threads; 128 x 256 keys at two stages passes 227 KiB
+    assert space.resources(spec, _wgmma(128, 64))["threads"] == 256
+    assert space.feasible(spec, _wgmma(128, 128, 2))[0]
+    assert not space.feasible(spec, _wgmma(128, 256, 2))[0]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_wgmma_forward_cubin_with_nvcc():
+    """ptxas accepts the warpgroup MMAs (sm_90a) and keeps them in registers: no local
+    memory at the tuned tile."""
+    spec = KernelSpec("tvm", "fwd", 128, 128, 256, "bf16", True, 1)
+    cubin = build_cuda_cubin(spec, _wgmma(128, 64, 2), arch="sm_90a")
+    assert cubin[:4] == b"\x7fELF"

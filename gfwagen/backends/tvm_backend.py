@@ -71,6 +71,11 @@ DEFAULT_CUDA_TC_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_s
 WIDE_CUDA_TC_CONFIG = KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=2,
                                    extra=(("q_smem", True), ("sub_n", 32), ("warp_m", 2)))
 WIDE_MIN_HEAD_DIM = 128
+# On sm_90 the warpgroup-MMA template (templates/tvm/fwd_wgmma.py): one warpgroup of 64 rows,
+# 64-key tiles, two stages; the fastest of its tiles at S1, S2, S3 and S5 on the H200, 1.2-1.3x
+# faster than WIDE_CUDA_TC_CONFIG at S1-S4 (benchmarks/RESULTS.md, session 8).
+WGMMA_CUDA_TC_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2,
+                                    extra=(("wgmma", True),))
 CUDA_DYNAMIC_SMEM_LIMIT = 227 * 1024  # per block on sm_90 (H100/H200)
 CUDA_STATIC_SMEM_LIMIT = 48 * 1024
 
@@ -125,20 +130,55 @@ def _fit(cfg: KernelConfig, T: int) -> KernelConfig:
     return KernelConfig(bm, bn, cfg.num_warps, cfg.num_stages, cfg.extra)
 
 
+def tensor_core_template(config: KernelConfig | None):
+    """The tensor-core forward template a config names: templates/tvm/fwd_wgmma.py (Hopper's
+    warpgroup MMA) when its extra `wgmma` is set, else templates/tvm/fwd_cuda.py (mma.sync)."""
+    return load_template("tvm", "fwd_wgmma" if config is not None and config.get("wgmma")
+                         else "fwd_cuda")
+
+
 def tensor_core_forward(spec: KernelSpec, config: KernelConfig | None = None) -> bool:
-    """Whether the GPU forward of `spec` runs on tensor cores (templates/tvm/fwd_cuda.py)."""
+    """Whether the GPU forward of `spec` runs on tensor cores (fwd_cuda.py or fwd_wgmma.py)."""
     if spec.pass_ != "fwd":
         return False
-    tc = load_template("tvm", "fwd_cuda")
-    return tc.supports(spec.head_dim, spec.value_dim, spec.dtype,
-                       config or DEFAULT_CUDA_TC_CONFIG) is None
+    config = config or DEFAULT_CUDA_TC_CONFIG
+    return tensor_core_template(config).supports(spec.head_dim, spec.value_dim, spec.dtype,
+                                                 config) is None
 
 
-def default_cuda_config(spec: KernelSpec) -> KernelConfig:
-    """The tensor-core forward's default (WIDE_CUDA_TC_CONFIG where it fits), or the CUDA-core
-    tiles with the tile that sets the shared memory (block_n for fwd/bwd_q, block_m for
-    bwd_kv) halved until the fp32 staging fits the 48 KiB of static shared memory (head dims
-    above 64 need it)."""
+def cuda_arch(config: KernelConfig, arch: str) -> str:
+    """The arch to build `config` for on a device of `arch`: wgmma needs the sm_90a feature set
+    (sm_90 otherwise builds for the family-portable subset, which has no wgmma)."""
+    if not config.get("wgmma"):
+        return arch
+    if arch not in ("sm_90", "sm_90a"):
+        raise NotImplementedError(f"tvm cuda: config.extra wgmma needs an sm_90 GPU, not {arch}")
+    return "sm_90a"
+
+
+def device_arch() -> str | None:
+    """'sm_XY' of the current CUDA device, None without one."""
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
+
+
+def wgmma_available(spec: KernelSpec, arch: str | None = None) -> bool:
+    """Whether the warpgroup-MMA forward can run `spec` on `arch` (default: this machine's
+    GPU): sm_90, fp16/bf16, head dims multiples of 64."""
+    arch = arch or device_arch()
+    return arch in ("sm_90", "sm_90a") and tensor_core_forward(spec, WGMMA_CUDA_TC_CONFIG)
+
+
+def default_cuda_config(spec: KernelSpec, arch: str | None = None) -> KernelConfig:
+    """The tensor-core forward's default (WGMMA_CUDA_TC_CONFIG on sm_90, else
+    WIDE_CUDA_TC_CONFIG where it fits), or the CUDA-core tiles with the tile that sets the
+    shared memory (block_n for fwd/bwd_q, block_m for bwd_kv) halved until the fp32 staging
+    fits the 48 KiB of static shared memory (head dims above 64 need it). arch: the GPU's
+    ('sm_90'), by default this machine's."""
+    if wgmma_available(spec, arch):
+        return WGMMA_CUDA_TC_CONFIG
     if tensor_core_forward(spec):
         tc, wide = load_template("tvm", "fwd_cuda"), WIDE_CUDA_TC_CONFIG
         if spec.head_dim >= WIDE_MIN_HEAD_DIM and \
@@ -159,7 +199,9 @@ def make_primfunc(spec: KernelSpec, config: KernelConfig, target: str = "cpu"):
     args = (spec.head_dim, spec.value_dim, spec.window, spec.dtype, spec.gated, spec.group,
             config)
     if target == "gpu" and tensor_core_forward(spec, config):
-        return load_template("tvm", "fwd_cuda").make_forward_tc(*args)
+        if config.get("wgmma"):
+            return tensor_core_template(config).make_forward_wgmma(*args)
+        return tensor_core_template(config).make_forward_tc(*args)
     if spec.pass_ == "fwd":
         return load_template("tvm", "fwd").make_forward(*args, target=target)
     bwd = load_template("tvm", "bwd")
@@ -225,15 +267,17 @@ def _launch(q: torch.Tensor, fn, *args) -> None:
         fn(*args)
 
 
-def _cuda_config(spec: KernelSpec, config: KernelConfig | None) -> KernelConfig:
-    """The config for the GPU template: the default when None, else `config` itself (extras
-    the template does not read, such as the CPU kernels' rm/vn, are ignored). A config the
-    template cannot run is an error, not a silent substitute: the tuner times what it asks."""
+def _cuda_config(spec: KernelSpec, config: KernelConfig | None,
+                 arch: str | None = None) -> KernelConfig:
+    """The config for the GPU template: the default for `arch` when None, else `config`
+    itself (extras the template does not read, such as the CPU kernels' rm/vn, are ignored).
+    A config the template cannot run is an error, not a silent substitute: the tuner times
+    what it asks."""
     if config is None:
-        return default_cuda_config(spec)
+        return default_cuda_config(spec, arch)
     if spec.pass_ == "fwd" and tensor_core_forward(spec):
-        why = load_template("tvm", "fwd_cuda").supports(spec.head_dim, spec.value_dim,
-                                                        spec.dtype, config)
+        why = tensor_core_template(config).supports(spec.head_dim, spec.value_dim,
+                                                    spec.dtype, config)
         if why is not None:
             raise NotImplementedError(f"tvm cuda forward: unsupported {why}")
         return config
@@ -298,7 +342,8 @@ def tvm_forward(q, k, v, log_gate=None, window=None, scale=None, config=None, ta
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     tgt = _target(q, target)
     spec = _spec("fwd", q, k, v, log_gate, window)
-    cfg = _cuda_config(spec, config) if q.is_cuda else _fit(config or DEFAULT_CPU_CONFIG, T)
+    cfg = _cuda_config(spec, config, tgt.get("arch")) if q.is_cuda else \
+        _fit(config or DEFAULT_CPU_CONFIG, T)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     c = _gate_sums(log_gate, q.device)
     o = torch.empty(B, T, Hq, v.shape[3], dtype=q.dtype, device=q.device)
@@ -366,7 +411,7 @@ def cuda_smem_bytes(spec: KernelSpec, config: KernelConfig) -> int:
     (fp32 staging)."""
     D, Dv, BM, BN = spec.head_dim, spec.value_dim, config.block_m, config.block_n
     if tensor_core_forward(spec, config):
-        return load_template("tvm", "fwd_cuda").smem_bytes(D, Dv, config)
+        return tensor_core_template(config).smem_bytes(D, Dv, config)
     if spec.pass_ == "fwd":
         n = D * BN + BN * Dv + BN
     elif spec.pass_ == "bwd_kv":
@@ -383,7 +428,7 @@ def build_cuda(spec: KernelSpec, config: KernelConfig | None = None, arch: str =
     cuda_source() gives its CUDA C and build_cuda_cubin() compiles that with nvcc. Needs no
     GPU. Cached like the CPU builds."""
     _require_tvm()
-    config = config or default_cuda_config(spec)
+    config = config or default_cuda_config(spec, arch)
     if spec.dtype not in CUDA_DTYPES:
         raise NotImplementedError(f"tvm cuda: dtype {spec.dtype!r} not supported")
     if tensor_core_forward(spec, config):
@@ -392,11 +437,11 @@ def build_cuda(spec: KernelSpec, config: KernelConfig | None = None, arch: str =
             raise NotImplementedError(
                 f"tvm cuda: forward tiles need {smem} B of shared memory "
                 f"(> {CUDA_DYNAMIC_SMEM_LIMIT}); lower block_n or num_stages")
-        return _compile(spec, config, {"kind": "cuda", "arch": arch}, "gpu")
+        return _compile(spec, config, {"kind": "cuda", "arch": cuda_arch(config, arch)}, "gpu")
     if spec.pass_ == "fwd" and spec.dtype != "fp32":
-        tc = load_template("tvm", "fwd_cuda")
+        tc = tensor_core_template(config)
         why = tc.supports(spec.head_dim, spec.value_dim, spec.dtype, config)
-        if tc.supports(spec.head_dim, spec.value_dim, spec.dtype, DEFAULT_CUDA_TC_CONFIG) is None:
+        if config.get("wgmma") or tensor_core_forward(spec):
             raise NotImplementedError(f"tvm cuda: tensor-core forward config: unsupported {why}")
     threads = config.block_n if spec.pass_ == "bwd_kv" else config.block_m
     if threads > 1024:

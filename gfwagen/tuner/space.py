@@ -46,7 +46,12 @@ TVM_TC_PARAMS = {"num_stages": (1, 2), "x_sub_n": (16, 32, 64), "x_warp_m": (1, 
 # Extras of the tensor-core forward at the template's own default are left out of a config,
 # so that it reads and hashes (compile cache, tuning database) the same as one written
 # without them: the default config and the configs measured before these knobs existed.
-TVM_TC_DEFAULTS = {"warp_m": 1, "q_smem": False}
+TVM_TC_DEFAULTS = {"warp_m": 1, "q_smem": False, "wgmma": False}
+# On sm_90 the warpgroup-MMA template joins the tensor-core forward's space as x_wgmma (the
+# pseudo-knob WGMMA, which knobs_for adds there). Its tiles take block_m (64 rows per
+# warpgroup), block_n and num_stages; the mma.sync knobs mean nothing to it and are dropped.
+WGMMA = "wgmma"
+MMA_SYNC_ONLY = ("sub_n", "warp_m", "q_smem")
 DEFAULT_KNOBS = ("tma",)
 CONSTRAINT_NAMES = ("smem", "registers", "failed")
 
@@ -79,7 +84,9 @@ def knobs_for(spec: KernelSpec, knobs=None, gpu: bool = False) -> tuple[str, ...
     if spec.backend == "tvm":
         from gfwagen.backends import tvm_backend
 
-        return (TENSOR_CORE,) if gpu and tvm_backend.tensor_core_forward(spec) else ()
+        if not (gpu and tvm_backend.tensor_core_forward(spec)):
+            return ()
+        return (TENSOR_CORE, WGMMA) if tvm_backend.wgmma_available(spec) else (TENSOR_CORE,)
     if spec.backend != "triton":
         return ()
     knobs = check_knobs(DEFAULT_KNOBS if knobs is None else knobs)
@@ -96,6 +103,8 @@ def params(backend: str, pass_: str, knobs: tuple = ()) -> dict[str, tuple]:
         p = {"block_m": TVM_TILES, "block_n": TVM_TILES}
         if TENSOR_CORE in knobs:
             p.update(TVM_TC_PARAMS)
+            if WGMMA in knobs:
+                p["x_wgmma"] = (False, True)
         else:
             p.update({f"x_{k}": tuple(v) for k, v in sorted(tvm_extras().items())})
         return p
@@ -112,11 +121,15 @@ def config_from_params(spec: KernelSpec, values: dict, gpu: bool = False) -> Ker
     extra = {k[2:]: v for k, v in values.items()
              if k.startswith("x_") and not (k[2:] in KNOBS and v is False)}
     extra = {**dict(base.extra), **extra}
+    num_warps = int(values.get("num_warps", base.num_warps))
     if spec.backend == "tvm":
+        if extra.get("wgmma") is True:  # a warpgroup (4 warps) per 64 rows
+            extra = {k: v for k, v in extra.items() if k not in MMA_SYNC_ONLY}
+            num_warps = max(1, int(values.get("block_m", base.block_m)) // 16)
         extra = {k: v for k, v in extra.items() if not _tvm_tc_default(k, v)}
     return KernelConfig(block_m=int(values.get("block_m", base.block_m)),
                         block_n=int(values.get("block_n", base.block_n)),
-                        num_warps=int(values.get("num_warps", base.num_warps)),
+                        num_warps=num_warps,
                         num_stages=int(values.get("num_stages", base.num_stages)),
                         extra=tuple(sorted(extra.items())))
 
@@ -169,6 +182,10 @@ def resources(spec: KernelSpec, config: KernelConfig) -> dict:
         from gfwagen.backends.tvm_backend import cuda_smem_bytes, tensor_core_forward
         from gfwagen.template_loader import load_template
 
+        if tensor_core_forward(spec, config) and config.get("wgmma"):  # 128 per 64 rows
+            regs = load_template("tvm", "fwd_wgmma").registers(D, Dv, config)
+            return {"smem": cuda_smem_bytes(spec, config), "registers": regs,
+                    "threads": 2 * BM}
         if tensor_core_forward(spec, config):  # a warp per 16 x warp_m rows
             wm = config.get("warp_m", 1)
             # estimated at two row blocks per warp only: one block's tiles are the op's
@@ -228,7 +245,7 @@ def feasible(spec: KernelSpec, config: KernelConfig, *, gpu: bool = True) -> tup
         from gfwagen.backends import tvm_backend as tb
 
         if tb.tensor_core_forward(spec) and not tb.tensor_core_forward(spec, config):
-            why = tb.load_template("tvm", "fwd_cuda").supports(
+            why = tb.tensor_core_template(config).supports(
                 spec.head_dim, spec.value_dim, spec.dtype, config)
             return False, f"the tensor-core forward takes no {why}"
     v = violations(spec, config)

@@ -1,0 +1,379 @@
+"""GatedFWA forward on Hopper's warpgroup MMA (wgmma), as a TensorIR PrimFunc factory (TVM 0.27).
+
+Imports nothing from gfwagen (loaded through gfwagen.template_loader). Needs sm_90a.
+
+`make_forward_wgmma(head_dim, value_dim, window, dtype, gated, group, config)` closes over the
+specialization (fp16/bf16, head dims multiples of 64) and the config (block_m = 64 rows per
+warpgroup x warpgroups, block_n keys per tile, num_stages 1 or 2) and returns a PrimFunc with
+the signature of fwd_cuda.make_forward_tc:
+
+    gfwa_fwd(q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv], c [*,*,*] float64 ([B,Hq,T] prefix
+             sums; a dummy when ungated), o [B,T,Hq,Dv], lse [B,Hq,T] float32, scale)
+
+Why a second tensor-core template: mma.sync (fwd_cuda.py) feeds every operand through the
+register file, one ldmatrix per fragment and warp, and on the H200 that kernel is bound by
+shared-memory reads at about 65% of Triton's speed. wgmma reads K and V from shared memory
+once per warpgroup of 64 rows, and Q from shared memory too, so the registers hold only the
+scores, P and the output accumulator.
+
+Per key tile: S = Q K^T is D/16 wgmma m64nBNk16 (both operands in shared memory); the softmax
+runs on S in registers; O += P V is BN/16 wgmma m64nDVk16 with P from registers (its A
+fragment is the S accumulator narrowed pairwise: the same lanes hold the same rows and
+columns) and V from shared memory, read transposed (V is [keys, Dv] row-major, so N = Dv is
+its contiguous dimension). Each product is committed and waited for before its result is
+read; the tile loop double-buffers K and V through cp.async as fwd_cuda.py does.
+
+Shared memory: one flat buffer, every operand in 128-byte-swizzle atoms (8 rows of 64
+elements, each 16-byte chunk c of row r stored at chunk c ^ (r % 8)), atoms of 64 columns
+stacked [column block][row][64]. Q and K are K-major (D contiguous): a 16-wide k step is a
+32-byte step of the descriptor's start address inside an atom; 8-row groups are 1024 bytes
+apart (SBO). V is MN-major: 8-key groups 1024 bytes apart (SBO), 64-column blocks block_n x
+128 bytes apart (LBO). Each region starts on a 1024-byte boundary, which the swizzle needs.
+
+Accumulator and A fragments (PTX ISA, wgmma .m64nNk16): warp w of a warpgroup owns rows
+16 w..16 w + 15; lane = 4 g + t holds d[4 nb + 2 r + e] = (row g + 8 r, column 8 nb + 2 t + e),
+and A register u holds (row g + 8 (u % 2), k 2 t + 8 (u // 2) + {0, 1}).
+
+The gate and the masks are those of fwd_cuda.py: a float64 reference c[b, h, i0] per query
+tile, logits in log2 units, tiles inside every row's window skip the mask.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+_DT = {"fp16": "float16", "bf16": "bfloat16"}
+_WGMMA = {"fp16": "f32.f16.f16", "bf16": "f32.bf16.bf16"}
+_PACK = {"fp16": "cvt.rn.f16x2.f32", "bf16": "cvt.rn.bf16x2.f32"}
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MASK = -1.0e30  # finite "minus infinity" for masked logits (log2 domain)
+MASK_T = -5.0e29  # anything below this is a masked logit
+ATOM = 64  # elements per swizzled row (128 bytes of fp16/bf16)
+SW128 = 3  # the descriptor encoder's code for the 128-byte swizzle
+
+
+def supports(head_dim, value_dim, dtype, config) -> str | None:
+    """None when this template can run the specialization, else why not."""
+    if dtype not in _DT:
+        return f"dtype {dtype!r} (wgmma here: fp16, bf16)"
+    if head_dim % ATOM or value_dim % ATOM or value_dim > 256:
+        return f"head dims {head_dim}/{value_dim} (multiples of 64, value dim <= 256)"
+    bm, bn, ns = int(config.block_m), int(config.block_n), int(config.num_stages)
+    if bm not in (64, 128):
+        return f"block_m {bm} (64 rows per warpgroup, 1 or 2 warpgroups)"
+    if bn % 16 or not 16 <= bn <= 256:
+        return f"block_n {bn} (a multiple of 16, <= 256)"
+    if ns not in (1, 2):
+        return f"num_stages {ns} (1 or 2)"
+    threads = 2 * bm
+    for dim in (head_dim, value_dim):
+        if (bn * dim // 8) % threads or (bm * head_dim // 8) % threads:
+            return f"block_n {bn} x dim {dim} / 8 copies not a multiple of {threads} threads"
+    return None
+
+
+def smem_bytes(head_dim, value_dim, config) -> int:
+    bm, bn, ns = int(config.block_m), int(config.block_n), int(config.num_stages)
+    return 2 * bm * head_dim + ns * (2 * bn * (head_dim + value_dim) + 4 * bn)
+
+
+def registers(head_dim, value_dim, config) -> int:
+    """Estimated registers per thread: the S and O accumulators (fp32), P (packed pairs) and
+    about 40 for addresses, indices and row statistics."""
+    bn = int(config.block_n)
+    return bn // 2 + value_dim // 2 + bn // 4 + 40
+
+
+def make_forward_wgmma(head_dim, value_dim, window, dtype, gated, group, config):
+    D, DV, G = int(head_dim), int(value_dim), int(group)
+    W = int(window or 0)  # 0: full causal
+    why = supports(D, DV, dtype, config)
+    if why is not None:
+        raise NotImplementedError(f"tvm wgmma forward: unsupported {why}")
+    dt = _DT[dtype]
+    gated = bool(gated)
+    BM, BN, NS = int(config.block_m), int(config.block_n), int(config.num_stages)
+    NT = 2 * BM  # a warpgroup of 128 threads per 64 rows
+    NB = BN // 8  # 8-key accumulator blocks of S
+    NDB = DV // 8  # 8-column blocks of O
+    NGC = (BN + NT - 1) // NT  # gate sums per thread per key tile
+    mma_s = f"wgmma.mma_async.sync.aligned.m64n{BN}k16.{_WGMMA[dtype]}"
+    mma_o = f"wgmma.mma_async.sync.aligned.m64n{DV}k16.{_WGMMA[dtype]}"
+    pack = _PACK[dtype]
+    # byte offsets in the flat shared buffer (4-byte words: it is declared float32 so the
+    # gate sums can live in it too; Q, K and V are reached through addresses only)
+    Q_OFF = 0
+    K_OFF = Q_OFF + 2 * BM * D
+    V_OFF = K_OFF + NS * 2 * BN * D
+    C_OFF = V_OFF + NS * 2 * BN * DV
+    WORDS = (C_OFF + NS * BN * 4) // 4
+
+    @T.macro
+    def copy_rows(smem, base, rows_here, src, s0, hh, dim, b, L, tx):
+        # rows s0.. of src [B, T, H, dim] (head hh) into swizzled atoms at byte `base`
+        # (rows_here rows per atom block), 16 bytes per cp.async; rows past the end are
+        # clamped to the last row: finite values the mask (j <= i) then excludes, or (Q)
+        # rows whose output is never written
+        for rr in T.unroll(rows_here * dim // 8 // NT):
+            ci = rr * NT + tx
+            jr = ci // (dim // 8)
+            cc = ci % (dim // 8)
+            off = base + cc // 8 * (rows_here * 128) + jr * 128 + T.bitwise_xor(cc % 8, jr % 8) * 16
+            T.ptx["cp.async.cg.shared.global"](
+                T.address_of(smem[off // 4]),
+                T.address_of(src[b, T.min(s0 + jr, L - 1), hh, cc * 8]),
+                16,
+            )
+
+    @T.macro
+    def load_tile(kt, st, smem, k, v, b, hk, L, tx):
+        copy_rows(smem, K_OFF + st * (2 * BN * D), BN, k, kt * BN, hk, D, b, L, tx)
+        copy_rows(smem, V_OFF + st * (2 * BN * DV), BN, v, kt * BN, hk, DV, b, L, tx)
+
+    # The key tiles' prefix sums: float64 loads a tile ahead into registers (gate_fetch),
+    # narrowed into shared memory once the tile's math is done (gate_store), as in
+    # fwd_cuda.py.
+    @T.macro
+    def gate_fetch(kt, cg_r, c, b, h, L, tx):
+        for rr in T.unroll(NGC):
+            cg_r[rr] = c[b, h, T.min(kt * BN + rr * NT + tx, L - 1)]
+
+    @T.macro
+    def gate_store(st, cg_r, smem, cref, tx):
+        for rr in T.unroll(NGC):
+            if rr * NT + tx < BN:
+                smem[C_OFF // 4 + st * BN + rr * NT + tx] = T.Cast(
+                    "float32", cg_r[rr] - cref
+                ) * T.float32(LOG2E)
+
+    @T.macro
+    def descriptor(desc, smem, byte_off, lbo, sbo):
+        # start address, LBO and SBO in 16-byte units
+        T.cuda.wgmma.encode_matrix_descriptor(
+            T.address_of(desc[0]), T.address_of(smem[byte_off // 4]), lbo, sbo, SW128
+        )
+
+    @T.macro
+    def scores(st, wg, smem, s_r, qd, kd):
+        # S = Q K^T over D / 16 k steps; the first overwrites S (scale-d false)
+        T.ptx["wgmma.fence.sync.aligned"]()
+        for ks in T.unroll(D // 16):
+            # K-major: LBO unused (1), SBO the 1024 bytes between 8-row groups
+            kin = ks % 4 * 32  # the k step's bytes into its atom
+            descriptor(qd, smem, Q_OFF + ks // 4 * (BM * 128) + wg * (64 * 128) + kin, 1, 64)
+            descriptor(kd, smem, K_OFF + st * (2 * BN * D) + ks // 4 * (BN * 128) + kin, 1, 64)
+            T.ptx[mma_s](*[s_r[x] for x in range(BN // 2)], qd[0], kd[0], ks > 0, 1, 1, 0, 0)
+        T.ptx["wgmma.commit_group.sync.aligned"]()
+        T.ptx["wgmma.wait_group.sync.aligned"](0)
+
+    @T.macro
+    def accumulate(st, smem, p_r, acc, vd):
+        # O += P V over BN / 16 key steps; V read transposed (MN-major)
+        T.ptx["wgmma.fence.sync.aligned"]()
+        for kk in T.unroll(BN // 16):
+            # MN-major: LBO the block_n x 128 bytes between 64-column blocks, SBO the 1024
+            # between 8-key groups
+            descriptor(vd, smem, V_OFF + st * (2 * BN * DV) + kk * (16 * 128), BN * 8, 64)
+            T.ptx[mma_o](
+                *[acc[x] for x in range(DV // 2)],
+                p_r[kk * 4],
+                p_r[kk * 4 + 1],
+                p_r[kk * 4 + 2],
+                p_r[kk * 4 + 3],
+                vd[0],
+                True,
+                1,
+                1,
+                1,
+            )
+        T.ptx["wgmma.commit_group.sync.aligned"]()
+        T.ptx["wgmma.wait_group.sync.aligned"](0)
+
+    @T.macro
+    def softmax(st, dj, masked, s_r, p_r, smem, m_r, l_r, acc, t4, sl2):
+        for r in T.unroll(2):
+            for nb in T.unroll(NB):
+                for e in T.unroll(2):
+                    x = nb * 4 + r * 2 + e
+                    if gated:
+                        # c_i is constant along a row, which softmax ignores: it joins only
+                        # the lse (epilogue), and each logit costs one fma
+                        s_r[x] = s_r[x] * sl2 - smem[C_OFF // 4 + st * BN + nb * 8 + t4 * 2 + e]
+                    else:
+                        s_r[x] = s_r[x] * sl2
+                    if masked:
+                        rel = dj + (nb * 8 - r * 8) + t4 * 2 + e  # key minus query position
+                        if W > 0:
+                            s_r[x] = T.if_then_else(rel <= 0 and rel > -W, s_r[x], T.float32(MASK))
+                        else:
+                            s_r[x] = T.if_then_else(rel <= 0, s_r[x], T.float32(MASK))
+            mx: T.float32 = m_r[r]
+            for nb in T.unroll(NB):
+                for e in T.unroll(2):
+                    mx = T.max(mx, s_r[nb * 4 + r * 2 + e])
+            mx = T.max(mx, T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), mx, 1, 32))
+            mx = T.max(mx, T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), mx, 2, 32))
+            alpha: T.float32 = T.exp2(m_r[r] - mx)
+            m_r[r] = mx
+            psum: T.float32 = T.float32(0)
+            for nb in T.unroll(NB):
+                for e in T.unroll(2):
+                    x = nb * 4 + r * 2 + e
+                    if masked:
+                        s_r[x] = T.if_then_else(
+                            s_r[x] > T.float32(MASK_T), T.exp2(s_r[x] - mx), T.float32(0)
+                        )
+                    else:
+                        s_r[x] = T.exp2(s_r[x] - mx)
+                    psum = psum + s_r[x]
+            l_r[r] = l_r[r] * alpha + psum
+            for db in T.unroll(NDB):
+                for e in T.unroll(2):
+                    acc[db * 4 + r * 2 + e] = acc[db * 4 + r * 2 + e] * alpha
+        # P as the A fragments of O += P V: register u of key step kk is S's block
+        # 2 kk + u // 2, row half u % 2
+        for kk in T.unroll(BN // 16):
+            for u in T.unroll(4):
+                x = (kk * 2 + u // 2) * 4 + u % 2 * 2
+                T.ptx[pack](p_r[kk * 4 + u], s_r[x + 1], s_r[x])
+
+    @T.prim_func
+    def gfwa_fwd(
+        q_h: T.handle,
+        k_h: T.handle,
+        v_h: T.handle,
+        c_h: T.handle,
+        o_h: T.handle,
+        lse_h: T.handle,
+        scale: T.float32,
+    ):
+        T.func_attr({"global_symbol": "gfwa_fwd", "tirx.noalias": True})
+        B = T.int64()
+        L = T.int64()
+        HQ = T.int64()
+        HKV = T.int64()
+        CB = T.int64()
+        CH = T.int64()
+        CT = T.int64()
+        q = T.match_buffer(q_h, (B, L, HQ, D), dt)
+        k = T.match_buffer(k_h, (B, L, HKV, D), dt)
+        v = T.match_buffer(v_h, (B, L, HKV, DV), dt)
+        c = T.match_buffer(c_h, (CB, CH, CT), "float64")
+        o = T.match_buffer(o_h, (B, L, HQ, DV), dt)
+        lse = T.match_buffer(lse_h, (B, HQ, L), "float32")
+        for tile in T.thread_binding(B * HQ * ((L + BM - 1) // BM), thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                # one buffer: a second one would be merged at an offset of TVM's choosing,
+                # and the swizzle needs every region on a 1024-byte boundary
+                smem = T.alloc_buffer((WORDS,), "float32", scope="shared.dyn")
+                if gated:
+                    cg_r = T.alloc_buffer((NGC,), "float64", scope="local")
+                s_r = T.alloc_buffer((BN // 2,), "float32", scope="local")
+                p_r = T.alloc_buffer((BN // 4,), "uint32", scope="local")
+                acc = T.alloc_buffer((DV // 2,), "float32", scope="local")
+                qd = T.alloc_buffer((1,), "uint64", scope="local")
+                kd = T.alloc_buffer((1,), "uint64", scope="local")
+                vd = T.alloc_buffer((1,), "uint64", scope="local")
+                m_r = T.alloc_buffer((2,), "float32", scope="local")
+                l_r = T.alloc_buffer((2,), "float32", scope="local")
+                cq_r = T.alloc_buffer((2,), "float32", scope="local")
+                nq = (L + BM - 1) // BM
+                b = tile // (HQ * nq)
+                h = tile // nq % HQ
+                i0 = tile % nq * BM
+                hk = h // G
+                wg = tx // 128
+                lane = tx % 32
+                t4 = lane % 4
+                # this thread's rows: row0 and row0 + 8
+                row0 = i0 + tx // 32 * 16 + lane // 4
+                sl2 = scale * T.float32(LOG2E)
+                # the block's Q rows (their own commit group, the oldest: the first tile's
+                # wait covers it)
+                copy_rows(smem, Q_OFF, BM, q, i0, h, D, b, L, tx)
+                T.ptx["cp.async.commit_group"]()
+                for r in T.unroll(2):
+                    m_r[r] = T.float32(MASK)
+                    l_r[r] = T.float32(0)
+                    if gated:
+                        cq_r[r] = T.Cast(
+                            "float32", c[b, h, T.min(row0 + r * 8, L - 1)] - c[b, h, i0]
+                        ) * T.float32(LOG2E)
+                    else:
+                        cq_r[r] = T.float32(0)
+                for x in T.unroll(DV // 2):
+                    acc[x] = T.float32(0)
+                for x in T.unroll(BN // 2):
+                    s_r[x] = T.float32(0)
+                kt_hi = (T.min(L, i0 + BM) + BN - 1) // BN
+                kt_lo = T.int64(0)
+                if W > 0:
+                    kt_lo = T.max(i0 - (W - 1), T.int64(0)) // BN
+                n_tiles = kt_hi - kt_lo
+
+                if gated:
+                    cref: T.float64 = c[b, h, i0]
+                    if n_tiles > 0:
+                        gate_fetch(kt_lo, cg_r, c, b, h, L, tx)
+                if NS == 2:
+                    if n_tiles > 0:
+                        load_tile(kt_lo, 0, smem, k, v, b, hk, L, tx)
+                        if gated:
+                            gate_store(0, cg_r, smem, cref, tx)
+                            if n_tiles > 1:
+                                gate_fetch(kt_lo + 1, cg_r, c, b, h, L, tx)
+                    T.ptx["cp.async.commit_group"]()
+                for it in T.serial(T.Cast("int32", n_tiles)):
+                    kt = kt_lo + T.Cast("int64", it)
+                    st = it % NS
+                    ahead = T.Cast("int64", it) + (NS - 1)
+                    if NS == 2:
+                        if ahead < n_tiles:
+                            load_tile(kt + 1, 1 - st, smem, k, v, b, hk, L, tx)
+                    else:
+                        load_tile(kt, 0, smem, k, v, b, hk, L, tx)
+                    if gated:
+                        # between the barriers that end the last tile's math and start
+                        # this one's (fwd_cuda.py says why)
+                        if ahead < n_tiles:
+                            gate_store((it + NS - 1) % NS, cg_r, smem, cref, tx)
+                        if ahead + 1 < n_tiles:
+                            gate_fetch(kt + NS, cg_r, c, b, h, L, tx)
+                    T.ptx["cp.async.commit_group"]()
+                    T.ptx["cp.async.wait_group"](NS - 1)
+                    # cp.async writes through the generic proxy, wgmma reads through the
+                    # async one
+                    T.ptx["fence.proxy.async.shared::cta"]()
+                    T.tvm_storage_sync("shared")
+                    j0 = kt * BN
+                    dj = T.Cast("int32", j0 - row0)
+                    scores(st, wg, smem, s_r, qd, kd)
+                    # interior: every key of the tile is <= the block's first row and inside
+                    # the last row's window
+                    inside = j0 + BN - 1 <= i0
+                    if W > 0:
+                        inside = inside and j0 > i0 + BM - 1 - W
+                    if inside:
+                        softmax(st, dj, False, s_r, p_r, smem, m_r, l_r, acc, t4, sl2)
+                    else:
+                        softmax(st, dj, True, s_r, p_r, smem, m_r, l_r, acc, t4, sl2)
+                    accumulate(st, smem, p_r, acc, vd)
+                    T.tvm_storage_sync("shared")
+                # ---- epilogue: the row sums were per thread, add the quad's four
+                for r in T.unroll(2):
+                    lt: T.float32 = l_r[r]
+                    lt = lt + T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), lt, 1, 32)
+                    lt = lt + T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), lt, 2, 32)
+                    inv: T.float32 = T.float32(1) / lt
+                    ii = row0 + r * 8
+                    if ii < L:
+                        for db in T.unroll(NDB):
+                            for e in T.unroll(2):
+                                o[b, ii, h, db * 8 + t4 * 2 + e] = T.Cast(
+                                    dt, acc[db * 4 + r * 2 + e] * inv
+                                )
+                        if t4 == 0:
+                            lse[b, h, ii] = (m_r[r] + T.log2(lt) + cq_r[r]) * T.float32(LN2)
+
+    return gfwa_fwd
