@@ -50,7 +50,7 @@ BEST_CONFIGS = {128: [(128, 64, 2, 32, 2, True)], 64: [(64, 64, 2, 64)]}
 SUB64_CONFIGS = {128: BEST_CONFIGS[128] + [(128, 64, 2, 64, 2, True)], 64: BEST_CONFIGS[64]}
 # Hopper's warpgroup MMA (templates/tvm/fwd_wgmma.py): ("wg", block_m, block_n, num_stages)
 WGMMA_TILES = [("wg", 64, 64, 2), ("wg", 64, 128, 2), ("wg", 128, 64, 2), ("wg", 128, 128, 2),
-               ("wg", 128, 128, 1), ("wg", 64, 256, 1), ("wg", 128, 256, 1)]
+               ("wg", 64, 64, 3), ("wg", 64, 128, 3), ("wg", 128, 64, 3), ("wg", 128, 128, 3)]
 WGMMA_CONFIGS = {d: BEST_CONFIGS[d] + WGMMA_TILES for d in BEST_CONFIGS}
 PER_HEAD_DIM = {"best": BEST_CONFIGS, "sub64": SUB64_CONFIGS, "wgmma": WGMMA_CONFIGS}
 CONFIGS = NEW_CONFIGS

@@ -57,16 +57,19 @@ def test_space_and_resources():
         space.params("tvm", "bwd_q")
 
 
-def test_tvm_space_on_a_gpu():
+def test_tvm_space_on_a_gpu(monkeypatch):
     """On a GPU the TVM forward's space is the tensor-core template's: its default first,
     stages and softmax steps searched, every enumerated config one the template runs; the
-    CPU space and the CUDA-core passes keep block_m x block_n."""
+    CPU space and the CUDA-core passes keep block_m x block_n. (An sm_80: sm_90 adds the
+    warpgroup-MMA template, tests/test_tvm_backend.py.)"""
     pytest.importorskip("tvm")
     from gfwagen.backends import tvm_backend
 
+    monkeypatch.setattr(tvm_backend, "device_arch", lambda: "sm_80")
+
     spec = PROB.spec("tvm", "fwd")  # bf16, D = 64
     names = space.params("tvm", "fwd", space.knobs_for(spec, None, gpu=True))
-    assert names["num_stages"] == (1, 2) and names["x_sub_n"] == (16, 32, 64)
+    assert names["num_stages"] == (1, 2, 3) and names["x_sub_n"] == (16, 32, 64)
     assert names["x_warp_m"] == (1, 2) and names["x_q_smem"] == (False, True)
     d = space.default(spec, gpu=True)
     assert d == tvm_backend.DEFAULT_CUDA_TC_CONFIG

@@ -490,7 +490,17 @@ def test_wgmma_joins_the_tuners_space_on_sm90(monkeypatch):
     off = space.config_from_params(spec, {**vals, "x_wgmma": False}, gpu=True)
     assert off.get("wgmma") is None and off.get("warp_m") == 2
     assert space.default(spec, gpu=True) == tvm_backend.WGMMA_CUDA_TC_CONFIG
-    assert space.config_params(spec, cfg, gpu=True)["x_wgmma"] is True
+    configs = space.enumerate_configs(spec, gpu=True)
+    wg = [c for c in configs if c.get("wgmma")]
+    assert {(c.block_m, c.num_stages) for c in wg} == {(m, s) for m in (64, 128)
+                                                       for s in (1, 2, 3)}
+    assert all(tvm_backend.tensor_core_forward(spec, c) for c in configs)
+    assert len(configs) > len(wg) > 0
+    # what the study enqueues (the default, --try, --refine) lies in the space's choices
+    for c in (cfg, tvm_backend.WGMMA_CUDA_TC_CONFIG):
+        enq = space.config_params(spec, c, gpu=True)
+        assert enq["x_wgmma"] is True and all(v in p[n] for n, v in enq.items())
+        assert space.config_from_params(spec, enq, gpu=True) == c
 
 
 def test_wgmma_forward_limits():
@@ -504,7 +514,7 @@ def test_wgmma_forward_limits():
     assert cuda_arch(KernelConfig(), "sm_80") == "sm_80"
     with pytest.raises(NotImplementedError, match="sm_90"):
         build_cuda(spec, _wgmma(), arch="sm_80")
-    for bad in (_wgmma(bm=32), _wgmma(bm=256), _wgmma(bn=8), _wgmma(bn=512), _wgmma(ns=3)):
+    for bad in (_wgmma(bm=32), _wgmma(bm=256), _wgmma(bn=8), _wgmma(bn=512), _wgmma(ns=4)):
         assert not tensor_core_forward(spec, bad)
         with pytest.raises(NotImplementedError, match="unsupported"):
             _cuda_config(spec, bad)

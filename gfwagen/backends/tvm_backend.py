@@ -72,9 +72,10 @@ WIDE_CUDA_TC_CONFIG = KernelConfig(block_m=128, block_n=64, num_warps=4, num_sta
                                    extra=(("q_smem", True), ("sub_n", 32), ("warp_m", 2)))
 WIDE_MIN_HEAD_DIM = 128
 # On sm_90 the warpgroup-MMA template (templates/tvm/fwd_wgmma.py): one warpgroup of 64 rows,
-# 64-key tiles, two stages; the fastest of its tiles at S1, S2, S3 and S5 on the H200, 1.2-1.3x
-# faster than WIDE_CUDA_TC_CONFIG at S1-S4 (benchmarks/RESULTS.md, session 8).
-WGMMA_CUDA_TC_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2,
+# 64-key tiles, its pipelined three-stage schedule; the fastest of its tiles at S1, S2 and S5
+# on the H200 and within 9% of the fastest at S4, 1.2-1.3x faster than WIDE_CUDA_TC_CONFIG
+# at S1-S4 (benchmarks/RESULTS.md, session 8).
+WGMMA_CUDA_TC_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3,
                                     extra=(("wgmma", True),))
 CUDA_DYNAMIC_SMEM_LIMIT = 227 * 1024  # per block on sm_90 (H100/H200)
 CUDA_STATIC_SMEM_LIMIT = 48 * 1024

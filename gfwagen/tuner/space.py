@@ -41,7 +41,7 @@ TVM_THREADS_LIMIT = 1024
 # compile, benchmarks/RESULTS.md); prefetch_gate is opt-in.
 KNOBS = ("tma", "prefetch_gate")
 TENSOR_CORE = "tensor_core"  # not a user knob: the TVM tensor-core forward's own parameters
-TVM_TC_PARAMS = {"num_stages": (1, 2), "x_sub_n": (16, 32, 64), "x_warp_m": (1, 2),
+TVM_TC_PARAMS = {"num_stages": (1, 2, 3), "x_sub_n": (16, 32, 64), "x_warp_m": (1, 2),
                  "x_q_smem": (False, True)}
 # Extras of the tensor-core forward at the template's own default are left out of a config,
 # so that it reads and hashes (compile cache, tuning database) the same as one written
@@ -49,7 +49,8 @@ TVM_TC_PARAMS = {"num_stages": (1, 2), "x_sub_n": (16, 32, 64), "x_warp_m": (1, 
 TVM_TC_DEFAULTS = {"warp_m": 1, "q_smem": False, "wgmma": False}
 # On sm_90 the warpgroup-MMA template joins the tensor-core forward's space as x_wgmma (the
 # pseudo-knob WGMMA, which knobs_for adds there). Its tiles take block_m (64 rows per
-# warpgroup), block_n and num_stages; the mma.sync knobs mean nothing to it and are dropped.
+# warpgroup), block_n and num_stages (3: its pipelined schedule; mma.sync takes 1 or 2); the
+# mma.sync knobs mean nothing to it and are dropped.
 WGMMA = "wgmma"
 MMA_SYNC_ONLY = ("sub_n", "warp_m", "q_smem")
 DEFAULT_KNOBS = ("tma",)
@@ -150,8 +151,10 @@ def config_params(spec: KernelSpec, config: KernelConfig, knobs=None,
     """The inverse of config_from_params: what to enqueue for `config`."""
     names = params(spec.backend, spec.pass_, knobs_for(spec, knobs, gpu))
     out = {}
-    for n in names:
+    for n, choices in names.items():
         out[n] = _extra_value(config, n) if n.startswith("x_") else getattr(config, n)
+        if config.get("wgmma") and n[2:] in MMA_SYNC_ONLY:
+            out[n] = choices[0]  # any value the study accepts: a wgmma config drops it
     return out
 
 

@@ -64,8 +64,8 @@ def supports(head_dim, value_dim, dtype, config) -> str | None:
         return f"block_m {bm} (64 rows per warpgroup, 1 or 2 warpgroups)"
     if bn % 16 or not 16 <= bn <= 256:
         return f"block_n {bn} (a multiple of 16, <= 256)"
-    if ns not in (1, 2):
-        return f"num_stages {ns} (1 or 2)"
+    if ns not in (1, 2, 3):
+        return f"num_stages {ns} (1, 2, or 3: the pipelined schedule)"
     threads = 2 * bm
     for dim in (head_dim, value_dim):
         if (bn * dim // 8) % threads or (bm * head_dim // 8) % threads:
@@ -110,11 +110,15 @@ def make_forward_wgmma(head_dim, value_dim, window, dtype, gated, group, config)
     WORDS = (C_OFF + NS * BN * 4) // 4
 
     @T.macro
-    def copy_rows(smem, base, rows_here, src, s0, hh, dim, b, L, tx):
-        # rows s0.. of src [B, T, H, dim] (head hh) into swizzled atoms at byte `base`
-        # (rows_here rows per atom block), 16 bytes per cp.async; rows past the end are
-        # clamped to the last row: finite values the mask (j <= i) then excludes, or (Q)
-        # rows whose output is never written
+    def copy_rows(smem, base, rows_here, flat, start, row_elems, last, dim, tx):
+        # rows start, start + row_elems, ... of a flat [B * T * H * dim] view (rows_here of
+        # them, `last` the index of the sequence's last) into swizzled atoms at byte `base`
+        # (rows_here rows per atom block), 16 bytes per cp.async. Each thread copies one
+        # column chunk of rows NT * 8 / dim apart, so the addresses are a few adds apart;
+        # written out from [b, row, head, col] the index math was ~25 instructions a copy,
+        # as many issue slots per tile as its MMAs. Rows past the end are clamped to the
+        # last row: finite values the mask (j <= i) then excludes, or (Q) rows whose output
+        # is never written
         for rr in T.unroll(rows_here * dim // 8 // NT):
             ci = rr * NT + tx
             jr = ci // (dim // 8)
@@ -122,14 +126,19 @@ def make_forward_wgmma(head_dim, value_dim, window, dtype, gated, group, config)
             off = base + cc // 8 * (rows_here * 128) + jr * 128 + T.bitwise_xor(cc % 8, jr % 8) * 16
             T.ptx["cp.async.cg.shared.global"](
                 T.address_of(smem[off // 4]),
-                T.address_of(src[b, T.min(s0 + jr, L - 1), hh, cc * 8]),
+                # int32 within the tile (at most 255 rows of H * dim < 2^23 elements)
+                T.address_of(flat[start + T.Cast("int64", T.min(jr, last) * row_elems + cc * 8)]),
                 16,
             )
 
     @T.macro
-    def load_tile(kt, st, smem, k, v, b, hk, L, tx):
-        copy_rows(smem, K_OFF + st * (2 * BN * D), BN, k, kt * BN, hk, D, b, L, tx)
-        copy_rows(smem, V_OFF + st * (2 * BN * DV), BN, v, kt * BN, hk, DV, b, L, tx)
+    def load_tile(kt, st, smem, kf, vf, b, hk, L, HKV, tx):
+        s0 = kt * BN
+        last = T.Cast("int32", L - 1 - s0)
+        copy_rows(smem, K_OFF + st * (2 * BN * D), BN, kf, ((b * L + s0) * HKV + hk) * D,
+                  T.Cast("int32", HKV * D), last, D, tx)
+        copy_rows(smem, V_OFF + st * (2 * BN * DV), BN, vf, ((b * L + s0) * HKV + hk) * DV,
+                  T.Cast("int32", HKV * DV), last, DV, tx)
 
     # The key tiles' prefix sums: float64 loads a tile ahead into registers (gate_fetch),
     # narrowed into shared memory once the tile's math is done (gate_store), as in
@@ -141,11 +150,16 @@ def make_forward_wgmma(head_dim, value_dim, window, dtype, gated, group, config)
 
     @T.macro
     def gate_store(st, cg_r, smem, cref, tx):
+        # st.shared written out: TVM's barrier planner does not see it. It would otherwise
+        # want a barrier between the last tile's softmax, which reads another slot, and
+        # this store (the pipelined loop stores before its one barrier, into a slot last
+        # read two tiles ago)
         for rr in T.unroll(NGC):
             if rr * NT + tx < BN:
-                smem[C_OFF // 4 + st * BN + rr * NT + tx] = T.Cast(
-                    "float32", cg_r[rr] - cref
-                ) * T.float32(LOG2E)
+                T.ptx["st.shared.f32"](
+                    T.address_of(smem[C_OFF // 4 + st * BN + rr * NT + tx]),
+                    T.Cast("float32", cg_r[rr] - cref) * T.float32(LOG2E),
+                )
 
     @T.macro
     def descriptor(desc, smem, byte_off, lbo, sbo):
@@ -155,9 +169,9 @@ def make_forward_wgmma(head_dim, value_dim, window, dtype, gated, group, config)
         )
 
     @T.macro
-    def scores(st, wg, smem, s_r, qd, kd):
-        # S = Q K^T over D / 16 k steps; the first overwrites S (scale-d false)
-        T.ptx["wgmma.fence.sync.aligned"]()
+    def issue_scores(st, wg, smem, s_r, qd, kd):
+        # S = Q K^T over D / 16 k steps, one commit group; the first overwrites S (scale-d
+        # false)
         for ks in T.unroll(D // 16):
             # K-major: LBO unused (1), SBO the 1024 bytes between 8-row groups
             kin = ks % 4 * 32  # the k step's bytes into its atom
@@ -165,12 +179,10 @@ def make_forward_wgmma(head_dim, value_dim, window, dtype, gated, group, config)
             descriptor(kd, smem, K_OFF + st * (2 * BN * D) + ks // 4 * (BN * 128) + kin, 1, 64)
             T.ptx[mma_s](*[s_r[x] for x in range(BN // 2)], qd[0], kd[0], ks > 0, 1, 1, 0, 0)
         T.ptx["wgmma.commit_group.sync.aligned"]()
-        T.ptx["wgmma.wait_group.sync.aligned"](0)
 
     @T.macro
-    def accumulate(st, smem, p_r, acc, vd):
-        # O += P V over BN / 16 key steps; V read transposed (MN-major)
-        T.ptx["wgmma.fence.sync.aligned"]()
+    def issue_pv(st, smem, p_r, acc, vd):
+        # O += P V over BN / 16 key steps, one commit group; V read transposed (MN-major)
         for kk in T.unroll(BN // 16):
             # MN-major: LBO the block_n x 128 bytes between 64-column blocks, SBO the 1024
             # between 8-key groups
@@ -188,10 +200,11 @@ def make_forward_wgmma(head_dim, value_dim, window, dtype, gated, group, config)
                 1,
             )
         T.ptx["wgmma.commit_group.sync.aligned"]()
-        T.ptx["wgmma.wait_group.sync.aligned"](0)
 
     @T.macro
-    def softmax(st, dj, masked, s_r, p_r, smem, m_r, l_r, acc, t4, sl2):
+    def stats(st, dj, masked, s_r, smem, m_r, l_r, al_r, t4, sl2):
+        # S -> P (fp32, in place), the running row max and sum, and each row's rescale
+        # factor for O (al_r), which the caller applies once O is not being written
         for r in T.unroll(2):
             for nb in T.unroll(NB):
                 for e in T.unroll(2):
@@ -214,7 +227,7 @@ def make_forward_wgmma(head_dim, value_dim, window, dtype, gated, group, config)
                     mx = T.max(mx, s_r[nb * 4 + r * 2 + e])
             mx = T.max(mx, T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), mx, 1, 32))
             mx = T.max(mx, T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), mx, 2, 32))
-            alpha: T.float32 = T.exp2(m_r[r] - mx)
+            al_r[r] = T.exp2(m_r[r] - mx)
             m_r[r] = mx
             psum: T.float32 = T.float32(0)
             for nb in T.unroll(NB):
@@ -227,10 +240,28 @@ def make_forward_wgmma(head_dim, value_dim, window, dtype, gated, group, config)
                     else:
                         s_r[x] = T.exp2(s_r[x] - mx)
                     psum = psum + s_r[x]
-            l_r[r] = l_r[r] * alpha + psum
+            l_r[r] = l_r[r] * al_r[r] + psum
+
+    @T.macro
+    def softmax(kt, st, i0, row0, s_r, smem, m_r, l_r, al_r, t4, sl2):
+        # interior: every key of the tile is <= the block's first row and inside the last
+        # row's window (no mask)
+        j0 = kt * BN
+        dj = T.Cast("int32", j0 - row0)
+        inside = j0 + BN - 1 <= i0
+        if W > 0:
+            inside = inside and j0 > i0 + BM - 1 - W
+        if inside:
+            stats(st, dj, False, s_r, smem, m_r, l_r, al_r, t4, sl2)
+        else:
+            stats(st, dj, True, s_r, smem, m_r, l_r, al_r, t4, sl2)
+
+    @T.macro
+    def rescale_pack(s_r, p_r, acc, al_r):
+        for r in T.unroll(2):
             for db in T.unroll(NDB):
                 for e in T.unroll(2):
-                    acc[db * 4 + r * 2 + e] = acc[db * 4 + r * 2 + e] * alpha
+                    acc[db * 4 + r * 2 + e] = acc[db * 4 + r * 2 + e] * al_r[r]
         # P as the A fragments of O += P V: register u of key step kk is S's block
         # 2 kk + u // 2, row half u % 2
         for kk in T.unroll(BN // 16):
@@ -262,6 +293,10 @@ def make_forward_wgmma(head_dim, value_dim, window, dtype, gated, group, config)
         c = T.match_buffer(c_h, (CB, CH, CT), "float64")
         o = T.match_buffer(o_h, (B, L, HQ, DV), dt)
         lse = T.match_buffer(lse_h, (B, HQ, L), "float32")
+        # flat views for the copies (copy_rows says why)
+        qf = T.decl_buffer((B * L * HQ * D,), dt, data=q.data)
+        kf = T.decl_buffer((B * L * HKV * D,), dt, data=k.data)
+        vf = T.decl_buffer((B * L * HKV * DV,), dt, data=v.data)
         for tile in T.thread_binding(B * HQ * ((L + BM - 1) // BM), thread="blockIdx.x"):
             for tx in T.thread_binding(NT, thread="threadIdx.x"):
                 # one buffer: a second one would be merged at an offset of TVM's choosing,
@@ -278,6 +313,7 @@ def make_forward_wgmma(head_dim, value_dim, window, dtype, gated, group, config)
                 m_r = T.alloc_buffer((2,), "float32", scope="local")
                 l_r = T.alloc_buffer((2,), "float32", scope="local")
                 cq_r = T.alloc_buffer((2,), "float32", scope="local")
+                al_r = T.alloc_buffer((2,), "float32", scope="local")
                 nq = (L + BM - 1) // BM
                 b = tile // (HQ * nq)
                 h = tile // nq % HQ
@@ -291,7 +327,8 @@ def make_forward_wgmma(head_dim, value_dim, window, dtype, gated, group, config)
                 sl2 = scale * T.float32(LOG2E)
                 # the block's Q rows (their own commit group, the oldest: the first tile's
                 # wait covers it)
-                copy_rows(smem, Q_OFF, BM, q, i0, h, D, b, L, tx)
+                copy_rows(smem, Q_OFF, BM, qf, ((b * L + i0) * HQ + h) * D,
+                          T.Cast("int32", HQ * D), T.Cast("int32", L - 1 - i0), D, tx)
                 T.ptx["cp.async.commit_group"]()
                 for r in T.unroll(2):
                     m_r[r] = T.float32(MASK)
@@ -316,50 +353,95 @@ def make_forward_wgmma(head_dim, value_dim, window, dtype, gated, group, config)
                     cref: T.float64 = c[b, h, i0]
                     if n_tiles > 0:
                         gate_fetch(kt_lo, cg_r, c, b, h, L, tx)
-                if NS == 2:
+                if NS == 3:
+                    # Pipelined: iteration it issues the next tile's scores and this tile's
+                    # P V together, computes the next tile's softmax while P V runs, and
+                    # rescales O once it is done; K and V stay a tile ahead in three stages,
+                    # with one barrier per tile
                     if n_tiles > 0:
-                        load_tile(kt_lo, 0, smem, k, v, b, hk, L, tx)
+                        load_tile(kt_lo, 0, smem, kf, vf, b, hk, L, HKV, tx)
                         if gated:
                             gate_store(0, cg_r, smem, cref, tx)
-                            if n_tiles > 1:
+                        T.ptx["cp.async.commit_group"]()
+                        T.ptx["cp.async.wait_group"](0)
+                        # cp.async writes through the generic proxy, wgmma reads through
+                        # the async one
+                        T.ptx["fence.proxy.async.shared::cta"]()
+                        T.tvm_storage_sync("shared")
+                        if n_tiles > 1:
+                            load_tile(kt_lo + 1, 1, smem, kf, vf, b, hk, L, HKV, tx)
+                            if gated:
                                 gate_fetch(kt_lo + 1, cg_r, c, b, h, L, tx)
-                    T.ptx["cp.async.commit_group"]()
-                for it in T.serial(T.Cast("int32", n_tiles)):
-                    kt = kt_lo + T.Cast("int64", it)
-                    st = it % NS
-                    ahead = T.Cast("int64", it) + (NS - 1)
+                        T.ptx["cp.async.commit_group"]()
+                        T.ptx["wgmma.fence.sync.aligned"]()
+                        issue_scores(0, wg, smem, s_r, qd, kd)
+                        T.ptx["wgmma.wait_group.sync.aligned"](0)
+                        softmax(kt_lo, 0, i0, row0, s_r, smem, m_r, l_r, al_r, t4, sl2)
+                        rescale_pack(s_r, p_r, acc, al_r)
+                        for it in T.serial(T.Cast("int32", n_tiles) - 1):
+                            kt = kt_lo + T.Cast("int64", it)
+                            st = it % 3
+                            if gated:  # the next tile's gate sums, fetched a tile ago
+                                gate_store((it + 1) % 3, cg_r, smem, cref, tx)
+                            T.ptx["cp.async.wait_group"](0)
+                            T.ptx["fence.proxy.async.shared::cta"]()
+                            # the next tile is in; every warpgroup is done with the last
+                            # one, whose stage the tile after next now takes
+                            T.tvm_storage_sync("shared")
+                            if T.Cast("int64", it) + 2 < n_tiles:
+                                load_tile(kt + 2, (it + 2) % 3, smem, kf, vf, b, hk, L, HKV, tx)
+                                if gated:
+                                    gate_fetch(kt + 2, cg_r, c, b, h, L, tx)
+                            T.ptx["cp.async.commit_group"]()
+                            T.ptx["wgmma.fence.sync.aligned"]()
+                            issue_scores((it + 1) % 3, wg, smem, s_r, qd, kd)
+                            issue_pv(st, smem, p_r, acc, vd)
+                            T.ptx["wgmma.wait_group.sync.aligned"](1)
+                            softmax(kt + 1, (it + 1) % 3, i0, row0, s_r, smem, m_r, l_r, al_r,
+                                    t4, sl2)
+                            T.ptx["wgmma.wait_group.sync.aligned"](0)
+                            rescale_pack(s_r, p_r, acc, al_r)
+                        T.ptx["wgmma.fence.sync.aligned"]()
+                        issue_pv((n_tiles - 1) % 3, smem, p_r, acc, vd)
+                        T.ptx["wgmma.wait_group.sync.aligned"](0)
+                else:
                     if NS == 2:
-                        if ahead < n_tiles:
-                            load_tile(kt + 1, 1 - st, smem, k, v, b, hk, L, tx)
-                    else:
-                        load_tile(kt, 0, smem, k, v, b, hk, L, tx)
-                    if gated:
-                        # between the barriers that end the last tile's math and start
-                        # this one's (fwd_cuda.py says why)
-                        if ahead < n_tiles:
-                            gate_store((it + NS - 1) % NS, cg_r, smem, cref, tx)
-                        if ahead + 1 < n_tiles:
-                            gate_fetch(kt + NS, cg_r, c, b, h, L, tx)
-                    T.ptx["cp.async.commit_group"]()
-                    T.ptx["cp.async.wait_group"](NS - 1)
-                    # cp.async writes through the generic proxy, wgmma reads through the
-                    # async one
-                    T.ptx["fence.proxy.async.shared::cta"]()
-                    T.tvm_storage_sync("shared")
-                    j0 = kt * BN
-                    dj = T.Cast("int32", j0 - row0)
-                    scores(st, wg, smem, s_r, qd, kd)
-                    # interior: every key of the tile is <= the block's first row and inside
-                    # the last row's window
-                    inside = j0 + BN - 1 <= i0
-                    if W > 0:
-                        inside = inside and j0 > i0 + BM - 1 - W
-                    if inside:
-                        softmax(st, dj, False, s_r, p_r, smem, m_r, l_r, acc, t4, sl2)
-                    else:
-                        softmax(st, dj, True, s_r, p_r, smem, m_r, l_r, acc, t4, sl2)
-                    accumulate(st, smem, p_r, acc, vd)
-                    T.tvm_storage_sync("shared")
+                        if n_tiles > 0:
+                            load_tile(kt_lo, 0, smem, kf, vf, b, hk, L, HKV, tx)
+                            if gated:
+                                gate_store(0, cg_r, smem, cref, tx)
+                                if n_tiles > 1:
+                                    gate_fetch(kt_lo + 1, cg_r, c, b, h, L, tx)
+                        T.ptx["cp.async.commit_group"]()
+                    for it in T.serial(T.Cast("int32", n_tiles)):
+                        kt = kt_lo + T.Cast("int64", it)
+                        st = it % NS
+                        ahead = T.Cast("int64", it) + (NS - 1)
+                        if NS == 2:
+                            if ahead < n_tiles:
+                                load_tile(kt + 1, 1 - st, smem, kf, vf, b, hk, L, HKV, tx)
+                        else:
+                            load_tile(kt, 0, smem, kf, vf, b, hk, L, HKV, tx)
+                        if gated:
+                            # between the barriers that end the last tile's math and start
+                            # this one's (fwd_cuda.py says why)
+                            if ahead < n_tiles:
+                                gate_store((it + NS - 1) % NS, cg_r, smem, cref, tx)
+                            if ahead + 1 < n_tiles:
+                                gate_fetch(kt + NS, cg_r, c, b, h, L, tx)
+                        T.ptx["cp.async.commit_group"]()
+                        T.ptx["cp.async.wait_group"](NS - 1)
+                        T.ptx["fence.proxy.async.shared::cta"]()
+                        T.tvm_storage_sync("shared")
+                        T.ptx["wgmma.fence.sync.aligned"]()
+                        issue_scores(st, wg, smem, s_r, qd, kd)
+                        T.ptx["wgmma.wait_group.sync.aligned"](0)
+                        softmax(kt, st, i0, row0, s_r, smem, m_r, l_r, al_r, t4, sl2)
+                        rescale_pack(s_r, p_r, acc, al_r)
+                        T.ptx["wgmma.fence.sync.aligned"]()
+                        issue_pv(st, smem, p_r, acc, vd)
+                        T.ptx["wgmma.wait_group.sync.aligned"](0)
+                        T.tvm_storage_sync("shared")
                 # ---- epilogue: the row sums were per thread, add the quad's four
                 for r in T.unroll(2):
                     lt: T.float32 = l_r[r]
