@@ -424,17 +424,17 @@ def test_launches_reuse_the_compiled_function(monkeypatch):
 # ---- the warpgroup-MMA forward (templates/tvm/fwd_wgmma.py, sm_90a): compiled here, run on
 # the H200 (tests/test_gpu_tvm.py)
 
-def _wgmma(bm=128, bn=64, ns=2):
+def _wgmma(bm=128, bn=64, ns=3):
     return KernelConfig(bm, bn, bm // 16, ns, extra=(("wgmma", True),))
 
 
 @pytest.mark.parametrize("dtype,D,Dv,gated,window,bm,bn,ns", [
-    ("bf16", 128, 128, True, 256, 128, 64, 2), ("fp16", 64, 64, False, 0, 64, 128, 1),
-    ("bf16", 128, 64, True, 100, 64, 256, 1)])
+    ("bf16", 128, 128, True, 256, 128, 64, 3), ("fp16", 64, 64, False, 0, 64, 128, 3),
+    ("bf16", 128, 64, True, 100, 64, 128, 3)])
 def test_wgmma_forward_codegen(dtype, D, Dv, gated, window, bm, bn, ns):
     """D / 16 score MMAs (both operands from shared memory) and block_n / 16 output MMAs (P
-    from registers, V transposed) per key tile, built for sm_90a; shared memory as the
-    template counts it."""
+    from registers, V transposed) per key tile, in the pipelined loop and in its prologue
+    (scores) and epilogue (P V); built for sm_90a; shared memory as the template counts it."""
     from gfwagen.backends.tvm_backend import cuda_smem_bytes, tensor_core_forward
 
     spec = KernelSpec("tvm", "fwd", D, Dv, window, dtype, gated, 2)
@@ -444,10 +444,11 @@ def test_wgmma_forward_codegen(dtype, D, Dv, gated, window, bm, bn, ns):
     t = "bf16.bf16" if dtype == "bf16" else "f16.f16"
     calls = [ln for ln in src.splitlines() if "_mma_async_sync_aligned_" in ln and
              "__device__" not in ln]
-    assert sum(f"m64n{bn}k16" in ln for ln in calls) == D // 16
-    assert sum(f"m64n{Dv}k16" in ln for ln in calls) == bn // 16
+    assert sum(f"m64n{bn}k16" in ln for ln in calls) == 2 * D // 16
+    assert sum(f"m64n{Dv}k16" in ln for ln in calls) == 2 * bn // 16
     assert f"wgmma.mma_async.sync.aligned.m64n{bn}k16.f32.{t}" in src
     assert f"__launch_bounds__({2 * bm})" in src
+    # one barrier a tile, one before the loop
     assert "fence.proxy.async.shared::cta" in src and src.count("__syncthreads()") == 2
     assert cuda_smem_bytes(spec, cfg) == 2 * bm * D + ns * (2 * bn * (D + Dv) + 4 * bn)
 
@@ -482,18 +483,17 @@ def test_wgmma_joins_the_tuners_space_on_sm90(monkeypatch):
     monkeypatch.setattr(tvm_backend, "device_arch", lambda: "sm_90")
     p = space.params("tvm", "fwd", space.knobs_for(spec, gpu=True))
     assert p["x_wgmma"] == (False, True)
-    vals = {"block_m": 128, "block_n": 128, "num_stages": 2, "x_sub_n": 32, "x_warp_m": 2,
+    vals = {"block_m": 128, "block_n": 128, "num_stages": 3, "x_sub_n": 32, "x_warp_m": 2,
             "x_q_smem": True, "x_wgmma": True}
     cfg = space.config_from_params(spec, vals, gpu=True)
-    assert cfg == KernelConfig(128, 128, 8, 2, extra=(("wgmma", True),))
+    assert cfg == KernelConfig(128, 128, 8, 3, extra=(("wgmma", True),))
     assert space.feasible(spec, cfg)[0]
-    off = space.config_from_params(spec, {**vals, "x_wgmma": False}, gpu=True)
+    off = space.config_from_params(spec, {**vals, "num_stages": 2, "x_wgmma": False}, gpu=True)
     assert off.get("wgmma") is None and off.get("warp_m") == 2
     assert space.default(spec, gpu=True) == tvm_backend.WGMMA_CUDA_TC_CONFIG
     configs = space.enumerate_configs(spec, gpu=True)
     wg = [c for c in configs if c.get("wgmma")]
-    assert {(c.block_m, c.num_stages) for c in wg} == {(m, s) for m in (64, 128)
-                                                       for s in (1, 2, 3)}
+    assert {(c.block_m, c.num_stages) for c in wg} == {(64, 3), (128, 3)}
     assert all(tvm_backend.tensor_core_forward(spec, c) for c in configs)
     assert len(configs) > len(wg) > 0
     # what the study enqueues (the default, --try, --refine) lies in the space's choices
@@ -514,7 +514,7 @@ def test_wgmma_forward_limits():
     assert cuda_arch(KernelConfig(), "sm_80") == "sm_80"
     with pytest.raises(NotImplementedError, match="sm_90"):
         build_cuda(spec, _wgmma(), arch="sm_80")
-    for bad in (_wgmma(bm=32), _wgmma(bm=256), _wgmma(bn=8), _wgmma(bn=512), _wgmma(ns=4)):
+    for bad in (_wgmma(bm=32), _wgmma(bm=256), _wgmma(bn=8), _wgmma(bn=512), _wgmma(ns=2)):
         assert not tensor_core_forward(spec, bad)
         with pytest.raises(NotImplementedError, match="unsupported"):
             _cuda_config(spec, bad)
@@ -523,10 +523,10 @@ def test_wgmma_forward_limits():
     assert tensor_core_forward(d96) and not tensor_core_forward(d96, _wgmma())
     with pytest.raises(NotImplementedError, match="multiples of 64"):
         build_cuda(d96, _wgmma())
-    # two warpgroups of 128 threads; 128 x 256 keys at two stages passes 227 KiB
+    # two warpgroups of 128 threads; 128 x 256 keys at three stages passes 227 KiB
     assert space.resources(spec, _wgmma(128, 64))["threads"] == 256
-    assert space.feasible(spec, _wgmma(128, 128, 2))[0]
-    assert not space.feasible(spec, _wgmma(128, 256, 2))[0]
+    assert space.feasible(spec, _wgmma(128, 128))[0]
+    assert not space.feasible(spec, _wgmma(128, 256))[0]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
@@ -534,5 +534,5 @@ def test_wgmma_forward_cubin_with_nvcc():
     """ptxas accepts the warpgroup MMAs (sm_90a) and keeps them in registers: no local
     memory at the tuned tile."""
     spec = KernelSpec("tvm", "fwd", 128, 128, 256, "bf16", True, 1)
-    cubin = build_cuda_cubin(spec, _wgmma(128, 64, 2), arch="sm_90a")
+    cubin = build_cuda_cubin(spec, _wgmma(64, 64), arch="sm_90a")
     assert cubin[:4] == b"\x7fELF"

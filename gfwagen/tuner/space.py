@@ -49,8 +49,8 @@ TVM_TC_PARAMS = {"num_stages": (1, 2, 3), "x_sub_n": (16, 32, 64), "x_warp_m": (
 TVM_TC_DEFAULTS = {"warp_m": 1, "q_smem": False, "wgmma": False}
 # On sm_90 the warpgroup-MMA template joins the tensor-core forward's space as x_wgmma (the
 # pseudo-knob WGMMA, which knobs_for adds there). Its tiles take block_m (64 rows per
-# warpgroup), block_n and num_stages (3: its pipelined schedule; mma.sync takes 1 or 2); the
-# mma.sync knobs mean nothing to it and are dropped.
+# warpgroup), block_n and num_stages (3 only: its pipelined schedule; mma.sync takes 1 or 2);
+# the mma.sync knobs mean nothing to it and are dropped.
 WGMMA = "wgmma"
 MMA_SYNC_ONLY = ("sub_n", "warp_m", "q_smem")
 DEFAULT_KNOBS = ("tma",)

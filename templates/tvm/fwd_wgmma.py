@@ -4,8 +4,9 @@ Imports nothing from gfwagen (loaded through gfwagen.template_loader). Needs sm_
 
 `make_forward_wgmma(head_dim, value_dim, window, dtype, gated, group, config)` closes over the
 specialization (fp16/bf16, head dims multiples of 64) and the config (block_m = 64 rows per
-warpgroup x warpgroups, block_n keys per tile, num_stages 1 or 2) and returns a PrimFunc with
-the signature of fwd_cuda.make_forward_tc:
+warpgroup x warpgroups, block_n keys per tile, num_stages 3: the shared-memory stages of K
+and V that the pipelined schedule below needs) and returns a PrimFunc with the signature of
+fwd_cuda.make_forward_tc:
 
     gfwa_fwd(q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv], c [*,*,*] float64 ([B,Hq,T] prefix
              sums; a dummy when ungated), o [B,T,Hq,Dv], lse [B,Hq,T] float32, scale)
@@ -20,8 +21,13 @@ Per key tile: S = Q K^T is D/16 wgmma m64nBNk16 (both operands in shared memory)
 runs on S in registers; O += P V is BN/16 wgmma m64nDVk16 with P from registers (its A
 fragment is the S accumulator narrowed pairwise: the same lanes hold the same rows and
 columns) and V from shared memory, read transposed (V is [keys, Dv] row-major, so N = Dv is
-its contiguous dimension). Each product is committed and waited for before its result is
-read; the tile loop double-buffers K and V through cp.async as fwd_cuda.py does.
+its contiguous dimension). The schedule is pipelined: iteration j issues tile j+1's scores
+and tile j's P V as two commit groups, runs tile j+1's softmax while P V is in flight, and
+rescales O once it is done (P V writes O). cp.async keeps K and V a tile ahead in three
+stages (tile j+2 loads into the stage tile j-1 left), so one barrier per tile both
+publishes the next tile and frees the stage. The two-stage schedule without the overlap
+(session 8) was up to 17% slower at S1-S5 on the H200 (3.7% faster once, at S5, in one run
+of two) and is gone.
 
 Shared memory: one flat buffer, every operand in 128-byte-swizzle atoms (8 rows of 64
 elements, each 16-byte chunk c of row r stored at chunk c ^ (r % 8)), atoms of 64 columns
@@ -42,13 +48,10 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-_DT = {"fp16": "float16", "bf16": "bfloat16"}
+from .fwd_cuda import _DT, LN2, LOG2E, MASK, MASK_T
+
 _WGMMA = {"fp16": "f32.f16.f16", "bf16": "f32.bf16.bf16"}
 _PACK = {"fp16": "cvt.rn.f16x2.f32", "bf16": "cvt.rn.bf16x2.f32"}
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-MASK = -1.0e30  # finite "minus infinity" for masked logits (log2 domain)
-MASK_T = -5.0e29  # anything below this is a masked logit
 ATOM = 64  # elements per swizzled row (128 bytes of fp16/bf16)
 SW128 = 3  # the descriptor encoder's code for the 128-byte swizzle
 
@@ -64,8 +67,8 @@ def supports(head_dim, value_dim, dtype, config) -> str | None:
         return f"block_m {bm} (64 rows per warpgroup, 1 or 2 warpgroups)"
     if bn % 16 or not 16 <= bn <= 256:
         return f"block_n {bn} (a multiple of 16, <= 256)"
-    if ns not in (1, 2, 3):
-        return f"num_stages {ns} (1, 2, or 3: the pipelined schedule)"
+    if ns != 3:
+        return f"num_stages {ns} (3: K and V a tile ahead of the pipelined schedule)"
     threads = 2 * bm
     for dim in (head_dim, value_dim):
         if (bn * dim // 8) % threads or (bm * head_dim // 8) % threads:
@@ -353,95 +356,56 @@ def make_forward_wgmma(head_dim, value_dim, window, dtype, gated, group, config)
                     cref: T.float64 = c[b, h, i0]
                     if n_tiles > 0:
                         gate_fetch(kt_lo, cg_r, c, b, h, L, tx)
-                if NS == 3:
-                    # Pipelined: iteration it issues the next tile's scores and this tile's
-                    # P V together, computes the next tile's softmax while P V runs, and
-                    # rescales O once it is done; K and V stay a tile ahead in three stages,
-                    # with one barrier per tile
-                    if n_tiles > 0:
-                        load_tile(kt_lo, 0, smem, kf, vf, b, hk, L, HKV, tx)
+                # Pipelined: iteration it issues the next tile's scores and this tile's
+                # P V together, computes the next tile's softmax while P V runs, and
+                # rescales O once it is done; K and V stay a tile ahead in three stages,
+                # with one barrier per tile
+                if n_tiles > 0:
+                    load_tile(kt_lo, 0, smem, kf, vf, b, hk, L, HKV, tx)
+                    if gated:
+                        gate_store(0, cg_r, smem, cref, tx)
+                    T.ptx["cp.async.commit_group"]()
+                    T.ptx["cp.async.wait_group"](0)
+                    # cp.async writes through the generic proxy, wgmma reads through
+                    # the async one
+                    T.ptx["fence.proxy.async.shared::cta"]()
+                    T.tvm_storage_sync("shared")
+                    if n_tiles > 1:
+                        load_tile(kt_lo + 1, 1, smem, kf, vf, b, hk, L, HKV, tx)
                         if gated:
-                            gate_store(0, cg_r, smem, cref, tx)
-                        T.ptx["cp.async.commit_group"]()
-                        T.ptx["cp.async.wait_group"](0)
-                        # cp.async writes through the generic proxy, wgmma reads through
-                        # the async one
-                        T.ptx["fence.proxy.async.shared::cta"]()
-                        T.tvm_storage_sync("shared")
-                        if n_tiles > 1:
-                            load_tile(kt_lo + 1, 1, smem, kf, vf, b, hk, L, HKV, tx)
-                            if gated:
-                                gate_fetch(kt_lo + 1, cg_r, c, b, h, L, tx)
-                        T.ptx["cp.async.commit_group"]()
-                        T.ptx["wgmma.fence.sync.aligned"]()
-                        issue_scores(0, wg, smem, s_r, qd, kd)
-                        T.ptx["wgmma.wait_group.sync.aligned"](0)
-                        softmax(kt_lo, 0, i0, row0, s_r, smem, m_r, l_r, al_r, t4, sl2)
-                        rescale_pack(s_r, p_r, acc, al_r)
-                        for it in T.serial(T.Cast("int32", n_tiles) - 1):
-                            kt = kt_lo + T.Cast("int64", it)
-                            st = it % 3
-                            if gated:  # the next tile's gate sums, fetched a tile ago
-                                gate_store((it + 1) % 3, cg_r, smem, cref, tx)
-                            T.ptx["cp.async.wait_group"](0)
-                            T.ptx["fence.proxy.async.shared::cta"]()
-                            # the next tile is in; every warpgroup is done with the last
-                            # one, whose stage the tile after next now takes
-                            T.tvm_storage_sync("shared")
-                            if T.Cast("int64", it) + 2 < n_tiles:
-                                load_tile(kt + 2, (it + 2) % 3, smem, kf, vf, b, hk, L, HKV, tx)
-                                if gated:
-                                    gate_fetch(kt + 2, cg_r, c, b, h, L, tx)
-                            T.ptx["cp.async.commit_group"]()
-                            T.ptx["wgmma.fence.sync.aligned"]()
-                            issue_scores((it + 1) % 3, wg, smem, s_r, qd, kd)
-                            issue_pv(st, smem, p_r, acc, vd)
-                            T.ptx["wgmma.wait_group.sync.aligned"](1)
-                            softmax(kt + 1, (it + 1) % 3, i0, row0, s_r, smem, m_r, l_r, al_r,
-                                    t4, sl2)
-                            T.ptx["wgmma.wait_group.sync.aligned"](0)
-                            rescale_pack(s_r, p_r, acc, al_r)
-                        T.ptx["wgmma.fence.sync.aligned"]()
-                        issue_pv((n_tiles - 1) % 3, smem, p_r, acc, vd)
-                        T.ptx["wgmma.wait_group.sync.aligned"](0)
-                else:
-                    if NS == 2:
-                        if n_tiles > 0:
-                            load_tile(kt_lo, 0, smem, kf, vf, b, hk, L, HKV, tx)
-                            if gated:
-                                gate_store(0, cg_r, smem, cref, tx)
-                                if n_tiles > 1:
-                                    gate_fetch(kt_lo + 1, cg_r, c, b, h, L, tx)
-                        T.ptx["cp.async.commit_group"]()
-                    for it in T.serial(T.Cast("int32", n_tiles)):
+                            gate_fetch(kt_lo + 1, cg_r, c, b, h, L, tx)
+                    T.ptx["cp.async.commit_group"]()
+                    T.ptx["wgmma.fence.sync.aligned"]()
+                    issue_scores(0, wg, smem, s_r, qd, kd)
+                    T.ptx["wgmma.wait_group.sync.aligned"](0)
+                    softmax(kt_lo, 0, i0, row0, s_r, smem, m_r, l_r, al_r, t4, sl2)
+                    rescale_pack(s_r, p_r, acc, al_r)
+                    for it in T.serial(T.Cast("int32", n_tiles) - 1):
                         kt = kt_lo + T.Cast("int64", it)
-                        st = it % NS
-                        ahead = T.Cast("int64", it) + (NS - 1)
-                        if NS == 2:
-                            if ahead < n_tiles:
-                                load_tile(kt + 1, 1 - st, smem, kf, vf, b, hk, L, HKV, tx)
-                        else:
-                            load_tile(kt, 0, smem, kf, vf, b, hk, L, HKV, tx)
-                        if gated:
-                            # between the barriers that end the last tile's math and start
-                            # this one's (fwd_cuda.py says why)
-                            if ahead < n_tiles:
-                                gate_store((it + NS - 1) % NS, cg_r, smem, cref, tx)
-                            if ahead + 1 < n_tiles:
-                                gate_fetch(kt + NS, cg_r, c, b, h, L, tx)
-                        T.ptx["cp.async.commit_group"]()
-                        T.ptx["cp.async.wait_group"](NS - 1)
+                        st = it % 3
+                        if gated:  # the next tile's gate sums, fetched a tile ago
+                            gate_store((it + 1) % 3, cg_r, smem, cref, tx)
+                        T.ptx["cp.async.wait_group"](0)
                         T.ptx["fence.proxy.async.shared::cta"]()
+                        # the next tile is in; every warpgroup is done with the last
+                        # one, whose stage the tile after next now takes
                         T.tvm_storage_sync("shared")
+                        if T.Cast("int64", it) + 2 < n_tiles:
+                            load_tile(kt + 2, (it + 2) % 3, smem, kf, vf, b, hk, L, HKV, tx)
+                            if gated:
+                                gate_fetch(kt + 2, cg_r, c, b, h, L, tx)
+                        T.ptx["cp.async.commit_group"]()
                         T.ptx["wgmma.fence.sync.aligned"]()
-                        issue_scores(st, wg, smem, s_r, qd, kd)
-                        T.ptx["wgmma.wait_group.sync.aligned"](0)
-                        softmax(kt, st, i0, row0, s_r, smem, m_r, l_r, al_r, t4, sl2)
-                        rescale_pack(s_r, p_r, acc, al_r)
-                        T.ptx["wgmma.fence.sync.aligned"]()
+                        issue_scores((it + 1) % 3, wg, smem, s_r, qd, kd)
                         issue_pv(st, smem, p_r, acc, vd)
+                        T.ptx["wgmma.wait_group.sync.aligned"](1)
+                        softmax(kt + 1, (it + 1) % 3, i0, row0, s_r, smem, m_r, l_r, al_r,
+                                t4, sl2)
                         T.ptx["wgmma.wait_group.sync.aligned"](0)
-                        T.tvm_storage_sync("shared")
+                        rescale_pack(s_r, p_r, acc, al_r)
+                    T.ptx["wgmma.fence.sync.aligned"]()
+                    issue_pv((n_tiles - 1) % 3, smem, p_r, acc, vd)
+                    T.ptx["wgmma.wait_group.sync.aligned"](0)
                 # ---- epilogue: the row sums were per thread, add the quad's four
                 for r in T.unroll(2):
                     lt: T.float32 = l_r[r]
