@@ -464,6 +464,9 @@ def test_wgmma_is_the_default_on_sm90_only():
     assert default_cuda_config(spec, "sm_90") == WGMMA_CUDA_TC_CONFIG
     assert not default_cuda_config(spec, "sm_80").get("wgmma")
     assert not default_cuda_config(spec.replace(head_dim=96, value_dim=96), "sm_90").get("wgmma")
+    assert not default_cuda_config(spec.replace(head_dim=256, value_dim=256),
+                                   "sm_90").get("wgmma")
+    assert tb.wgmma_available(spec.replace(head_dim=256, value_dim=256), "sm_90")  # tunable
     assert not default_cuda_config(spec.replace(pass_="bwd_kv"), "sm_90").get("wgmma")
     src = cuda_source(build_cuda(spec, arch="sm_90"))
     assert "wgmma.mma_async" in src and "mma.sync" not in src
@@ -531,8 +534,29 @@ def test_wgmma_forward_limits():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_wgmma_forward_cubin_with_nvcc():
-    """ptxas accepts the warpgroup MMAs (sm_90a) and keeps them in registers: no local
-    memory at the tuned tile."""
+    """ptxas accepts the warpgroup MMAs (sm_90a)."""
     spec = KernelSpec("tvm", "fwd", 128, 128, 256, "bf16", True, 1)
     cubin = build_cuda_cubin(spec, _wgmma(64, 64), arch="sm_90a")
     assert cubin[:4] == b"\x7fELF"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("D,Dv,bn", [(128, 128, 128), (64, 64, 256)])
+def test_wgmma_register_estimate_against_ptxas(tmp_path, D, Dv, bn):
+    """The tuner's register estimate passes the widest tile ptxas keeps in registers (128
+    keys at D = 128) and prunes one that spills kilobytes (256 keys)."""
+    import re
+    import subprocess
+
+    from gfwagen.template_loader import load_template
+
+    spec = KernelSpec("tvm", "fwd", D, Dv, 256, "bf16", True, 1)
+    cfg = _wgmma(64, bn)
+    src = tmp_path / "k.cu"
+    src.write_text(cuda_source(build_cuda(spec, cfg, arch="sm_90a")))
+    out = subprocess.run(["nvcc", "-arch=sm_90a", "-cubin", "-O3", "--use_fast_math",
+                          "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), str(src)],
+                         capture_output=True, text=True, check=True).stderr
+    spill = int(re.search(r"(\d+) bytes spill stores", out).group(1))
+    fits = load_template("tvm", "fwd_wgmma").registers(D, Dv, cfg) <= 255
+    assert (fits, spill == 0) in ((True, True), (False, False)), (fits, spill)

@@ -77,6 +77,10 @@ WIDE_MIN_HEAD_DIM = 128
 # at S1-S4 (benchmarks/RESULTS.md, session 8).
 WGMMA_CUDA_TC_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3,
                                     extra=(("wgmma", True),))
+# The default only up to head dims of 128, the ones run on the H200 with this schedule; at 256
+# it spills 44 bytes (offline ptxas) and the tuner, which checks every candidate against the
+# reference, may still pick it.
+WGMMA_DEFAULT_MAX_DIM = 128
 CUDA_DYNAMIC_SMEM_LIMIT = 227 * 1024  # per block on sm_90 (H100/H200)
 CUDA_STATIC_SMEM_LIMIT = 48 * 1024
 
@@ -178,7 +182,8 @@ def default_cuda_config(spec: KernelSpec, arch: str | None = None) -> KernelConf
     shared memory (block_n for fwd/bwd_q, block_m for bwd_kv) halved until the fp32 staging
     fits the 48 KiB of static shared memory (head dims above 64 need it). arch: the GPU's
     ('sm_90'), by default this machine's."""
-    if wgmma_available(spec, arch):
+    if wgmma_available(spec, arch) and \
+            max(spec.head_dim, spec.value_dim) <= WGMMA_DEFAULT_MAX_DIM:
         return WGMMA_CUDA_TC_CONFIG
     if tensor_core_forward(spec):
         tc, wide = load_template("tvm", "fwd_cuda"), WIDE_CUDA_TC_CONFIG

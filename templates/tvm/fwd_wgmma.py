@@ -82,10 +82,13 @@ def smem_bytes(head_dim, value_dim, config) -> int:
 
 
 def registers(head_dim, value_dim, config) -> int:
-    """Estimated registers per thread: the S and O accumulators (fp32), P (packed pairs) and
-    about 40 for addresses, indices and row statistics."""
+    """Estimated registers per thread: S (block_n / 2 fp32) and P (block_n / 4 packed pairs),
+    O (value_dim / 2 fp32) and 79 for addresses, descriptors and row statistics. Offline
+    ptxas (sm_90a, 25 tiles, D and Dv in {64, 128, 256}): 150-255 registers; the tiles this
+    counts under 255 compile without spills, the three at 255 (Dv = 256, 64 keys) spill
+    16-44 bytes, and the ones over it 3.2 KB (256 keys)."""
     bn = int(config.block_n)
-    return bn // 2 + value_dim // 2 + bn // 4 + 40
+    return 3 * bn // 4 + value_dim // 2 + 79
 
 
 def make_forward_wgmma(head_dim, value_dim, window, dtype, gated, group, config):
