@@ -104,11 +104,16 @@ def _tvm_cuda_ready() -> bool:
     return tvm_backend.HAVE_TVM and tvm_backend.cuda_runtime_available()
 
 
-def cuda_auto_backend(direction: str, q, v, window, gated: bool, group: int) -> str:
+def cuda_auto_backend(direction: str, q, v, window, gated: bool, group: int,
+                      varlen: bool = False) -> str:
     """backend="auto" on CUDA for one direction ("fwd" or "bwd"): "tvm" where faster_backend
     says so for this problem on this GPU (and TVM with its CUDA runtime imports), else
     "triton". The two directions choose separately: both backends keep the same lse
-    contract, so either backward takes either forward's."""
+    contract, so either backward takes either forward's. Packed sequences (varlen) stay on
+    Triton, which takes them in one launch: TVM runs them one sequence at a time, after
+    reading cu_seqlens on the host (a synchronization)."""
+    if varlen:
+        return "triton"
     spec = _spec("triton", "fwd" if direction == "fwd" else "bwd_kv", q, v, window, gated,
                  group)
     if _auto_choice(spec, *_memo_keys(q.shape[1], q.device)) != "tvm":
@@ -204,7 +209,8 @@ def run_forward(q, k, v, log_gate, window, scale, backend, cu_seqlens=None):
         return o, lse.float()
     group = q.shape[2] // k.shape[2]
     if auto and q.is_cuda:
-        backend = cuda_auto_backend("fwd", q, v, window, log_gate is not None, group)
+        backend = cuda_auto_backend("fwd", q, v, window, log_gate is not None, group,
+                                    cu_seqlens is not None)
     log_gate = _sanitized(log_gate, backend)
     cfg = select_config(_spec(backend, "fwd", q, v, window, log_gate is not None, group),
                         q.shape[1], q.device)
@@ -237,7 +243,7 @@ def run_backward(do, q, k, v, o, lse, log_gate, window, scale, backend, cu_seqle
     group = q.shape[2] // k.shape[2]
     gated = log_gate is not None
     if auto and q.is_cuda:
-        backend = cuda_auto_backend("bwd", q, v, window, gated, group)
+        backend = cuda_auto_backend("bwd", q, v, window, gated, group, cu_seqlens is not None)
     log_gate = _sanitized(log_gate, backend)
     cfg_kv = select_config(_spec(backend, "bwd_kv", q, v, window, gated, group), q.shape[1],
                            q.device)

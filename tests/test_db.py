@@ -595,8 +595,8 @@ def _auto_setup(tmp_path, monkeypatch, times, tvm_ready=True):
     q = types.SimpleNamespace(shape=(PROB.batch, PROB.seqlen, PROB.heads, PROB.head_dim),
                               dtype=torch.bfloat16, device=torch.device("cuda:0"))
     group = PROB.heads // PROB.kv_heads
-    return lambda direction: dispatch.cuda_auto_backend(direction, q, q, PROB.window, True,
-                                                        group)
+    return lambda direction, varlen=False: dispatch.cuda_auto_backend(
+        direction, q, q, PROB.window, True, group, varlen)
 
 
 @pytest.mark.parametrize("times, fwd, bwd", [
@@ -616,6 +616,13 @@ def _auto_setup(tmp_path, monkeypatch, times, tvm_ready=True):
 def test_auto_backend_on_cuda_picks_the_faster_tuned(tmp_path, monkeypatch, times, fwd, bwd):
     pick = _auto_setup(tmp_path, monkeypatch, times)
     assert (pick("fwd"), pick("bwd")) == (fwd, bwd)
+
+
+def test_auto_backend_keeps_packed_sequences_on_triton(tmp_path, monkeypatch):
+    """Where TVM measured faster, packed sequences still run on Triton: one launch for all,
+    no host read of cu_seqlens (TVM would run them one at a time after reading it)."""
+    pick = _auto_setup(tmp_path, monkeypatch, {("triton", "fwd"): 1.0, ("tvm", "fwd"): 0.5})
+    assert pick("fwd") == "tvm" and pick("fwd", varlen=True) == "triton"
 
 
 def test_auto_backend_keeps_triton_without_tvm_cuda(tmp_path, monkeypatch):
