@@ -532,6 +532,15 @@ def test_wgmma_forward_limits():
     assert not space.feasible(spec, _wgmma(128, 256))[0]
 
 
+def test_wgmma_refuses_int32_offset_overflow():
+    from gfwagen.backends.tvm_backend import check_wgmma_offsets
+
+    check_wgmma_offsets(_wgmma(), 64, 8, 128, 128)
+    check_wgmma_offsets(KernelConfig(), 1 << 20, 1 << 20, 256, 256)  # mma.sync: int64
+    with pytest.raises(NotImplementedError, match="heads x head dim"):
+        check_wgmma_offsets(_wgmma(), 1 << 15, 8, 256, 256)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_wgmma_forward_cubin_with_nvcc():
     """ptxas accepts the warpgroup MMAs (sm_90a)."""

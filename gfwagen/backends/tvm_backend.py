@@ -357,10 +357,20 @@ def tvm_forward(q, k, v, log_gate=None, window=None, scale=None, config=None, ta
     if B * T * Hq == 0:
         return o, lse
     if q.is_cuda and tensor_core_forward(spec, cfg):
+        check_wgmma_offsets(cfg, Hq, k.shape[2], D, v.shape[3])
         q, k, v = (_aligned16(t) for t in (q, k, v))
     fn = _kernel(spec, cfg, tgt)
     _launch(q, fn, _dl(q), _dl(k), _dl(v), _dl(c), _dl(o), _dl(lse), scale)
     return o, lse
+
+
+def check_wgmma_offsets(config: KernelConfig, hq: int, hkv: int, d: int, dv: int) -> None:
+    """The wgmma template's copies address a tile's rows (up to 256) in int32 steps of heads x
+    head dim: refuse the problems where that overflows, by name."""
+    if config.get("wgmma") and 256 * max(hq * d, hkv * max(d, dv)) >= 2**31:
+        raise NotImplementedError(
+            f"tvm wgmma forward: heads x head dim ({hq} x {d}, {hkv} x {dv}) too large for "
+            "its int32 tile offsets; use a config without wgmma")
 
 
 def _aligned16(t: torch.Tensor) -> torch.Tensor:

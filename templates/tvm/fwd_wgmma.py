@@ -132,7 +132,8 @@ def make_forward_wgmma(head_dim, value_dim, window, dtype, gated, group, config)
             off = base + cc // 8 * (rows_here * 128) + jr * 128 + T.bitwise_xor(cc % 8, jr % 8) * 16
             T.ptx["cp.async.cg.shared.global"](
                 T.address_of(smem[off // 4]),
-                # int32 within the tile (at most 255 rows of H * dim < 2^23 elements)
+                # int32 within the tile: at most 255 rows of H * dim elements (tvm_forward
+                # refuses heads x dims for which that passes 2^31)
                 T.address_of(flat[start + T.Cast("int64", T.min(jr, last) * row_elems + cc * 8)]),
                 16,
             )
