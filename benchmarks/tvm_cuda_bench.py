@@ -72,7 +72,7 @@ def config(bm, bn, ns, sn=None, wm=1, qs=False) -> KernelConfig:
 
 def config_name(bm, bn, ns, sn=None, wm=1, qs=False) -> str:
     """64x64s1/32 as before; two row blocks per warp add w2, Q in shared memory q; wgmma
-    tiles are wg128x64s2."""
+    tiles are wg128x64s3."""
     if bm == "wg":
         return f"wg{bn}x{ns}s{sn}"
     return f"{bm}x{bn}s{ns}/{sn}" + (f"w{wm}" if wm != 1 else "") + ("q" if qs else "")

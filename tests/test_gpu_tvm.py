@@ -84,9 +84,8 @@ def test_gpu_tvm_warp_m_edges(shape, cfg):
 
 
 # the warpgroup-MMA forward (templates/tvm/fwd_wgmma.py, sm_90 only): (block_m, block_n,
-# num_stages) x shapes off every tile: a window below a
-# warpgroup's rows with GQA, a one-key window, fp16, causal MQA, Dv != D ungated, a window
-# longer than T
+# num_stages) x shapes off every tile: a window below a warpgroup's rows with GQA, a one-key
+# window, fp16, causal MQA, Dv != D ungated, a window longer than T
 WGMMA_TILES = [(64, 64, 3), (128, 64, 3), (64, 128, 3), (128, 128, 3)]
 WGMMA_SHAPES = [(2, 777, 8, 2, 128, 128, 200, True, torch.bfloat16),
                 (1, 300, 4, 4, 64, 64, 1, True, torch.bfloat16),
