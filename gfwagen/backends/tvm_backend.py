@@ -137,7 +137,8 @@ def _fit(cfg: KernelConfig, T: int) -> KernelConfig:
 
 def tensor_core_template(config: KernelConfig | None):
     """The tensor-core forward template a config names: templates/tvm/fwd_wgmma.py (Hopper's
-    warpgroup MMA) when its extra `wgmma` is set, else templates/tvm/fwd_cuda.py (mma.sync)."""
+    warpgroup MMA) when its extra `wgmma` is set, else templates/tvm/fwd_cuda.py (mma.sync).
+    Both offer supports, smem_bytes, registers and the factory make_forward_tc."""
     return load_template("tvm", "fwd_wgmma" if config is not None and config.get("wgmma")
                          else "fwd_cuda")
 
@@ -205,8 +206,6 @@ def make_primfunc(spec: KernelSpec, config: KernelConfig, target: str = "cpu"):
     args = (spec.head_dim, spec.value_dim, spec.window, spec.dtype, spec.gated, spec.group,
             config)
     if target == "gpu" and tensor_core_forward(spec, config):
-        if config.get("wgmma"):
-            return tensor_core_template(config).make_forward_wgmma(*args)
         return tensor_core_template(config).make_forward_tc(*args)
     if spec.pass_ == "fwd":
         return load_template("tvm", "fwd").make_forward(*args, target=target)

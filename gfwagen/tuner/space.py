@@ -182,11 +182,15 @@ def resources(spec: KernelSpec, config: KernelConfig) -> dict:
     D, Dv, BM, BN, S = spec.head_dim, spec.value_dim, config.block_m, config.block_n, \
         config.num_stages
     if spec.backend == "tvm":
-        from gfwagen.backends.tvm_backend import cuda_smem_bytes, tensor_core_forward
+        from gfwagen.backends.tvm_backend import (
+            cuda_smem_bytes,
+            tensor_core_forward,
+            tensor_core_template,
+        )
         from gfwagen.template_loader import load_template
 
         if tensor_core_forward(spec, config) and config.get("wgmma"):  # 128 per 64 rows
-            regs = load_template("tvm", "fwd_wgmma").registers(D, Dv, config)
+            regs = tensor_core_template(config).registers(D, Dv, config)
             return {"smem": cuda_smem_bytes(spec, config), "registers": regs,
                     "threads": 2 * BM}
         if tensor_core_forward(spec, config):  # a warp per 16 x warp_m rows

@@ -2,7 +2,7 @@
 
 Imports nothing from gfwagen (loaded through gfwagen.template_loader). Needs sm_90a.
 
-`make_forward_wgmma(head_dim, value_dim, window, dtype, gated, group, config)` closes over the
+`make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config)` closes over the
 specialization (fp16/bf16, head dims multiples of 64) and the config (block_m = 64 rows per
 warpgroup x warpgroups, block_n keys per tile, num_stages 3: the shared-memory stages of K
 and V that the pipelined schedule below needs) and returns a PrimFunc with the signature of
@@ -91,7 +91,7 @@ def registers(head_dim, value_dim, config) -> int:
     return 3 * bn // 4 + value_dim // 2 + 79
 
 
-def make_forward_wgmma(head_dim, value_dim, window, dtype, gated, group, config):
+def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     D, DV, G = int(head_dim), int(value_dim), int(group)
     W = int(window or 0)  # 0: full causal
     why = supports(D, DV, dtype, config)
