@@ -73,13 +73,19 @@ WARP_M_SHAPES = [(1, 300, 4, 4, 64, 64, 1, True, torch.bfloat16),
                          ids=["128x64x1x32x2xq", "64x32x2x32x2"])
 @pytest.mark.parametrize("shape", WARP_M_SHAPES, ids=["W1", "W9-gqa", "causal-mqa", "dv32-nogate"])
 def test_gpu_tvm_warp_m_edges(shape, cfg):
+    _check_forward(shape, _tc_config(*cfg), f"tvm-tc warp_m {cfg}")
+
+
+def _check_forward(shape, config, label):
+    """The TVM forward at `config` on a WARP_M_SHAPES-style shape against float64 (o and
+    lse), its errors logged on a GPUERR line."""
     B, T, Hq, Hkv, D, Dv, W, gated, dtype = shape
     q, k, v, g = make_inputs(B, T, Hq, Hkv, D, Dv, dtype, gated, device="cuda")
-    o, lse = tvm_backend.tvm_forward(q, k, v, g, W, None, _tc_config(*cfg))
+    o, lse = tvm_backend.tvm_forward(q, k, v, g, W, None, config)
     d = [t.double() for t in (q, k, v)]
     o64, lse64 = reference_forward(*d, None if g is None else g.double(), W)
     errs = {"o": rel_err(o, o64), "lse": rel_err(lse, lse64)}
-    log_gpu_errors(f"tvm-tc warp_m {cfg} {shape[:8]}", errs)
+    log_gpu_errors(f"{label} {shape[:8]}", errs)
     assert not o.isnan().any() and errs["o"] < 1e-2 and errs["lse"] < 1e-4, errs
 
 
@@ -87,10 +93,7 @@ def test_gpu_tvm_warp_m_edges(shape, cfg):
 # num_stages) x shapes off every tile: a window below a warpgroup's rows with GQA, a one-key
 # window, fp16, causal MQA, Dv != D ungated, a window longer than T
 WGMMA_TILES = [(64, 64, 3), (128, 64, 3), (64, 128, 3), (128, 128, 3)]
-WGMMA_SHAPES = [(2, 777, 8, 2, 128, 128, 200, True, torch.bfloat16),
-                (1, 300, 4, 4, 64, 64, 1, True, torch.bfloat16),
-                (2, 333, 4, 2, 64, 64, 9, True, torch.float16),
-                (1, 517, 4, 1, 128, 128, None, True, torch.bfloat16),
+WGMMA_SHAPES = [(2, 777, 8, 2, 128, 128, 200, True, torch.bfloat16), *WARP_M_SHAPES[:3],
                 (2, 200, 2, 2, 128, 64, 50, False, torch.float16),
                 (1, 250, 2, 2, 64, 128, 3000, True, torch.bfloat16)]
 
@@ -104,18 +107,12 @@ WGMMA_SHAPES = [(2, 777, 8, 2, 128, 128, 200, True, torch.bfloat16),
 def test_gpu_tvm_wgmma_matches_float64(shape, cfg):
     from gfwagen.spec import KernelConfig
 
-    B, T, Hq, Hkv, D, Dv, W, gated, dtype = shape
     config = KernelConfig(cfg[0], cfg[1], cfg[0] // 16, cfg[2], extra=(("wgmma", True),))
-    q, k, v, g = make_inputs(B, T, Hq, Hkv, D, Dv, dtype, gated, device="cuda")
-    spec = tvm_backend._spec("fwd", q, k, v, g, W)
-    if not tvm_backend.tensor_core_forward(spec, config):
-        pytest.skip(f"tile {cfg} does not divide the copies at D={D}, Dv={Dv}")
-    o, lse = tvm_backend.tvm_forward(q, k, v, g, W, None, config)
-    d = [t.double() for t in (q, k, v)]
-    o64, lse64 = reference_forward(*d, None if g is None else g.double(), W)
-    errs = {"o": rel_err(o, o64), "lse": rel_err(lse, lse64)}
-    log_gpu_errors(f"tvm-wgmma {cfg} {shape[:8]}", errs)
-    assert not o.isnan().any() and errs["o"] < 1e-2 and errs["lse"] < 1e-4, errs
+    D, Dv, dtype = shape[4], shape[5], tvm_backend.CPU_DTYPES[shape[8]]
+    why = tvm_backend.tensor_core_template(config).supports(D, Dv, dtype, config)
+    if why is not None:
+        pytest.skip(f"tile {cfg} at D={D}, Dv={Dv}: {why}")
+    _check_forward(shape, config, f"tvm-wgmma {cfg}")
 
 
 def test_gpu_tvm_runs_on_the_current_stream():
