@@ -46,6 +46,12 @@ class OfflineBuild:
     def uses_wgmma(self) -> bool:
         return "wgmma.mma_async" in self.ptx
 
+    def performance_warnings(self) -> list[str]:
+        """ptxas's "Potential Performance Loss" notes on this build's PTX. The one that
+        matters on Hopper is C7515: every wgmma of the kernel serialized (each waits for the
+        one before), which cost the dk/dv kernel 22-31% until it ran its tiles in one loop."""
+        return [ln for ln in _ptxas_log(self.ptx, self.arch) if "Performance Loss" in ln]
+
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
@@ -107,6 +113,28 @@ def _resources(cubin: bytes) -> tuple[int | None, int | None]:
         path.unlink(missing_ok=True)
     reg, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
     return (int(reg.group(1)) if reg else None, int(stack.group(1)) if stack else None)
+
+
+def _ptxas_log(ptx: str, arch: str) -> list[str]:
+    """ptxas -v's notes for `ptx`, from the ptxas Triton ships (compiled again: Triton
+    keeps no log of its own run)."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    # wgmma needs the architecture-specific target (sm_90a), as Triton compiles it
+    target = arch + "a" if arch == "sm_90" else arch
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"gfwagen-{os.getpid()}"
+    src, out = tmp.with_suffix(".ptx"), tmp.with_suffix(".o")
+    src.write_text(ptx)
+    try:
+        proc = subprocess.run([str(tool), f"-arch={target}", "-v", str(src), "-o", str(out)],
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        src.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {proc.stderr[-2000:]}")
+    return proc.stderr.splitlines()
 
 
 def compile_pass(spec: KernelSpec, cfg: KernelConfig, arch: str = "sm_90",

@@ -85,3 +85,39 @@ def test_resource_model_covers_tritons_shared_memory():
     assert proc.returncode == 0, proc.stderr[-3000:]
     for c in json.loads(proc.stdout.strip().splitlines()[-1]):
         assert c["triton"] <= c["model"] <= c["triton"] + 1024, c
+
+
+SERIAL_SCRIPT = r"""
+import json
+from gfwagen.offline import compile_pass
+from gfwagen.spec import KernelConfig, KernelSpec
+
+# the shipped database's tiles at S2-S5 (dk/dv: the ones ptxas serialized while its edge and
+# interior tiles ran in three loops), GQA and packed sequences included
+cases = [("bwd_kv", 128, 4096, 1, (64, 64, 4, 2), {"tma": True}, False),
+         ("bwd_kv", 128, 4096, 1, (64, 128, 8, 2), {"tma": True}, False),
+         ("bwd_kv", 128, 1024, 4, (64, 64, 4, 2), {}, False),
+         ("bwd_kv", 64, 512, 1, (16, 64, 4, 3), {"prefetch_gate": True}, True),
+         ("bwd_q", 128, 4096, 1, (128, 64, 8, 3), {}, False),
+         ("fwd", 128, 4096, 1, (128, 128, 8, 3), {"tma": True}, False)]
+out = []
+for pass_, d, w, group, tile, extra, varlen in cases:
+    spec = KernelSpec("triton", pass_, d, d, w, "bf16", True, group)
+    b = compile_pass(spec, KernelConfig(*tile, extra=tuple(extra.items())), varlen=varlen)
+    out.append(dict(case=[pass_, d, w, group, tile, extra, varlen],
+                    warnings=b.performance_warnings()))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_ptxas_keeps_wgmma_asynchronous():
+    """No kernel at the shipped tiles has its wgmma serialized by ptxas (C7515)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", SERIAL_SCRIPT], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    builds = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(builds) == 6
+    for b in builds:
+        assert not [w for w in b["warnings"] if "serialized" in w], b

@@ -216,6 +216,10 @@ def resources(spec: KernelSpec, config: KernelConfig) -> dict:
         smem = BN * (D + Dv) * b + S * BM * (D + Dv) * b + 8 * BM * (S - 1)
         if spec.gated:
             smem += 4 * BM * (S - 1) ** 2 + 8
+        if BM > BN and config.num_warps == 8:
+            # since its tiles run in one loop, a [BM, BN] bf16 scratch for a layout change
+            # (offline builds at D = 64 and 128, 128x64 and 256x64 at eight warps)
+            smem += BM * BN * b
         acc = BN * (D + Dv) + 2 * BM * BN  # dk, dv + P^T and dP^T
     else:  # bwd_q: Q, dO resident, K and V pipelined
         smem = BM * (D + Dv) * b + S * BN * (D + Dv) * b + (1024 if spec.gated else 0)

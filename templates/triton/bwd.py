@@ -8,10 +8,10 @@ Three kernels:
 - dq: one program per (query tile, batch*query head), walking key tiles as the forward does;
   it accumulates dq and the row sums of dS.
 The gate gradient is then rowsum - colsum, reverse prefix-summed (gfwagen.gate).
-Each pass splits its loop into masked edge tiles and unmasked interior tiles, and never visits
-a tile wholly outside the window. Head dims that are not powers of two run padded to the
-next one (HEAD_D_PAD, HEAD_DV_PAD), the extra columns masked on load and store, as in the
-forward. This file imports nothing from gfwagen.
+Each pass masks only its edge tiles (dq: a loop of its own for each edge; dk/dv: a branch in
+its one loop, see _dkdv_tiles), and never visits a tile wholly outside the window. Head dims
+that are not powers of two run padded to the next one (HEAD_D_PAD, HEAD_DV_PAD), the extra
+columns masked on load and store, as in the forward. This file imports nothing from gfwagen.
 """
 
 import triton
@@ -118,6 +118,8 @@ def _dkdv_tiles(
     stride_dot,
     start,
     end,
+    int_lo,
+    int_hi,
     T,
     qk_scale,
     BLOCK_M: tl.constexpr,
@@ -128,12 +130,17 @@ def _dkdv_tiles(
     WINDOW: tl.constexpr,
     VARLEN: tl.constexpr,
     GATED: tl.constexpr,
-    MASKED: tl.constexpr,
     GATE_CHUNK: tl.constexpr,
     DOT_PREC: tl.constexpr,
     PREFETCH_GATE: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
+    """Query tiles [start, end) in one loop; those outside [int_lo, int_hi) are edge tiles,
+    masked under a per-tile branch. Three loops (edge, interior, edge), as the forward and dq
+    have, carry dk and dv from loop to loop, and ptxas then serializes every wgmma of the
+    kernel (its warning C7515: non-wgmma instructions define accumulator registers inside a
+    pipeline stage); one loop measured 22-27% faster at S2-S5 at the same tiles
+    (benchmarks/RESULTS.md, session 9)."""
     if GATED:
         if PREFETCH_GATE:
             nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, start, T, BLOCK_M, GATE_CHUNK)
@@ -143,10 +150,10 @@ def _dkdv_tiles(
             q = q_base.load([m0, 0])
             do = do_base.load([m0, 0])
         else:
-            q = load_rows(q_base, offs_m, stride_qt, T, HEAD_D, HEAD_D_PAD, MASKED)
-            do = load_rows(do_base, offs_m, stride_dot, T, HEAD_DV, HEAD_DV_PAD, MASKED)
-        lse = load_vector(lse_base, offs_m, T, MASKED)
-        delta = load_vector(delta_base, offs_m, T, MASKED)
+            q = load_rows(q_base, offs_m, stride_qt, T, HEAD_D, HEAD_D_PAD, True)
+            do = load_rows(do_base, offs_m, stride_dot, T, HEAD_DV, HEAD_DV_PAD, True)
+        lse = load_vector(lse_base, offs_m, T, True)
+        delta = load_vector(delta_base, offs_m, T, True)
         # Everything per query (its lse, its gate sum) is folded into one vector first, so
         # each score costs one multiply-add and one subtract (the key's gate sum).
         row_shift = lse * LOG2E
@@ -156,14 +163,14 @@ def _dkdv_tiles(
                     nxt_local, nxt_base, cl_base, cb_base, m0, cb_k, T, BLOCK_M, GATE_CHUNK
                 )
             else:
-                ci = gate_tile(cl_base, cb_base, m0, cb_k, T, BLOCK_M, GATE_CHUNK, MASKED)
+                ci = gate_tile(cl_base, cb_base, m0, cb_k, T, BLOCK_M, GATE_CHUNK, True)
             row_shift -= ci
         # Transposed scores [BLOCK_N, BLOCK_M]: keys on rows, so dk and dv need no transpose.
         s = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - row_shift[None, :]
         if GATED:
             s -= cj[:, None]
         p = tl.math.exp2(s)
-        if MASKED:
+        if (m0 < int_lo) | (m0 >= int_hi):
             valid = pair_mask(offs_m[None, :], offs_n[:, None], T, WINDOW)
             if VARLEN:  # queries of a later packed sequence
                 valid = valid & (offs_m[None, :] < seg_hi[:, None])
@@ -282,44 +289,43 @@ def gfwa_bwd_dkdv_kernel(
             cb_k = tl.load(cb_base + n0 // GATE_CHUNK)
             cj = tl.load(cl_base + offs_n, mask=key_ok, other=0.0)
         colsum = tl.zeros([BLOCK_N], dtype=tl.float32)
-        bounds = (lo, int_lo, int_hi, hi)
-        for phase in tl.static_range(3):  # masked, unmasked interior, masked
-            dk, dv, colsum = _dkdv_tiles(
-                dk,
-                dv,
-                colsum,
-                k,
-                v,
-                cj,
-                cb_k,
-                offs_n,
-                seg_hi,
-                q_base,
-                do_base,
-                cl_base,
-                cb_base,
-                LSE + bh * T,
-                DELTA + bh * T,
-                stride_qt,
-                stride_dot,
-                bounds[phase],
-                bounds[phase + 1],
-                T,
-                qk_scale,
-                BLOCK_M,
-                HEAD_D,
-                HEAD_DV,
-                HEAD_D_PAD,
-                HEAD_DV_PAD,
-                WINDOW,
-                VARLEN,
-                GATED,
-                phase != 1,
-                GATE_CHUNK,
-                DOT_PREC,
-                PREFETCH_GATE,
-                USE_TMA,
-            )
+        dk, dv, colsum = _dkdv_tiles(
+            dk,
+            dv,
+            colsum,
+            k,
+            v,
+            cj,
+            cb_k,
+            offs_n,
+            seg_hi,
+            q_base,
+            do_base,
+            cl_base,
+            cb_base,
+            LSE + bh * T,
+            DELTA + bh * T,
+            stride_qt,
+            stride_dot,
+            lo,
+            hi,
+            int_lo,
+            int_hi,
+            T,
+            qk_scale,
+            BLOCK_M,
+            HEAD_D,
+            HEAD_DV,
+            HEAD_D_PAD,
+            HEAD_DV_PAD,
+            WINDOW,
+            VARLEN,
+            GATED,
+            GATE_CHUNK,
+            DOT_PREC,
+            PREFETCH_GATE,
+            USE_TMA,
+        )
         if GATED:
             tl.store(DCOL + bh * T + offs_n, colsum, mask=key_ok)
     tl.store(
