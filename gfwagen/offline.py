@@ -49,7 +49,7 @@ class OfflineBuild:
     def performance_warnings(self) -> list[str]:
         """ptxas's "Potential Performance Loss" notes on this build's PTX. The one that
         matters on Hopper is C7515: every wgmma of the kernel serialized (each waits for the
-        one before), which cost the dk/dv kernel 22-31% until it ran its tiles in one loop."""
+        one before), which cost the dk/dv kernel 22-27% until it ran its tiles in one loop."""
         return [ln for ln in _ptxas_log(self.ptx, self.arch) if "Performance Loss" in ln]
 
 

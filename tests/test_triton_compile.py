@@ -91,6 +91,7 @@ SERIAL_SCRIPT = r"""
 import json
 from gfwagen.offline import compile_pass
 from gfwagen.spec import KernelConfig, KernelSpec
+from serialized_wgmma_kernel import build
 
 # the shipped database's tiles at S2-S5 (dk/dv: the ones ptxas serialized while its edge and
 # interior tiles ran in three loops), GQA and packed sequences included
@@ -106,18 +107,24 @@ for pass_, d, w, group, tile, extra, varlen in cases:
     b = compile_pass(spec, KernelConfig(*tile, extra=tuple(extra.items())), varlen=varlen)
     out.append(dict(case=[pass_, d, w, group, tile, extra, varlen],
                     warnings=b.performance_warnings()))
+# the control: serialized when pipelined, clean at one stage
+out += [dict(case=["control", ns], warnings=build(ns).performance_warnings()) for ns in (2, 1)]
 print(json.dumps(out))
 """
 
 
 @pytest.mark.timeout(600)
 def test_ptxas_keeps_wgmma_asynchronous():
-    """No kernel at the shipped tiles has its wgmma serialized by ptxas (C7515)."""
+    """No kernel at the shipped tiles has its wgmma serialized by ptxas (C7515), and the
+    check sees the warning where it is (a control kernel)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", SERIAL_SCRIPT], capture_output=True,
                           text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    builds = json.loads(proc.stdout.strip().splitlines()[-1])
+    *builds, serial, clean = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(builds) == 6
-    for b in builds:
-        assert not [w for w in b["warnings"] if "serialized" in w], b
+    serialized = [b["case"] for b in builds if any("serialized" in w for w in b["warnings"])]
+    assert not serialized, serialized
+    assert any("C7515" in w for w in serial["warnings"]), serial
+    assert not clean["warnings"], clean
