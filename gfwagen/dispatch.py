@@ -3,6 +3,7 @@ tuning database, through a read-only snapshot loaded once; nothing here tunes or
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -199,7 +200,17 @@ def _sanitized(log_gate, backend: str):
     return sanitize_log_gate(log_gate)
 
 
-def run_forward(q, k, v, log_gate, window, scale, backend, cu_seqlens=None):
+@dataclasses.dataclass
+class Kept:
+    """What a forward computed that its backward may take instead of computing it again: the
+    Triton gate tables (two launches). The caller owns it (ops.EagerAttention keeps one per
+    call in its autograd context); the backward recomputes when the forward ran elsewhere."""
+
+    gate: tuple | None = None
+
+
+def run_forward(q, k, v, log_gate, window, scale, backend, cu_seqlens=None,
+                keep: Kept | None = None):
     auto = backend == "auto"
     backend = resolve_backend(backend, q.device, q.dtype)
     if backend == "reference":
@@ -229,11 +240,15 @@ def run_forward(q, k, v, log_gate, window, scale, backend, cu_seqlens=None):
                 q.new_empty(1, q.shape[2], 0, dtype=torch.float32))
     from gfwagen.backends import triton_backend
 
+    gate = triton_backend.gate_tables(log_gate)
+    if keep is not None:
+        keep.gate = gate
     return triton_backend.forward(q, k, v, log_gate, window, scale, cfg,
-                                  _segments(cu_seqlens, q.shape[1]))
+                                  _segments(cu_seqlens, q.shape[1]), gate)
 
 
-def run_backward(do, q, k, v, o, lse, log_gate, window, scale, backend, cu_seqlens=None):
+def run_backward(do, q, k, v, o, lse, log_gate, window, scale, backend, cu_seqlens=None,
+                 kept: Kept | None = None):
     auto = backend == "auto"
     backend = resolve_backend(backend, q.device, q.dtype)
     if backend == "reference":
@@ -271,7 +286,8 @@ def run_backward(do, q, k, v, o, lse, log_gate, window, scale, backend, cu_seqle
     from gfwagen.backends import triton_backend
 
     return triton_backend.backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv, cfg_q,
-                                   _segments(cu_seqlens, q.shape[1]))
+                                   _segments(cu_seqlens, q.shape[1]),
+                                   kept.gate if kept is not None else None)
 
 
 def _tvm_target(t: torch.Tensor) -> str:

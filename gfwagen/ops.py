@@ -34,7 +34,7 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _fwd_impl(q, k, v, log_gate, window, scale, backend, cu_seqlens):
+def _fwd_impl(q, k, v, log_gate, window, scale, backend, cu_seqlens, keep=None):
     check_finite(q, k, v, log_gate)  # a no-op unless GFWAGEN_CHECK_FINITE=1
     check_cu_seqlens_values(cu_seqlens, q.shape[1])  # CPU tensors, or when asked (a sync)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -43,7 +43,7 @@ def _fwd_impl(q, k, v, log_gate, window, scale, backend, cu_seqlens):
         # gate: docs/NUMERICS.md).
         log_gate = log_gate.contiguous()
     o, lse = dispatch.run_forward(q, k, v, log_gate, window, _scale(q, scale), backend,
-                                  cu_seqlens)
+                                  cu_seqlens, keep)
     # The fake promises contiguous outputs; compiled graphs check strides against it.
     return o.contiguous(), lse.contiguous()
 
@@ -63,12 +63,12 @@ def _(q, k, v, log_gate, window, scale, backend, cu_seqlens=None):
     return o, lse
 
 
-def _bwd_impl(do, q, k, v, o, lse, log_gate, window, scale, backend, cu_seqlens):
+def _bwd_impl(do, q, k, v, o, lse, log_gate, window, scale, backend, cu_seqlens, kept=None):
     do, q, k, v, o = (_last_dim_contiguous(t) for t in (do, q, k, v, o))
     if log_gate is not None:
         log_gate = log_gate.contiguous()
     return dispatch.run_backward(do, q, k, v, o, lse.contiguous(), log_gate, window,
-                                 _scale(q, scale), backend, cu_seqlens)
+                                 _scale(q, scale), backend, cu_seqlens, kept)
 
 
 @torch.library.custom_op("gfwa::attention_bwd", mutates_args=(), device_types=("cpu", "cuda"))
@@ -148,7 +148,10 @@ class EagerAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_gate, window, scale, backend, cu_seqlens):
         check_inputs(q, k, v, log_gate, window, scale, backend, cu_seqlens)
-        o, lse = _fwd_impl(q, k, v, log_gate, window, scale, backend, cu_seqlens)
+        # the gate tables go from this forward to its backward (two launches less); a gate
+        # changed in place in between fails save_for_backward's version check first
+        ctx.kept = dispatch.Kept()
+        o, lse = _fwd_impl(q, k, v, log_gate, window, scale, backend, cu_seqlens, ctx.kept)
         ctx.save_for_backward(q, k, v, o, lse, log_gate, cu_seqlens)
         ctx.window, ctx.scale, ctx.backend = window, scale, backend
         return o
@@ -158,7 +161,7 @@ class EagerAttention(torch.autograd.Function):
         q, k, v, o, lse, log_gate, cu_seqlens = ctx.saved_tensors
         with torch.no_grad():
             grads = _bwd_impl(do, q, k, v, o, lse, log_gate, ctx.window, ctx.scale,
-                              ctx.backend, cu_seqlens)  # dg None when ungated
+                              ctx.backend, cu_seqlens, ctx.kept)  # dg None when ungated
         anchor = next((t for t in (q, k, v, log_gate) if t is not None and t.requires_grad),
                       None)
         if torch.is_grad_enabled() and anchor is not None:

@@ -86,3 +86,44 @@ def test_transposed_views_need_no_copy_and_match():
     o = gfwagen.attention(qt, kt, vt, g, window=5, backend="triton")
     o_ref = naive_attention(q.double(), k.double(), v.double(), g.double(), 5)
     assert rel_err(o, o_ref) < 1e-5
+
+
+@pytest.mark.parametrize("cu", [None, [0, 17, 17, 40]])
+def test_eager_backward_reuses_the_forwards_gate_tables(monkeypatch, cu):
+    """The eager path hands its forward's gate tables to its backward (ops.EagerAttention,
+    dispatch.Kept): one table build per forward+backward where the op builds two, and the
+    same outputs and gradients bit for bit; a second backward (retain_graph) reuses them too."""
+    calls = []
+    build = triton_backend.gate_tables
+
+    def counted(log_gate):
+        calls.append(log_gate is not None)
+        return build(log_gate)
+
+    monkeypatch.setattr(triton_backend, "gate_tables", counted)
+    B = 1 if cu else 2
+    q, k, v, g = make_inputs(B, 40, 4, 2, 16, 16, torch.float32, True)
+    cu_t = torch.tensor(cu, dtype=torch.int32) if cu else None
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, g)]
+        o = fn(*leaves)
+        do = torch.randn_like(o, generator=torch.Generator().manual_seed(1))
+        first = torch.autograd.grad(o, leaves, do, retain_graph=True)
+        again = torch.autograd.grad(o, leaves, do)
+        return o, first, again
+
+    calls.clear()
+    eager = run(lambda q, k, v, g: gfwagen.attention(q, k, v, g, window=9, backend="triton",
+                                                     cu_seqlens=cu_t))
+    assert type(eager[0].grad_fn).__name__ == "EagerAttentionBackward"
+    assert calls == [True]
+    calls.clear()
+    op = run(lambda q, k, v, g: torch.ops.gfwa.attention(q, k, v, g, 9, None, "triton", cu_t))
+    assert calls == [True, True, True]  # forward, then each backward
+    assert torch.equal(eager[0], op[0])
+    for a, b in zip(eager[1] + eager[2], op[1] + op[2], strict=True):
+        assert torch.equal(a, b)
+    ref = naive_attention(*(t.double() for t in (q, k, v, g)), 9) if cu is None else None
+    if ref is not None:
+        assert rel_err(eager[0], ref) < 1e-5

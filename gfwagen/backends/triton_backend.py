@@ -36,7 +36,10 @@ def _fit(cfg: KernelConfig, T: int) -> tuple[int, int]:
     return min(cfg.block_m, cap), min(cfg.block_n, cap)
 
 
-def _gate(log_gate):
+def gate_tables(log_gate):
+    """The kernels' gate tables (chunk-local float32 prefix sums, float64 chunk bases, the
+    chunk), or None without a gate. Both directions take them; a caller that keeps the
+    forward's for the backward saves the backward two launches."""
     if log_gate is None:
         return None
     # One spare base so a kernel's prefetch past the last chunk reads valid memory. The fused
@@ -72,14 +75,16 @@ def _device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def forward(q, k, v, log_gate, window, scale, cfg: KernelConfig, segs=None):
-    """segs: None, or (start, end) int32 [T] of packed sequences (gfwagen.varlen)."""
+def forward(q, k, v, log_gate, window, scale, cfg: KernelConfig, segs=None, gate=None):
+    """segs: None, or (start, end) int32 [T] of packed sequences (gfwagen.varlen). gate:
+    gate_tables(log_gate) when the caller has them."""
     B, T, H, _ = q.shape
     o = torch.empty(B, T, H, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
-    gate = _gate(log_gate)
+    if gate is None:
+        gate = gate_tables(log_gate)
     bm, bn = _fit(cfg, T)
     tma = _use_tma(cfg, k, v)
     with _device(q):
@@ -112,12 +117,15 @@ class BackwardState:
     segs: tuple | None = None  # packed sequences' (start, end) per position
 
 
-def prepare_backward(do, q, k, v, o, lse, log_gate, window, scale, segs=None) -> BackwardState:
+def prepare_backward(do, q, k, v, o, lse, log_gate, window, scale, segs=None,
+                     gate=None) -> BackwardState:
+    """gate: the forward's gate_tables(log_gate), if kept; else computed here."""
     B, T, H, _ = q.shape
     gated = log_gate is not None
     sums = torch.empty(2, B, H, T, dtype=torch.float32, device=q.device) if gated else None
     st = BackwardState(
-        do=do, q=q, k=k, v=v, lse=lse, window=window, scale=scale, gate=_gate(log_gate),
+        do=do, q=q, k=k, v=v, lse=lse, window=window, scale=scale,
+        gate=gate if gate is not None else gate_tables(log_gate),
         delta=torch.empty(B, H, T, dtype=torch.float32, device=q.device),
         dq=torch.empty(q.shape, dtype=q.dtype, device=q.device),
         dk=torch.empty(k.shape, dtype=k.dtype, device=k.device),
@@ -164,8 +172,8 @@ def backward_q(st: BackwardState, cfg: KernelConfig) -> None:
 
 
 def backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv: KernelConfig,
-             cfg_q: KernelConfig, segs=None):
-    st = prepare_backward(do, q, k, v, o, lse, log_gate, window, scale, segs)
+             cfg_q: KernelConfig, segs=None, gate=None):
+    st = prepare_backward(do, q, k, v, o, lse, log_gate, window, scale, segs, gate)
     backward_kv(st, cfg_kv)
     backward_q(st, cfg_q)
     if log_gate is None:
