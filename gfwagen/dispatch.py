@@ -240,7 +240,8 @@ def run_forward(q, k, v, log_gate, window, scale, backend, cu_seqlens=None,
                 q.new_empty(1, q.shape[2], 0, dtype=torch.float32))
     from gfwagen.backends import triton_backend
 
-    gate = triton_backend.gate_tables(log_gate)
+    # (an empty problem launches nothing, the tables included)
+    gate = triton_backend.gate_tables(log_gate) if q.numel() else None
     if keep is not None:
         keep.gate = gate
     return triton_backend.forward(q, k, v, log_gate, window, scale, cfg,
