@@ -97,14 +97,23 @@ def _attrs(params: list[str], signature: dict) -> dict:
             if signature[p].startswith("*") or p.startswith("stride_") or p in _DIVISIBLE_INTS}
 
 
-def _resources(cubin: bytes) -> tuple[int | None, int | None]:
-    """Registers and stack bytes per thread, from the cuobjdump Triton ships (None if absent)."""
+def _triton_tool(name: str) -> Path:
+    """A CUDA binary Triton ships (ptxas, cuobjdump): the ones its own compiles use."""
     import triton
 
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
+def _scratch(suffix: str) -> Path:
+    return Path(os.environ.get("TMPDIR", "/tmp")) / f"gfwagen-{os.getpid()}{suffix}"
+
+
+def _resources(cubin: bytes) -> tuple[int | None, int | None]:
+    """Registers and stack bytes per thread, from the cuobjdump Triton ships (None if absent)."""
+    tool = _triton_tool("cuobjdump")
     if not tool.exists():
         return None, None
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"gfwagen-{os.getpid()}.cubin"
+    path = _scratch(".cubin")
     path.write_bytes(cubin)
     try:
         out = subprocess.run([str(tool), "--dump-resource-usage", str(path)],
@@ -118,17 +127,13 @@ def _resources(cubin: bytes) -> tuple[int | None, int | None]:
 def _ptxas_log(ptx: str, arch: str) -> list[str]:
     """ptxas -v's notes for `ptx`, from the ptxas Triton ships (compiled again: Triton
     keeps no log of its own run)."""
-    import triton
-
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     # wgmma needs the architecture-specific target (sm_90a), as Triton compiles it
     target = arch + "a" if arch == "sm_90" else arch
-    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"gfwagen-{os.getpid()}"
-    src, out = tmp.with_suffix(".ptx"), tmp.with_suffix(".o")
+    src, out = _scratch(".ptx"), _scratch(".o")
     src.write_text(ptx)
     try:
-        proc = subprocess.run([str(tool), f"-arch={target}", "-v", str(src), "-o", str(out)],
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([str(_triton_tool("ptxas")), f"-arch={target}", "-v", str(src),
+                               "-o", str(out)], capture_output=True, text=True, timeout=300)
     finally:
         src.unlink(missing_ok=True)
         out.unlink(missing_ok=True)
