@@ -65,7 +65,18 @@ def _constexprs(spec: KernelSpec, cfg: KernelConfig, varlen: bool = False) -> di
                 GROUP=spec.group,
                 GATE_CHUNK=GATE_CHUNK, DOT_PREC="ieee" if spec.dtype == "fp32" else "tf32",
                 PREFETCH_GATE=bool(cfg.get("prefetch_gate", False)), VARLEN=varlen,
-                USE_TMA=bool(cfg.get("tma", False)))
+                USE_TMA=bool(cfg.get("tma", False)),
+                SPLIT_BOUNDS=_split_bounds(spec, cfg, varlen))
+
+
+def _split_bounds(spec: KernelSpec, cfg: KernelConfig, varlen: bool) -> bool:
+    """As the launchers pass it (common.split_bounds; False for older templates, which lack
+    it and the knob)."""
+    from gfwagen.template_loader import load_template
+
+    split = getattr(load_template("triton", "common"), "split_bounds", None)
+    return bool(split and not cfg.get("full_masks", False)
+                and split(spec.window, cfg.block_m, cfg.block_n, varlen))
 
 
 def _signature(params: list[str], spec: KernelSpec, constexprs: dict) -> dict:

@@ -78,6 +78,33 @@ def test_unequal_tiles_gate_prefetch_and_tma(bm, bn, prefetch, tma):
         assert rel_err(a, e) < 1e-5, name
 
 
+ONE_BOUND_CASES = [(bm, bn, extra_w, False) for bm, bn in [(16, 16), (32, 16), (16, 32)]
+                   for extra_w in (-1, 0, 7, 40)] + [(32, 16, 0, True), (16, 32, 40, True)]
+
+
+@pytest.mark.parametrize("bm,bn,extra_w,full_masks", ONE_BOUND_CASES)
+def test_masked_tiles_with_one_bound_each(bm, bn, extra_w, full_masks):
+    """From W = BLOCK_M + BLOCK_N on, each masked tile tests one bound (common.split_bounds):
+    just below, at and above that window, with T ragged and several edge tiles per row; and
+    the tuner's full_masks knob, which tests both there."""
+    from gfwagen.template_loader import load_template
+
+    W = bm + bn + extra_w
+    assert load_template("triton", "common").split_bounds(W, bm, bn, False) == (extra_w >= 0)
+    q, k, v, g = make_inputs(1, 131, 2, 1, 16, 16, torch.float32, True)
+    cfg = KernelConfig(block_m=bm, block_n=bn, num_warps=4, num_stages=1,
+                       extra=(("full_masks", full_masks),))
+    o, lse = triton_backend.forward(q, k, v, g, W, 0.25, cfg)
+    do = torch.randn_like(o)
+    got = triton_backend.backward(do, q, k, v, o, lse, g, W, 0.25, cfg, cfg)
+    leaves = [t.double().requires_grad_() for t in (q, k, v, g)]
+    o_ref = naive_attention(*leaves, W, 0.25)
+    exp = torch.autograd.grad(o_ref, leaves, do.double())
+    assert rel_err(o, o_ref) < 1e-5
+    for name, a, e in zip(["dq", "dk", "dv", "dlog_gate"], got, exp):
+        assert rel_err(a, e) < 1e-5, name
+
+
 def test_transposed_views_need_no_copy_and_match():
     # [B, H, T, D] storage viewed as [B, T, H, D]: strides pass straight to the kernel.
     q, k, v, g = make_inputs(1, 24, 2, 2, 16, 16, torch.float32, True)

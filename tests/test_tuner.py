@@ -49,7 +49,11 @@ def test_space_and_resources():
         assert 0 < n < 250
         # each switch doubles the space; "off" is the config without the switch
         assert len(space.enumerate_configs(spec)) == 2 * n
-        assert len(space.enumerate_configs(spec, knobs=space.KNOBS)) == 4 * n
+        # all knobs: tma and prefetch_gate everywhere (the problem is gated), full_masks
+        # where the masks can split (the forward and dq)
+        every = 2 ** len(space.knobs_for(spec, space.KNOBS))
+        assert every == (8 if p != "bwd_kv" else 4)
+        assert len(space.enumerate_configs(spec, knobs=space.KNOBS)) == every * n
         assert space.default(spec) == space.default(spec, ()) == default_config(spec)
     with pytest.raises(ValueError, match="unknown knob"):
         space.knobs_for(PROB.spec("triton", "fwd"), ("warp_spec",))

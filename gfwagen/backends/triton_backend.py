@@ -91,7 +91,8 @@ def forward(q, k, v, log_gate, window, scale, cfg: KernelConfig, segs=None, gate
         load_template("triton", "fwd").launch_forward(
             q, k, v, gate, o, lse, kernel_window(window, T), scale, H // k.shape[2], bm, bn,
             cfg.num_warps, cfg.num_stages, _dot_precision(q.dtype),
-            bool(cfg.get("prefetch_gate", False)), segs[0] if segs is not None else None, tma)
+            bool(cfg.get("prefetch_gate", False)), segs[0] if segs is not None else None, tma,
+            bool(cfg.get("full_masks", False)))
     return o, lse
 
 
@@ -101,6 +102,7 @@ class BackwardState:
     The tuner times bwd_kv and bwd_q separately on one prepared state."""
 
     do: torch.Tensor
+    o: torch.Tensor
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
@@ -118,20 +120,22 @@ class BackwardState:
 
 
 def prepare_backward(do, q, k, v, o, lse, log_gate, window, scale, segs=None,
-                     gate=None) -> BackwardState:
-    """gate: the forward's gate_tables(log_gate), if kept; else computed here."""
+                     gate=None, delta=True) -> BackwardState:
+    """gate: the forward's gate_tables(log_gate), if kept; else computed here. delta: launch
+    the kernel that computes delta, so that backward_kv can run first or alone (the tuner
+    times each pass by itself); backward_q computes and stores it anyway."""
     B, T, H, _ = q.shape
     gated = log_gate is not None
     sums = torch.empty(2, B, H, T, dtype=torch.float32, device=q.device) if gated else None
     st = BackwardState(
-        do=do, q=q, k=k, v=v, lse=lse, window=window, scale=scale,
+        do=do, o=o, q=q, k=k, v=v, lse=lse, window=window, scale=scale,
         gate=gate if gate is not None else gate_tables(log_gate),
         delta=torch.empty(B, H, T, dtype=torch.float32, device=q.device),
         dq=torch.empty(q.shape, dtype=q.dtype, device=q.device),
         dk=torch.empty(k.shape, dtype=k.dtype, device=k.device),
         dv=torch.empty(v.shape, dtype=v.dtype, device=v.device),
         row_sums=sums[0] if gated else None, col_sums=sums[1] if gated else None, segs=segs)
-    if q.numel():
+    if delta and q.numel():
         with _device(q):
             load_template("triton", "bwd").launch_delta(o, do, st.delta)
     return st
@@ -162,20 +166,22 @@ def backward_kv(st: BackwardState, cfg: KernelConfig) -> None:
 
 
 def backward_q(st: BackwardState, cfg: KernelConfig) -> None:
-    """dq and the gate's row sums, into st."""
+    """dq, the gate's row sums and delta, into st."""
     if st.q.numel():
         with _device(st.q):
             load_template("triton", "bwd").launch_dq(
-                st.q, st.k, st.v, st.do, st.gate, st.lse, st.delta, st.dq, st.row_sums,
+                st.q, st.k, st.v, st.do, st.o, st.gate, st.lse, st.delta, st.dq, st.row_sums,
                 *_bwd_launch_args(st, cfg), st.segs[0] if st.segs is not None else None,
-                _use_tma(cfg, st.k, st.v))
+                _use_tma(cfg, st.k, st.v), bool(cfg.get("full_masks", False)))
 
 
 def backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv: KernelConfig,
              cfg_q: KernelConfig, segs=None, gate=None):
-    st = prepare_backward(do, q, k, v, o, lse, log_gate, window, scale, segs, gate)
-    backward_kv(st, cfg_kv)
+    # dq first: it computes the delta that dk/dv reads (a launch less than a delta kernel)
+    st = prepare_backward(do, q, k, v, o, lse, log_gate, window, scale, segs, gate,
+                          delta=False)
     backward_q(st, cfg_q)
+    backward_kv(st, cfg_kv)
     if log_gate is None:
         dg = None
     elif q.numel() == 0:

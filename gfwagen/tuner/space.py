@@ -3,7 +3,8 @@
 Triton: block_m, block_n in {16, ..., 256} (powers of two dividing the gate chunk),
 num_warps in {4, 8}, num_stages in {1, ..., 5}, plus the template switches named in `knobs`
 (KNOBS: "tma", Hopper tensor-descriptor loads; "prefetch_gate", the next tile's gate values
-loaded one iteration ahead, searched only for gated problems).
+loaded one iteration ahead, searched only for gated problems; "full_masks", every bound
+tested on every masked tile as before the one-bound masks, for the forward and dq only).
 TVM: block_m, block_n (one thread per tile row in the GPU's CUDA-core kernels, loop tiles on
 the CPU) plus whatever knobs tvm_backend declares in TUNABLE_EXTRAS ({name: choices}); the
 tensor-core forward on a GPU (bf16/fp16) adds num_stages (its cp.async stages), sub_n (keys
@@ -38,8 +39,10 @@ REG_OVERHEAD = 40  # addresses, indices, row statistics: not in the tile arithme
 TVM_THREADS_LIMIT = 1024
 # Boolean template switches (KernelConfig.extra). DEFAULT_KNOBS are searched unless the
 # caller names others: tensor descriptors cut the backward's register spills (offline sm_90
-# compile, benchmarks/RESULTS.md); prefetch_gate is opt-in.
-KNOBS = ("tma", "prefetch_gate")
+# compile, benchmarks/RESULTS.md); prefetch_gate and full_masks are opt-in (full_masks: the
+# one-bound masks sped the forward up 2-10% at S1, S2, S3 and S5 but slowed S4's gated
+# forward by 4.7% at the same SASS in its unmasked loop, session 10).
+KNOBS = ("tma", "prefetch_gate", "full_masks")
 TENSOR_CORE = "tensor_core"  # not a user knob: the TVM tensor-core forward's own parameters
 TVM_TC_PARAMS = {"num_stages": (1, 2, 3), "x_sub_n": (16, 32, 64), "x_warp_m": (1, 2),
                  "x_q_smem": (False, True)}
@@ -79,7 +82,8 @@ def check_knobs(knobs) -> tuple[str, ...]:
 
 
 def knobs_for(spec: KernelSpec, knobs=None, gpu: bool = False) -> tuple[str, ...]:
-    """The switches that change something for this spec (the gate prefetch needs a gate).
+    """The switches that change something for this spec (the gate prefetch needs a gate;
+    the dk/dv kernel's masks are always full).
     knobs None: DEFAULT_KNOBS. TVM: TENSOR_CORE when the spec's GPU forward is the
     tensor-core template (gpu), else none."""
     if spec.backend == "tvm":
@@ -91,7 +95,8 @@ def knobs_for(spec: KernelSpec, knobs=None, gpu: bool = False) -> tuple[str, ...
     if spec.backend != "triton":
         return ()
     knobs = check_knobs(DEFAULT_KNOBS if knobs is None else knobs)
-    return tuple(k for k in KNOBS if k in knobs and (k != "prefetch_gate" or spec.gated))
+    return tuple(k for k in KNOBS if k in knobs and (k != "prefetch_gate" or spec.gated)
+                 and (k != "full_masks" or spec.pass_ != "bwd_kv"))
 
 
 def params(backend: str, pass_: str, knobs: tuple = ()) -> dict[str, tuple]:

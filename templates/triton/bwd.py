@@ -27,6 +27,7 @@ from .common import (
     load_vector,
     pair_mask,
     row_tile_descriptor,
+    split_bounds,
     varlen_key_phases,
     varlen_query_phases,
 )
@@ -369,12 +370,14 @@ def _dq_tiles(
     WINDOW: tl.constexpr,
     VARLEN: tl.constexpr,
     GATED: tl.constexpr,
-    MASKED: tl.constexpr,
+    PHASE: tl.constexpr,
+    SPLIT_BOUNDS: tl.constexpr,
     GATE_CHUNK: tl.constexpr,
     DOT_PREC: tl.constexpr,
     PREFETCH_GATE: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
+    MASKED: tl.constexpr = PHASE != 1
     if GATED:
         if PREFETCH_GATE:
             nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, start, T, BLOCK_N, GATE_CHUNK)
@@ -398,9 +401,12 @@ def _dq_tiles(
             s -= cj[None, :]
         p = tl.math.exp2(s)
         if MASKED:
-            valid = pair_mask(offs_m[:, None], offs_n[None, :], T, WINDOW)
-            if VARLEN:  # keys of an earlier packed sequence
-                valid = valid & (offs_n[None, :] >= seg_lo[:, None])
+            if SPLIT_BOUNDS:  # (common.split_bounds) the edge's bound, or the diagonal's
+                valid = pair_mask(offs_m[:, None], offs_n[None, :], T, WINDOW, 1 + PHASE // 2)
+            else:
+                valid = pair_mask(offs_m[:, None], offs_n[None, :], T, WINDOW)
+                if VARLEN:  # keys of an earlier packed sequence
+                    valid = valid & (offs_n[None, :] >= seg_lo[:, None])
             p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
@@ -428,6 +434,10 @@ def gfwa_bwd_dq_kernel(
     DQ,
     DROW,
     SEG_START,
+    O,
+    stride_ob,
+    stride_ot,
+    stride_oh,
     stride_qb,
     stride_qt,
     stride_qh,
@@ -461,6 +471,7 @@ def gfwa_bwd_dq_kernel(
     DOT_PREC: tl.constexpr,
     PREFETCH_GATE: tl.constexpr,
     USE_TMA: tl.constexpr,
+    SPLIT_BOUNDS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -491,7 +502,16 @@ def gfwa_bwd_dq_kernel(
         other=0.0,
     )
     lse2 = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0) * LOG2E
-    delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
+    # delta = rowsum(o * do), computed here and stored for the dk/dv kernel, which runs
+    # after this one: the tile of do is in registers already, and the separate kernel was
+    # a launch and a pass over o and do of its own (35 us at S5).
+    o = tl.load(
+        O + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_dv[None, :],
+        mask=do_ok,
+        other=0.0,
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * T + offs_m, delta, mask=row_ok)
     cl_base = CL + bh * T
     cb_base = CB + bh * n_chunks
     cb_q = 0.0
@@ -544,7 +564,8 @@ def gfwa_bwd_dq_kernel(
             WINDOW,
             VARLEN,
             GATED,
-            phase != 1,
+            phase,
+            SPLIT_BOUNDS,
             GATE_CHUNK,
             DOT_PREC,
             PREFETCH_GATE,
@@ -673,6 +694,7 @@ def launch_dq(
     k,
     v,
     do,
+    o,
     gate,
     lse,
     delta,
@@ -689,9 +711,11 @@ def launch_dq(
     prefetch_gate=False,
     seg_start=None,
     tma=False,
+    full_masks=False,
 ):
-    """seg_start: None, or for packed sequences (B = 1) int32 [T], the start of each
-    position's sequence."""
+    """Also writes delta (rowsum of o * do, [B, H, T] float32), which launch_dkdv reads.
+    seg_start: None, or for packed sequences (B = 1) int32 [T], the start of each position's
+    sequence. full_masks: as launch_forward's."""
     B, T, H, D = q.shape
     Dv = v.shape[3]
     cl, cb, chunk = _gate_args(gate, lse, block_m, block_n)
@@ -707,6 +731,10 @@ def launch_dq(
         dq,
         drow if drow is not None else lse,
         seg_start if seg_start is not None else lse,
+        o,
+        o.stride(0),
+        o.stride(1),
+        o.stride(2),
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -740,6 +768,8 @@ def launch_dq(
         DOT_PREC=dot_prec,
         PREFETCH_GATE=prefetch_gate,
         USE_TMA=tma,
+        SPLIT_BOUNDS=not full_masks
+        and split_bounds(window, block_m, block_n, seg_start is not None),
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -72,13 +72,32 @@ def load_rows(
 
 
 @triton.jit
-def pair_mask(qi, kj, T, WINDOW: tl.constexpr):
+def pair_mask(qi, kj, T, WINDOW: tl.constexpr, PART: tl.constexpr = 0):
     """Which (query qi, key kj) pairs count: causal, inside the window, query in range (a key
-    past T is then past every counted query). qi and kj broadcast to the tile's shape."""
-    valid = (kj <= qi) & (qi < T)
-    if WINDOW > 0:
-        valid = valid & (kj > qi - WINDOW)
+    past T is then past every counted query). qi and kj broadcast to the tile's shape.
+    PART 1 tests only the window's far bound and PART 2 only the causal one (each with the
+    query range): exact on the tiles where the other bound holds for every pair, which
+    split_bounds says."""
+    if PART == 1:
+        valid = (kj > qi - WINDOW) & (qi < T)
+    elif PART == 2:
+        valid = (kj <= qi) & (qi < T)
+    else:
+        valid = (kj <= qi) & (qi < T)
+        if WINDOW > 0:
+            valid = valid & (kj > qi - WINDOW)
     return valid
+
+
+def split_bounds(window, block_m, block_n, varlen):
+    """Whether each masked key tile of key_tile_phases needs one bound only: the window
+    edge's tiles lie wholly below the diagonal and the diagonal's wholly inside the window
+    once the window spans both tiles (W >= BLOCK_M + BLOCK_N, or no window). Packed
+    sequences move interior tiles to the edge, so they keep both. Half the compares and
+    selects per score on masked tiles: 4 of 10 key tiles at S5's forward. (The dk/dv
+    kernel's one loop would need a second branch for it, which cost the eight-warp tiles
+    12-20 KB of shared memory in an offline build.)"""
+    return not varlen and (window == 0 or window >= block_m + block_n)
 
 
 @triton.jit

@@ -21,6 +21,7 @@ from .common import (
     gate_tile_load,
     key_tile_phases,
     row_tile_descriptor,
+    split_bounds,
     varlen_key_phases,
 )
 
@@ -52,12 +53,14 @@ def _fwd_tiles(
     WINDOW: tl.constexpr,
     VARLEN: tl.constexpr,
     GATED: tl.constexpr,
-    MASKED: tl.constexpr,
+    PHASE: tl.constexpr,
+    SPLIT_BOUNDS: tl.constexpr,
     GATE_CHUNK: tl.constexpr,
     DOT_PREC: tl.constexpr,
     PREFETCH_GATE: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
+    MASKED: tl.constexpr = PHASE != 1
     offs_d = tl.arange(0, HEAD_D_PAD)
     offs_dv = tl.arange(0, HEAD_DV_PAD)
     if GATED:
@@ -115,11 +118,18 @@ def _fwd_tiles(
             # only the log-sum-exp (epilogue). What is left folds into the scale's multiply.
             s -= cj[None, :]
         if MASKED:
-            valid = (offs_n[None, :] <= offs_m[:, None]) & in_t[None, :]
-            if WINDOW > 0:
-                valid = valid & (offs_n[None, :] > offs_m[:, None] - WINDOW)
-            if VARLEN:  # keys of an earlier packed sequence
-                valid = valid & (offs_n[None, :] >= seg_lo[:, None])
+            if SPLIT_BOUNDS:
+                # (common.split_bounds) rows past T are never stored, so only one bound
+                if PHASE == 0:
+                    valid = offs_n[None, :] > offs_m[:, None] - WINDOW
+                else:
+                    valid = offs_n[None, :] <= offs_m[:, None]
+            else:
+                valid = (offs_n[None, :] <= offs_m[:, None]) & in_t[None, :]
+                if WINDOW > 0:
+                    valid = valid & (offs_n[None, :] > offs_m[:, None] - WINDOW)
+                if VARLEN:  # keys of an earlier packed sequence
+                    valid = valid & (offs_n[None, :] >= seg_lo[:, None])
             s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_shift = m_new
@@ -175,6 +185,7 @@ def gfwa_fwd_kernel(
     DOT_PREC: tl.constexpr,
     PREFETCH_GATE: tl.constexpr,
     USE_TMA: tl.constexpr,
+    SPLIT_BOUNDS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -256,7 +267,8 @@ def gfwa_fwd_kernel(
             WINDOW,
             VARLEN,
             GATED,
-            phase != 1,
+            phase,
+            SPLIT_BOUNDS,
             GATE_CHUNK,
             DOT_PREC,
             PREFETCH_GATE,
@@ -303,11 +315,13 @@ def launch_forward(
     prefetch_gate=False,
     seg_start=None,
     tma=False,
+    full_masks=False,
 ):
     """q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] (last dim contiguous); gate None or
     (local [B,Hq,T] float32, base [B,Hq,chunks] float64, chunk) in log2 units; writes
     o [B,T,Hq,Dv] and lse [B,Hq,T] float32 (natural log). seg_start: None, or for packed
-    sequences (B = 1) int32 [T], the start of each position's sequence."""
+    sequences (B = 1) int32 [T], the start of each position's sequence. full_masks: every
+    bound on every masked tile even where common.split_bounds allows one (a tuner knob)."""
     B, T, H, D = q.shape
     Dv = v.shape[3]
     cl, cb, chunk = gate if gate is not None else (lse, lse, 256)
@@ -352,6 +366,8 @@ def launch_forward(
         DOT_PREC=dot_prec,
         PREFETCH_GATE=prefetch_gate,
         USE_TMA=tma,
+        SPLIT_BOUNDS=not full_masks
+        and split_bounds(window, block_m, block_n, seg_start is not None),
         num_warps=num_warps,
         num_stages=num_stages,
     )
