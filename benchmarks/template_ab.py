@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""One Triton template file against another version of it, in one process: the forward or a
+backward pass at the config the op picks for each benchmark shape, gated and plain, timed
+A, B, A, B (the better of each pair kept, so that drift hits both alike), outputs compared.
+
+    PYTHONPATH=$PWD python benchmarks/template_ab.py --old /tmp/fwd_before.py --pass fwd \\
+        --shapes S4,S5,S3,S1,S2
+    git show HEAD~1:templates/triton/fwd.py > /tmp/fwd_before.py   # the version to compare
+
+The old file is imported as a sibling of the current templates (its relative imports reach
+today's common.py), so its launcher must take the current backend's arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import SHAPES, make_inputs  # noqa: E402
+from knobs import bench  # noqa: E402
+
+from gfwagen import dispatch, template_loader  # noqa: E402
+from gfwagen.backends import triton_backend as tb  # noqa: E402
+from gfwagen.spec import KernelSpec  # noqa: E402
+
+TEMPLATE = {"fwd": "fwd", "bwd_kv": "bwd", "bwd_q": "bwd"}
+
+
+def load_old(path: Path, name: str):
+    template_loader.load_template("triton", name)  # the synthesized parent packages
+    spec = importlib.util.spec_from_file_location(f"gfwagen_templates.triton.{name}_ab", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def runner(pass_, s, x, gated, cfg):
+    """fn() running the pass, and outputs() reading what it wrote."""
+    q, k, v, g, do = x
+    gate, scale = (g if gated else None), s.D ** -0.5
+    if pass_ == "fwd":
+        out = {}
+        return (lambda: out.update(o=tb.forward(q, k, v, gate, s.W, scale, cfg)[0])), \
+            (lambda: [out["o"]])
+    o, lse = tb.forward(q, k, v, gate, s.W, scale, cfg)
+    st = tb.prepare_backward(do, q, k, v, o, lse, gate, s.W, scale)
+    if pass_ == "bwd_kv":
+        return (lambda: tb.backward_kv(st, cfg)), (lambda: [st.dk, st.dv])
+    return (lambda: tb.backward_q(st, cfg)), (lambda: [st.dq])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--old", type=Path, required=True, help="the other version's file")
+    p.add_argument("--pass", dest="pass_", default="fwd", choices=sorted(TEMPLATE))
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    a = p.parse_args(argv)
+    name = TEMPLATE[a.pass_]
+    old = load_old(a.old, name)
+    current = tb.load_template
+    for shape in a.shapes.split(","):
+        s = SHAPES[shape]
+        x = [t.detach() for t in make_inputs(s, torch.bfloat16)]
+        for gated in (True, False):
+            cfg = dispatch.select_config(KernelSpec("triton", a.pass_, s.D, s.D, s.W, "bf16",
+                                                    True, 1), s.T, x[0].device)
+            ms, outs = {}, {}
+            for which in ("old", "new", "old2", "new2"):
+                tb.load_template = (current if which.startswith("new") else
+                                    lambda b, n: old if n == name else current(b, n))
+                try:
+                    fn, outputs = runner(a.pass_, s, x, gated, cfg)
+                    ms[which] = bench(fn, a.rep)
+                    outs[which[:3]] = [t.float().clone() for t in outputs()]
+                finally:
+                    tb.load_template = current
+            diff = max(((n - o).norm() / o.norm()).item()
+                       for n, o in zip(outs["new"], outs["old"], strict=True))
+            before, after = min(ms["old"], ms["old2"]), min(ms["new"], ms["new2"])
+            print(f"{shape} {a.pass_} {'gated' if gated else 'plain'}: old {ms['old']:.3f}/"
+                  f"{ms['old2']:.3f} ms, new {ms['new']:.3f}/{ms['new2']:.3f} ms "
+                  f"({100 * (after / before - 1):+.1f}%), rel diff {diff:.1e}, "
+                  f"{cfg.as_dict()}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
