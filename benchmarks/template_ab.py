@@ -1,21 +1,23 @@
 #!/usr/bin/env python3
-"""One Triton template file against another version of it, in one process: the forward or a
+"""The Triton templates against another version of them, in one process: the forward or a
 backward pass at the config the op picks for each benchmark shape, gated and plain, timed
 A, B, A, B (the better of each pair kept, so that drift hits both alike), outputs compared.
 
-    PYTHONPATH=$PWD python benchmarks/template_ab.py --old /tmp/fwd_before.py --pass fwd \\
+    git archive main templates | tar -x -C /tmp/old      # the version to compare
+    PYTHONPATH=$PWD python benchmarks/template_ab.py --old /tmp/old/templates --pass fwd \\
         --shapes S4,S5,S3,S1,S2
-    git show HEAD~1:templates/triton/fwd.py > /tmp/fwd_before.py   # the version to compare
 
-The old file is imported as a sibling of the current templates (its relative imports reach
-today's common.py), so its launcher must take the current backend's arguments.
+The other version is imported as a package of its own (its helpers with it); its launchers
+must take the current backend's arguments.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import hashlib
+import importlib
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -24,19 +26,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import SHAPES, make_inputs  # noqa: E402
 from knobs import bench  # noqa: E402
 
-from gfwagen import dispatch, template_loader  # noqa: E402
+from gfwagen import dispatch  # noqa: E402
 from gfwagen.backends import triton_backend as tb  # noqa: E402
 from gfwagen.spec import KernelSpec  # noqa: E402
 
 TEMPLATE = {"fwd": "fwd", "bwd_kv": "bwd", "bwd_q": "bwd"}
 
 
-def load_old(path: Path, name: str):
-    template_loader.load_template("triton", name)  # the synthesized parent packages
-    spec = importlib.util.spec_from_file_location(f"gfwagen_templates.triton.{name}_ab", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def load_old(folder: Path, name: str):
+    """templates/triton/<name>.py under `folder`, imported as a package of its own, named
+    after the folder (Triton reads the kernels' source from the files, so they stay put)."""
+    folder = folder.resolve()
+    if not (folder / "triton" / f"{name}.py").is_file():
+        raise SystemExit(f"--old: no triton/{name}.py under {folder}")
+    root = "gfwagen_templates_ab_" + hashlib.sha256(str(folder).encode()).hexdigest()[:12]
+    for pkg, path in ((root, folder), (f"{root}.triton", folder / "triton")):
+        if pkg not in sys.modules:
+            mod = types.ModuleType(pkg)
+            mod.__path__ = [str(path)]
+            sys.modules[pkg] = mod
+    return importlib.import_module(f"{root}.triton.{name}")
 
 
 def runner(pass_, s, x, gated, cfg):
@@ -56,7 +65,8 @@ def runner(pass_, s, x, gated, cfg):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--old", type=Path, required=True, help="the other version's file")
+    p.add_argument("--old", type=Path, required=True,
+                   help="the other version's templates folder (holding triton/)")
     p.add_argument("--pass", dest="pass_", default="fwd", choices=sorted(TEMPLATE))
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
