@@ -37,13 +37,21 @@ print(json.dumps(out))
 H100_MAX_SHARED = 232448  # bytes of dynamic shared memory a block may use on sm_90
 
 
-@pytest.mark.timeout(600)
-def test_templates_compile_for_sm90_and_use_wgmma():
+def run_offline(script: str, path: str | None = None):
+    """What `script` prints last, as JSON, run in a process without the interpreter (and
+    with `path` on its import path)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+    if path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([path, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    builds = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.timeout(600)
+def test_templates_compile_for_sm90_and_use_wgmma():
+    builds = run_offline(SCRIPT)
     assert len(builds) == 10
     for b in builds:
         assert b["wgmma"], b
@@ -79,11 +87,7 @@ def test_resource_model_covers_tritons_shared_memory():
     """The tuner's shared-memory model is at least what triton allocates, and within 1 KiB of
     it, for the tiles at the limit (a model short by 4 KiB let a gated dk/dv tile through that
     then failed to launch)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SMEM_SCRIPT], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for c in json.loads(proc.stdout.strip().splitlines()[-1]):
+    for c in run_offline(SMEM_SCRIPT):
         assert c["triton"] <= c["model"] <= c["triton"] + 1024, c
 
 
@@ -117,12 +121,7 @@ print(json.dumps(out))
 def test_ptxas_keeps_wgmma_asynchronous():
     """No kernel at the shipped tiles has its wgmma serialized by ptxas (C7515), and the
     check sees the warning where it is (a control kernel)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", SERIAL_SCRIPT], capture_output=True,
-                          text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    *builds, serial, clean = json.loads(proc.stdout.strip().splitlines()[-1])
+    *builds, serial, clean = run_offline(SERIAL_SCRIPT, os.path.dirname(__file__))
     assert len(builds) == 6
     serialized = [b["case"] for b in builds if any("serialized" in w for w in b["warnings"])]
     assert not serialized, serialized
