@@ -66,7 +66,10 @@ def _constexprs(spec: KernelSpec, cfg: KernelConfig, varlen: bool = False) -> di
                 GATE_CHUNK=GATE_CHUNK, DOT_PREC="ieee" if spec.dtype == "fp32" else "tf32",
                 PREFETCH_GATE=bool(cfg.get("prefetch_gate", False)), VARLEN=varlen,
                 USE_TMA=bool(cfg.get("tma", False)),
-                SPLIT_BOUNDS=_split_bounds(spec, cfg, varlen))
+                SPLIT_BOUNDS=_split_bounds(spec, cfg, varlen),
+                # the per-position vectors through descriptors, as the launchers pass it for
+                # T % 4 == 0 (the divisibility hints below assume T % 16 == 0)
+                VEC_TMA=bool(cfg.get("tma", False)) and (spec.gated or spec.pass_ == "bwd_kv"))
 
 
 def _split_bounds(spec: KernelSpec, cfg: KernelConfig, varlen: bool) -> bool:

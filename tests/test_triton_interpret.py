@@ -58,13 +58,15 @@ def test_triton_forward_backward_match_float64(case):
         assert rel_err(a, e) < tol, name
 
 
-@pytest.mark.parametrize("bm,bn,prefetch,tma", [
-    (32, 16, False, False), (16, 32, False, False), (16, 32, True, False), (32, 16, True, False),
-    (32, 16, False, True), (16, 32, True, True)])
-def test_unequal_tiles_gate_prefetch_and_tma(bm, bn, prefetch, tma):
+@pytest.mark.parametrize("bm,bn,prefetch,tma,T", [
+    (32, 16, False, False, 70), (16, 32, False, False, 70), (16, 32, True, False, 70),
+    (32, 16, True, False, 70), (32, 16, False, True, 70), (16, 32, True, True, 70),
+    (32, 16, False, True, 72), (16, 32, True, True, 72)])
+def test_unequal_tiles_gate_prefetch_and_tma(bm, bn, prefetch, tma, T):
     """tma: K/V (forward, dq) and Q/dO (dk/dv) through tensor descriptors, whose zero fill
-    past T replaces the masked loads."""
-    q, k, v, g = make_inputs(1, 70, 2, 1, 16, 16, torch.float32, True)
+    past T replaces the masked loads; with T % 4 == 0 the gate, lse and delta vectors too
+    (common.vector_descriptor)."""
+    q, k, v, g = make_inputs(1, T, 2, 1, 16, 16, torch.float32, True)
     cfg = KernelConfig(block_m=bm, block_n=bn, num_warps=4, num_stages=1,
                        extra=(("prefetch_gate", prefetch), ("tma", tma)))
     o, lse = triton_backend.forward(q, k, v, g, 24, 0.25, cfg)

@@ -30,6 +30,8 @@ from .common import (
     split_bounds,
     varlen_key_phases,
     varlen_query_phases,
+    vector_descriptor,
+    vectors_tma_usable,
 )
 
 
@@ -112,6 +114,7 @@ def _dkdv_tiles(
     q_base,
     do_base,
     cl_base,
+    cl_vec,
     cb_base,
     lse_base,
     delta_base,
@@ -135,15 +138,18 @@ def _dkdv_tiles(
     DOT_PREC: tl.constexpr,
     PREFETCH_GATE: tl.constexpr,
     USE_TMA: tl.constexpr,
+    VEC_TMA: tl.constexpr,
 ):
     """Query tiles [start, end) in one loop; those outside [int_lo, int_hi) are edge tiles,
     masked under a per-tile branch. Three loops (edge, interior, edge), as the forward and dq
     have, carry dk and dv from loop to loop, and ptxas then serializes every wgmma of the
     kernel (its warning C7515: non-wgmma instructions define accumulator registers inside a
     pipeline stage); one loop measured 22-27% faster at S2-S5 at the same tiles
-    (benchmarks/RESULTS.md, session 9)."""
+    (benchmarks/RESULTS.md, session 9). VEC_TMA: lse_base, delta_base and cl_vec are
+    vector_descriptors."""
+    PREFETCH: tl.constexpr = PREFETCH_GATE and not VEC_TMA
     if GATED:
-        if PREFETCH_GATE:
+        if PREFETCH:
             nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, start, T, BLOCK_M, GATE_CHUNK)
     for m0 in tl.range(start, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -153,19 +159,25 @@ def _dkdv_tiles(
         else:
             q = load_rows(q_base, offs_m, stride_qt, T, HEAD_D, HEAD_D_PAD, True)
             do = load_rows(do_base, offs_m, stride_dot, T, HEAD_DV, HEAD_DV_PAD, True)
-        lse = load_vector(lse_base, offs_m, T, True)
-        delta = load_vector(delta_base, offs_m, T, True)
+        if VEC_TMA:
+            lse = lse_base.load([m0])
+            delta = delta_base.load([m0])
+        else:
+            lse = load_vector(lse_base, offs_m, T, True)
+            delta = load_vector(delta_base, offs_m, T, True)
         # Everything per query (its lse, its gate sum) is folded into one vector first, so
         # each score costs one multiply-add and one subtract (the key's gate sum).
         row_shift = lse * LOG2E
         if GATED:
-            if PREFETCH_GATE:
-                ci, nxt_local, nxt_base = gate_tile_prefetched(
+            if PREFETCH:
+                local, off, nxt_local, nxt_base = gate_tile_prefetched(
                     nxt_local, nxt_base, cl_base, cb_base, m0, cb_k, T, BLOCK_M, GATE_CHUNK
                 )
             else:
-                ci = gate_tile(cl_base, cb_base, m0, cb_k, T, BLOCK_M, GATE_CHUNK, True)
-            row_shift -= ci
+                local, off = gate_tile(
+                    cl_vec, cb_base, m0, cb_k, T, BLOCK_M, GATE_CHUNK, True, VEC_TMA
+                )
+            row_shift -= local + off
         # Transposed scores [BLOCK_N, BLOCK_M]: keys on rows, so dk and dv need no transpose.
         s = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - row_shift[None, :]
         if GATED:
@@ -236,6 +248,7 @@ def gfwa_bwd_dkdv_kernel(
     DOT_PREC: tl.constexpr,
     PREFETCH_GATE: tl.constexpr,
     USE_TMA: tl.constexpr,
+    VEC_TMA: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
@@ -284,6 +297,14 @@ def gfwa_bwd_dkdv_kernel(
             do_base = row_tile_descriptor(do_base, T, stride_dot, BLOCK_M, HEAD_DV, HEAD_DV_PAD)
         cl_base = CL + bh * T
         cb_base = CB + bh * n_chunks
+        lse_base = LSE + bh * T
+        delta_base = DELTA + bh * T
+        cl_vec = cl_base
+        if VEC_TMA:
+            lse_base = vector_descriptor(lse_base, T, BLOCK_M)
+            delta_base = vector_descriptor(delta_base, T, BLOCK_M)
+            if GATED:
+                cl_vec = vector_descriptor(cl_base, T, BLOCK_M)
         cb_k = 0.0
         cj = tl.zeros([BLOCK_N], dtype=tl.float32)
         if GATED:
@@ -303,9 +324,10 @@ def gfwa_bwd_dkdv_kernel(
             q_base,
             do_base,
             cl_base,
+            cl_vec,
             cb_base,
-            LSE + bh * T,
-            DELTA + bh * T,
+            lse_base,
+            delta_base,
             stride_qt,
             stride_dot,
             lo,
@@ -326,6 +348,7 @@ def gfwa_bwd_dkdv_kernel(
             DOT_PREC,
             PREFETCH_GATE,
             USE_TMA,
+            VEC_TMA,
         )
         if GATED:
             tl.store(DCOL + bh * T + offs_n, colsum, mask=key_ok)
@@ -355,6 +378,7 @@ def _dq_tiles(
     k_base,
     v_base,
     cl_base,
+    cl_vec,
     cb_base,
     stride_kt,
     stride_vt,
@@ -376,10 +400,12 @@ def _dq_tiles(
     DOT_PREC: tl.constexpr,
     PREFETCH_GATE: tl.constexpr,
     USE_TMA: tl.constexpr,
+    VEC_TMA: tl.constexpr,
 ):
     MASKED: tl.constexpr = PHASE != 1
+    PREFETCH: tl.constexpr = PREFETCH_GATE and not VEC_TMA
     if GATED:
-        if PREFETCH_GATE:
+        if PREFETCH:
             nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, start, T, BLOCK_N, GATE_CHUNK)
     for n0 in tl.range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -390,15 +416,20 @@ def _dq_tiles(
             k = load_rows(k_base, offs_n, stride_kt, T, HEAD_D, HEAD_D_PAD, MASKED)
             v = load_rows(v_base, offs_n, stride_vt, T, HEAD_DV, HEAD_DV_PAD, MASKED)
         # row_shift = lse - c_i (log2 units), folded once per program by the caller.
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - row_shift[:, None]
         if GATED:
-            if PREFETCH_GATE:
-                cj, nxt_local, nxt_base = gate_tile_prefetched(
+            if PREFETCH:
+                local, off, nxt_local, nxt_base = gate_tile_prefetched(
                     nxt_local, nxt_base, cl_base, cb_base, n0, cb_q, T, BLOCK_N, GATE_CHUNK
                 )
             else:
-                cj = gate_tile(cl_base, cb_base, n0, cb_q, T, BLOCK_N, GATE_CHUNK, MASKED)
-            s -= cj[None, :]
+                local, off = gate_tile(
+                    cl_vec, cb_base, n0, cb_q, T, BLOCK_N, GATE_CHUNK, MASKED, VEC_TMA
+                )
+            # the key's gate sum is local + off: the tile's offset joins the row shift
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            s = s - (row_shift + off)[:, None] - local[None, :]
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - row_shift[:, None]
         p = tl.math.exp2(s)
         if MASKED:
             if SPLIT_BOUNDS:  # (common.split_bounds) the edge's bound, or the diagonal's
@@ -472,6 +503,7 @@ def gfwa_bwd_dq_kernel(
     PREFETCH_GATE: tl.constexpr,
     USE_TMA: tl.constexpr,
     SPLIT_BOUNDS: tl.constexpr,
+    VEC_TMA: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -514,6 +546,9 @@ def gfwa_bwd_dq_kernel(
     tl.store(DELTA + bh * T + offs_m, delta, mask=row_ok)
     cl_base = CL + bh * T
     cb_base = CB + bh * n_chunks
+    cl_vec = cl_base
+    if VEC_TMA:
+        cl_vec = vector_descriptor(cl_base, T, BLOCK_N)
     cb_q = 0.0
     row_shift = lse2
     if GATED:
@@ -549,6 +584,7 @@ def gfwa_bwd_dq_kernel(
             k_base,
             v_base,
             cl_base,
+            cl_vec,
             cb_base,
             stride_kt,
             stride_vt,
@@ -570,6 +606,7 @@ def gfwa_bwd_dq_kernel(
             DOT_PREC,
             PREFETCH_GATE,
             USE_TMA,
+            VEC_TMA,
         )
     tl.store(
         DQ + b64 * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
@@ -684,6 +721,7 @@ def launch_dkdv(
         DOT_PREC=dot_prec,
         PREFETCH_GATE=prefetch_gate,
         USE_TMA=tma,
+        VEC_TMA=tma and vectors_tma_usable(T, cl, lse, delta),
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -770,6 +808,7 @@ def launch_dq(
         USE_TMA=tma,
         SPLIT_BOUNDS=not full_masks
         and split_bounds(window, block_m, block_n, seg_start is not None),
+        VEC_TMA=tma and gate is not None and vectors_tma_usable(T, cl),
         num_warps=num_warps,
         num_stages=num_stages,
     )
