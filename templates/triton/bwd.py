@@ -19,12 +19,14 @@ import triton.language as tl
 
 from .common import (
     LOG2E,
+    cdiv,
     gate_tile,
     gate_tile_load,
     gate_tile_prefetched,
     key_tile_phases,
     load_rows,
     load_vector,
+    next_pow2,
     pair_mask,
     row_tile_descriptor,
     split_bounds,
@@ -619,7 +621,7 @@ def gfwa_bwd_dq_kernel(
 
 def launch_delta(o, do, delta, block_m=64):
     B, T, H, Dv = o.shape
-    gfwa_bwd_delta_kernel[(triton.cdiv(T, block_m), B * H)](
+    gfwa_bwd_delta_kernel[(cdiv(T, block_m), B * H)](
         o,
         do,
         delta,
@@ -633,7 +635,7 @@ def launch_delta(o, do, delta, block_m=64):
         H,
         BLOCK_M=block_m,
         HEAD_DV=Dv,
-        HEAD_DV_PAD=triton.next_power_of_2(Dv),
+        HEAD_DV_PAD=next_pow2(Dv),
     )
 
 
@@ -671,7 +673,7 @@ def launch_dkdv(
     B, T, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
     cl, cb, chunk = _gate_args(gate, lse, block_m, block_n)
-    gfwa_bwd_dkdv_kernel[(triton.cdiv(T, block_n), B * Hkv)](
+    gfwa_bwd_dkdv_kernel[(cdiv(T, block_n), B * Hkv)](
         q,
         k,
         v,
@@ -711,8 +713,8 @@ def launch_dkdv(
         BLOCK_N=block_n,
         HEAD_D=D,
         HEAD_DV=Dv,
-        HEAD_D_PAD=triton.next_power_of_2(D),
-        HEAD_DV_PAD=triton.next_power_of_2(Dv),
+        HEAD_D_PAD=next_pow2(D),
+        HEAD_DV_PAD=next_pow2(Dv),
         WINDOW=window,
         VARLEN=seg_end is not None,
         GATED=gate is not None,
@@ -757,7 +759,7 @@ def launch_dq(
     B, T, H, D = q.shape
     Dv = v.shape[3]
     cl, cb, chunk = _gate_args(gate, lse, block_m, block_n)
-    gfwa_bwd_dq_kernel[(triton.cdiv(T, block_m), B * H)](
+    gfwa_bwd_dq_kernel[(cdiv(T, block_m), B * H)](
         q,
         k,
         v,
@@ -796,8 +798,8 @@ def launch_dq(
         BLOCK_N=block_n,
         HEAD_D=D,
         HEAD_DV=Dv,
-        HEAD_D_PAD=triton.next_power_of_2(D),
-        HEAD_DV_PAD=triton.next_power_of_2(Dv),
+        HEAD_D_PAD=next_pow2(D),
+        HEAD_DV_PAD=next_pow2(Dv),
         WINDOW=window,
         VARLEN=seg_start is not None,
         GATED=gate is not None,

@@ -26,6 +26,8 @@ This file imports nothing from gfwagen.
 import triton
 import triton.language as tl
 
+from .common import next_pow2
+
 LOG2E_D = tl.constexpr(1.4426950408889634)
 
 
@@ -207,14 +209,14 @@ def launch_decode(q, k_new, v_new, k_ring, v_ring, seqlens, c_ring, c_new, out, 
         v_ring.stride(0), v_ring.stride(1), v_ring.stride(2),
         cr_strides[0], cr_strides[1], cr_strides[2],
         cq_strides[0], cq_strides[1], cq_strides[2],
-        G=G, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=max(16, triton.next_power_of_2(S)),
-        HEAD_D=D, HEAD_DV=Dv, D_PAD=max(16, triton.next_power_of_2(D)), DV_PAD=dv_pad,
+        G=G, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=max(16, next_pow2(S)),
+        HEAD_D=D, HEAD_DV=Dv, D_PAD=max(16, next_pow2(D)), DV_PAD=dv_pad,
         GATED=gated, DOT_PREC=dot_prec, num_warps=num_warps, num_stages=num_stages,
     )
     _decode_combine[(B * Hkv, S * G)](
         pm, pl, pacc, out, n_splits, Hkv,
         out.stride(0), out.stride(1), out.stride(2),
-        G=G, BLOCK_M=block_m, SPLIT_PAD=max(2, triton.next_power_of_2(n_splits)),
+        G=G, BLOCK_M=block_m, SPLIT_PAD=max(2, next_pow2(n_splits)),
         HEAD_DV=Dv, DV_PAD=dv_pad, num_warps=4 if dv_pad >= 128 else 1,
     )
     return out
@@ -223,7 +225,7 @@ def launch_decode(q, k_new, v_new, k_ring, v_ring, seqlens, c_ring, c_new, out, 
 def workspace_dims(S, G, Dv):
     """(BLOCK_M, rows, DV_PAD): the query rows of one kv-head group padded for tl.dot."""
     rows = S * G
-    return max(16, triton.next_power_of_2(rows)), rows, max(16, triton.next_power_of_2(Dv))
+    return max(16, next_pow2(rows)), rows, max(16, next_pow2(Dv))
 
 
 def _fp32():

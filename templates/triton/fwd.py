@@ -18,8 +18,10 @@ import triton.language as tl
 from .common import (
     LN2,
     LOG2E,
+    cdiv,
     gate_tile_load,
     key_tile_phases,
+    next_pow2,
     row_tile_descriptor,
     split_bounds,
     varlen_key_phases,
@@ -326,7 +328,7 @@ def launch_forward(
     Dv = v.shape[3]
     cl, cb, chunk = gate if gate is not None else (lse, lse, 256)
     assert chunk % block_m == 0 and chunk % block_n == 0, "tiles must not straddle gate chunks"
-    grid = (triton.cdiv(T, block_m), B * H)
+    grid = (cdiv(T, block_m), B * H)
     gfwa_fwd_kernel[grid](
         q,
         k,
@@ -356,8 +358,8 @@ def launch_forward(
         BLOCK_N=block_n,
         HEAD_D=D,
         HEAD_DV=Dv,
-        HEAD_D_PAD=triton.next_power_of_2(D),
-        HEAD_DV_PAD=triton.next_power_of_2(Dv),
+        HEAD_D_PAD=next_pow2(D),
+        HEAD_DV_PAD=next_pow2(Dv),
         WINDOW=window,
         VARLEN=seg_start is not None,
         GATED=gate is not None,

@@ -18,7 +18,7 @@ the per-chunk total and the carried base in float64. This file imports nothing f
 import triton
 import triton.language as tl
 
-from .common import heads_per_program
+from .common import cdiv, heads_per_program
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -138,8 +138,8 @@ def launch_gate_fwd(h, beta, g, local, base, eps, chunk, with_prefix, num_warps=
     float32 and base [B, H, ceil(T / chunk)] float64 when with_prefix (else any tensor)."""
     B, T, H = h.shape
     bh = heads_per_program(H)
-    nchunk = triton.cdiv(T, chunk)
-    grid = (B, triton.cdiv(H, bh))
+    nchunk = cdiv(T, chunk)
+    grid = (B, cdiv(H, bh))
     gate_fwd_kernel[grid](
         h,
         beta,
@@ -162,8 +162,8 @@ def launch_gate_bwd(h, beta, dg, dlocal, dbase, dh, dbeta, eps, chunk, with_pref
     when with_prefix; dh, dbeta [B, T, H] in the dtypes of h and beta."""
     B, T, H = h.shape
     bh = heads_per_program(H)
-    nchunk = triton.cdiv(T, chunk)
-    grid = (B, triton.cdiv(H, bh))
+    nchunk = cdiv(T, chunk)
+    grid = (B, cdiv(H, bh))
     gate_bwd_kernel[grid](
         h,
         beta,

@@ -28,7 +28,7 @@ second adds those of the later splits). This file imports nothing from gfwagen.
 import triton
 import triton.language as tl
 
-from .common import heads_per_program
+from .common import cdiv, heads_per_program, next_pow2
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -239,9 +239,9 @@ def _split(tiles, lanes, splits):
     """(splits, tiles per split) for `tiles` tiles per lane and `lanes` (batch, head block)
     pairs; splits=None picks enough to reach TARGET_PROGRAMS."""
     if splits is None:
-        splits = triton.cdiv(TARGET_PROGRAMS, max(lanes, 1))
-    per = triton.cdiv(tiles, max(1, min(int(splits), tiles)))
-    return triton.cdiv(tiles, per), per
+        splits = cdiv(TARGET_PROGRAMS, max(lanes, 1))
+    per = cdiv(tiles, max(1, min(int(splits), tiles)))
+    return cdiv(tiles, per), per
 
 
 def launch_gate_sums_fwd(
@@ -252,10 +252,10 @@ def launch_gate_sums_fwd(
     contiguous. absolute: local is float64 and receives the whole prefix sums in natural
     units (base is then scratch)."""
     B, T, H = log_gate.shape
-    nc = triton.cdiv(T, chunk)
+    nc = cdiv(T, chunk)
     n_base = base.shape[-1]
     bh = heads_per_program(H)
-    hb = triton.cdiv(H, bh)
+    hb = cdiv(H, bh)
     n_split, per = _split(nc, B * hb, splits)
     gate_sums_fwd_kernel[(B, hb, n_split)](
         log_gate,
@@ -277,11 +277,11 @@ def launch_gate_sums_fwd(
         num_warps=num_warps,
     )
     if n_split > 1:
-        blk = min(SCAN_BLOCK, triton.next_power_of_2(n_base))
+        blk = min(SCAN_BLOCK, next_pow2(n_base))
         gate_sums_scan_kernel[(B * H,)](base, nc, n_base, BLOCK=blk, num_warps=4)
     if absolute:
         blk = 1024
-        gate_sums_absolute_kernel[(triton.cdiv(T, blk), B * H)](
+        gate_sums_absolute_kernel[(cdiv(T, blk), B * H)](
             local,
             base,
             T,
@@ -300,8 +300,8 @@ def launch_gate_sums_bwd(
     bwd_splits(...) elements, needed when that is more than one."""
     B, H, T = row.shape
     bh = heads_per_program(H)
-    hb = triton.cdiv(H, bh)
-    n_split, per = _split(triton.cdiv(T, block_t), B * hb, splits)
+    hb = cdiv(H, bh)
+    n_split, per = _split(cdiv(T, block_t), B * hb, splits)
     dst = rev if seg_end is not None else out
     common = dict(BLOCK_T=block_t, BLOCK_H=bh, SPLIT_BLOCK=64, num_warps=num_warps)
     args = (
@@ -324,11 +324,11 @@ def launch_gate_sums_bwd(
     )
     if seg_end is not None:
         bt = 64
-        gate_sums_restart_kernel[(B, triton.cdiv(T, bt), hb)](
+        gate_sums_restart_kernel[(B, cdiv(T, bt), hb)](
             rev, seg_end, out, T, H, BLOCK_T=bt, BLOCK_H=bh, num_warps=4
         )
 
 
 def bwd_splits(B, H, T, splits=None, block_t=256):
     """How many splits launch_gate_sums_bwd uses (its tot scratch holds B * H * this)."""
-    return _split(triton.cdiv(T, block_t), B * triton.cdiv(H, heads_per_program(H)), splits)[0]
+    return _split(cdiv(T, block_t), B * cdiv(H, heads_per_program(H)), splits)[0]
