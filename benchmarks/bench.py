@@ -277,6 +277,9 @@ def main(argv=None):
                    help="torch.compile mode for flex, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--json", help="write all results to this path")
     p.add_argument("--markdown", help="append a results section to this file")
+    p.add_argument("--devices", help="GPU indices, e.g. 0,1: the shapes shared out among one "
+                   "process per GPU running at once (split_shapes), their results reported as "
+                   "one run; each process compiles FlexAttention for itself")
     args = p.parse_args(argv)
 
     for opt, allowed in (("shapes", SHAPES), ("contenders", CONTENDERS), ("modes", MODES)):
@@ -285,6 +288,11 @@ def main(argv=None):
             p.error(f"--{opt}: unknown {','.join(sorted(bad))}; choose from {','.join(allowed)}")
     shapes = TINY if args.tiny else {n: SHAPES[n] for n in args.shapes.split(",")}
     contenders, modes = args.contenders.split(","), args.modes.split(",")
+    if args.devices:
+        devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+        if not devices or not all(d.isdigit() for d in devices) or len(set(devices)) < len(devices):
+            p.error(f"--devices: expected distinct GPU indices such as 0,1; got {args.devices!r}")
+        return run_on_devices(args, shapes, contenders, devices)
 
     if not torch.cuda.is_available():
         sys.exit("bench.py: needs a CUDA GPU")
@@ -332,30 +340,101 @@ def main(argv=None):
         del q, k, v, g, dout
         free_memory()
 
-    headers, rows = summary_rows(results, list(shapes), list(makers))
-    print("\nTFLOP/s (in-window pairs; f+b = forward+backward)\n" + format_table(headers, rows))
-
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "gpu": torch.cuda.get_device_name(), "command": shlex.join(sys.argv),
             "versions": versions(), "dtype": args.dtype, "unavailable": unavailable,
             "shapes": {n: s._asdict() for n, s in shapes.items()}}
-    if args.json:
-        Path(args.json).write_text(json.dumps(
+    report(results, checks, list(shapes), list(makers), meta, args.json, args.markdown)
+
+
+def split_shapes(shapes: dict, n: int) -> list[list[str]]:
+    """The shapes shared out among n processes: each, largest first, to the least loaded
+    (forward+backward FLOPs as the load); empty shares dropped."""
+    loads, shares = [0.0] * n, [[] for _ in range(n)]
+    for name in sorted(shapes, key=lambda k: -flops(shapes[k], "fwdbwd")):
+        i = loads.index(min(loads))
+        shares[i].append(name)
+        loads[i] += flops(shapes[name], "fwdbwd")
+    return [sh for sh in shares if sh]
+
+
+def merge_runs(runs: list[dict], command: str) -> dict:
+    """One run's JSON ({"meta", "results", "checks"}) from several processes' runs."""
+    metas = [r["meta"] for r in runs]
+    meta = {"date": min(m["date"] for m in metas),
+            "gpu": " + ".join(sorted({m["gpu"] for m in metas})), "command": command,
+            "versions": metas[0]["versions"], "dtype": metas[0]["dtype"],
+            "unavailable": {c: msg for m in metas for c, msg in m["unavailable"].items()},
+            "shapes": {n: sh for m in metas for n, sh in m["shapes"].items()}}
+    return {"meta": meta, "results": [x for r in runs for x in r["results"]],
+            "checks": [x for r in runs for x in r["checks"]]}
+
+
+def run_on_devices(args, shapes, contenders, devices) -> int:
+    """This command once per GPU (CUDA_VISIBLE_DEVICES), each on its share of the shapes, all
+    at once; their output in turn, then one report. 1 if any process failed."""
+    import os
+    import subprocess
+    import tempfile
+
+    common = ["--contenders", args.contenders, "--modes", args.modes, "--dtype", args.dtype,
+              "--warmup", str(args.warmup), "--rep", str(args.rep)]
+    common += ["--check"] if args.check else []
+    common += ["--tiny"] if args.tiny else []
+    if args.flex_compile_mode:
+        common += ["--flex-compile-mode", args.flex_compile_mode]
+    shares = split_shapes(shapes, len(devices))
+    runs, failed = [], []
+    with tempfile.TemporaryDirectory(prefix="gfwagen-bench-") as tmp:
+        procs = []
+        for dev, share in zip(devices, shares, strict=False):
+            out, log = Path(tmp, f"cuda{dev}.json"), Path(tmp, f"cuda{dev}.log")
+            cmd = [sys.executable, str(Path(__file__).resolve()), *common,
+                   "--shapes", ",".join(share), "--json", str(out)]
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": dev}
+            print(f"[cuda:{dev}] {','.join(share)}", flush=True)
+            with open(log, "w") as fh:
+                procs.append((dev, out, log, subprocess.Popen(cmd, env=env, stdout=fh,
+                                                              stderr=subprocess.STDOUT)))
+        for dev, out, log, proc in procs:
+            rc = proc.wait()
+            print(f"\n---- cuda:{dev} (exit {rc})\n" + log.read_text(), flush=True)
+            if rc != 0 or not out.exists():
+                failed.append(dev)
+            if out.exists():
+                runs.append(json.loads(out.read_text()))
+    if runs:
+        run = merge_runs(runs, shlex.join(sys.argv))
+        available = [c for c in contenders if c not in run["meta"]["unavailable"]]
+        report(run["results"], run["checks"], list(shapes), available, run["meta"], args.json,
+               args.markdown)
+    if failed:
+        print(f"bench.py: failed on GPU {', '.join(failed)} (output above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def report(results, checks, shape_names, contenders, meta, json_path=None, md_path=None):
+    """The summary table on stdout; all results as JSON and a markdown section, if asked."""
+    headers, rows = summary_rows(results, shape_names, contenders)
+    print("\nTFLOP/s (in-window pairs; f+b = forward+backward)\n" + format_table(headers, rows))
+    if json_path:
+        Path(json_path).write_text(json.dumps(
             {"meta": meta, "results": results, "checks": checks}, indent=1))
-    if args.markdown:
+    if md_path:
         detail = [[r["shape"], r["contender"], r["mode"], f"{r['ms']:.3f}", r["tflops"]]
                   for r in results if "ms" in r]
         errors = [f"- {r['shape']} {r['contender']}: {r['error']}" for r in results if "error" in r]
         vers = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
-        section = [f"## {meta['date']} on {meta['gpu']}", "", f"{vers}; {args.dtype}", "",
+        section = [f"## {meta['date']} on {meta['gpu']}", "", f"{vers}; {meta['dtype']}", "",
                    f"`{meta['command']}`", "", format_table(headers, rows, markdown=True), "",
                    format_table(["shape", "contender", "mode", "ms", "TFLOP/s"], detail,
                                 markdown=True)]
         section += [""] + errors if errors else []
-        section += [f"- unavailable: {c}: {m}" for c, m in unavailable.items()]
-        with open(args.markdown, "a") as fh:
+        section += [f"- unavailable: {c}: {m}" for c, m in meta["unavailable"].items()]
+        with open(md_path, "a") as fh:
             fh.write("\n".join(section) + "\n\n")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
