@@ -19,8 +19,11 @@ import datetime
 import gc
 import importlib.metadata
 import json
+import os
 import shlex
+import subprocess
 import sys
+import tempfile
 import traceback
 from collections import namedtuple
 from pathlib import Path
@@ -373,10 +376,6 @@ def merge_runs(runs: list[dict], command: str) -> dict:
 def run_on_devices(args, shapes, contenders, devices) -> int:
     """This command once per GPU (CUDA_VISIBLE_DEVICES), each on its share of the shapes, all
     at once; their output in turn, then one report. 1 if any process failed."""
-    import os
-    import subprocess
-    import tempfile
-
     common = ["--contenders", args.contenders, "--modes", args.modes, "--dtype", args.dtype,
               "--warmup", str(args.warmup), "--rep", str(args.rep)]
     common += ["--check"] if args.check else []
@@ -396,13 +395,19 @@ def run_on_devices(args, shapes, contenders, devices) -> int:
             with open(log, "w") as fh:
                 procs.append((dev, out, log, subprocess.Popen(cmd, env=env, stdout=fh,
                                                               stderr=subprocess.STDOUT)))
-        for dev, out, log, proc in procs:
-            rc = proc.wait()
-            print(f"\n---- cuda:{dev} (exit {rc})\n" + log.read_text(), flush=True)
-            if rc != 0 or not out.exists():
-                failed.append(dev)
-            if out.exists():
-                runs.append(json.loads(out.read_text()))
+        try:
+            for dev, out, log, proc in procs:
+                rc = proc.wait()
+                print(f"\n---- cuda:{dev} (exit {rc})\n" + log.read_text(), flush=True)
+                if rc != 0 or not out.exists():
+                    failed.append(dev)
+                if out.exists():
+                    runs.append(json.loads(out.read_text()))
+        finally:  # interrupted: no process left running on a GPU
+            for *_, proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
     if runs:
         run = merge_runs(runs, shlex.join(sys.argv))
         available = [c for c in contenders if c not in run["meta"]["unavailable"]]
