@@ -24,6 +24,7 @@ from .common import (
     gate_tile_load,
     gate_tile_prefetched,
     key_tile_phases,
+    launcher,
     load_rows,
     load_vector,
     next_pow2,
@@ -621,7 +622,7 @@ def gfwa_bwd_dq_kernel(
 
 def launch_delta(o, do, delta, block_m=64):
     B, T, H, Dv = o.shape
-    gfwa_bwd_delta_kernel[(cdiv(T, block_m), B * H)](
+    launcher(gfwa_bwd_delta_kernel)[(cdiv(T, block_m), B * H)](
         o,
         do,
         delta,
@@ -673,7 +674,7 @@ def launch_dkdv(
     B, T, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
     cl, cb, chunk = _gate_args(gate, lse, block_m, block_n)
-    gfwa_bwd_dkdv_kernel[(cdiv(T, block_n), B * Hkv)](
+    launcher(gfwa_bwd_dkdv_kernel)[(cdiv(T, block_n), B * Hkv)](
         q,
         k,
         v,
@@ -759,7 +760,7 @@ def launch_dq(
     B, T, H, D = q.shape
     Dv = v.shape[3]
     cl, cb, chunk = _gate_args(gate, lse, block_m, block_n)
-    gfwa_bwd_dq_kernel[(cdiv(T, block_m), B * H)](
+    launcher(gfwa_bwd_dq_kernel)[(cdiv(T, block_m), B * H)](
         q,
         k,
         v,

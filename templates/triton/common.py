@@ -1,10 +1,94 @@
 """Helpers shared by the Triton templates (imported relatively; nothing from gfwagen)."""
 
+import functools
+import inspect
+import os
+
 import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+
+
+# GFWAGEN_FAST_LAUNCH=0: every launch through Triton's own binding (for A/B timing)
+FAST_LAUNCH = os.environ.get("GFWAGEN_FAST_LAUNCH", "1") != "0"
+
+
+def _arg_key(a):
+    """What Triton 3.6 specializes a launch argument on, or finer: tensors on dtype and
+    16-byte alignment; ints on being 1, divisible by 16 and their integer type; bools by
+    value; None and floats by type. None for anything else (that launch is not cached)."""
+    t = type(a)
+    if t is int:
+        return (a == 1, a % 16 == 0, -(1 << 31) <= a < (1 << 31), a < (1 << 63))
+    if t is bool or a is None:
+        return (t, a)
+    if t is float:
+        return t
+    if hasattr(a, "data_ptr"):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    return None
+
+
+class _Launcher:
+    """kernel[grid](*args, **kw) that, after Triton's first launch for the same argument
+    properties (_arg_key), the same constexprs and options and the same device, launches the
+    compiled kernel it returned directly: Triton's binding, cache key and lookup are 50-70 us
+    of host time per launch on the H200's host (benchmarks/host_split.py, session 11), seven
+    launches per gated forward+backward. Under the interpreter nothing is cached."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        # the interpreter's kernels (TRITON_INTERPRET=1) are not JITFunctions: never cached
+        self.enabled = FAST_LAUNCH and isinstance(kernel, triton.runtime.jit.JITFunction)
+        params = inspect.signature(kernel.fn).parameters
+        self.names = list(params)
+        self.defaults = {n: p.default for n, p in params.items()}
+        self.compiled = {}
+
+    def __getitem__(self, grid):
+        return functools.partial(self._launch, grid)
+
+    def _launch(self, grid, *args, **kw):
+        # a grid function (Triton calls it with the bound arguments) takes Triton's path
+        key = self._key(args, kw) if self.enabled and type(grid) is tuple else None
+        try:
+            hit = self.compiled.get(key) if key is not None else None
+        except TypeError:  # an unhashable constexpr: Triton's own path
+            key = hit = None
+        if hit is None:
+            compiled = self.kernel[grid](*args, **kw)
+            if key is not None and hasattr(compiled, "packed_metadata"):
+                if len(self.compiled) > 4096:  # many distinct shapes: start over
+                    self.compiled.clear()
+                self.compiled[key] = compiled
+            return
+        # the compiled kernel takes every parameter in order, constexprs included
+        tail = (kw[n] if n in kw else self.defaults[n] for n in self.names[len(args):])
+        # a compiled kernel's runner indexes all three grid dimensions; JITFunction pads them
+        hit[grid + (1,) * (3 - len(grid))](*args, *tail)
+
+    @staticmethod
+    def _key(args, kw):
+        key = [triton.runtime.driver.active.get_current_device()]
+        for a in args:
+            k = _arg_key(a)
+            if k is None:
+                return None
+            key.append(k)
+        for name, v in kw.items():
+            k = _arg_key(v) if hasattr(v, "data_ptr") else v
+            if k is None and v is not None:
+                return None
+            key.append((name, k))
+        return tuple(key)
+
+
+@functools.cache
+def launcher(kernel):
+    """The _Launcher of a @triton.jit kernel: launcher(k)[grid](...) as k[grid](...)."""
+    return _Launcher(kernel)
 
 
 def cdiv(a, b):

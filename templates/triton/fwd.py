@@ -21,6 +21,7 @@ from .common import (
     cdiv,
     gate_tile_load,
     key_tile_phases,
+    launcher,
     next_pow2,
     row_tile_descriptor,
     split_bounds,
@@ -329,7 +330,7 @@ def launch_forward(
     cl, cb, chunk = gate if gate is not None else (lse, lse, 256)
     assert chunk % block_m == 0 and chunk % block_n == 0, "tiles must not straddle gate chunks"
     grid = (cdiv(T, block_m), B * H)
-    gfwa_fwd_kernel[grid](
+    launcher(gfwa_fwd_kernel)[grid](
         q,
         k,
         v,

@@ -28,7 +28,7 @@ second adds those of the later splits). This file imports nothing from gfwagen.
 import triton
 import triton.language as tl
 
-from .common import cdiv, heads_per_program, next_pow2
+from .common import cdiv, heads_per_program, launcher, next_pow2
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -257,7 +257,7 @@ def launch_gate_sums_fwd(
     bh = heads_per_program(H)
     hb = cdiv(H, bh)
     n_split, per = _split(nc, B * hb, splits)
-    gate_sums_fwd_kernel[(B, hb, n_split)](
+    launcher(gate_sums_fwd_kernel)[(B, hb, n_split)](
         log_gate,
         local,
         base,
@@ -278,10 +278,10 @@ def launch_gate_sums_fwd(
     )
     if n_split > 1:
         blk = min(SCAN_BLOCK, next_pow2(n_base))
-        gate_sums_scan_kernel[(B * H,)](base, nc, n_base, BLOCK=blk, num_warps=4)
+        launcher(gate_sums_scan_kernel)[(B * H,)](base, nc, n_base, BLOCK=blk, num_warps=4)
     if absolute:
         blk = 1024
-        gate_sums_absolute_kernel[(cdiv(T, blk), B * H)](
+        launcher(gate_sums_absolute_kernel)[(cdiv(T, blk), B * H)](
             local,
             base,
             T,
@@ -318,13 +318,15 @@ def launch_gate_sums_bwd(
     )
     grid = (B, hb, n_split)
     if n_split > 1:
-        gate_sums_bwd_kernel[grid](*args, TOTALS=True, FROM_TOTALS=False, RAW_REV=False, **common)
-    gate_sums_bwd_kernel[grid](
+        launcher(gate_sums_bwd_kernel)[grid](
+            *args, TOTALS=True, FROM_TOTALS=False, RAW_REV=False, **common
+        )
+    launcher(gate_sums_bwd_kernel)[grid](
         *args, TOTALS=False, FROM_TOTALS=n_split > 1, RAW_REV=seg_end is not None, **common
     )
     if seg_end is not None:
         bt = 64
-        gate_sums_restart_kernel[(B, cdiv(T, bt), hb)](
+        launcher(gate_sums_restart_kernel)[(B, cdiv(T, bt), hb)](
             rev, seg_end, out, T, H, BLOCK_T=bt, BLOCK_H=bh, num_warps=4
         )
 
