@@ -19,6 +19,8 @@ from pathlib import Path
 import click
 
 EXIT_RUNTIME, EXIT_USAGE, EXIT_NO_GPU = 1, 2, 3
+# gfwagen.spec.PASSES, written out: importing gfwagen (torch) would slow every command's start
+PASSES = ("fwd", "bwd_kv", "bwd_q", "bwd_ds")
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -201,7 +203,7 @@ def db_merge(other, db_path):
               default="triton", show_default=True,
               help="auto: the backend the op's backend='auto' takes on that GPU (the one the "
                    "database measured faster for the pass's direction, else triton).")
-@click.option("--pass", "pass_", type=click.Choice(["fwd", "bwd_kv", "bwd_q"]), default="fwd",
+@click.option("--pass", "pass_", type=click.Choice(list(PASSES)), default="fwd",
               show_default=True)
 @click.option("--fingerprint", "fingerprint_file", type=click.Path(exists=True, dir_okay=False),
               default=None, help="Ask for this device instead of the local one: a JSON file "
@@ -394,7 +396,7 @@ def _spec_options(fn):
     for opt in reversed([
         click.option("--backend", type=click.Choice(["triton", "tvm"]), default="triton",
                      show_default=True),
-        click.option("--pass", "pass_", type=click.Choice(["fwd", "bwd_kv", "bwd_q"]),
+        click.option("--pass", "pass_", type=click.Choice(list(PASSES)),
                      default="fwd", show_default=True),
         click.option("--head-dim", type=click.IntRange(min=1), default=128, show_default=True),
         click.option("--value-dim", type=click.IntRange(min=1), default=None,
@@ -595,8 +597,9 @@ def _with_tried(job, configs):
 @click.option("--heads", type=click.IntRange(min=1), default=None)
 @click.option("--kv-heads", type=click.IntRange(min=1), default=None)
 @click.option("--gated/--no-gated", default=True, show_default=True)
-@click.option("--passes", default=None, help="Comma-separated passes [default: fwd,bwd_kv,bwd_q; "
-                                             "TVM: fwd,bwd_kv (its backward is one config)]")
+@click.option("--passes", default=None, help="Comma-separated passes [default: fwd,bwd_kv,bwd_q,"
+                                             "bwd_ds (the stored-dS backward, whole); TVM: "
+                                             "fwd,bwd_kv (its backward is one config)]")
 @click.option("--trials", type=click.IntRange(min=1), default=40, show_default=True,
               help="Trials per study: one study per shape and pass, so a preset of many "
                    "shapes runs this many for each. Ignored by --sweep.")

@@ -122,6 +122,26 @@ def cuda_auto_backend(direction: str, q, v, window, gated: bool, group: int,
     return "tvm" if _tvm_cuda_ready() else "triton"
 
 
+@functools.lru_cache(maxsize=4096)
+def _stored_choice(spec: KernelSpec, bucket: int, device: str) -> KernelConfig | None:
+    """The "bwd_ds" config where the database measured the stored-dS backward faster than
+    its "bwd_kv" + "bwd_q" for this problem on this GPU (all three tuned), else None."""
+    from gfwagen.db.fingerprint import device_fingerprint
+    from gfwagen.db.lookup import get_snapshot
+
+    snap, fp = get_snapshot(), device_fingerprint(torch.device(device))
+    stored, _ = snap.lookup_entry(spec.replace(pass_="bwd_ds"), bucket, fp)
+    if stored is None:
+        return None
+    total = 0.0
+    for pass_ in ("bwd_kv", "bwd_q"):
+        entry, _ = snap.lookup_entry(spec.replace(pass_=pass_), bucket, fp)
+        if entry is None:
+            return None
+        total += entry.median_ms
+    return stored.config if stored.median_ms < total else None
+
+
 def _spec(backend, pass_, q, v, window, gated, group) -> KernelSpec:
     return KernelSpec(backend, pass_, q.shape[3], v.shape[3], window_class(window),
                       dtype_name(q.dtype), gated, group)
@@ -286,9 +306,18 @@ def run_backward(do, q, k, v, o, lse, log_gate, window, scale, backend, cu_seqle
         return tuple(grads)
     from gfwagen.backends import triton_backend
 
+    segs = _segments(cu_seqlens, q.shape[1])
+    stored = None
+    if q.is_cuda and not interpreting():
+        stored = _stored_choice(_spec(backend, "bwd_kv", q, v, window, gated, group),
+                                *_memo_keys(q.shape[1], q.device))
+        if stored is not None and triton_backend.stored_ds_usable(q, window, segs, stored):
+            cfg_kv, cfg_q = triton_backend.stored_configs(stored)
+        else:
+            stored = None
     return triton_backend.backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv, cfg_q,
-                                   _segments(cu_seqlens, q.shape[1]),
-                                   kept.gate if kept is not None else None)
+                                   segs, kept.gate if kept is not None else None,
+                                   stored=stored is not None)
 
 
 def _tvm_target(t: torch.Tensor) -> str:

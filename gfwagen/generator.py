@@ -33,11 +33,12 @@ from gfwagen.spec import KernelConfig, KernelSpec, stable_hash
 from gfwagen.template_loader import template_path, template_source_hash
 
 # The template file each (backend, pass) launches; its relative imports are followed.
-PASS_TEMPLATE = {"fwd": "fwd", "bwd_kv": "bwd", "bwd_q": "bwd"}
+PASS_TEMPLATE = {"fwd": "fwd", "bwd_kv": "bwd", "bwd_q": "bwd", "bwd_ds": "bwd"}
 # Templates a TVM pass may build instead of its pass file: the GPU forward's tensor-core
 # ones (tvm_backend picks them by config), which the pass file does not import.
 TVM_ALTERNATES = {"fwd": ("fwd_cuda", "fwd_wgmma")}
-LAUNCHERS = {"fwd": "launch_forward", "bwd_kv": "launch_dkdv", "bwd_q": "launch_dq"}
+LAUNCHERS = {"fwd": "launch_forward", "bwd_kv": "launch_dkdv", "bwd_q": "launch_dq",
+             "bwd_ds": "launch_dkdv + launch_dq_ds"}
 MANIFEST = "manifest.json"
 TVM_LIBRARY = "kernel.so"
 _REL_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import\s", re.MULTILINE)
@@ -271,8 +272,12 @@ def _build_triton(spec: KernelSpec, config: KernelConfig, device) -> dict:
         tb.forward(q, k, v, g, window, scale, config)
     else:
         o, lse = reference_forward(q, k, v, g, window, scale)
-        st = tb.prepare_backward(do, q, k, v, o, lse.float(), g, window, scale)
-        (tb.backward_kv if spec.pass_ == "bwd_kv" else tb.backward_q)(st, config)
+        if spec.pass_ == "bwd_ds":
+            tb.backward(do, q, k, v, o, lse.float(), g, window, scale,
+                        *tb.stored_configs(config), stored=True)
+        else:
+            st = tb.prepare_backward(do, q, k, v, o, lse.float(), g, window, scale)
+            (tb.backward_kv if spec.pass_ == "bwd_kv" else tb.backward_q)(st, config)
     torch.cuda.synchronize(dev)
     return {"triton_cache_dir": triton_cache_dir(), "device": torch.cuda.get_device_name(dev)}
 

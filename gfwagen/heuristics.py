@@ -29,6 +29,13 @@ def default_config(spec: KernelSpec, seqlen: int | None = None) -> KernelConfig:
             return KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
         return KernelConfig(block_m=128, block_n=64, num_warps=8 if d >= 128 else 4,
                             num_stages=3)
+    if spec.pass_ == "bwd_ds":
+        # the stored-dS backward (triton_backend.stored_configs); it runs only where the
+        # database measured it faster than bwd_kv + bwd_q, so this is the tuner's start (the
+        # tuner's switches, tma among them, are off in a default)
+        return KernelConfig(block_m=64, block_n=64 if not big else 32, num_warps=4,
+                            num_stages=2, extra=(("q_stages", 3), ("q_tma", True),
+                                                 ("q_warps", 4)))
     if spec.pass_ == "bwd_kv":
         if big:
             return KernelConfig(block_m=32, block_n=64, num_warps=4, num_stages=2)

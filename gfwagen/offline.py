@@ -25,10 +25,11 @@ _KERNELS = {  # pass -> (template, kernel name)
     "fwd": ("fwd", "gfwa_fwd_kernel"),
     "bwd_kv": ("bwd", "gfwa_bwd_dkdv_kernel"),
     "bwd_q": ("bwd", "gfwa_bwd_dq_kernel"),
+    "bwd_ds": ("bwd", "gfwa_bwd_dkdv_kernel"),  # its dk/dv kernel, storing dS
 }
 _TRITON_DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 # Pointer parameters whose element type does not follow q's dtype.
-_INT_PARAMS = {"T", "H", "HKV", "n_chunks"}
+_INT_PARAMS = {"T", "H", "HKV", "n_chunks", "n_slots"}
 _FIXED_POINTERS = {"CL": "*fp32", "CB": "*fp64", "LSE": "*fp32", "DELTA": "*fp32",
                    "DCOL": "*fp32", "DROW": "*fp32", "SEG_START": "*i32", "SEG_END": "*i32"}
 
@@ -69,7 +70,9 @@ def _constexprs(spec: KernelSpec, cfg: KernelConfig, varlen: bool = False) -> di
                 SPLIT_BOUNDS=_split_bounds(spec, cfg, varlen),
                 # the per-position vectors through descriptors, as the launchers pass it for
                 # T % 4 == 0 (the divisibility hints below assume T % 16 == 0)
-                VEC_TMA=bool(cfg.get("tma", False)) and (spec.gated or spec.pass_ == "bwd_kv"))
+                VEC_TMA=bool(cfg.get("tma", False))
+                and (spec.gated or spec.pass_ in ("bwd_kv", "bwd_ds")),
+                STORE_DS=spec.pass_ == "bwd_ds")
 
 
 def _split_bounds(spec: KernelSpec, cfg: KernelConfig, varlen: bool) -> bool:

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 BACKENDS = ("triton", "tvm", "reference")
-# fwd: output and lse; bwd_kv: dk, dv and the gate's column sums; bwd_q: dq and row sums.
-PASSES = ("fwd", "bwd_kv", "bwd_q")
+# fwd: output and lse; bwd_kv: dk, dv and the gate's column sums; bwd_q: dq and row sums;
+# bwd_ds: the whole stored-dS backward (dk/dv keeps dS, dq reads it back; triton only).
+PASSES = ("fwd", "bwd_kv", "bwd_q", "bwd_ds")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HEAD_DIMS = (16, 32, 64, 96, 128, 192, 256)
 

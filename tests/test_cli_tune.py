@@ -208,3 +208,11 @@ def test_tune_try_measures_the_given_config(env):
     for bad in ("{block_m: 1}", "[1, 2]", '{"block_m": 32, "tile": 9}'):
         r = CliRunner().invoke(main, base + ["--try", bad])
         assert r.exit_code == 2 and "--try" in r.output, (bad, r.output)
+
+
+def test_cli_lists_every_pass():
+    """cli.py writes the passes out (no torch import at start); they must stay gfwagen's."""
+    import cli
+    from gfwagen.spec import PASSES
+
+    assert cli.PASSES == PASSES

@@ -618,6 +618,25 @@ def test_auto_backend_on_cuda_picks_the_faster_tuned(tmp_path, monkeypatch, time
     assert (pick("fwd"), pick("bwd")) == (fwd, bwd)
 
 
+@pytest.mark.parametrize("times, stored", [
+    # the stored-dS backward beats the recomputing passes' sum, not each pass alone
+    ({("triton", "bwd_kv"): 1.2, ("triton", "bwd_q"): 0.9, ("triton", "bwd_ds"): 1.9}, True),
+    ({("triton", "bwd_kv"): 1.2, ("triton", "bwd_q"): 0.9, ("triton", "bwd_ds"): 2.2}, False),
+    # no bwd_ds tuned, or a recomputing pass missing: nothing to compare, recompute
+    ({("triton", "bwd_kv"): 1.2, ("triton", "bwd_q"): 0.9}, False),
+    ({("triton", "bwd_kv"): 1.2, ("triton", "bwd_ds"): 0.1}, False),
+])
+def test_stored_backward_only_where_the_database_measured_it_faster(tmp_path, monkeypatch,
+                                                                     times, stored):
+    from gfwagen import dispatch
+
+    _auto_setup(tmp_path, monkeypatch, times)
+    dispatch._stored_choice.cache_clear()
+    got = dispatch._stored_choice(PROB.spec("triton", "bwd_kv"), PROB.seqlen, "cuda:0")
+    dispatch._stored_choice.cache_clear()
+    assert (got is not None) == stored
+
+
 def test_auto_backend_keeps_packed_sequences_on_triton(tmp_path, monkeypatch):
     """Where TVM measured faster, packed sequences still run on Triton: one launch for all,
     no host read of cu_seqlens (TVM would run them one at a time after reading it)."""

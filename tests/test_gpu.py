@@ -155,3 +155,24 @@ def test_gpu_knobs_tma_prefetch(case, tma):
     log_gpu_errors(f"knobs-tma={tma} {name} bf16", errs)
     for nm, err in errs.items():
         assert err < 1e-2, (nm, err)
+
+
+STORED_CASES = [c for c in CASES if c[7] is not None and c[7] < c[2]]
+
+
+@pytest.mark.parametrize("dtype_name", ["bf16", "fp16"])
+@pytest.mark.parametrize("case", STORED_CASES, ids=[c[0] for c in STORED_CASES])
+def test_gpu_stored_ds_backward_matches_float64(case, dtype_name, monkeypatch):
+    """The stored-dS backward (dk/dv keeps dS, dq reads it back) forced for every windowed
+    case, whatever the database says, against float64 at the same tolerances."""
+    from gfwagen import dispatch
+    from gfwagen.heuristics import default_config
+    from gfwagen.spec import KernelConfig
+
+    def forced(spec, bucket, device):
+        cfg = default_config(spec.replace(pass_="bwd_ds"))
+        return KernelConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages,
+                            extra=cfg.extra + (("tma", True),))
+
+    monkeypatch.setattr(dispatch, "_stored_choice", forced)
+    check_case_against_float64(case, dtype_name, "triton")

@@ -156,3 +156,68 @@ def test_eager_backward_reuses_the_forwards_gate_tables(monkeypatch, cu):
     ref = naive_attention(*(t.double() for t in (q, k, v, g)), 9) if cu is None else None
     if ref is not None:
         assert rel_err(eager[0], ref) < 1e-5
+
+
+STORED_CASES = [
+    # id, B, T, Hq, Hkv, D, Dv, window, gated, dtype, (kv bm, bn), (q bm, bn), tma
+    ("ragged-T", 2, 37, 2, 2, 16, 16, 8, True, torch.float32, (16, 16), (16, 16), False),
+    ("W=1", 1, 21, 2, 2, 16, 16, 1, True, torch.float32, (16, 16), (16, 16), False),
+    ("unequal-tiles", 1, 70, 2, 1, 16, 16, 24, True, torch.float32, (32, 16), (16, 32), False),
+    ("tiles-swapped", 1, 70, 2, 1, 16, 16, 24, True, torch.float32, (16, 32), (32, 16), True),
+    ("many-slots", 1, 131, 2, 2, 16, 16, 83, True, torch.float32, (16, 16), (32, 16), True),
+    ("gqa", 1, 40, 4, 2, 16, 16, 12, True, torch.float32, (16, 16), (16, 16), False),
+    ("no-gate", 2, 29, 2, 1, 16, 16, 9, False, torch.float32, (16, 16), (16, 16), False),
+    ("dv!=d", 1, 26, 2, 2, 16, 32, 7, True, torch.float32, (16, 16), (16, 16), False),
+    ("fp16", 1, 45, 2, 2, 16, 16, 13, True, torch.float16, (16, 16), (32, 16), False),
+    ("d=96", 1, 30, 2, 2, 96, 96, 9, True, torch.float32, (16, 16), (16, 16), False),
+]
+
+
+@pytest.mark.parametrize("case", STORED_CASES, ids=[c[0] for c in STORED_CASES])
+def test_stored_ds_backward_matches_float64(case):
+    """The stored-dS backward (dk/dv keeps dS in blocks, dq reads them) against float64, the
+    blocks filled with NaN first: a block dq reads that dk/dv did not write poisons the
+    result. The dq pass runs on dk/dv's tiles whatever its config says (its q tiles)."""
+    _, B, T, Hq, Hkv, D, Dv, W, gated, dtype, kv_tiles, q_tiles, tma = case
+    q, k, v, g = make_inputs(B, T, Hq, Hkv, D, Dv, dtype, gated)
+    cfg_fwd = KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    o, lse = triton_backend.forward(q, k, v, g, W, 0.3, cfg_fwd)
+    do = torch.randn_like(o)
+    extra = (("tma", tma),)
+    cfg_kv = KernelConfig(block_m=kv_tiles[0], block_n=kv_tiles[1], num_warps=4, num_stages=1,
+                          extra=extra)
+    cfg_q = KernelConfig(block_m=q_tiles[0], block_n=q_tiles[1], num_warps=4, num_stages=1,
+                         extra=extra)
+    assert triton_backend.stored_ds_usable(q, W, None, cfg_kv)
+    st = triton_backend.prepare_backward(do, q, k, v, o, lse, g, W, 0.3)
+    triton_backend.attach_stored_ds(st, cfg_kv)
+    st.stored.blocks.fill_(float("nan"))
+    triton_backend.backward_kv(st, cfg_kv)
+    triton_backend.backward_q_stored(st, cfg_q)
+    got = [st.dq, st.dk, st.dv]
+    if gated:
+        got.append(triton_backend.gate_sums.gate_grad(st.row_sums, st.col_sums, None))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    gl = [g.double().requires_grad_()] if gated else []
+    exp = torch.autograd.grad(naive_attention(*leaves, *(gl or [None]), W, 0.3),
+                              leaves + gl, do.double())
+    for name, a, e in zip(["dq", "dk", "dv", "dlog_gate"], got, exp):
+        assert rel_err(a, e) < TOL[dtype], name
+    # the whole backward in that mode gives the same, and the same as recomputing dq
+    whole = triton_backend.backward(do, q, k, v, o, lse, g, W, 0.3, cfg_kv, cfg_q, stored=True)
+    recompute = triton_backend.backward(do, q, k, v, o, lse, g, W, 0.3, cfg_kv, cfg_q)
+    for a, b, c in zip(got, whole, recompute):
+        assert torch.equal(a, b)
+        assert rel_err(a, c) < TOL[dtype]
+
+
+def test_stored_ds_only_where_it_fits(monkeypatch):
+    """No band for full causal attention (W >= T), packed sequences, or past the limit."""
+    q, k, v, g = make_inputs(1, 64, 2, 2, 16, 16, torch.float32, True)
+    cfg = KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    assert triton_backend.stored_ds_usable(q, 16, None, cfg)
+    assert not triton_backend.stored_ds_usable(q, 64, None, cfg)
+    assert not triton_backend.stored_ds_usable(q, None, None, cfg)
+    assert not triton_backend.stored_ds_usable(q, 16, (object(), object()), cfg)
+    monkeypatch.setenv("GFWAGEN_STORED_DS_MAX_MB", "0.001")
+    assert not triton_backend.stored_ds_usable(q, 16, None, cfg)

@@ -117,6 +117,7 @@ class BackwardState:
     row_sums: torch.Tensor | None
     col_sums: torch.Tensor | None
     segs: tuple | None = None  # packed sequences' (start, end) per position
+    stored: object = None  # bwd.StoredDS: dS as dk/dv stored it, for backward_q_stored
 
 
 def prepare_backward(do, q, k, v, o, lse, log_gate, window, scale, segs=None,
@@ -156,13 +157,70 @@ def _use_tma(cfg: KernelConfig, *ts: torch.Tensor) -> bool:
 
 
 def backward_kv(st: BackwardState, cfg: KernelConfig) -> None:
-    """dk, dv and the gate's column sums, into st."""
+    """dk, dv and the gate's column sums, into st; and dS into st.stored when it is set."""
     if st.q.numel():
         with _device(st.q):
             load_template("triton", "bwd").launch_dkdv(
                 st.q, st.k, st.v, st.do, st.gate, st.lse, st.delta, st.dk, st.dv, st.col_sums,
                 *_bwd_launch_args(st, cfg), st.segs[1] if st.segs is not None else None,
-                _use_tma(cfg, st.q, st.do))
+                _use_tma(cfg, st.q, st.do), st.stored)
+
+
+def stored_ds_usable(q, window, segs, cfg_kv: KernelConfig) -> bool:
+    """Whether the stored-dS backward can run this problem: a window shorter than the
+    sequence (the band is T x W), no packed sequences, and the band within
+    stored_ds_limit()."""
+    T = q.shape[1]
+    w = kernel_window(window, T)
+    # tuner.space.STORED_MIN_BLOCK_M: 16-query blocks failed on the H200 (misaligned address)
+    if w == 0 or segs is not None or not q.numel() or _fit(cfg_kv, T)[0] < 32:
+        return False
+    need = load_template("triton", "bwd").stored_ds_bytes(q.shape[0], q.shape[2], T, w,
+                                                          *_fit(cfg_kv, T), q.element_size())
+    return need <= stored_ds_limit(q.device)
+
+
+def stored_ds_limit(device: torch.device) -> int:
+    """Bytes the stored-dS backward may hold for its band: $GFWAGEN_STORED_DS_MAX_MB, else
+    a sixteenth of the device's memory (8.8 GB on an H200, 5 GB on an 80 GB GPU)."""
+    import os
+
+    env = os.environ.get("GFWAGEN_STORED_DS_MAX_MB")
+    if env is not None:
+        return int(float(env) * 2**20)
+    if device.type != "cuda":
+        return 1 << 30
+    return torch.cuda.get_device_properties(device).total_memory // 16
+
+
+def stored_configs(cfg: KernelConfig) -> tuple[KernelConfig, KernelConfig]:
+    """A "bwd_ds" config as (dk/dv's, dq's) for backward(stored=True): both kernels run on
+    its tiles; dk/dv on its warps, stages and tma; dq on extras q_warps, q_stages, q_tma."""
+    kv = dataclasses.replace(cfg, extra=tuple((k, v) for k, v in cfg.extra
+                                              if not k.startswith("q_")))
+    q = KernelConfig(block_m=cfg.block_m, block_n=cfg.block_n,
+                     num_warps=int(cfg.get("q_warps", 4)), num_stages=int(cfg.get("q_stages", 3)),
+                     extra=(("tma", bool(cfg.get("q_tma", True))),))
+    return kv, q
+
+
+def attach_stored_ds(st: BackwardState, cfg_kv: KernelConfig) -> None:
+    """Give st the blocks for dk/dv (on cfg_kv's tiles) to store dS into."""
+    B, T, H, _ = st.q.shape
+    st.stored = load_template("triton", "bwd").new_stored_ds(
+        B, H, T, kernel_window(st.window, T), *_fit(cfg_kv, T), st.q.dtype, st.q.device)
+
+
+def backward_q_stored(st: BackwardState, cfg: KernelConfig) -> None:
+    """dq and the gate's row sums, into st, from the dS that backward_kv stored; on its
+    tiles (cfg's block sizes are not used)."""
+    if st.q.numel():
+        T, H = st.q.shape[1], st.q.shape[2]
+        with _device(st.q):
+            load_template("triton", "bwd").launch_dq_ds(
+                st.k, st.stored, st.dq, st.row_sums, kernel_window(st.window, T), st.scale,
+                H // st.k.shape[2], cfg.num_warps, cfg.num_stages,
+                _dot_precision(st.q.dtype), _use_tma(cfg, st.k))
 
 
 def backward_q(st: BackwardState, cfg: KernelConfig) -> None:
@@ -176,12 +234,22 @@ def backward_q(st: BackwardState, cfg: KernelConfig) -> None:
 
 
 def backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv: KernelConfig,
-             cfg_q: KernelConfig, segs=None, gate=None):
-    # dq first: it computes the delta that dk/dv reads (a launch less than a delta kernel)
-    st = prepare_backward(do, q, k, v, o, lse, log_gate, window, scale, segs, gate,
-                          delta=False)
-    backward_q(st, cfg_q)
-    backward_kv(st, cfg_kv)
+             cfg_q: KernelConfig, segs=None, gate=None, stored: bool = False):
+    """stored: the stored-dS backward (dk/dv keeps dS, dq reads it: one product per tile
+    instead of three and the softmax), for which cfg_kv and cfg_q are the configs of the
+    passes "bwd_kv_ds" and "bwd_q_ds"; the caller checks stored_ds_usable."""
+    if stored:
+        st = prepare_backward(do, q, k, v, o, lse, log_gate, window, scale, segs, gate)
+        attach_stored_ds(st, cfg_kv)
+        backward_kv(st, cfg_kv)
+        backward_q_stored(st, cfg_q)
+        st.stored = None  # the band's memory goes back before the gate's sums are reduced
+    else:
+        # dq first: it computes the delta that dk/dv reads (a launch less than a delta kernel)
+        st = prepare_backward(do, q, k, v, o, lse, log_gate, window, scale, segs, gate,
+                              delta=False)
+        backward_q(st, cfg_q)
+        backward_kv(st, cfg_kv)
     if log_gate is None:
         dg = None
     elif q.numel() == 0:

@@ -60,8 +60,15 @@ DEFAULT_KNOBS = ("tma",)
 CONSTRAINT_NAMES = ("smem", "registers", "failed")
 
 
+# The stored-dS backward ("bwd_ds", timed whole) adds its dq kernel's launch to the config:
+STORED_DQ_PARAMS = {"x_q_warps": (4, 8), "x_q_stages": (2, 3, 4), "x_q_tma": (False, True)}
+# 16-query blocks stopped the stored backward with a CUDA "misaligned address" on the H200
+# (session 12, 16x64 w8 s3 with tma, while warming it up); not yet explained
+STORED_MIN_BLOCK_M = 32
+
+
 def passes(backend: str) -> tuple[str, ...]:
-    return ("fwd", "bwd_kv") if backend == "tvm" else ("fwd", "bwd_kv", "bwd_q")
+    return ("fwd", "bwd_kv") if backend == "tvm" else ("fwd", "bwd_kv", "bwd_q", "bwd_ds")
 
 
 def tvm_extras() -> dict:
@@ -96,7 +103,7 @@ def knobs_for(spec: KernelSpec, knobs=None, gpu: bool = False) -> tuple[str, ...
         return ()
     knobs = check_knobs(DEFAULT_KNOBS if knobs is None else knobs)
     return tuple(k for k in KNOBS if k in knobs and (k != "prefetch_gate" or spec.gated)
-                 and (k != "full_masks" or spec.pass_ != "bwd_kv"))
+                 and (k != "full_masks" or spec.pass_ not in ("bwd_kv", "bwd_ds")))
 
 
 def params(backend: str, pass_: str, knobs: tuple = ()) -> dict[str, tuple]:
@@ -118,6 +125,9 @@ def params(backend: str, pass_: str, knobs: tuple = ()) -> dict[str, tuple]:
     tiles = tuple(t for t in TILES if chunk % t == 0)
     p = {"block_m": tiles, "block_n": tiles, "num_warps": WARPS, "num_stages": STAGES}
     p.update({f"x_{k}": (False, True) for k in knobs})
+    if pass_ == "bwd_ds":
+        p.update(STORED_DQ_PARAMS)
+        p["block_m"] = tuple(t for t in tiles if t >= STORED_MIN_BLOCK_M)
     return p
 
 
@@ -217,7 +227,7 @@ def resources(spec: KernelSpec, config: KernelConfig) -> dict:
     if spec.pass_ == "fwd":  # Q tile resident, K and V tiles pipelined
         smem = BM * D * b + S * BN * (D + Dv) * b + (1024 if spec.gated else 0)
         acc = BM * Dv + BM * BN  # o accumulator + the score tile
-    elif spec.pass_ == "bwd_kv":  # K, V resident, Q and dO tiles pipelined
+    elif spec.pass_ in ("bwd_kv", "bwd_ds"):  # K, V resident, Q and dO tiles pipelined
         smem = BN * (D + Dv) * b + S * BM * (D + Dv) * b + 8 * BM * (S - 1)
         if spec.gated:
             smem += 4 * BM * (S - 1) ** 2 + 8
@@ -226,6 +236,10 @@ def resources(spec: KernelSpec, config: KernelConfig) -> dict:
             # (offline builds at D = 64 and 128, 128x64 and 256x64 at eight warps)
             smem += BM * BN * b
         acc = BN * (D + Dv) + 2 * BM * BN  # dk, dv + P^T and dP^T
+        if spec.pass_ == "bwd_ds":
+            # dS staged for its store; its dq kernel's pipelined dS blocks and K tiles
+            smem = max(smem + BM * BN * b,
+                       int(config.get("q_stages", 3)) * BN * (BM + D) * b + 1024)
     else:  # bwd_q: Q, dO resident, K and V pipelined
         smem = BM * (D + Dv) * b + S * BN * (D + Dv) * b + (1024 if spec.gated else 0)
         acc = BM * D + 2 * BM * BN  # dq + P and dP

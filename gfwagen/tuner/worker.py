@@ -1,5 +1,6 @@
 """Runs candidates in a separate process: build inputs for the Problem, run the candidate
-pass, check it against the reference (fwd: o; bwd_kv: dk, dv; bwd_q: dq) BEFORE timing it,
+pass, check it against the reference (fwd: o; bwd_kv: dk, dv; bwd_q: dq; bwd_ds, the whole
+stored-dS backward: dq, dk, dv) BEFORE timing it,
 then time it. The tuner talks to it with one JSON line per request and per answer.
 
 The worker process is kept between candidates (torch's import, the CUDA context, the inputs
@@ -146,7 +147,7 @@ class _Session:
                 def fn():
                     box["o"] = reference_forward(*a, g, w, s, chunk=cfg.block_m)[0]
             else:
-                chunk = cfg.block_n if pass_ == "bwd_kv" else cfg.block_m
+                chunk = cfg.block_n if pass_ in ("bwd_kv", "bwd_ds") else cfg.block_m
 
                 def fn():
                     dq, dk, dv, _ = reference_backward(x["do"], *a, ref["o"], ref["lse"], g, w,
@@ -173,6 +174,14 @@ class _Session:
 
             def fn():
                 box["o"] = tb.forward(*a, g, w, s, cfg)[0]
+            return fn, lambda: box
+        if pass_ == "bwd_ds":  # delta, dk/dv storing dS, dq from it: as the op runs it
+            box = {}
+            kv, q = tb.stored_configs(cfg)
+
+            def fn():
+                box.update(zip(("dq", "dk", "dv"), tb.backward(
+                    x["do"], *a, ref["o"], ref["lse"], g, w, s, kv, q, stored=True)))
             return fn, lambda: box
         st = tb.prepare_backward(x["do"], *a, ref["o"], ref["lse"], g, w, s)
         if pass_ == "bwd_kv":

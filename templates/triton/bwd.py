@@ -14,6 +14,8 @@ that are not powers of two run padded to the next one (HEAD_D_PAD, HEAD_DV_PAD),
 columns masked on load and store, as in the forward. This file imports nothing from gfwagen.
 """
 
+import dataclasses
+
 import triton
 import triton.language as tl
 
@@ -121,6 +123,7 @@ def _dkdv_tiles(
     cb_base,
     lse_base,
     delta_base,
+    ds_base,
     stride_qt,
     stride_dot,
     start,
@@ -130,6 +133,7 @@ def _dkdv_tiles(
     T,
     qk_scale,
     BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr,
     HEAD_DV: tl.constexpr,
     HEAD_D_PAD: tl.constexpr,
@@ -142,6 +146,7 @@ def _dkdv_tiles(
     PREFETCH_GATE: tl.constexpr,
     USE_TMA: tl.constexpr,
     VEC_TMA: tl.constexpr,
+    STORE_DS: tl.constexpr,
 ):
     """Query tiles [start, end) in one loop; those outside [int_lo, int_hi) are edge tiles,
     masked under a per-tile branch. Three loops (edge, interior, edge), as the forward and dq
@@ -149,7 +154,8 @@ def _dkdv_tiles(
     kernel (its warning C7515: non-wgmma instructions define accumulator registers inside a
     pipeline stage); one loop measured 22-27% faster at S2-S5 at the same tiles
     (benchmarks/RESULTS.md, session 9). VEC_TMA: lse_base, delta_base and cl_vec are
-    vector_descriptors."""
+    vector_descriptors. STORE_DS: each query tile's dS block also goes to ds_base's blocks
+    (StoredDS), rounded as the dk product takes it."""
     PREFETCH: tl.constexpr = PREFETCH_GATE and not VEC_TMA
     if GATED:
         if PREFETCH:
@@ -194,9 +200,31 @@ def _dkdv_tiles(
         dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PREC)
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         ds = p * (dp - delta[None, :])
-        dk += tl.dot(ds.to(q.dtype), q, input_precision=DOT_PREC)
-        if GATED:
-            colsum += tl.sum(ds, 1)
+        ds_lp = ds.to(q.dtype)
+        if STORE_DS:
+            # Every pair of the block, those outside the window as the zeros they are here
+            # (keys past T are masked on the last key tile, whose query tiles are all edges).
+            # Before the dk product, which then overlaps the store: after it, the store cost
+            # dk/dv 19-24% at S1-S4 rather than 10-14% (H200, session 12).
+            if USE_TMA:
+                ds_base.store([(m0 - start) // BLOCK_M * BLOCK_N, 0], ds_lp)
+            else:
+                blk = ds_base + ((m0 - start) // BLOCK_M) * (BLOCK_N * BLOCK_M)
+                tl.store(
+                    blk
+                    + tl.arange(0, BLOCK_N)[:, None] * BLOCK_M
+                    + tl.arange(0, BLOCK_M)[None, :],
+                    ds_lp,
+                )
+            if GATED:
+                # dq's row sums come from the stored, rounded values: the column sums must
+                # too, or the two no longer cancel delta's rounding error (see _dq_tiles)
+                colsum += tl.sum(ds_lp.to(tl.float32), 1)
+            dk += tl.dot(ds_lp, q, input_precision=DOT_PREC)
+        else:
+            dk += tl.dot(ds_lp, q, input_precision=DOT_PREC)
+            if GATED:
+                colsum += tl.sum(ds, 1)
     return dk, dv, colsum
 
 
@@ -214,6 +242,7 @@ def gfwa_bwd_dkdv_kernel(
     DV,
     DCOL,
     SEG_END,
+    DS,
     stride_qb,
     stride_qt,
     stride_qh,
@@ -236,6 +265,7 @@ def gfwa_bwd_dkdv_kernel(
     H,
     HKV,
     n_chunks,
+    n_slots,
     sm_scale,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -252,6 +282,7 @@ def gfwa_bwd_dkdv_kernel(
     PREFETCH_GATE: tl.constexpr,
     USE_TMA: tl.constexpr,
     VEC_TMA: tl.constexpr = False,
+    STORE_DS: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
@@ -314,6 +345,15 @@ def gfwa_bwd_dkdv_kernel(
             cb_k = tl.load(cb_base + n0 // GATE_CHUNK)
             cj = tl.load(cl_base + offs_n, mask=key_ok, other=0.0)
         colsum = tl.zeros([BLOCK_N], dtype=tl.float32)
+        # (StoredDS) this key tile's n_slots blocks
+        ds_base = DS + (bh * tl.cdiv(T, BLOCK_N) + pid_n) * n_slots * (BLOCK_N * BLOCK_M)
+        if USE_TMA and STORE_DS:  # the key tile's blocks as one [n_slots * BLOCK_N, BLOCK_M]
+            ds_base = tl.make_tensor_descriptor(
+                ds_base,
+                shape=[n_slots * BLOCK_N, BLOCK_M],
+                strides=[BLOCK_M, 1],
+                block_shape=[BLOCK_N, BLOCK_M],
+            )
         dk, dv, colsum = _dkdv_tiles(
             dk,
             dv,
@@ -331,6 +371,7 @@ def gfwa_bwd_dkdv_kernel(
             cb_base,
             lse_base,
             delta_base,
+            ds_base,
             stride_qt,
             stride_dot,
             lo,
@@ -340,6 +381,7 @@ def gfwa_bwd_dkdv_kernel(
             T,
             qk_scale,
             BLOCK_M,
+            BLOCK_N,
             HEAD_D,
             HEAD_DV,
             HEAD_D_PAD,
@@ -352,6 +394,7 @@ def gfwa_bwd_dkdv_kernel(
             PREFETCH_GATE,
             USE_TMA,
             VEC_TMA,
+            STORE_DS,
         )
         if GATED:
             tl.store(DCOL + bh * T + offs_n, colsum, mask=key_ok)
@@ -620,6 +663,96 @@ def gfwa_bwd_dq_kernel(
         tl.store(DROW + bh * T + offs_m, rowsum, mask=row_ok)
 
 
+@triton.jit
+def gfwa_bwd_dq_ds_kernel(
+    DS,
+    K,
+    DQ,
+    DROW,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_dqb,
+    stride_dqt,
+    stride_dqh,
+    T,
+    H,
+    n_slots,
+    sm_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    HEAD_D_PAD: tl.constexpr,
+    WINDOW: tl.constexpr,
+    GATED: tl.constexpr,
+    GROUP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """dq = scale * dS K, and gated the row sums of dS, from the blocks the dk/dv kernel
+    stored (STORE_DS, StoredDS) with the same BLOCK_M x BLOCK_N tiles: one product per key
+    tile where the recomputing dq kernel does three and the softmax, and no masks (the
+    blocks hold zeros outside the window; K rows past T load as zeros). One loop, so ptxas
+    keeps the products asynchronous (three loops carrying dq serialized them: C7515)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    b64 = b.to(tl.int64)
+    bh = pid_bh.to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D_PAD)
+    row_ok = offs_m < T
+    k_base = K + b64 * stride_kb + hk * stride_kh
+    if USE_TMA:
+        k_base = row_tile_descriptor(k_base, T, stride_kt, BLOCK_N, HEAD_D, HEAD_D_PAD)
+    BLOCK: tl.constexpr = BLOCK_N * BLOCK_M
+    key_tiles = tl.cdiv(T, BLOCK_N)
+    ds_base = DS + bh * key_tiles * n_slots * BLOCK
+    if USE_TMA:  # this head's blocks as one [rows, BLOCK_M] matrix
+        ds_base = tl.make_tensor_descriptor(
+            ds_base,
+            shape=[key_tiles * n_slots * BLOCK_N, BLOCK_M],
+            strides=[BLOCK_M, 1],
+            block_shape=[BLOCK_N, BLOCK_M],
+        )
+    in_block = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+    dq = tl.zeros([BLOCK_M, HEAD_D_PAD], dtype=tl.float32)
+    # Row sums as a product with ones: a sum over keys in registers crosses warps (a
+    # shared-memory round trip and a barrier per tile); the tensor cores sum in fp32.
+    row_sums = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    ones = tl.full([BLOCK_N, 16], 1.0, DQ.dtype.element_ty)
+    lo, _, _, hi = key_tile_phases(m0, T, BLOCK_M, BLOCK_N, WINDOW)
+    for n0 in tl.range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if USE_TMA:
+            k = k_base.load([n0, 0])
+        else:
+            k = load_rows(k_base, offs_n, stride_kt, T, HEAD_D, HEAD_D_PAD, True)
+        kt = n0 // BLOCK_N
+        # the key tile's blocks start at its first query tile (dk/dv's _query_phases)
+        slot = pid_m - n0 // BLOCK_M
+        if USE_TMA:
+            ds_t = ds_base.load([(kt * n_slots + slot) * BLOCK_N, 0])  # [keys, queries]
+        else:
+            ds_t = tl.load(ds_base + (kt * n_slots + slot) * BLOCK + in_block)
+        dq += tl.dot(tl.trans(ds_t), k, input_precision=DOT_PREC)
+        if GATED:
+            row_sums = tl.dot(tl.trans(ds_t), ones, row_sums, input_precision=DOT_PREC)
+    q_ok = row_ok[:, None]
+    if HEAD_D_PAD != HEAD_D:
+        q_ok = q_ok & (offs_d < HEAD_D)[None, :]
+    tl.store(
+        DQ + b64 * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+        (dq * sm_scale).to(DQ.dtype.element_ty),
+        mask=q_ok,
+    )
+    if GATED:  # every column holds the same sums
+        tl.store(DROW + bh * T + offs_m, tl.max(row_sums, 1), mask=row_ok)
+
+
 def launch_delta(o, do, delta, block_m=64):
     B, T, H, Dv = o.shape
     launcher(gfwa_bwd_delta_kernel)[(cdiv(T, block_m), B * H)](
@@ -668,12 +801,16 @@ def launch_dkdv(
     prefetch_gate=False,
     seg_end=None,
     tma=False,
+    stored=None,
 ):
     """seg_end: None, or for packed sequences (B = 1) int32 [T], the end of each position's
-    sequence."""
+    sequence. stored: None, or a StoredDS to write dS and its row sums into (no packed
+    sequences; its kv_block must be block_n)."""
     B, T, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
     cl, cb, chunk = _gate_args(gate, lse, block_m, block_n)
+    if stored is not None:
+        assert seg_end is None and stored.tiles == (block_m, block_n) and window > 0
     launcher(gfwa_bwd_dkdv_kernel)[(cdiv(T, block_n), B * Hkv)](
         q,
         k,
@@ -687,6 +824,7 @@ def launch_dkdv(
         dv,
         dcol if dcol is not None else lse,
         seg_end if seg_end is not None else lse,
+        stored.blocks if stored is not None else lse,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -709,6 +847,7 @@ def launch_dkdv(
         H,
         Hkv,
         cb.shape[-1],
+        stored.n_slots if stored is not None else 0,
         scale,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -725,6 +864,77 @@ def launch_dkdv(
         PREFETCH_GATE=prefetch_gate,
         USE_TMA=tma,
         VEC_TMA=tma and vectors_tma_usable(T, cl, lse, delta),
+        STORE_DS=stored is not None,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+
+
+@dataclasses.dataclass
+class StoredDS:
+    """dS as the dk/dv kernel stores it for gfwa_bwd_dq_ds_kernel: per batch*query head and
+    key tile (of tiles[1] keys), n_slots blocks [tiles[1] keys, tiles[0] queries] row-major,
+    one per query tile the key tile meets, in order from the tile holding its first key.
+    Pairs outside the window are stored as 0, so the reader needs no masks."""
+
+    blocks: object  # flat, q's dtype
+    n_slots: int
+    tiles: tuple  # (block_m, block_n) of both kernels
+
+
+def stored_ds_slots(window, block_m, block_n):
+    """Query tiles a key tile meets: its keys' queries span block_n - 1 + window positions,
+    starting anywhere in a query tile."""
+    return cdiv(window + block_n + block_m - 2, block_m)
+
+
+def stored_ds_bytes(B, H, T, window, block_m, block_n, element_size):
+    blocks = B * H * cdiv(T, block_n) * stored_ds_slots(window, block_m, block_n)
+    return blocks * block_m * block_n * element_size
+
+
+def new_stored_ds(B, H, T, window, block_m, block_n, dtype, device):
+    import torch
+
+    n = stored_ds_bytes(B, H, T, window, block_m, block_n, 1)
+    return StoredDS(
+        torch.empty(n, dtype=dtype, device=device),
+        stored_ds_slots(window, block_m, block_n),
+        (block_m, block_n),
+    )
+
+
+def launch_dq_ds(
+    k, stored, dq, drow, window, scale, group, num_warps, num_stages, dot_prec, tma=False
+):
+    """dq (and, gated, drow: [B, H, T] float32 row sums of dS) from the StoredDS that
+    launch_dkdv wrote for the same inputs, on its tiles."""
+    B, T, H, D = dq.shape
+    block_m, block_n = stored.tiles
+    launcher(gfwa_bwd_dq_ds_kernel)[(cdiv(T, block_m), B * H)](
+        stored.blocks,
+        k,
+        dq,
+        drow if drow is not None else dq,
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        dq.stride(0),
+        dq.stride(1),
+        dq.stride(2),
+        T,
+        H,
+        stored.n_slots,
+        scale,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HEAD_D=D,
+        HEAD_D_PAD=next_pow2(D),
+        WINDOW=window,
+        GATED=drow is not None,
+        GROUP=group,
+        DOT_PREC=dot_prec,
+        USE_TMA=tma,
         num_warps=num_warps,
         num_stages=num_stages,
     )
