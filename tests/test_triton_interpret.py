@@ -221,3 +221,8 @@ def test_stored_ds_only_where_it_fits(monkeypatch):
     assert not triton_backend.stored_ds_usable(q, 16, (object(), object()), cfg)
     monkeypatch.setenv("GFWAGEN_STORED_DS_MAX_MB", "0.001")
     assert not triton_backend.stored_ds_usable(q, 16, None, cfg)
+    monkeypatch.setenv("GFWAGEN_STORED_DS_MAX_MB", "1")
+    assert triton_backend.stored_ds_usable(q, 16, None, cfg)
+    monkeypatch.setenv("GFWAGEN_STORED_DS_MAX_MB", "lots")
+    with pytest.raises(ValueError, match="GFWAGEN_STORED_DS_MAX_MB"):
+        triton_backend.stored_ds_usable(q, 16, None, cfg)

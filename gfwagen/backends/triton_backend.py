@@ -172,9 +172,10 @@ def stored_ds_usable(q, window, segs, cfg_kv: KernelConfig) -> bool:
     stored_ds_limit()."""
     T = q.shape[1]
     w = kernel_window(window, T)
-    # tuner.space.STORED_MIN_BLOCK_M: 16-query blocks failed on the H200 (misaligned address)
-    if w == 0 or segs is not None or not q.numel() or _fit(cfg_kv, T)[0] < 32:
+    if w == 0 or segs is not None or not q.numel():
         return False
+    if q.is_cuda and _fit(cfg_kv, T)[0] < 32:
+        return False  # tuner.space.STORED_MIN_BLOCK_M: failed on the H200 (misaligned address)
     need = load_template("triton", "bwd").stored_ds_bytes(q.shape[0], q.shape[2], T, w,
                                                           *_fit(cfg_kv, T), q.element_size())
     return need <= stored_ds_limit(q.device)
@@ -187,7 +188,11 @@ def stored_ds_limit(device: torch.device) -> int:
 
     env = os.environ.get("GFWAGEN_STORED_DS_MAX_MB")
     if env is not None:
-        return int(float(env) * 2**20)
+        try:
+            return max(0, int(float(env) * 2**20))
+        except ValueError:
+            raise ValueError(f"GFWAGEN_STORED_DS_MAX_MB must be a number of megabytes (0: "
+                             f"always recompute dS), got {env!r}") from None
     if device.type != "cuda":
         return 1 << 30
     return torch.cuda.get_device_properties(device).total_memory // 16
