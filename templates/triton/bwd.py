@@ -211,9 +211,7 @@ def _dkdv_tiles(
             else:
                 blk = ds_base + ((m0 - start) // BLOCK_M) * (BLOCK_N * BLOCK_M)
                 tl.store(
-                    blk
-                    + tl.arange(0, BLOCK_N)[:, None] * BLOCK_M
-                    + tl.arange(0, BLOCK_M)[None, :],
+                    blk + tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :],
                     ds_lp,
                 )
             if GATED:
@@ -411,6 +409,27 @@ def gfwa_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _query_program(H, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """What a program of a (query tile, batch*query head) grid works on: its tile index, batch,
+    query head, kv head, the batch and batch*head as int64 (for offsets past 2^31) and rows."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    h = pid_bh % H
+    m0 = pid_m * BLOCK_M
+    b = pid_bh // H
+    return (
+        pid_m,
+        b,
+        h,
+        h // GROUP,
+        b.to(tl.int64),
+        pid_bh.to(tl.int64),
+        m0,
+        m0 + tl.arange(0, BLOCK_M),
+    )
+
+
+@triton.jit
 def _dq_tiles(
     dq,
     rowsum,
@@ -551,15 +570,7 @@ def gfwa_bwd_dq_kernel(
     SPLIT_BOUNDS: tl.constexpr,
     VEC_TMA: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    b64 = b.to(tl.int64)
-    bh = pid_bh.to(tl.int64)
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    pid_m, b, h, hk, b64, bh, m0, offs_m = _query_program(H, GROUP, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D_PAD)
     offs_dv = tl.arange(0, HEAD_DV_PAD)
     row_ok = offs_m < T
@@ -694,15 +705,7 @@ def gfwa_bwd_dq_ds_kernel(
     tile where the recomputing dq kernel does three and the softmax, and no masks (the
     blocks hold zeros outside the window; K rows past T load as zeros). One loop, so ptxas
     keeps the products asynchronous (three loops carrying dq serialized them: C7515)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    b64 = b.to(tl.int64)
-    bh = pid_bh.to(tl.int64)
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    pid_m, b, h, hk, b64, bh, m0, offs_m = _query_program(H, GROUP, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D_PAD)
     row_ok = offs_m < T
     k_base = K + b64 * stride_kb + hk * stride_kh
