@@ -168,8 +168,8 @@ def backward_kv(st: BackwardState, cfg: KernelConfig) -> None:
 
 def stored_ds_usable(q, window, segs, cfg_kv: KernelConfig) -> bool:
     """Whether the stored-dS backward can run this problem: a window shorter than the
-    sequence (the band is T x W), no packed sequences, and the band within
-    stored_ds_limit()."""
+    sequence (the blocks hold about T x W values per head), no packed sequences, and the
+    blocks within stored_ds_limit()."""
     T = q.shape[1]
     w = kernel_window(window, T)
     if w == 0 or segs is not None or not q.numel():
@@ -182,8 +182,9 @@ def stored_ds_usable(q, window, segs, cfg_kv: KernelConfig) -> bool:
 
 
 def stored_ds_limit(device: torch.device) -> int:
-    """Bytes the stored-dS backward may hold for its band: $GFWAGEN_STORED_DS_MAX_MB, else
-    a sixteenth of the device's memory (8.8 GB on an H200, 5 GB on an 80 GB GPU)."""
+    """Bytes the stored-dS backward may hold for its dS blocks: $GFWAGEN_STORED_DS_MAX_MB,
+    else a sixteenth of the device's memory (8.8 GB on an H200, 5 GB on an 80 GB GPU; 1 GiB
+    on the CPU, where only the interpreter runs it)."""
     import os
 
     env = os.environ.get("GFWAGEN_STORED_DS_MAX_MB")
@@ -241,14 +242,14 @@ def backward_q(st: BackwardState, cfg: KernelConfig) -> None:
 def backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv: KernelConfig,
              cfg_q: KernelConfig, segs=None, gate=None, stored: bool = False):
     """stored: the stored-dS backward (dk/dv keeps dS, dq reads it: one product per tile
-    instead of three and the softmax), for which cfg_kv and cfg_q are the configs of the
-    passes "bwd_kv_ds" and "bwd_q_ds"; the caller checks stored_ds_usable."""
+    instead of three and the softmax), cfg_kv and cfg_q then the two halves of a "bwd_ds"
+    config (stored_configs); the caller checks stored_ds_usable."""
     if stored:
         st = prepare_backward(do, q, k, v, o, lse, log_gate, window, scale, segs, gate)
         attach_stored_ds(st, cfg_kv)
         backward_kv(st, cfg_kv)
         backward_q_stored(st, cfg_q)
-        st.stored = None  # the band's memory goes back before the gate's sums are reduced
+        st.stored = None  # the blocks' memory goes back before the gate's sums are reduced
     else:
         # dq first: it computes the delta that dk/dv reads (a launch less than a delta kernel)
         st = prepare_backward(do, q, k, v, o, lse, log_gate, window, scale, segs, gate,

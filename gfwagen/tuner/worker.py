@@ -1,6 +1,6 @@
 """Runs candidates in a separate process: build inputs for the Problem, run the candidate
 pass, check it against the reference (fwd: o; bwd_kv: dk, dv; bwd_q: dq; bwd_ds, the whole
-stored-dS backward: dq, dk, dv) BEFORE timing it,
+stored-dS backward: dq, dk, dv and the gate's gradient) BEFORE timing it,
 then time it. The tuner talks to it with one JSON line per request and per answer.
 
 The worker process is kept between candidates (torch's import, the CUDA context, the inputs
@@ -129,10 +129,10 @@ class _Session:
         if "dq" not in ref:
             from gfwagen.reference import reference_backward
 
-            dq, dk, dv, _ = reference_backward(x["do"], x["q"], x["k"], x["v"], ref["o"],
-                                               ref["lse"], x["log_gate"], x["window"],
-                                               x["scale"])
-            ref.update(dq=dq, dk=dk, dv=dv)
+            dq, dk, dv, dg = reference_backward(x["do"], x["q"], x["k"], x["v"], ref["o"],
+                                                ref["lse"], x["log_gate"], x["window"],
+                                                x["scale"])
+            ref.update(dq=dq, dk=dk, dv=dv, dg=dg)
         return ref
 
     def candidate(self, p: Problem, backend: str, pass_: str, cfg: KernelConfig, x, ref):
@@ -150,9 +150,11 @@ class _Session:
                 chunk = cfg.block_n if pass_ in ("bwd_kv", "bwd_ds") else cfg.block_m
 
                 def fn():
-                    dq, dk, dv, _ = reference_backward(x["do"], *a, ref["o"], ref["lse"], g, w,
-                                                       s, chunk=chunk)
+                    dq, dk, dv, dg = reference_backward(x["do"], *a, ref["o"], ref["lse"], g,
+                                                        w, s, chunk=chunk)
                     box.update(dq=dq, dk=dk, dv=dv)
+                    if pass_ == "bwd_ds" and dg is not None:
+                        box["dg"] = dg
             return fn, lambda: box
         if backend == "tvm":
             from gfwagen.backends.tvm_backend import tvm_backward, tvm_forward
@@ -180,8 +182,11 @@ class _Session:
             kv, q = tb.stored_configs(cfg)
 
             def fn():
-                box.update(zip(("dq", "dk", "dv"), tb.backward(
-                    x["do"], *a, ref["o"], ref["lse"], g, w, s, kv, q, stored=True)))
+                grads = tb.backward(x["do"], *a, ref["o"], ref["lse"], g, w, s, kv, q,
+                                    stored=True)
+                # the gate's gradient too: its row sums come from this pass's own product
+                box.update((k, t) for k, t in zip(("dq", "dk", "dv", "dg"), grads)
+                           if t is not None)
             return fn, lambda: box
         st = tb.prepare_backward(x["do"], *a, ref["o"], ref["lse"], g, w, s)
         if pass_ == "bwd_kv":
