@@ -3,6 +3,7 @@ the runtime lookup's fallbacks, and refusal of bad files without changing the da
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sqlite3
@@ -635,6 +636,27 @@ def test_stored_backward_only_where_the_database_measured_it_faster(tmp_path, mo
     got = dispatch._stored_choice(PROB.spec("triton", "bwd_kv"), PROB.seqlen, "cuda:0")
     dispatch._stored_choice.cache_clear()
     assert (got is not None) == stored
+
+
+def test_stored_backward_compares_times_of_one_sequence_length(tmp_path, monkeypatch):
+    """bwd_ds tuned only at another sequence length than bwd_kv and bwd_q: its time is of
+    another problem size, so nothing is compared and the backward recomputes."""
+    from gfwagen import dispatch
+    from gfwagen.db import lookup
+
+    long = dataclasses.replace(PROB, seqlen=4 * PROB.seqlen)
+    path = tmp_path / "buckets.sqlite"
+    with TuningDB(path) as db:
+        rec(db, pass_="bwd_kv", ms=1.2, tc=toolchain(), t=0)
+        rec(db, pass_="bwd_q", ms=0.9, tc=toolchain(), t=1)
+        rec(db, long, pass_="bwd_ds", ms=0.5, tc=toolchain(), t=2)
+    snap = Snapshot.load(path, shipped=False)
+    monkeypatch.setattr(lookup, "get_snapshot", lambda: snap)
+    monkeypatch.setattr("gfwagen.db.fingerprint.device_fingerprint", lambda dev: H200)
+    dispatch._stored_choice.cache_clear()
+    for seqlen in (PROB.seqlen, long.seqlen):
+        assert dispatch._stored_choice(PROB.spec("triton", "bwd_kv"), seqlen, "cuda:0") is None
+    dispatch._stored_choice.cache_clear()
 
 
 def test_auto_backend_keeps_packed_sequences_on_triton(tmp_path, monkeypatch):
