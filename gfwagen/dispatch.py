@@ -307,18 +307,13 @@ def run_backward(do, q, k, v, o, lse, log_gate, window, scale, backend, cu_seqle
         return tuple(grads)
     from gfwagen.backends import triton_backend
 
-    segs = _segments(cu_seqlens, q.shape[1])
     stored = None
     if q.is_cuda and not interpreting():
         stored = _stored_choice(_spec(backend, "bwd_kv", q, v, window, gated, group),
                                 *_memo_keys(q.shape[1], q.device))
-        if stored is not None and triton_backend.stored_ds_usable(q, window, segs, stored):
-            cfg_kv, cfg_q = triton_backend.stored_configs(stored)
-        else:
-            stored = None
-    return triton_backend.backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv, cfg_q,
-                                   segs, kept.gate if kept is not None else None,
-                                   stored=stored is not None)
+    return triton_backend.backward_preferring_stored(
+        do, q, k, v, o, lse, log_gate, window, scale, cfg_kv, cfg_q, stored,
+        _segments(cu_seqlens, q.shape[1]), kept.gate if kept is not None else None)
 
 
 def _tvm_target(t: torch.Tensor) -> str:

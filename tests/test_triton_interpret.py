@@ -226,3 +226,33 @@ def test_stored_ds_only_where_it_fits(monkeypatch):
     monkeypatch.setenv("GFWAGEN_STORED_DS_MAX_MB", "lots")
     with pytest.raises(ValueError, match="GFWAGEN_STORED_DS_MAX_MB"):
         triton_backend.stored_ds_usable(q, 16, None, cfg)
+
+
+def test_stored_ds_out_of_memory_falls_back_to_recomputing(monkeypatch):
+    """Where the dS buffer does not fit next to the caller's tensors, the op's backward warns
+    once, recomputes (same gradients as asking for that directly), and does not try a
+    buffer as large again on that device; a smaller one still may."""
+    q, k, v, g = make_inputs(1, 64, 2, 2, 16, 16, torch.float32, True)
+    cfg = KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    o, lse = triton_backend.forward(q, k, v, g, 16, 0.25, cfg)
+    do = torch.randn_like(o)
+    tried = []
+    real = triton_backend.attach_stored_ds
+
+    def no_room(st, cfg_kv):
+        tried.append(st.q.shape)
+        raise torch.OutOfMemoryError("no room")
+
+    monkeypatch.setattr(triton_backend, "_stored_ds_oom", {})
+    monkeypatch.setattr(triton_backend, "attach_stored_ds", no_room)
+    with pytest.warns(RuntimeWarning, match="did not fit"):
+        got = triton_backend.backward_preferring_stored(do, q, k, v, o, lse, g, 16, 0.25, cfg,
+                                                        cfg, cfg)
+    want = triton_backend.backward(do, q, k, v, o, lse, g, 16, 0.25, cfg, cfg)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert len(tried) == 1 and not triton_backend.stored_ds_usable(q, 16, None, cfg)
+    triton_backend.backward_preferring_stored(do, q, k, v, o, lse, g, 16, 0.25, cfg, cfg, cfg)
+    assert len(tried) == 1  # not tried again at that size
+    monkeypatch.setattr(triton_backend, "attach_stored_ds", real)
+    assert triton_backend.stored_ds_usable(q[:, :32], 16, None, cfg)  # a smaller buffer: allowed

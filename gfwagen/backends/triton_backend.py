@@ -176,9 +176,18 @@ def stored_ds_usable(q, window, segs, cfg_kv: KernelConfig) -> bool:
         return False
     if q.is_cuda and _fit(cfg_kv, T)[0] < 32:
         return False  # tuner.space.STORED_MIN_BLOCK_M: failed on the H200 (misaligned address)
-    need = load_template("triton", "bwd").stored_ds_bytes(q.shape[0], q.shape[2], T, w,
+    need = _stored_ds_bytes(q, w, cfg_kv)
+    return need <= stored_ds_limit(q.device) and need < _stored_ds_oom.get(str(q.device), need + 1)
+
+
+def _stored_ds_bytes(q, w, cfg_kv: KernelConfig) -> int:
+    T = q.shape[1]
+    return load_template("triton", "bwd").stored_ds_bytes(q.shape[0], q.shape[2], T, w,
                                                           *_fit(cfg_kv, T), q.element_size())
-    return need <= stored_ds_limit(q.device)
+
+
+# device -> the smallest dS buffer that ran out of memory there (backward_preferring_stored)
+_stored_ds_oom: dict[str, int] = {}
 
 
 def stored_ds_limit(device: torch.device) -> int:
@@ -237,6 +246,30 @@ def backward_q(st: BackwardState, cfg: KernelConfig) -> None:
                 st.q, st.k, st.v, st.do, st.o, st.gate, st.lse, st.delta, st.dq, st.row_sums,
                 *_bwd_launch_args(st, cfg), st.segs[0] if st.segs is not None else None,
                 _use_tma(cfg, st.k, st.v), bool(cfg.get("full_masks", False)))
+
+
+def backward_preferring_stored(do, q, k, v, o, lse, log_gate, window, scale,
+                               cfg_kv: KernelConfig, cfg_q: KernelConfig,
+                               stored_cfg: KernelConfig | None, segs=None, gate=None):
+    """The op's backward: the stored-dS one on stored_cfg (a "bwd_ds" config) where it is
+    given and stored_ds_usable, else the recomputing one on cfg_kv, cfg_q. Where the dS
+    buffer runs out of memory (the caller's own tensors fill the GPU), it warns once, runs the
+    recomputing backward, and from then on keeps buffers as large off that device."""
+    if stored_cfg is not None and stored_ds_usable(q, window, segs, stored_cfg):
+        try:
+            return backward(do, q, k, v, o, lse, log_gate, window, scale,
+                            *stored_configs(stored_cfg), segs, gate, stored=True)
+        except torch.OutOfMemoryError:
+            need = _stored_ds_bytes(q, kernel_window(window, q.shape[1]), stored_cfg)
+            dev = str(q.device)
+            _stored_ds_oom[dev] = min(need, _stored_ds_oom.get(dev, need))
+            import warnings
+
+            warnings.warn(f"gfwagen: the stored-dS backward's {need / 2**20:.0f} MiB did not fit "
+                          f"on {dev}; recomputing dS instead for buffers this large (set "
+                          "GFWAGEN_STORED_DS_MAX_MB to choose the limit)", RuntimeWarning,
+                          stacklevel=2)
+    return backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv, cfg_q, segs, gate)
 
 
 def backward(do, q, k, v, o, lse, log_gate, window, scale, cfg_kv: KernelConfig,
