@@ -26,7 +26,8 @@ from gfwagen.heuristics import default_config  # noqa: E402
 from gfwagen.reference import reference_forward  # noqa: E402
 from gfwagen.spec import KernelConfig, KernelSpec  # noqa: E402
 
-PASS_FLOPS = {"fwd": 1.0, "bwd_kv": 1.5, "bwd_q": 1.0}  # of the forward's matrix FLOPs
+# of the forward's matrix FLOPs ("bwd", "bwd_ds": a whole backward, as GATEDFWA.md counts it)
+PASS_FLOPS = {"fwd": 1.0, "bwd_kv": 1.5, "bwd_q": 1.0, "bwd": 2.5, "bwd_ds": 2.5}
 
 
 def variants(pass_: str, base: KernelConfig, gated: bool, tiles: bool) -> dict:

@@ -44,12 +44,19 @@ def host_ms(fn, calls=30) -> float:
 
 
 def pass_fns(q, k, v, gate, do, s, cfgs) -> dict:
+    """Each kernel pass alone; then the whole backward recomputing dS ("bwd") and storing it
+    ("bwd_ds", at the database's or the default bwd_ds config, whichever the op would take
+    or not)."""
     scale = s.D ** -0.5
     o, lse = tb.forward(q, k, v, gate, s.W, scale, cfgs["fwd"])
     st = tb.prepare_backward(do, q, k, v, o, lse, gate, s.W, scale)
+    whole = (do, q, k, v, o, lse, gate, s.W, scale)
     return {"fwd": lambda: tb.forward(q, k, v, gate, s.W, scale, cfgs["fwd"]),
             "bwd_kv": lambda: tb.backward_kv(st, cfgs["bwd_kv"]),
-            "bwd_q": lambda: tb.backward_q(st, cfgs["bwd_q"])}
+            "bwd_q": lambda: tb.backward_q(st, cfgs["bwd_q"]),
+            "bwd": lambda: tb.backward(*whole, cfgs["bwd_kv"], cfgs["bwd_q"]),
+            "bwd_ds": lambda: tb.backward(*whole, *tb.stored_configs(cfgs["bwd_ds"]),
+                                          stored=True)}
 
 
 def kernel_rows(name, s, rep):
@@ -58,14 +65,16 @@ def kernel_rows(name, s, rep):
     for gated in (True, False):
         cfgs = {p: dispatch.select_config(KernelSpec("triton", p, s.D, s.D, s.W, "bf16", gated,
                                                      1), s.T, q.device)
-                for p in ("fwd", "bwd_kv", "bwd_q")}
+                for p in ("fwd", "bwd_kv", "bwd_q", "bwd_ds")}
+        shown = {p: c.as_dict() for p, c in cfgs.items()}
+        shown["bwd"] = {"bwd_kv": shown["bwd_kv"], "bwd_q": shown["bwd_q"]}
         for p, fn in pass_fns(q, k, v, g if gated else None, do, s, cfgs).items():
             ms = bench(fn, rep)
             tf = PASS_FLOPS[p] * flops(s, "fwd") / (ms * 1e-3) / 1e12
-            rows.append(dict(shape=name, what=p, gated=gated, config=cfgs[p].as_dict(), ms=ms,
+            rows.append(dict(shape=name, what=p, gated=gated, config=shown[p], ms=ms,
                              tflops=tf))
             print(f"{name} {p:7s} {'gated' if gated else 'plain'} {ms:8.3f} ms {tf:6.1f} "
-                  f"TFLOP/s  {cfgs[p].as_dict()}", flush=True)
+                  f"TFLOP/s  {shown[p]}", flush=True)
     return rows
 
 
