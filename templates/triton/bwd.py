@@ -1,12 +1,15 @@
 """GatedFWA backward, Triton template (GATEDFWA.md section 2), deterministic: no atomics.
 
-Three kernels:
+Four kernels:
 - delta: delta_i = <o_i, dO_i>.
 - dkdv: one program per (key tile, batch*kv head). It walks the query heads of its GQA group
   and the query tiles that can see the key tile, accumulating dk, dv in registers (so the group
-  reduction is a plain sum in a fixed order) and storing each query head's column sums of dS.
+  reduction is a plain sum in a fixed order) and storing each query head's column sums of dS;
+  with STORE_DS it also stores dS itself (StoredDS).
 - dq: one program per (query tile, batch*query head), walking key tiles as the forward does;
-  it accumulates dq and the row sums of dS.
+  it accumulates dq and the row sums of dS (and computes delta for dkdv, which runs after it).
+- dq_ds: the same grid, dq and the row sums from the dS that dkdv stored (which then runs
+  first, after delta): the stored-dS backward, pass "bwd_ds".
 The gate gradient is then rowsum - colsum, reverse prefix-summed (gfwagen.gate).
 Each pass masks only its edge tiles (dq: a loop of its own for each edge; dk/dv: a branch in
 its one loop, see _dkdv_tiles), and never visits a tile wholly outside the window. Head dims
@@ -208,7 +211,7 @@ def _dkdv_tiles(
             # dk/dv 19-24% at S1-S4 rather than 10-14% (H200, session 12).
             if USE_TMA:
                 ds_base.store([(m0 - start) // BLOCK_M * BLOCK_N, 0], ds_lp)
-            else:
+            else:  # correct, but ptxas then serializes the kernel's wgmma (C7515): +46% at S2
                 blk = ds_base + ((m0 - start) // BLOCK_M) * (BLOCK_N * BLOCK_M)
                 tl.store(
                     blk + tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :],
@@ -740,7 +743,8 @@ def gfwa_bwd_dq_ds_kernel(
         if USE_TMA:
             ds_t = ds_base.load([(kt * n_slots + slot) * BLOCK_N, 0])  # [keys, queries]
         else:
-            ds_t = tl.load(ds_base + (kt * n_slots + slot) * BLOCK + in_block)
+            # int64: a head's blocks pass 2^31 elements from about T = 2^17 at W = 4096
+            ds_t = tl.load(ds_base + (kt * n_slots + slot).to(tl.int64) * BLOCK + in_block)
         dq += tl.dot(tl.trans(ds_t), k, input_precision=DOT_PREC)
         if GATED:
             row_sums = tl.dot(tl.trans(ds_t), ones, row_sums, input_precision=DOT_PREC)
@@ -807,8 +811,8 @@ def launch_dkdv(
     stored=None,
 ):
     """seg_end: None, or for packed sequences (B = 1) int32 [T], the end of each position's
-    sequence. stored: None, or a StoredDS to write dS and its row sums into (no packed
-    sequences; its kv_block must be block_n)."""
+    sequence. stored: None, or a StoredDS on these tiles (new_stored_ds) to write dS into (no
+    packed sequences)."""
     B, T, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
     cl, cb, chunk = _gate_args(gate, lse, block_m, block_n)
