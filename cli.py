@@ -725,6 +725,10 @@ def tune(gpu, preset, only, head_dim, window, dtype, seqlen, batch, heads, kv_he
     with Workers(mode, timeout, devs[0] if devs else None, 0 if multi else jobs) as workers:
         for name, problem in problems:
             for p in pass_list:
+                if p == "bwd_ds" and not 0 < (problem.window or 0) < problem.seqlen:
+                    _log(f"tune: {name}: no bwd_ds study (the stored-dS backward needs a "
+                         f"window shorter than the sequence; this one sees all of it)")
+                    continue
                 job = TuneJob(problem, backend, p, trials, mode=mode, timeout=timeout,
                               db_path=str(path), storage=storage, resume=resume, seed=seed,
                               label=f"{name} {p}" + (" sweep" if sweep else ""),

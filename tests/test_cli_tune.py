@@ -216,3 +216,18 @@ def test_cli_lists_every_pass():
     from gfwagen.spec import PASSES
 
     assert cli.PASSES == PASSES
+
+
+def test_tune_stored_backward_only_with_a_window(env):
+    """bwd_ds is studied for a window shorter than the sequence, and skipped, saying so,
+    where the window covers it (the stored backward does not run there)."""
+    r = CliRunner().invoke(main, ["tune", "--preset", "quick", "--fake-timer", "--trials", "2",
+                                  "--passes", "bwd_ds", "--no-plots", "--format", "json"])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert [s["pass"] for s in json.loads(r.stdout)["studies"]] == ["bwd_ds"]
+    r = CliRunner().invoke(main, ["tune", "--preset", "quick", "--fake-timer", "--trials", "2",
+                                  "--passes", "fwd,bwd_ds", "--window", "4096", "--no-plots",
+                                  "--format", "json"])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert [s["pass"] for s in json.loads(r.stdout)["studies"]] == ["fwd"]
+    assert "no bwd_ds study" in r.stderr
