@@ -65,7 +65,7 @@ class _Launcher:
                 self.compiled[key] = compiled
             return
         # the compiled kernel takes every parameter in order, constexprs included
-        tail = (kw[n] if n in kw else self.defaults[n] for n in self.names[len(args):])
+        tail = (kw[n] if n in kw else self.defaults[n] for n in self.names[len(args) :])
         # a compiled kernel's runner indexes all three grid dimensions; JITFunction pads them
         hit[grid + (1,) * (3 - len(grid))](*args, *tail)
 
