@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 
+from gfwagen.backends.triton_backend import STORED_MIN_BLOCK_M
 from gfwagen.generator import check_config, gate_chunk
 from gfwagen.heuristics import default_config
 from gfwagen.spec import DTYPES, KernelConfig, KernelSpec
@@ -62,9 +63,6 @@ CONSTRAINT_NAMES = ("smem", "registers", "failed")
 
 # The stored-dS backward ("bwd_ds", timed whole) adds its dq kernel's launch to the config:
 STORED_DQ_PARAMS = {"x_q_warps": (4, 8), "x_q_stages": (2, 3, 4), "x_q_tma": (False, True)}
-# 16-query blocks stopped the stored backward with a CUDA "misaligned address" on the H200
-# (session 12, 16x64 w8 s3 with tma, while warming it up); not yet explained
-STORED_MIN_BLOCK_M = 32
 
 
 def passes(backend: str) -> tuple[str, ...]:
