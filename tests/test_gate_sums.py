@@ -78,15 +78,27 @@ def test_prefix_sums_strided_and_half():
     _check_fwd(lg.to(torch.float16))
 
 
-def test_prefix_sums_spare_entries_are_zero():
-    lg = _log_gate(1, 600, 2, "deep")
-    local, base = chunked_prefix_sums_fused(lg, spare=1, splits=1)
-    local2, base2 = chunked_prefix_sums_fused(lg, spare=1, splits=2)
+@pytest.mark.parametrize("T", [600, 4 * GATE_CHUNK])
+def test_prefix_sums_spare_entries_are_zero(T):
+    """splits None takes the one-launch kernel here (a power-of-two chunk count puts the
+    spare past its padded chunks)."""
+    lg = _log_gate(1, T, 2, "deep")
+    outs = [chunked_prefix_sums_fused(lg, spare=1, splits=s) for s in (1, 2, None)]
     ref_local, ref_base = chunked_prefix_sums(lg)
-    for b in (base, base2):
+    for local, b in outs:
         assert b.shape[-1] == ref_base.shape[-1] + 1 and (b[..., -1] == 0).all()
         assert torch.allclose(b[..., :-1], ref_base, rtol=1e-14, atol=0)
-    assert torch.equal(local, local2)
+        assert torch.equal(local, outs[0][0])
+
+
+@pytest.mark.parametrize("chunks", [32, 33])
+def test_prefix_sums_one_launch_up_to_its_limit(chunks):
+    """The one-launch kernel holds up to WHOLE_MAX_CHUNKS chunks; one more takes the split
+    path. Both match torch, ragged T included."""
+    from gfwagen.template_loader import load_template
+
+    assert load_template("triton", "gate_sums").WHOLE_MAX_CHUNKS == 32
+    _check_fwd(_log_gate(1, (chunks - 1) * GATE_CHUNK + 77, 2, "mixed", seed=chunks))
 
 
 def test_prefix_sums_keep_precision_far_from_zero():
@@ -95,13 +107,13 @@ def test_prefix_sums_keep_precision_far_from_zero():
     float32 accuracy relative to the chunk, not to |c|."""
     lg = _log_gate(1, 4 * GATE_CHUNK + 100, 2, "near0", seed=3)
     lg[:, : 3 * GATE_CHUNK] = -GATE_BOUND
-    for splits in (1, 3):
+    for splits in (1, 3, None):
         local, base = _check_fwd(lg, splits=splits)
         assert base[..., 3].abs().min() > 1.4e5
         assert local[..., 3 * GATE_CHUNK :].abs().max() < 100
 
 
-@pytest.mark.parametrize("splits", [1, 2])
+@pytest.mark.parametrize("splits", [1, 2, None])
 def test_prefix_sums_clamp_on_load(splits):
     """bound: the sums of the clamped gate (gate.sanitize_log_gate) without a clamp launch:
     -inf and gates past the bound clamp, gates inside stay, NaN stays NaN."""

@@ -95,6 +95,48 @@ def gate_sums_fwd_kernel(
 
 
 @triton.jit
+def gate_sums_whole_kernel(
+    g_ptr,
+    local_ptr,
+    base_ptr,
+    T,
+    H,
+    NC,
+    N_BASE,
+    stride_b,
+    stride_t,
+    stride_h,
+    CHUNK: tl.constexpr,
+    NC_PAD: tl.constexpr,
+    BOUND: tl.constexpr,
+):
+    """gate_sums_fwd_kernel's outputs in one launch for a sequence that fits one program
+    (T <= NC_PAD * CHUNK): a program per (batch, head) holds all of it as [chunk, position]
+    and scans both levels at once, where the split path takes a second launch for the chunk
+    bases and a single split walks the chunks one after another."""
+    row = tl.program_id(0).to(tl.int64)  # b * H + h: local's and base's row
+    b = row // H
+    h = row % H
+    offs_c = tl.arange(0, NC_PAD)
+    offs_t = offs_c[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
+    m = offs_t < T
+    x = tl.load(
+        g_ptr + b * stride_b + h * stride_h + offs_t.to(tl.int64) * stride_t, mask=m, other=0.0
+    )
+    if BOUND > 0:  # as gate_sums_fwd_kernel
+        x = tl.clamp(x, -BOUND, BOUND, propagate_nan=tl.PropagateNan.ALL)
+    x = x.to(tl.float64)
+    loc = tl.cumsum(x, axis=1) * LOG2E
+    tl.store(local_ptr + row * T + offs_t, loc.to(tl.float32), mask=m)
+    total = tl.sum(x, axis=1)
+    base = (tl.cumsum(total, axis=0) - total) * LOG2E  # exclusive: chunks before each
+    base_row = base_ptr + row * N_BASE
+    tl.store(base_row + offs_c, tl.where(offs_c < NC, base, 0.0), mask=offs_c < N_BASE)
+    for n in tl.range(NC_PAD, N_BASE):  # spare entries past the padded chunks
+        tl.store(base_row + n, 0.0)
+
+
+@triton.jit
 def gate_sums_scan_kernel(base_ptr, NC, N_BASE, BLOCK: tl.constexpr):
     """base[row, n] <- log2(e) * sum_{0 < m <= n} base[row, m] in place (the chunk totals that
     gate_sums_fwd_kernel stored shifted by one), base[row, 0] = 0, spares 0."""
@@ -233,6 +275,9 @@ def gate_sums_restart_kernel(
 # than one tile.
 TARGET_PROGRAMS = 512
 SCAN_BLOCK = 1024
+# Chunks a gate_sums_whole_kernel program holds at most: 8192 positions at chunk 256, 32
+# float64 values per thread at eight warps.
+WHOLE_MAX_CHUNKS = 32
 
 
 def _split(tiles, lanes, splits):
@@ -254,6 +299,24 @@ def launch_gate_sums_fwd(
     B, T, H = log_gate.shape
     nc = cdiv(T, chunk)
     n_base = base.shape[-1]
+    if splits is None and not absolute and nc <= WHOLE_MAX_CHUNKS:
+        launcher(gate_sums_whole_kernel)[(B * H,)](
+            log_gate,
+            local,
+            base,
+            T,
+            H,
+            nc,
+            n_base,
+            log_gate.stride(0),
+            log_gate.stride(1),
+            log_gate.stride(2),
+            CHUNK=chunk,
+            NC_PAD=next_pow2(nc),
+            BOUND=float(bound),
+            num_warps=8,
+        )
+        return
     bh = heads_per_program(H)
     hb = cdiv(H, bh)
     n_split, per = _split(nc, B * hb, splits)
