@@ -570,6 +570,11 @@ def _with_tried(job, configs):
     for c in configs:
         ok, why = space.feasible(job.spec(), c, gpu=gpu_space(job))
         if ok:
+            try:  # a value the pass's space lacks would stop the study when enqueued
+                space.config_params(job.spec(), c, job.knobs, gpu_space(job))
+            except ValueError as e:
+                ok, why = False, str(e)
+        if ok:
             out.append(c.as_dict())
         else:
             _log(f"tune: --try {c.as_dict()} skipped for {job.label}: {why}")

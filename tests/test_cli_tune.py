@@ -210,6 +210,30 @@ def test_tune_try_measures_the_given_config(env):
         assert r.exit_code == 2 and "--try" in r.output, (bad, r.output)
 
 
+def test_tune_try_fills_what_another_pass_leaves_out(env):
+    """A --try written for the forward, tried on the stored backward, takes that pass's own
+    defaults for the dq kernel's warps, stages and tensor descriptors (it used to stop the
+    run inside optuna); a value outside the pass's space is logged and skipped."""
+    fwd_cfg = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2,
+               "extra": {"tma": True}}
+    base = ["tune", "--preset", "quick", "--fake-timer", "--passes", "bwd_ds", "--no-plots",
+            "--format", "json", "--trials", "2", "--seed", "0"]
+    r = CliRunner().invoke(main, base + ["--try", json.dumps(fwd_cfg)])
+    assert r.exit_code == 0, r.output + r.stderr
+    out = io.StringIO()
+    with TuningDB(env / "db" / "tuning.sqlite", readonly=True) as db:
+        db.export_jsonl(stream=out)
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    tried = [r["config"] for r in rows if r["kind"] == "trial"]
+    tried = [c for c in tried if c.get("block_m") == 64 and c["extra"].get("tma")
+             and c["num_stages"] == 2]
+    assert tried and all(c["extra"]["q_warps"] in (4, 8) for c in tried), tried
+    small = dict(fwd_cfg, block_m=16)
+    r = CliRunner().invoke(main, base + ["--try", json.dumps(small)])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "skipped" in r.stderr and "block_m=16" in r.stderr, r.stderr
+
+
 def test_cli_lists_every_pass():
     """cli.py writes the passes out (no torch import at start); they must stay gfwagen's."""
     import cli

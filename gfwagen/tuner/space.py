@@ -161,13 +161,25 @@ def _extra_value(config: KernelConfig, param: str):
 
 def config_params(spec: KernelSpec, config: KernelConfig, knobs=None,
                   gpu: bool = False) -> dict:
-    """The inverse of config_from_params: what to enqueue for `config`."""
+    """The inverse of config_from_params: what to enqueue for `config`. An extra that
+    `config` leaves out and that is not an off switch (the stored backward's dq warps, say,
+    in a config written for another pass) takes the pass's default; ValueError naming the
+    parameter whose value the pass's space lacks."""
     names = params(spec.backend, spec.pass_, knobs_for(spec, knobs, gpu))
-    out = {}
+    out, snapped = {}, None
     for n, choices in names.items():
         out[n] = _extra_value(config, n) if n.startswith("x_") else getattr(config, n)
         if config.get("wgmma") and n[2:] in MMA_SYNC_ONLY:
             out[n] = choices[0]  # any value the study accepts: a wgmma config drops it
+        if out[n] in choices:
+            continue
+        if n.startswith("x_") and config.get(n[2:]) is None:
+            snapped = snapped or config_params(spec, default(spec, knobs, gpu), knobs, gpu)
+            out[n] = snapped[n]
+        else:
+            shown = n[2:] if n.startswith("x_") else n
+            raise ValueError(f"{shown}={out[n]!r} is outside the {spec.pass_} search space "
+                             f"({', '.join(map(repr, choices))})")
     return out
 
 
