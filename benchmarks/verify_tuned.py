@@ -2,9 +2,10 @@
 """Tuned configs against the heuristic defaults, in one process, interleaved: per pass (the
 kernel alone) and for the whole op (forward, forward+backward), at S1-S5.
 
-Each timed call is preceded by a GPU sleep (torch.cuda._sleep), so the CPU has queued the
-call before the start event is reached: the times are GPU time even on a host busy with
-other work (the tuner's compile workers), which bare CUDA-event timing is not.
+Timed as the tuner times (gfwagen.tuner.timing.CudaEventTimer: the calls queued behind one
+GPU sleep, so the times are GPU time even on a busy host, and run back to back after untimed
+lead calls, so they see the clocks of sustained work; until session 13 each call had its own
+sleep, which measured bursts and flattered some tiles by up to 10% at S4).
 
     PYTHONPATH=$PWD python benchmarks/verify_tuned.py --db h200.sqlite --json verify.json
 """
@@ -30,27 +31,17 @@ from gfwagen.db.fingerprint import device_fingerprint  # noqa: E402
 from gfwagen.db.lookup import Snapshot  # noqa: E402
 from gfwagen.heuristics import default_config  # noqa: E402
 from gfwagen.spec import KernelSpec, window_class  # noqa: E402
+from gfwagen.tuner.timing import CudaEventTimer  # noqa: E402
 
 PASSES = ("fwd", "bwd_kv", "bwd_q")
-_flush = None
 
 
-def gpu_ms(fn, reps: int, sleep_cycles: int) -> float:
-    global _flush
-    if _flush is None:
-        _flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-    fn()
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for s, e in zip(starts, ends):
-        torch.cuda._sleep(sleep_cycles)
-        _flush.zero_()
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+_timers: dict[int, CudaEventTimer] = {}
+
+
+def gpu_ms(fn, reps: int) -> float:
+    # one timer per repeat count: a fresh one takes the long warm-up of a GPU left idle
+    return _timers.setdefault(reps, CudaEventTimer(repeats=reps)).measure(fn).median_ms
 
 
 def use_configs(by_pass: dict) -> None:
@@ -92,7 +83,7 @@ def main(argv=None) -> int:
             t = {lab: [] for lab in cfgs}
             for _ in range(a.rounds):
                 for lab, fn in fns.items():
-                    t[lab].append(gpu_ms(fn, 15, 2_000_000))
+                    t[lab].append(gpu_ms(fn, 15))
             r = {lab: statistics.median(v) for lab, v in t.items()}
             rows.append(dict(shape=name, pass_=pass_, default_ms=r["default"],
                              tuned_ms=r["tuned"], default=cfgs["default"][pass_].as_dict(),
@@ -111,7 +102,7 @@ def main(argv=None) -> int:
             for _ in range(a.rounds):
                 for lab, c in choice.items():
                     use_configs(c)
-                    t[lab].append(gpu_ms(op_fn(mode, q, k, v, g, do, s.W), 10, 10_000_000))
+                    t[lab].append(gpu_ms(op_fn(mode, q, k, v, g, do, s.W), 10))
             res[mode] = {lab: statistics.median(v) for lab, v in t.items()}
             print(f"{name} op {mode:6s} " + " ".join(f"{lab} {ms:.4f}" for lab, ms in
                                                       res[mode].items()), flush=True)
