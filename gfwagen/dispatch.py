@@ -126,7 +126,8 @@ def cuda_auto_backend(direction: str, q, v, window, gated: bool, group: int,
 def _stored_choice(spec: KernelSpec, bucket: int, device: str) -> KernelConfig | None:
     """The "bwd_ds" config where the database measured the stored-dS backward faster than
     its "bwd_kv" + "bwd_q" for this problem on this GPU (all three tuned, at the same
-    sequence-length bucket: times of different problem sizes do not compare), else None."""
+    sequence-length bucket and toolchain: times of different problem sizes, or measured by
+    different timers, do not compare), else None."""
     from gfwagen.db.fingerprint import device_fingerprint
     from gfwagen.db.lookup import get_snapshot
 
@@ -137,7 +138,8 @@ def _stored_choice(spec: KernelSpec, bucket: int, device: str) -> KernelConfig |
     total = 0.0
     for pass_ in ("bwd_kv", "bwd_q"):
         entry, _ = snap.lookup_entry(spec.replace(pass_=pass_), bucket, fp)
-        if entry is None or entry.seqlen_bucket != stored.seqlen_bucket:
+        if (entry is None or entry.seqlen_bucket != stored.seqlen_bucket
+                or entry.toolchain_key != stored.toolchain_key):
             return None
         total += entry.median_ms
     return stored.config if stored.median_ms < total else None

@@ -31,7 +31,7 @@ from gfwagen.db import (
 from gfwagen.db import schema as S
 from gfwagen.db.records import trial_id
 from gfwagen.db.schema import connect
-from gfwagen.spec import KernelConfig, KernelSpec, Problem
+from gfwagen.spec import KernelConfig, KernelSpec, Problem, stable_hash
 
 H200 = {"kind": "cuda", "name": "NVIDIA H200", "compute_capability": "9.0", "sm_count": 132,
         "memory_bytes": 150_000_000_000, "driver_version": "12.8", "cuda_version": "12.8",
@@ -118,6 +118,11 @@ def test_arch_and_keys():
     assert device_key(H200) == device_key(dict(reversed(list(H200.items()))))
     assert device_key(H200) != device_key(H200_NEW_DRIVER)
     assert toolchain_key(TC) != toolchain_key(TC_OLD)
+    # a toolchain recorded before the timer was part of it keeps its key; the timer tells
+    # times measured differently apart
+    assert toolchain_key(TC) == stable_hash({f: TC.get(f) for f in ("torch", "triton", "tvm")})
+    assert toolchain_key({**TC, "timer": "sustained-1"}) != toolchain_key(TC)
+    assert toolchain_key({**TC, "timer": "sustained-1"}) != toolchain_key({**TC, "timer": "x"})
 
 
 def test_local_fingerprint_and_toolchain():
@@ -125,7 +130,7 @@ def test_local_fingerprint_and_toolchain():
     assert set(fp) == set(H200)
     assert device_key(fp) == device_key(device_fingerprint())
     tc = toolchain()
-    assert set(tc) == {"torch", "triton", "tvm"} and tc["torch"]
+    assert set(tc) == {"torch", "triton", "tvm", "timer"} and tc["torch"] and tc["timer"]
     import torch
 
     if not torch.cuda.is_available():
@@ -657,6 +662,29 @@ def test_stored_backward_compares_times_of_one_sequence_length(tmp_path, monkeyp
     for seqlen in (PROB.seqlen, long.seqlen):
         assert dispatch._stored_choice(PROB.spec("triton", "bwd_kv"), seqlen, "cuda:0") is None
     dispatch._stored_choice.cache_clear()
+
+
+def test_stored_backward_compares_times_of_one_timer(tmp_path, monkeypatch):
+    """bwd_ds timed by this toolchain's timer, bwd_kv and bwd_q by an earlier one (shipped
+    entries from before the timer was part of the toolchain): times measured differently
+    are not compared, and the backward recomputes; all three from one timer: compared."""
+    from gfwagen import dispatch
+    from gfwagen.db import lookup
+
+    old = {k: v for k, v in toolchain().items() if k != "timer"}
+    for name, tcs, stored in (("mixed", (old, old, toolchain()), False),
+                              ("one", (toolchain(),) * 3, True)):
+        path = tmp_path / f"{name}.sqlite"
+        with TuningDB(path) as db:
+            for t, (pass_, ms) in enumerate((("bwd_kv", 1.2), ("bwd_q", 0.9), ("bwd_ds", 0.5))):
+                rec(db, pass_=pass_, ms=ms, tc=tcs[t], t=t)
+        snap = Snapshot.load(path, shipped=False)
+        monkeypatch.setattr(lookup, "get_snapshot", lambda snap=snap: snap)
+        monkeypatch.setattr("gfwagen.db.fingerprint.device_fingerprint", lambda dev: H200)
+        dispatch._stored_choice.cache_clear()
+        got = dispatch._stored_choice(PROB.spec("triton", "bwd_kv"), PROB.seqlen, "cuda:0")
+        dispatch._stored_choice.cache_clear()
+        assert (got is not None) == stored, name
 
 
 def test_auto_backend_keeps_packed_sequences_on_triton(tmp_path, monkeypatch):

@@ -19,7 +19,13 @@ from gfwagen.spec import stable_hash
 
 FINGERPRINT_FIELDS = ("kind", "name", "compute_capability", "sm_count", "memory_bytes",
                       "driver_version", "cuda_version", "processor")
-TOOLCHAIN_FIELDS = ("torch", "triton", "tvm")
+TOOLCHAIN_FIELDS = ("torch", "triton", "tvm", "timer")
+# How the tuner times a candidate (gfwagen.tuner.timing). Part of the toolchain, so that times
+# measured one way never compete for `best` with times measured another: until session 13 the
+# timer slept before every timed call and measured bursts, which flattered some tiles by up to
+# 10% at S4; its times stay in the databases as another toolchain's, used where nothing newer
+# covers a problem. Records without the field (made before it) hash as they always did.
+TIMER = "sustained-1"
 
 
 def _cuda_driver_version() -> str | None:
@@ -111,7 +117,8 @@ def _dist_version(*names: str) -> str | None:
 
 
 def toolchain() -> dict:
-    """Versions of torch, triton and tvm; None for one that is not installed."""
+    """Versions of torch, triton and tvm (None for one that is not installed) and the
+    timer's."""
     try:
         import torch
 
@@ -122,11 +129,14 @@ def toolchain() -> dict:
         "torch": torch_version,
         "triton": _dist_version("triton", "pytorch-triton"),
         "tvm": _dist_version("apache-tvm", "tvm", "mlc-ai-nightly"),
+        "timer": TIMER,
     }
 
 
 def toolchain_key(tc: dict) -> str:
-    return stable_hash({f: tc.get(f) for f in TOOLCHAIN_FIELDS})
+    # "timer" only where set: the keys of toolchains recorded before it stay what they were
+    return stable_hash({f: tc.get(f) for f in TOOLCHAIN_FIELDS
+                        if f != "timer" or tc.get(f) is not None})
 
 
 _VENDOR_WORDS = {"nvidia", "tesla", "geforce", "quadro", "amd", "radeon", "gpu", "graphics"}
