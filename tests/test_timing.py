@@ -77,3 +77,25 @@ def test_fixed_sleep_and_no_lead(sim):
     t.measure(sim.fn)
     i = sim.log.index(("sleep", 123))
     assert sim.log[i + 1:] == ["fn"] * 10
+
+
+def test_sleep_follows_the_hosts_pace_before_the_queue_fills(sim):
+    """The lead sleep comes from the host's time per call over the first calls only: later
+    ones may wait on CUDA's full launch queue, which says nothing about the host."""
+    import time
+
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.001 if len(calls) <= timing.HOST_SAMPLE_CALLS + 5 else 0.02)
+        sim.fn()
+
+    t = _timer()
+    t._last_end = time.perf_counter()  # warm: the short warm-up
+    t.measure(fn)
+    cycles = next(x for x in sim.log if x != "fn")[1]
+    lead = min(timing.LEAD_MAX_CALLS, -(-int(timing.LEAD_MS) // 2))
+    # ~1.1 ms per call (sleep granularity), never the 20 ms the later calls took
+    assert cycles / timing.CYCLES_PER_MS < 4 * (lead + 10) + timing.SLEEP_EXTRA_MS
+    assert cycles / timing.CYCLES_PER_MS > 2 * 1.0 * (lead + 10)

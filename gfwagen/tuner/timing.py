@@ -39,6 +39,7 @@ CYCLES_PER_MS = 2_000_000
 # The lead sleep: the host's measured time to queue the calls behind it, times this margin,
 # plus SLEEP_EXTRA_MS, at most SLEEP_MAX_MS; host time per call includes the flush and events.
 SLEEP_MARGIN, SLEEP_EXTRA_MS, SLEEP_MAX_MS = 2.0, 1.0, 500.0
+HOST_SAMPLE_CALLS = 16
 # Untimed calls between the sleep and the timed ones, at most LEAD_MAX_CALLS so that the calls
 # queued behind the sleep stay well inside CUDA's launch queue (about a thousand launches).
 LEAD_MS, LEAD_MAX_CALLS = 50.0, 100
@@ -96,13 +97,17 @@ class CudaEventTimer:
         per_call = max(start.elapsed_time(end) / self.warmup, 1e-3)
         cold = self._last_end is None or time.perf_counter() - self._last_end > COLD_AFTER_S
         n = max(1, min(2000, int((COLD_WARMUP_MS if cold else self.warmup_ms) / per_call)))
-        t0 = time.perf_counter()
-        for _ in range(n):
+        # the host's pace from the first calls only: later ones may wait on a full launch queue
+        sample, t0 = min(n, HOST_SAMPLE_CALLS), time.perf_counter()
+        for i in range(n):
+            if i == sample:
+                host_ms = (time.perf_counter() - t0) * 1e3 / sample
             self._flush.zero_()
             start.record()
             fn()
             end.record()
-        host_ms = (time.perf_counter() - t0) * 1e3 / n
+        if n == sample:
+            host_ms = (time.perf_counter() - t0) * 1e3 / sample
         torch.cuda.synchronize()
         lead = max(0, min(LEAD_MAX_CALLS, math.ceil(self.lead_ms / per_call)))
         sleep = self.sleep_cycles
