@@ -189,6 +189,15 @@ def test_two_tune_processes_share_one_database(env):
             assert s["recorded"] == sum("duplicate_of" not in t.user_attrs for t in mine)
 
 
+def _trial_configs(env) -> list[dict]:
+    """The configs of every trial the env's tuning database recorded."""
+    out = io.StringIO()
+    with TuningDB(env / "db" / "tuning.sqlite", readonly=True) as db:
+        db.export_jsonl(stream=out)
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    return [r["config"] for r in rows if r["kind"] == "trial"]
+
+
 def test_tune_try_measures_the_given_config(env):
     """--try: the config is measured right after the default (and recorded); one that does not
     fit is logged and skipped; malformed JSON is a usage error naming the option."""
@@ -197,11 +206,7 @@ def test_tune_try_measures_the_given_config(env):
             "--format", "json", "--trials", "2", "--knobs", "none", "--seed", "0"]
     r = CliRunner().invoke(main, base + ["--try", json.dumps(tried)])
     assert r.exit_code == 0, r.output + r.stderr
-    out = io.StringIO()
-    with TuningDB(env / "db" / "tuning.sqlite", readonly=True) as db:
-        db.export_jsonl(stream=out)
-    rows = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert tried in [r["config"] for r in rows if r["kind"] == "trial"]
+    assert tried in _trial_configs(env)
     huge = dict(tried, block_m=4096)
     r = CliRunner().invoke(main, base + ["--try", json.dumps(huge)])
     assert r.exit_code == 0 and "--try" in r.stderr and "skipped" in r.stderr
@@ -220,12 +225,7 @@ def test_tune_try_fills_what_another_pass_leaves_out(env):
             "--format", "json", "--trials", "2", "--seed", "0"]
     r = CliRunner().invoke(main, base + ["--try", json.dumps(fwd_cfg)])
     assert r.exit_code == 0, r.output + r.stderr
-    out = io.StringIO()
-    with TuningDB(env / "db" / "tuning.sqlite", readonly=True) as db:
-        db.export_jsonl(stream=out)
-    rows = [json.loads(line) for line in out.getvalue().splitlines()]
-    tried = [r["config"] for r in rows if r["kind"] == "trial"]
-    tried = [c for c in tried if c.get("block_m") == 64 and c["extra"].get("tma")
+    tried = [c for c in _trial_configs(env) if c.get("block_m") == 64 and c["extra"].get("tma")
              and c["num_stages"] == 2]
     assert tried and all(c["extra"]["q_warps"] in (4, 8) for c in tried), tried
     small = dict(fwd_cfg, block_m=16)

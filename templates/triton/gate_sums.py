@@ -299,18 +299,11 @@ def launch_gate_sums_fwd(
     B, T, H = log_gate.shape
     nc = cdiv(T, chunk)
     n_base = base.shape[-1]
+    # both forward kernels' leading parameters
+    args = (log_gate, local, base, T, H, nc, n_base, *log_gate.stride())
     if splits is None and not absolute and nc <= WHOLE_MAX_CHUNKS:
         launcher(gate_sums_whole_kernel)[(B * H,)](
-            log_gate,
-            local,
-            base,
-            T,
-            H,
-            nc,
-            n_base,
-            log_gate.stride(0),
-            log_gate.stride(1),
-            log_gate.stride(2),
+            *args,
             CHUNK=chunk,
             NC_PAD=next_pow2(nc),
             BOUND=float(bound),
@@ -321,16 +314,7 @@ def launch_gate_sums_fwd(
     hb = cdiv(H, bh)
     n_split, per = _split(nc, B * hb, splits)
     launcher(gate_sums_fwd_kernel)[(B, hb, n_split)](
-        log_gate,
-        local,
-        base,
-        T,
-        H,
-        nc,
-        n_base,
-        log_gate.stride(0),
-        log_gate.stride(1),
-        log_gate.stride(2),
+        *args,
         per,
         BLOCK_H=bh,
         CHUNK=chunk,
