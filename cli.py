@@ -613,7 +613,8 @@ def _with_tried(job, configs):
                    "study of its own (name suffixed -sweep), recorded like any trial.")
 @click.option("--knobs", default=None,
               help="Comma-separated Triton template switches to search besides tiles, warps "
-                   "and stages (tma, prefetch_gate, full_masks), or 'none'. [default: tma]")
+                   "and stages (tma, prefetch_gate, full_masks; maxnreg, the forward's "
+                   "register cap: off, 128 or 168), or 'none'. [default: tma]")
 @click.option("--compile-jobs", type=click.IntRange(min=1), default=None,
               help="Processes compiling candidates in parallel, and the batch of trials "
                    "asked at once. [default: min(16, CPU cores / devices) on a GPU, else 1]")

@@ -92,6 +92,13 @@ def check_config(spec: KernelSpec, config: KernelConfig) -> None:
             if v < 16 or chunk % v:
                 raise ValueError(f"triton: {name}={v} must be a power of two >= 16 dividing "
                                  f"the gate chunk {chunk}")
+        n = config.get("maxnreg", False)
+        if n is not False and not (type(n) is int and 32 <= n <= 255 and n % 8 == 0):
+            raise ValueError(f"triton: maxnreg={n!r} must be a multiple of 8 in [32, 255] "
+                             "(registers per thread), or left out")
+        if n and spec.pass_ != "fwd":
+            raise ValueError(f"triton: maxnreg is a forward knob; the {spec.pass_} "
+                             "launchers take none")
 
 
 def _toolchain() -> dict:

@@ -182,8 +182,10 @@ def compile_pass(spec: KernelSpec, cfg: KernelConfig, arch: str = "sm_90",
         constexprs={(params.index(k),): v for k, v in constexprs.items()},
         attrs=_attrs(params, signature))
     cc = int(arch.removeprefix("sm_"))
-    out = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                         options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.get("maxnreg", False):  # the forward's launch passes it the same way
+        options["maxnreg"] = int(cfg.get("maxnreg"))
+    out = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
     regs, spills = _resources(out.asm["cubin"])
     return OfflineBuild(arch, out.asm["ptx"], out.asm["cubin"], out.metadata.shared, regs,
                         spills)

@@ -157,6 +157,26 @@ def test_gpu_knobs_tma_prefetch(case, tma):
         assert err < 1e-2, (nm, err)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("gqa-W256-ragged", "D64-W333",
+                                                              "W17", "causal")],
+                         ids=lambda c: c[0])
+def test_gpu_forward_maxnreg(case):
+    """The forward with its registers capped (the tuner's maxnreg knob) against float64,
+    bf16: the cap reaches the launch (a second compile) and changes nothing computed."""
+    from gfwagen.backends import triton_backend as tb
+    from gfwagen.spec import KernelConfig
+
+    name, B, T, Hq, Hkv, D, Dv, W, gated = case
+    q, k, v, g = make_inputs(B, T, Hq, Hkv, D, Dv, torch.bfloat16, gated, device="cuda")
+    cfg = KernelConfig(64, 64, 4, 2, extra=(("maxnreg", 128), ("tma", True)))
+    o, lse = tb.forward(q, k, v, g, W, D ** -0.5, cfg)
+    d = [t.double() for t in (q, k, v)]
+    o64, lse64 = reference_forward(*d, g.double() if gated else None, W, D ** -0.5)
+    errs = {"o": rel_err(o, o64), "lse": rel_err(lse, lse64)}
+    log_gpu_errors(f"maxnreg=128 {name} bf16", errs)
+    assert errs["o"] < 1e-2 and errs["lse"] < 5e-3, errs
+
+
 STORED_CASES = [c for c in CASES if c[7] is not None and c[7] < c[2]]
 
 

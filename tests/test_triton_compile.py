@@ -130,3 +130,27 @@ def test_ptxas_keeps_wgmma_asynchronous():
     assert not serialized, serialized
     assert any("C7515" in w for w in serial["warnings"]), serial
     assert not clean["warnings"], clean
+
+
+MAXNREG_SCRIPT = r"""
+import json
+from gfwagen.offline import compile_pass
+from gfwagen.spec import KernelConfig, KernelSpec
+
+spec = KernelSpec("triton", "fwd", 64, 64, 512, "bf16", True, 1)
+out = []
+for extra in ((("tma", True),), (("maxnreg", 128), ("tma", True))):
+    b = compile_pass(spec, KernelConfig(64, 64, 4, 2, extra=extra))
+    out.append(dict(regs=b.registers, stack=b.stack_bytes))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_maxnreg_reaches_ptxas():
+    """S5's gated 64x64 w4 s2 forward: over 128 registers as compiled (three blocks per
+    SM), at most 128 with the knob (four), and no spills either way (session 13: 140 and
+    127)."""
+    free, capped = run_offline(MAXNREG_SCRIPT)
+    assert free["regs"] > 128 and capped["regs"] <= 128, (free, capped)
+    assert free["stack"] == 0 and capped["stack"] == 0, (free, capped)

@@ -80,6 +80,18 @@ def test_unequal_tiles_gate_prefetch_and_tma(bm, bn, prefetch, tma, T):
         assert rel_err(a, e) < 1e-5, name
 
 
+def test_register_cap_is_left_to_cuda_launches():
+    """A tuned forward config with maxnreg runs under the interpreter (which takes no such
+    launch option) and computes what the same config without it does."""
+    q, k, v, g = make_inputs(1, 70, 2, 1, 16, 16, torch.float32, True)
+    cfg = KernelConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
+    capped = KernelConfig(block_m=32, block_n=16, num_warps=4, num_stages=1,
+                          extra=(("maxnreg", 128),))
+    o, lse = triton_backend.forward(q, k, v, g, 24, 0.25, cfg)
+    o2, lse2 = triton_backend.forward(q, k, v, g, 24, 0.25, capped)
+    assert torch.equal(o, o2) and torch.equal(lse, lse2)
+
+
 ONE_BOUND_CASES = [(bm, bn, extra_w, False) for bm, bn in [(16, 16), (32, 16), (16, 32)]
                    for extra_w in (-1, 0, 7, 40)] + [(32, 16, 0, True), (16, 32, 40, True)]
 

@@ -8,6 +8,7 @@ import math
 
 import optuna
 import pytest
+import torch
 
 from gfwagen.db import TuningDB
 from gfwagen.heuristics import default_config
@@ -51,9 +52,10 @@ def test_space_and_resources():
         assert len(space.enumerate_configs(spec)) == 2 * n
         # all knobs: tma and prefetch_gate everywhere (the problem is gated), full_masks
         # where the masks can split (the forward and dq)
-        every = 2 ** len(space.knobs_for(spec, space.KNOBS))
+        switches = tuple(k for k in space.KNOBS if k not in space.KNOB_CHOICES)
+        every = 2 ** len(space.knobs_for(spec, switches))
         assert every == (8 if p != "bwd_kv" else 4)
-        assert len(space.enumerate_configs(spec, knobs=space.KNOBS)) == every * n
+        assert len(space.enumerate_configs(spec, knobs=switches)) == every * n
         assert space.default(spec) == space.default(spec, ()) == default_config(spec)
     with pytest.raises(ValueError, match="unknown knob"):
         space.knobs_for(PROB.spec("triton", "fwd"), ("warp_spec",))
@@ -211,3 +213,40 @@ def test_refine_tries_the_databases_best_and_its_knob_flips_first(tmp_path):
     tvm_spec = PROB.spec("tvm", "fwd")
     cfg = KernelConfig(64, 64, 4, 1)
     assert search.knob_flips(cfg, tvm_spec, (space.TENSOR_CORE,), True) == [cfg]
+
+
+def test_maxnreg_knob_caps_the_forward_only():
+    """maxnreg: three choices for the forward (off first), none for the backward; a capped
+    config whose estimated registers pass the cap is pruned naming it; off is left out of
+    the config; the generator refuses a cap it cannot pass to the compiler."""
+    from gfwagen.backends import triton_backend as tb
+    from gfwagen.generator import check_config
+
+    fwd = PROB.spec("triton", "fwd")
+    assert space.knobs_for(fwd, ("maxnreg",)) == ("maxnreg",)
+    assert all(space.knobs_for(PROB.spec("triton", p), ("maxnreg",)) == ()
+               for p in ("bwd_kv", "bwd_q", "bwd_ds"))
+    names = space.params("triton", "fwd", ("maxnreg",))
+    assert names["x_maxnreg"] == (False, 128, 168)
+    cfg = space.config_from_params(fwd, {"block_m": 64, "block_n": 64, "num_warps": 4,
+                                         "num_stages": 2, "x_maxnreg": False})
+    assert cfg.get("maxnreg") is None
+    capped = space.config_from_params(fwd, {"block_m": 64, "block_n": 64, "num_warps": 4,
+                                            "num_stages": 2, "x_maxnreg": 128})
+    assert capped.get("maxnreg") == 128
+    assert space.config_params(fwd, capped, ("maxnreg",))["x_maxnreg"] == 128
+    big = KernelConfig(128, 128, 4, 2, extra=(("maxnreg", 128),))
+    ok, why = space.feasible(fwd, big)
+    assert not ok and "registers" in why and space.feasible(fwd, KernelConfig(128, 128, 4, 2))[0]
+    every = space.enumerate_configs(fwd, knobs=("maxnreg",))
+    off = [c for c in every if c.get("maxnreg") is None]
+    assert len(off) < len(every) < 3 * len(off)
+    assert all(space.resources(fwd, c)["registers"] <= c.get("maxnreg")
+               for c in every if c.get("maxnreg"))
+    for bad in (100, 0, 300, "128", True):
+        with pytest.raises(ValueError, match="maxnreg"):
+            check_config(fwd, KernelConfig(64, 64, 4, 2, extra=(("maxnreg", bad),)))
+    with pytest.raises(ValueError, match="forward knob"):
+        check_config(PROB.spec("triton", "bwd_q"), KernelConfig(64, 64, 4, 2,
+                                                                extra=(("maxnreg", 128),)))
+    assert tb._maxnreg(capped, torch.zeros(1)) is None  # the interpreter takes no such option

@@ -71,6 +71,12 @@ def _ensure_tma_allocator() -> None:
             lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
+def _maxnreg(cfg: KernelConfig, t: torch.Tensor) -> int | None:
+    """The config's register cap for a CUDA launch; None on the CPU (the interpreter)."""
+    n = cfg.get("maxnreg", False)
+    return int(n) if n and t.is_cuda else None
+
+
 def _device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -92,7 +98,7 @@ def forward(q, k, v, log_gate, window, scale, cfg: KernelConfig, segs=None, gate
             q, k, v, gate, o, lse, kernel_window(window, T), scale, H // k.shape[2], bm, bn,
             cfg.num_warps, cfg.num_stages, _dot_precision(q.dtype),
             bool(cfg.get("prefetch_gate", False)), segs[0] if segs is not None else None, tma,
-            bool(cfg.get("full_masks", False)))
+            bool(cfg.get("full_masks", False)), _maxnreg(cfg, q))
     return o, lse
 
 

@@ -4,7 +4,8 @@ Triton: block_m, block_n in {16, ..., 256} (powers of two dividing the gate chun
 num_warps in {4, 8}, num_stages in {1, ..., 5}, plus the template switches named in `knobs`
 (KNOBS: "tma", Hopper tensor-descriptor loads; "prefetch_gate", the next tile's gate values
 loaded one iteration ahead, searched only for gated problems; "full_masks", every bound
-tested on every masked tile as before the one-bound masks, for the forward and dq only).
+tested on every masked tile as before the one-bound masks, for the forward and dq only;
+"maxnreg", the forward's registers per thread capped, KNOB_CHOICES).
 TVM: block_m, block_n (one thread per tile row in the GPU's CUDA-core kernels, loop tiles on
 the CPU) plus whatever knobs tvm_backend declares in TUNABLE_EXTRAS ({name: choices}); the
 tensor-core forward on a GPU (bf16/fp16) adds num_stages (its cp.async stages), sub_n (keys
@@ -43,7 +44,14 @@ TVM_THREADS_LIMIT = 1024
 # compile, benchmarks/RESULTS.md); prefetch_gate and full_masks are opt-in (full_masks: the
 # one-bound masks sped the forward up 2-10% at S1, S2, S3 and S5 but slowed S4's gated
 # forward by 4.7% at the same SASS in its unmasked loop, session 10).
-KNOBS = ("tma", "prefetch_gate", "full_masks")
+KNOBS = ("tma", "prefetch_gate", "full_masks", "maxnreg")
+# Knobs that are not on/off switches: their choices, False (left out) first. maxnreg caps the
+# forward's registers per thread: 128 fits four 4-warp blocks (or two 8-warp ones) per SM, 168
+# three 4-warp blocks. At S5's 64x64 w4 s2 tile the gate takes 140 registers (ungated 123),
+# three blocks per SM instead of four; capped at 128 it compiles to 127 without spills
+# (offline sm_90, session 13).
+KNOB_CHOICES = {"maxnreg": (False, 128, 168)}
+KNOB_PASSES = {"maxnreg": ("fwd",)}
 TENSOR_CORE = "tensor_core"  # not a user knob: the TVM tensor-core forward's own parameters
 TVM_TC_PARAMS = {"num_stages": (1, 2, 3), "x_sub_n": (16, 32, 64), "x_warp_m": (1, 2),
                  "x_q_smem": (False, True)}
@@ -101,7 +109,8 @@ def knobs_for(spec: KernelSpec, knobs=None, gpu: bool = False) -> tuple[str, ...
         return ()
     knobs = check_knobs(DEFAULT_KNOBS if knobs is None else knobs)
     return tuple(k for k in KNOBS if k in knobs and (k != "prefetch_gate" or spec.gated)
-                 and (k != "full_masks" or spec.pass_ not in ("bwd_kv", "bwd_ds")))
+                 and (k != "full_masks" or spec.pass_ not in ("bwd_kv", "bwd_ds"))
+                 and spec.pass_ in KNOB_PASSES.get(k, (spec.pass_,)))
 
 
 def params(backend: str, pass_: str, knobs: tuple = ()) -> dict[str, tuple]:
@@ -122,7 +131,7 @@ def params(backend: str, pass_: str, knobs: tuple = ()) -> dict[str, tuple]:
     chunk = gate_chunk()
     tiles = tuple(t for t in TILES if chunk % t == 0)
     p = {"block_m": tiles, "block_n": tiles, "num_warps": WARPS, "num_stages": STAGES}
-    p.update({f"x_{k}": (False, True) for k in knobs})
+    p.update({f"x_{k}": KNOB_CHOICES.get(k, (False, True)) for k in knobs})
     if pass_ == "bwd_ds":
         p.update(STORED_DQ_PARAMS)
         p["block_m"] = tuple(t for t in tiles if t >= STORED_MIN_BLOCK_M)
@@ -270,7 +279,12 @@ def violations(spec: KernelSpec, config: KernelConfig) -> list[float]:
                  else tb.CUDA_STATIC_SMEM_LIMIT)
         return [r["smem"] / limit - 1.0, max(r["threads"] / TVM_THREADS_LIMIT - 1.0,
                                              r["registers"] / REG_LIMIT - 1.0)]
-    return [r["smem"] / SMEM_LIMIT - 1.0, r["registers"] / REG_LIMIT - 1.0]
+    return [r["smem"] / SMEM_LIMIT - 1.0, r["registers"] / reg_limit(config) - 1.0]
+
+
+def reg_limit(config: KernelConfig) -> int:
+    """Registers per thread a Triton config may use: its maxnreg cap, else the hardware's."""
+    return min(REG_LIMIT, int(config.get("maxnreg", False) or REG_LIMIT))
 
 
 def feasible(spec: KernelSpec, config: KernelConfig, *, gpu: bool = True) -> tuple[bool, str]:
@@ -294,7 +308,7 @@ def feasible(spec: KernelSpec, config: KernelConfig, *, gpu: bool = True) -> tup
     r = resources(spec, config)
     if spec.backend == "triton":
         items = [("shared memory", r["smem"], SMEM_LIMIT),
-                 ("registers/thread", r["registers"], REG_LIMIT)]
+                 ("registers/thread", r["registers"], reg_limit(config))]
     else:
         from gfwagen.backends import tvm_backend as tb
 

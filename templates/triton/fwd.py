@@ -319,12 +319,16 @@ def launch_forward(
     seg_start=None,
     tma=False,
     full_masks=False,
+    maxnreg=None,
 ):
     """q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] (last dim contiguous); gate None or
     (local [B,Hq,T] float32, base [B,Hq,chunks] float64, chunk) in log2 units; writes
     o [B,T,Hq,Dv] and lse [B,Hq,T] float32 (natural log). seg_start: None, or for packed
     sequences (B = 1) int32 [T], the start of each position's sequence. full_masks: every
-    bound on every masked tile even where common.split_bounds allows one (a tuner knob)."""
+    bound on every masked tile even where common.split_bounds allows one (a tuner knob).
+    maxnreg: None, or registers per thread the compiler may use (a tuner knob: at S5's
+    64x64 tile the gate's 17 registers cost a block per SM, benchmarks/RESULTS.md); CUDA
+    only, the interpreter takes no such option."""
     B, T, H, D = q.shape
     Dv = v.shape[3]
     cl, cb, chunk = gate if gate is not None else (lse, lse, 256)
@@ -373,4 +377,5 @@ def launch_forward(
         and split_bounds(window, block_m, block_n, seg_start is not None),
         num_warps=num_warps,
         num_stages=num_stages,
+        **({"maxnreg": maxnreg} if maxnreg else {}),
     )
