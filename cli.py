@@ -137,9 +137,13 @@ def db_show(db_path, fmt):
 @click.option("--best-only", is_flag=True,
               help="Only the measurement behind each best config (the compact form shipped "
                    "in tuning_db/); without it, every trial.")
+@click.option("--newest", is_flag=True,
+              help="As --best-only, but where a device and problem were tuned under several "
+                   "toolchains (compiler or timer versions), only the one measured last: what "
+                   "a re-tune supersedes is left out.")
 @db_option
 @runtime_errors
-def db_export(file, best_only, db_path):
+def db_export(file, best_only, newest, db_path):
     """Write the database as diff-friendly JSON lines to FILE ('-' for stdout)."""
     from gfwagen.db import TuningDB
 
@@ -148,9 +152,9 @@ def db_export(file, best_only, db_path):
         raise RuntimeFailure(f"no tuning database at {path}")
     with TuningDB(path, readonly=True) as tdb:
         if str(file) == "-":
-            counts = tdb.export_jsonl(stream=sys.stdout, best_only=best_only)
+            counts = tdb.export_jsonl(stream=sys.stdout, best_only=best_only, newest=newest)
         else:
-            counts = tdb.export_jsonl(file, best_only=best_only)
+            counts = tdb.export_jsonl(file, best_only=best_only, newest=newest)
     _log(f"exported {counts['devices']} devices, {counts['toolchains']} toolchains, "
          f"{counts['trials']} trials to {file}")
 

@@ -129,6 +129,33 @@ def test_export_best_only_keeps_what_the_lookup_reads(runner, env, tmp_path):
             [{k: e[k] for k in keep} for e in b.best_entries()]
 
 
+def test_export_newest_drops_what_a_retune_superseded(runner, env, tmp_path):
+    """--newest: a problem re-tuned under a newer toolchain ships only that toolchain's best;
+    a problem only the old toolchain measured keeps its entry."""
+    fill(env)  # PROB under TC, best block_m 32 at 1.0 ms
+    other_prob = Problem(2, 4096, 16, 4, 128, 128, 256, "bf16", True)
+    new_tc = {**TC, "timer": "sustained-1"}
+    with TuningDB(env) as db:
+        db.record_trial(other_prob, "triton", "fwd", KernelConfig(block_m=64), median_ms=2.0,
+                        device=H200, toolchain_versions=TC, created_at="2025-02-01T00:00:05+00:00")
+        # slower than the old best: a newer measurement wins by date, not by median
+        db.record_trial(PROB, "triton", "fwd", KernelConfig(block_m=128), median_ms=1.5,
+                        device=H200, toolchain_versions=new_tc,
+                        created_at="2025-03-01T00:00:00+00:00")
+    out, both = tmp_path / "newest.jsonl", tmp_path / "both.jsonl"
+    r = runner.invoke(main, ["db", "export", str(out), "--newest"])
+    assert r.exit_code == 0, r.output
+    assert runner.invoke(main, ["db", "export", str(both), "--best-only"]).exit_code == 0
+    trials = [json.loads(x) for x in out.read_text().splitlines()]
+    trials = [t for t in trials if t["kind"] == "trial"]
+    got = sorted((t["problem"]["window"], t["config"]["block_m"]) for t in trials)
+    assert got == [(256, 64), (1000, 128)]
+    assert sum(json.loads(x)["kind"] == "trial" for x in both.read_text().splitlines()) == 3
+    other = tmp_path / "other.sqlite"
+    r = runner.invoke(main, ["db", "import", str(out), "--db", str(other)])
+    assert r.exit_code == 0 and "2 new trials" in r.stderr
+
+
 def test_shipped_h200_database_is_used_and_runnable():
     """tuning_db/h200.jsonl: every entry is a config its template accepts, and an H200 at S1
     gets the tuned configs from it (no user database)."""

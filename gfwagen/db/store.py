@@ -49,6 +49,20 @@ GroupKey = tuple[str, str, str, int]  # device_key, toolchain_key, spec_class_ke
 _CHUNK = 500
 _MEASURED = ("median_ms", "spread", "status", "reason")
 
+# The best entries whose toolchain has the group's (device, spec class, seqlen bucket) latest
+# successful measurement.
+_NEWEST_BEST_SQL = """
+    WITH last AS (
+        SELECT device_key, toolchain_key, spec_class_key, seqlen_bucket, MAX(created_at) AS at
+        FROM trials WHERE status = 'ok'
+        GROUP BY device_key, toolchain_key, spec_class_key, seqlen_bucket)
+    SELECT b.trial_id FROM best b
+    JOIN last l ON l.device_key = b.device_key AND l.toolchain_key = b.toolchain_key
+        AND l.spec_class_key = b.spec_class_key AND l.seqlen_bucket = b.seqlen_bucket
+    WHERE l.at = (SELECT MAX(o.at) FROM last o WHERE o.device_key = b.device_key
+                  AND o.spec_class_key = b.spec_class_key AND o.seqlen_bucket = b.seqlen_bucket)
+"""
+
 
 class TuningDB:
     """A tuning database file, opened (and created or migrated) for writing.
@@ -130,15 +144,20 @@ class TuningDB:
     # -- reading --
     @_sqlite_errors
     def export_jsonl(self, path: str | os.PathLike | None = None, stream=None,
-                     best_only: bool = False) -> dict:
+                     best_only: bool = False, newest: bool = False) -> dict:
         """Write the export format (see sharing.py) to `path` atomically, or to `stream`.
         best_only: only the trial behind each best entry (what a shipped file needs: the
-        lookup reads nothing else), so the file stays small however long the tuning ran."""
+        lookup reads nothing else), so the file stays small however long the tuning ran.
+        newest (implies best_only): of the best entries one device and problem class hold
+        under several toolchains, only the toolchain measured last. A re-tune (a new compiler,
+        a new timer) then replaces what it re-measured: on a machine whose toolchain matches
+        neither, the lookup would otherwise pick between them by median alone."""
         devices = [R.device_record(r) for r in self.db.query(
             "SELECT * FROM devices ORDER BY key")]
         tcs = [R.toolchain_record(r) for r in self.db.query(
             "SELECT * FROM toolchains ORDER BY key")]
-        where = " WHERE id IN (SELECT trial_id FROM best)" if best_only else ""
+        where = (f" WHERE id IN ({_NEWEST_BEST_SQL})" if newest
+                 else " WHERE id IN (SELECT trial_id FROM best)" if best_only else "")
         trials = (R.trial_record(r) for r in self.db.query(
             f"SELECT * FROM trials{where} ORDER BY created_at, id"))
         if stream is not None:
