@@ -24,6 +24,19 @@ def default_config(spec: KernelSpec, seqlen: int | None = None) -> KernelConfig:
     # as 256), so size on that: 96 takes 128's configs, 192 the big ones.
     d = 1 << (max(spec.head_dim, spec.value_dim) - 1).bit_length()
     big = d > 128
+    if spec.dtype == "fp32" and spec.pass_ in ("fwd", "bwd_kv", "bwd_q"):
+        # fp32 inputs take ieee dots, which run on the FMA units with both operands held in
+        # registers: the tensor-core tiles below spill 1-54 KB per thread there and take up
+        # to 140 s each to compile. These spill nothing (offline sm_90 sweep, gated windows
+        # 1, 256 and 333 with GQA, and the ungated causal kernel, which spills soonest);
+        # register allocation is uneven enough there that neighbouring tiles did spill.
+        if spec.pass_ == "fwd":
+            bm, bn = (32, 16) if big else (16, 64) if d == 128 else (32, 32)
+        elif spec.pass_ == "bwd_kv":
+            bm, bn = (16, 16) if big else (16, 32)
+        else:
+            bm, bn = 32, 16
+        return KernelConfig(block_m=bm, block_n=bn, num_warps=4, num_stages=2)
     if spec.pass_ == "fwd":
         if big:
             return KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)

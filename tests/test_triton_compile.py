@@ -154,3 +154,33 @@ def test_maxnreg_reaches_ptxas():
     free, capped = run_offline(MAXNREG_SCRIPT)
     assert free["regs"] > 128 and capped["regs"] <= 128, (free, capped)
     assert free["stack"] == 0 and capped["stack"] == 0, (free, capped)
+
+
+FP32_SCRIPT = r"""
+import json
+from gfwagen.heuristics import default_config
+from gfwagen.offline import compile_pass
+from gfwagen.spec import KernelSpec
+
+out = []
+for d in (64, 128, 256):
+    for pass_ in ("fwd", "bwd_kv", "bwd_q"):
+        # gated with GQA, and ungated causal: the two that spilled most readily
+        for window, gated, group in ((333, True, 2), (0, False, 1)):
+            spec = KernelSpec("triton", pass_, d, d, window, "fp32", gated, group)
+            b = compile_pass(spec, default_config(spec))
+            out.append(dict(d=d, pass_=pass_, window=window, regs=b.registers,
+                            stack=b.stack_bytes, shared=b.shared_bytes))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_fp32_defaults_do_not_spill():
+    """fp32's ieee dots hold both operands in registers: its default tiles must fit them (the
+    tensor-core tiles spilled 1-54 KB per thread and took up to 140 s to compile)."""
+    builds = run_offline(FP32_SCRIPT)
+    assert len(builds) == 18
+    for b in builds:
+        assert b["stack"] == 0 and b["regs"] <= 255, b
+        assert 0 < b["shared"] <= H100_MAX_SHARED, b

@@ -63,6 +63,23 @@ def test_space_and_resources():
         space.params("tvm", "bwd_q")
 
 
+def test_fp32_space_keeps_tiles_its_ieee_dots_fit():
+    """fp32's dots hold both operands in registers: tiles over 8 scores per thread (which
+    spilled in the offline sweep) are pruned, the defaults and smaller tiles are not, and the
+    same tiles in bf16 are untouched."""
+    for p in ("fwd", "bwd_kv", "bwd_q"):
+        for d in (64, 128, 256):
+            spec = PROB.spec("triton", p).replace(head_dim=d, value_dim=d, dtype="fp32")
+            assert space.feasible(spec, space.default(spec))[0]
+            assert space.default(spec) == default_config(spec)
+            ok, why = space.feasible(spec, KernelConfig(64, 32, 4, 2))
+            assert not ok and "registers" in why, (p, d, why)
+            assert not space.feasible(spec, KernelConfig(64, 64, 8, 2))[0]
+            # 1024 scores on 4 warps: fit up to head dim 128, spilled at 256
+            assert space.feasible(spec, KernelConfig(32, 32, 4, 2))[0] == (d <= 128)
+            assert space.feasible(spec.replace(dtype="bf16"), KernelConfig(64, 32, 4, 2))[0]
+
+
 def test_tvm_space_on_a_gpu(monkeypatch):
     """On a GPU the TVM forward's space is the tensor-core template's: its default first,
     stages and softmax steps searched, every enumerated config one the template runs; the

@@ -38,6 +38,7 @@ STAGES = (1, 2, 3, 4, 5)
 SMEM_LIMIT = 227 * 1024  # H100/H200: max dynamic shared memory per block (228 KiB per SM)
 REG_LIMIT = 255  # registers per thread
 REG_OVERHEAD = 40  # addresses, indices, row statistics: not in the tile arithmetic below
+FP32_REGS_PER_SCORE = 26  # fp32 (ieee) tiles: 8 scores per thread fit, 16 do not (resources)
 TVM_THREADS_LIMIT = 1024
 # Boolean template switches (KernelConfig.extra). DEFAULT_KNOBS are searched unless the
 # caller names others: tensor descriptors cut the backward's register spills (offline sm_90
@@ -264,7 +265,14 @@ def resources(spec: KernelSpec, config: KernelConfig) -> dict:
         acc = BM * D + 2 * BM * BN  # dq + P and dP
     if config.get("tma", False):  # the descriptors' barriers (1 KiB at S4's forward tile)
         smem += 1024
-    return {"smem": smem, "registers": acc // threads + REG_OVERHEAD, "threads": threads}
+    regs = acc // threads + REG_OVERHEAD
+    if spec.dtype == "fp32":
+        # ieee dots run on the FMA units with both operands in registers. An offline sm_90
+        # sweep (head dims 64-256, every pass, 12 tiles each) spilled at every tile with more
+        # than 8 scores per thread, or 4 at head dim 256: those counts set the limit.
+        wide = max(1, (1 << (max(D, Dv) - 1).bit_length()) // 128)
+        regs = max(regs, REG_OVERHEAD + FP32_REGS_PER_SCORE * wide * (BM * BN // threads))
+    return {"smem": smem, "registers": regs, "threads": threads}
 
 
 def violations(spec: KernelSpec, config: KernelConfig) -> list[float]:
