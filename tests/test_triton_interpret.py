@@ -61,7 +61,7 @@ def test_triton_forward_backward_match_float64(case):
 @pytest.mark.parametrize("bm,bn,prefetch,tma,T", [
     (32, 16, False, False, 70), (16, 32, False, False, 70), (16, 32, True, False, 70),
     (32, 16, True, False, 70), (32, 16, False, True, 70), (16, 32, True, True, 70),
-    (32, 16, False, True, 72), (16, 32, True, True, 72)])
+    (32, 16, False, True, 72), (16, 32, True, True, 72), (16, 64, False, False, 70)])
 def test_unequal_tiles_gate_prefetch_and_tma(bm, bn, prefetch, tma, T):
     """tma: K/V (forward, dq) and Q/dO (dk/dv) through tensor descriptors, whose zero fill
     past T replaces the masked loads; with T % 4 == 0 the gate, lse and delta vectors too
