@@ -26,8 +26,8 @@ def default_config(spec: KernelSpec, seqlen: int | None = None) -> KernelConfig:
     big = d > 128
     if spec.dtype == "fp32" and spec.pass_ in ("fwd", "bwd_kv", "bwd_q"):
         # fp32 inputs take ieee dots, which run on the FMA units with both operands held in
-        # registers: the tensor-core tiles below spill 1-54 KB per thread there and take up
-        # to 140 s each to compile. These spill nothing (offline sm_90 sweep, gated windows
+        # registers: the tensor-core tiles below spill 2-32 KB per thread there and take up
+        # to 51 s each to compile. These spill nothing (offline sm_90 sweep, gated windows
         # 1, 256 and 333 with GQA, and the ungated causal kernel, which spills soonest);
         # register allocation is uneven enough there that neighbouring tiles did spill.
         if spec.pass_ == "fwd":
