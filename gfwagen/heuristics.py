@@ -51,8 +51,12 @@ def default_config(spec: KernelSpec, seqlen: int | None = None) -> KernelConfig:
                                                  ("q_warps", 4)))
     if spec.pass_ == "bwd_kv":
         if big:
-            return KernelConfig(block_m=32, block_n=64, num_warps=4, num_stages=2)
+            # 32x64 ran 2.2-2.4x slower than this at head dim 256, windows 256-4096 (H200,
+            # session 14: the tuner's first trial against its best)
+            return KernelConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
         return KernelConfig(block_m=64, block_n=128, num_warps=8, num_stages=2)
     if big:
         return KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
-    return KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
+    # four warps at head dim 64: eight ran 1.28-1.41x slower (H200, session 14, the same
+    # comparison at windows 256-8192)
+    return KernelConfig(block_m=128, block_n=64, num_warps=8 if d >= 128 else 4, num_stages=2)
