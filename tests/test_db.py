@@ -509,8 +509,34 @@ def test_lookup_fallback_levels(tmp_path):
     assert cfg.block_m == 128 and why.startswith("same architecture sm_90")
     cfg, why = snap.lookup(SPEC, 4096, A100)
     assert cfg is None and why.startswith("no tuned entry")
-    cfg, why = snap.lookup(SPEC.replace(dtype="fp16"), 4096, H200)
+    cfg, why = snap.lookup(SPEC.replace(dtype="fp32"), 4096, H200)
     assert cfg is None and why.startswith("no tuned entry")
+
+
+def test_lookup_takes_kin_classes_other_gqa_groups_then_the_other_half_dtype(tmp_path):
+    """Entries tuned at GQA group 4 in bf16 (SPEC): another group takes them, nearest group
+    first; fp16 takes bf16's; an exact class wins over kin; fp32 and TVM take no kin."""
+    path = _lookup_db(tmp_path)
+    with TuningDB(path) as db:  # group 1 (16 kv heads), and fp16 at group 4
+        rec(db, problem=dataclasses.replace(PROB, kv_heads=16), ms=1.0, block_m=16, t=5)
+        rec(db, problem=dataclasses.replace(PROB, dtype="fp16"), ms=1.0, block_m=64, t=6)
+    snap = Snapshot.load(path, shipped=False)
+    cfg, why = snap.lookup(SPEC.replace(group=8), 4096, H200)
+    assert cfg.block_m == 128 and why.endswith("; tuned for GQA group 4, run at 8")
+    cfg, why = snap.lookup(SPEC.replace(group=2), 4096, H200)  # 1 and 4 equally near: 1
+    assert cfg.block_m == 16 and "GQA group 1, run at 2" in why
+    cfg, why = snap.lookup(SPEC.replace(group=1), 4096, H200)
+    assert cfg.block_m == 16 and "GQA" not in why
+    cfg, why = snap.lookup(SPEC.replace(dtype="fp16"), 4096, H200)  # its own entry
+    assert cfg.block_m == 64 and "tuned in" not in why
+    cfg, why = snap.lookup(SPEC.replace(dtype="fp16", group=8), 4096, H200)  # its dtype first
+    assert cfg.block_m == 64 and why.endswith("; tuned for GQA group 4, run at 8")
+    only_bf16 = Snapshot.load(_lookup_db(tmp_path / "b"), shipped=False)
+    cfg, why = only_bf16.lookup(SPEC.replace(dtype="fp16", group=16), 4096, H100)
+    assert cfg.block_m == 128 and why.startswith("same architecture sm_90")
+    assert why.endswith("; tuned in bf16 for GQA group 4, run in fp16")
+    assert only_bf16.lookup(SPEC.replace(dtype="fp32"), 4096, H200)[0] is None
+    assert only_bf16.lookup(SPEC.replace(backend="tvm", group=8), 4096, H200)[0] is None
 
 
 def test_lookup_seqlen_and_window_class(tmp_path):

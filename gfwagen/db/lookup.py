@@ -10,7 +10,9 @@ and never writes a file. Fallbacks, first match wins:
   4. nothing: the caller uses its heuristic default.
 
 Within a level the seqlen bucket nearest in log space wins, then an entry from this
-toolchain, then the user's database over the shipped files, then the lowest median. Entries
+toolchain, then the user's database over the shipped files, then the lowest median. A
+Triton problem class with no entry at any level takes a kin class's (_kin_specs): another
+GQA group, then the other 16-bit dtype; its reason says so. Entries
 tuned with another minor version of the backend's compiler (Triton, or TVM) are skipped with a
 warning: tiles that fit and won under one compiler may not under the next.
 """
@@ -209,10 +211,17 @@ class Snapshot:
             self._warned.add((compiler, tuned))
             warnings.warn(f"gfwagen: tuned configs made with {compiler} {tuned} are skipped "
                           f"under {compiler} {running}; re-tune with `gfwagen tune`",
-                          RuntimeWarning, stacklevel=4)
+                          RuntimeWarning, stacklevel=5)
         return False
 
     def _lookup(self, spec, seqlen, fp, dkey):
+        for kin, note in _kin_specs(spec):
+            e, reason = self._lookup_class(kin, seqlen, fp, dkey)
+            if e is not None:
+                return e, reason + note
+        return None, f"no tuned entry for {gpu_model_name(fp)} ({arch(fp)}); heuristic default"
+
+    def _lookup_class(self, spec, seqlen, fp, dkey):
         candidates = [e for e in self._by_spec.get(R.spec_class(spec).key(), ())
                       if self._compatible(e, spec.backend)]
         model, sm = gpu_model_name(fp), arch(fp)
@@ -238,7 +247,31 @@ class Snapshot:
             if e.source == SOURCE_SHIPPED:
                 where += ", shipped"
             return e, reason.format(model=e.model, arch=sm, where=where)
-        return None, f"no tuned entry for {model} ({sm}); heuristic default"
+        return None, ""
+
+
+_HALF = {"bf16": "fp16", "fp16": "bf16"}
+_GROUPS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def _kin_specs(spec: KernelSpec) -> list[tuple[KernelSpec, str]]:
+    """The spec, then (Triton only) the classes whose tuned tiles it can take: other GQA
+    groups, nearest first (the kernels' tiles and resources do not depend on the group, only
+    which K/V head a program reads), then the other 16-bit dtype (bf16 and fp16 compile to
+    the same tiles, registers and shared memory). Each with the note its reason gets."""
+    out = [(spec, "")]
+    if spec.backend != "triton":
+        return out
+    groups = sorted((g for g in _GROUPS if g != spec.group),
+                    key=lambda g: (abs(math.log2(g / spec.group)), g))
+    out += [(spec.replace(group=g), f"; tuned for GQA group {g}, run at {spec.group}")
+            for g in groups]
+    other = _HALF.get(spec.dtype)
+    if other is not None:
+        out += [(spec.replace(dtype=other, group=g), f"; tuned in {other}" + (
+                 f" for GQA group {g}" if g != spec.group else "") + f", run in {spec.dtype}")
+                for g in (spec.group, *groups)]
+    return out
 
 
 _snapshot: Snapshot | None = None
