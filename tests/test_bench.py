@@ -67,3 +67,49 @@ def test_devices_fails_when_a_gpu_process_fails(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "needs a CUDA GPU" in proc.stdout and "failed on GPU 0" in proc.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_head_to_head_reads_configs_and_names_what_is_wrong():
+    import head_to_head as h2h
+
+    s1 = bench.SHAPES["S1"]
+    a = '{"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 3, "extra": {"tma": true}}'
+    b = ('{"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2, "gated": false, '
+         '"extra": {"maxnreg": 128}}')
+    got = h2h.parse_configs([a, b], s1, "fwd", "bf16")
+    assert [c["label"] for c in got] == ["64x32 w4 s3 tma", "64x64 w4 s2 maxnreg=128 (no gate)"]
+    assert [c["gated"] for c in got] == [True, False]
+    bad = {"{": "not JSON", "[1]": "expected a JSON object",
+           '{"block_m": 24, "block_n": 32}': "block_m must be a positive power of two",
+           '{"block_m": 64, "block_n": 32, "gated": 1}': "'gated' must be true or false"}
+    for text, why in bad.items():
+        with pytest.raises(ValueError, match="--config #2") as e:
+            h2h.parse_configs([a, text], s1, "fwd", "bf16")
+        assert why in str(e.value), (text, str(e.value))
+    with pytest.raises(ValueError, match="maxnreg is a forward knob"):
+        h2h.parse_configs([b], s1, "bwd_q", "bf16")
+    with pytest.raises(ValueError, match="share a label"):
+        h2h.parse_configs([a, a], s1, "fwd", "bf16")
+
+
+def test_head_to_head_rounds_alternate_and_medians_rank():
+    import head_to_head as h2h
+
+    assert h2h.round_orders(3, 3) == [[0, 1, 2], [2, 1, 0], [0, 1, 2]]
+    rows = h2h.summarize({"a": [(1.0, 1.1), (3.0, 1.0), (1.05, 1.2)],
+                          "b": [(1.1, 0.9), (1.1, 1.0), (1.1, 1.1)]})
+    # a's one slow round moves its range, not its median: a still ranks first
+    assert [r["label"] for r in rows] == ["a", "b"]
+    assert rows[0]["do_bench_ms"] == 1.05 and (rows[0]["min_ms"], rows[0]["max_ms"]) == (1.0, 3.0)
+    assert rows[1]["timer_ms"] == 1.0 and rows[1]["rounds"] == 3
+
+
+@pytest.mark.parametrize("argv,why", [
+    (["--shape", "S9", "--config", "{}", "--config", "{}"], "--shape"),
+    (["--config", "{}"], "two or more"),
+    (["--config", "{", "--config", "{}"], "--config #1 is not JSON")])
+def test_head_to_head_bad_arguments_exit_2(argv, why):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "head_to_head.py"), *argv],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and why in proc.stderr, proc.stderr
