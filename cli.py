@@ -728,6 +728,13 @@ def tune(gpu, preset, only, head_dim, window, dtype, seqlen, batch, heads, kv_he
         _log("tune: --compile-jobs gains nothing on the CPU: TVM keeps compiled kernels per "
              "process, so the timing worker compiles again")
     tried = _tried_configs(try_configs)
+    if refine and not sweep:
+        # the study measures its enqueued configs before it searches (study.create_study)
+        seeds = 2 + len(space.DEFAULT_KNOBS if knob_list is None else knob_list) + len(tried)
+        if trials <= seeds:
+            _log(f"tune: --trials {trials} is spent on what --refine and --try enqueue first "
+                 f"(the default, the database's best, one flip per knob, the --try configs: "
+                 f"up to {seeds}), leaving the search none; raise --trials to search")
     multi = bool(devs and len(devs) > 1)
     results = []
     # one driver here (single device): its worker processes serve every study; with

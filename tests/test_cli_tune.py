@@ -127,6 +127,17 @@ def test_tune_knobs_option(env):
     assert r.exit_code == 0, r.output
 
 
+def test_tune_refine_says_when_its_seeds_leave_no_search(env):
+    base = ["tune", "--preset", "quick", "--fake-timer", "--passes", "fwd", "--no-plots",
+            "--refine", "--knobs", "tma,prefetch_gate"]
+    r = CliRunner().invoke(main, base + ["--trials", "4"])
+    assert r.exit_code == 0, r.output
+    assert "--trials 4 is spent on what --refine and --try enqueue first" in r.stderr
+    assert "up to 4)" in r.stderr
+    r = CliRunner().invoke(main, base + ["--trials", "5"])
+    assert r.exit_code == 0 and "is spent on" not in r.stderr
+
+
 def test_tune_sweep_and_compile_jobs(env, monkeypatch):
     monkeypatch.setattr(space, "TILES", (64, 128))  # 2 x 2 x 1 x 2 = 8 configs
     monkeypatch.setattr(space, "WARPS", (8,))
