@@ -25,12 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import SHAPES, TINY, flops  # noqa: E402
+from knobs import PASS_FLOPS, pass_fn  # noqa: E402
 
 from gfwagen.generator import check_config  # noqa: E402
 from gfwagen.spec import KernelConfig, KernelSpec  # noqa: E402
+from gfwagen.tuner.study import config_text  # noqa: E402
 
 PASSES = ("fwd", "bwd_kv", "bwd_q")
-PASS_FLOPS = {"fwd": 1.0, "bwd_kv": 1.5, "bwd_q": 1.0}  # of the forward's (knobs.py)
 
 
 def parse_configs(texts: list[str], shape, pass_: str, dtype: str) -> list[dict]:
@@ -53,16 +54,11 @@ def parse_configs(texts: list[str], shape, pass_: str, dtype: str) -> list[dict]
                                     1), cfg)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"--config #{i} ({text!r}): {e}") from None
-        out.append({"label": label or describe(cfg, gated), "gated": gated, "config": cfg})
+        out.append({"label": label or config_text(cfg) + ("" if gated else " (no gate)"),
+                    "gated": gated, "config": cfg})
     if len({c["label"] for c in out}) != len(out):
         raise ValueError("--config: two configs share a label; give one a 'label'")
     return out
-
-
-def describe(cfg: KernelConfig, gated: bool) -> str:
-    knobs = " ".join(k if v is True else f"{k}={v}" for k, v in cfg.extra if v is not False)
-    text = f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages} {knobs}".strip()
-    return text if gated else f"{text} (no gate)"
 
 
 def round_orders(n: int, rounds: int) -> list[list[int]]:
@@ -85,7 +81,6 @@ def run(args, shape, configs):
     import torch
     import triton.testing
     from bench import make_inputs
-    from knobs import pass_fn
 
     from gfwagen.backends import triton_backend as tb
     from gfwagen.heuristics import default_config

@@ -17,12 +17,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def padded_head_dim(spec: KernelSpec) -> int:
+    """The Triton kernels' tile width: the head dims' next power of two (96 runs as 128, 192
+    as 256)."""
+    return 1 << (max(spec.head_dim, spec.value_dim) - 1).bit_length()
+
+
 def default_config(spec: KernelSpec, seqlen: int | None = None) -> KernelConfig:
     if interpreting() or spec.backend == "reference":
         return KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
-    # The kernels' tiles are as wide as the head dims' next power of two (96 runs as 128, 192
-    # as 256), so size on that: 96 takes 128's configs, 192 the big ones.
-    d = 1 << (max(spec.head_dim, spec.value_dim) - 1).bit_length()
+    # Sized on the padded width: 96 takes 128's configs, 192 the big ones.
+    d = padded_head_dim(spec)
     big = d > 128
     if spec.dtype == "fp32" and spec.pass_ in ("fwd", "bwd_kv", "bwd_q"):
         # fp32 inputs take ieee dots, which run on the FMA units with both operands held in

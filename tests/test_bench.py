@@ -77,7 +77,8 @@ def test_head_to_head_reads_configs_and_names_what_is_wrong():
     b = ('{"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2, "gated": false, '
          '"extra": {"maxnreg": 128}}')
     got = h2h.parse_configs([a, b], s1, "fwd", "bf16")
-    assert [c["label"] for c in got] == ["64x32 w4 s3 tma", "64x64 w4 s2 maxnreg=128 (no gate)"]
+    assert [c["label"] for c in got] == ["bm64 bn32 w4 s3 tma=True",
+                                         "bm64 bn64 w4 s2 maxnreg=128 (no gate)"]
     assert [c["gated"] for c in got] == [True, False]
     bad = {"{": "not JSON", "[1]": "expected a JSON object",
            '{"block_m": 24, "block_n": 32}': "block_m must be a positive power of two",

@@ -28,7 +28,7 @@ import itertools
 
 from gfwagen.backends.triton_backend import STORED_MIN_BLOCK_M
 from gfwagen.generator import check_config, gate_chunk
-from gfwagen.heuristics import default_config
+from gfwagen.heuristics import default_config, padded_head_dim
 from gfwagen.spec import DTYPES, KernelConfig, KernelSpec
 
 TILES = (16, 32, 64, 128, 256)
@@ -270,7 +270,7 @@ def resources(spec: KernelSpec, config: KernelConfig) -> dict:
         # ieee dots run on the FMA units with both operands in registers. An offline sm_90
         # sweep (head dims 64-256, every pass, 12 tiles each) spilled at every tile with more
         # than 8 scores per thread, or 4 at head dim 256: those counts set the limit.
-        wide = max(1, (1 << (max(D, Dv) - 1).bit_length()) // 128)
+        wide = max(1, padded_head_dim(spec) // 128)
         regs = max(regs, REG_OVERHEAD + FP32_REGS_PER_SCORE * wide * (BM * BN // threads))
     return {"smem": smem, "registers": regs, "threads": threads}
 
