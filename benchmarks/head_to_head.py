@@ -11,8 +11,14 @@ this way.
         --config '{"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2,
                    "extra": {"tma": true, "prefetch_gate": true, "maxnreg": 128}}'
 
-A config may add "gated": false (the same problem without the gate) and "label". With
---pass fwd every config's output is checked against the reference before it is timed.
+A config may add "gated": false (the same problem without the gate) and "label". Two words
+stand for configs: `default` (gfwagen/heuristics.py's) and `tuned` (what the op would run on
+this GPU, from the database, kin classes included; its reason is printed). With --pass fwd
+every config's output is checked against the reference before it is timed. --kv-heads makes
+the shape a GQA one; --dtype fp32 times the ieee-dot kernels:
+
+    PYTHONPATH=$PWD python benchmarks/head_to_head.py --shape S1 --kv-heads 4 --pass bwd_kv \
+        --config default --config tuned
 """
 
 from __future__ import annotations
@@ -32,13 +38,18 @@ from gfwagen.spec import KernelConfig, KernelSpec  # noqa: E402
 from gfwagen.tuner.study import config_text  # noqa: E402
 
 PASSES = ("fwd", "bwd_kv", "bwd_q")
+PICKS = ("default", "tuned")  # --config words, resolved by resolve_picks
 
 
-def parse_configs(texts: list[str], shape, pass_: str, dtype: str) -> list[dict]:
-    """--config JSON texts as [{label, gated, config}]; a bad one raises ValueError naming
-    it and what was expected."""
+def parse_configs(texts: list[str], shape, pass_: str, dtype: str, group: int = 1) -> list[dict]:
+    """--config JSON texts (or a word of PICKS) as [{label, gated, config, pick}]; a bad one
+    raises ValueError naming it and what was expected. A pick's config and label are None
+    until resolve_picks."""
     out = []
     for i, text in enumerate(texts, 1):
+        if text.strip() in PICKS:
+            out.append({"label": None, "gated": True, "config": None, "pick": text.strip()})
+            continue
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
@@ -51,14 +62,38 @@ def parse_configs(texts: list[str], shape, pass_: str, dtype: str) -> list[dict]
         try:
             cfg = KernelConfig.from_dict(d)
             check_config(KernelSpec("triton", pass_, shape.D, shape.D, shape.W, dtype, gated,
-                                    1), cfg)
+                                    group), cfg)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"--config #{i} ({text!r}): {e}") from None
         out.append({"label": label or config_text(cfg) + ("" if gated else " (no gate)"),
-                    "gated": gated, "config": cfg})
-    if len({c["label"] for c in out}) != len(out):
-        raise ValueError("--config: two configs share a label; give one a 'label'")
+                    "gated": gated, "config": cfg, "pick": None})
+    _check_labels(out)
     return out
+
+
+def _check_labels(configs: list[dict]) -> None:
+    labels = [c["label"] if c["pick"] is None else c["pick"] for c in configs]
+    if len(set(labels)) != len(labels):
+        raise ValueError("--config: two configs share a label; give one a 'label'")
+
+
+def resolve_picks(configs: list[dict], spec, seqlen: int, lookup) -> list[str]:
+    """Fill in the configs and labels of the PICKS words for spec (gated); lookup(spec, seqlen)
+    gives the database's (config or None, reason). Returns a line per pick saying where its
+    config came from."""
+    from gfwagen.heuristics import default_config
+
+    notes = []
+    for c in configs:
+        if c["pick"] is None:
+            continue
+        cfg, why = (default_config(spec), "gfwagen/heuristics.py") if c["pick"] == "default" \
+            else lookup(spec, seqlen)
+        if cfg is None:
+            cfg, why = default_config(spec), f"{why} (so the default)"
+        c["config"], c["label"] = cfg, f"{c['pick']}: {config_text(cfg)}"
+        notes.append(f"{c['pick']}: {config_text(cfg)}, {why}")
+    return notes
 
 
 def round_orders(n: int, rounds: int) -> list[list[int]]:
@@ -87,14 +122,19 @@ def run(args, shape, configs):
     from gfwagen.reference import reference_forward
     from gfwagen.tuner.timing import CudaEventTimer
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     q, k, v, g, do = (t.detach() for t in make_inputs(shape, dtype))
+    hkv = args.kv_heads or shape.H
+    k, v = k[:, :, :hkv].contiguous(), v[:, :, :hkv].contiguous()
+    spec = KernelSpec("triton", args.pass_, shape.D, shape.D, shape.W, args.dtype, True,
+                      shape.H // hkv)
+    for note in resolve_picks(configs, spec, shape.T, _database_lookup):
+        print(note)
     scale = shape.D ** -0.5
     outs = {}
     for gated in {c["gated"] for c in configs}:
         gate = g if gated else None
-        base = default_config(KernelSpec("triton", "fwd", shape.D, shape.D, shape.W,
-                                         args.dtype, gated, 1))
+        base = default_config(spec.replace(pass_="fwd", gated=gated))
         outs[gated] = tb.forward(q, k, v, gate, shape.W, scale, base)
         ref, _ = reference_forward(q[:1], k[:1], v[:1], gate[:1] if gated else None, shape.W)
         outs[gated] += (ref,)
@@ -121,15 +161,26 @@ def run(args, shape, configs):
     return summarize(times)
 
 
+def _database_lookup(spec, seqlen):
+    import torch
+
+    from gfwagen.db.fingerprint import device_fingerprint
+    from gfwagen.db.lookup import get_snapshot
+
+    return get_snapshot().lookup(spec, seqlen, device_fingerprint(torch.device("cuda")))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="S1", help=f"one of {', '.join([*SHAPES, *TINY])}")
     p.add_argument("--pass", dest="pass_", choices=PASSES, default="fwd")
     p.add_argument("--config", action="append", default=[], metavar="JSON",
-                   help="a config as `gfwagen tune --try` takes it; two or more")
+                   help="a config as `gfwagen tune --try` takes it, or a word: default, "
+                        "tuned; two or more")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
-    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--kv-heads", type=int, help="key/value heads (GQA); default: the shape's")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     shape = {**SHAPES, **TINY}.get(args.shape)
@@ -137,20 +188,27 @@ def main(argv=None):
         p.error(f"--shape: expected one of {', '.join([*SHAPES, *TINY])}, got {args.shape!r}")
     if len(args.config) < 2 or args.rounds < 1:
         p.error("--config: two or more configs to compare, and --rounds >= 1")
+    if args.kv_heads is not None and (args.kv_heads < 1 or shape.H % args.kv_heads):
+        p.error(f"--kv-heads: expected a divisor of the shape's {shape.H} heads, "
+                f"got {args.kv_heads}")
     try:
-        configs = parse_configs(args.config, shape, args.pass_, args.dtype)
+        configs = parse_configs(args.config, shape, args.pass_, args.dtype,
+                                shape.H // (args.kv_heads or shape.H))
     except ValueError as e:
         p.error(str(e))
     rows = run(args, shape, configs)
     tf = flops(shape, "fwd") * PASS_FLOPS[args.pass_]
-    print(f"{args.shape} {args.pass_} {args.dtype}, {args.rounds} rounds, medians over rounds")
+    gqa = f" {shape.H // args.kv_heads}:1 GQA" if args.kv_heads else ""
+    print(f"{args.shape}{gqa} {args.pass_} {args.dtype}, {args.rounds} rounds, medians over "
+          "rounds")
     for r in rows:
         print(f"  {r['label']:48s} do_bench {r['do_bench_ms']:.4f} ms "
               f"[{r['min_ms']:.4f}-{r['max_ms']:.4f}] ({tf / r['do_bench_ms'] / 1e9:.1f} "
               f"TFLOP/s), timer {r['timer_ms']:.4f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps({"shape": args.shape, "pass": args.pass_,
-                                               "dtype": args.dtype, "rows": rows}, indent=1))
+                                               "dtype": args.dtype, "kv_heads": args.kv_heads,
+                                               "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import torch
 
 from gfwagen import gate_sums, reference
 from gfwagen.gate import sanitize_log_gate
 from gfwagen.heuristics import default_config, interpreting
-from gfwagen.spec import KernelConfig, KernelSpec, dtype_name, window_class
+from gfwagen.spec import KernelConfig, KernelSpec, dtype_name, effective_window, window_class
 
 
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
@@ -146,7 +147,8 @@ def _stored_choice(spec: KernelSpec, bucket: int, device: str) -> KernelConfig |
 
 
 def _spec(backend, pass_, q, v, window, gated, group) -> KernelSpec:
-    return KernelSpec(backend, pass_, q.shape[3], v.shape[3], window_class(window),
+    return KernelSpec(backend, pass_, q.shape[3], v.shape[3],
+                      window_class(effective_window(window, q.shape[1]) or None),
                       dtype_name(q.dtype), gated, group)
 
 
@@ -176,9 +178,38 @@ def select_config(spec: KernelSpec, seqlen: int, device: torch.device) -> Kernel
     Memoized, so after the first call per problem it is a dict lookup (safe in CUDA graphs).
     CPU tensors consult the database only for the TVM kernels (what `gfwagen tune --gpu cpu`
     tunes); the reference and the Triton interpreter have nothing to tune."""
-    if interpreting() or (device.type == "cpu" and spec.backend != "tvm"):
+    if not _consults_database(spec, device):
         return default_config(spec, seqlen)
-    return _lookup(spec, *_memo_keys(seqlen, device))
+    bucket, dev = _memo_keys(seqlen, device)
+    cfg = _lookup(spec, bucket, dev)
+    if _unbuildable and (spec, cfg, dev) in _unbuildable:
+        return _fallback_config(spec, bucket, device.type)
+    return cfg
+
+
+def _consults_database(spec: KernelSpec, device: torch.device) -> bool:
+    return not interpreting() and (device.type != "cpu" or spec.backend == "tvm")
+
+
+# (spec, config, device) of tuned configs whose Triton kernel did not build here
+# (triton_backend.KernelBuildError): select_config passes over them to the default, and a
+# "bwd_ds" one to the recomputing backward.
+_unbuildable: set[tuple[KernelSpec, KernelConfig, str]] = set()
+
+
+def _passed_over(spec: KernelSpec, err, seqlen: int, device: torch.device) -> None:
+    """Note that err.config did not build for spec, and warn once; re-raise err where there
+    is nothing to fall back to (the default itself failed)."""
+    bucket, dev = _memo_keys(seqlen, device)
+    fallback = ("the recomputing backward" if spec.pass_ == "bwd_ds" else
+                f"the default {_fallback_config(spec, bucket, device.type)}")
+    if (spec.pass_ != "bwd_ds" and err.config == _fallback_config(spec, bucket, device.type)) \
+            or (spec, err.config, dev) in _unbuildable:
+        raise err
+    _unbuildable.add((spec, err.config, dev))
+    warnings.warn(f"gfwagen: {err}. Running {fallback} for this problem on {dev} from now "
+                  "on; the tuning database keeps its entry (re-tune it with gfwagen tune)",
+                  RuntimeWarning, stacklevel=3)
 
 
 def _memo_keys(seqlen: int, device: torch.device) -> tuple[int, str]:
@@ -246,10 +277,11 @@ def run_forward(q, k, v, log_gate, window, scale, backend, cu_seqlens=None,
         backend = cuda_auto_backend("fwd", q, v, window, log_gate is not None, group,
                                     cu_seqlens is not None)
     log_gate = _sanitized(log_gate, backend)
-    cfg = select_config(_spec(backend, "fwd", q, v, window, log_gate is not None, group),
-                        q.shape[1], q.device)
+    spec = _spec(backend, "fwd", q, v, window, log_gate is not None, group)
     if backend == "tvm":
         from gfwagen.backends.tvm_backend import tvm_forward
+
+        cfg = select_config(spec, q.shape[1], q.device)
 
         def fwd(q, k, v, g):
             return tvm_forward(q, k, v, g, window, scale, cfg, target=_tvm_target(q))
@@ -267,8 +299,13 @@ def run_forward(q, k, v, log_gate, window, scale, backend, cu_seqlens=None,
     gate = triton_backend.gate_tables(log_gate) if q.numel() else None
     if keep is not None:
         keep.gate = gate
-    return triton_backend.forward(q, k, v, log_gate, window, scale, cfg,
-                                  _segments(cu_seqlens, q.shape[1]), gate)
+    segs = _segments(cu_seqlens, q.shape[1])
+    while True:  # at most twice: the tuned config, then the default
+        try:
+            return triton_backend.forward(q, k, v, log_gate, window, scale,
+                                          select_config(spec, q.shape[1], q.device), segs, gate)
+        except triton_backend.KernelBuildError as e:
+            _passed_over(spec, e, q.shape[1], q.device)
 
 
 def run_backward(do, q, k, v, o, lse, log_gate, window, scale, backend, cu_seqlens=None,
@@ -284,12 +321,13 @@ def run_backward(do, q, k, v, o, lse, log_gate, window, scale, backend, cu_seqle
     if auto and q.is_cuda:
         backend = cuda_auto_backend("bwd", q, v, window, gated, group, cu_seqlens is not None)
     log_gate = _sanitized(log_gate, backend)
-    cfg_kv = select_config(_spec(backend, "bwd_kv", q, v, window, gated, group), q.shape[1],
-                           q.device)
-    cfg_q = select_config(_spec(backend, "bwd_q", q, v, window, gated, group), q.shape[1],
-                          q.device)
+    specs = {p: _spec(backend, p, q, v, window, gated, group)
+             for p in ("bwd_kv", "bwd_q", "bwd_ds")}
     if backend == "tvm":
         from gfwagen.backends.tvm_backend import tvm_backward
+
+        cfg_kv, cfg_q = (select_config(specs[p], q.shape[1], q.device)
+                         for p in ("bwd_kv", "bwd_q"))
 
         def bwd(do, q, k, v, o, lse, g):
             return tvm_backward(do, q, k, v, o, lse, g, window, scale, cfg_kv,
@@ -309,13 +347,22 @@ def run_backward(do, q, k, v, o, lse, log_gate, window, scale, backend, cu_seqle
         return tuple(grads)
     from gfwagen.backends import triton_backend
 
-    stored = None
-    if q.is_cuda and not interpreting():
-        stored = _stored_choice(_spec(backend, "bwd_kv", q, v, window, gated, group),
-                                *_memo_keys(q.shape[1], q.device))
-    return triton_backend.backward_preferring_stored(
-        do, q, k, v, o, lse, log_gate, window, scale, cfg_kv, cfg_q, stored,
-        _segments(cu_seqlens, q.shape[1]), kept.gate if kept is not None else None)
+    segs = _segments(cu_seqlens, q.shape[1])
+    while True:  # each pass's tuned config at most once, then its default
+        stored = None
+        if q.is_cuda and not interpreting():
+            bucket, dev = _memo_keys(q.shape[1], q.device)
+            stored = _stored_choice(specs["bwd_kv"], bucket, dev)
+            if stored is not None and (specs["bwd_ds"], stored, dev) in _unbuildable:
+                stored = None
+        try:
+            return triton_backend.backward_preferring_stored(
+                do, q, k, v, o, lse, log_gate, window, scale,
+                select_config(specs["bwd_kv"], q.shape[1], q.device),
+                select_config(specs["bwd_q"], q.shape[1], q.device), stored, segs,
+                kept.gate if kept is not None else None)
+        except triton_backend.KernelBuildError as e:
+            _passed_over(specs[e.pass_], e, q.shape[1], q.device)
 
 
 def _tvm_target(t: torch.Tensor) -> str:

@@ -40,6 +40,13 @@ def window_class(window: int | None) -> int:
     return 0
 
 
+def effective_window(window: int | None, seqlen: int) -> int:
+    """The window the kernels run: 0 (full causal) when it covers the whole sequence, which
+    computes the same thing with fewer masks. Tuning entries are keyed by it, since a window
+    of 4096 over 1100 tokens runs the causal kernel, not the 4096 one."""
+    return 0 if not window or window >= seqlen else int(window)
+
+
 def stable_hash(obj: Any, n: int = 16) -> str:
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:n]
@@ -139,8 +146,9 @@ class Problem:
         return self.heads // self.kv_heads
 
     def spec(self, backend: str, pass_: str) -> KernelSpec:
-        return KernelSpec(backend, pass_, self.head_dim, self.value_dim, self.window,
-                          self.dtype, self.gated, self.group)
+        return KernelSpec(backend, pass_, self.head_dim, self.value_dim,
+                          effective_window(self.window, self.seqlen), self.dtype, self.gated,
+                          self.group)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

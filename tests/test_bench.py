@@ -93,6 +93,27 @@ def test_head_to_head_reads_configs_and_names_what_is_wrong():
         h2h.parse_configs([a, a], s1, "fwd", "bf16")
 
 
+def test_head_to_head_words_stand_for_the_default_and_the_tuned_config():
+    import head_to_head as h2h
+
+    from gfwagen.heuristics import default_config
+    from gfwagen.spec import KernelConfig, KernelSpec
+
+    s1 = bench.SHAPES["S1"]
+    got = h2h.parse_configs(["default", "tuned"], s1, "bwd_kv", "fp16", group=4)
+    assert [c["pick"] for c in got] == ["default", "tuned"]
+    spec = KernelSpec("triton", "bwd_kv", 128, 128, 512, "fp16", True, 4)
+    kin = KernelConfig(64, 64, 4, 2)
+    notes = h2h.resolve_picks(got, spec, 4096, lambda sp, T: (kin, "tuned in bf16"))
+    assert got[0]["config"] == default_config(spec) and got[1]["config"] == kin
+    assert got[1]["label"] == "tuned: bm64 bn64 w4 s2" and "tuned in bf16" in notes[1]
+    got = h2h.parse_configs(["tuned", "default"], s1, "bwd_kv", "fp16")
+    h2h.resolve_picks(got, spec, 4096, lambda sp, T: (None, "no tuned entry"))
+    assert got[0]["config"] == got[1]["config"] == default_config(spec)
+    with pytest.raises(ValueError, match="share a label"):
+        h2h.parse_configs(["tuned", "tuned"], s1, "fwd", "bf16")
+
+
 def test_head_to_head_rounds_alternate_and_medians_rank():
     import head_to_head as h2h
 
@@ -108,7 +129,8 @@ def test_head_to_head_rounds_alternate_and_medians_rank():
 @pytest.mark.parametrize("argv,why", [
     (["--shape", "S9", "--config", "{}", "--config", "{}"], "--shape"),
     (["--config", "{}"], "two or more"),
-    (["--config", "{", "--config", "{}"], "--config #1 is not JSON")])
+    (["--config", "{", "--config", "{}"], "--config #1 is not JSON"),
+    (["--kv-heads", "3", "--config", "default", "--config", "tuned"], "--kv-heads")])
 def test_head_to_head_bad_arguments_exit_2(argv, why):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "head_to_head.py"), *argv],
                           capture_output=True, text=True, timeout=120,

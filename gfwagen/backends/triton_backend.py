@@ -14,14 +14,13 @@ import torch
 
 from gfwagen import gate_sums
 from gfwagen.gate import GATE_BOUND, GATE_CHUNK, chunked_prefix_sums
-from gfwagen.spec import KernelConfig
+from gfwagen.spec import KernelConfig, effective_window
 from gfwagen.template_loader import load_template
 
 
 def kernel_window(window: int | None, T: int) -> int:
-    """The compile-time window: 0 (full causal) when the window covers the whole sequence,
-    which computes the same thing with fewer masks."""
-    return 0 if window is None or window >= T else int(window)
+    """The compile-time window (spec.effective_window)."""
+    return effective_window(window, T)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -81,6 +80,36 @@ def _device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+class KernelBuildError(RuntimeError):
+    """A config's kernel did not build: ptxas crashed or refused it, the compiler rejected it,
+    or it needs more shared memory than the device has. Names the pass and the config, so
+    that gfwagen.dispatch can fall back to the default (a tuned config is only known to build
+    for the variant it was tuned on: session 15 found a W >= T problem, which runs the causal
+    variant, whose dq kernel crashed ptxas on a window class's tuned tiles)."""
+
+    def __init__(self, pass_: str, config: KernelConfig, cause: BaseException):
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+        super().__init__(f"the Triton {pass_} kernel did not build on {config}: {first}")
+        self.pass_, self.config, self.cause = pass_, config, cause
+
+
+def _build_errors() -> tuple[type[BaseException], ...]:
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    return CompilationError, OutOfResources, PTXASError
+
+
+@contextlib.contextmanager
+def _launching(t: torch.Tensor, pass_: str, cfg: KernelConfig):
+    """The launch's device, and its build failures as KernelBuildError."""
+    with _device(t):
+        try:
+            yield
+        except _build_errors() as e:
+            raise KernelBuildError(pass_, cfg, e) from e
+
+
 def forward(q, k, v, log_gate, window, scale, cfg: KernelConfig, segs=None, gate=None):
     """segs: None, or (start, end) int32 [T] of packed sequences (gfwagen.varlen). gate:
     gate_tables(log_gate) when the caller has them."""
@@ -93,7 +122,7 @@ def forward(q, k, v, log_gate, window, scale, cfg: KernelConfig, segs=None, gate
         gate = gate_tables(log_gate)
     bm, bn = _fit(cfg, T)
     tma = _use_tma(cfg, k, v)
-    with _device(q):
+    with _launching(q, "fwd", cfg):
         load_template("triton", "fwd").launch_forward(
             q, k, v, gate, o, lse, kernel_window(window, T), scale, H // k.shape[2], bm, bn,
             cfg.num_warps, cfg.num_stages, _dot_precision(q.dtype),
@@ -165,7 +194,7 @@ def _use_tma(cfg: KernelConfig, *ts: torch.Tensor) -> bool:
 def backward_kv(st: BackwardState, cfg: KernelConfig) -> None:
     """dk, dv and the gate's column sums, into st; and dS into st.stored when it is set."""
     if st.q.numel():
-        with _device(st.q):
+        with _launching(st.q, "bwd_kv", cfg):
             load_template("triton", "bwd").launch_dkdv(
                 st.q, st.k, st.v, st.do, st.gate, st.lse, st.delta, st.dk, st.dv, st.col_sums,
                 *_bwd_launch_args(st, cfg), st.segs[1] if st.segs is not None else None,
@@ -243,7 +272,7 @@ def backward_q_stored(st: BackwardState, cfg: KernelConfig) -> None:
     tiles (cfg's block sizes are not used)."""
     if st.q.numel():
         T, H = st.q.shape[1], st.q.shape[2]
-        with _device(st.q):
+        with _launching(st.q, "bwd_q", cfg):
             load_template("triton", "bwd").launch_dq_ds(
                 st.k, st.stored, st.dq, st.row_sums, kernel_window(st.window, T), st.scale,
                 H // st.k.shape[2], cfg.num_warps, cfg.num_stages,
@@ -253,7 +282,7 @@ def backward_q_stored(st: BackwardState, cfg: KernelConfig) -> None:
 def backward_q(st: BackwardState, cfg: KernelConfig) -> None:
     """dq, the gate's row sums and delta, into st."""
     if st.q.numel():
-        with _device(st.q):
+        with _launching(st.q, "bwd_q", cfg):
             load_template("triton", "bwd").launch_dq(
                 st.q, st.k, st.v, st.do, st.o, st.gate, st.lse, st.delta, st.dq, st.row_sums,
                 *_bwd_launch_args(st, cfg), st.segs[0] if st.segs is not None else None,
@@ -271,6 +300,8 @@ def backward_preferring_stored(do, q, k, v, o, lse, log_gate, window, scale,
         try:
             return backward(do, q, k, v, o, lse, log_gate, window, scale,
                             *stored_configs(stored_cfg), segs, gate, stored=True)
+        except KernelBuildError as e:  # either half: it is the "bwd_ds" config that failed
+            raise KernelBuildError("bwd_ds", stored_cfg, e.cause) from e.cause
         except torch.OutOfMemoryError:
             need = _stored_ds_bytes(q, kernel_window(window, q.shape[1]), stored_cfg)
             dev = str(q.device)

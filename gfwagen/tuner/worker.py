@@ -194,8 +194,6 @@ class _Session:
         return (lambda: tb.backward_q(st, cfg)), lambda: {"dq": st.dq}
 
     def run(self, req: dict) -> dict:
-        from gfwagen.spec import KernelSpec
-
         problem = Problem(**req["problem"])
         backend, pass_ = req["backend"], req["pass"]
         cfg = KernelConfig.from_dict(req["config"])
@@ -225,8 +223,7 @@ class _Session:
             if not err <= TOLERANCE[p.dtype]:
                 return {"status": "wrong", "reason": f"{name}: relative error {err:.3g} > "
                                                      f"{TOLERANCE[p.dtype]:g} vs the reference"}
-        spec = KernelSpec(backend if backend != "reference" else "triton", pass_, p.head_dim,
-                          p.value_dim, p.window, p.dtype, p.gated, p.group)
+        spec = p.spec(backend if backend != "reference" else "triton", pass_)
         t = self.timer.measure(fn, spec, cfg)
         return {"status": "ok", "median_ms": t.median_ms, "spread": t.spread,
                 "repeats": t.repeats}
