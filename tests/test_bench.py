@@ -136,3 +136,15 @@ def test_head_to_head_bad_arguments_exit_2(argv, why):
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2 and why in proc.stderr, proc.stderr
+
+
+def test_tile_order_model_counts_window_tiles_and_longest_first_never_loses():
+    import tile_order_model as m
+
+    # 8 query tiles of 2 rows, W=4: each row reaches back 3 keys, so 1-3 key tiles, plus one
+    assert m.tile_costs(16, 4, 2, 2) == [2, 3, 4, 4, 4, 4, 4, 4]
+    assert m.makespan([3, 3, 2, 2, 2], 2) == 7 and m.makespan([3, 3, 2, 2, 2], 5) == 3
+    for name, (bm, bn, per_sm) in m.TILES.items():
+        runs = m.orders(bench.SHAPES[name], bm, bn)
+        slots = m.SMS * per_sm
+        assert m.makespan(runs["longest first"], slots) <= m.makespan(runs["launch"], slots)
