@@ -188,3 +188,27 @@ def test_fp32_defaults_do_not_spill():
     for b in builds:
         assert b["stack"] == 0 and b["regs"] <= 255, b
         assert 0 < b["shared"] <= H100_MAX_SHARED, b
+
+
+TRAP_SCRIPT = r"""
+import json
+from gfwagen.offline import compile_pass
+from gfwagen.spec import KernelConfig, KernelSpec
+
+out = []
+for extra in ((("tma", True),), ()):
+    spec = KernelSpec("triton", "bwd_kv", 256, 256, 8192, "bf16", True, 1)
+    b = compile_pass(spec, KernelConfig(64, 32, 4, 2, extra=extra))
+    out.append(dict(regs=b.registers, stack=b.stack_bytes))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_the_pruned_ptxas_trap_is_still_there():
+    """space.ptxas_trap prunes the gated dk/dv kernel at 64x32, four warps, tma, head dim 256:
+    Triton 3.6's ptxas builds it at 32 registers and a 5 KB stack. When a Triton upgrade
+    stops doing so, this fails: drop the prune."""
+    trapped, plain = run_offline(TRAP_SCRIPT)
+    assert trapped["regs"] == 32 and trapped["stack"] > 4096, trapped
+    assert plain["regs"] > 128 and plain["stack"] < 1024, plain

@@ -80,6 +80,41 @@ def test_fp32_space_keeps_tiles_its_ieee_dots_fit():
             assert space.feasible(spec.replace(dtype="bf16"), KernelConfig(64, 32, 4, 2))[0]
 
 
+def test_the_ptxas_trap_is_pruned_and_nothing_shipped_is_one():
+    """space.ptxas_trap: the gated dk/dv kernel (and the stored-dS one) at 64x32 at head dims
+    192-256, or 128x32 at 128, with tma and four warps; not without tma, at eight warps,
+    ungated, at other tiles, or in other passes. No default and no shipped entry is one."""
+    import json
+
+    from gfwagen.db.lookup import shipped_files
+    from gfwagen.spec import KernelSpec
+
+    trap = KernelConfig(64, 32, 4, 2, extra=(("tma", True),))
+    for p in ("bwd_kv", "bwd_ds"):
+        for d in (192, 256):
+            spec = KernelSpec("triton", p, d, d, 8192, "bf16", True, 1)
+            ok, why = space.feasible(spec, trap)
+            assert not ok and "32 registers" in why
+            assert space.feasible(spec, KernelConfig(64, 32, 4, 2))[0]
+            assert space.feasible(spec, KernelConfig(64, 32, 8, 2, extra=trap.extra))[0]
+            assert space.feasible(spec.replace(gated=False), trap)[0]
+        spec = KernelSpec("triton", p, 128, 128, 1024, "fp16", True, 4)
+        assert space.ptxas_trap(spec, KernelConfig(128, 32, 4, 3, extra=trap.extra))
+        assert not space.ptxas_trap(spec, KernelConfig(64, 32, 4, 3, extra=trap.extra))
+    assert not space.ptxas_trap(KernelSpec("triton", "bwd_q", 256, 256, 8192, "bf16", True,
+                                           1), trap)
+    for d in (64, 128, 192, 256):
+        for p in ("bwd_kv", "bwd_ds"):
+            spec = KernelSpec("triton", p, d, d, 1024, "bf16", True, 1)
+            assert not space.ptxas_trap(spec, default_config(spec))
+    for path in shipped_files():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("kind") == "trial":
+                spec, cfg = KernelSpec(**r["spec"]), KernelConfig.from_dict(r["config"])
+                assert not space.ptxas_trap(spec, cfg), r
+
+
 def test_tvm_space_on_a_gpu(monkeypatch):
     """On a GPU the TVM forward's space is the tensor-core template's: its default first,
     stages and softmax steps searched, every enumerated config one the template runs; the

@@ -295,6 +295,24 @@ def reg_limit(config: KernelConfig) -> int:
     return min(REG_LIMIT, int(config.get("maxnreg", False) or REG_LIMIT))
 
 
+def ptxas_trap(spec: KernelSpec, config: KernelConfig) -> str:
+    """Why ptxas (Triton 3.6's) builds this config, which fits, so badly that it is not worth
+    a trial; '' if it does not. Found by measurement, then mapped by an offline sm_90 sweep."""
+    if (spec.backend == "triton" and spec.pass_ in ("bwd_kv", "bwd_ds") and spec.gated
+            and spec.dtype != "fp32" and config.get("tma", False) and config.num_warps == 4
+            and config.block_n == 32 and padded_head_dim(spec) >= 128
+            and config.block_m * padded_head_dim(spec) == 16384):
+        # 64x32 at head dim 256 ran 667.7 ms against 29.93 without tma (H200, session 15).
+        # ptxas gives the gated dk/dv kernel 32 registers and a 4-5 KB stack there: 64x32 at
+        # head dims 192 and 256 in every variant swept (windowed, causal, GQA, stored dS),
+        # 128x32 at head dim 128 windowed (causal at GQA 4 builds, at 255 and 664 bytes).
+        # No other dk/dv tile swept (16-128 rows, 16-128 keys at head dims 128 and 256), no
+        # ungated one, no eight-warp one.
+        return ("ptxas builds the gated dk/dv kernel at this tile with tma and four warps "
+                "at 32 registers and a 5 KB stack (22x slower, session 15)")
+    return ""
+
+
 def feasible(spec: KernelSpec, config: KernelConfig, *, gpu: bool = True) -> tuple[bool, str]:
     """(fits, why not). On the CPU (TVM llvm) only the template's own limits apply."""
     try:
@@ -303,6 +321,9 @@ def feasible(spec: KernelSpec, config: KernelConfig, *, gpu: bool = True) -> tup
         return False, str(e)
     if not gpu:
         return True, ""
+    trap = ptxas_trap(spec, config)
+    if trap:
+        return False, f"pruned before compiling: {trap}"
     if spec.backend == "tvm":
         from gfwagen.backends import tvm_backend as tb
 
