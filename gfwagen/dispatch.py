@@ -201,12 +201,11 @@ def _passed_over(spec: KernelSpec, err, seqlen: int, device: torch.device) -> No
     """Note that err.config did not build for spec, and warn once; re-raise err where there
     is nothing to fall back to (the default itself failed)."""
     bucket, dev = _memo_keys(seqlen, device)
-    fallback = ("the recomputing backward" if spec.pass_ == "bwd_ds" else
-                f"the default {_fallback_config(spec, bucket, device.type)}")
-    if (spec.pass_ != "bwd_ds" and err.config == _fallback_config(spec, bucket, device.type)) \
-            or (spec, err.config, dev) in _unbuildable:
+    default = None if spec.pass_ == "bwd_ds" else _fallback_config(spec, bucket, device.type)
+    if err.config == default or (spec, err.config, dev) in _unbuildable:
         raise err
     _unbuildable.add((spec, err.config, dev))
+    fallback = "the recomputing backward" if default is None else f"the default {default}"
     warnings.warn(f"gfwagen: {err}. Running {fallback} for this problem on {dev} from now "
                   "on; the tuning database keeps its entry (re-tune it with gfwagen tune)",
                   RuntimeWarning, stacklevel=3)
