@@ -48,6 +48,7 @@ def _fwd_tiles(
     end,
     T,
     qk_scale,
+    inv_scale,
     BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr,
     HEAD_DV: tl.constexpr,
@@ -102,7 +103,9 @@ def _fwd_tiles(
                 v = tl.load(v_ptrs, mask=(offs_dv < HEAD_DV)[None, :], other=0.0)
             else:
                 v = tl.load(v_ptrs)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        # Raw products: the row maximum is taken before scaling (the scale is positive), so
+        # the scale costs no multiply of its own; it rides in the exponent's FFMA below.
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if GATED:
             # The only float64 operation: one scalar per tile (gfwagen.gate).
             if PREFETCH_GATE:
@@ -118,8 +121,9 @@ def _fwd_tiles(
                 else:
                     cj = tl.load(cl_base + offs_n) + off
             # The query's own c_i is a per-row constant, which softmax ignores: it enters
-            # only the log-sum-exp (epilogue). What is left folds into the scale's multiply.
-            s -= cj[None, :]
+            # only the log-sum-exp (epilogue). c_j goes in the products' units (one multiply
+            # per key, not per score) so each score takes one subtract for the gate.
+            s -= (cj * inv_scale)[None, :]
         if MASKED:
             if SPLIT_BOUNDS:
                 # (common.split_bounds) rows past T are never stored, so only one bound
@@ -140,8 +144,8 @@ def _fwd_tiles(
             # A row with no valid key yet keeps m = -inf; shift by 0 so exp2 sees -inf, not
             # NaN. The running max itself stays -inf, so the next tile rescales by 0.
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
+        p = tl.math.exp2(s * qk_scale - (m_shift * qk_scale)[:, None])
+        alpha = tl.math.exp2((m_i - m_shift) * qk_scale)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
@@ -218,7 +222,9 @@ def gfwa_fwd_kernel(
         # Hopper's tensor memory accelerator: one bulk copy per tile, no address math.
         k_base = row_tile_descriptor(k_base, T, stride_kt, BLOCK_N, HEAD_D, HEAD_D_PAD)
         v_base = row_tile_descriptor(v_base, T, stride_vt, BLOCK_N, HEAD_DV, HEAD_DV_PAD)
+    # The running maximum m_i is kept in the products' units: log2 units are m_i * qk_scale.
     qk_scale = sm_scale * LOG2E
+    inv_scale = 1.0 / qk_scale
 
     cl_base = CL + pid_bh.to(tl.int64) * T
     cb_base = CB + pid_bh.to(tl.int64) * n_chunks
@@ -262,6 +268,7 @@ def gfwa_fwd_kernel(
             bounds[phase + 1],
             T,
             qk_scale,
+            inv_scale,
             BLOCK_N,
             HEAD_D,
             HEAD_DV,
@@ -296,7 +303,7 @@ def gfwa_fwd_kernel(
         )
     else:
         tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
-    lse = (m_i + tl.math.log2(l_safe) + ci) * LN2
+    lse = (m_i * qk_scale + tl.math.log2(l_safe) + ci) * LN2
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
 
 
