@@ -10,6 +10,8 @@ TFLOP/s count in-window pairs only (GATEDFWA.md section 1): fwd = 4*B*H*D*pairs(
 bwd = 2.5 x fwd. "bwd" is reported as (fwd+bwd) - fwd. The forward is timed with autograd
 recording (inputs require grad), i.e. the training forward whose cost the subtraction assumes.
 Flex timings include the [B,T,H,D] <-> [B,H,T,D] transposes and the gate prefix sums.
+Each shape is timed in --rounds rounds, the contenders' order reversed each round, and each
+contender keeps its best round (round_orders says why).
 """
 
 from __future__ import annotations
@@ -244,6 +246,22 @@ def time_modes(out, f, gated, modes, q, k, v, g, dout, warmup, rep):
         out[mode] = triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+def round_orders(contenders: list, rounds: int) -> list[list]:
+    """The contenders' order in each timing round: as given, then reversed, and so on. A
+    kernel timed right after another runs slower on a GPU at its power cap (S4's forward:
+    4.4% for the ungated op timed second, RESULTS.md session 15), so each contender gets
+    each end of the order and keeps its best round."""
+    return [list(contenders) if r % 2 == 0 else list(reversed(contenders))
+            for r in range(rounds)]
+
+
+def _error(contender: str, e: Exception) -> str:
+    msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    print(f"  [error] {contender}: {msg}")
+    traceback.print_exc(limit=3)
+    return msg
+
+
 def versions():
     v = {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0]}
     for dist in ("flash-linear-attention", "fla-core"):
@@ -276,6 +294,9 @@ def main(argv=None):
     p.add_argument("--check", action="store_true", help="compare o and grads to the reference")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="timing rounds per shape, the contenders' order reversed each round; "
+                   "each keeps its best (round_orders)")
     p.add_argument("--flex-compile-mode", default=None,
                    help="torch.compile mode for flex, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--json", help="write all results to this path")
@@ -289,6 +310,8 @@ def main(argv=None):
         bad = set(getattr(args, opt).split(",")) - set(allowed)
         if bad and not (opt == "shapes" and args.tiny):
             p.error(f"--{opt}: unknown {','.join(sorted(bad))}; choose from {','.join(allowed)}")
+    if args.rounds < 1:
+        p.error(f"--rounds: expected 1 or more, got {args.rounds}")
     shapes = TINY if args.tiny else {n: SHAPES[n] for n in args.shapes.split(",")}
     contenders, modes = args.contenders.split(","), args.modes.split(",")
     if args.devices:
@@ -315,31 +338,47 @@ def main(argv=None):
     for name, s in shapes.items():
         print(f"\n== {name} {s._asdict()} {args.dtype} pairs={pairs(s.T, s.W)}", flush=True)
         q, k, v, g, dout = make_inputs(s, dtype)
+        fns, failed = {}, {}
         for c, (make, gated) in makers.items():
-            ms = {}
             try:
-                f = make(s)
+                fns[c] = make(s)
                 if args.check:
-                    err = check(f, gated, s, q, k, v, g, dout)
+                    err = check(fns[c], gated, s, q, k, v, g, dout)
                     checks.append({"shape": name, "contender": c, **err})
                     print(f"  [check] {c:15s} " + " ".join(f"{n}={e:.2e}" for n, e in err.items()))
-                time_modes(ms, f, gated, modes, q, k, v, g, dout, args.warmup, args.rep)
             except Exception as e:  # e.g. OOM: report it and go on with the next one
-                msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                print(f"  [error] {c}: {msg}")
-                traceback.print_exc(limit=3)
-                results.append({"shape": name, "contender": c, "mode": "error", "error": msg})
+                failed[c] = _error(c, e)
+                fns.pop(c, None)
+        rounds = {c: {} for c in fns}
+        for order in round_orders(list(fns), args.rounds):
+            for c in order:
+                if c in failed:
+                    continue
+                ms = {}
+                try:
+                    time_modes(ms, fns[c], makers[c][1], modes, q, k, v, g, dout, args.warmup,
+                               args.rep)
+                except Exception as e:
+                    failed[c] = _error(c, e)
+                for mode, t in ms.items():
+                    rounds[c].setdefault(mode, []).append(t)
+        for c in makers:
+            if c in failed:
+                results.append({"shape": name, "contender": c, "mode": "error",
+                                "error": failed[c]})
+            ms = {mode: min(ts) for mode, ts in rounds.get(c, {}).items()}
             if "fwd" in ms and "fwdbwd" in ms:
                 ms["bwd"] = ms["fwdbwd"] - ms["fwd"]
             for mode, t in ms.items():
                 results.append({"shape": name, **s._asdict(), "dtype": args.dtype, "contender": c,
-                                "mode": mode, "ms": t, "tflops": tflops(s, mode, t)})
+                                "mode": mode, "ms": t, "tflops": tflops(s, mode, t),
+                                "rounds_ms": rounds[c].get(mode)})
             line = "  ".join(f"{m} {ms[m]:8.3f} ms {tflops(s, m, ms[m]):6.1f} TF/s"
                              for m in ("fwd", "bwd", "fwdbwd") if m in ms)
             if ms:
                 print(f"  {c:15s} {line}", flush=True)
-            f = None
-            free_memory()
+        fns = None
+        free_memory()
         del q, k, v, g, dout
         free_memory()
 
@@ -377,7 +416,8 @@ def run_on_devices(args, shapes, contenders, devices) -> int:
     """This command once per GPU (CUDA_VISIBLE_DEVICES), each on its share of the shapes, all
     at once; their output in turn, then one report. 1 if any process failed."""
     common = ["--contenders", args.contenders, "--modes", args.modes, "--dtype", args.dtype,
-              "--warmup", str(args.warmup), "--rep", str(args.rep)]
+              "--warmup", str(args.warmup), "--rep", str(args.rep),
+              "--rounds", str(args.rounds)]
     common += ["--check"] if args.check else []
     common += ["--tiny"] if args.tiny else []
     if args.flex_compile_mode:

@@ -50,6 +50,18 @@ def test_merge_runs_reports_one_run(tmp_path, capsys):
     assert "`bench.py --devices 0,1`" in md.read_text()
 
 
+def test_rounds_give_every_contender_both_ends_of_the_order():
+    orders = bench.round_orders(["a", "b", "c"], 3)
+    assert orders == [["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"]]
+    assert bench.round_orders(["a", "b"], 1) == [["a", "b"]]
+
+
+def test_rounds_below_one_exit_2():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--tiny",
+                           "--rounds", "0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--rounds" in proc.stderr
+
+
 @pytest.mark.parametrize("devices", ["0,0", "a", ","])
 def test_devices_rejects_bad_lists(devices):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--tiny",
