@@ -292,3 +292,15 @@ def test_replay_runs_the_tuner_on_a_recorded_table(tmp_path, small_space):
     assert res.best_ms == min(table[c].median_ms for c in asked)
     tiles = {search.tile_of(c) for c in asked[:-2]}
     assert all(search.tile_of(c) in tiles for c in asked[-2:])  # the refinement's two
+
+
+def test_workers_close_lets_every_worker_exit_on_its_own():
+    workers = Workers("fake", compile_jobs=3)
+    procs = []
+    for w in [workers.timing, *workers.pool]:
+        w.start()
+        procs.append(w.proc)
+    workers.close()
+    # exit status 0: each saw its input close and left, none was killed after the wait
+    assert [p.returncode for p in procs] == [0] * 4
+    assert all(w.proc is None for w in [workers.timing, *workers.pool])

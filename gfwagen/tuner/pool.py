@@ -82,7 +82,12 @@ class Workers:
             pass
 
     def close(self) -> None:
-        for w in [self.timing, *self.pool]:
+        workers = [self.timing, *self.pool]
+        # Every worker told first, then each waited for: they exit (CUDA contexts torn down)
+        # side by side rather than one after another.
+        for w in workers:
+            w.release()
+        for w in workers:
             w.close()
 
     def __enter__(self) -> Workers:

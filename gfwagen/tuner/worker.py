@@ -325,6 +325,12 @@ class CandidateWorker:
             self.close()
             raise RuntimeError(f"tuner worker did not start: {why}")
 
+    def release(self) -> None:
+        """Close the worker's input, which it takes as the signal to exit; close() waits."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                self.proc.stdin.close()
+
     def close(self) -> None:
         if self.proc is not None:
             if self.proc.poll() is None:
