@@ -72,7 +72,8 @@ def _constexprs(spec: KernelSpec, cfg: KernelConfig, varlen: bool = False) -> di
                 # T % 4 == 0 (the divisibility hints below assume T % 16 == 0)
                 VEC_TMA=bool(cfg.get("tma", False))
                 and (spec.gated or spec.pass_ in ("bwd_kv", "bwd_ds")),
-                STORE_DS=spec.pass_ == "bwd_ds")
+                STORE_DS=spec.pass_ == "bwd_ds",
+                RAW_MAX=not spec.gated)  # the forward, as launched with a positive scale
 
 
 def _split_bounds(spec: KernelSpec, cfg: KernelConfig, varlen: bool) -> bool:

@@ -42,6 +42,20 @@ def _expected(q, k, v, g, window, do):
     return o, grads
 
 
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("scale", [0.0, -0.4, 0.7])
+def test_forward_takes_a_scale_of_either_sign(scale, gated):
+    """The forward keeps its running maximum in the raw products' units only for a positive
+    scale (RAW_MAX in the template): at scale 0 that once made every row NaN (the fuzz test
+    found it), and a negative scale would turn the maximum into a minimum."""
+    q, k, v, g = make_inputs(1, 40, 2, 2, 16, 16, torch.float32, gated)
+    q, k = q * 3, k * 3  # scores far from 0, so a max taken the wrong way overflows exp2
+    o, lse = triton_backend.forward(q, k, v, g, 7, scale, KernelConfig(16, 16, 4, 1))
+    assert rel_err(o, naive_attention(q.double(), k.double(), v.double(),
+                                      g.double() if gated else None, 7, scale)) < 1e-5
+    assert torch.isfinite(lse).all()
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_triton_forward_backward_match_float64(case):
     _, B, T, Hq, Hkv, D, Dv, W, gated, dtype = case

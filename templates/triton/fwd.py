@@ -48,7 +48,6 @@ def _fwd_tiles(
     end,
     T,
     qk_scale,
-    inv_scale,
     BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr,
     HEAD_DV: tl.constexpr,
@@ -63,6 +62,7 @@ def _fwd_tiles(
     DOT_PREC: tl.constexpr,
     PREFETCH_GATE: tl.constexpr,
     USE_TMA: tl.constexpr,
+    RAW_MAX: tl.constexpr,
 ):
     MASKED: tl.constexpr = PHASE != 1
     offs_d = tl.arange(0, HEAD_D_PAD)
@@ -103,9 +103,9 @@ def _fwd_tiles(
                 v = tl.load(v_ptrs, mask=(offs_dv < HEAD_DV)[None, :], other=0.0)
             else:
                 v = tl.load(v_ptrs)
-        # Raw products: the row maximum is taken before scaling (the scale is positive), so
-        # the scale costs no multiply of its own; it rides in the exponent's FFMA below.
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if not RAW_MAX:
+            s = s * qk_scale
         if GATED:
             # The only float64 operation: one scalar per tile (gfwagen.gate).
             if PREFETCH_GATE:
@@ -121,9 +121,8 @@ def _fwd_tiles(
                 else:
                     cj = tl.load(cl_base + offs_n) + off
             # The query's own c_i is a per-row constant, which softmax ignores: it enters
-            # only the log-sum-exp (epilogue). c_j goes in the products' units (one multiply
-            # per key, not per score) so each score takes one subtract for the gate.
-            s -= (cj * inv_scale)[None, :]
+            # only the log-sum-exp (epilogue). What is left folds into the scale's multiply.
+            s -= cj[None, :]
         if MASKED:
             if SPLIT_BOUNDS:
                 # (common.split_bounds) rows past T are never stored, so only one bound
@@ -144,8 +143,12 @@ def _fwd_tiles(
             # A row with no valid key yet keeps m = -inf; shift by 0 so exp2 sees -inf, not
             # NaN. The running max itself stays -inf, so the next tile rescales by 0.
             m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s * qk_scale - (m_shift * qk_scale)[:, None])
-        alpha = tl.math.exp2((m_i - m_shift) * qk_scale)
+        if RAW_MAX:
+            p = tl.math.exp2(s * qk_scale - (m_shift * qk_scale)[:, None])
+            alpha = tl.math.exp2((m_i - m_shift) * qk_scale)
+        else:
+            p = tl.math.exp2(s - m_shift[:, None])
+            alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
@@ -193,6 +196,7 @@ def gfwa_fwd_kernel(
     PREFETCH_GATE: tl.constexpr,
     USE_TMA: tl.constexpr,
     SPLIT_BOUNDS: tl.constexpr,
+    RAW_MAX: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -222,9 +226,14 @@ def gfwa_fwd_kernel(
         # Hopper's tensor memory accelerator: one bulk copy per tile, no address math.
         k_base = row_tile_descriptor(k_base, T, stride_kt, BLOCK_N, HEAD_D, HEAD_D_PAD)
         v_base = row_tile_descriptor(v_base, T, stride_vt, BLOCK_N, HEAD_DV, HEAD_DV_PAD)
-    # The running maximum m_i is kept in the products' units: log2 units are m_i * qk_scale.
+    # RAW_MAX (no gate, a positive scale): the running maximum m_i is kept in the products'
+    # units, taken before scaling, so the scale costs no multiply per score of its own; it
+    # rides in the exponent's FFMA (S4's plain forward -3.5%). A zero or negative scale would
+    # turn that maximum into NaN or a minimum. Gated, the scale's multiply already carries
+    # c_j's subtract, so there is nothing to save, and c_j brought to the products' units
+    # costs float32 exponents 3-4 roundings at its magnitude instead of one (a strong gate's
+    # c_j runs to hundreds: relative error 1.8e-4 in the interpreter, 1e-5 the bound).
     qk_scale = sm_scale * LOG2E
-    inv_scale = 1.0 / qk_scale
 
     cl_base = CL + pid_bh.to(tl.int64) * T
     cb_base = CB + pid_bh.to(tl.int64) * n_chunks
@@ -268,7 +277,6 @@ def gfwa_fwd_kernel(
             bounds[phase + 1],
             T,
             qk_scale,
-            inv_scale,
             BLOCK_N,
             HEAD_D,
             HEAD_DV,
@@ -283,6 +291,7 @@ def gfwa_fwd_kernel(
             DOT_PREC,
             PREFETCH_GATE,
             USE_TMA,
+            RAW_MAX,
         )
 
     # Every stored row saw at least its own key, so l_i > 0 there.
@@ -303,7 +312,9 @@ def gfwa_fwd_kernel(
         )
     else:
         tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
-    lse = (m_i * qk_scale + tl.math.log2(l_safe) + ci) * LN2
+    if RAW_MAX:
+        m_i = m_i * qk_scale
+    lse = (m_i + tl.math.log2(l_safe) + ci) * LN2
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
 
 
@@ -382,6 +393,7 @@ def launch_forward(
         USE_TMA=tma,
         SPLIT_BOUNDS=not full_masks
         and split_bounds(window, block_m, block_n, seg_start is not None),
+        RAW_MAX=scale > 0 and gate is None,
         num_warps=num_warps,
         num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
