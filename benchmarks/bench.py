@@ -246,11 +246,11 @@ def time_modes(out, f, gated, modes, q, k, v, g, dout, warmup, rep):
         out[mode] = triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
-def round_orders(contenders: list, rounds: int) -> list[list]:
-    """The contenders' order in each timing round: as given, then reversed, and so on. A
-    kernel timed right after another runs slower on a GPU at its power cap (S4's forward:
-    4.4% for the ungated op timed second, RESULTS.md session 15), so each contender gets
-    each end of the order and keeps its best round."""
+def round_orders(contenders, rounds: int) -> list[list]:
+    """The contenders' (or configs') order in each timing round: as given, then reversed, and
+    so on. A kernel timed right after another runs slower on a GPU at its power cap (S4's
+    forward: 4.4% for the ungated op timed second, RESULTS.md session 15), so each gets each
+    end of the order."""
     return [list(contenders) if r % 2 == 0 else list(reversed(contenders))
             for r in range(rounds)]
 

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import SHAPES, TINY, flops  # noqa: E402
+from bench import SHAPES, TINY, flops, round_orders  # noqa: E402
 from knobs import PASS_FLOPS, pass_fn  # noqa: E402
 
 from gfwagen.generator import check_config  # noqa: E402
@@ -96,12 +96,6 @@ def resolve_picks(configs: list[dict], spec, seqlen: int, lookup) -> list[str]:
     return notes
 
 
-def round_orders(n: int, rounds: int) -> list[list[int]]:
-    """Config indices per round, reversed every other round: each config is timed both early
-    and late in a round, so a GPU warming or cooling over the round favours none."""
-    return [list(range(n)) if r % 2 == 0 else list(range(n))[::-1] for r in range(rounds)]
-
-
 def summarize(times: dict[str, list[tuple[float, float]]]) -> list[dict]:
     """{label: [(do_bench ms, timer ms) per round]} -> rows, fastest do_bench median first."""
     rows = []
@@ -151,7 +145,7 @@ def run(args, shape, configs):
                                   c["gated"])
     timer = CudaEventTimer()
     times: dict[str, list] = {c["label"]: [] for c in configs}
-    for order in round_orders(len(configs), args.rounds):
+    for order in round_orders(range(len(configs)), args.rounds):
         for i in order:
             label = configs[i]["label"]
             fn = fns[label]
