@@ -619,3 +619,44 @@ def test_migration_from_every_earlier_version(tmp_path, version):
     assert_healthy(old)
     with TuningDB(tmp_path / "fresh.sqlite") as db:  # and its export reads back
         assert db.import_jsonl(tmp_path / "x.jsonl")["trials"]["new"] == n + 1
+
+
+# ---- the switch to WAL -------------------------------------------------------------------
+
+class _Busy:
+    """A database handle whose WAL switch is refused `n` times with `error`."""
+
+    def __init__(self, n, error="database is locked"):
+        self.n, self.error, self.switched = n, error, False
+
+    def execute(self, sql):
+        assert sql == "PRAGMA journal_mode"
+        return self
+
+    def fetchone(self):
+        return ["wal" if self.switched else "delete"]
+
+    def enable_wal(self):
+        if self.n:
+            self.n -= 1
+            raise sqlite3.OperationalError(self.error)
+        self.switched = True
+
+
+def test_wal_switch_retries_while_another_process_holds_the_file():
+    db = _Busy(3)
+    S.enable_wal(db, timeout=10)
+    assert db.switched and db.n == 0
+
+
+def test_wal_switch_gives_up_at_its_deadline_and_passes_other_errors_on():
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        S.enable_wal(_Busy(10**9), timeout=0.2)
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        S.enable_wal(_Busy(1, "disk I/O error"), timeout=10)
+
+
+def test_wal_switch_leaves_a_wal_database_alone():
+    db = _Busy(10**9)
+    db.switched = True
+    S.enable_wal(db, timeout=0.2)  # no switch asked, so no refusal seen

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,6 +39,10 @@ def default_db_path() -> Path:
     return Path(cache) / "gfwagen" / "tuning.sqlite"
 
 
+# How long a writer waits for another process's lock before giving up.
+BUSY_TIMEOUT_S = 30.0
+
+
 def connect(path: str | os.PathLike, *, readonly: bool = False) -> sqlite_utils.Database:
     """A sqlite-utils handle on `path`, checked to be a SQLite file (not yet that it is ours).
     Read-only handles never create the file."""
@@ -49,7 +55,7 @@ def connect(path: str | os.PathLike, *, readonly: bool = False) -> sqlite_utils.
         else:
             if str(p) != ":memory:":
                 p.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(p), timeout=30.0)
+            conn = sqlite3.connect(str(p), timeout=BUSY_TIMEOUT_S)
     except (OSError, sqlite3.Error) as e:  # a directory, an unwritable or missing parent
         raise DatabaseError(f"{p}: cannot open as a database ({e})") from None
     try:
@@ -189,6 +195,24 @@ def migrate(db: sqlite_utils.Database) -> int:
     return steps
 
 
+def enable_wal(db: sqlite_utils.Database, timeout: float = BUSY_TIMEOUT_S) -> None:
+    """Switch the file to WAL mode unless it is there already, retrying while another process
+    holds it. SQLite can answer the switch with "database is locked" at once, without waiting
+    on the busy timeout: two processes creating one database together failed this way about
+    once in 25 runs (tests/test_db_faults.py, CI)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.enable_wal()
+            return
+        except sqlite3.OperationalError as e:
+            msg = str(e)
+            if ("locked" not in msg and "busy" not in msg) or time.monotonic() > deadline:
+                raise
+            time.sleep(random.uniform(0.01, 0.05))  # jittered: two retries do not meet again
+
+
 def open_database(path: str | os.PathLike | None = None) -> sqlite_utils.Database:
     """Open (creating if needed) a writable tuning database in WAL mode, migrated."""
     path = Path(path) if path is not None else default_db_path()
@@ -200,7 +224,7 @@ def open_database(path: str | os.PathLike | None = None) -> sqlite_utils.Databas
         except DatabaseError as e:
             raise DatabaseError(f"{path}: {e}") from None
         db.execute("PRAGMA foreign_keys = ON")
-        db.enable_wal()
+        enable_wal(db)
         migrate(db)
     except BaseException:
         db.close()
