@@ -334,8 +334,7 @@ class CandidateWorker:
     def close(self) -> None:
         if self.proc is not None:
             if self.proc.poll() is None:
-                with contextlib.suppress(OSError, ValueError):
-                    self.proc.stdin.close()
+                self.release()
                 try:
                     self.proc.wait(timeout=5)
                 except subprocess.TimeoutExpired:
