@@ -12,7 +12,9 @@ the tiles with two 16-row blocks per warp (warp_m = 2) or Q staged in shared mem
 "best" the fastest of session 5 for the shape's head dim only (quick A/B of two template
 versions: run twice with GFWAGEN_TEMPLATES); "sub64" adds, at D = 128, the wide tile with
 64-key softmax steps (one rescale and one Q read per tile); "wgmma" adds the warpgroup-MMA
-template's tiles (templates/tvm/fwd_wgmma.py, sm_90); "wgmma_best" only its tuned ones.
+template's tiles (templates/tvm/fwd_wgmma.py, sm_90); "wgmma_best" only its tuned ones;
+"wgmma_tma" those against the same tiles with bulk tensor copies (tma) and with the
+warp-specialized schedule (pingpong).
 --plain also times that kernel with the gate off, the gate's cost in the TVM forward. A
 config the tuner's resource model prunes for a shape (the register estimate: warp_m = 2
 with Q held at D = 128) is listed as skipped, not built.
@@ -53,16 +55,23 @@ WGMMA_TILES = [("wg", 64, 64, 3), ("wg", 64, 128, 3), ("wg", 128, 64, 3), ("wg",
 WGMMA_CONFIGS = {d: BEST_CONFIGS[d] + WGMMA_TILES for d in BEST_CONFIGS}
 # session 8's tuned wgmma tiles (the shipped database's TVM forward at S1-S5)
 WGMMA_BEST = {128: [("wg", 64, 64, 3), ("wg", 128, 128, 3)], 64: [("wg", 64, 64, 3)]}
+# session 17: the same tiles fed by bulk tensor copies (tma), and FlashAttention-3's
+# warp-specialized schedule (pingpong: a producer warpgroup, two consumers taking turns)
+WGMMA_TMA_TILES = [("wg", 64, 64, 3, "tma"), ("wg", 128, 128, 3, "tma"),
+                   ("wg", 128, 64, 3, "tma", "pingpong"), ("wg", 128, 128, 3, "tma", "pingpong")]
+WGMMA_TMA = {d: list(dict.fromkeys(WGMMA_BEST[d] + WGMMA_TILES[-1:] + WGMMA_TMA_TILES))
+             for d in WGMMA_BEST}
 PER_HEAD_DIM = {"best": BEST_CONFIGS, "sub64": SUB64_CONFIGS, "wgmma": WGMMA_CONFIGS,
-                "wgmma_best": WGMMA_BEST}
+                "wgmma_best": WGMMA_BEST, "wgmma_tma": WGMMA_TMA}
 CONFIGS = NEW_CONFIGS
 PLAIN = False
 
 
-def config(bm, bn, ns, sn=None, wm=1, qs=False) -> KernelConfig:
-    if bm == "wg":  # ("wg", block_m, block_n, num_stages): templates/tvm/fwd_wgmma.py
+def config(bm, bn, ns, sn=None, wm=1, qs=False, *flags) -> KernelConfig:
+    if bm == "wg":  # ("wg", block_m, block_n, num_stages, *switches): fwd_wgmma.py
+        switches = tuple(f for f in (wm, qs, *flags) if isinstance(f, str))
         return KernelConfig(block_m=bn, block_n=ns, num_warps=bn // 16, num_stages=sn,
-                            extra=(("wgmma", True),))
+                            extra=tuple(sorted((f, True) for f in (*switches, "wgmma"))))
     extra = (("sub_n", sn),) if sn != bn else ()
     extra += (("warp_m", wm),) if wm != 1 else ()
     extra += (("q_smem", True),) if qs else ()
@@ -70,11 +79,12 @@ def config(bm, bn, ns, sn=None, wm=1, qs=False) -> KernelConfig:
                         extra=extra)
 
 
-def config_name(bm, bn, ns, sn=None, wm=1, qs=False) -> str:
+def config_name(bm, bn, ns, sn=None, wm=1, qs=False, *flags) -> str:
     """64x64s1/32 as before; two row blocks per warp add w2, Q in shared memory q; wgmma
-    tiles are wg128x64s3."""
+    tiles are wg128x64s3, with their switches wg128x128s3+tma+pingpong."""
     if bm == "wg":
-        return f"wg{bn}x{ns}s{sn}"
+        switches = [f for f in (wm, qs, *flags) if isinstance(f, str)]
+        return f"wg{bn}x{ns}s{sn}" + "".join(f"+{f}" for f in switches)
     return f"{bm}x{bn}s{ns}/{sn}" + (f"w{wm}" if wm != 1 else "") + ("q" if qs else "")
 
 

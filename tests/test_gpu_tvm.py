@@ -93,6 +93,8 @@ def _check_forward(shape, config, label):
 # num_stages) x shapes off every tile: a window below a warpgroup's rows with GQA, a one-key
 # window, fp16, causal MQA, Dv != D ungated, a window longer than T
 WGMMA_TILES = [(64, 64, 3), (128, 64, 3), (64, 128, 3), (128, 128, 3)]
+WGMMA_TILES += [(*t, "tma") for t in WGMMA_TILES]  # the bulk tensor copies
+WGMMA_TILES += [(128, 64, 3, "tma", "pingpong"), (128, 128, 3, "tma", "pingpong")]
 WGMMA_SHAPES = [(2, 777, 8, 2, 128, 128, 200, True, torch.bfloat16), *WARP_M_SHAPES[:3],
                 (2, 200, 2, 2, 128, 64, 50, False, torch.float16),
                 (1, 250, 2, 2, 64, 128, 3000, True, torch.bfloat16)]
@@ -107,7 +109,8 @@ WGMMA_SHAPES = [(2, 777, 8, 2, 128, 128, 200, True, torch.bfloat16), *WARP_M_SHA
 def test_gpu_tvm_wgmma_matches_float64(shape, cfg):
     from gfwagen.spec import KernelConfig
 
-    config = KernelConfig(cfg[0], cfg[1], cfg[0] // 16, cfg[2], extra=(("wgmma", True),))
+    extra = tuple((k, True) for k in ("pingpong", "tma") if k in cfg) + (("wgmma", True),)
+    config = KernelConfig(cfg[0], cfg[1], cfg[0] // 16, cfg[2], extra=extra)
     D, Dv, dtype = shape[4], shape[5], tvm_backend.CPU_DTYPES[shape[8]]
     why = tvm_backend.tensor_core_template(config).supports(D, Dv, dtype, config)
     if why is not None:

@@ -428,17 +428,22 @@ def _wgmma(bm=128, bn=64, ns=3):
     return KernelConfig(bm, bn, bm // 16, ns, extra=(("wgmma", True),))
 
 
+@pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("dtype,D,Dv,gated,window,bm,bn,ns", [
     ("bf16", 128, 128, True, 256, 128, 64, 3), ("fp16", 64, 64, False, 0, 64, 128, 3),
     ("bf16", 128, 64, True, 100, 64, 128, 3)])
-def test_wgmma_forward_codegen(dtype, D, Dv, gated, window, bm, bn, ns):
+def test_wgmma_forward_codegen(dtype, D, Dv, gated, window, bm, bn, ns, tma):
     """D / 16 score MMAs (both operands from shared memory) and block_n / 16 output MMAs (P
     from registers, V transposed) per key tile, in the pipelined loop and in its prologue
-    (scores) and epilogue (P V); built for sm_90a; shared memory as the template counts it."""
+    (scores) and epilogue (P V); built for sm_90a; shared memory as the template counts it.
+    With tma, the tiles come by bulk tensor copies, one per 64-column block of Q (once) and
+    of K and V (the first two tiles, then one tile a loop step), behind mbarriers."""
     from gfwagen.backends.tvm_backend import cuda_smem_bytes, tensor_core_forward
 
     spec = KernelSpec("tvm", "fwd", D, Dv, window, dtype, gated, 2)
     cfg = _wgmma(bm, bn, ns)
+    if tma:
+        cfg = KernelConfig(bm, bn, bm // 16, ns, extra=(("tma", True), ("wgmma", True)))
     assert tensor_core_forward(spec, cfg)
     src = cuda_source(build_cuda(spec, cfg, arch="sm_90"))
     t = "bf16.bf16" if dtype == "bf16" else "f16.f16"
@@ -448,9 +453,60 @@ def test_wgmma_forward_codegen(dtype, D, Dv, gated, window, bm, bn, ns):
     assert sum(f"m64n{Dv}k16" in ln for ln in calls) == 2 * bn // 16
     assert f"wgmma.mma_async.sync.aligned.m64n{bn}k16.f32.{t}" in src
     assert f"__launch_bounds__({2 * bm})" in src
-    # one barrier a tile, one before the loop
-    assert "fence.proxy.async.shared::cta" in src and src.count("__syncthreads()") == 2
-    assert cuda_smem_bytes(spec, cfg) == 2 * bm * D + ns * (2 * bn * (D + Dv) + 4 * bn)
+    tiles = 2 * bm * D + ns * (2 * bn * (D + Dv) + 4 * bn)
+    if tma:
+        bulk = [ln for ln in src.splitlines() if "cp_async_bulk_tensor_g2s" in ln and
+                "__device__" not in ln]
+        assert len(bulk) == D // 64 + 3 * (D + Dv) // 64 and "cp.async.cg" not in src
+        assert "tensormap" in src.lower() and "__grid_constant__ CUtensorMap" in src
+        # one barrier a tile, one before the loop and one for the mbarriers' init
+        assert src.count("__syncthreads()") == 3 and "mbarrier.try_wait.parity" in src
+        assert cuda_smem_bytes(spec, cfg) == tiles + 8 * (ns + 1)
+    else:
+        # one barrier a tile, one before the loop
+        assert "fence.proxy.async.shared::cta" in src and src.count("__syncthreads()") == 2
+        assert cuda_smem_bytes(spec, cfg) == tiles
+
+
+@pytest.mark.parametrize("gated,bn", [(True, 128), (False, 64)])
+def test_wgmma_pingpong_codegen(gated, bn):
+    """The warp-specialized schedule: 384 threads, the producer warpgroup's registers handed
+    to the consumers (setmaxnreg), the consumers' turns at the tensor cores on named
+    barriers 1 and 2, each stage freed through its own mbarrier; the same products as the
+    one-warpgroup-per-64-rows loop."""
+    from gfwagen.backends.tvm_backend import cuda_smem_bytes, tensor_core_forward
+
+    spec = KernelSpec("tvm", "fwd", 128, 128, 512, "bf16", gated, 1)
+    cfg = KernelConfig(128, bn, 8, 3, extra=(("pingpong", True), ("tma", True),
+                                             ("wgmma", True)))
+    assert tensor_core_forward(spec, cfg)
+    src = cuda_source(build_cuda(spec, cfg, arch="sm_90"))
+    assert "__launch_bounds__(384)" in src
+    assert "setmaxnreg.dec.sync.aligned.u32 40" in src.replace("\"", "")
+    assert "setmaxnreg.inc.sync.aligned.u32 232" in src.replace("\"", "")
+    calls = [ln.strip() for ln in src.splitlines() if "__device__" not in ln]
+    syncs = [ln for ln in calls if ln.startswith("tvm_builtin_ptx_bar_sync_count")]
+    arrives = [ln for ln in calls if ln.startswith("tvm_builtin_ptx_bar_arrive")]
+    # a turn before the first scores, one a loop step, one before the last P V; consumer 1
+    # lets consumer 0 go first, consumer 0 hands back the last turn
+    assert len(syncs) == 3 and len(arrives) == 4
+    mma = [ln for ln in calls if "_mma_async_sync_aligned_" in ln]
+    # scores (m64n{bn}, D / 16 k steps) before and in the loop, P V (m64n128, bn / 16) in
+    # it and after
+    assert len(mma) == 2 * 128 // 16 + 2 * bn // 16
+    assert all(f"m64n{bn}k16" in ln or "m64n128k16" in ln for ln in mma)
+    assert "cp.async.cg" not in src and src.count("__syncthreads()") == 1
+    tiles = 2 * 128 * 128 + 3 * (2 * bn * 256 + 4 * bn)
+    assert cuda_smem_bytes(spec, cfg) == tiles + 8 * 4 + 8 * 3
+
+
+def test_wgmma_pingpong_needs_two_consumers_and_tma():
+    from gfwagen.backends.tvm_backend import tensor_core_template
+
+    for bm, extra in ((64, (("pingpong", True), ("tma", True))), (128, (("pingpong", True),))):
+        cfg = KernelConfig(bm, 64, bm // 16, 3, extra=extra + (("wgmma", True),))
+        why = tensor_core_template(cfg).supports(128, 128, "bf16", cfg)
+        assert why is not None and "pingpong" in why
 
 
 def test_wgmma_is_the_default_on_sm90_only():
@@ -485,14 +541,27 @@ def test_wgmma_joins_the_tuners_space_on_sm90(monkeypatch):
     assert "x_wgmma" not in space.params("tvm", "fwd", space.knobs_for(spec, gpu=True))
     monkeypatch.setattr(tvm_backend, "device_arch", lambda: "sm_90")
     p = space.params("tvm", "fwd", space.knobs_for(spec, gpu=True))
-    assert p["x_wgmma"] == (False, True)
+    assert p["x_wgmma"] == p["x_tma"] == p["x_pingpong"] == (False, True)
     vals = {"block_m": 128, "block_n": 128, "num_stages": 3, "x_sub_n": 32, "x_warp_m": 2,
-            "x_q_smem": True, "x_wgmma": True}
+            "x_q_smem": True, "x_wgmma": True, "x_tma": False}
     cfg = space.config_from_params(spec, vals, gpu=True)
     assert cfg == KernelConfig(128, 128, 8, 3, extra=(("wgmma", True),))
     assert space.feasible(spec, cfg)[0]
-    off = space.config_from_params(spec, {**vals, "num_stages": 2, "x_wgmma": False}, gpu=True)
-    assert off.get("wgmma") is None and off.get("warp_m") == 2
+    # tma off reads as the config without it, though the default has it on
+    assert space.config_params(spec, cfg, gpu=True)["x_tma"] is False
+    with_tma = space.config_from_params(spec, {**vals, "x_tma": True}, gpu=True)
+    assert with_tma == KernelConfig(128, 128, 8, 3, extra=(("tma", True), ("wgmma", True)))
+    assert space.config_params(spec, with_tma, gpu=True)["x_tma"] is True
+    off = space.config_from_params(spec, {**vals, "num_stages": 2, "x_wgmma": False,
+                                          "x_tma": True}, gpu=True)
+    # mma.sync has no bulk copies: its config drops tma
+    assert off.get("wgmma") is None and off.get("warp_m") == 2 and off.get("tma") is None
+    pp = space.config_from_params(spec, {**vals, "x_tma": True, "x_pingpong": True}, gpu=True)
+    assert pp.get("pingpong") is True and space.resources(spec, pp)["threads"] == 384
+    assert space.feasible(spec, pp)[0]
+    # pingpong without its bulk copies is not a config the template runs
+    assert not space.feasible(spec, space.config_from_params(
+        spec, {**vals, "x_pingpong": True}, gpu=True))[0]
     assert space.default(spec, gpu=True) == tvm_backend.WGMMA_CUDA_TC_CONFIG
     configs = space.enumerate_configs(spec, gpu=True)
     wg = [c for c in configs if c.get("wgmma")]

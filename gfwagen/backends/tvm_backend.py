@@ -75,8 +75,10 @@ WIDE_MIN_HEAD_DIM = 128
 # 64-key tiles, its pipelined three-stage schedule; the fastest of its tiles at S1, S2 and S5
 # on the H200 and within 9% of the fastest at S4, 1.2-1.3x faster than WIDE_CUDA_TC_CONFIG
 # at S1-S4 (benchmarks/RESULTS.md, session 8).
+# Its K, V and Q tiles come by Hopper's bulk tensor copies (extra `tma`): 8% faster at S1-S3
+# and S5 and 4% at S4 at this tile, 15% at S4's 128x128 (session 17).
 WGMMA_CUDA_TC_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=3,
-                                    extra=(("wgmma", True),))
+                                    extra=(("tma", True), ("wgmma", True)))
 # The default only up to head dims of 128, the ones run on the H200 with this schedule; at 256
 # it spills 44 bytes (offline ptxas) and the tuner, which checks every candidate against the
 # reference, may still pick it.

@@ -59,13 +59,16 @@ TVM_TC_PARAMS = {"num_stages": (1, 2, 3), "x_sub_n": (16, 32, 64), "x_warp_m": (
 # Extras of the tensor-core forward at the template's own default are left out of a config,
 # so that it reads and hashes (compile cache, tuning database) the same as one written
 # without them: the default config and the configs measured before these knobs existed.
-TVM_TC_DEFAULTS = {"warp_m": 1, "q_smem": False, "wgmma": False}
+TVM_TC_DEFAULTS = {"warp_m": 1, "q_smem": False, "wgmma": False, "pingpong": False}
 # On sm_90 the warpgroup-MMA template joins the tensor-core forward's space as x_wgmma (the
 # pseudo-knob WGMMA, which knobs_for adds there). Its tiles take block_m (64 rows per
 # warpgroup), block_n and num_stages (3 only: its pipelined schedule; mma.sync takes 1 or 2);
 # the mma.sync knobs mean nothing to it and are dropped.
 WGMMA = "wgmma"
 MMA_SYNC_ONLY = ("sub_n", "warp_m", "q_smem")
+# its bulk tensor copies (mma.sync's tiles come by cp.async) and its warp-specialized
+# schedule (a producer warpgroup, two consumers taking turns at the tensor cores)
+WGMMA_ONLY = ("tma", "pingpong")
 DEFAULT_KNOBS = ("tma",)
 CONSTRAINT_NAMES = ("smem", "registers", "failed")
 
@@ -126,6 +129,8 @@ def params(backend: str, pass_: str, knobs: tuple = ()) -> dict[str, tuple]:
             p.update(TVM_TC_PARAMS)
             if WGMMA in knobs:
                 p["x_wgmma"] = (False, True)
+                p["x_tma"] = (False, True)
+                p["x_pingpong"] = (False, True)
         else:
             p.update({f"x_{k}": tuple(v) for k, v in sorted(tvm_extras().items())})
         return p
@@ -142,14 +147,15 @@ def params(backend: str, pass_: str, knobs: tuple = ()) -> dict[str, tuple]:
 def config_from_params(spec: KernelSpec, values: dict, gpu: bool = False) -> KernelConfig:
     base = default_config(spec) if spec.backend == "triton" else _tvm_default(spec, gpu)
     # a switch that is off is left out, so a config reads the same with or without it
-    extra = {k[2:]: v for k, v in values.items()
-             if k.startswith("x_") and not (k[2:] in KNOBS and v is False)}
-    extra = {**dict(base.extra), **extra}
+    extra = {**dict(base.extra), **{k[2:]: v for k, v in values.items() if k.startswith("x_")}}
+    extra = {k: v for k, v in extra.items() if not (k in KNOBS and v is False)}
     num_warps = int(values.get("num_warps", base.num_warps))
     if spec.backend == "tvm":
         if extra.get("wgmma") is True:  # a warpgroup (4 warps) per 64 rows
             extra = {k: v for k, v in extra.items() if k not in MMA_SYNC_ONLY}
             num_warps = max(1, int(values.get("block_m", base.block_m)) // 16)
+        else:
+            extra = {k: v for k, v in extra.items() if k not in WGMMA_ONLY}
         extra = {k: v for k, v in extra.items() if not _tvm_tc_default(k, v)}
     return KernelConfig(block_m=int(values.get("block_m", base.block_m)),
                         block_n=int(values.get("block_n", base.block_n)),
@@ -179,8 +185,9 @@ def config_params(spec: KernelSpec, config: KernelConfig, knobs=None,
     out, snapped = {}, None
     for n, choices in names.items():
         out[n] = _extra_value(config, n) if n.startswith("x_") else getattr(config, n)
-        if config.get("wgmma") and n[2:] in MMA_SYNC_ONLY:
-            out[n] = choices[0]  # any value the study accepts: a wgmma config drops it
+        if spec.backend == "tvm" and n[2:] in (MMA_SYNC_ONLY if config.get("wgmma")
+                                               else WGMMA_ONLY):
+            out[n] = choices[0]  # any value the study accepts: the other template drops it
         if out[n] in choices:
             continue
         if n.startswith("x_") and config.get(n[2:]) is None:
@@ -226,8 +233,10 @@ def resources(spec: KernelSpec, config: KernelConfig) -> dict:
 
         if tensor_core_forward(spec, config) and config.get("wgmma"):  # 128 per 64 rows
             regs = tensor_core_template(config).registers(D, Dv, config)
+            # pingpong: and a producer warpgroup
+            threads = 2 * BM + 128 * bool(config.get("pingpong", False))
             return {"smem": cuda_smem_bytes(spec, config), "registers": regs,
-                    "threads": 2 * BM}
+                    "threads": threads}
         if tensor_core_forward(spec, config):  # a warp per 16 x warp_m rows
             wm = config.get("warp_m", 1)
             # estimated at two row blocks per warp only: one block's tiles are the op's

@@ -42,6 +42,18 @@ and A register u holds (row g + 8 (u % 2), k 2 t + 8 (u // 2) + {0, 1}).
 
 The gate and the masks are those of fwd_cuda.py: a float64 reference c[b, h, i0] per query
 tile, logits in log2 units, tiles inside every row's window skip the mask.
+
+Config extras (session 17, H200 numbers in benchmarks/RESULTS.md):
+- `tma`: Q, K and V come by bulk tensor copies (cp.async.bulk.tensor through tensor maps the
+  host encodes per call, 128-byte swizzle), one thread issuing them against an mbarrier per
+  stage, instead of every thread's cp.async and its index math. S4's 128x128 tile: 2.57 ->
+  2.18 ms.
+- `pingpong` (with tma, block_m 128): FlashAttention-3's warp specialization. A producer
+  warpgroup (40 registers; one warp works) fills the stages and writes the gate sums; two
+  consumer warpgroups (232 registers) run the pipelined loop on 64 rows each and take turns
+  issuing their products on named barriers, so one's softmax overlaps the other's matrix
+  work. S4: 1.93 ms gated, 1.86 ungated (the gate's cost 4%). Offline ptxas spills 88 bytes
+  (gated) and 16 (ungated) per consumer thread at 128x128 under the 232-register cap.
 """
 
 from __future__ import annotations
@@ -54,6 +66,7 @@ _WGMMA = {"fp16": "f32.f16.f16", "bf16": "f32.bf16.bf16"}
 _PACK = {"fp16": "cvt.rn.f16x2.f32", "bf16": "cvt.rn.bf16x2.f32"}
 ATOM = 64  # elements per swizzled row (128 bytes of fp16/bf16)
 SW128 = 3  # the descriptor encoder's code for the 128-byte swizzle
+SW128_MAP = 3  # CUtensorMapSwizzle's code for it (CU_TENSOR_MAP_SWIZZLE_128B)
 
 
 def supports(head_dim, value_dim, dtype, config) -> str | None:
@@ -69,6 +82,8 @@ def supports(head_dim, value_dim, dtype, config) -> str | None:
         return f"block_n {bn} (a multiple of 16, <= 256)"
     if ns != 3:
         return f"num_stages {ns} (3: K and V a tile ahead of the pipelined schedule)"
+    if config.get("pingpong", False) and (bm != 128 or not config.get("tma", False)):
+        return "pingpong (two consumer warpgroups fed by bulk copies: block_m 128 and tma)"
     threads = 2 * bm
     for dim in (head_dim, value_dim):
         if (bn * dim // 8) % threads or (bm * head_dim // 8) % threads:
@@ -78,7 +93,10 @@ def supports(head_dim, value_dim, dtype, config) -> str | None:
 
 def smem_bytes(head_dim, value_dim, config) -> int:
     bm, bn, ns = int(config.block_m), int(config.block_n), int(config.num_stages)
-    return 2 * bm * head_dim + ns * (2 * bn * (head_dim + value_dim) + 4 * bn)
+    barriers = 8 * (ns + 1) if config.get("tma", False) else 0
+    if config.get("pingpong", False):
+        barriers += 8 * ns  # a stage's "free" barrier
+    return 2 * bm * head_dim + ns * (2 * bn * (head_dim + value_dim) + 4 * bn) + barriers
 
 
 def registers(head_dim, value_dim, config) -> int:
@@ -100,6 +118,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     dt = _DT[dtype]
     gated = bool(gated)
     BM, BN, NS = int(config.block_m), int(config.block_n), int(config.num_stages)
+    TMA = bool(config.get("tma", False))
+    PP = bool(config.get("pingpong", False))
     NT = 2 * BM  # a warpgroup of 128 threads per 64 rows
     NB = BN // 8  # 8-key accumulator blocks of S
     NDB = DV // 8  # 8-column blocks of O
@@ -113,7 +133,12 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     K_OFF = Q_OFF + 2 * BM * D
     V_OFF = K_OFF + NS * 2 * BN * D
     C_OFF = V_OFF + NS * 2 * BN * DV
-    WORDS = (C_OFF + NS * BN * 4) // 4
+    # with tma: one mbarrier (8 bytes) for Q and one per stage, after the gate sums
+    MB_OFF = C_OFF + NS * BN * 4
+    # pingpong: then NS "free" barriers, which the consumers release a stage on
+    FREE = 1 + NS
+    WORDS = (MB_OFF + (8 * (NS + 1) if TMA else 0) + (8 * NS if PP else 0)) // 4
+    TILE_BYTES = 2 * BN * (D + DV)  # what one key tile's bulk copies deliver
 
     @T.macro
     def copy_rows(smem, base, rows_here, flat, start, row_elems, last, dim, tx):
@@ -137,6 +162,48 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                 T.address_of(flat[start + T.Cast("int64", T.min(jr, last) * row_elems + cc * 8)]),
                 16,
             )
+
+    # Hopper's tensor memory accelerator (config extra `tma`): one thread issues a bulk copy
+    # per 64-column atom block and arms the stage's mbarrier with the bytes to expect. The
+    # tensor maps' 128-byte swizzle is the atoms' own, so tiles land where copy_rows puts
+    # them, and rows past the sequence arrive as zeros (finite, masked like the clamped
+    # rows). It takes the copies' index math off every thread: about 170 of a 64x64 tile's
+    # ~570 instructions per thread in this issue-bound loop (RESULTS.md, session 8).
+    q_map = T.Var("q_tmap", ty=T.handle("tensormap").ty)
+    k_map = T.Var("k_tmap", ty=T.handle("tensormap").ty)
+    v_map = T.Var("v_tmap", ty=T.handle("tensormap").ty)
+
+    def mbar(smem, i):
+        return T.address_of(smem[MB_OFF // 4 + 2 * i])
+
+    @T.macro
+    def bulk_rows(smem, base, tmap, rows, dim, row0, head, b, bar):
+        for cb in T.unroll(dim // ATOM):
+            T.ptx[
+                "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
+            ](
+                T.address_of(smem[(base + cb * (rows * 128)) // 4]),
+                T.address_of(tmap),
+                cb * ATOM,
+                T.Cast("int32", head),
+                T.Cast("int32", row0),
+                T.Cast("int32", b),
+                bar,
+            )
+
+    @T.macro
+    def bulk_tile(kt, st, smem, b, hk):
+        # by one thread; stage st's mbarrier completes when both tiles are in
+        T.ptx["mbarrier.arrive.expect_tx.shared::cta.b64"](mbar(smem, 1 + st), TILE_BYTES)
+        bulk_rows(smem, K_OFF + st * (2 * BN * D), k_map, BN, D, kt * BN, hk, b,
+                  mbar(smem, 1 + st))
+        bulk_rows(smem, V_OFF + st * (2 * BN * DV), v_map, BN, DV, kt * BN, hk, b,
+                  mbar(smem, 1 + st))
+
+    @T.macro
+    def wait_tile(n, smem):
+        # tile n of the block (0-based) sits in stage n % NS, that barrier's (n // NS)-th phase
+        T.cuda.mbarrier_wait(mbar(smem, 1 + n % NS), n // NS % 2)
 
     @T.macro
     def load_tile(kt, st, smem, kf, vf, b, hk, L, HKV, tx):
@@ -276,6 +343,71 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                 x = (kk * 2 + u // 2) * 4 + u % 2 * 2
                 T.ptx[pack](p_r[kk * 4 + u], s_r[x + 1], s_r[x])
 
+    @T.macro
+    def init_rows(row0, i0, b, h, L, c, m_r, l_r, cq_r, acc, s_r):
+        for r in T.unroll(2):
+            m_r[r] = T.float32(MASK)
+            l_r[r] = T.float32(0)
+            if gated:
+                cq_r[r] = T.Cast(
+                    "float32", c[b, h, T.min(row0 + r * 8, L - 1)] - c[b, h, i0]
+                ) * T.float32(LOG2E)
+            else:
+                cq_r[r] = T.float32(0)
+        for x in T.unroll(DV // 2):
+            acc[x] = T.float32(0)
+        for x in T.unroll(BN // 2):
+            s_r[x] = T.float32(0)
+
+    @T.macro
+    def store_rows(row0, b, h, L, t4, acc, l_r, m_r, cq_r, o, lse):
+        # the row sums were per thread: add the quad's four
+        for r in T.unroll(2):
+            lt: T.float32 = l_r[r]
+            lt = lt + T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), lt, 1, 32)
+            lt = lt + T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), lt, 2, 32)
+            inv: T.float32 = T.float32(1) / lt
+            ii = row0 + r * 8
+            if ii < L:
+                for db in T.unroll(NDB):
+                    for e in T.unroll(2):
+                        o[b, ii, h, db * 8 + t4 * 2 + e] = T.Cast(
+                            dt, acc[db * 4 + r * 2 + e] * inv
+                        )
+                if t4 == 0:
+                    lse[b, h, ii] = (m_r[r] + T.log2(lt) + cq_r[r]) * T.float32(LN2)
+
+    # ---- pingpong: FlashAttention-3's schedule. A producer warpgroup (one working warp,
+    # few registers) keeps the stages filled by bulk copies and writes the key tiles' gate
+    # sums; two consumer warpgroups of 64 rows each run the pipelined loop below, and take
+    # turns issuing their matrix products (named barriers 1 and 2), so that one's softmax
+    # runs while the other's products keep the tensor cores busy. A consumer frees a stage
+    # once its P V is done (every consumer thread arrives on the stage's free barrier).
+    NPP = 3 * 128
+    PRODUCER_REGS, CONSUMER_REGS = 40, 232  # 128 x 40 + 256 x 232 <= 64K registers
+    GPL = (BN + 31) // 32  # gate sums per producer lane per tile
+
+    @T.macro
+    def produce(n_tiles, kt_lo, smem, c, b, h, hk, L, i0, lane):
+        cref_p: T.float64 = c[b, h, i0]
+        for n in T.serial(T.Cast("int32", n_tiles)):
+            kt = kt_lo + T.Cast("int64", n)
+            st = n % NS
+            if n >= NS:  # both consumers done with the tile NS back
+                T.cuda.mbarrier_wait(mbar(smem, FREE + st), (n // NS + 1) % 2)
+            if gated:
+                for rr in T.unroll(GPL):
+                    if rr * 32 + lane < BN:
+                        T.ptx["st.shared.f32"](
+                            T.address_of(smem[C_OFF // 4 + st * BN + rr * 32 + lane]),
+                            T.Cast("float32", c[b, h, T.min(kt * BN + rr * 32 + lane, L - 1)]
+                                   - cref_p) * T.float32(LOG2E),
+                        )
+            if lane == 0:
+                bulk_tile(kt, st, smem, b, hk)
+            elif gated:  # the gate sums' writers arrive too (the barrier counts 32)
+                T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, 1 + st))
+
     @T.prim_func
     def gfwa_fwd(
         q_h: T.handle,
@@ -300,16 +432,32 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         c = T.match_buffer(c_h, (CB, CH, CT), "float64")
         o = T.match_buffer(o_h, (B, L, HQ, DV), dt)
         lse = T.match_buffer(lse_h, (B, HQ, L), "float32")
+        if TMA:
+            # host side: dims innermost first (D, heads, T, B), byte strides of the outer
+            # three, boxes of one 64-column atom block by a tile's rows
+            T.Bind(T.tvm_stack_alloca("tensormap", 1), var=q_map)
+            T.tensormap_encode_tiled(
+                q_map, q.data, D, HQ, L, B, T.int64(2 * D), HQ * (2 * D), L * HQ * (2 * D),
+                ATOM, 1, BM, 1, 1, 1, 1, 1, descriptor_dtype=dt, rank=4, swizzle=SW128_MAP)
+            T.Bind(T.tvm_stack_alloca("tensormap", 1), var=k_map)
+            T.tensormap_encode_tiled(
+                k_map, k.data, D, HKV, L, B, T.int64(2 * D), HKV * (2 * D), L * HKV * (2 * D),
+                ATOM, 1, BN, 1, 1, 1, 1, 1, descriptor_dtype=dt, rank=4, swizzle=SW128_MAP)
+            T.Bind(T.tvm_stack_alloca("tensormap", 1), var=v_map)
+            T.tensormap_encode_tiled(
+                v_map, v.data, DV, HKV, L, B, T.int64(2 * DV), HKV * (2 * DV),
+                L * HKV * (2 * DV), ATOM, 1, BN, 1, 1, 1, 1, 1, descriptor_dtype=dt, rank=4,
+                swizzle=SW128_MAP)
         # flat views for the copies (copy_rows says why)
         qf = T.decl_buffer((B * L * HQ * D,), dt, data=q.data)
         kf = T.decl_buffer((B * L * HKV * D,), dt, data=k.data)
         vf = T.decl_buffer((B * L * HKV * DV,), dt, data=v.data)
         for tile in T.thread_binding(B * HQ * ((L + BM - 1) // BM), thread="blockIdx.x"):
-            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+            for tx in T.thread_binding(NPP if PP else NT, thread="threadIdx.x"):
                 # one buffer: a second one would be merged at an offset of TVM's choosing,
                 # and the swizzle needs every region on a 1024-byte boundary
                 smem = T.alloc_buffer((WORDS,), "float32", scope="shared.dyn")
-                if gated:
+                if gated and not PP:
                     cg_r = T.alloc_buffer((NGC,), "float64", scope="local")
                 s_r = T.alloc_buffer((BN // 2,), "float32", scope="local")
                 p_r = T.alloc_buffer((BN // 4,), "uint32", scope="local")
@@ -326,104 +474,177 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                 h = tile // nq % HQ
                 i0 = tile % nq * BM
                 hk = h // G
-                wg = tx // 128
-                lane = tx % 32
-                t4 = lane % 4
-                # this thread's rows: row0 and row0 + 8
-                row0 = i0 + tx // 32 * 16 + lane // 4
-                sl2 = scale * T.float32(LOG2E)
-                # the block's Q rows (their own commit group, the oldest: the first tile's
-                # wait covers it)
-                copy_rows(smem, Q_OFF, BM, qf, ((b * L + i0) * HQ + h) * D,
-                          T.Cast("int32", HQ * D), T.Cast("int32", L - 1 - i0), D, tx)
-                T.ptx["cp.async.commit_group"]()
-                for r in T.unroll(2):
-                    m_r[r] = T.float32(MASK)
-                    l_r[r] = T.float32(0)
-                    if gated:
-                        cq_r[r] = T.Cast(
-                            "float32", c[b, h, T.min(row0 + r * 8, L - 1)] - c[b, h, i0]
-                        ) * T.float32(LOG2E)
-                    else:
-                        cq_r[r] = T.float32(0)
-                for x in T.unroll(DV // 2):
-                    acc[x] = T.float32(0)
-                for x in T.unroll(BN // 2):
-                    s_r[x] = T.float32(0)
-                kt_hi = (T.min(L, i0 + BM) + BN - 1) // BN
-                kt_lo = T.int64(0)
-                if W > 0:
-                    kt_lo = T.max(i0 - (W - 1), T.int64(0)) // BN
-                n_tiles = kt_hi - kt_lo
-
-                if gated:
-                    cref: T.float64 = c[b, h, i0]
-                    if n_tiles > 0:
-                        gate_fetch(kt_lo, cg_r, c, b, h, L, tx)
-                # Pipelined: iteration it issues the next tile's scores and this tile's
-                # P V together, computes the next tile's softmax while P V runs, and
-                # rescales O once it is done; K and V stay a tile ahead in three stages,
-                # with one barrier per tile
-                if n_tiles > 0:
-                    load_tile(kt_lo, 0, smem, kf, vf, b, hk, L, HKV, tx)
-                    if gated:
-                        gate_store(0, cg_r, smem, cref, tx)
-                    T.ptx["cp.async.commit_group"]()
-                    T.ptx["cp.async.wait_group"](0)
-                    # cp.async writes through the generic proxy, wgmma reads through
-                    # the async one
-                    T.ptx["fence.proxy.async.shared::cta"]()
+                if PP:
+                    lane = tx % 32
+                    t4 = lane % 4
+                    kt_hi = (T.min(L, i0 + BM) + BN - 1) // BN
+                    kt_lo = T.int64(0)
+                    if W > 0:
+                        kt_lo = T.max(i0 - (W - 1), T.int64(0)) // BN
+                    n_tiles = kt_hi - kt_lo
+                    if tx == 0:
+                        T.ptx["mbarrier.init.shared::cta.b64"](mbar(smem, 0), 1)
+                        for i in T.unroll(NS):
+                            T.ptx["mbarrier.init.shared::cta.b64"](mbar(smem, 1 + i),
+                                                                   32 if gated else 1)
+                            T.ptx["mbarrier.init.shared::cta.b64"](mbar(smem, FREE + i), 256)
+                        T.ptx["fence.mbarrier_init.release.cluster"]()
                     T.tvm_storage_sync("shared")
-                    if n_tiles > 1:
-                        load_tile(kt_lo + 1, 1, smem, kf, vf, b, hk, L, HKV, tx)
-                        if gated:
-                            gate_fetch(kt_lo + 1, cg_r, c, b, h, L, tx)
-                    T.ptx["cp.async.commit_group"]()
-                    T.ptx["wgmma.fence.sync.aligned"]()
-                    issue_scores(0, wg, smem, s_r, qd, kd)
-                    T.ptx["wgmma.wait_group.sync.aligned"](0)
-                    softmax(kt_lo, 0, i0, row0, s_r, smem, m_r, l_r, al_r, t4, sl2)
-                    rescale_pack(s_r, p_r, acc, al_r)
-                    for it in T.serial(T.Cast("int32", n_tiles) - 1):
-                        kt = kt_lo + T.Cast("int64", it)
-                        st = it % 3
-                        if gated:  # the next tile's gate sums, fetched a tile ago
-                            gate_store((it + 1) % 3, cg_r, smem, cref, tx)
-                        T.ptx["cp.async.wait_group"](0)
-                        T.ptx["fence.proxy.async.shared::cta"]()
-                        # the next tile is in; every warpgroup is done with the last
-                        # one, whose stage the tile after next now takes
-                        T.tvm_storage_sync("shared")
-                        if T.Cast("int64", it) + 2 < n_tiles:
-                            load_tile(kt + 2, (it + 2) % 3, smem, kf, vf, b, hk, L, HKV, tx)
-                            if gated:
-                                gate_fetch(kt + 2, cg_r, c, b, h, L, tx)
-                        T.ptx["cp.async.commit_group"]()
+                    if tx < 128:
+                        T.ptx["setmaxnreg.dec.sync.aligned.u32"](PRODUCER_REGS)
+                        if tx < 32:
+                            if tx == 0:
+                                T.ptx["mbarrier.arrive.expect_tx.shared::cta.b64"](mbar(smem, 0),
+                                                                                   2 * BM * D)
+                                bulk_rows(smem, Q_OFF, q_map, BM, D, i0, h, b, mbar(smem, 0))
+                            produce(n_tiles, kt_lo, smem, c, b, h, hk, L, i0, lane)
+                    else:
+                        T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS)
+                        cw = tx // 128 - 1  # consumer warpgroup: rows 64 cw .. 64 cw + 63
+                        row0 = i0 + (tx - 128) // 32 * 16 + lane // 4
+                        sl2 = scale * T.float32(LOG2E)
+                        init_rows(row0, i0, b, h, L, c, m_r, l_r, cq_r, acc, s_r)
+                        if cw == 1:  # consumer 0 issues first
+                            T.ptx["bar.arrive"](T.uint32(1), T.uint32(256))
+                        T.cuda.mbarrier_wait(mbar(smem, 0), 0)
+                        wait_tile(0, smem)
+                        T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
                         T.ptx["wgmma.fence.sync.aligned"]()
-                        issue_scores((it + 1) % 3, wg, smem, s_r, qd, kd)
-                        issue_pv(st, smem, p_r, acc, vd)
-                        T.ptx["wgmma.wait_group.sync.aligned"](1)
-                        softmax(kt + 1, (it + 1) % 3, i0, row0, s_r, smem, m_r, l_r, al_r,
-                                t4, sl2)
+                        issue_scores(0, cw, smem, s_r, qd, kd)
+                        T.ptx["bar.arrive"](T.Cast("uint32", 2 - cw), T.uint32(256))
                         T.ptx["wgmma.wait_group.sync.aligned"](0)
+                        softmax(kt_lo, 0, i0, row0, s_r, smem, m_r, l_r, al_r, t4, sl2)
                         rescale_pack(s_r, p_r, acc, al_r)
-                    T.ptx["wgmma.fence.sync.aligned"]()
-                    issue_pv((n_tiles - 1) % 3, smem, p_r, acc, vd)
-                    T.ptx["wgmma.wait_group.sync.aligned"](0)
-                # ---- epilogue: the row sums were per thread, add the quad's four
-                for r in T.unroll(2):
-                    lt: T.float32 = l_r[r]
-                    lt = lt + T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), lt, 1, 32)
-                    lt = lt + T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), lt, 2, 32)
-                    inv: T.float32 = T.float32(1) / lt
-                    ii = row0 + r * 8
-                    if ii < L:
-                        for db in T.unroll(NDB):
-                            for e in T.unroll(2):
-                                o[b, ii, h, db * 8 + t4 * 2 + e] = T.Cast(
-                                    dt, acc[db * 4 + r * 2 + e] * inv
-                                )
-                        if t4 == 0:
-                            lse[b, h, ii] = (m_r[r] + T.log2(lt) + cq_r[r]) * T.float32(LN2)
+                        for it in T.serial(T.Cast("int32", n_tiles) - 1):
+                            kt = kt_lo + T.Cast("int64", it)
+                            wait_tile(it + 1, smem)
+                            T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
+                            T.ptx["wgmma.fence.sync.aligned"]()
+                            issue_scores((it + 1) % NS, cw, smem, s_r, qd, kd)
+                            issue_pv(it % NS, smem, p_r, acc, vd)
+                            T.ptx["bar.arrive"](T.Cast("uint32", 2 - cw), T.uint32(256))
+                            T.ptx["wgmma.wait_group.sync.aligned"](1)
+                            softmax(kt + 1, (it + 1) % NS, i0, row0, s_r, smem, m_r, l_r, al_r,
+                                    t4, sl2)
+                            T.ptx["wgmma.wait_group.sync.aligned"](0)
+                            # tile it's K, V and gate sums are read: its stage is free
+                            T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, FREE + it % NS))
+                            rescale_pack(s_r, p_r, acc, al_r)
+                        T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
+                        T.ptx["wgmma.fence.sync.aligned"]()
+                        issue_pv((n_tiles - 1) % NS, smem, p_r, acc, vd)
+                        if cw == 0:  # consumer 1's last turn (it has none to hand on)
+                            T.ptx["bar.arrive"](T.uint32(2), T.uint32(256))
+                        T.ptx["wgmma.wait_group.sync.aligned"](0)
+                        store_rows(row0, b, h, L, t4, acc, l_r, m_r, cq_r, o, lse)
+                else:
+                    wg = tx // 128
+                    lane = tx % 32
+                    t4 = lane % 4
+                    # this thread's rows: row0 and row0 + 8
+                    row0 = i0 + tx // 32 * 16 + lane // 4
+                    sl2 = scale * T.float32(LOG2E)
+                    # the block's Q rows (their own commit group, the oldest: the first tile's
+                    # wait covers it)
+                    if TMA:
+                        if tx == 0:
+                            for i in T.unroll(NS + 1):
+                                T.ptx["mbarrier.init.shared::cta.b64"](mbar(smem, i), 1)
+                            # the initialized barriers, visible to the async proxy (the copies)
+                            T.ptx["fence.mbarrier_init.release.cluster"]()
+                        T.tvm_storage_sync("shared")
+                        if tx == 0:
+                            T.ptx["mbarrier.arrive.expect_tx.shared::cta.b64"](mbar(smem, 0),
+                                                                               2 * BM * D)
+                            bulk_rows(smem, Q_OFF, q_map, BM, D, i0, h, b, mbar(smem, 0))
+                    else:
+                        copy_rows(smem, Q_OFF, BM, qf, ((b * L + i0) * HQ + h) * D,
+                                  T.Cast("int32", HQ * D), T.Cast("int32", L - 1 - i0), D, tx)
+                        T.ptx["cp.async.commit_group"]()
+                    init_rows(row0, i0, b, h, L, c, m_r, l_r, cq_r, acc, s_r)
+                    kt_hi = (T.min(L, i0 + BM) + BN - 1) // BN
+                    kt_lo = T.int64(0)
+                    if W > 0:
+                        kt_lo = T.max(i0 - (W - 1), T.int64(0)) // BN
+                    n_tiles = kt_hi - kt_lo
+
+                    if gated:
+                        cref: T.float64 = c[b, h, i0]
+                        if n_tiles > 0:
+                            gate_fetch(kt_lo, cg_r, c, b, h, L, tx)
+                    # Pipelined: iteration it issues the next tile's scores and this tile's
+                    # P V together, computes the next tile's softmax while P V runs, and
+                    # rescales O once it is done; K and V stay a tile ahead in three stages,
+                    # with one barrier per tile
+                    if TMA:
+                        if n_tiles > 0:
+                            if tx == 0:
+                                bulk_tile(kt_lo, 0, smem, b, hk)
+                                if n_tiles > 1:
+                                    bulk_tile(kt_lo + 1, 1, smem, b, hk)
+                            if gated:
+                                gate_store(0, cg_r, smem, cref, tx)
+                            wait_tile(0, smem)
+                        # Q too: no block leaves with a copy in flight
+                        T.cuda.mbarrier_wait(mbar(smem, 0), 0)
+                    if n_tiles > 0:
+                        if not TMA:
+                            load_tile(kt_lo, 0, smem, kf, vf, b, hk, L, HKV, tx)
+                            if gated:
+                                gate_store(0, cg_r, smem, cref, tx)
+                            T.ptx["cp.async.commit_group"]()
+                            T.ptx["cp.async.wait_group"](0)
+                            # cp.async writes through the generic proxy, wgmma reads through
+                            # the async one
+                            T.ptx["fence.proxy.async.shared::cta"]()
+                        T.tvm_storage_sync("shared")
+                        if n_tiles > 1:
+                            if not TMA:
+                                load_tile(kt_lo + 1, 1, smem, kf, vf, b, hk, L, HKV, tx)
+                            if gated:
+                                gate_fetch(kt_lo + 1, cg_r, c, b, h, L, tx)
+                        if not TMA:
+                            T.ptx["cp.async.commit_group"]()
+                        T.ptx["wgmma.fence.sync.aligned"]()
+                        issue_scores(0, wg, smem, s_r, qd, kd)
+                        T.ptx["wgmma.wait_group.sync.aligned"](0)
+                        softmax(kt_lo, 0, i0, row0, s_r, smem, m_r, l_r, al_r, t4, sl2)
+                        rescale_pack(s_r, p_r, acc, al_r)
+                        for it in T.serial(T.Cast("int32", n_tiles) - 1):
+                            kt = kt_lo + T.Cast("int64", it)
+                            st = it % 3
+                            if gated:  # the next tile's gate sums, fetched a tile ago
+                                gate_store((it + 1) % 3, cg_r, smem, cref, tx)
+                            if TMA:
+                                wait_tile(it + 1, smem)
+                            else:
+                                T.ptx["cp.async.wait_group"](0)
+                                T.ptx["fence.proxy.async.shared::cta"]()
+                            # the next tile is in; every warpgroup is done with the last
+                            # one, whose stage the tile after next now takes
+                            T.tvm_storage_sync("shared")
+                            if T.Cast("int64", it) + 2 < n_tiles:
+                                if TMA:
+                                    if tx == 0:
+                                        bulk_tile(kt + 2, (it + 2) % 3, smem, b, hk)
+                                else:
+                                    load_tile(kt + 2, (it + 2) % 3, smem, kf, vf, b, hk, L, HKV,
+                                              tx)
+                                if gated:
+                                    gate_fetch(kt + 2, cg_r, c, b, h, L, tx)
+                            if not TMA:
+                                T.ptx["cp.async.commit_group"]()
+                            T.ptx["wgmma.fence.sync.aligned"]()
+                            issue_scores((it + 1) % 3, wg, smem, s_r, qd, kd)
+                            issue_pv(st, smem, p_r, acc, vd)
+                            T.ptx["wgmma.wait_group.sync.aligned"](1)
+                            softmax(kt + 1, (it + 1) % 3, i0, row0, s_r, smem, m_r, l_r, al_r,
+                                    t4, sl2)
+                            T.ptx["wgmma.wait_group.sync.aligned"](0)
+                            rescale_pack(s_r, p_r, acc, al_r)
+                        T.ptx["wgmma.fence.sync.aligned"]()
+                        issue_pv((n_tiles - 1) % 3, smem, p_r, acc, vd)
+                        T.ptx["wgmma.wait_group.sync.aligned"](0)
+                    store_rows(row0, b, h, L, t4, acc, l_r, m_r, cq_r, o, lse)
 
     return gfwa_fwd
