@@ -345,12 +345,13 @@ def main(argv=None):
                 if args.check:
                     err = check(fns[c], gated, s, q, k, v, g, dout)
                     checks.append({"shape": name, "contender": c, **err})
-                    print(f"  [check] {c:15s} " + " ".join(f"{n}={e:.2e}" for n, e in err.items()))
+                    print(f"  [check] {c:15s} " + " ".join(f"{n}={e:.2e}" for n, e in err.items()),
+                          flush=True)
             except Exception as e:  # e.g. OOM: report it and go on with the next one
                 failed[c] = _error(c, e)
                 fns.pop(c, None)
         rounds = {c: {} for c in fns}
-        for order in round_orders(list(fns), args.rounds):
+        for rnd, order in enumerate(round_orders(list(fns), args.rounds)):
             for c in order:
                 if c in failed:
                     continue
@@ -362,6 +363,9 @@ def main(argv=None):
                     failed[c] = _error(c, e)
                 for mode, t in ms.items():
                     rounds[c].setdefault(mode, []).append(t)
+                # as it comes: a run cut short by a time limit still leaves what it measured
+                print(f"  [round {rnd + 1}] {c:15s} "
+                      + "  ".join(f"{m} {t:.3f} ms" for m, t in ms.items()), flush=True)
         for c in makers:
             if c in failed:
                 results.append({"shape": name, "contender": c, "mode": "error",
