@@ -177,6 +177,16 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         return T.address_of(smem[MB_OFF // 4 + 2 * i])
 
     @T.macro
+    def encode_map(tmap, data, dim, heads, L, B, rows):
+        # host side: a [B, L, heads, dim] tensor's dims innermost first, the byte strides of
+        # the outer three, boxes of one 64-column atom block by `rows` rows
+        T.Bind(T.tvm_stack_alloca("tensormap", 1), var=tmap)
+        T.tensormap_encode_tiled(
+            tmap, data, dim, heads, L, B, T.int64(2 * dim), heads * (2 * dim),
+            L * heads * (2 * dim), ATOM, 1, rows, 1, 1, 1, 1, 1, descriptor_dtype=dt, rank=4,
+            swizzle=SW128_MAP)
+
+    @T.macro
     def bulk_rows(smem, base, tmap, rows, dim, row0, head, b, bar):
         for cb in T.unroll(dim // ATOM):
             T.ptx[
@@ -199,6 +209,12 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                   mbar(smem, 1 + st))
         bulk_rows(smem, V_OFF + st * (2 * BN * DV), v_map, BN, DV, kt * BN, hk, b,
                   mbar(smem, 1 + st))
+
+    @T.macro
+    def bulk_q(smem, i0, h, b):
+        # by one thread: the block's Q rows, behind barrier 0
+        T.ptx["mbarrier.arrive.expect_tx.shared::cta.b64"](mbar(smem, 0), 2 * BM * D)
+        bulk_rows(smem, Q_OFF, q_map, BM, D, i0, h, b, mbar(smem, 0))
 
     @T.macro
     def wait_tile(n, smem):
@@ -433,21 +449,9 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         o = T.match_buffer(o_h, (B, L, HQ, DV), dt)
         lse = T.match_buffer(lse_h, (B, HQ, L), "float32")
         if TMA:
-            # host side: dims innermost first (D, heads, T, B), byte strides of the outer
-            # three, boxes of one 64-column atom block by a tile's rows
-            T.Bind(T.tvm_stack_alloca("tensormap", 1), var=q_map)
-            T.tensormap_encode_tiled(
-                q_map, q.data, D, HQ, L, B, T.int64(2 * D), HQ * (2 * D), L * HQ * (2 * D),
-                ATOM, 1, BM, 1, 1, 1, 1, 1, descriptor_dtype=dt, rank=4, swizzle=SW128_MAP)
-            T.Bind(T.tvm_stack_alloca("tensormap", 1), var=k_map)
-            T.tensormap_encode_tiled(
-                k_map, k.data, D, HKV, L, B, T.int64(2 * D), HKV * (2 * D), L * HKV * (2 * D),
-                ATOM, 1, BN, 1, 1, 1, 1, 1, descriptor_dtype=dt, rank=4, swizzle=SW128_MAP)
-            T.Bind(T.tvm_stack_alloca("tensormap", 1), var=v_map)
-            T.tensormap_encode_tiled(
-                v_map, v.data, DV, HKV, L, B, T.int64(2 * DV), HKV * (2 * DV),
-                L * HKV * (2 * DV), ATOM, 1, BN, 1, 1, 1, 1, 1, descriptor_dtype=dt, rank=4,
-                swizzle=SW128_MAP)
+            encode_map(q_map, q.data, D, HQ, L, B, BM)
+            encode_map(k_map, k.data, D, HKV, L, B, BN)
+            encode_map(v_map, v.data, DV, HKV, L, B, BN)
         # flat views for the copies (copy_rows says why)
         qf = T.decl_buffer((B * L * HQ * D,), dt, data=q.data)
         kf = T.decl_buffer((B * L * HKV * D,), dt, data=k.data)
@@ -494,9 +498,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                         T.ptx["setmaxnreg.dec.sync.aligned.u32"](PRODUCER_REGS)
                         if tx < 32:
                             if tx == 0:
-                                T.ptx["mbarrier.arrive.expect_tx.shared::cta.b64"](mbar(smem, 0),
-                                                                                   2 * BM * D)
-                                bulk_rows(smem, Q_OFF, q_map, BM, D, i0, h, b, mbar(smem, 0))
+                                bulk_q(smem, i0, h, b)
                             produce(n_tiles, kt_lo, smem, c, b, h, hk, L, i0, lane)
                     else:
                         T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS)
@@ -554,9 +556,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                             T.ptx["fence.mbarrier_init.release.cluster"]()
                         T.tvm_storage_sync("shared")
                         if tx == 0:
-                            T.ptx["mbarrier.arrive.expect_tx.shared::cta.b64"](mbar(smem, 0),
-                                                                               2 * BM * D)
-                            bulk_rows(smem, Q_OFF, q_map, BM, D, i0, h, b, mbar(smem, 0))
+                            bulk_q(smem, i0, h, b)
                     else:
                         copy_rows(smem, Q_OFF, BM, qf, ((b * L + i0) * HQ + h) * D,
                                   T.Cast("int32", HQ * D), T.Cast("int32", L - 1 - i0), D, tx)
