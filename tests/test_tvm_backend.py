@@ -3,6 +3,7 @@ CUDA variant's compilation without a GPU."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import zlib
 
@@ -496,6 +497,10 @@ def test_wgmma_pingpong_codegen(gated, bn):
     assert len(mma) == 2 * 128 // 16 + 2 * bn // 16
     assert all(f"m64n{bn}k16" in ln or "m64n128k16" in ln for ln in mma)
     assert "cp.async.cg" not in src and src.count("__syncthreads()") == 1
+    # gate off, the prefix sums are a one-element dummy [1, 1, 1]: the kernel must not index
+    # it by (batch, head, row), which read past it before
+    kernel = src[src.index('extern "C" __global__'):]
+    assert bool(re.search(r"\bc_ptr\[", kernel)) is gated
     tiles = 2 * 128 * 128 + 3 * (2 * bn * 256 + 4 * bn)
     assert cuda_smem_bytes(spec, cfg) == tiles + 8 * 4 + 8 * 3
 

@@ -405,7 +405,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
 
     @T.macro
     def produce(n_tiles, kt_lo, smem, c, b, h, hk, L, i0, lane):
-        cref_p: T.float64 = c[b, h, i0]
+        if gated:  # gate off, c is a one-element dummy: no load (it would read past it)
+            cref_p: T.float64 = c[b, h, i0]
         for n in T.serial(T.Cast("int32", n_tiles)):
             kt = kt_lo + T.Cast("int64", n)
             st = n % NS
