@@ -67,9 +67,15 @@ CONFIGS = NEW_CONFIGS
 PLAIN = False
 
 
+def _wg_switches(*fields) -> list[str]:
+    """A wgmma tuple's switches: the names after ("wg", block_m, block_n, num_stages), which
+    land in the positions the mma.sync tuples use for sub_n, warp_m and q_smem."""
+    return [f for f in fields if isinstance(f, str)]
+
+
 def config(bm, bn, ns, sn=None, wm=1, qs=False, *flags) -> KernelConfig:
     if bm == "wg":  # ("wg", block_m, block_n, num_stages, *switches): fwd_wgmma.py
-        switches = tuple(f for f in (wm, qs, *flags) if isinstance(f, str))
+        switches = _wg_switches(wm, qs, *flags)
         return KernelConfig(block_m=bn, block_n=ns, num_warps=bn // 16, num_stages=sn,
                             extra=tuple(sorted((f, True) for f in (*switches, "wgmma"))))
     extra = (("sub_n", sn),) if sn != bn else ()
@@ -83,7 +89,7 @@ def config_name(bm, bn, ns, sn=None, wm=1, qs=False, *flags) -> str:
     """64x64s1/32 as before; two row blocks per warp add w2, Q in shared memory q; wgmma
     tiles are wg128x64s3, with their switches wg128x128s3+tma+pingpong."""
     if bm == "wg":
-        switches = [f for f in (wm, qs, *flags) if isinstance(f, str)]
+        switches = _wg_switches(wm, qs, *flags)
         return f"wg{bn}x{ns}s{sn}" + "".join(f"+{f}" for f in switches)
     return f"{bm}x{bn}s{ns}/{sn}" + (f"w{wm}" if wm != 1 else "") + ("q" if qs else "")
 

@@ -425,8 +425,10 @@ def test_launches_reuse_the_compiled_function(monkeypatch):
 # ---- the warpgroup-MMA forward (templates/tvm/fwd_wgmma.py, sm_90a): compiled here, run on
 # the H200 (tests/test_gpu_tvm.py)
 
-def _wgmma(bm=128, bn=64, ns=3):
-    return KernelConfig(bm, bn, bm // 16, ns, extra=(("wgmma", True),))
+def _wgmma(bm=128, bn=64, ns=3, *switches):
+    """A wgmma tile with the template's boolean extras `switches` (e.g. "tma") on."""
+    return KernelConfig(bm, bn, bm // 16, ns,
+                        extra=tuple(sorted((k, True) for k in ("wgmma", *switches))))
 
 
 @pytest.mark.parametrize("tma", [False, True])
@@ -442,9 +444,7 @@ def test_wgmma_forward_codegen(dtype, D, Dv, gated, window, bm, bn, ns, tma):
     from gfwagen.backends.tvm_backend import cuda_smem_bytes, tensor_core_forward
 
     spec = KernelSpec("tvm", "fwd", D, Dv, window, dtype, gated, 2)
-    cfg = _wgmma(bm, bn, ns)
-    if tma:
-        cfg = KernelConfig(bm, bn, bm // 16, ns, extra=(("tma", True), ("wgmma", True)))
+    cfg = _wgmma(bm, bn, ns, *(("tma",) if tma else ()))
     assert tensor_core_forward(spec, cfg)
     src = cuda_source(build_cuda(spec, cfg, arch="sm_90"))
     t = "bf16.bf16" if dtype == "bf16" else "f16.f16"
@@ -478,8 +478,7 @@ def test_wgmma_pingpong_codegen(gated, bn):
     from gfwagen.backends.tvm_backend import cuda_smem_bytes, tensor_core_forward
 
     spec = KernelSpec("tvm", "fwd", 128, 128, 512, "bf16", gated, 1)
-    cfg = KernelConfig(128, bn, 8, 3, extra=(("pingpong", True), ("tma", True),
-                                             ("wgmma", True)))
+    cfg = _wgmma(128, bn, 3, "pingpong", "tma")
     assert tensor_core_forward(spec, cfg)
     src = cuda_source(build_cuda(spec, cfg, arch="sm_90"))
     assert "__launch_bounds__(384)" in src
@@ -508,8 +507,7 @@ def test_wgmma_pingpong_codegen(gated, bn):
 def test_wgmma_pingpong_needs_two_consumers_and_tma():
     from gfwagen.backends.tvm_backend import tensor_core_template
 
-    for bm, extra in ((64, (("pingpong", True), ("tma", True))), (128, (("pingpong", True),))):
-        cfg = KernelConfig(bm, 64, bm // 16, 3, extra=extra + (("wgmma", True),))
+    for cfg in (_wgmma(64, 64, 3, "pingpong", "tma"), _wgmma(128, 64, 3, "pingpong")):
         why = tensor_core_template(cfg).supports(128, 128, "bf16", cfg)
         assert why is not None and "pingpong" in why
 
