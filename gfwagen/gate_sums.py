@@ -69,8 +69,9 @@ def prefix_sums_fused(log_gate: torch.Tensor, splits: int | None = None,
     """As gfwagen.gate.prefix_sums: [B, T, H] log gates (any float dtype, any strides) ->
     [B, H, T] float64 inclusive prefix sums in natural units, summed in float64 throughout;
     bound > 0 clamps as chunked_prefix_sums_fused does. For the TVM templates, which take
-    the whole sums: two or three launches where the torch version takes a clamp, a
-    transposing copy and a float64 scan (34 us at B=8, T=4096, H=16 on the H200)."""
+    the whole sums: one launch up to 8192 positions, else two or three, where the torch
+    version takes a clamp, a transposing copy and a float64 scan (34 us at B=8, T=4096, H=16
+    on the H200)."""
     B, T, H = log_gate.shape
     c = torch.empty(B, H, T, dtype=torch.float64, device=log_gate.device)
     if T == 0 or B * H == 0:
@@ -106,7 +107,7 @@ def gate_grad_from_sums_fused(
     if out.numel() == 0:
         return out
     tpl = _template()
-    n_split = tpl.bwd_splits(B, H, T, splits)
+    n_split = tpl.bwd_splits(B, H, T, splits, packed=seg_end is not None)
     tot = torch.empty(B * H * n_split, dtype=torch.float64, device=dev) if n_split > 1 else None
     rev = None
     if seg_end is not None:

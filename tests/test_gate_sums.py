@@ -255,3 +255,40 @@ def test_whole_prefix_sums_match_torch(kind, splits):
     assert c.dtype == torch.float64 and c.shape == ref.shape and c.is_contiguous()
     torch.testing.assert_close(c, ref, rtol=1e-13, atol=1e-10)
     assert prefix_sums_fused(lg[:, :0]).shape == (2, 3, 0)
+
+
+@pytest.mark.parametrize("chunks", [1, 32, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gate_grad_one_launch_up_to_its_limit(chunks, dtype):
+    """splits None takes the one-launch backward up to WHOLE_MAX_CHUNKS chunks (ragged T, row
+    and column sums as the backend's two views of one buffer); one more takes the split
+    path. Both match torch, and the one launch matches a forced split path to rounding."""
+    from gfwagen.template_loader import load_template
+
+    tpl = load_template("triton", "gate_sums")
+    T = (chunks - 1) * 256 + 77
+    assert (tpl.bwd_splits(2, 3, T) == 1) == (chunks <= tpl.WHOLE_MAX_CHUNKS)
+    if chunks > 1:  # packed sequences keep the split path
+        assert tpl.bwd_splits(2, 3, T, packed=True) > 1
+    row, col = _sums(2, 3, T, dtype, seed=chunks, layout="stacked")
+    whole = _check_bwd(row, col)
+    split = _check_bwd(row, col, splits=3)
+    bound = 1e-13 * (row.double() - col.double()).abs().sum(-1)[:, None, :]
+    if dtype == torch.float32:
+        bound = bound + 2 * F32_EPS * split.double().abs()
+    assert ((whole.double() - split.double()).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("chunks", [1, 32, 33])
+def test_whole_prefix_sums_one_launch_up_to_its_limit(chunks):
+    """prefix_sums_fused with splits None: one launch up to WHOLE_MAX_CHUNKS chunks (the
+    absolute float64 sums straight from gate_sums_whole_kernel), three past it."""
+    from gfwagen.gate import prefix_sums, sanitize_log_gate
+    from gfwagen.gate_sums import prefix_sums_fused
+
+    lg = _log_gate(2, (chunks - 1) * GATE_CHUNK + 77, 3, "mixed", seed=chunks)
+    lg[0, 5, 1] = -float("inf")
+    c = prefix_sums_fused(lg, bound=GATE_BOUND)
+    ref = prefix_sums(sanitize_log_gate(lg))
+    assert c.dtype == torch.float64 and c.shape == ref.shape and c.is_contiguous()
+    torch.testing.assert_close(c, ref, rtol=1e-13, atol=1e-10)

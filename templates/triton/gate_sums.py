@@ -17,12 +17,15 @@ for packed sequences, seg_end [T] (one past the end of each position's sequence)
 Every sum runs in float64: |c| reaches 1e5 at a million tokens, and dc sums to zero over a
 sequence, so the suffix sums are differences of large partial sums.
 
-Both directions cut T into splits, one program per (batch, block of heads, split), so that a
-single long sequence still fills the GPU. A program walks its split one tile at a time carrying
-a float64 total. With one split the walk covers T and one launch does everything; with more,
-the sums that cross splits come from a second launch (the forward scans the chunk totals the
-first launch left in base; the backward's first launch stores each split's total and the
-second adds those of the later splits). This file imports nothing from gfwagen.
+A sequence of up to WHOLE_MAX_CHUNKS chunks takes one launch each way: a program per (batch,
+head) holds all of it (gate_sums_whole_kernel, gate_sums_bwd_whole_kernel). Longer ones, and
+packed sequences backward, cut T into splits, one program per (batch, block of heads, split),
+so that a single long sequence still fills the GPU. A program walks its split one tile at a
+time carrying a float64 total. With one split the walk covers T and one launch does
+everything; with more, the sums that cross splits come from a second launch (the forward scans
+the chunk totals the first launch left in base; the backward's first launch stores each
+split's total and the second adds those of the later splits). This file imports nothing from
+gfwagen.
 """
 
 import triton
@@ -109,11 +112,14 @@ def gate_sums_whole_kernel(
     CHUNK: tl.constexpr,
     NC_PAD: tl.constexpr,
     BOUND: tl.constexpr,
+    ABSOLUTE: tl.constexpr = False,
 ):
     """gate_sums_fwd_kernel's outputs in one launch for a sequence that fits one program
     (T <= NC_PAD * CHUNK): a program per (batch, head) holds all of it as [chunk, position]
     and scans both levels at once, where the split path takes a second launch for the chunk
-    bases and a single split walks the chunks one after another."""
+    bases and a single split walks the chunks one after another. ABSOLUTE: local is float64
+    and receives the whole prefix sums in natural units (what the split path's third launch,
+    gate_sums_absolute_kernel, makes); base is not written."""
     row = tl.program_id(0).to(tl.int64)  # b * H + h: local's and base's row
     b = row // H
     h = row % H
@@ -126,14 +132,18 @@ def gate_sums_whole_kernel(
     if BOUND > 0:  # as gate_sums_fwd_kernel
         x = tl.clamp(x, -BOUND, BOUND, propagate_nan=tl.PropagateNan.ALL)
     x = x.to(tl.float64)
-    loc = tl.cumsum(x, axis=1) * LOG2E
-    tl.store(local_ptr + row * T + offs_t, loc.to(tl.float32), mask=m)
     total = tl.sum(x, axis=1)
-    base = (tl.cumsum(total, axis=0) - total) * LOG2E  # exclusive: chunks before each
-    base_row = base_ptr + row * N_BASE
-    tl.store(base_row + offs_c, tl.where(offs_c < NC, base, 0.0), mask=offs_c < N_BASE)
-    for n in tl.range(NC_PAD, N_BASE):  # spare entries past the padded chunks
-        tl.store(base_row + n, 0.0)
+    before = tl.cumsum(total, axis=0) - total  # exclusive: the chunks before each
+    if ABSOLUTE:
+        tl.store(local_ptr + row * T + offs_t, tl.cumsum(x, axis=1) + before[:, None], mask=m)
+    else:
+        loc = tl.cumsum(x, axis=1) * LOG2E
+        tl.store(local_ptr + row * T + offs_t, loc.to(tl.float32), mask=m)
+        base_row = base_ptr + row * N_BASE
+        tl.store(base_row + offs_c, tl.where(offs_c < NC, before * LOG2E, 0.0),
+                 mask=offs_c < N_BASE)
+        for n in tl.range(NC_PAD, N_BASE):  # spare entries past the padded chunks
+            tl.store(base_row + n, 0.0)
 
 
 @triton.jit
@@ -236,6 +246,34 @@ def gate_sums_bwd_kernel(
 
 
 @triton.jit
+def gate_sums_bwd_whole_kernel(
+    row_ptr, col_ptr, out_ptr, T, H, rs_b, rs_h, rs_t, cs_b, cs_h, cs_t,  # as gate_sums_bwd_kernel
+    CHUNK: tl.constexpr,
+    NC_PAD: tl.constexpr,
+):
+    """gate_sums_bwd_kernel's gradient (no packed sequences) in one launch for a sequence that
+    fits one program, as gate_sums_whole_kernel does forward: a program per (batch, head)
+    holds dc as [chunk, position] and takes the reverse sums within the chunks and across
+    them at once. The split path takes two launches (the splits' totals, then the sums), and
+    a single split walks the tiles one after another."""
+    row = tl.program_id(0).to(tl.int64)  # b * H + h
+    b = row // H
+    h = row % H
+    offs_t = tl.arange(0, NC_PAD)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
+    m = offs_t < T
+    t64 = offs_t.to(tl.int64)
+    r = tl.load(row_ptr + b * rs_b + h * rs_h + t64 * rs_t, mask=m, other=0.0)
+    c = tl.load(col_ptr + b * cs_b + h * cs_h + t64 * cs_t, mask=m, other=0.0)
+    dc = r.to(tl.float64) - c.to(tl.float64)
+    total = tl.sum(dc, axis=1)
+    after = tl.cumsum(total, axis=0, reverse=True) - total  # the chunks after each
+    rev = tl.cumsum(dc, axis=1, reverse=True) + after[:, None]
+    # as gate_sums_bwd_kernel: no gradient at t = 0, where rev is rounding residue
+    rev = tl.where(offs_t == 0, 0.0, rev)
+    tl.store(out_ptr + (b * T + t64) * H + h, rev.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def gate_sums_restart_kernel(
     rev_ptr, end_ptr, out_ptr, T, H, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr
 ):
@@ -275,8 +313,8 @@ def gate_sums_restart_kernel(
 # than one tile.
 TARGET_PROGRAMS = 512
 SCAN_BLOCK = 1024
-# Chunks a gate_sums_whole_kernel program holds at most: 8192 positions at chunk 256, 32
-# float64 values per thread at eight warps.
+# Chunks a gate_sums_whole_kernel or gate_sums_bwd_whole_kernel program holds at most: 8192
+# positions at chunk 256, 32 float64 values per thread at eight warps.
 WHOLE_MAX_CHUNKS = 32
 
 
@@ -301,12 +339,13 @@ def launch_gate_sums_fwd(
     n_base = base.shape[-1]
     # both forward kernels' leading parameters
     args = (log_gate, local, base, T, H, nc, n_base, *log_gate.stride())
-    if splits is None and not absolute and nc <= WHOLE_MAX_CHUNKS:
+    if splits is None and nc <= WHOLE_MAX_CHUNKS:
         launcher(gate_sums_whole_kernel)[(B * H,)](
             *args,
             CHUNK=chunk,
             NC_PAD=next_pow2(nc),
             BOUND=float(bound),
+            ABSOLUTE=absolute,
             num_warps=8,
         )
         return
@@ -346,6 +385,12 @@ def launch_gate_sums_bwd(
     rev is a float64 [B, T, H] scratch. tot: float64 scratch of at least B * H *
     bwd_splits(...) elements, needed when that is more than one."""
     B, H, T = row.shape
+    if _bwd_whole(T, splits, seg_end is not None, block_t):
+        launcher(gate_sums_bwd_whole_kernel)[(B * H,)](
+            row, col, out, T, H, *row.stride(), *col.stride(), CHUNK=block_t,
+            NC_PAD=next_pow2(cdiv(T, block_t)), num_warps=8,
+        )
+        return
     bh = heads_per_program(H)
     hb = cdiv(H, bh)
     n_split, per = _split(cdiv(T, block_t), B * hb, splits)
@@ -378,6 +423,14 @@ def launch_gate_sums_bwd(
         )
 
 
-def bwd_splits(B, H, T, splits=None, block_t=256):
-    """How many splits launch_gate_sums_bwd uses (its tot scratch holds B * H * this)."""
+def _bwd_whole(T, splits, packed, block_t):
+    """Whether launch_gate_sums_bwd takes the one-launch kernel."""
+    return splits is None and not packed and cdiv(T, block_t) <= WHOLE_MAX_CHUNKS
+
+
+def bwd_splits(B, H, T, splits=None, block_t=256, packed=False):
+    """How many splits launch_gate_sums_bwd uses (its tot scratch holds B * H * this); packed:
+    whether it gets seg_end."""
+    if _bwd_whole(T, splits, packed, block_t):
+        return 1
     return _split(cdiv(T, block_t), B * cdiv(H, heads_per_program(H)), splits)[0]
