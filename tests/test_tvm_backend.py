@@ -485,11 +485,19 @@ def test_wgmma_pingpong_codegen(gated, bn):
     assert "setmaxnreg.dec.sync.aligned.u32 40" in src.replace("\"", "")
     assert "setmaxnreg.inc.sync.aligned.u32 232" in src.replace("\"", "")
     calls = [ln.strip() for ln in src.splitlines() if "__device__" not in ln]
+    kernel = src[src.index('extern "C" __global__'):]
     syncs = [ln for ln in calls if ln.startswith("tvm_builtin_ptx_bar_sync_count")]
     arrives = [ln for ln in calls if ln.startswith("tvm_builtin_ptx_bar_arrive")]
     # a turn before the first scores, one a loop step, one before the last P V; consumer 1
-    # lets consumer 0 go first, consumer 0 hands back the last turn
-    assert len(syncs) == 3 and len(arrives) == 4
+    # lets consumer 0 go first, consumer 0 hands back the last turn. Then each consumer's own
+    # barrier (3 or 4, its 128 threads) between staging its output and the bulk store
+    assert len(syncs) == 4 and len(arrives) == 4
+    assert "(uint)128" in syncs[-1] and "+ 3" in syncs[-1]
+    # the output: staged in shared memory, fenced for the copy engine, one bulk tensor store
+    # per 64-column block, read back before the block exits; no per-element stores
+    assert len([ln for ln in calls if "bulk_tensor_4d_global_shared__cta" in ln]) == 2
+    assert "fence.proxy.async.shared::cta;" in src and "cp.async.bulk.wait_group.read 0;" in src
+    assert not re.search(r"\bo_ptr\[", kernel)
     mma = [ln for ln in calls if "_mma_async_sync_aligned_" in ln]
     # scores (m64n{bn}, D / 16 k steps) before and in the loop, P V (m64n128, bn / 16) in
     # it and after
@@ -498,10 +506,18 @@ def test_wgmma_pingpong_codegen(gated, bn):
     assert "cp.async.cg" not in src and src.count("__syncthreads()") == 1
     # gate off, the prefix sums are a one-element dummy [1, 1, 1]: the kernel must not index
     # it by (batch, head, row), which read past it before
-    kernel = src[src.index('extern "C" __global__'):]
     assert bool(re.search(r"\bc_ptr\[", kernel)) is gated
     tiles = 2 * 128 * 128 + 3 * (2 * bn * 256 + 4 * bn)
     assert cuda_smem_bytes(spec, cfg) == tiles + 8 * 4 + 8 * 3
+
+
+def test_wgmma_pingpong_stores_directly_when_dv_exceeds_d():
+    """A consumer stages its output in its own Q rows, which hold 64 x D values: with Dv > D
+    it keeps the per-element stores."""
+    spec = KernelSpec("tvm", "fwd", 64, 128, 512, "bf16", True, 1)
+    src = cuda_source(build_cuda(spec, _wgmma(128, 64, 3, "pingpong", "tma"), arch="sm_90"))
+    kernel = src[src.index('extern "C" __global__'):]
+    assert re.search(r"\bo_ptr\[", kernel) and "bulk_tensor_4d_global" not in kernel
 
 
 def test_wgmma_pingpong_needs_two_consumers_and_tma():

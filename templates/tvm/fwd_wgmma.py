@@ -54,6 +54,9 @@ Config extras (session 17, H200 numbers in benchmarks/RESULTS.md):
   issuing their products on named barriers, so one's softmax overlaps the other's matrix
   work. S4: 1.93 ms gated, 1.86 ungated (the gate's cost 4%). Offline ptxas spills 88 bytes
   (gated) and 16 (ungated) per consumer thread at 128x128 under the 232-register cap.
+  Since session 19 each consumer stages its output in shared memory (its own Q rows) and
+  stores it with bulk tensor copies where Dv <= D (O_TMA below): a block's epilogue had
+  taken 4.4-4.9 us of 17 at S1, and the tuner's medians fell 12-25% at S1-S3, 5-7% at S4.
 """
 
 from __future__ import annotations
@@ -139,6 +142,11 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     FREE = 1 + NS
     WORDS = (MB_OFF + (8 * (NS + 1) if TMA else 0) + (8 * NS if PP else 0)) // 4
     TILE_BYTES = 2 * BN * (D + DV)  # what one key tile's bulk copies deliver
+    # pingpong: each consumer stages its 64 x DV output tile in its own Q rows (read for the
+    # last time by its last score product) and one bulk tensor copy per 64-column atom block
+    # stores it. Written straight from the accumulators, 2-byte stores of 8 rows each took
+    # 4.4-4.9 us of a block's 17 at S1 (RESULTS.md, session 19). Needs DV <= D to fit.
+    O_TMA = PP and DV <= D
 
     @T.macro
     def copy_rows(smem, base, rows_here, flat, start, row_elems, last, dim, tx):
@@ -172,6 +180,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     q_map = T.Var("q_tmap", ty=T.handle("tensormap").ty)
     k_map = T.Var("k_tmap", ty=T.handle("tensormap").ty)
     v_map = T.Var("v_tmap", ty=T.handle("tensormap").ty)
+    o_map = T.Var("o_tmap", ty=T.handle("tensormap").ty)
 
     def mbar(smem, i):
         return T.address_of(smem[MB_OFF // 4 + 2 * i])
@@ -376,6 +385,47 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             s_r[x] = T.float32(0)
 
     @T.macro
+    def stage_rows(row0, i0, cw, lane, b, h, L, t4, acc, l_r, m_r, cq_r, p_r, smem, lse):
+        # O_TMA: consumer cw's rows, normalized and packed, into its Q rows in the tensor
+        # map's layout (64-column atom blocks of 128-byte rows, 16-byte chunks swizzled by
+        # row % 8: a warp's stores hit 32 distinct banks); the lse as store_rows writes it
+        for r in T.unroll(2):
+            lt: T.float32 = l_r[r]
+            lt = lt + T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), lt, 1, 32)
+            lt = lt + T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), lt, 2, 32)
+            inv: T.float32 = T.float32(1) / lt
+            rr = T.Cast("int32", row0 - i0) - cw * 64 + r * 8  # row within the consumer's 64
+            for db in T.unroll(NDB):
+                T.ptx[pack](p_r[0], acc[db * 4 + r * 2 + 1] * inv, acc[db * 4 + r * 2] * inv)
+                T.ptx["st.shared.b32"](
+                    T.address_of(smem[(Q_OFF + db // 8 * (BM * 128) + cw * (64 * 128)
+                                       + rr * 128 + T.bitwise_xor(db % 8, lane // 4) * 16
+                                       + t4 * 4) // 4]),
+                    p_r[0],
+                )
+            ii = row0 + r * 8
+            if ii < L and t4 == 0:
+                lse[b, h, ii] = (m_r[r] + T.log2(lt) + cq_r[r]) * T.float32(LN2)
+
+    @T.macro
+    def bulk_store_rows(smem, i0, cw, h, b):
+        # by one thread of consumer cw, once all its threads staged their rows (a fence for
+        # the copy engine, then the consumer's own named barrier before this). Rows past the
+        # sequence are clipped by the copy; the block exits only once its shared memory has
+        # been read
+        for cb in T.unroll(DV // ATOM):
+            T.ptx["cp.async.bulk.tensor.4d.global.shared::cta.bulk_group"](
+                T.address_of(o_map),
+                cb * ATOM,
+                T.Cast("int32", h),
+                T.Cast("int32", i0 + cw * 64),
+                T.Cast("int32", b),
+                T.address_of(smem[(Q_OFF + cb * (BM * 128) + cw * (64 * 128)) // 4]),
+            )
+        T.ptx["cp.async.bulk.commit_group"]()
+        T.ptx["cp.async.bulk.wait_group.read"](0)
+
+    @T.macro
     def store_rows(row0, b, h, L, t4, acc, l_r, m_r, cq_r, o, lse):
         # the row sums were per thread: add the quad's four
         for r in T.unroll(2):
@@ -453,6 +503,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             encode_map(q_map, q.data, D, HQ, L, B, BM)
             encode_map(k_map, k.data, D, HKV, L, B, BN)
             encode_map(v_map, v.data, DV, HKV, L, B, BN)
+            if O_TMA:
+                encode_map(o_map, o.data, DV, HQ, L, B, 64)
         # flat views for the copies (copy_rows says why)
         qf = T.decl_buffer((B * L * HQ * D,), dt, data=q.data)
         kf = T.decl_buffer((B * L * HKV * D,), dt, data=k.data)
@@ -539,7 +591,15 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                         if cw == 0:  # consumer 1's last turn (it has none to hand on)
                             T.ptx["bar.arrive"](T.uint32(2), T.uint32(256))
                         T.ptx["wgmma.wait_group.sync.aligned"](0)
-                        store_rows(row0, b, h, L, t4, acc, l_r, m_r, cq_r, o, lse)
+                        if O_TMA:
+                            stage_rows(row0, i0, cw, lane, b, h, L, t4, acc, l_r, m_r, cq_r,
+                                       p_r, smem, lse)
+                            T.ptx["fence.proxy.async.shared::cta"]()
+                            T.ptx["bar.sync"](T.Cast("uint32", 3 + cw), T.uint32(128))
+                            if tx % 128 == 0:
+                                bulk_store_rows(smem, i0, cw, h, b)
+                        else:
+                            store_rows(row0, b, h, L, t4, acc, l_r, m_r, cq_r, o, lse)
                 else:
                     wg = tx // 128
                     lane = tx % 32
