@@ -104,7 +104,8 @@ def check_config(spec: KernelSpec, config: KernelConfig) -> None:
 def _toolchain() -> dict:
     from gfwagen.db.fingerprint import toolchain
 
-    return toolchain()
+    # kernel_key hashes the templates the pass reads itself: an edit elsewhere keeps its cache
+    return {k: v for k, v in toolchain().items() if k != "templates"}
 
 
 def kernel_key(spec: KernelSpec, config: KernelConfig, target: str | None = None) -> str:

@@ -40,6 +40,21 @@ def template_source_hash(backend: str, name: str) -> str:
     return hashlib.sha256(template_path(backend, name).read_bytes()).hexdigest()[:16]
 
 
+def templates_hash() -> str:
+    """Of every template file (both backends) under templates_dir(): what the tuning
+    database's toolchain records (gfwagen.db.fingerprint.toolchain)."""
+    return _dir_hash(templates_dir())
+
+
+@functools.cache
+def _dir_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        if "__pycache__" not in p.parts:
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _ensure_package(name: str, path: Path) -> None:
     if name not in sys.modules:
         pkg = ModuleType(name)

@@ -156,6 +156,26 @@ def test_export_newest_drops_what_a_retune_superseded(runner, env, tmp_path):
     assert r.exit_code == 0 and "2 new trials" in r.stderr
 
 
+def test_retune_after_a_template_edit_replaces_the_old_medians(runner, env, tmp_path):
+    """The same config measured before and after a template edit: the two are different
+    toolchains (the templates' hash), so the re-tune's median is the one --newest ships, not
+    the median of both (the database pooled them until session 19)."""
+    old_tc = {**TC, "timer": "sustained-1", "templates": "0" * 16}
+    new_tc = {**old_tc, "templates": "1" * 16}
+    cfg = KernelConfig(block_m=128)
+    with TuningDB(env) as db:
+        db.record_trial(PROB, "tvm", "fwd", cfg, median_ms=0.76, spread=0.01, device=H200,
+                        toolchain_versions=old_tc, created_at="2025-02-01T00:00:00+00:00")
+        db.record_trial(PROB, "tvm", "fwd", cfg, median_ms=0.67, spread=0.01, device=H200,
+                        toolchain_versions=new_tc, created_at="2025-03-01T00:00:00+00:00")
+    out = tmp_path / "newest.jsonl"
+    assert runner.invoke(main, ["db", "export", str(out), "--newest"]).exit_code == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    (trial,) = [t for t in rows if t["kind"] == "trial"]
+    tcs = {r["key"]: r["toolchain"] for r in rows if r["kind"] == "toolchain"}
+    assert trial["median_ms"] == 0.67 and tcs[trial["toolchain_key"]]["templates"] == "1" * 16
+
+
 def test_shipped_h200_database_is_used_and_runnable():
     """tuning_db/h200.jsonl: every entry is a config its template accepts, and an H200 at S1
     gets the tuned configs from it (no user database)."""

@@ -123,6 +123,11 @@ def test_arch_and_keys():
     assert toolchain_key(TC) == stable_hash({f: TC.get(f) for f in ("torch", "triton", "tvm")})
     assert toolchain_key({**TC, "timer": "sustained-1"}) != toolchain_key(TC)
     assert toolchain_key({**TC, "timer": "sustained-1"}) != toolchain_key({**TC, "timer": "x"})
+    # likewise the templates' hash (session 19): an edited template is another toolchain
+    timed = {**TC, "timer": "sustained-1"}
+    assert toolchain_key({**timed, "templates": None}) == toolchain_key(timed)
+    assert toolchain_key({**timed, "templates": "a"}) != toolchain_key(timed)
+    assert toolchain_key({**timed, "templates": "a"}) != toolchain_key({**timed, "templates": "b"})
 
 
 def test_local_fingerprint_and_toolchain():
@@ -130,7 +135,8 @@ def test_local_fingerprint_and_toolchain():
     assert set(fp) == set(H200)
     assert device_key(fp) == device_key(device_fingerprint())
     tc = toolchain()
-    assert set(tc) == {"torch", "triton", "tvm", "timer"} and tc["torch"] and tc["timer"]
+    assert set(tc) == {"torch", "triton", "tvm", "timer", "templates"}
+    assert tc["torch"] and tc["timer"] and len(tc["templates"]) == 16
     import torch
 
     if not torch.cuda.is_available():

@@ -657,3 +657,33 @@ def test_wgmma_register_estimate_against_ptxas(tmp_path, D, Dv, bn):
     spill = int(re.search(r"(\d+) bytes spill stores", out).group(1))
     fits = load_template("tvm", "fwd_wgmma").registers(D, Dv, cfg) <= 255
     assert (fits, spill == 0) in ((True, True), (False, False)), (fits, spill)
+
+
+def test_pp_phases_probes_still_fit_the_template(tmp_path):
+    """benchmarks/pp_phases.py edits fwd_wgmma.py by text: its anchors still match, and the
+    probed pingpong kernel builds with its seven timer reads and the SM id (a process of its
+    own: GFWAGEN_TEMPLATES is read once per process)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    import pp_phases
+
+    probed = pp_phases.probed_templates(tmp_path)
+    code = ("from gfwagen.spec import KernelSpec, KernelConfig\n"
+            "from gfwagen.backends import tvm_backend as tb\n"
+            "spec = KernelSpec('tvm', 'fwd', 128, 128, 512, 'bf16', True, 1)\n"
+            "cfg = KernelConfig(128, 128, 8, 3, extra=(('pingpong', True), ('tma', True), "
+            "('wgmma', True)))\n"
+            "src = tb.cuda_source(tb.build_cuda(spec, cfg, 'sm_90a'))\n"
+            "print(src.count('gfwa_gt()'), src.count('%smid'))\n")
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "GFWAGEN_TEMPLATES": str(probed), "PYTHONPATH": path}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # the definition and seven reads (producer 2, consumer 5); the SM id's definition
+    assert out.stdout.split() == ["8", "1"]

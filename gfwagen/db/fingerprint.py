@@ -16,10 +16,14 @@ import platform
 import re
 
 from gfwagen.spec import stable_hash
+from gfwagen.template_loader import templates_hash
 
 FINGERPRINT_FIELDS = ("kind", "name", "compute_capability", "sm_count", "memory_bytes",
                       "driver_version", "cuda_version", "processor")
-TOOLCHAIN_FIELDS = ("torch", "triton", "tvm", "timer")
+TOOLCHAIN_FIELDS = ("torch", "triton", "tvm", "timer", "templates")
+# Fields a toolchain record may lack (made before the field existed): they join the key only
+# where set, so those records keep the keys they were stored under.
+_LATER_FIELDS = ("timer", "templates")
 # How the tuner times a candidate (gfwagen.tuner.timing). Part of the toolchain, so that times
 # measured one way never compete for `best` with times measured another: until session 13 the
 # timer slept before every timed call and measured bursts, which flattered some tiles by up to
@@ -117,8 +121,11 @@ def _dist_version(*names: str) -> str | None:
 
 
 def toolchain() -> dict:
-    """Versions of torch, triton and tvm (None for one that is not installed) and the
-    timer's."""
+    """Versions of torch, triton and tvm (None for one that is not installed), the timer's,
+    and the kernel templates' (template_loader.templates_hash): a template edited and
+    re-tuned is another toolchain, so its times replace the old template's (`db export
+    --newest`) instead of pooling with them in one config's median. Until session 19 they
+    pooled: three re-tuned entries kept the old code's medians."""
     try:
         import torch
 
@@ -130,13 +137,13 @@ def toolchain() -> dict:
         "triton": _dist_version("triton", "pytorch-triton"),
         "tvm": _dist_version("apache-tvm", "tvm", "mlc-ai-nightly"),
         "timer": TIMER,
+        "templates": templates_hash(),
     }
 
 
 def toolchain_key(tc: dict) -> str:
-    # "timer" only where set: the keys of toolchains recorded before it stay what they were
     return stable_hash({f: tc.get(f) for f in TOOLCHAIN_FIELDS
-                        if f != "timer" or tc.get(f) is not None})
+                        if f not in _LATER_FIELDS or tc.get(f) is not None})
 
 
 _VENDOR_WORDS = {"nvidia", "tesla", "geforce", "quadro", "amd", "radeon", "gpu", "graphics"}

@@ -56,7 +56,7 @@ Config extras (session 17, H200 numbers in benchmarks/RESULTS.md):
   (gated) and 16 (ungated) per consumer thread at 128x128 under the 232-register cap.
   Since session 19 each consumer stages its output in shared memory (its own Q rows) and
   stores it with bulk tensor copies where Dv <= D (O_TMA below): a block's epilogue had
-  taken 4.4-4.9 us of 17 at S1, and the tuner's medians fell 12-25% at S1-S3, 5-7% at S4.
+  taken 4.4-4.9 us of 17 at S1, and the tuner's medians fell 12-25% at S1-S3, 4-7% at S4.
 """
 
 from __future__ import annotations

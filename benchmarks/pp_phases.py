@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Where a block of TVM's pingpong forward spends its time: a copy of the templates whose
+fwd_wgmma.py reads %globaltimer at each phase (the producer's start and end; each consumer's
+start, Q arrived, first K/V tile arrived, loop done, epilogue done) into an extra int64
+argument, one row per block with its SM, and a summary per shape: block duration against the
+wall time per block slot, each phase's median (p10-p90), the gap between consecutive blocks
+on an SM.
+
+    PYTHONPATH=$PWD python benchmarks/pp_phases.py --shapes S1,S2,S4
+
+The probes are text edits of the template: an anchor that no longer matches stops the script
+by name. globaltimer ticks in steps of about 0.26 us on the H200; the probes' own cost is a
+few instructions per phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+_TIMER = ('"__forceinline__ __device__ unsigned long long gfwa_gt() { unsigned long long t; '
+          'asm volatile(\\"mov.u64 %0, %globaltimer;\\" : \\"=l\\"(t)); return t; }"')
+_SMID = ('"__forceinline__ __device__ unsigned int gfwa_sm() { unsigned int r; '
+         'asm volatile(\\"mov.u32 %0, %smid;\\" : \\"=r\\"(r)); return r; }"')
+GT = 'T.cuda.func_call("gfwa_gt", source_code=_GT, return_type="uint64")'
+# columns of the probe rows: 0 SM; 1-5 consumer 0's five stamps, 6-10 consumer 1's; 11, 12
+# the producer's start and end
+CONSUMER = ("start", "q", "k0", "loop", "end")
+
+
+def _edits() -> list[tuple[str, str]]:
+    pad = " " * 24
+    return [
+        ("from .fwd_cuda import _DT, LN2, LOG2E, MASK, MASK_T\n",
+         f"from .fwd_cuda import _DT, LN2, LOG2E, MASK, MASK_T\n_GT = {_TIMER}\n_SM = {_SMID}\n"),
+        ("        scale: T.float32,\n    ):",
+         "        scale: T.float32,\n        pr_h: T.handle,\n    ):"),
+        ('        lse = T.match_buffer(lse_h, (B, HQ, L), "float32")\n',
+         '        lse = T.match_buffer(lse_h, (B, HQ, L), "float32")\n        NBLK = T.int64()\n'
+         '        pr = T.match_buffer(pr_h, (NBLK, 16), "int64")\n'),
+        ('                cq_r = T.alloc_buffer((2,), "float32", scope="local")\n',
+         '                cq_r = T.alloc_buffer((2,), "float32", scope="local")\n'
+         '                tim = T.alloc_buffer((6,), "uint64", scope="local")\n'),
+        (f"{pad}    if tx == 0:\n{pad}        bulk_q(smem, i0, h, b)\n"
+         f"{pad}    produce(n_tiles, kt_lo, smem, c, b, h, hk, L, i0, lane)\n",
+         f"{pad}    tim[0] = {GT}\n{pad}    if tx == 0:\n{pad}        bulk_q(smem, i0, h, b)\n"
+         f"{pad}    produce(n_tiles, kt_lo, smem, c, b, h, hk, L, i0, lane)\n"
+         f"{pad}    tim[1] = {GT}\n{pad}    if tx == 0:\n"
+         f'{pad}        pr[tile, 11] = T.Cast("int64", tim[0])\n'
+         f'{pad}        pr[tile, 12] = T.Cast("int64", tim[1])\n'
+         f'{pad}        pr[tile, 0] = T.Cast("int64", T.cuda.func_call("gfwa_sm", '
+         f'source_code=_SM, return_type="uint32"))\n'),
+        (f'{pad}T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS)\n',
+         f'{pad}T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS)\n{pad}tim[0] = {GT}\n'),
+        (f"{pad}T.cuda.mbarrier_wait(mbar(smem, 0), 0)\n{pad}wait_tile(0, smem)\n",
+         f"{pad}T.cuda.mbarrier_wait(mbar(smem, 0), 0)\n{pad}tim[1] = {GT}\n"
+         f"{pad}wait_tile(0, smem)\n{pad}tim[2] = {GT}\n"),
+        (f'{pad}T.ptx["wgmma.wait_group.sync.aligned"](0)\n{pad}if O_TMA:\n',
+         f'{pad}T.ptx["wgmma.wait_group.sync.aligned"](0)\n{pad}tim[3] = {GT}\n{pad}if O_TMA:\n'),
+        (f"{pad}else:\n{pad}    store_rows(row0, b, h, L, t4, acc, l_r, m_r, cq_r, o, lse)\n",
+         f"{pad}else:\n{pad}    store_rows(row0, b, h, L, t4, acc, l_r, m_r, cq_r, o, lse)\n"
+         f"{pad}tim[4] = {GT}\n{pad}if tx % 128 == 0:\n{pad}    for j in T.unroll(5):\n"
+         f'{pad}        pr[tile, 1 + cw * 5 + j] = T.Cast("int64", tim[j])\n'),
+    ]
+
+
+def probed_templates(dest: Path) -> Path:
+    """A copy of templates/ in dest with the probes in tvm/fwd_wgmma.py."""
+    shutil.copytree(ROOT / "templates", dest / "templates")
+    path = dest / "templates" / "tvm" / "fwd_wgmma.py"
+    src = path.read_text()
+    for i, (old, new) in enumerate(_edits()):
+        if src.count(old) != 1:
+            raise SystemExit(f"pp_phases: probe anchor {i} matches {src.count(old)} times in "
+                             f"fwd_wgmma.py: {old.strip()[:70]!r}")
+        src = src.replace(old, new)
+    path.write_text(src)
+    return dest / "templates"
+
+
+def summarize(name, gated, probe, ms, n_blocks):
+    import torch
+
+    def pct(x, p):
+        return torch.quantile(x.double(), p).item() / 1e3
+
+    def span(x):
+        return f"{pct(x, .5):.2f} ({pct(x, .1):.2f}-{pct(x, .9):.2f})"
+
+    P = probe.cpu().double()
+    P[:, 1:13] -= P[:, [1, 6, 11]].min()
+    start = torch.minimum(torch.minimum(P[:, 1], P[:, 6]), P[:, 11])
+    end = torch.maximum(P[:, 5], P[:, 10])
+    print(f"## {name} {'gated' if gated else 'plain'}: kernel {ms:.4f} ms, probed span "
+          f"{(end.max() - start.min()).item() / 1e6:.4f} ms; block us {span(end - start)}; wall "
+          f"per block slot {ms * 1e3 * 132 / n_blocks:.2f} us", flush=True)
+    for cw, base in (("consumer 0", 1), ("consumer 1", 6)):
+        t = {k: P[:, base + i] for i, k in enumerate(CONSUMER)}
+        print(f"    {cw}: Q {span(t['q'] - t['start'])}  first tile {span(t['k0'] - t['start'])}"
+              f"  loop {span(t['loop'] - t['k0'])}  epilogue {span(t['end'] - t['loop'])}")
+    print(f"    producer: busy {span(P[:, 12] - P[:, 11])}, then the block runs "
+          f"{span(end - P[:, 12])}")
+    sm, gaps = P[:, 0].long(), []
+    for s in sm.unique():
+        idx = (sm == s).nonzero().flatten()
+        order = start[idx].argsort()
+        st, en = start[idx][order], end[idx][order]
+        gaps.append(st[1:] - en[:-1])
+    print(f"    {len(sm) / len(sm.unique()):.1f} blocks per SM on {len(sm.unique())} SMs; gap to "
+          f"the next block {span(torch.cat(gaps))}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="S1,S2,S4")
+    p.add_argument("--block-n", type=int, default=128)
+    a = p.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="gfwa-probe-"))
+    os.environ["GFWAGEN_TEMPLATES"] = str(probed_templates(tmp))
+    import torch
+    import triton.testing
+    from bench import SHAPES, make_inputs
+
+    from gfwagen.backends import tvm_backend as tb
+    from gfwagen.spec import KernelConfig
+
+    cfg = KernelConfig(128, a.block_n, 8, 3,
+                       extra=(("pingpong", True), ("tma", True), ("wgmma", True)))
+    for name in a.shapes.split(","):
+        s = SHAPES[name]
+        q, k, v, g, _ = (t.detach() for t in make_inputs(s, torch.bfloat16))
+        for gated in (True, False):
+            gate = g if gated else None
+            fn = tb._kernel(tb._spec("fwd", q, k, v, gate, s.W), cfg, tb._target(q, "cuda"))
+            c = tb._gate_sums(gate, q.device)
+            o, lse = torch.empty_like(q), torch.empty(s.B, s.H, s.T, device=q.device)
+            n_blocks = s.B * s.H * -(-s.T // 128)
+            probe = torch.zeros(n_blocks, 16, dtype=torch.int64, device=q.device)
+
+            run = functools.partial(tb._launch, q, fn, *(tb._dl(t) for t in (q, k, v, c, o, lse)),
+                                    s.D ** -0.5, tb._dl(probe))
+            run()
+            ms = triton.testing.do_bench(run, warmup=10, rep=60, return_mode="median")
+            probe.zero_()
+            run()
+            torch.cuda.synchronize()
+            summarize(name, gated, probe, ms, n_blocks)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
