@@ -49,17 +49,18 @@ def _edits() -> list[tuple[str, str]]:
         ('                cq_r = T.alloc_buffer((2,), "float32", scope="local")\n',
          '                cq_r = T.alloc_buffer((2,), "float32", scope="local")\n'
          '                tim = T.alloc_buffer((6,), "uint64", scope="local")\n'),
-        (f"{pad}    if tx == 0:\n{pad}        bulk_q(smem, i0, h, b)\n"
-         f"{pad}    produce(n_tiles, kt_lo, smem, c, b, h, hk, L, i0, lane)\n",
-         f"{pad}    tim[0] = {GT}\n{pad}    if tx == 0:\n{pad}        bulk_q(smem, i0, h, b)\n"
-         f"{pad}    produce(n_tiles, kt_lo, smem, c, b, h, hk, L, i0, lane)\n"
+        # the producer's warp: a stamp before its first copy and one after its loop (the
+        # line that ends its branch, whatever its call to produce looks like)
+        (f"{pad}    if tx == 0:\n{pad}        bulk_q(smem, i0, h, b)\n",
+         f"{pad}    tim[0] = {GT}\n{pad}    if tx == 0:\n{pad}        bulk_q(smem, i0, h, b)\n"),
+        (f'{pad[4:]}else:\n{pad}T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS)\n',
          f"{pad}    tim[1] = {GT}\n{pad}    if tx == 0:\n"
          f'{pad}        pr[tile, 11] = T.Cast("int64", tim[0])\n'
          f'{pad}        pr[tile, 12] = T.Cast("int64", tim[1])\n'
          f'{pad}        pr[tile, 0] = T.Cast("int64", T.cuda.func_call("gfwa_sm", '
-         f'source_code=_SM, return_type="uint32"))\n'),
-        (f'{pad}T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS)\n',
-         f'{pad}T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS)\n{pad}tim[0] = {GT}\n'),
+         f'source_code=_SM, return_type="uint32"))\n'
+         f'{pad[4:]}else:\n{pad}T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS)\n'
+         f"{pad}tim[0] = {GT}\n"),
         (f"{pad}T.cuda.mbarrier_wait(mbar(smem, 0), 0)\n{pad}wait_tile(0, smem)\n",
          f"{pad}T.cuda.mbarrier_wait(mbar(smem, 0), 0)\n{pad}tim[1] = {GT}\n"
          f"{pad}wait_tile(0, smem)\n{pad}tim[2] = {GT}\n"),
