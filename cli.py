@@ -139,8 +139,8 @@ def db_show(db_path, fmt):
                    "in tuning_db/); without it, every trial.")
 @click.option("--newest", is_flag=True,
               help="As --best-only, but where a device and problem were tuned under several "
-                   "toolchains (compiler or timer versions), only the one measured last: what "
-                   "a re-tune supersedes is left out.")
+                   "toolchains (compiler, timer or template versions), only the one measured "
+                   "last: what a re-tune supersedes is left out.")
 @db_option
 @runtime_errors
 def db_export(file, best_only, newest, db_path):
