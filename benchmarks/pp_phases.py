@@ -2,9 +2,10 @@
 """Where a block of TVM's pingpong forward spends its time: a copy of the templates whose
 fwd_wgmma.py reads %globaltimer at each phase (the producer's start and end; each consumer's
 start, Q arrived, first K/V tile arrived, loop done, epilogue done) into an extra int64
-argument, one row per block with its SM, and a summary per shape: block duration against the
-wall time per block slot, each phase's median (p10-p90), the gap between consecutive blocks
-on an SM.
+argument, one row per block with its SM, and the cycles each consumer waits in its loop for
+key tiles to arrive; a summary per shape: block duration against the wall time per block
+slot, each phase's median (p10-p90), the gap between consecutive blocks on an SM, and the
+share of the loop spent waiting for tiles.
 
     PYTHONPATH=$PWD python benchmarks/pp_phases.py --shapes S1,S2,S4
 
@@ -31,8 +32,10 @@ _TIMER = ('"__forceinline__ __device__ unsigned long long gfwa_gt() { unsigned l
 _SMID = ('"__forceinline__ __device__ unsigned int gfwa_sm() { unsigned int r; '
          'asm volatile(\\"mov.u32 %0, %smid;\\" : \\"=r\\"(r)); return r; }"')
 GT = 'T.cuda.func_call("gfwa_gt", source_code=_GT, return_type="uint64")'
+CLK = "T.cuda.clock64()"
 # columns of the probe rows: 0 SM; 1-5 consumer 0's five stamps, 6-10 consumer 1's; 11, 12
-# the producer's start and end
+# the producer's start and end; 13, 14 the cycles consumers 0 and 1 waited in the loop for
+# key tiles to arrive; 15 consumer 0's loop in cycles
 CONSUMER = ("start", "q", "k0", "loop", "end")
 
 
@@ -48,7 +51,7 @@ def _edits() -> list[tuple[str, str]]:
          '        pr = T.match_buffer(pr_h, (NBLK, 16), "int64")\n'),
         ('                cq_r = T.alloc_buffer((2,), "float32", scope="local")\n',
          '                cq_r = T.alloc_buffer((2,), "float32", scope="local")\n'
-         '                tim = T.alloc_buffer((6,), "uint64", scope="local")\n'),
+         '                tim = T.alloc_buffer((8,), "uint64", scope="local")\n'),
         # the producer's warp: a stamp before its first copy and one after its loop (the
         # line that ends its branch, whatever its call to produce looks like)
         (f"{pad}    if tx == 0:\n{pad}        bulk_q(smem, i0, h, b)\n",
@@ -60,16 +63,23 @@ def _edits() -> list[tuple[str, str]]:
          f'{pad}        pr[tile, 0] = T.Cast("int64", T.cuda.func_call("gfwa_sm", '
          f'source_code=_SM, return_type="uint32"))\n'
          f'{pad[4:]}else:\n{pad}T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS)\n'
-         f"{pad}tim[0] = {GT}\n"),
+         f"{pad}tim[0] = {GT}\n{pad}tim[6] = T.uint64(0)\n"),
         (f"{pad}T.cuda.mbarrier_wait(mbar(smem, 0), 0)\n{pad}wait_tile(0, smem)\n",
          f"{pad}T.cuda.mbarrier_wait(mbar(smem, 0), 0)\n{pad}tim[1] = {GT}\n"
-         f"{pad}wait_tile(0, smem)\n{pad}tim[2] = {GT}\n"),
+         f"{pad}wait_tile(0, smem)\n{pad}tim[2] = {GT}\n{pad}tim[7] = {CLK}\n"),
+        # inside the loop: the cycles spent waiting for each next key tile
+        (f"\n{pad}    wait_tile(it + 1, smem)\n",  # the pingpong loop's (a line of its own)
+         f"\n{pad}    tim[5] = {CLK}\n{pad}    wait_tile(it + 1, smem)\n"
+         f"{pad}    tim[6] = tim[6] + ({CLK} - tim[5])\n"),
         (f'{pad}T.ptx["wgmma.wait_group.sync.aligned"](0)\n{pad}if O_TMA:\n',
-         f'{pad}T.ptx["wgmma.wait_group.sync.aligned"](0)\n{pad}tim[3] = {GT}\n{pad}if O_TMA:\n'),
+         f'{pad}T.ptx["wgmma.wait_group.sync.aligned"](0)\n{pad}tim[3] = {GT}\n'
+         f"{pad}tim[7] = {CLK} - tim[7]\n{pad}if O_TMA:\n"),
         (f"{pad}else:\n{pad}    store_rows(row0, b, h, L, t4, acc, l_r, m_r, cq_r, o, lse)\n",
          f"{pad}else:\n{pad}    store_rows(row0, b, h, L, t4, acc, l_r, m_r, cq_r, o, lse)\n"
          f"{pad}tim[4] = {GT}\n{pad}if tx % 128 == 0:\n{pad}    for j in T.unroll(5):\n"
-         f'{pad}        pr[tile, 1 + cw * 5 + j] = T.Cast("int64", tim[j])\n'),
+         f'{pad}        pr[tile, 1 + cw * 5 + j] = T.Cast("int64", tim[j])\n'
+         f'{pad}    pr[tile, 13 + cw] = T.Cast("int64", tim[6])\n'
+         f'{pad}    if cw == 0:\n{pad}        pr[tile, 15] = T.Cast("int64", tim[7])\n'),
     ]
 
 
@@ -109,6 +119,9 @@ def summarize(name, gated, probe, ms, n_blocks):
               f"  loop {span(t['loop'] - t['k0'])}  epilogue {span(t['end'] - t['loop'])}")
     print(f"    producer: busy {span(P[:, 12] - P[:, 11])}, then the block runs "
           f"{span(end - P[:, 12])}")
+    waits = [P[:, 13 + cw] / P[:, 15].clamp_min(1) for cw in (0, 1)]
+    print("    share of consumer 0's loop cycles spent waiting for key tiles, consumer 0 / 1: "
+          + " / ".join(f"{100 * torch.quantile(w, .5).item():.1f}%" for w in waits))
     sm, gaps = P[:, 0].long(), []
     for s in sm.unique():
         idx = (sm == s).nonzero().flatten()

@@ -661,8 +661,8 @@ def test_wgmma_register_estimate_against_ptxas(tmp_path, D, Dv, bn):
 
 def test_pp_phases_probes_still_fit_the_template(tmp_path):
     """benchmarks/pp_phases.py edits fwd_wgmma.py by text: its anchors still match, and the
-    probed pingpong kernel builds with its seven timer reads and the SM id (a process of its
-    own: GFWAGEN_TEMPLATES is read once per process)."""
+    probed pingpong kernel builds with its timer reads, the SM id and the loop's wait counter
+    (a process of its own: GFWAGEN_TEMPLATES is read once per process)."""
     import os
     import subprocess
     import sys
@@ -679,11 +679,13 @@ def test_pp_phases_probes_still_fit_the_template(tmp_path):
             "cfg = KernelConfig(128, 128, 8, 3, extra=(('pingpong', True), ('tma', True), "
             "('wgmma', True)))\n"
             "src = tb.cuda_source(tb.build_cuda(spec, cfg, 'sm_90a'))\n"
-            "print(src.count('gfwa_gt()'), src.count('%smid'))\n")
+            "print(src.count('gfwa_gt()'), src.count('%smid'), src.count('clock64()'))\n")
     path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "GFWAGEN_TEMPLATES": str(probed), "PYTHONPATH": path}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    # the definition and seven reads (producer 2, consumer 5); the SM id's definition
-    assert out.stdout.split() == ["8", "1"]
+    # the timer's definition and seven reads (producer 2, consumer 5); the SM id's
+    # definition; the cycle counter's helper (its name and body) and four reads (the loop's
+    # waits, its length)
+    assert out.stdout.split() == ["8", "1", "6"]
