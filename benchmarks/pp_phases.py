@@ -71,11 +71,13 @@ def _edits() -> list[tuple[str, str]]:
         (f"\n{pad}    wait_tile(it + 1, smem)\n",  # the pingpong loop's (a line of its own)
          f"\n{pad}    tim[5] = {CLK}\n{pad}    wait_tile(it + 1, smem)\n"
          f"{pad}    tim[6] = tim[6] + ({CLK} - tim[5])\n"),
-        (f'{pad}T.ptx["wgmma.wait_group.sync.aligned"](0)\n{pad}if O_TMA:\n',
+        # the epilogue: from the last P V's wait to past the output's store (the bulk store's
+        # block is the consumer branch's last)
+        (f'{pad}T.ptx["wgmma.wait_group.sync.aligned"](0)\n{pad}finish_rows(',
          f'{pad}T.ptx["wgmma.wait_group.sync.aligned"](0)\n{pad}tim[3] = {GT}\n'
-         f"{pad}tim[7] = {CLK} - tim[7]\n{pad}if O_TMA:\n"),
-        (f"{pad}else:\n{pad}    store_rows(row0, b, h, L, t4, acc, l_r, m_r, cq_r, o, lse)\n",
-         f"{pad}else:\n{pad}    store_rows(row0, b, h, L, t4, acc, l_r, m_r, cq_r, o, lse)\n"
+         f"{pad}tim[7] = {CLK} - tim[7]\n{pad}finish_rows("),
+        (f"{pad}        bulk_store_rows(smem, i0, cw, h, b)\n",
+         f"{pad}        bulk_store_rows(smem, i0, cw, h, b)\n"
          f"{pad}tim[4] = {GT}\n{pad}if tx % 128 == 0:\n{pad}    for j in T.unroll(5):\n"
          f'{pad}        pr[tile, 1 + cw * 5 + j] = T.Cast("int64", tim[j])\n'
          f'{pad}    pr[tile, 13 + cw] = T.Cast("int64", tim[6])\n'

@@ -385,27 +385,38 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             s_r[x] = T.float32(0)
 
     @T.macro
-    def stage_rows(row0, i0, cw, lane, b, h, L, t4, acc, l_r, m_r, cq_r, p_r, smem, lse):
-        # O_TMA: consumer cw's rows, normalized and packed, into its Q rows in the tensor
-        # map's layout (64-column atom blocks of 128-byte rows, 16-byte chunks swizzled by
-        # row % 8: a warp's stores hit 32 distinct banks); the lse as store_rows writes it
+    def finish_rows(row0, i0, cw, lane, b, h, L, t4, acc, l_r, m_r, cq_r, p_r, smem, o, lse,
+                    staged):
+        # the row sums were per thread: add the quad's four. Then O normalized, straight into
+        # o, or (staged: O_TMA) packed into consumer cw's Q rows in the tensor map's layout
+        # (64-column atom blocks of 128-byte rows, 16-byte chunks swizzled by row % 8: a
+        # warp's stores hit 32 distinct banks) for bulk_store_rows
         for r in T.unroll(2):
             lt: T.float32 = l_r[r]
             lt = lt + T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), lt, 1, 32)
             lt = lt + T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), lt, 2, 32)
             inv: T.float32 = T.float32(1) / lt
-            rr = T.Cast("int32", row0 - i0) - cw * 64 + r * 8  # row within the consumer's 64
-            for db in T.unroll(NDB):
-                T.ptx[pack](p_r[0], acc[db * 4 + r * 2 + 1] * inv, acc[db * 4 + r * 2] * inv)
-                T.ptx["st.shared.b32"](
-                    T.address_of(smem[(Q_OFF + db // 8 * (BM * 128) + cw * (64 * 128)
-                                       + rr * 128 + T.bitwise_xor(db % 8, lane // 4) * 16
-                                       + t4 * 4) // 4]),
-                    p_r[0],
-                )
+            if staged:
+                rr = T.Cast("int32", row0 - i0) - cw * 64 + r * 8  # row in the consumer's 64
+                for db in T.unroll(NDB):
+                    T.ptx[pack](p_r[0], acc[db * 4 + r * 2 + 1] * inv,
+                                acc[db * 4 + r * 2] * inv)
+                    T.ptx["st.shared.b32"](
+                        T.address_of(smem[(Q_OFF + db // 8 * (BM * 128) + cw * (64 * 128)
+                                           + rr * 128 + T.bitwise_xor(db % 8, lane // 4) * 16
+                                           + t4 * 4) // 4]),
+                        p_r[0],
+                    )
             ii = row0 + r * 8
-            if ii < L and t4 == 0:
-                lse[b, h, ii] = (m_r[r] + T.log2(lt) + cq_r[r]) * T.float32(LN2)
+            if ii < L:
+                if not staged:
+                    for db in T.unroll(NDB):
+                        for e in T.unroll(2):
+                            o[b, ii, h, db * 8 + t4 * 2 + e] = T.Cast(
+                                dt, acc[db * 4 + r * 2 + e] * inv
+                            )
+                if t4 == 0:
+                    lse[b, h, ii] = (m_r[r] + T.log2(lt) + cq_r[r]) * T.float32(LN2)
 
     @T.macro
     def bulk_store_rows(smem, i0, cw, h, b):
@@ -424,24 +435,6 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             )
         T.ptx["cp.async.bulk.commit_group"]()
         T.ptx["cp.async.bulk.wait_group.read"](0)
-
-    @T.macro
-    def store_rows(row0, b, h, L, t4, acc, l_r, m_r, cq_r, o, lse):
-        # the row sums were per thread: add the quad's four
-        for r in T.unroll(2):
-            lt: T.float32 = l_r[r]
-            lt = lt + T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), lt, 1, 32)
-            lt = lt + T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), lt, 2, 32)
-            inv: T.float32 = T.float32(1) / lt
-            ii = row0 + r * 8
-            if ii < L:
-                for db in T.unroll(NDB):
-                    for e in T.unroll(2):
-                        o[b, ii, h, db * 8 + t4 * 2 + e] = T.Cast(
-                            dt, acc[db * 4 + r * 2 + e] * inv
-                        )
-                if t4 == 0:
-                    lse[b, h, ii] = (m_r[r] + T.log2(lt) + cq_r[r]) * T.float32(LN2)
 
     # ---- pingpong: FlashAttention-3's schedule. A producer warpgroup (one working warp,
     # few registers) keeps the stages filled by bulk copies and writes the key tiles' gate
@@ -591,15 +584,13 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                         if cw == 0:  # consumer 1's last turn (it has none to hand on)
                             T.ptx["bar.arrive"](T.uint32(2), T.uint32(256))
                         T.ptx["wgmma.wait_group.sync.aligned"](0)
+                        finish_rows(row0, i0, cw, lane, b, h, L, t4, acc, l_r, m_r, cq_r, p_r,
+                                    smem, o, lse, O_TMA)
                         if O_TMA:
-                            stage_rows(row0, i0, cw, lane, b, h, L, t4, acc, l_r, m_r, cq_r,
-                                       p_r, smem, lse)
                             T.ptx["fence.proxy.async.shared::cta"]()
                             T.ptx["bar.sync"](T.Cast("uint32", 3 + cw), T.uint32(128))
                             if tx % 128 == 0:
                                 bulk_store_rows(smem, i0, cw, h, b)
-                        else:
-                            store_rows(row0, b, h, L, t4, acc, l_r, m_r, cq_r, o, lse)
                 else:
                     wg = tx // 128
                     lane = tx % 32
@@ -706,6 +697,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                         T.ptx["wgmma.fence.sync.aligned"]()
                         issue_pv((n_tiles - 1) % 3, smem, p_r, acc, vd)
                         T.ptx["wgmma.wait_group.sync.aligned"](0)
-                    store_rows(row0, b, h, L, t4, acc, l_r, m_r, cq_r, o, lse)
+                    finish_rows(row0, i0, 0, lane, b, h, L, t4, acc, l_r, m_r, cq_r, p_r, smem,
+                                o, lse, False)
 
     return gfwa_fwd
