@@ -647,7 +647,7 @@ def _with_tried(job, configs):
               help="A config to measure right after the default, as JSON (e.g. "
                    "'{\"block_m\": 128, \"block_n\": 64, \"num_warps\": 4, \"num_stages\": 2, "
                    "\"extra\": {\"sub_n\": 64}}'); repeatable; tried for every shape and pass "
-                   "of the run where it fits.")
+                   "of the run where it fits. Needs --trials of at least 1 + their number.")
 @db_option
 @format_option
 @runtime_errors
@@ -728,6 +728,12 @@ def tune(gpu, preset, only, head_dim, window, dtype, seqlen, batch, heads, kv_he
         _log("tune: --compile-jobs gains nothing on the CPU: TVM keeps compiled kernels per "
              "process, so the timing worker compiles again")
     tried = _tried_configs(try_configs)
+    if tried and not sweep and not resume and trials < 1 + len(tried):
+        # trial 0 is always the default (study.prepare): a smaller budget never reaches them
+        raise click.BadParameter(
+            f"--trials {trials} measures the default config only; the {len(tried)} --try "
+            f"config(s) run after it: use --trials {1 + len(tried)} or more",
+            param_hint="--trials")
     if refine and not sweep:
         # the study measures its enqueued configs before it searches (study.create_study)
         seeds = 2 + len(space.DEFAULT_KNOBS if knob_list is None else knob_list) + len(tried)

@@ -7,7 +7,7 @@ key tiles to arrive; a summary per shape: block duration against the wall time p
 slot, each phase's median (p10-p90), the gap between consecutive blocks on an SM, and the
 share of the loop spent waiting for tiles.
 
-    PYTHONPATH=$PWD python benchmarks/pp_phases.py --shapes S1,S2,S4
+    PYTHONPATH=$PWD python benchmarks/pp_phases.py --shapes S1,S2,S4 [--templates OTHER]
 
 The probes are text edits of the template: an anchor that no longer matches stops the script
 by name. globaltimer ticks in steps of about 0.26 us on the H200; the probes' own cost is a
@@ -85,9 +85,10 @@ def _edits() -> list[tuple[str, str]]:
     ]
 
 
-def probed_templates(dest: Path) -> Path:
-    """A copy of templates/ in dest with the probes in tvm/fwd_wgmma.py."""
-    shutil.copytree(ROOT / "templates", dest / "templates")
+def probed_templates(dest: Path, source: Path | None = None) -> Path:
+    """A copy of templates/ (or of `source`, another version of it) in dest with the probes in
+    tvm/fwd_wgmma.py."""
+    shutil.copytree(source or ROOT / "templates", dest / "templates")
     path = dest / "templates" / "tvm" / "fwd_wgmma.py"
     src = path.read_text()
     for i, (old, new) in enumerate(_edits()):
@@ -138,9 +139,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="S1,S2,S4")
     p.add_argument("--block-n", type=int, default=128)
+    p.add_argument("--templates", type=Path, default=None,
+                   help="another version of templates/ to probe (an A/B of a template change)")
     a = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="gfwa-probe-"))
-    os.environ["GFWAGEN_TEMPLATES"] = str(probed_templates(tmp))
+    os.environ["GFWAGEN_TEMPLATES"] = str(probed_templates(tmp, a.templates))
     import torch
     import triton.testing
     from bench import SHAPES, make_inputs

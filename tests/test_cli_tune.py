@@ -224,6 +224,10 @@ def test_tune_try_measures_the_given_config(env):
     for bad in ("{block_m: 1}", "[1, 2]", '{"block_m": 32, "tile": 9}'):
         r = CliRunner().invoke(main, base + ["--try", bad])
         assert r.exit_code == 2 and "--try" in r.output, (bad, r.output)
+    # a budget that ends at the default would measure the --try config never
+    short = [x if x != "2" else "1" for x in base]
+    r = CliRunner().invoke(main, short + ["--try", json.dumps(tried)])
+    assert r.exit_code == 2 and "--trials" in r.output and "--try" in r.output, r.output
 
 
 def test_tune_try_fills_what_another_pass_leaves_out(env):

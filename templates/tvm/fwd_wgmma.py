@@ -52,11 +52,13 @@ Config extras (session 17, H200 numbers in benchmarks/RESULTS.md):
   warpgroup (40 registers; one warp works) fills the stages and writes the gate sums; two
   consumer warpgroups (232 registers) run the pipelined loop on 64 rows each and take turns
   issuing their products on named barriers, so one's softmax overlaps the other's matrix
-  work. S4: 1.93 ms gated, 1.86 ungated (the gate's cost 4%). Offline ptxas spills 88 bytes
-  (gated) and 16 (ungated) per consumer thread at 128x128 under the 232-register cap.
+  work. S4: 1.93 ms gated, 1.86 ungated (the gate's cost 4%).
   Since session 19 each consumer stages its output in shared memory (its own Q rows) and
   stores it with bulk tensor copies where Dv <= D (O_TMA below): a block's epilogue had
   taken 4.4-4.9 us of 17 at S1, and the tuner's medians fell 12-25% at S1-S3, 4-7% at S4.
+  Since session 20 the gated score product starts from the keys' biases (bias_scores), so
+  the softmax is the ungated one: the consumers' loop spilled 96 bytes per thread gated (16
+  ungated) and now spills none; the gated kernel ran 3.3-3.5% faster at S1-S2.
 """
 
 from __future__ import annotations
@@ -248,7 +250,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             cg_r[rr] = c[b, h, T.min(kt * BN + rr * NT + tx, L - 1)]
 
     @T.macro
-    def gate_store(st, cg_r, smem, cref, tx):
+    def gate_store(st, cg_r, smem, cref, rscale, tx):
         # st.shared written out: TVM's barrier planner does not see it. It would otherwise
         # want a barrier between the last tile's softmax, which reads another slot, and
         # this store (the pipelined loop stores before its one barrier, into a slot last
@@ -257,7 +259,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             if rr * NT + tx < BN:
                 T.ptx["st.shared.f32"](
                     T.address_of(smem[C_OFF // 4 + st * BN + rr * NT + tx]),
-                    T.Cast("float32", cg_r[rr] - cref) * T.float32(LOG2E),
+                    T.Cast("float32", cref - cg_r[rr]) * rscale,
                 )
 
     @T.macro
@@ -270,13 +272,14 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     @T.macro
     def issue_scores(st, wg, smem, s_r, qd, kd):
         # S = Q K^T over D / 16 k steps, one commit group; the first overwrites S (scale-d
-        # false)
+        # false), or, gated, adds to the key bias that bias_scores put there
         for ks in T.unroll(D // 16):
             # K-major: LBO unused (1), SBO the 1024 bytes between 8-row groups
             kin = ks % 4 * 32  # the k step's bytes into its atom
             descriptor(qd, smem, Q_OFF + ks // 4 * (BM * 128) + wg * (64 * 128) + kin, 1, 64)
             descriptor(kd, smem, K_OFF + st * (2 * BN * D) + ks // 4 * (BN * 128) + kin, 1, 64)
-            T.ptx[mma_s](*[s_r[x] for x in range(BN // 2)], qd[0], kd[0], ks > 0, 1, 1, 0, 0)
+            T.ptx[mma_s](*[s_r[x] for x in range(BN // 2)], qd[0], kd[0], ks > 0 or gated,
+                         1, 1, 0, 0)
         T.ptx["wgmma.commit_group.sync.aligned"]()
 
     @T.macro
@@ -301,6 +304,23 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         T.ptx["wgmma.commit_group.sync.aligned"]()
 
     @T.macro
+    def bias_scores(st, smem, s_r, t4):
+        # Gated: S starts as each key's bias (c_ref - c_j) / scale, stored by the tile's
+        # writer, and the score product adds Q K^T to it, so the softmax below is the
+        # ungated one. Subtracting the bias there instead (an fma per logit reading shared
+        # memory) made the loop 7-9% longer than the ungated one at S1-S4 (RESULTS.md,
+        # session 20): its 32 values per thread were live next to S, O and the P of the
+        # product in flight, and spilled; here they are loaded while S is free, before the
+        # turn's barrier. c_i is constant along a row, which softmax ignores: it joins only
+        # the lse (epilogue). Both rows of a thread read the same keys (the compiler loads
+        # each pair once and copies it; two loads, kept apart by asm volatile, ran 2-3%
+        # slower at S1-S2)
+        for nb in T.unroll(NB):
+            for r in T.unroll(2):
+                for e in T.unroll(2):
+                    s_r[nb * 4 + r * 2 + e] = smem[C_OFF // 4 + st * BN + nb * 8 + t4 * 2 + e]
+
+    @T.macro
     def stats(st, dj, masked, s_r, smem, m_r, l_r, al_r, t4, sl2):
         # S -> P (fp32, in place), the running row max and sum, and each row's rescale
         # factor for O (al_r), which the caller applies once O is not being written
@@ -308,12 +328,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             for nb in T.unroll(NB):
                 for e in T.unroll(2):
                     x = nb * 4 + r * 2 + e
-                    if gated:
-                        # c_i is constant along a row, which softmax ignores: it joins only
-                        # the lse (epilogue), and each logit costs one fma
-                        s_r[x] = s_r[x] * sl2 - smem[C_OFF // 4 + st * BN + nb * 8 + t4 * 2 + e]
-                    else:
-                        s_r[x] = s_r[x] * sl2
+                    s_r[x] = s_r[x] * sl2  # gated: the key's bias is in (bias_scores)
                     if masked:
                         rel = dj + (nb * 8 - r * 8) + t4 * 2 + e  # key minus query position
                         if W > 0:
@@ -447,7 +462,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     GPL = (BN + 31) // 32  # gate sums per producer lane per tile
 
     @T.macro
-    def produce(n_tiles, kt_lo, smem, c, b, h, hk, L, i0, lane):
+    def produce(n_tiles, kt_lo, smem, c, b, h, hk, L, i0, lane, rscale):
         if gated:  # gate off, c is a one-element dummy: no load (it would read past it)
             cref_p: T.float64 = c[b, h, i0]
         for n in T.serial(T.Cast("int32", n_tiles)):
@@ -460,8 +475,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                     if rr * 32 + lane < BN:
                         T.ptx["st.shared.f32"](
                             T.address_of(smem[C_OFF // 4 + st * BN + rr * 32 + lane]),
-                            T.Cast("float32", c[b, h, T.min(kt * BN + rr * 32 + lane, L - 1)]
-                                   - cref_p) * T.float32(LOG2E),
+                            T.Cast("float32", cref_p - c[b, h, T.min(kt * BN + rr * 32 + lane,
+                                                                     L - 1)]) * rscale,
                         )
             if lane == 0:
                 bulk_tile(kt, st, smem, b, hk)
@@ -545,7 +560,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                         if tx < 32:
                             if tx == 0:
                                 bulk_q(smem, i0, h, b)
-                            produce(n_tiles, kt_lo, smem, c, b, h, hk, L, i0, lane)
+                            rscale: T.float32 = T.float32(1) / scale
+                            produce(n_tiles, kt_lo, smem, c, b, h, hk, L, i0, lane, rscale)
                     else:
                         T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS)
                         cw = tx // 128 - 1  # consumer warpgroup: rows 64 cw .. 64 cw + 63
@@ -556,6 +572,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                             T.ptx["bar.arrive"](T.uint32(1), T.uint32(256))
                         T.cuda.mbarrier_wait(mbar(smem, 0), 0)
                         wait_tile(0, smem)
+                        if gated:
+                            bias_scores(0, smem, s_r, t4)
                         T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
                         T.ptx["wgmma.fence.sync.aligned"]()
                         issue_scores(0, cw, smem, s_r, qd, kd)
@@ -566,6 +584,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                         for it in T.serial(T.Cast("int32", n_tiles) - 1):
                             kt = kt_lo + T.Cast("int64", it)
                             wait_tile(it + 1, smem)
+                            if gated:
+                                bias_scores((it + 1) % NS, smem, s_r, t4)
                             T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
                             T.ptx["wgmma.fence.sync.aligned"]()
                             issue_scores((it + 1) % NS, cw, smem, s_r, qd, kd)
@@ -622,6 +642,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
 
                     if gated:
                         cref: T.float64 = c[b, h, i0]
+                        rscale: T.float32 = T.float32(1) / scale
                         if n_tiles > 0:
                             gate_fetch(kt_lo, cg_r, c, b, h, L, tx)
                     # Pipelined: iteration it issues the next tile's scores and this tile's
@@ -635,7 +656,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                                 if n_tiles > 1:
                                     bulk_tile(kt_lo + 1, 1, smem, b, hk)
                             if gated:
-                                gate_store(0, cg_r, smem, cref, tx)
+                                gate_store(0, cg_r, smem, cref, rscale, tx)
                             wait_tile(0, smem)
                         # Q too: no block leaves with a copy in flight
                         T.cuda.mbarrier_wait(mbar(smem, 0), 0)
@@ -643,7 +664,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                         if not TMA:
                             load_tile(kt_lo, 0, smem, kf, vf, b, hk, L, HKV, tx)
                             if gated:
-                                gate_store(0, cg_r, smem, cref, tx)
+                                gate_store(0, cg_r, smem, cref, rscale, tx)
                             T.ptx["cp.async.commit_group"]()
                             T.ptx["cp.async.wait_group"](0)
                             # cp.async writes through the generic proxy, wgmma reads through
@@ -657,6 +678,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                                 gate_fetch(kt_lo + 1, cg_r, c, b, h, L, tx)
                         if not TMA:
                             T.ptx["cp.async.commit_group"]()
+                        if gated:
+                            bias_scores(0, smem, s_r, t4)
                         T.ptx["wgmma.fence.sync.aligned"]()
                         issue_scores(0, wg, smem, s_r, qd, kd)
                         T.ptx["wgmma.wait_group.sync.aligned"](0)
@@ -666,7 +689,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                             kt = kt_lo + T.Cast("int64", it)
                             st = it % 3
                             if gated:  # the next tile's gate sums, fetched a tile ago
-                                gate_store((it + 1) % 3, cg_r, smem, cref, tx)
+                                gate_store((it + 1) % 3, cg_r, smem, cref, rscale, tx)
                             if TMA:
                                 wait_tile(it + 1, smem)
                             else:
@@ -686,6 +709,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                                     gate_fetch(kt + 2, cg_r, c, b, h, L, tx)
                             if not TMA:
                                 T.ptx["cp.async.commit_group"]()
+                            if gated:
+                                bias_scores((it + 1) % 3, smem, s_r, t4)
                             T.ptx["wgmma.fence.sync.aligned"]()
                             issue_scores((it + 1) % 3, wg, smem, s_r, qd, kd)
                             issue_pv(st, smem, p_r, acc, vd)
