@@ -140,6 +140,26 @@ def test_gpu_tvm_wgmma_gate_extremes(gate_scale, tma):
     assert not o.isnan().any() and errs["o"] < 1e-2 and errs["lse"] < 1e-4, errs
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or
+                    torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only")
+@pytest.mark.parametrize("scale", [0.0, 1e-35, -0.2])
+@pytest.mark.parametrize("tma", [False, True], ids=["cp.async", "pingpong"])
+def test_gpu_tvm_wgmma_zero_and_negative_scale(scale, tma):
+    """Scale 0 (the gate alone weighs the keys), a tiny one and a negative one, gated: the bias
+    that the score product starts from is (c_ref - c_j) / scale, so scales below
+    WGMMA_ZERO_SCALE run at it."""
+    from gfwagen.spec import KernelConfig
+
+    extra = ((("pingpong", True), ("tma", True)) if tma else ()) + (("wgmma", True),)
+    config = KernelConfig(128, 128, 8, 3, extra=extra)
+    q, k, v, g = make_inputs(1, 700, 4, 2, 128, 128, torch.bfloat16, True, device="cuda")
+    o, lse = tvm_backend.tvm_forward(q, k, v, g, 200, scale, config)
+    o64, lse64 = reference_forward(*(t.double() for t in (q, k, v)), g.double(), 200, scale)
+    errs = {"o": rel_err(o, o64), "lse": rel_err(lse, lse64)}
+    log_gpu_errors(f"tvm-wgmma scale={scale} tma={tma}", errs)
+    assert not o.isnan().any() and errs["o"] < 1e-2 and errs["lse"] < 1e-4, errs
+
+
 def test_gpu_tvm_runs_on_the_current_stream():
     """A kernel launched under another stream is ordered after that stream's earlier work."""
     q, k, v, g = make_inputs(1, 1024, 4, 4, 64, 64, torch.float16, True, device="cuda")

@@ -85,6 +85,12 @@ WGMMA_CUDA_TC_CONFIG = KernelConfig(block_m=64, block_n=64, num_warps=4, num_sta
 WGMMA_DEFAULT_MAX_DIM = 128
 CUDA_DYNAMIC_SMEM_LIMIT = 227 * 1024  # per block on sm_90 (H100/H200)
 CUDA_STATIC_SMEM_LIMIT = 48 * 1024
+# fwd_wgmma.py adds the gate's key biases in the score product's units, (c_ref - c_j) / scale,
+# which scale 0 (the gate alone decides) cannot express, and a smaller scale would overflow:
+# below 2^-100 it runs at 2^-100 (same sign). Q K^T then moves a logit by |q.k| 2^-100,
+# nothing at fp32's resolution, and a bias of the block's worst decay (128 rows at GATE_BOUND)
+# stays finite (2^114 < 2^128); one further back, past 2^128, is -inf, as exp of it is 0.
+WGMMA_ZERO_SCALE = 2.0 ** -100
 
 _FUNC_NAMES = {"fwd": "gfwa_fwd", "bwd_kv": "gfwa_bwd_kv", "bwd_q": "gfwa_bwd_q"}
 _CACHE: dict[tuple[str, str, str], Any] = {}
@@ -360,6 +366,8 @@ def tvm_forward(q, k, v, log_gate=None, window=None, scale=None, config=None, ta
     if q.is_cuda and tensor_core_forward(spec, cfg):
         check_wgmma_offsets(cfg, Hq, k.shape[2], D, v.shape[3])
         q, k, v = (_aligned16(t) for t in (q, k, v))
+        if abs(scale) < WGMMA_ZERO_SCALE and log_gate is not None and cfg.get("wgmma"):
+            scale = math.copysign(WGMMA_ZERO_SCALE, scale)
     fn = _kernel(spec, cfg, tgt)
     _launch(q, fn, _dl(q), _dl(k), _dl(v), _dl(c), _dl(o), _dl(lse), scale)
     return o, lse
