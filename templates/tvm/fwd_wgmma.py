@@ -321,7 +321,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                     s_r[nb * 4 + r * 2 + e] = smem[C_OFF // 4 + st * BN + nb * 8 + t4 * 2 + e]
 
     @T.macro
-    def stats(st, dj, masked, s_r, smem, m_r, l_r, al_r, t4, sl2):
+    def stats(dj, masked, s_r, m_r, l_r, al_r, t4, sl2):
         # S -> P (fp32, in place), the running row max and sum, and each row's rescale
         # factor for O (al_r), which the caller applies once O is not being written
         for r in T.unroll(2):
@@ -357,7 +357,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             l_r[r] = l_r[r] * al_r[r] + psum
 
     @T.macro
-    def softmax(kt, st, i0, row0, s_r, smem, m_r, l_r, al_r, t4, sl2):
+    def softmax(kt, i0, row0, s_r, m_r, l_r, al_r, t4, sl2):
         # interior: every key of the tile is <= the block's first row and inside the last
         # row's window (no mask)
         j0 = kt * BN
@@ -366,9 +366,9 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         if W > 0:
             inside = inside and j0 > i0 + BM - 1 - W
         if inside:
-            stats(st, dj, False, s_r, smem, m_r, l_r, al_r, t4, sl2)
+            stats(dj, False, s_r, m_r, l_r, al_r, t4, sl2)
         else:
-            stats(st, dj, True, s_r, smem, m_r, l_r, al_r, t4, sl2)
+            stats(dj, True, s_r, m_r, l_r, al_r, t4, sl2)
 
     @T.macro
     def rescale_pack(s_r, p_r, acc, al_r):
@@ -579,7 +579,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                         issue_scores(0, cw, smem, s_r, qd, kd)
                         T.ptx["bar.arrive"](T.Cast("uint32", 2 - cw), T.uint32(256))
                         T.ptx["wgmma.wait_group.sync.aligned"](0)
-                        softmax(kt_lo, 0, i0, row0, s_r, smem, m_r, l_r, al_r, t4, sl2)
+                        softmax(kt_lo, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
                         rescale_pack(s_r, p_r, acc, al_r)
                         for it in T.serial(T.Cast("int32", n_tiles) - 1):
                             kt = kt_lo + T.Cast("int64", it)
@@ -592,8 +592,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                             issue_pv(it % NS, smem, p_r, acc, vd)
                             T.ptx["bar.arrive"](T.Cast("uint32", 2 - cw), T.uint32(256))
                             T.ptx["wgmma.wait_group.sync.aligned"](1)
-                            softmax(kt + 1, (it + 1) % NS, i0, row0, s_r, smem, m_r, l_r, al_r,
-                                    t4, sl2)
+                            softmax(kt + 1, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
                             T.ptx["wgmma.wait_group.sync.aligned"](0)
                             # tile it's K, V and gate sums are read: its stage is free
                             T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, FREE + it % NS))
@@ -683,7 +682,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                         T.ptx["wgmma.fence.sync.aligned"]()
                         issue_scores(0, wg, smem, s_r, qd, kd)
                         T.ptx["wgmma.wait_group.sync.aligned"](0)
-                        softmax(kt_lo, 0, i0, row0, s_r, smem, m_r, l_r, al_r, t4, sl2)
+                        softmax(kt_lo, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
                         rescale_pack(s_r, p_r, acc, al_r)
                         for it in T.serial(T.Cast("int32", n_tiles) - 1):
                             kt = kt_lo + T.Cast("int64", it)
@@ -715,8 +714,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                             issue_scores((it + 1) % 3, wg, smem, s_r, qd, kd)
                             issue_pv(st, smem, p_r, acc, vd)
                             T.ptx["wgmma.wait_group.sync.aligned"](1)
-                            softmax(kt + 1, (it + 1) % 3, i0, row0, s_r, smem, m_r, l_r, al_r,
-                                    t4, sl2)
+                            softmax(kt + 1, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
                             T.ptx["wgmma.wait_group.sync.aligned"](0)
                             rescale_pack(s_r, p_r, acc, al_r)
                         T.ptx["wgmma.fence.sync.aligned"]()
