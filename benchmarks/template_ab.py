@@ -33,19 +33,19 @@ from gfwagen.spec import KernelSpec  # noqa: E402
 TEMPLATE = {"fwd": "fwd", "bwd_kv": "bwd", "bwd_q": "bwd"}
 
 
-def load_old(folder: Path, name: str):
-    """templates/triton/<name>.py under `folder`, imported as a package of its own, named
+def load_old(folder: Path, name: str, backend: str = "triton"):
+    """templates/<backend>/<name>.py under `folder`, imported as a package of its own, named
     after the folder (Triton reads the kernels' source from the files, so they stay put)."""
     folder = folder.resolve()
-    if not (folder / "triton" / f"{name}.py").is_file():
-        raise SystemExit(f"--old: no triton/{name}.py under {folder}")
+    if not (folder / backend / f"{name}.py").is_file():
+        raise SystemExit(f"--old: no {backend}/{name}.py under {folder}")
     root = "gfwagen_templates_ab_" + hashlib.sha256(str(folder).encode()).hexdigest()[:12]
-    for pkg, path in ((root, folder), (f"{root}.triton", folder / "triton")):
+    for pkg, path in ((root, folder), (f"{root}.{backend}", folder / backend)):
         if pkg not in sys.modules:
             mod = types.ModuleType(pkg)
             mod.__path__ = [str(path)]
             sys.modules[pkg] = mod
-    return importlib.import_module(f"{root}.triton.{name}")
+    return importlib.import_module(f"{root}.{backend}.{name}")
 
 
 def runner(pass_, s, x, gated, cfg):
