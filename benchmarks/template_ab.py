@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The Triton templates against another version of them, in one process: the forward or a
 backward pass at the config the op picks for each benchmark shape, gated and plain, timed
-A, B, A, B (the better of each pair kept, so that drift hits both alike), outputs compared.
+A, B, B, A (the better of each kept, so that drift hits both alike), outputs compared.
 
     git archive main templates | tar -x -C /tmp/old      # the version to compare
     PYTHONPATH=$PWD python benchmarks/template_ab.py --old /tmp/old/templates --pass fwd \\
@@ -48,6 +48,18 @@ def load_old(folder: Path, name: str, backend: str = "triton"):
     return importlib.import_module(f"{root}.{backend}.{name}")
 
 
+ORDER = ("old", "new", "new2", "old2")  # A B B A: drift within the run hits both alike
+
+
+def ab_line(label: str, ms: dict, diff: str, cfg, digits: int = 3) -> str:
+    """One shape's report: both versions' times (ORDER's runs), the change of the better
+    of each, what their outputs differ by."""
+    before, after = min(ms["old"], ms["old2"]), min(ms["new"], ms["new2"])
+    return (f"{label}: old {ms['old']:.{digits}f}/{ms['old2']:.{digits}f} ms, new "
+            f"{ms['new']:.{digits}f}/{ms['new2']:.{digits}f} ms "
+            f"({100 * (after / before - 1):+.1f}%), {diff}, {cfg.as_dict()}")
+
+
 def runner(pass_, s, x, gated, cfg):
     """fn() running the pass, and outputs() reading what it wrote."""
     q, k, v, g, do = x
@@ -81,7 +93,7 @@ def main(argv=None) -> int:
             cfg = dispatch.select_config(KernelSpec("triton", a.pass_, s.D, s.D, s.W, "bf16",
                                                     True, 1), s.T, x[0].device)
             ms, outs = {}, {}
-            for which in ("old", "new", "old2", "new2"):
+            for which in ORDER:
                 tb.load_template = (current if which.startswith("new") else
                                     lambda b, n: old if n == name else current(b, n))
                 try:
@@ -92,11 +104,8 @@ def main(argv=None) -> int:
                     tb.load_template = current
             diff = max(((n - o).norm() / o.norm()).item()
                        for n, o in zip(outs["new"], outs["old"], strict=True))
-            before, after = min(ms["old"], ms["old2"]), min(ms["new"], ms["new2"])
-            print(f"{shape} {a.pass_} {'gated' if gated else 'plain'}: old {ms['old']:.3f}/"
-                  f"{ms['old2']:.3f} ms, new {ms['new']:.3f}/{ms['new2']:.3f} ms "
-                  f"({100 * (after / before - 1):+.1f}%), rel diff {diff:.1e}, "
-                  f"{cfg.as_dict()}", flush=True)
+            print(ab_line(f"{shape} {a.pass_} {'gated' if gated else 'plain'}", ms,
+                          f"rel diff {diff:.1e}", cfg), flush=True)
     return 0
 
 

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import SHAPES, make_inputs  # noqa: E402
 from knobs import bench  # noqa: E402
-from template_ab import load_old  # noqa: E402
+from template_ab import ORDER, ab_line, load_old  # noqa: E402
 
 from gfwagen import dispatch  # noqa: E402
 from gfwagen.backends import tvm_backend as tb  # noqa: E402
@@ -73,16 +73,13 @@ def main(argv=None) -> int:
                 o, lse = torch.empty_like(q), torch.empty(s.B, s.H, s.T, device=q.device)
                 args = [tb._dl(t) for t in (q, k, v, c, o, lse)] + [s.D ** -0.5]
                 outs[which] = (fn, args, o, lse)
-            for which in ("old", "new", "new2", "old2"):
+            for which in ORDER:
                 fn, args, *_ = outs[which[:3]]
                 ms[which] = bench(lambda fn=fn, args=args, q=q: tb._launch(q, fn, *args), a.rep)
             diff = max(((n.float() - o.float()).abs().max()).item()
                        for n, o in zip(outs["new"][2:], outs["old"][2:], strict=True))
-            before, after = min(ms["old"], ms["old2"]), min(ms["new"], ms["new2"])
-            print(f"{shape} {'gated' if gated else 'plain'}: old {ms['old']:.4f}/"
-                  f"{ms['old2']:.4f} ms, new {ms['new']:.4f}/{ms['new2']:.4f} ms "
-                  f"({100 * (after / before - 1):+.1f}%), max |new - old| {diff:.1e}, "
-                  f"{cfg.as_dict()}", flush=True)
+            print(ab_line(f"{shape} {'gated' if gated else 'plain'}", ms,
+                          f"max |new - old| {diff:.1e}", cfg, 4), flush=True)
     return 0
 
 

@@ -160,3 +160,26 @@ def test_tile_order_model_counts_window_tiles_and_longest_first_never_loses():
         runs = m.orders(bench.SHAPES[name], bm, bn)
         slots = m.SMS * per_sm
         assert m.makespan(runs["longest first"], slots) <= m.makespan(runs["launch"], slots)
+
+
+def test_tvm_ab_builds_the_other_templates_version(tmp_path):
+    """tvm_ab.py imports a second copy of the TVM templates as a package of its own and
+    builds its forward: a change to the copy shows in what it builds, not in the current."""
+    pytest.importorskip("tvm")
+    import shutil
+
+    import tvm_ab
+
+    from gfwagen.backends import tvm_backend as tb
+
+    shutil.copytree(ROOT / "templates", tmp_path / "templates")
+    path = tmp_path / "templates" / "tvm" / "fwd_wgmma.py"
+    path.write_text(path.read_text().replace("ATOM = 64", "ATOM = 64\nAB_MARK = 1"))
+    old = tvm_ab.load_old(tmp_path / "templates", "fwd_wgmma", "tvm")
+    new = tb.load_template("tvm", "fwd_wgmma")
+    assert old is not new and old.AB_MARK == 1 and not hasattr(new, "AB_MARK")
+    for mod in (old, new):
+        prim = mod.make_forward_tc(64, 64, 512, "bf16", True, 1, tvm_ab.PINGPONG)
+        assert "gfwa_pin" in prim.script()
+    with pytest.raises(SystemExit, match="no tvm/fwd_wgmma.py"):
+        tvm_ab.load_old(tmp_path, "fwd_wgmma", "tvm")
