@@ -49,8 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--config", type=json.loads, default=None,
                    help='a KernelConfig as JSON, e.g. {"block_m": 128, "block_n": 64, '
-                        '"num_warps": 8, "num_stages": 3, "pingpong": true, "tma": true, '
-                        '"wgmma": true}')
+                        '"num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, '
+                        '"tma": true, "wgmma": true}}')
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
     a = p.parse_args(argv)
     versions = {"old": load_old(a.old, "fwd_wgmma", "tvm"),
