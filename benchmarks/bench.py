@@ -23,6 +23,7 @@ import importlib.metadata
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,32 @@ def summary_rows(results, shapes, contenders):
             p = tf.get((name, peer, "fwdbwd"))
             row.append(f"{g / p:.2f}x" if g and p else None)
         rows.append(row)
+    return headers, rows
+
+
+def gate_cost_rows(results, shapes):
+    """Per shape, what issue 5's target 2 asks of gfwagen's forward, as percentages of extra
+    time: the gated forward over the ungated one, from each one's best round and round by
+    round (each gated run against the ungated run next to it), and over FlexAttention's plain
+    window. The rounds show how far one figure can move: in session 21's recorded run S2's
+    best-round cost was 10.6%, its two rounds 3.0% and 13.6% (RESULTS.md)."""
+    res = {(r["shape"], r["contender"]): r for r in results if r.get("mode") == "fwd"}
+    headers = ["shape", "gated / ungated fwd", "per round", "median of rounds",
+               "gated / flex-nogate fwd"]
+    rows = []
+
+    def pct(a, b):
+        return f"{100 * (a / b - 1):+.1f}%"
+
+    for name in shapes:
+        g, u, f = (res.get((name, c)) for c in ("gfwagen", "gfwagen-nogate", "flex-nogate"))
+        if not (g and u):
+            continue
+        paired = [a / b for a, b in zip(g.get("rounds_ms") or [], u.get("rounds_ms") or [])]
+        rows.append([name, pct(g["ms"], u["ms"]),
+                     " ".join(pct(x, 1.0) for x in paired) or None,
+                     pct(statistics.median(paired), 1.0) if paired else None,
+                     pct(g["ms"], f["ms"]) if f else None])
     return headers, rows
 
 
@@ -467,6 +494,9 @@ def report(results, checks, shape_names, contenders, meta, json_path=None, md_pa
     """The summary table on stdout; all results as JSON and a markdown section, if asked."""
     headers, rows = summary_rows(results, shape_names, contenders)
     print("\nTFLOP/s (in-window pairs; f+b = forward+backward)\n" + format_table(headers, rows))
+    cost_headers, cost_rows = gate_cost_rows(results, shape_names)
+    if cost_rows:
+        print("\nThe gate's cost in gfwagen's forward\n" + format_table(cost_headers, cost_rows))
     if json_path:
         Path(json_path).write_text(json.dumps(
             {"meta": meta, "results": results, "checks": checks}, indent=1))
@@ -477,6 +507,8 @@ def report(results, checks, shape_names, contenders, meta, json_path=None, md_pa
         vers = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
         section = [f"## {meta['date']} on {meta['gpu']}", "", f"{vers}; {meta['dtype']}", "",
                    f"`{meta['command']}`", "", format_table(headers, rows, markdown=True), "",
+                   *([format_table(cost_headers, cost_rows, markdown=True), ""] if cost_rows
+                     else []),
                    format_table(["shape", "contender", "mode", "ms", "TFLOP/s"], detail,
                                 markdown=True)]
         section += [""] + errors if errors else []

@@ -82,6 +82,30 @@ def test_devices_fails_when_a_gpu_process_fails(tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_gate_cost_pairs_the_rounds_and_reports_target_2(tmp_path, capsys):
+    """Session 21's recorded S2 forward: one fast ungated round made the best-round cost 10.6%;
+    the rounds, each gated run against the ungated run next to it, gave 3.0% and 13.6%.
+    Shapes without both gfwagen runs get no row; Flex's plain window is optional."""
+    def fwd(c, rounds):
+        return {"shape": "S2", "contender": c, "mode": "fwd", "ms": min(rounds),
+                "rounds_ms": rounds, "tflops": 1.0}
+
+    results = [fwd("gfwagen", [0.5873, 0.6031]), fwd("gfwagen-nogate", [0.5704, 0.5311]),
+               fwd("flex-nogate", [0.7969, 0.8014]),
+               {"shape": "S5", "contender": "gfwagen", "mode": "fwd", "ms": 0.3, "tflops": 1.0}]
+    headers, rows = bench.gate_cost_rows(results, ["S2", "S5"])
+    assert rows == [["S2", "+10.6%", "+3.0% +13.6%", "+8.3%", "-26.3%"]]
+    headers, rows = bench.gate_cost_rows(results[:2], ["S2"])
+    assert rows[0][-1] is None
+    meta = {"date": "d", "gpu": "g", "command": "c", "versions": {}, "dtype": "bf16",
+            "unavailable": {}}
+    md = tmp_path / "r.md"
+    bench.report(results[:3], [], ["S2"], ["gfwagen", "gfwagen-nogate", "flex-nogate"], meta,
+                 md_path=str(md))
+    assert "| S2 | +10.6% | +3.0% +13.6% | +8.3% | -26.3% |" in md.read_text()
+    assert "The gate's cost" in capsys.readouterr().out
+
+
 def test_head_to_head_reads_configs_and_names_what_is_wrong():
     import head_to_head as h2h
 
