@@ -76,14 +76,16 @@ def test_gpu_tvm_warp_m_edges(shape, cfg):
     _check_forward(shape, _tc_config(*cfg), f"tvm-tc warp_m {cfg}")
 
 
-def _check_forward(shape, config, label):
+def _check_forward(shape, config, label, scale=None, gate_scale=1.0):
     """The TVM forward at `config` on a WARP_M_SHAPES-style shape against float64 (o and
-    lse), its errors logged on a GPUERR line."""
+    lse), its errors logged on a GPUERR line. scale None: 1/sqrt(D); gate_scale multiplies
+    the log gates (conftest.make_inputs)."""
     B, T, Hq, Hkv, D, Dv, W, gated, dtype = shape
-    q, k, v, g = make_inputs(B, T, Hq, Hkv, D, Dv, dtype, gated, device="cuda")
-    o, lse = tvm_backend.tvm_forward(q, k, v, g, W, None, config)
+    q, k, v, g = make_inputs(B, T, Hq, Hkv, D, Dv, dtype, gated, device="cuda",
+                             gate_scale=gate_scale)
+    o, lse = tvm_backend.tvm_forward(q, k, v, g, W, scale, config)
     d = [t.double() for t in (q, k, v)]
-    o64, lse64 = reference_forward(*d, None if g is None else g.double(), W)
+    o64, lse64 = reference_forward(*d, None if g is None else g.double(), W, scale)
     errs = {"o": rel_err(o, o64), "lse": rel_err(lse, lse64)}
     log_gpu_errors(f"{label} {shape[:8]}", errs)
     assert not o.isnan().any() and errs["o"] < 1e-2 and errs["lse"] < 1e-4, errs
@@ -126,18 +128,8 @@ def test_gpu_tvm_wgmma_gate_extremes(gate_scale, tma):
     """The gated score product starts from each key's bias (c_ref - c_j) / scale: with gates
     near 1 (biases near 0) and with strong ones (a window's bias in the thousands, which the
     fp32 accumulator then carries next to Q K^T) it still matches float64."""
-    from gfwagen.spec import KernelConfig
-
-    extra = ((("pingpong", True), ("tma", True)) if tma else ()) + (("wgmma", True),)
-    config = KernelConfig(128, 128, 8, 3, extra=extra)
-    B, T, Hq, Hkv, D, W = 1, 1000, 4, 2, 128, 300
-    q, k, v, g = make_inputs(B, T, Hq, Hkv, D, D, torch.bfloat16, True, device="cuda",
-                             gate_scale=gate_scale)
-    o, lse = tvm_backend.tvm_forward(q, k, v, g, W, None, config)
-    o64, lse64 = reference_forward(*(t.double() for t in (q, k, v)), g.double(), W)
-    errs = {"o": rel_err(o, o64), "lse": rel_err(lse, lse64)}
-    log_gpu_errors(f"tvm-wgmma gate x{gate_scale} tma={tma}", errs)
-    assert not o.isnan().any() and errs["o"] < 1e-2 and errs["lse"] < 1e-4, errs
+    _check_forward((1, 1000, 4, 2, 128, 128, 300, True, torch.bfloat16), _wgmma_128(tma),
+                   f"tvm-wgmma gate x{gate_scale} tma={tma}", gate_scale=gate_scale)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or
@@ -148,16 +140,17 @@ def test_gpu_tvm_wgmma_zero_and_negative_scale(scale, tma):
     """Scale 0 (the gate alone weighs the keys), a tiny one and a negative one, gated: the bias
     that the score product starts from is (c_ref - c_j) / scale, so scales below
     WGMMA_ZERO_SCALE run at it."""
+    _check_forward((1, 700, 4, 2, 128, 128, 200, True, torch.bfloat16), _wgmma_128(tma),
+                   f"tvm-wgmma scale={scale} tma={tma}", scale=scale)
+
+
+def _wgmma_128(pingpong):
+    """The 128x128 warpgroup-MMA tile: FA3's pingpong schedule with bulk copies, or the
+    single-warpgroup schedule on cp.async."""
     from gfwagen.spec import KernelConfig
 
-    extra = ((("pingpong", True), ("tma", True)) if tma else ()) + (("wgmma", True),)
-    config = KernelConfig(128, 128, 8, 3, extra=extra)
-    q, k, v, g = make_inputs(1, 700, 4, 2, 128, 128, torch.bfloat16, True, device="cuda")
-    o, lse = tvm_backend.tvm_forward(q, k, v, g, 200, scale, config)
-    o64, lse64 = reference_forward(*(t.double() for t in (q, k, v)), g.double(), 200, scale)
-    errs = {"o": rel_err(o, o64), "lse": rel_err(lse, lse64)}
-    log_gpu_errors(f"tvm-wgmma scale={scale} tma={tma}", errs)
-    assert not o.isnan().any() and errs["o"] < 1e-2 and errs["lse"] < 1e-4, errs
+    extra = ((("pingpong", True), ("tma", True)) if pingpong else ()) + (("wgmma", True),)
+    return KernelConfig(128, 128, 8, 3, extra=extra)
 
 
 def test_gpu_tvm_runs_on_the_current_stream():
