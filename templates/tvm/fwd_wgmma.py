@@ -259,17 +259,21 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             cg_r[rr] = c[b, h, T.min(kt * BN + rr * NT + tx, L - 1)]
 
     @T.macro
-    def gate_store(st, cg_r, smem, cref, rscale, tx):
+    def store_bias(smem, st, j, cref, cj, rscale):
+        # Key j's bias in slot st, (c_ref - c_j) / scale, the score product's starting value
+        # (bias_scores). One writer for the producer warp and the non-pingpong threads. Its
         # st.shared written out: TVM's barrier planner does not see it. It would otherwise
-        # want a barrier between the last tile's softmax, which reads another slot, and
-        # this store (the pipelined loop stores before its one barrier, into a slot last
-        # read two tiles ago)
+        # want a barrier between the last tile's softmax, which reads another slot, and this
+        # store (the pipelined loop stores before its one barrier, into a slot last read two
+        # tiles ago)
+        T.ptx["st.shared.f32"](T.address_of(smem[C_OFF // 4 + st * BN + j]),
+                               T.Cast("float32", cref - cj) * rscale)
+
+    @T.macro
+    def gate_store(st, cg_r, smem, cref, rscale, tx):
         for rr in T.unroll(NGC):
             if rr * NT + tx < BN:
-                T.ptx["st.shared.f32"](
-                    T.address_of(smem[C_OFF // 4 + st * BN + rr * NT + tx]),
-                    T.Cast("float32", cref - cg_r[rr]) * rscale,
-                )
+                store_bias(smem, st, rr * NT + tx, cref, cg_r[rr], rscale)
 
     @T.macro
     def descriptor(desc, smem, byte_off, lbo, sbo):
@@ -484,11 +488,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             if gated:
                 for rr in T.unroll(GPL):
                     if rr * 32 + lane < BN:
-                        T.ptx["st.shared.f32"](
-                            T.address_of(smem[C_OFF // 4 + st * BN + rr * 32 + lane]),
-                            T.Cast("float32", cref_p - c[b, h, T.min(kt * BN + rr * 32 + lane,
-                                                                     L - 1)]) * rscale,
-                        )
+                        store_bias(smem, st, rr * 32 + lane, cref_p,
+                                   c[b, h, T.min(kt * BN + rr * 32 + lane, L - 1)], rscale)
             if lane == 0:
                 bulk_tile(kt, st, smem, b, hk)
             elif gated:  # the gate sums' writers arrive too (the barrier counts 32)
@@ -550,14 +551,15 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                 h = tile // nq % HQ
                 i0 = tile % nq * BM
                 hk = h // G
+                lane = tx % 32
+                t4 = lane % 4
+                # the key tiles [kt_lo, kt_lo + n_tiles) this query tile sees
+                kt_hi = (T.min(L, i0 + BM) + BN - 1) // BN
+                kt_lo = T.int64(0)
+                if W > 0:
+                    kt_lo = T.max(i0 - (W - 1), T.int64(0)) // BN
+                n_tiles = kt_hi - kt_lo
                 if PP:
-                    lane = tx % 32
-                    t4 = lane % 4
-                    kt_hi = (T.min(L, i0 + BM) + BN - 1) // BN
-                    kt_lo = T.int64(0)
-                    if W > 0:
-                        kt_lo = T.max(i0 - (W - 1), T.int64(0)) // BN
-                    n_tiles = kt_hi - kt_lo
                     if tx == 0:
                         T.ptx["mbarrier.init.shared::cta.b64"](mbar(smem, 0), 1)
                         for i in T.unroll(NS):
@@ -623,8 +625,6 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                                 bulk_store_rows(smem, i0, cw, h, b)
                 else:
                     wg = tx // 128
-                    lane = tx % 32
-                    t4 = lane % 4
                     # this thread's rows: row0 and row0 + 8
                     row0 = i0 + tx // 32 * 16 + lane // 4
                     sl2 = scale * T.float32(LOG2E)
@@ -644,11 +644,6 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                                   T.Cast("int32", HQ * D), T.Cast("int32", L - 1 - i0), D, tx)
                         T.ptx["cp.async.commit_group"]()
                     init_rows(row0, i0, b, h, L, c, m_r, l_r, cq_r, acc, s_r)
-                    kt_hi = (T.min(L, i0 + BM) + BN - 1) // BN
-                    kt_lo = T.int64(0)
-                    if W > 0:
-                        kt_lo = T.max(i0 - (W - 1), T.int64(0)) // BN
-                    n_tiles = kt_hi - kt_lo
 
                     if gated:
                         cref: T.float64 = c[b, h, i0]
