@@ -159,13 +159,13 @@ def main(argv=None) -> int:
         for gated in (True, False):
             gate = g if gated else None
             fn = tb._kernel(tb._spec("fwd", q, k, v, gate, s.W), cfg, tb._target(q, "cuda"))
-            c = tb._gate_sums(gate, q.device)
-            o, lse = torch.empty_like(q), torch.empty(s.B, s.H, s.T, device=q.device)
+            c, o, lse = tb.forward_buffers(q, v, gate)
             n_blocks = s.B * s.H * -(-s.T // 128)
             probe = torch.zeros(n_blocks, 16, dtype=torch.int64, device=q.device)
 
-            run = functools.partial(tb._launch, q, fn, *(tb._dl(t) for t in (q, k, v, c, o, lse)),
-                                    s.D ** -0.5, tb._dl(probe))
+            run = functools.partial(tb._launch, q, fn,
+                                    *tb.forward_launch_args(q, k, v, c, o, lse, s.D ** -0.5),
+                                    tb._dl(probe))
             run()
             ms = triton.testing.do_bench(run, warmup=10, rep=60, return_mode="median")
             probe.zero_()

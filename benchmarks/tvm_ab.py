@@ -66,12 +66,11 @@ def main(argv=None) -> int:
                    dispatch.select_config(spec, s.T, q.device))
             if not cfg.get("wgmma"):
                 cfg = PINGPONG
-            c = tb._gate_sums(gate, q.device)
             ms, outs = {}, {}
             for which in ("old", "new"):
                 fn = kernel(versions[which], spec, cfg, target)
-                o, lse = torch.empty_like(q), torch.empty(s.B, s.H, s.T, device=q.device)
-                args = [tb._dl(t) for t in (q, k, v, c, o, lse)] + [s.D ** -0.5]
+                c, o, lse = tb.forward_buffers(q, v, gate)
+                args = tb.forward_launch_args(q, k, v, c, o, lse, s.D ** -0.5)
                 outs[which] = (fn, args, o, lse)
             for which in ORDER:
                 fn, args, *_ = outs[which[:3]]

@@ -133,20 +133,18 @@ def measure(s):
         ok = {c: r for c, r in res.items() if "ms" in r}
         best = min(ok, key=lambda c: ok[c]["ms"])
         fn = tvm_backend._kernel(spec, configs[best], tvm_backend._target(q, None))
-        c = tvm_backend._gate_sums(g, q.device)
-        o = torch.empty_like(q)
-        lse = torch.empty(s.B, s.H, s.T, device=q.device)
-        args = [tvm_backend._dl(t) for t in (q, k, v, c, o, lse)]
+        args = tvm_backend.forward_launch_args(q, k, v, *tvm_backend.forward_buffers(q, v, g),
+                                               1.0 / s.D ** 0.5)
         res["kernel_only"] = {"config": best, "ms": bench(
-            lambda: tvm_backend._launch(q, fn, *args, 1.0 / s.D ** 0.5))}
+            lambda: tvm_backend._launch(q, fn, *args))}
         res["gate_sums_torch"] = {"ms": bench(lambda: tvm_backend._gate_sums(g, q.device))}
         if PLAIN:
             spec0 = tvm_backend._spec("fwd", q, k, v, None, s.W)
             fn0 = tvm_backend._kernel(spec0, configs[best], tvm_backend._target(q, None))
-            args0 = [tvm_backend._dl(t) for t in (q, k, v, tvm_backend._gate_sums(None, q.device),
-                                                  o, lse)]
+            args0 = tvm_backend.forward_launch_args(
+                q, k, v, *tvm_backend.forward_buffers(q, v, None), 1.0 / s.D ** 0.5)
             res["kernel_only_plain"] = {"config": best, "ms": bench(
-                lambda: tvm_backend._launch(q, fn0, *args0, 1.0 / s.D ** 0.5))}
+                lambda: tvm_backend._launch(q, fn0, *args0))}
             print(s, res["kernel_only_plain"], flush=True)
         print(s, res["kernel_only"], res["gate_sums_torch"], flush=True)
     return t_tri, res

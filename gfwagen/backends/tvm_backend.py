@@ -346,6 +346,21 @@ def _gate_sums(log_gate, device):
     return prefix_sums(log_gate)
 
 
+def forward_buffers(q, v, log_gate):
+    """What a forward kernel reads besides q, k and v, and what it writes: the gate sums
+    (_gate_sums), an empty o [B,T,Hq,Dv] in q's dtype and an empty lse [B,Hq,T] float32."""
+    B, T, Hq, _ = q.shape
+    o = torch.empty(B, T, Hq, v.shape[3], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+    return _gate_sums(log_gate, q.device), o, lse
+
+
+def forward_launch_args(q, k, v, c, o, lse, scale) -> list:
+    """A forward kernel's arguments in its parameter order (the benchmarks that launch a
+    kernel of their own build use this too)."""
+    return [_dl(q), _dl(k), _dl(v), _dl(c), _dl(o), _dl(lse), scale]
+
+
 def tvm_forward(q, k, v, log_gate=None, window=None, scale=None, config=None, target="llvm"):
     """GatedFWA forward through TVM, on the CPU (llvm) or on the CUDA device of q.
     Returns (o [B,T,Hq,Dv] q.dtype, lse [B,Hq,T] fp32)."""
@@ -358,9 +373,7 @@ def tvm_forward(q, k, v, log_gate=None, window=None, scale=None, config=None, ta
     cfg = _cuda_config(spec, config, tgt.get("arch")) if q.is_cuda else \
         _fit(config or DEFAULT_CPU_CONFIG, T)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    c = _gate_sums(log_gate, q.device)
-    o = torch.empty(B, T, Hq, v.shape[3], dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+    c, o, lse = forward_buffers(q, v, log_gate)
     if B * T * Hq == 0:
         return o, lse
     if q.is_cuda and tensor_core_forward(spec, cfg):
@@ -369,7 +382,7 @@ def tvm_forward(q, k, v, log_gate=None, window=None, scale=None, config=None, ta
         if abs(scale) < WGMMA_ZERO_SCALE and log_gate is not None and cfg.get("wgmma"):
             scale = math.copysign(WGMMA_ZERO_SCALE, scale)
     fn = _kernel(spec, cfg, tgt)
-    _launch(q, fn, _dl(q), _dl(k), _dl(v), _dl(c), _dl(o), _dl(lse), scale)
+    _launch(q, fn, *forward_launch_args(q, k, v, c, o, lse, scale))
     return o, lse
 
 
