@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """TVM's Hopper forward (templates/tvm/fwd_wgmma.py) against another version of it, in one
-process: the kernel alone (the gate's prefix sums made once, outside the timing) at each
+process: the kernel alone (the gate's prefix sums made outside the timing) at each
 benchmark shape, gated and plain, timed A, B, B, A (the better of each kept: drift within
 the run hits both alike; in A, B, A, B order the unchanged plain kernel read 0.4-2.9% slower
 as B), outputs compared.
