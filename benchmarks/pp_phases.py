@@ -158,8 +158,9 @@ def main(argv=None) -> int:
         q, k, v, g, _ = (t.detach() for t in make_inputs(s, torch.bfloat16))
         for gated in (True, False):
             gate = g if gated else None
-            fn = tb._kernel(tb._spec("fwd", q, k, v, gate, s.W), cfg, tb._target(q, "cuda"))
-            c, o, lse = tb.forward_buffers(q, v, gate)
+            spec = tb._spec("fwd", q, k, v, gate, s.W)
+            fn = tb._kernel(spec, cfg, tb._target(q, "cuda"))
+            c, o, lse = tb.forward_buffers(q, v, gate, tb.fuses_gate_sums(spec, cfg))
             n_blocks = s.B * s.H * -(-s.T // 128)
             probe = torch.zeros(n_blocks, 16, dtype=torch.int64, device=q.device)
 

@@ -207,3 +207,21 @@ def test_tvm_ab_builds_the_other_templates_version(tmp_path):
         assert "gfwa_pin" in prim.script()
     with pytest.raises(SystemExit, match="no tvm/fwd_wgmma.py"):
         tvm_ab.load_old(tmp_path, "fwd_wgmma", "tvm")
+
+
+@pytest.mark.parametrize("argv", [["--rounds", "0"], ["--shapes", "S1,S9"]])
+def test_fuse_gate_ab_bad_arguments_exit_2(argv):
+    """fuse_gate_ab.py names a bad argument before it touches a GPU."""
+    import fuse_gate_ab
+
+    with pytest.raises(SystemExit) as e:
+        fuse_gate_ab.main(argv)
+    assert e.value.code == 2
+
+
+def test_fuse_gate_ab_switches_only_the_extra():
+    import fuse_gate_ab
+
+    on = fuse_gate_ab.with_fuse(fuse_gate_ab.PINGPONG, True)
+    assert on.get("fuse_gate") is True and fuse_gate_ab.square_pingpong(on)
+    assert fuse_gate_ab.with_fuse(on, False) == fuse_gate_ab.PINGPONG

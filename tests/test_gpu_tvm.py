@@ -144,6 +144,38 @@ def test_gpu_tvm_wgmma_zero_and_negative_scale(scale, tma):
                    f"tvm-wgmma scale={scale} tma={tma}", scale=scale)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or
+                    torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only")
+@pytest.mark.parametrize("case", ["long-window", "forget", "bf16-view", "tail"])
+def test_gpu_tvm_pingpong_sums_the_gate(case):
+    """The 128x128 pingpong forward with fuse_gate sums the raw gates itself and
+    moves its running max by each key tile's gate total: across up to eight key tiles, with
+    gates past the clamp (-inf: forget; the reference gets them clamped), from a bf16 strided
+    view of the gate, and with T off the tile (the last tile's keys past T), against
+    float64."""
+    from gfwagen.gate import sanitize_log_gate
+
+    cfg = _wgmma_128(True)
+    cfg = type(cfg)(128, 128, 8, 3, extra=cfg.extra + (("fuse_gate", True),))
+    T, W = {"long-window": (1000, 900), "forget": (1000, 900), "bf16-view": (700, 600),
+            "tail": (333, 250)}[case]
+    q, k, v, g = make_inputs(2, T, 4, 2, 128, 128, torch.bfloat16, True, device="cuda")
+    spec = tvm_backend._spec("fwd", q, k, v, g, W)
+    assert tvm_backend.fuses_gate_sums(spec, cfg)
+    if case == "forget":
+        g[:, ::37] = float("-inf")
+        g[:, 5::91] = -500.0
+    if case == "bf16-view":
+        g = g.transpose(1, 2).contiguous().to(torch.bfloat16).transpose(1, 2)
+        assert not g.is_contiguous()
+    o, lse = tvm_backend.tvm_forward(q, k, v, g, W, None, cfg)
+    d = [t.double() for t in (q, k, v)]
+    o64, lse64 = reference_forward(*d, sanitize_log_gate(g.double()), W, None)
+    errs = {"o": rel_err(o, o64), "lse": rel_err(lse, lse64)}
+    log_gpu_errors(f"tvm-wgmma fused gate sums {case}", errs)
+    assert not o.isnan().any() and errs["o"] < 1e-2 and errs["lse"] < 1e-4, errs
+
+
 def _wgmma_128(pingpong):
     """The 128x128 warpgroup-MMA tile: FA3's pingpong schedule with bulk copies, or the
     single-warpgroup schedule on cp.async."""

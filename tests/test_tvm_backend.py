@@ -511,6 +511,46 @@ def test_wgmma_pingpong_codegen(gated, bn):
     assert cuda_smem_bytes(spec, cfg) == tiles + 8 * 4 + 8 * 3
 
 
+@pytest.mark.parametrize("gated,fuse", [(True, True), (False, True), (True, False)])
+def test_wgmma_pingpong_sums_the_gate(gated, fuse):
+    """Config extra fuse_gate: the gated 128x128 pingpong forward takes the raw log gates
+    [B, T, Hq] float32 and its producer warp scans each key tile (warp shuffles; the stage
+    barriers count 33 arrivals: its 32 lanes and lane 0's bulk copies; 16 bytes of tile
+    totals). Without it, or ungated, the kernel is the one without the extra. It clamps the
+    gates as gfwagen.gate does."""
+    from gfwagen.backends.tvm_backend import (
+        cuda_smem_bytes,
+        fuses_gate_sums,
+        tensor_core_template,
+    )
+    from gfwagen.gate import GATE_BOUND
+
+    spec = KernelSpec("tvm", "fwd", 128, 128, 512, "bf16", gated, 1)
+    cfg = _wgmma(128, 128, 3, "pingpong", "tma", *(("fuse_gate",) if fuse else ()))
+    fused = gated and fuse
+    assert fuses_gate_sums(spec, cfg) is fused
+    assert tensor_core_template(cfg).GATE_BOUND == GATE_BOUND
+    plain = _wgmma(128, 128, 3, "pingpong", "tma")
+    assert cuda_smem_bytes(spec, cfg) == cuda_smem_bytes(spec, plain) + 16 * fuse
+    src = cuda_source(build_cuda(spec, cfg, arch="sm_90"))
+    kernel = src[src.index('extern "C" __global__'):]
+    assert ("__shfl_up_sync" in kernel) is fused
+    assert ("(uint)33)" in kernel) is fused
+    assert ("float* __restrict__ c_ptr" in kernel) is fused
+    assert ("double* __restrict__ c_ptr" in kernel) is (gated and not fused)
+
+
+@pytest.mark.parametrize("tile", [(128, 64, "pingpong", "tma"), (128, 128, "tma")])
+def test_wgmma_fuse_gate_needs_square_pingpong(tile):
+    """fuse_gate elsewhere is refused by name (the tuner's space leaves it out there)."""
+    from gfwagen.backends.tvm_backend import tensor_core_forward, tensor_core_template
+
+    spec = KernelSpec("tvm", "fwd", 128, 128, 512, "bf16", True, 1)
+    cfg = _wgmma(tile[0], tile[1], 3, *tile[2:], "fuse_gate")
+    why = tensor_core_template(cfg).supports(128, 128, "bf16", cfg)
+    assert why is not None and "fuse_gate" in why and not tensor_core_forward(spec, cfg)
+
+
 def test_wgmma_pingpong_stores_directly_when_dv_exceeds_d():
     """A consumer stages its output in its own Q rows, which hold 64 x D values: with Dv > D
     it keeps the per-element stores."""
@@ -592,6 +632,32 @@ def test_wgmma_joins_the_tuners_space_on_sm90(monkeypatch):
         enq = space.config_params(spec, c, gpu=True)
         assert enq["x_wgmma"] is True and all(v in p[n] for n, v in enq.items())
         assert space.config_from_params(spec, enq, gpu=True) == c
+
+
+def test_fuse_gate_joins_the_tuners_space_for_gated_problems(monkeypatch):
+    """x_fuse_gate is searched for gated problems where wgmma is; it stays in a config only
+    with the pingpong schedule and square tiles (elsewhere it would mean nothing), and off it
+    reads as the config without it."""
+    from gfwagen.backends import tvm_backend
+    from gfwagen.tuner import space
+
+    monkeypatch.setattr(tvm_backend, "device_arch", lambda: "sm_90")
+    spec = KernelSpec("tvm", "fwd", 128, 128, 512, "bf16", True, 1)
+    p = space.params("tvm", "fwd", space.knobs_for(spec, gpu=True))
+    assert p["x_fuse_gate"] == (False, True)
+    assert "x_fuse_gate" not in space.params(
+        "tvm", "fwd", space.knobs_for(spec.replace(gated=False), gpu=True))
+    vals = {"block_m": 128, "block_n": 128, "num_stages": 3, "x_wgmma": True, "x_tma": True,
+            "x_pingpong": True, "x_fuse_gate": True}
+    cfg = space.config_from_params(spec, vals, gpu=True)
+    assert cfg.get("fuse_gate") is True and tvm_backend.fuses_gate_sums(spec, cfg)
+    assert space.feasible(spec, cfg)[0]
+    assert space.config_params(spec, cfg, gpu=True)["x_fuse_gate"] is True
+    off = space.config_from_params(spec, {**vals, "x_fuse_gate": False}, gpu=True)
+    assert off.get("fuse_gate") is None
+    for other in ({"block_n": 64}, {"x_pingpong": False}):
+        assert space.config_from_params(spec, {**vals, **other}, gpu=True).get(
+            "fuse_gate") is None
 
 
 def test_wgmma_forward_limits():

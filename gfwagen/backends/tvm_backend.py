@@ -146,7 +146,8 @@ def _fit(cfg: KernelConfig, T: int) -> KernelConfig:
 def tensor_core_template(config: KernelConfig | None):
     """The tensor-core forward template a config names: templates/tvm/fwd_wgmma.py (Hopper's
     warpgroup MMA) when its extra `wgmma` is set, else templates/tvm/fwd_cuda.py (mma.sync).
-    Both offer supports, smem_bytes, registers and the factory make_forward_tc."""
+    Both offer supports, smem_bytes, registers, fuses_gate_sums and the factory
+    make_forward_tc."""
     return load_template("tvm", "fwd_wgmma" if config is not None and config.get("wgmma")
                          else "fwd_cuda")
 
@@ -158,6 +159,17 @@ def tensor_core_forward(spec: KernelSpec, config: KernelConfig | None = None) ->
     config = config or DEFAULT_CUDA_TC_CONFIG
     return tensor_core_template(config).supports(spec.head_dim, spec.value_dim, spec.dtype,
                                                  config) is None
+
+
+def fuses_gate_sums(spec: KernelSpec, config: KernelConfig | None, template=None) -> bool:
+    """Whether the CUDA forward of (spec, config) sums the gate itself: it then takes the raw
+    log gates [B, T, Hq] float32 instead of the float64 prefix sums of a launch of their own
+    (templates/tvm/fwd_wgmma.py's fuses_gate_sums). template: another version of the
+    tensor-core template to ask (benchmarks/tvm_ab.py)."""
+    if not spec.gated or config is None or not tensor_core_forward(spec, config):
+        return False
+    template = template or tensor_core_template(config)
+    return bool(getattr(template, "fuses_gate_sums", lambda _cfg: False)(config))
 
 
 def cuda_arch(config: KernelConfig, arch: str) -> str:
@@ -346,12 +358,15 @@ def _gate_sums(log_gate, device):
     return prefix_sums(log_gate)
 
 
-def forward_buffers(q, v, log_gate):
+def forward_buffers(q, v, log_gate, fused: bool = False):
     """What a forward kernel reads besides q, k and v, and what it writes: the gate sums
-    (_gate_sums), an empty o [B,T,Hq,Dv] in q's dtype and an empty lse [B,Hq,T] float32."""
+    (_gate_sums), or with `fused` (fuses_gate_sums) the raw log gates as float32 [B,T,Hq]
+    contiguous; an empty o [B,T,Hq,Dv] in q's dtype and an empty lse [B,Hq,T] float32."""
     B, T, Hq, _ = q.shape
     o = torch.empty(B, T, Hq, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+    if fused and log_gate is not None:
+        return log_gate.to(torch.float32).contiguous(), o, lse
     return _gate_sums(log_gate, q.device), o, lse
 
 
@@ -373,7 +388,7 @@ def tvm_forward(q, k, v, log_gate=None, window=None, scale=None, config=None, ta
     cfg = _cuda_config(spec, config, tgt.get("arch")) if q.is_cuda else \
         _fit(config or DEFAULT_CPU_CONFIG, T)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    c, o, lse = forward_buffers(q, v, log_gate)
+    c, o, lse = forward_buffers(q, v, log_gate, q.is_cuda and fuses_gate_sums(spec, cfg))
     if B * T * Hq == 0:
         return o, lse
     if q.is_cuda and tensor_core_forward(spec, cfg):

@@ -10,7 +10,9 @@ TVM: block_m, block_n (one thread per tile row in the GPU's CUDA-core kernels, l
 the CPU) plus whatever knobs tvm_backend declares in TUNABLE_EXTRAS ({name: choices}); the
 tensor-core forward on a GPU (bf16/fp16) adds num_stages (its cp.async stages), sub_n (keys
 per softmax step), warp_m (16-row blocks per warp) and q_smem (Q staged in shared memory),
-through the pseudo-knob TENSOR_CORE that knobs_for adds for it. TVM's backward takes one
+through the pseudo-knob TENSOR_CORE that knobs_for adds for it; on sm_90 its warpgroup-MMA
+template adds wgmma, tma, pingpong and, for gated problems, fuse_gate (the gate's prefix sums
+made inside the pingpong kernel). TVM's backward takes one
 config for both kernels, so it is tuned as pass "bwd_kv" only.
 
 The resource model is an estimate, deliberately conservative (it only has to keep the
@@ -59,16 +61,20 @@ TVM_TC_PARAMS = {"num_stages": (1, 2, 3), "x_sub_n": (16, 32, 64), "x_warp_m": (
 # Extras of the tensor-core forward at the template's own default are left out of a config,
 # so that it reads and hashes (compile cache, tuning database) the same as one written
 # without them: the default config and the configs measured before these knobs existed.
-TVM_TC_DEFAULTS = {"warp_m": 1, "q_smem": False, "wgmma": False, "pingpong": False}
+TVM_TC_DEFAULTS = {"warp_m": 1, "q_smem": False, "wgmma": False, "pingpong": False,
+                   "fuse_gate": False}
 # On sm_90 the warpgroup-MMA template joins the tensor-core forward's space as x_wgmma (the
 # pseudo-knob WGMMA, which knobs_for adds there). Its tiles take block_m (64 rows per
 # warpgroup), block_n and num_stages (3 only: its pipelined schedule; mma.sync takes 1 or 2);
 # the mma.sync knobs mean nothing to it and are dropped.
 WGMMA = "wgmma"
 MMA_SYNC_ONLY = ("sub_n", "warp_m", "q_smem")
-# its bulk tensor copies (mma.sync's tiles come by cp.async) and its warp-specialized
-# schedule (a producer warpgroup, two consumers taking turns at the tensor cores)
-WGMMA_ONLY = ("tma", "pingpong")
+# its bulk tensor copies (mma.sync's tiles come by cp.async), its warp-specialized schedule
+# (a producer warpgroup, two consumers taking turns at the tensor cores) and, with that
+# schedule and square tiles, the gate's prefix sums made by its producer (gated problems:
+# the pseudo-knob FUSE_GATE, which knobs_for adds there)
+WGMMA_ONLY = ("tma", "pingpong", "fuse_gate")
+FUSE_GATE = "fuse_gate"
 DEFAULT_KNOBS = ("tma",)
 CONSTRAINT_NAMES = ("smem", "registers", "failed")
 
@@ -108,7 +114,9 @@ def knobs_for(spec: KernelSpec, knobs=None, gpu: bool = False) -> tuple[str, ...
 
         if not (gpu and tvm_backend.tensor_core_forward(spec)):
             return ()
-        return (TENSOR_CORE, WGMMA) if tvm_backend.wgmma_available(spec) else (TENSOR_CORE,)
+        if not tvm_backend.wgmma_available(spec):
+            return (TENSOR_CORE,)
+        return (TENSOR_CORE, WGMMA, FUSE_GATE) if spec.gated else (TENSOR_CORE, WGMMA)
     if spec.backend != "triton":
         return ()
     knobs = check_knobs(DEFAULT_KNOBS if knobs is None else knobs)
@@ -131,6 +139,8 @@ def params(backend: str, pass_: str, knobs: tuple = ()) -> dict[str, tuple]:
                 p["x_wgmma"] = (False, True)
                 p["x_tma"] = (False, True)
                 p["x_pingpong"] = (False, True)
+            if FUSE_GATE in knobs:
+                p["x_fuse_gate"] = (False, True)
         else:
             p.update({f"x_{k}": tuple(v) for k, v in sorted(tvm_extras().items())})
         return p
@@ -154,6 +164,9 @@ def config_from_params(spec: KernelSpec, values: dict, gpu: bool = False) -> Ker
         if extra.get("wgmma") is True:  # a warpgroup (4 warps) per 64 rows
             extra = {k: v for k, v in extra.items() if k not in MMA_SYNC_ONLY}
             num_warps = max(1, int(values.get("block_m", base.block_m)) // 16)
+            if not (extra.get("pingpong") and values.get("block_m", base.block_m)
+                    == values.get("block_n", base.block_n)):
+                extra.pop("fuse_gate", None)  # means nothing there: the same config
         else:
             extra = {k: v for k, v in extra.items() if k not in WGMMA_ONLY}
         extra = {k: v for k, v in extra.items() if not _tvm_tc_default(k, v)}

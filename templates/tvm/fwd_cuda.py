@@ -51,6 +51,12 @@ MASK_T = -5.0e29  # anything below this is a masked logit
 PAD = 8  # elements of padding per shared row (16 bytes)
 
 
+def fuses_gate_sums(config) -> bool:
+    """This template takes the gate's prefix sums from a launch of their own (fwd_wgmma.py's
+    pingpong kernel sums them itself)."""
+    return False
+
+
 def supports(head_dim, value_dim, dtype, config) -> str | None:
     """None when this template can run the specialization, else why not."""
     if dtype not in _DT:

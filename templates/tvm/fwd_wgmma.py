@@ -63,6 +63,15 @@ Config extras (session 17, H200 numbers in benchmarks/RESULTS.md):
   load had been sunk into the first tile's product issue. At S1 the gated block's first
   tile and epilogue now take as long as the ungated one's (pp_phases.py), and the gated
   kernel's excess per block slot fell from 7.9% to 5.3%.
+- `fuse_gate` (with pingpong, block_n == block_m; session 23): the kernel takes the raw log
+  gates and needs no prefix-sum launch (6.4 us at S1, 8.8 us in three launches at S3). The
+  producer warp scans each key tile's gates (warp shuffles) while its bulk copies fly, and
+  stores the biases relative to the tile's start plus the tile's total; the consumers move
+  their running max by that total from one tile to the next, and take a row's own c_i for
+  its lse from the last tile. The biases then stay within one tile's gate sum (the float64
+  sums' differences within the window before). Kernel alone as fast as the sums version at
+  S1-S3 and 3-4% slower at S4 (W 4096, 33 tiles a block); with the launch it saves (1.4-1.7%
+  of S1-S3) the tuner read S1-S3 within 0.7% either way. Off unless a config sets it.
 """
 
 from __future__ import annotations
@@ -79,6 +88,9 @@ ATOM = 64  # elements per swizzled row (128 bytes of fp16/bf16)
 # waits for Q and the first key tile, and stalled on it in the middle of issuing that tile's
 # score product, holding up both consumers' turns (offline sm_90a SASS, session 21).
 _PIN = ('__forceinline__ __device__ void gfwa_pin(float x) { asm volatile("" :: "f"(x)); }')
+# gfwagen.gate.GATE_BOUND (this file imports nothing from gfwagen; a test keeps them equal):
+# the clamp the fused gate sums apply to the raw gates as they load them
+GATE_BOUND = 128.0
 SW128 = 3  # the descriptor encoder's code for the 128-byte swizzle
 SW128_MAP = 3  # CUtensorMapSwizzle's code for it (CU_TENSOR_MAP_SWIZZLE_128B)
 
@@ -98,6 +110,8 @@ def supports(head_dim, value_dim, dtype, config) -> str | None:
         return f"num_stages {ns} (3: K and V a tile ahead of the pipelined schedule)"
     if config.get("pingpong", False) and (bm != 128 or not config.get("tma", False)):
         return "pingpong (two consumer warpgroups fed by bulk copies: block_m 128 and tma)"
+    if config.get("fuse_gate", False) and not fuses_gate_sums(config):
+        return "fuse_gate (the pingpong schedule with block_n == block_m)"
     threads = 2 * bm
     for dim in (head_dim, value_dim):
         if (bn * dim // 8) % threads or (bm * head_dim // 8) % threads:
@@ -105,11 +119,22 @@ def supports(head_dim, value_dim, dtype, config) -> str | None:
     return None
 
 
+def fuses_gate_sums(config) -> bool:
+    """Whether the gated kernel of this config takes the raw log gates [B, T, Hq] (float32,
+    contiguous) and sums them itself, instead of the float64 prefix sums [B, Hq, T] of a
+    separate launch: config extra `fuse_gate`, with the pingpong schedule and square tiles
+    (its producer warp scans each key tile, and a block's rows are its last key tile)."""
+    return (bool(config.get("fuse_gate", False)) and bool(config.get("pingpong", False))
+            and int(config.block_m) == int(config.block_n))
+
+
 def smem_bytes(head_dim, value_dim, config) -> int:
     bm, bn, ns = int(config.block_m), int(config.block_n), int(config.num_stages)
     barriers = 8 * (ns + 1) if config.get("tma", False) else 0
     if config.get("pingpong", False):
         barriers += 8 * ns  # a stage's "free" barrier
+    if fuses_gate_sums(config):
+        barriers += 16  # each stage's key-tile gate total (fused sums), 8-byte aligned
     return 2 * bm * head_dim + ns * (2 * bn * (head_dim + value_dim) + 4 * bn) + barriers
 
 
@@ -141,14 +166,18 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     mma_s = f"wgmma.mma_async.sync.aligned.m64n{BN}k16.{_WGMMA[dtype]}"
     mma_o = f"wgmma.mma_async.sync.aligned.m64n{DV}k16.{_WGMMA[dtype]}"
     pack = _PACK[dtype]
+    FUSED = gated and fuses_gate_sums(config)
+    C_DT = "float32" if FUSED else "float64"
     # byte offsets in the flat shared buffer (4-byte words: it is declared float32 so the
     # gate sums can live in it too; Q, K and V are reached through addresses only)
     Q_OFF = 0
     K_OFF = Q_OFF + 2 * BM * D
     V_OFF = K_OFF + NS * 2 * BN * D
     C_OFF = V_OFF + NS * 2 * BN * DV
+    # FUSED: each stage's key-tile gate total, log2 units (4 bytes a stage, 16 in all)
+    TOT_OFF = C_OFF + NS * BN * 4
     # with tma: one mbarrier (8 bytes) for Q and one per stage, after the gate sums
-    MB_OFF = C_OFF + NS * BN * 4
+    MB_OFF = TOT_OFF + (16 if fuses_gate_sums(config) else 0)
     # pingpong: then NS "free" barriers, which the consumers release a stage on
     FREE = 1 + NS
     WORDS = (MB_OFF + (8 * (NS + 1) if TMA else 0) + (8 * NS if PP else 0)) // 4
@@ -401,7 +430,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         for r in T.unroll(2):
             m_r[r] = T.float32(MASK)
             l_r[r] = T.float32(0)
-            if gated:
+            if gated and not FUSED:  # FUSED: row_sums_fused, at the end
                 cq_r[r] = T.Cast(
                     "float32", c[b, h, T.min(row0 + r * 8, L - 1)] - c[b, h, i0]
                 ) * T.float32(LOG2E)
@@ -413,6 +442,24 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             acc[x] = T.float32(0)
         for x in T.unroll(BN // 2):
             s_r[x] = T.float32(0)
+
+    @T.macro
+    def shift_rows(st, smem, m_r):
+        # FUSED: the scores so far are relative to the previous key tile's start, the next
+        # tile's to its own (scan_tile): the running max moves by the previous tile's gate
+        # total, and the row sums and O, relative to it, stay. So the biases stay within a
+        # tile's gate sum, however long the window
+        dl: T.float32 = smem[TOT_OFF // 4 + st]
+        for r in T.unroll(2):
+            m_r[r] = m_r[r] + dl
+
+    @T.macro
+    def row_sums_fused(st, smem, row0, i0, cq_r, sl2):
+        # FUSED: a row's c_i for its log-sum-exp, relative to the last key tile's start as
+        # the running max now is: that tile holds the block's rows (square tiles), and minus
+        # the row's own key bias is it
+        for r in T.unroll(2):
+            cq_r[r] = smem[C_OFF // 4 + st * BN + T.Cast("int32", row0 - i0) + r * 8] * -sl2
 
     @T.macro
     def finish_rows(row0, i0, cw, lane, b, h, L, t4, acc, l_r, m_r, cq_r, p_r, smem, o, lse,
@@ -477,23 +524,60 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     GPL = (BN + 31) // 32  # gate sums per producer lane per tile
 
     @T.macro
-    def produce(n_tiles, kt_lo, smem, c, b, h, hk, L, i0, lane, rscale):
-        if gated:  # gate off, c is a one-element dummy: no load (it would read past it)
+    def scan_tile(st, gv, smem, lane, rscale):
+        # FUSED: the key tile's gate prefix sums from its raw gates (lane l holds keys
+        # GPL l .. GPL l + GPL - 1), relative to the tile's start: key j's bias is
+        # -local_j / scale, and the tile's total (log2 units) is what the consumers move
+        # their running max by before the next tile (shift_rows). Clamped as
+        # gfwagen.gate.sanitize_log_gate clamps, NaN kept
+        for u in T.unroll(GPL):
+            gv[u] = T.if_then_else(gv[u] > T.float32(GATE_BOUND), T.float32(GATE_BOUND),
+                                   T.if_then_else(gv[u] < T.float32(-GATE_BOUND),
+                                                  T.float32(-GATE_BOUND), gv[u]))
+            if u > 0:
+                gv[u] = gv[u] + gv[u - 1]
+        run: T.float32 = gv[GPL - 1]
+        for d in T.unroll(5):
+            up = T.cuda.__shfl_up_sync(T.uint32(0xFFFFFFFF), run, 1 << d, 32)
+            run = run + T.if_then_else(lane >= (1 << d), up, T.float32(0))
+        before: T.float32 = run - gv[GPL - 1]
+        for u in T.unroll(GPL):
+            T.ptx["st.shared.f32"](T.address_of(smem[C_OFF // 4 + st * BN + lane * GPL + u]),
+                                   (gv[u] + before) * -rscale)
+        if lane == 31:
+            T.ptx["st.shared.f32"](T.address_of(smem[TOT_OFF // 4 + st]),
+                                   run * T.float32(LOG2E))
+
+    @T.macro
+    def produce(n_tiles, kt_lo, smem, c, gv, b, h, hk, L, i0, lane, rscale):
+        if gated and not FUSED:  # gate off, c is a one-element dummy: no load
             cref_p: T.float64 = c[b, h, i0]
         for n in T.serial(T.Cast("int32", n_tiles)):
             kt = kt_lo + T.Cast("int64", n)
             st = n % NS
+            if FUSED:  # loaded ahead of the wait, which their latency then overlaps
+                for u in T.unroll(GPL):
+                    gv[u] = c[b, T.min(kt * BN + lane * GPL + u, L - 1), h]
             if n >= NS:  # both consumers done with the tile NS back
                 T.cuda.mbarrier_wait(mbar(smem, FREE + st), (n // NS + 1) % 2)
-            if gated:
-                for rr in T.unroll(GPL):
-                    if rr * 32 + lane < BN:
-                        store_bias(smem, st, rr * 32 + lane, cref_p,
-                                   c[b, h, T.min(kt * BN + rr * 32 + lane, L - 1)], rscale)
-            if lane == 0:
-                bulk_tile(kt, st, smem, b, hk)
-            elif gated:  # the gate sums' writers arrive too (the barrier counts 32)
+            if FUSED:
+                # the copies first (lane 0 arrives twice: the barrier counts 33), the scan
+                # while they fly
+                if lane == 0:
+                    bulk_tile(kt, st, smem, b, hk)
+                scan_tile(st, gv, smem, lane, rscale)
                 T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, 1 + st))
+            else:
+                if gated:
+                    for rr in T.unroll(GPL):
+                        if rr * 32 + lane < BN:
+                            store_bias(smem, st, rr * 32 + lane, cref_p,
+                                       c[b, h, T.min(kt * BN + rr * 32 + lane, L - 1)],
+                                       rscale)
+                if lane == 0:
+                    bulk_tile(kt, st, smem, b, hk)
+                elif gated:  # the gate sums' writers arrive too (the barrier counts 32)
+                    T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, 1 + st))
 
     @T.prim_func
     def gfwa_fwd(
@@ -516,7 +600,9 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         q = T.match_buffer(q_h, (B, L, HQ, D), dt)
         k = T.match_buffer(k_h, (B, L, HKV, D), dt)
         v = T.match_buffer(v_h, (B, L, HKV, DV), dt)
-        c = T.match_buffer(c_h, (CB, CH, CT), "float64")
+        # FUSED: the raw log gates [B, T, Hq] float32; else the prefix sums [B, Hq, T] float64
+        # (a one-element dummy when ungated)
+        c = T.match_buffer(c_h, (CB, CH, CT), C_DT)
         o = T.match_buffer(o_h, (B, L, HQ, DV), dt)
         lse = T.match_buffer(lse_h, (B, HQ, L), "float32")
         if TMA:
@@ -536,6 +622,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                 smem = T.alloc_buffer((WORDS,), "float32", scope="shared.dyn")
                 if gated and not PP:
                     cg_r = T.alloc_buffer((NGC,), "float64", scope="local")
+                gv = T.alloc_buffer((GPL,), "float32", scope="local")  # FUSED: a lane's gates
                 s_r = T.alloc_buffer((BN // 2,), "float32", scope="local")
                 p_r = T.alloc_buffer((BN // 4,), "uint32", scope="local")
                 acc = T.alloc_buffer((DV // 2,), "float32", scope="local")
@@ -563,8 +650,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                     if tx == 0:
                         T.ptx["mbarrier.init.shared::cta.b64"](mbar(smem, 0), 1)
                         for i in T.unroll(NS):
-                            T.ptx["mbarrier.init.shared::cta.b64"](mbar(smem, 1 + i),
-                                                                   32 if gated else 1)
+                            T.ptx["mbarrier.init.shared::cta.b64"](
+                                mbar(smem, 1 + i), 33 if FUSED else 32 if gated else 1)
                             T.ptx["mbarrier.init.shared::cta.b64"](mbar(smem, FREE + i), 256)
                         T.ptx["fence.mbarrier_init.release.cluster"]()
                     T.tvm_storage_sync("shared")
@@ -574,7 +661,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                             if tx == 0:
                                 bulk_q(smem, i0, h, b)
                             rscale: T.float32 = T.float32(1) / scale
-                            produce(n_tiles, kt_lo, smem, c, b, h, hk, L, i0, lane, rscale)
+                            produce(n_tiles, kt_lo, smem, c, gv, b, h, hk, L, i0, lane, rscale)
                     else:
                         T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS)
                         cw = tx // 128 - 1  # consumer warpgroup: rows 64 cw .. 64 cw + 63
@@ -599,6 +686,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                             wait_tile(it + 1, smem)
                             if gated:
                                 bias_scores((it + 1) % NS, smem, s_r, t4)
+                            if FUSED:  # before the turn, which it waits for anyway
+                                shift_rows(it % NS, smem, m_r)
                             T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
                             T.ptx["wgmma.fence.sync.aligned"]()
                             issue_scores((it + 1) % NS, cw, smem, s_r, qd, kd)
@@ -615,6 +704,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                         issue_pv((n_tiles - 1) % NS, smem, p_r, acc, vd)
                         if cw == 0:  # consumer 1's last turn (it has none to hand on)
                             T.ptx["bar.arrive"](T.uint32(2), T.uint32(256))
+                        if FUSED:
+                            row_sums_fused((n_tiles - 1) % NS, smem, row0, i0, cq_r, sl2)
                         T.ptx["wgmma.wait_group.sync.aligned"](0)
                         finish_rows(row0, i0, cw, lane, b, h, L, t4, acc, l_r, m_r, cq_r, p_r,
                                     smem, o, lse, O_TMA)
