@@ -23,13 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import SHAPES, make_inputs  # noqa: E402
 from knobs import bench  # noqa: E402
+from tvm_ab import PINGPONG  # noqa: E402
 
 from gfwagen import dispatch  # noqa: E402
 from gfwagen.backends import tvm_backend as tb  # noqa: E402
 from gfwagen.spec import KernelConfig  # noqa: E402
-
-PINGPONG = KernelConfig(128, 128, 8, 3, extra=(("pingpong", True), ("tma", True),
-                                                ("wgmma", True)))
 
 
 def with_fuse(cfg: KernelConfig, on: bool) -> KernelConfig:

@@ -83,11 +83,18 @@ def _check_forward(shape, config, label, scale=None, gate_scale=1.0):
     B, T, Hq, Hkv, D, Dv, W, gated, dtype = shape
     q, k, v, g = make_inputs(B, T, Hq, Hkv, D, Dv, dtype, gated, device="cuda",
                              gate_scale=gate_scale)
+    _check_against_float64(q, k, v, g, W, scale, config, f"{label} {shape[:8]}",
+                           None if g is None else g.double())
+
+
+def _check_against_float64(q, k, v, g, W, scale, config, label, g64):
+    """tvm_forward at `config` against the float64 reference given the gate g64, errors
+    logged on a GPUERR line."""
     o, lse = tvm_backend.tvm_forward(q, k, v, g, W, scale, config)
     d = [t.double() for t in (q, k, v)]
-    o64, lse64 = reference_forward(*d, None if g is None else g.double(), W, scale)
+    o64, lse64 = reference_forward(*d, g64, W, scale)
     errs = {"o": rel_err(o, o64), "lse": rel_err(lse, lse64)}
-    log_gpu_errors(f"{label} {shape[:8]}", errs)
+    log_gpu_errors(label, errs)
     assert not o.isnan().any() and errs["o"] < 1e-2 and errs["lse"] < 1e-4, errs
 
 
@@ -155,8 +162,7 @@ def test_gpu_tvm_pingpong_sums_the_gate(case):
     float64."""
     from gfwagen.gate import sanitize_log_gate
 
-    cfg = _wgmma_128(True)
-    cfg = type(cfg)(128, 128, 8, 3, extra=cfg.extra + (("fuse_gate", True),))
+    cfg = _wgmma_128(True, fuse_gate=True)
     T, W = {"long-window": (1000, 900), "forget": (1000, 900), "bf16-view": (700, 600),
             "tail": (333, 250)}[case]
     q, k, v, g = make_inputs(2, T, 4, 2, 128, 128, torch.bfloat16, True, device="cuda")
@@ -168,21 +174,19 @@ def test_gpu_tvm_pingpong_sums_the_gate(case):
     if case == "bf16-view":
         g = g.transpose(1, 2).contiguous().to(torch.bfloat16).transpose(1, 2)
         assert not g.is_contiguous()
-    o, lse = tvm_backend.tvm_forward(q, k, v, g, W, None, cfg)
-    d = [t.double() for t in (q, k, v)]
-    o64, lse64 = reference_forward(*d, sanitize_log_gate(g.double()), W, None)
-    errs = {"o": rel_err(o, o64), "lse": rel_err(lse, lse64)}
-    log_gpu_errors(f"tvm-wgmma fused gate sums {case}", errs)
-    assert not o.isnan().any() and errs["o"] < 1e-2 and errs["lse"] < 1e-4, errs
+    _check_against_float64(q, k, v, g, W, None, cfg, f"tvm-wgmma fused gate sums {case}",
+                           sanitize_log_gate(g.double()))
 
 
-def _wgmma_128(pingpong):
-    """The 128x128 warpgroup-MMA tile: FA3's pingpong schedule with bulk copies, or the
-    single-warpgroup schedule on cp.async."""
+def _wgmma_128(pingpong, fuse_gate=False):
+    """The 128x128 warpgroup-MMA tile: FA3's pingpong schedule with bulk copies (and, with
+    fuse_gate, the gate's prefix sums made in the kernel), or the single-warpgroup schedule
+    on cp.async."""
     from gfwagen.spec import KernelConfig
 
     extra = ((("pingpong", True), ("tma", True)) if pingpong else ()) + (("wgmma", True),)
-    return KernelConfig(128, 128, 8, 3, extra=extra)
+    return KernelConfig(128, 128, 8, 3, extra=extra + ((("fuse_gate", True),) if fuse_gate
+                                                          else ()))
 
 
 def test_gpu_tvm_runs_on_the_current_stream():
