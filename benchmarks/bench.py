@@ -11,7 +11,8 @@ bwd = 2.5 x fwd. "bwd" is reported as (fwd+bwd) - fwd. The forward is timed with
 recording (inputs require grad), i.e. the training forward whose cost the subtraction assumes.
 Flex timings include the [B,T,H,D] <-> [B,H,T,D] transposes and the gate prefix sums.
 Each shape is timed in --rounds rounds, the contenders' order reversed each round, and each
-contender keeps its best round (round_orders says why).
+contender keeps its best round (round_orders says why). --gate-pairs N then times gfwagen's
+gated and ungated forwards call by call, alternating (paired_ms), for the gate's cost.
 """
 
 from __future__ import annotations
@@ -106,8 +107,9 @@ def gate_cost_rows(results, shapes):
     window. The rounds show how far one figure can move: in session 21's recorded run S2's
     best-round cost was 10.6%, its two rounds 3.0% and 13.6% (RESULTS.md)."""
     res = {(r["shape"], r["contender"]): r for r in results if r.get("mode") == "fwd"}
+    calls = {r["shape"]: r for r in results if r.get("mode") == "fwd-paired"}
     headers = ["shape", "gated / ungated fwd", "per round", "median of rounds",
-               "gated / flex-nogate fwd"]
+               "gated / flex-nogate fwd", "paired calls: median (quartiles)"]
     rows = []
 
     def pct(a, b):
@@ -118,10 +120,14 @@ def gate_cost_rows(results, shapes):
         if not (g and u):
             continue
         paired = [a / b for a, b in zip(g.get("rounds_ms") or [], u.get("rounds_ms") or [])]
+        by_call = None
+        if name in calls:
+            q1, q2, q3 = statistics.quantiles(calls[name]["ratios"], n=4)
+            by_call = f"{pct(q2, 1.0)} ({pct(q1, 1.0)}, {pct(q3, 1.0)})"
         rows.append([name, pct(g["ms"], u["ms"]),
                      " ".join(pct(x, 1.0) for x in paired) or None,
                      pct(statistics.median(paired), 1.0) if paired else None,
-                     pct(g["ms"], f["ms"]) if f else None])
+                     pct(g["ms"], f["ms"]) if f else None, by_call])
     return headers, rows
 
 
@@ -273,6 +279,30 @@ def time_modes(out, f, gated, modes, q, k, v, g, dout, warmup, rep):
         out[mode] = triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+def paired_ms(fa, fb, pairs_: int, flush_mb: int = 256) -> tuple[list, list]:
+    """fa and fb called alternately, pairs_ times each (a b, then b a, and so on), each call
+    timed as do_bench times one (the L2 flushed by zeroing flush_mb MB, then CUDA events
+    around the call). Each pair runs within a millisecond, on the same clocks: the rounds of
+    do_bench, seconds apart, moved an unchanged kernel by up to 18% on the H200 (RESULTS.md,
+    session 24), more than the gate's cost they were to measure. Returns both lists of ms."""
+    flush = torch.empty(flush_mb * 2**20 // 4, dtype=torch.int32, device=DEVICE)
+    for _ in range(3):
+        fa(), fb()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(2 * pairs_)]
+    for i in range(pairs_):
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        for which in order:
+            flush.zero_()
+            start, end = events[2 * i + which]
+            start.record()
+            (fa, fb)[which]()
+            end.record()
+    torch.cuda.synchronize()
+    ms = [start.elapsed_time(end) for start, end in events]
+    return ms[0::2], ms[1::2]
+
+
 def round_orders(contenders, rounds: int) -> list[list]:
     """The contenders' (or configs') order in each timing round: as given, then reversed, and
     so on. A kernel timed right after another runs slower on a GPU at its power cap (S4's
@@ -324,6 +354,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=2,
                    help="timing rounds per shape, the contenders' order reversed each round; "
                    "each keeps its best (round_orders)")
+    p.add_argument("--gate-pairs", type=int, default=0,
+                   help="then time gfwagen's gated and ungated forwards this many times each, "
+                        "call by call, alternating (paired_ms): the gate's cost per pair")
     p.add_argument("--flex-compile-mode", default=None,
                    help="torch.compile mode for flex, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--json", help="write all results to this path")
@@ -339,6 +372,8 @@ def main(argv=None):
             p.error(f"--{opt}: unknown {','.join(sorted(bad))}; choose from {','.join(allowed)}")
     if args.rounds < 1:
         p.error(f"--rounds: expected 1 or more, got {args.rounds}")
+    if args.gate_pairs < 0 or args.gate_pairs == 1:
+        p.error(f"--gate-pairs: expected 0 (off) or 2 or more, got {args.gate_pairs}")
     shapes = TINY if args.tiny else {n: SHAPES[n] for n in args.shapes.split(",")}
     contenders, modes = args.contenders.split(","), args.modes.split(",")
     if args.devices:
@@ -408,6 +443,9 @@ def main(argv=None):
                              for m in ("fwd", "bwd", "fwdbwd") if m in ms)
             if ms:
                 print(f"  {c:15s} {line}", flush=True)
+        if args.gate_pairs and "fwd" in modes and {"gfwagen", "gfwagen-nogate"} <= set(fns) \
+                and not {"gfwagen", "gfwagen-nogate"} & set(failed):
+            results.append(gate_pairs(fns, q, k, v, g, name, args.gate_pairs))
         fns = None
         free_memory()
         del q, k, v, g, dout
@@ -418,6 +456,18 @@ def main(argv=None):
             "versions": versions(), "dtype": args.dtype, "unavailable": unavailable,
             "shapes": {n: s._asdict() for n, s in shapes.items()}}
     report(results, checks, list(shapes), list(makers), meta, args.json, args.markdown)
+
+
+def gate_pairs(fns, q, k, v, g, name, n) -> dict:
+    """gfwagen's gated forward against its ungated one, n paired calls (paired_ms)."""
+    gated, plain = paired_ms(lambda: fns["gfwagen"](q, k, v, g),
+                             lambda: fns["gfwagen-nogate"](q, k, v, g), n)
+    ratios = [a / b for a, b in zip(gated, plain, strict=True)]
+    print(f"  [gate pairs] {n} each: gated {statistics.median(gated):.4f} ms, ungated "
+          f"{statistics.median(plain):.4f} ms (medians), gated / ungated per pair: median "
+          f"{statistics.median(ratios):.4f}", flush=True)
+    return {"shape": name, "contender": "gfwagen", "mode": "fwd-paired", "ratios": ratios,
+            "gated_ms": gated, "ungated_ms": plain}
 
 
 def split_shapes(shapes: dict, n: int) -> list[list[str]]:
@@ -448,7 +498,7 @@ def run_on_devices(args, shapes, contenders, devices) -> int:
     at once; their output in turn, then one report. 1 if any process failed."""
     common = ["--contenders", args.contenders, "--modes", args.modes, "--dtype", args.dtype,
               "--warmup", str(args.warmup), "--rep", str(args.rep),
-              "--rounds", str(args.rounds)]
+              "--rounds", str(args.rounds), "--gate-pairs", str(args.gate_pairs)]
     common += ["--check"] if args.check else []
     common += ["--tiny"] if args.tiny else []
     if args.flex_compile_mode:

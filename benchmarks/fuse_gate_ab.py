@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """TVM's pingpong forward with the gate's prefix sums made inside it (config extra
-`fuse_gate`) against the same config without: the sums' launch and the kernel, as the op
-runs them, and each kernel alone, with the ungated kernel beside them; outputs compared. One
-process, rounds interleaved (the order reversed every other round), the minimum of each kept.
+`fuse_gate`) against the same config without (the key tiles' records of a launch of their
+own, since session 24): the records' launch and the kernel, as the op runs them, and each
+kernel alone, with the ungated kernel beside them; outputs compared. One process, rounds
+interleaved (the order reversed every other round), the minimum of each kept.
 
     PYTHONPATH=$PWD python benchmarks/fuse_gate_ab.py --shapes S1,S2,S3,S4
 
@@ -51,26 +52,26 @@ def runs_for(s) -> tuple[dict, dict]:
     cfg = with_fuse(cfg if square_pingpong(cfg) else PINGPONG, False)
     cfg0 = dispatch.select_config(spec0, s.T, q.device)
     fused_cfg = with_fuse(cfg, True)
-    assert tb.fuses_gate_sums(spec, fused_cfg) and not tb.fuses_gate_sums(spec, cfg)
+    assert tb.gate_input(spec, fused_cfg) == "raw" and tb.gate_input(spec, cfg) == "tiles"
     fn_f, fn_s, fn_0 = (tb._kernel(sp, c, tgt) for sp, c in
                         ((spec, fused_cfg), (spec, cfg), (spec0, cfg0)))
     sc = s.D ** -0.5
-    raw, o_f, l_f = tb.forward_buffers(q, v, g, True)
-    sums, o_s, l_s = tb.forward_buffers(q, v, g, False)
+    raw, o_f, l_f = tb.forward_buffers(q, v, g, "raw")
+    recs, o_s, l_s = tb.forward_buffers(q, v, g, "tiles", sc, cfg.block_n)
     dummy, o_0, l_0 = tb.forward_buffers(q, v, None)
     a_f = tb.forward_launch_args(q, k, v, raw, o_f, l_f, sc)
-    a_s = tb.forward_launch_args(q, k, v, sums, o_s, l_s, sc)
+    a_s = tb.forward_launch_args(q, k, v, recs, o_s, l_s, sc)
     a_0 = tb.forward_launch_args(q, k, v, dummy, o_0, l_0, sc)
 
     def fused_call():  # what tvm_forward does with fuse_gate
-        c = tb.forward_buffers(q, v, g, True)[0]
+        c = tb.forward_buffers(q, v, g, "raw")[0]
         tb._launch(q, fn_f, *tb.forward_launch_args(q, k, v, c, o_f, l_f, sc))
 
-    def sums_call():  # and without: the sums' launch first
-        c = tb.forward_buffers(q, v, g, False)[0]
+    def tiles_call():  # and without: the records' launch first
+        c = tb.forward_buffers(q, v, g, "tiles", sc, cfg.block_n)[0]
         tb._launch(q, fn_s, *tb.forward_launch_args(q, k, v, c, o_s, l_s, sc))
 
-    runs = {"fused": fused_call, "sums+kernel": sums_call,
+    runs = {"fused": fused_call, "records+kernel": tiles_call,
             "fused kernel": lambda: tb._launch(q, fn_f, *a_f),
             "kernel": lambda: tb._launch(q, fn_s, *a_s),
             "plain kernel": lambda: tb._launch(q, fn_0, *a_0)}
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
               flush=True)
         print(f"{name} gate cost against the plain kernel: " +
               ", ".join(f"{n} {c:+.1f}%" for n, c in cost.items() if n != "plain kernel") +
-              f"; max |fused - sums| o {diff['o']:.1e}, lse {diff['lse']:.1e}", flush=True)
+              f"; max |fused - records| o {diff['o']:.1e}, lse {diff['lse']:.1e}", flush=True)
     return 0
 
 

@@ -67,10 +67,8 @@ def _edits() -> list[tuple[str, str]]:
         (f"{pad}T.cuda.mbarrier_wait(mbar(smem, 0), 0)\n{pad}wait_tile(0, smem)\n",
          f"{pad}T.cuda.mbarrier_wait(mbar(smem, 0), 0)\n{pad}tim[1] = {GT}\n"
          f"{pad}wait_tile(0, smem)\n{pad}tim[2] = {GT}\n{pad}tim[7] = {CLK}\n"),
-        # inside the loop: the cycles spent waiting for each next key tile
-        (f"\n{pad}    wait_tile(it + 1, smem)\n",  # the pingpong loop's (a line of its own)
-         f"\n{pad}    tim[5] = {CLK}\n{pad}    wait_tile(it + 1, smem)\n"
-         f"{pad}    tim[6] = tim[6] + ({CLK} - tim[5])\n"),
+        # the cycles spent waiting for each next key tile (_tile_wait_edits)
+        _tile_wait_edits(pad),
         # the epilogue: from the last P V's wait to past the output's store (the bulk store's
         # block is the consumer branch's last)
         (f'{pad}T.ptx["wgmma.wait_group.sync.aligned"](0)\n{pad}finish_rows(',
@@ -85,17 +83,53 @@ def _edits() -> list[tuple[str, str]]:
     ]
 
 
+def _tile_wait(line: str, indent: str) -> str:
+    return (f"{indent}tim[5] = {CLK}\n{line}"
+            f"{indent}tim[6] = tim[6] + ({CLK} - tim[5])\n")
+
+
+def _tile_wait_edits(pad: str) -> list[list[tuple]]:
+    """The waits for the next key tile, in either version of the consumers' loop: since
+    session 24 the gated one waits in next_biases, which pack_next calls (both given the probe
+    registers as an argument; the wait for tile 1, before the loop, counts too), the ungated
+    one at the top of a step; before, both at the top."""
+    top = f"{pad}        wait_tile(it + 1, smem)\n"
+    inner = "        wait_tile(n + 1, smem)\n"
+    return [
+        [(f"{pad}    if not gated:  # gated: next_biases waited for it\n{top}",
+          f"{pad}    if not gated:  # gated: next_biases waited for it\n"
+          + _tile_wait(top, pad + "        ")),
+         (inner, _tile_wait(inner, "        ")),
+         ("def next_biases(n, smem, s_r, m_r, t4):",
+          "def next_biases(n, smem, s_r, m_r, t4, tim):"),
+         ("next_biases(n, smem, s_r, m_r, t4)\n", "next_biases(n, smem, s_r, m_r, t4, tim)\n"),
+         # pack_next's definition and its two calls
+         ("al_r, m_r, t4):\n", "al_r, m_r, t4, tim):\n"),
+         ("al_r, m_r, t4)\n", "al_r, m_r, t4, tim)\n", 2)],
+        [(f"\n{pad}    wait_tile(it + 1, smem)\n",  # a line of its own in the loop
+          "\n" + _tile_wait(f"{pad}    wait_tile(it + 1, smem)\n", pad + "    "))],
+    ]
+
+
 def probed_templates(dest: Path, source: Path | None = None) -> Path:
     """A copy of templates/ (or of `source`, another version of it) in dest with the probes in
     tvm/fwd_wgmma.py."""
     shutil.copytree(source or ROOT / "templates", dest / "templates")
     path = dest / "templates" / "tvm" / "fwd_wgmma.py"
     src = path.read_text()
-    for i, (old, new) in enumerate(_edits()):
-        if src.count(old) != 1:
+    for i, edit in enumerate(_edits()):
+        # an edit: one (anchor, replacement), or alternatives (one per templates version),
+        # each a list of them that must all match, the first that does taken
+        options = edit if isinstance(edit, list) else [[edit]]
+        # (an anchor may name how often it occurs: a third item, else once)
+        pairs = next((o for o in options
+                      if all(src.count(p[0]) == (p[2] if len(p) > 2 else 1) for p in o)), None)
+        if pairs is None:
+            old = options[0][0][0]
             raise SystemExit(f"pp_phases: probe anchor {i} matches {src.count(old)} times in "
                              f"fwd_wgmma.py: {old.strip()[:70]!r}")
-        src = src.replace(old, new)
+        for old, new, *_ in pairs:
+            src = src.replace(old, new)
     path.write_text(src)
     return dest / "templates"
 
@@ -160,7 +194,8 @@ def main(argv=None) -> int:
             gate = g if gated else None
             spec = tb._spec("fwd", q, k, v, gate, s.W)
             fn = tb._kernel(spec, cfg, tb._target(q, "cuda"))
-            c, o, lse = tb.forward_buffers(q, v, gate, tb.fuses_gate_sums(spec, cfg))
+            c, o, lse = tb.forward_buffers(q, v, gate, tb.gate_input(spec, cfg),
+                                           s.D ** -0.5, cfg.block_n)
             n_blocks = s.B * s.H * -(-s.T // 128)
             probe = torch.zeros(n_blocks, 16, dtype=torch.int64, device=q.device)
 

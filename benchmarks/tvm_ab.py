@@ -70,7 +70,8 @@ def main(argv=None) -> int:
             for which in ("old", "new"):
                 fn = kernel(versions[which], spec, cfg, target)
                 c, o, lse = tb.forward_buffers(
-                    q, v, gate, tb.fuses_gate_sums(spec, cfg, versions[which]))
+                    q, v, gate, tb.gate_input(spec, cfg, versions[which]), s.D ** -0.5,
+                    cfg.block_n)
                 args = tb.forward_launch_args(q, k, v, c, o, lse, s.D ** -0.5)
                 outs[which] = (fn, args, o, lse)
             for which in ORDER:

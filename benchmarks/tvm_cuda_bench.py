@@ -133,9 +133,10 @@ def measure(s):
         ok = {c: r for c, r in res.items() if "ms" in r}
         best = min(ok, key=lambda c: ok[c]["ms"])
         fn = tvm_backend._kernel(spec, configs[best], tvm_backend._target(q, None))
-        fused = tvm_backend.fuses_gate_sums(spec, configs[best])
+        form = tvm_backend.gate_input(spec, configs[best])
         args = tvm_backend.forward_launch_args(
-            q, k, v, *tvm_backend.forward_buffers(q, v, g, fused), 1.0 / s.D ** 0.5)
+            q, k, v, *tvm_backend.forward_buffers(q, v, g, form, s.D ** -0.5,
+                                                 configs[best].block_n), s.D ** -0.5)
         res["kernel_only"] = {"config": best, "ms": bench(
             lambda: tvm_backend._launch(q, fn, *args))}
         res["gate_sums_torch"] = {"ms": bench(lambda: tvm_backend._gate_sums(g, q.device))}

@@ -71,6 +71,23 @@ GATE_CHUNK = 256
 _LOG2E = 1.4426950408889634
 
 
+def tile_records(log_gate: torch.Tensor, block_n: int, scale: float) -> torch.Tensor:
+    """[B, T, H] log gates -> [B, H, ceil(T / block_n) * (block_n + 4)] float32, one record per
+    key tile of block_n positions: each key's -(sum of the tile's gates up to it) / scale, the
+    tile's gate total times log2(e), three zeros; positions past T count as gate 0. What TVM's
+    pingpong forward reads with square tiles (gfwagen.gate_sums.tile_records_fused makes it
+    on CUDA); summed in float64 here."""
+    B, T, H = log_gate.shape
+    n = -(-T // block_n)
+    g = torch.zeros(B, H, n * block_n, dtype=torch.float64, device=log_gate.device)
+    g[..., :T] = log_gate.transpose(1, 2)
+    g = g.view(B, H, n, block_n)
+    rec = torch.zeros(B, H, n, block_n + 4, dtype=torch.float64, device=log_gate.device)
+    rec[..., :block_n] = g.cumsum(-1) / -scale
+    rec[..., block_n] = g.sum(-1) * _LOG2E
+    return rec.view(B, H, n * (block_n + 4)).to(torch.float32)
+
+
 def chunked_prefix_sums(log_gate: torch.Tensor, chunk: int = GATE_CHUNK):
     """[B, T, H] log gates -> (local [B, H, T] float32, base [B, H, ceil(T/chunk)] float64),
     both in log2 units: c_t * log2(e) = base[t // chunk] + local[t]. Kernels form

@@ -25,7 +25,7 @@ from gfwagen.gate import GATE_CHUNK, gate_grad_from_sums
 GATE_SUMS_ENV = "GFWAGEN_GATE_SUMS"
 
 __all__ = ["chunked_prefix_sums_fused", "gate_grad", "gate_grad_from_sums_fused",
-           "prefix_sums_fused", "use_fused"]
+           "prefix_sums_fused", "tile_records_fused", "use_fused"]
 
 
 def use_fused(t: torch.Tensor) -> bool:
@@ -81,6 +81,24 @@ def prefix_sums_fused(log_gate: torch.Tensor, splits: int | None = None,
         _template().launch_gate_sums_fwd(log_gate, c, base, GATE_CHUNK, splits, bound=bound,
                                          absolute=True)
     return c
+
+
+def tile_records_fused(log_gate: torch.Tensor, block_n: int, scale: float,
+                       bound: float = 0.0) -> torch.Tensor:
+    """The gate as TVM's square-tile pingpong forward reads it: [B, T, H] log gates (any
+    float dtype, any strides) -> [B, H, ceil(T / block_n) * (block_n + 4)] float32, one record
+    per key tile: each key's -(sum of the tile's gates up to it) / scale, the tile's gate
+    total times log2(e), three zeros. One launch, a program per (batch, tile, block of
+    heads): no sum crosses a tile, so none runs along the sequence. bound > 0 clamps as
+    chunked_prefix_sums_fused does."""
+    B, T, H = log_gate.shape
+    n = -(-T // block_n)
+    rec = torch.empty(B, H, n * (block_n + 4), dtype=torch.float32, device=log_gate.device)
+    if rec.numel() == 0:
+        return rec
+    with _device(log_gate):
+        _template().launch_gate_tile_records(log_gate, rec, block_n, scale, bound=bound)
+    return rec
 
 
 def gate_grad(row_sums: torch.Tensor, col_sums: torch.Tensor,

@@ -132,6 +132,32 @@ def test_prefix_sums_clamp_on_load(splits):
     assert local[1, 0, 3:GATE_CHUNK].isnan().all() and not local[1, 0, :3].isnan().any()
 
 
+@pytest.mark.parametrize("T,block_n", [(1, 64), (128, 128), (300, 128), (77, 16)])
+@pytest.mark.parametrize("kind", ["near0", "deep", "mixed"])
+def test_tile_records_match_torch(T, block_n, kind):
+    """tile_records_fused (what TVM's pingpong forward reads) against gate.tile_records: each tile's
+    sums start again (float32 of a sum over one tile), the scale divides, the clamp applies
+    on load, NaN stays NaN, the padding is zero; strided and half gates too."""
+    from gfwagen.gate import sanitize_log_gate, tile_records
+    from gfwagen.gate_sums import tile_records_fused
+
+    lg = _log_gate(2, T, 3, kind, seed=T)
+    lg[0, T // 2, 1] = -float("inf")
+    for g, scale in ((lg, 0.125), (lg.transpose(1, 2).contiguous().half().transpose(1, 2), -2.0)):
+        rec = tile_records_fused(g, block_n, scale, bound=GATE_BOUND)
+        ref = tile_records(sanitize_log_gate(g.float()), block_n, scale)
+        assert rec.dtype == torch.float32 and rec.shape == ref.shape and rec.is_contiguous()
+        # one float32 sum over a tile: a few float32 roundings of the tile's magnitude
+        mag = ref.view(2, 3, -1, block_n + 4).abs().amax(-1, keepdim=True)
+        err = (rec - ref).view(2, 3, -1, block_n + 4).abs()
+        assert (err <= 4 * block_n * F32_EPS * mag + 1e-30).all()
+        assert (rec.view(2, 3, -1, block_n + 4)[..., block_n + 1:] == 0).all()
+    lg[1, 0, 2] = float("nan")
+    rec = tile_records_fused(lg, block_n, 1.0, bound=GATE_BOUND).view(2, 3, -1, block_n + 4)
+    assert rec[1, 2, 0, :block_n + 1].isnan().all() and not rec[1, :2].isnan().any()
+    assert tile_records_fused(lg[:, :0], block_n, 1.0).shape == (2, 3, 0)
+
+
 def test_prefix_sums_empty():
     local, base = chunked_prefix_sums_fused(torch.zeros(2, 0, 3), spare=1)
     assert local.shape == (2, 3, 0) and base.shape == (2, 3, 1) and (base == 0).all()

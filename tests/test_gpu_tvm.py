@@ -130,62 +130,68 @@ def test_gpu_tvm_wgmma_matches_float64(shape, cfg):
 @pytest.mark.skipif(not torch.cuda.is_available() or
                     torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only")
 @pytest.mark.parametrize("gate_scale", [1e-3, 30.0])
-@pytest.mark.parametrize("tma", [False, True], ids=["cp.async", "pingpong"])
+@pytest.mark.parametrize("tma", [False, True, "fuse_gate"],
+                         ids=["cp.async", "pingpong", "pingpong-fused"])
 def test_gpu_tvm_wgmma_gate_extremes(gate_scale, tma):
     """The gated score product starts from each key's bias (c_ref - c_j) / scale: with gates
     near 1 (biases near 0) and with strong ones (a window's bias in the thousands, which the
-    fp32 accumulator then carries next to Q K^T) it still matches float64."""
-    _check_forward((1, 1000, 4, 2, 128, 128, 300, True, torch.bfloat16), _wgmma_128(tma),
+    fp32 accumulator then carries next to Q K^T) it still matches float64. The pingpong
+    kernel's biases start again at each key tile (its per-tile records, or with fuse_gate its
+    own sums)."""
+    _check_forward((1, 1000, 4, 2, 128, 128, 300, True, torch.bfloat16),
+                   _wgmma_128(bool(tma), tma if isinstance(tma, str) else None),
                    f"tvm-wgmma gate x{gate_scale} tma={tma}", gate_scale=gate_scale)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or
                     torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only")
 @pytest.mark.parametrize("scale", [0.0, 1e-35, -0.2])
-@pytest.mark.parametrize("tma", [False, True], ids=["cp.async", "pingpong"])
+@pytest.mark.parametrize("tma", [False, True, "fuse_gate"],
+                         ids=["cp.async", "pingpong", "pingpong-fused"])
 def test_gpu_tvm_wgmma_zero_and_negative_scale(scale, tma):
     """Scale 0 (the gate alone weighs the keys), a tiny one and a negative one, gated: the bias
     that the score product starts from is (c_ref - c_j) / scale, so scales below
-    WGMMA_ZERO_SCALE run at it."""
-    _check_forward((1, 700, 4, 2, 128, 128, 200, True, torch.bfloat16), _wgmma_128(tma),
+    WGMMA_ZERO_SCALE run at it (the pingpong kernel's tile records are made at it too)."""
+    _check_forward((1, 700, 4, 2, 128, 128, 200, True, torch.bfloat16),
+                   _wgmma_128(bool(tma), tma if isinstance(tma, str) else None),
                    f"tvm-wgmma scale={scale} tma={tma}", scale=scale)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or
                     torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only")
 @pytest.mark.parametrize("case", ["long-window", "forget", "bf16-view", "tail"])
-def test_gpu_tvm_pingpong_sums_the_gate(case):
-    """The 128x128 pingpong forward with fuse_gate sums the raw gates itself and
-    moves its running max by each key tile's gate total: across up to eight key tiles, with
-    gates past the clamp (-inf: forget; the reference gets them clamped), from a bf16 strided
-    view of the gate, and with T off the tile (the last tile's keys past T), against
-    float64."""
+@pytest.mark.parametrize("knob", [None, "fuse_gate"], ids=["tiles", "fuse_gate"])
+def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
+    """The 128x128 pingpong forward, whose biases start again at each key tile (it copies
+    each tile's record; fuse_gate: it sums the raw gates itself) and which moves its
+    running max by each key tile's gate total: across up to eight key tiles, with gates past
+    the clamp (-inf: forget; the reference gets them clamped), from a bf16 strided view of
+    the gate, and with T off the tile (the last tile's keys past T), against float64."""
     from gfwagen.gate import sanitize_log_gate
 
-    cfg = _wgmma_128(True, fuse_gate=True)
+    cfg = _wgmma_128(True, knob)
     T, W = {"long-window": (1000, 900), "forget": (1000, 900), "bf16-view": (700, 600),
             "tail": (333, 250)}[case]
     q, k, v, g = make_inputs(2, T, 4, 2, 128, 128, torch.bfloat16, True, device="cuda")
     spec = tvm_backend._spec("fwd", q, k, v, g, W)
-    assert tvm_backend.fuses_gate_sums(spec, cfg)
+    assert tvm_backend.gate_input(spec, cfg) == ("raw" if knob else "tiles")
     if case == "forget":
         g[:, ::37] = float("-inf")
         g[:, 5::91] = -500.0
     if case == "bf16-view":
         g = g.transpose(1, 2).contiguous().to(torch.bfloat16).transpose(1, 2)
         assert not g.is_contiguous()
-    _check_against_float64(q, k, v, g, W, None, cfg, f"tvm-wgmma fused gate sums {case}",
+    _check_against_float64(q, k, v, g, W, None, cfg, f"tvm-wgmma {knob} {case}",
                            sanitize_log_gate(g.double()))
 
 
-def _wgmma_128(pingpong, fuse_gate=False):
-    """The 128x128 warpgroup-MMA tile: FA3's pingpong schedule with bulk copies (and, with
-    fuse_gate, the gate's prefix sums made in the kernel), or the single-warpgroup schedule
-    on cp.async."""
+def _wgmma_128(pingpong, gate_knob=None):
+    """The 128x128 warpgroup-MMA tile: FA3's pingpong schedule with bulk copies (and
+    gate_knob, e.g. "fuse_gate", set), or the single-warpgroup schedule on cp.async."""
     from gfwagen.spec import KernelConfig
 
     extra = ((("pingpong", True), ("tma", True)) if pingpong else ()) + (("wgmma", True),)
-    return KernelConfig(128, 128, 8, 3, extra=extra + ((("fuse_gate", True),) if fuse_gate
+    return KernelConfig(128, 128, 8, 3, extra=extra + (((gate_knob, True),) if gate_knob
                                                           else ()))
 
 

@@ -507,37 +507,41 @@ def test_wgmma_pingpong_codegen(gated, bn):
     # gate off, the prefix sums are a one-element dummy [1, 1, 1]: the kernel must not index
     # it by (batch, head, row), which read past it before
     assert bool(re.search(r"\bc_ptr\[", kernel)) is gated
-    tiles = 2 * 128 * 128 + 3 * (2 * bn * 256 + 4 * bn)
+    # square tiles: each stage's bias slot holds the key tile's record (its total and
+    # padding: 16 bytes more)
+    tiles = 2 * 128 * 128 + 3 * (2 * bn * 256 + 4 * bn + 16 * (bn == 128))
     assert cuda_smem_bytes(spec, cfg) == tiles + 8 * 4 + 8 * 3
 
 
 @pytest.mark.parametrize("gated,fuse", [(True, True), (False, True), (True, False)])
-def test_wgmma_pingpong_sums_the_gate(gated, fuse):
-    """Config extra fuse_gate: the gated 128x128 pingpong forward takes the raw log gates
-    [B, T, Hq] float32 and its producer warp scans each key tile (warp shuffles; the stage
-    barriers count 33 arrivals: its 32 lanes and lane 0's bulk copies; 16 bytes of tile
-    totals). Without it, or ungated, the kernel is the one without the extra. It clamps the
+def test_wgmma_pingpong_takes_the_gate_per_key_tile(gated, fuse):
+    """The gated 128x128 pingpong forward takes the gate per key tile: the records of
+    gate_sums.tile_records_fused, one bulk copy each (float32, the stage barriers count lane
+    0's copies alone), or with config extra fuse_gate the raw log gates [B, T, Hq] float32,
+    which its producer warp scans (warp shuffles; the barriers count 33 arrivals: its 32
+    lanes and lane 0's copies). Each stage's bias slot holds the tile's total too (16 bytes
+    more a stage). Ungated, the kernel is the one without the extra. The scan clamps the
     gates as gfwagen.gate does."""
-    from gfwagen.backends.tvm_backend import (
-        cuda_smem_bytes,
-        fuses_gate_sums,
-        tensor_core_template,
-    )
+    from gfwagen.backends.tvm_backend import cuda_smem_bytes, gate_input, tensor_core_template
     from gfwagen.gate import GATE_BOUND
 
     spec = KernelSpec("tvm", "fwd", 128, 128, 512, "bf16", gated, 1)
     cfg = _wgmma(128, 128, 3, "pingpong", "tma", *(("fuse_gate",) if fuse else ()))
     fused = gated and fuse
-    assert fuses_gate_sums(spec, cfg) is fused
+    assert gate_input(spec, cfg) == (None if not gated else "raw" if fuse else "tiles")
     assert tensor_core_template(cfg).GATE_BOUND == GATE_BOUND
-    plain = _wgmma(128, 128, 3, "pingpong", "tma")
-    assert cuda_smem_bytes(spec, cfg) == cuda_smem_bytes(spec, plain) + 16 * fuse
+    sums = _wgmma(128, 64, 3, "pingpong", "tma")  # the float64 sums (no square tiles)
+    assert gate_input(spec, sums) == ("sums" if gated else None)
+    assert cuda_smem_bytes(spec, cfg) == 2 * 128 * 128 + 3 * (2 * 128 * 256 + 4 * 132) + 56
     src = cuda_source(build_cuda(spec, cfg, arch="sm_90"))
     kernel = src[src.index('extern "C" __global__'):]
     assert ("__shfl_up_sync" in kernel) is fused
     assert ("(uint)33)" in kernel) is fused
-    assert ("float* __restrict__ c_ptr" in kernel) is fused
-    assert ("double* __restrict__ c_ptr" in kernel) is (gated and not fused)
+    assert ("(uint)32)" in kernel) is False
+    assert ("float* __restrict__ c_ptr" in kernel) is gated
+    # the records' bulk copy (not a tensor-map one), 132 floats a key tile
+    assert ("ptx_cp_async_bulk_g2s_cluster" in kernel) is (gated and not fuse)
+    assert ("(uint)528" in kernel) is (gated and not fuse)
 
 
 @pytest.mark.parametrize("tile", [(128, 64, "pingpong", "tma"), (128, 128, "tma")])
@@ -650,7 +654,7 @@ def test_fuse_gate_joins_the_tuners_space_for_gated_problems(monkeypatch):
     vals = {"block_m": 128, "block_n": 128, "num_stages": 3, "x_wgmma": True, "x_tma": True,
             "x_pingpong": True, "x_fuse_gate": True}
     cfg = space.config_from_params(spec, vals, gpu=True)
-    assert cfg.get("fuse_gate") is True and tvm_backend.fuses_gate_sums(spec, cfg)
+    assert cfg.get("fuse_gate") is True and tvm_backend.gate_input(spec, cfg) == "raw"
     assert space.feasible(spec, cfg)[0]
     assert space.config_params(spec, cfg, gpu=True)["x_fuse_gate"] is True
     off = space.config_from_params(spec, {**vals, "x_fuse_gate": False}, gpu=True)
@@ -752,6 +756,6 @@ def test_pp_phases_probes_still_fit_the_template(tmp_path):
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     # the timer's definition and seven reads (producer 2, consumer 5); the SM id's
-    # definition; the cycle counter's helper (its name and body) and four reads (the loop's
-    # waits, its length)
-    assert out.stdout.split() == ["8", "1", "6"]
+    # definition; the cycle counter's helper (its name and body) and six reads (the waits for
+    # key tiles, in next_biases, which the gated kernel inlines twice; the loop's length)
+    assert out.stdout.split() == ["8", "1", "8"]

@@ -146,7 +146,7 @@ def _fit(cfg: KernelConfig, T: int) -> KernelConfig:
 def tensor_core_template(config: KernelConfig | None):
     """The tensor-core forward template a config names: templates/tvm/fwd_wgmma.py (Hopper's
     warpgroup MMA) when its extra `wgmma` is set, else templates/tvm/fwd_cuda.py (mma.sync).
-    Both offer supports, smem_bytes, registers, fuses_gate_sums and the factory
+    Both offer supports, smem_bytes, registers, gate_input and the factory
     make_forward_tc."""
     return load_template("tvm", "fwd_wgmma" if config is not None and config.get("wgmma")
                          else "fwd_cuda")
@@ -161,15 +161,21 @@ def tensor_core_forward(spec: KernelSpec, config: KernelConfig | None = None) ->
                                                  config) is None
 
 
-def fuses_gate_sums(spec: KernelSpec, config: KernelConfig | None, template=None) -> bool:
-    """Whether the CUDA forward of (spec, config) sums the gate itself: it then takes the raw
-    log gates [B, T, Hq] float32 instead of the float64 prefix sums of a launch of their own
-    (templates/tvm/fwd_wgmma.py's fuses_gate_sums). template: another version of the
-    tensor-core template to ask (benchmarks/tvm_ab.py)."""
-    if not spec.gated or config is None or not tensor_core_forward(spec, config):
-        return False
+def gate_input(spec: KernelSpec, config: KernelConfig | None, template=None) -> str | None:
+    """What the CUDA forward of (spec, config) reads for the gate (forward_buffers makes it):
+    None ungated; "sums", the float64 prefix sums; "raw", the log gates themselves (config
+    extra fuse_gate); "tiles", per key tile records (square-tile pingpong). See
+    templates/tvm/fwd_wgmma.py's gate_input. template: another version of the tensor-core
+    template to ask (benchmarks/tvm_ab.py)."""
+    if not spec.gated:
+        return None
+    if config is None or not tensor_core_forward(spec, config):
+        return "sums"
     template = template or tensor_core_template(config)
-    return bool(getattr(template, "fuses_gate_sums", lambda _cfg: False)(config))
+    if hasattr(template, "gate_input"):
+        return template.gate_input(config)
+    # a templates version from before gate_input (session 23's: fuse_gate or the sums)
+    return "raw" if getattr(template, "fuses_gate_sums", lambda _cfg: False)(config) else "sums"
 
 
 def cuda_arch(config: KernelConfig, arch: str) -> str:
@@ -358,15 +364,20 @@ def _gate_sums(log_gate, device):
     return prefix_sums(log_gate)
 
 
-def forward_buffers(q, v, log_gate, fused: bool = False):
-    """What a forward kernel reads besides q, k and v, and what it writes: the gate sums
-    (_gate_sums), or with `fused` (fuses_gate_sums) the raw log gates as float32 [B,T,Hq]
-    contiguous; an empty o [B,T,Hq,Dv] in q's dtype and an empty lse [B,Hq,T] float32."""
+def forward_buffers(q, v, log_gate, form: str | None = "sums", scale: float = 1.0,
+                    block_n: int = 128):
+    """What a forward kernel reads besides q, k and v, and what it writes: the gate in the
+    form gate_input names ("sums": _gate_sums; "raw": the log gates as float32 [B,T,Hq]
+    contiguous; "tiles": gate_sums.tile_records_fused for the kernel's block_n and scale,
+    clamped as the sums are); an empty o [B,T,Hq,Dv] in q's dtype and an empty lse [B,Hq,T]
+    float32."""
     B, T, Hq, _ = q.shape
     o = torch.empty(B, T, Hq, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
-    if fused and log_gate is not None:
+    if log_gate is not None and form == "raw":
         return log_gate.to(torch.float32).contiguous(), o, lse
+    if log_gate is not None and form == "tiles":
+        return gate_sums.tile_records_fused(log_gate, block_n, scale, bound=GATE_BOUND), o, lse
     return _gate_sums(log_gate, q.device), o, lse
 
 
@@ -388,14 +399,17 @@ def tvm_forward(q, k, v, log_gate=None, window=None, scale=None, config=None, ta
     cfg = _cuda_config(spec, config, tgt.get("arch")) if q.is_cuda else \
         _fit(config or DEFAULT_CPU_CONFIG, T)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    c, o, lse = forward_buffers(q, v, log_gate, q.is_cuda and fuses_gate_sums(spec, cfg))
+    tensor_cores = q.is_cuda and tensor_core_forward(spec, cfg)
+    if tensor_cores and abs(scale) < WGMMA_ZERO_SCALE and log_gate is not None \
+            and cfg.get("wgmma"):
+        scale = math.copysign(WGMMA_ZERO_SCALE, scale)
+    form = gate_input(spec, cfg) if q.is_cuda else "sums"
+    c, o, lse = forward_buffers(q, v, log_gate, form, scale, cfg.block_n)
     if B * T * Hq == 0:
         return o, lse
-    if q.is_cuda and tensor_core_forward(spec, cfg):
+    if tensor_cores:
         check_wgmma_offsets(cfg, Hq, k.shape[2], D, v.shape[3])
         q, k, v = (_aligned16(t) for t in (q, k, v))
-        if abs(scale) < WGMMA_ZERO_SCALE and log_gate is not None and cfg.get("wgmma"):
-            scale = math.copysign(WGMMA_ZERO_SCALE, scale)
     fn = _kernel(spec, cfg, tgt)
     _launch(q, fn, *forward_launch_args(q, k, v, c, o, lse, scale))
     return o, lse

@@ -147,6 +147,46 @@ def gate_sums_whole_kernel(
 
 
 @triton.jit
+def gate_tile_records_kernel(
+    g_ptr,
+    rec_ptr,
+    T,
+    H,
+    NKT,
+    stride_b,
+    stride_t,
+    stride_h,
+    neg_rscale,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BOUND: tl.constexpr,
+):
+    """Key tile kt's records for a block of heads (launch_gate_tile_records): each program
+    sums one tile, so no sum crosses programs. Positions past T count as gate 0; the
+    attention masks their keys."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    kt = tl.program_id(1).to(tl.int64)
+    offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_in = offs_h < H
+    offs_t = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = (offs_t < T)[:, None] & h_in[None, :]
+    x = tl.load(g_ptr + pid_b * stride_b + offs_h.to(tl.int64)[None, :] * stride_h
+                + offs_t[:, None] * stride_t, mask=m, other=0.0)
+    if BOUND > 0:  # as gate_sums_fwd_kernel
+        x = tl.clamp(x, -BOUND, BOUND, propagate_nan=tl.PropagateNan.ALL)
+    # float32: a sum over one tile only, as the kernel's own scan (fuse_gate) keeps it
+    x = x.to(tl.float32)
+    loc = tl.cumsum(x, axis=0)
+    rec = rec_ptr + ((pid_b * H + offs_h.to(tl.int64)) * NKT + kt) * (BLOCK_N + 4)
+    tl.store(rec[None, :] + tl.arange(0, BLOCK_N)[:, None], loc * neg_rscale, mask=h_in[None, :])
+    tot = tl.sum(x, axis=0) * LOG2E
+    zero = tl.zeros([BLOCK_H], dtype=tl.float32)
+    tl.store(rec + BLOCK_N, tot, mask=h_in)
+    for e in tl.static_range(1, 4):
+        tl.store(rec + BLOCK_N + e, zero, mask=h_in)
+
+
+@triton.jit
 def gate_sums_scan_kernel(base_ptr, NC, N_BASE, BLOCK: tl.constexpr):
     """base[row, n] <- log2(e) * sum_{0 < m <= n} base[row, m] in place (the chunk totals that
     gate_sums_fwd_kernel stored shifted by one), base[row, 0] = 0, spares 0."""
@@ -376,6 +416,19 @@ def launch_gate_sums_fwd(
             BLOCK=blk,
             num_warps=4,
         )
+
+
+def launch_gate_tile_records(log_gate, rec, block_n, scale, bound=0.0, num_warps=4):
+    """log_gate [B, T, H] (any strides), clamped to [-bound, bound] on load when bound > 0 ->
+    rec [B, H, ceil(T / block_n) * (block_n + 4)] float32 contiguous: per key tile, each
+    key's -(sum of the tile's gates up to it) / scale, the tile's total times log2(e), three
+    zeros (templates/tvm/fwd_wgmma.py's "tiles" gate input)."""
+    B, T, H = log_gate.shape
+    nkt = cdiv(T, block_n)
+    bh = min(heads_per_program(H), max(1, 2048 // block_n))
+    launcher(gate_tile_records_kernel)[(B, nkt, cdiv(H, bh))](
+        log_gate, rec, T, H, nkt, *log_gate.stride(), -1.0 / scale,
+        BLOCK_N=block_n, BLOCK_H=bh, BOUND=float(bound), num_warps=num_warps)
 
 
 def launch_gate_sums_bwd(

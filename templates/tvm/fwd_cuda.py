@@ -51,10 +51,10 @@ MASK_T = -5.0e29  # anything below this is a masked logit
 PAD = 8  # elements of padding per shared row (16 bytes)
 
 
-def fuses_gate_sums(config) -> bool:
-    """This template takes the gate's prefix sums from a launch of their own (fwd_wgmma.py's
-    pingpong kernel sums them itself)."""
-    return False
+def gate_input(config) -> str:
+    """What the gated kernel reads for the gate: the float64 prefix sums of a launch of their
+    own, "sums" (fwd_wgmma.py's pingpong kernel can take others)."""
+    return "sums"
 
 
 def supports(head_dim, value_dim, dtype, config) -> str | None:

@@ -63,15 +63,23 @@ Config extras (session 17, H200 numbers in benchmarks/RESULTS.md):
   load had been sunk into the first tile's product issue. At S1 the gated block's first
   tile and epilogue now take as long as the ungated one's (pp_phases.py), and the gated
   kernel's excess per block slot fell from 7.9% to 5.3%.
+  Since session 24 the pingpong kernel with square tiles takes the gate per key tile
+  (gate_input "tiles"): a launch before it writes each key tile's record, the keys' biases
+  relative to the tile's start and the tile's gate total (gfwagen.gate_sums.
+  tile_records_fused, 3.5-3.9 us at S1-S4 against the float64 sums' 6.6-9.7), and the
+  producer brings a record in with one more bulk copy per tile. Its warp had loaded, summed
+  and stored each key's bias itself, 70 of its loop's 144 instructions, on a scheduler it
+  shares with two consumer warps. The consumers move their running max by the previous
+  tile's total from one tile to the next, and take a row's own c_i for its lse from the last
+  tile. H200, paired calls: the kernel 0.7-1.6% faster at S1-S4, 1.3-2.2% with its launch.
+  And the consumers load the next tile's biases while O's rescale runs (next_biases), not
+  right before their turn at the tensor cores: the gated kernel's excess over the ungated
+  one went from 5.0-5.7% to 2.8-4.2% at S1-S4.
 - `fuse_gate` (with pingpong, block_n == block_m; session 23): the kernel takes the raw log
-  gates and needs no prefix-sum launch (6.4 us at S1, 8.8 us in three launches at S3). The
-  producer warp scans each key tile's gates (warp shuffles) while its bulk copies fly, and
-  stores the biases relative to the tile's start plus the tile's total; the consumers move
-  their running max by that total from one tile to the next, and take a row's own c_i for
-  its lse from the last tile. The biases then stay within one tile's gate sum (the float64
-  sums' differences within the window before). Kernel alone as fast as the sums version at
-  S1-S3 and 3-4% slower at S4 (W 4096, 33 tiles a block); with the launch it saves (1.4-1.7%
-  of S1-S3) the tuner read S1-S3 within 0.7% either way. Off unless a config sets it.
+  gates and needs no launch before it: the producer warp scans each key tile's gates (warp
+  shuffles) while its bulk copies fly, and stores the tile's record itself. Kernel alone as
+  fast as the float64 sums version at S1-S3 and 3-4% slower at S4 (W 4096, 33 tiles a
+  block). Off unless a config sets it.
 """
 
 from __future__ import annotations
@@ -110,7 +118,7 @@ def supports(head_dim, value_dim, dtype, config) -> str | None:
         return f"num_stages {ns} (3: K and V a tile ahead of the pipelined schedule)"
     if config.get("pingpong", False) and (bm != 128 or not config.get("tma", False)):
         return "pingpong (two consumer warpgroups fed by bulk copies: block_m 128 and tma)"
-    if config.get("fuse_gate", False) and not fuses_gate_sums(config):
+    if config.get("fuse_gate", False) and not _square_pingpong(config):
         return "fuse_gate (the pingpong schedule with block_n == block_m)"
     threads = 2 * bm
     for dim in (head_dim, value_dim):
@@ -119,13 +127,30 @@ def supports(head_dim, value_dim, dtype, config) -> str | None:
     return None
 
 
-def fuses_gate_sums(config) -> bool:
-    """Whether the gated kernel of this config takes the raw log gates [B, T, Hq] (float32,
-    contiguous) and sums them itself, instead of the float64 prefix sums [B, Hq, T] of a
-    separate launch: config extra `fuse_gate`, with the pingpong schedule and square tiles
-    (its producer warp scans each key tile, and a block's rows are its last key tile)."""
-    return (bool(config.get("fuse_gate", False)) and bool(config.get("pingpong", False))
-            and int(config.block_m) == int(config.block_n))
+def _square_pingpong(config) -> bool:
+    # the schedules whose biases are relative to each key tile's start: the producer warp
+    # brings a tile's, and a block's rows are its last key tile (row_sums_relative)
+    return bool(config.get("pingpong", False)) and int(config.block_m) == int(config.block_n)
+
+
+def gate_input(config) -> str:
+    """What the gated kernel of this config reads for the gate (its `c` argument):
+    - "tiles", the pingpong schedule with square tiles: float32 records [B, Hq,
+      ceil(T / block_n) * (block_n + 4)], one per key tile: each key's bias -(sum of the
+      tile's gates up to it) / scale, then the tile's gate total times log2(e), then 3 zeros
+      (16 bytes a record, one bulk copy). gfwagen.gate_sums.tile_records_fused makes them;
+    - "raw", the same with config extra `fuse_gate`: the raw log gates [B, T, Hq], float32
+      contiguous, which its producer warp sums a key tile at a time;
+    - "sums" elsewhere: the float64 prefix sums [B, Hq, T] of a launch of their own."""
+    if not _square_pingpong(config):
+        return "sums"
+    return "raw" if config.get("fuse_gate", False) else "tiles"
+
+
+def record_floats(block_n) -> int:
+    """Floats per key-tile record of the "tiles" gate input and per shared-memory bias slot
+    of the tile-relative schedules: the biases, the total, padding to 16 bytes."""
+    return int(block_n) + 4
 
 
 def smem_bytes(head_dim, value_dim, config) -> int:
@@ -133,9 +158,8 @@ def smem_bytes(head_dim, value_dim, config) -> int:
     barriers = 8 * (ns + 1) if config.get("tma", False) else 0
     if config.get("pingpong", False):
         barriers += 8 * ns  # a stage's "free" barrier
-    if fuses_gate_sums(config):
-        barriers += 16  # each stage's key-tile gate total (fused sums), 8-byte aligned
-    return 2 * bm * head_dim + ns * (2 * bn * (head_dim + value_dim) + 4 * bn) + barriers
+    slot = record_floats(bn) if gate_input(config) != "sums" else bn
+    return 2 * bm * head_dim + ns * (2 * bn * (head_dim + value_dim) + 4 * slot) + barriers
 
 
 def registers(head_dim, value_dim, config) -> int:
@@ -166,18 +190,26 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     mma_s = f"wgmma.mma_async.sync.aligned.m64n{BN}k16.{_WGMMA[dtype]}"
     mma_o = f"wgmma.mma_async.sync.aligned.m64n{DV}k16.{_WGMMA[dtype]}"
     pack = _PACK[dtype]
-    FUSED = gated and fuses_gate_sums(config)
-    C_DT = "float32" if FUSED else "float64"
+    GATE_IN = gate_input(config) if gated else None
+    FUSED = GATE_IN == "raw"
+    TILES = GATE_IN == "tiles"
+    # the biases relative to each key tile's start, the running max moved from tile to tile
+    RELATIVE = FUSED or TILES
+    C_DT = "float32" if RELATIVE else "float64"
+    # a stage's bias slot, in floats; RELATIVE: the tile's gate total at [BN] (log2 units)
+    CS = record_floats(BN) if RELATIVE else BN
+    REC_BYTES = 4 * record_floats(BN)
+    # pingpong: the arrivals a stage's mbarrier counts: the gate's 32 writers (FUSED: and
+    # lane 0's copies), else lane 0's copies alone (produce)
+    ARRIVALS = 33 if FUSED else 32 if gated and not TILES else 1
     # byte offsets in the flat shared buffer (4-byte words: it is declared float32 so the
     # gate sums can live in it too; Q, K and V are reached through addresses only)
     Q_OFF = 0
     K_OFF = Q_OFF + 2 * BM * D
     V_OFF = K_OFF + NS * 2 * BN * D
     C_OFF = V_OFF + NS * 2 * BN * DV
-    # FUSED: each stage's key-tile gate total, log2 units (4 bytes a stage, 16 in all)
-    TOT_OFF = C_OFF + NS * BN * 4
     # with tma: one mbarrier (8 bytes) for Q and one per stage, after the gate sums
-    MB_OFF = TOT_OFF + (16 if fuses_gate_sums(config) else 0)
+    MB_OFF = C_OFF + NS * CS * 4
     # pingpong: then NS "free" barriers, which the consumers release a stage on
     FREE = 1 + NS
     WORDS = (MB_OFF + (8 * (NS + 1) if TMA else 0) + (8 * NS if PP else 0)) // 4
@@ -251,9 +283,11 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             )
 
     @T.macro
-    def bulk_tile(kt, st, smem, b, hk):
-        # by one thread; stage st's mbarrier completes when both tiles are in
-        T.ptx["mbarrier.arrive.expect_tx.shared::cta.b64"](mbar(smem, 1 + st), TILE_BYTES)
+    def bulk_tile(kt, st, smem, b, hk, more_bytes):
+        # by one thread; stage st's mbarrier completes when both tiles are in, and the
+        # more_bytes the caller copies against it too
+        T.ptx["mbarrier.arrive.expect_tx.shared::cta.b64"](mbar(smem, 1 + st),
+                                                           TILE_BYTES + more_bytes)
         bulk_rows(smem, K_OFF + st * (2 * BN * D), k_map, BN, D, kt * BN, hk, b,
                   mbar(smem, 1 + st))
         bulk_rows(smem, V_OFF + st * (2 * BN * DV), v_map, BN, DV, kt * BN, hk, b,
@@ -295,7 +329,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         # want a barrier between the last tile's softmax, which reads another slot, and this
         # store (the pipelined loop stores before its one barrier, into a slot last read two
         # tiles ago)
-        T.ptx["st.shared.f32"](T.address_of(smem[C_OFF // 4 + st * BN + j]),
+        T.ptx["st.shared.f32"](T.address_of(smem[C_OFF // 4 + st * CS + j]),
                                T.Cast("float32", cref - cj) * rscale)
 
     @T.macro
@@ -360,7 +394,21 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         for nb in T.unroll(NB):
             for r in T.unroll(2):
                 for e in T.unroll(2):
-                    s_r[nb * 4 + r * 2 + e] = smem[C_OFF // 4 + st * BN + nb * 8 + t4 * 2 + e]
+                    s_r[nb * 4 + r * 2 + e] = smem[C_OFF // 4 + st * CS + nb * 8 + t4 * 2 + e]
+
+    @T.macro
+    def bias_first_row(st, smem, s_r, t4):
+        # bias_scores in two steps: a thread's first row loaded ...
+        for nb in T.unroll(NB):
+            for e in T.unroll(2):
+                s_r[nb * 4 + e] = smem[C_OFF // 4 + st * CS + nb * 8 + t4 * 2 + e]
+
+    @T.macro
+    def bias_second_row(s_r):
+        # ... and copied into its second
+        for nb in T.unroll(NB):
+            for e in T.unroll(2):
+                s_r[nb * 4 + 2 + e] = s_r[nb * 4 + e]
 
     @T.macro
     def stats(dj, masked, s_r, m_r, l_r, al_r, t4, sl2):
@@ -413,11 +461,14 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             stats(dj, True, s_r, m_r, l_r, al_r, t4, sl2)
 
     @T.macro
-    def rescale_pack(s_r, p_r, acc, al_r):
+    def rescale_o(acc, al_r):
         for r in T.unroll(2):
             for db in T.unroll(NDB):
                 for e in T.unroll(2):
                     acc[db * 4 + r * 2 + e] = acc[db * 4 + r * 2 + e] * al_r[r]
+
+    @T.macro
+    def pack_p(s_r, p_r):
         # P as the A fragments of O += P V: register u of key step kk is S's block
         # 2 kk + u // 2, row half u % 2
         for kk in T.unroll(BN // 16):
@@ -426,11 +477,16 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                 T.ptx[pack](p_r[kk * 4 + u], s_r[x + 1], s_r[x])
 
     @T.macro
+    def rescale_pack(s_r, p_r, acc, al_r):
+        rescale_o(acc, al_r)
+        pack_p(s_r, p_r)
+
+    @T.macro
     def init_rows(row0, i0, b, h, L, c, m_r, l_r, cq_r, acc, s_r):
         for r in T.unroll(2):
             m_r[r] = T.float32(MASK)
             l_r[r] = T.float32(0)
-            if gated and not FUSED:  # FUSED: row_sums_fused, at the end
+            if gated and not RELATIVE:  # RELATIVE: row_sums_relative, at the end
                 cq_r[r] = T.Cast(
                     "float32", c[b, h, T.min(row0 + r * 8, L - 1)] - c[b, h, i0]
                 ) * T.float32(LOG2E)
@@ -445,21 +501,48 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
 
     @T.macro
     def shift_rows(st, smem, m_r):
-        # FUSED: the scores so far are relative to the previous key tile's start, the next
-        # tile's to its own (scan_tile): the running max moves by the previous tile's gate
-        # total, and the row sums and O, relative to it, stay. So the biases stay within a
-        # tile's gate sum, however long the window
-        dl: T.float32 = smem[TOT_OFF // 4 + st]
+        # RELATIVE: the scores so far are relative to the previous key tile's start, the next
+        # tile's to its own (scan_tile, or the tile's record): the running max moves by the
+        # previous tile's gate total, and the row sums and O, relative to it, stay. So the
+        # biases stay within a tile's gate sum, however long the window
+        dl: T.float32 = smem[C_OFF // 4 + st * CS + BN]
         for r in T.unroll(2):
             m_r[r] = m_r[r] + dl
 
     @T.macro
-    def row_sums_fused(st, smem, row0, i0, cq_r, sl2):
-        # FUSED: a row's c_i for its log-sum-exp, relative to the last key tile's start as
+    def next_biases(n, smem, s_r, m_r, t4):
+        # pingpong, gated, once tile n's P has left S (pack_p) and before O's rescale, whose
+        # multiplies then pass under the loads' latency: tile n + 1's biases into S, and
+        # (RELATIVE) the running max moved by tile n's total. At the top of the next step,
+        # where the ungated loop waits for its tile, the loads and the copies that wait for
+        # them stood between a consumer's softmax and its turn at the tensor cores
+        # (RESULTS.md, session 24). Into registers of their own before the pack, they made
+        # the consumers spill (168 registers a thread)
+        if RELATIVE:
+            shift_rows(n % NS, smem, m_r)
+        wait_tile(n + 1, smem)
+        bias_first_row((n + 1) % NS, smem, s_r, t4)
+
+    @T.macro
+    def pack_next(n, more, smem, s_r, p_r, acc, al_r, m_r, t4):
+        # pingpong: rescale_pack after tile n's softmax, and gated, if `more` tiles follow,
+        # the next one's biases in the middle (next_biases)
+        if gated:
+            pack_p(s_r, p_r)
+            if more:
+                next_biases(n, smem, s_r, m_r, t4)
+            rescale_o(acc, al_r)
+            bias_second_row(s_r)
+        else:
+            rescale_pack(s_r, p_r, acc, al_r)
+
+    @T.macro
+    def row_sums_relative(st, smem, row0, i0, cq_r, sl2):
+        # RELATIVE: a row's c_i for its log-sum-exp, relative to the last key tile's start as
         # the running max now is: that tile holds the block's rows (square tiles), and minus
         # the row's own key bias is it
         for r in T.unroll(2):
-            cq_r[r] = smem[C_OFF // 4 + st * BN + T.Cast("int32", row0 - i0) + r * 8] * -sl2
+            cq_r[r] = smem[C_OFF // 4 + st * CS + T.Cast("int32", row0 - i0) + r * 8] * -sl2
 
     @T.macro
     def finish_rows(row0, i0, cw, lane, b, h, L, t4, acc, l_r, m_r, cq_r, p_r, smem, o, lse,
@@ -542,15 +625,28 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             run = run + T.if_then_else(lane >= (1 << d), up, T.float32(0))
         before: T.float32 = run - gv[GPL - 1]
         for u in T.unroll(GPL):
-            T.ptx["st.shared.f32"](T.address_of(smem[C_OFF // 4 + st * BN + lane * GPL + u]),
+            T.ptx["st.shared.f32"](T.address_of(smem[C_OFF // 4 + st * CS + lane * GPL + u]),
                                    (gv[u] + before) * -rscale)
         if lane == 31:
-            T.ptx["st.shared.f32"](T.address_of(smem[TOT_OFF // 4 + st]),
+            T.ptx["st.shared.f32"](T.address_of(smem[C_OFF // 4 + st * CS + BN]),
                                    run * T.float32(LOG2E))
 
     @T.macro
+    def bulk_record(kt, st, smem, c, b, h):
+        # TILES: key tile kt's record (biases and total) into stage st's slot, against the
+        # stage's mbarrier (bulk_tile counted its bytes): the producer warp's per-key work of
+        # the other inputs, its loads, sums and stores, took 1.6-6% of the gated kernel at
+        # S1-S4 (RESULTS.md, session 24)
+        T.ptx["cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"](
+            T.address_of(smem[C_OFF // 4 + st * CS]),
+            T.address_of(c[b, h, kt * CS]),
+            REC_BYTES,
+            mbar(smem, 1 + st),
+        )
+
+    @T.macro
     def produce(n_tiles, kt_lo, smem, c, gv, b, h, hk, L, i0, lane, rscale):
-        if gated and not FUSED:  # gate off, c is a one-element dummy: no load
+        if gated and not RELATIVE:  # gate off, c is a one-element dummy: no load
             cref_p: T.float64 = c[b, h, i0]
         for n in T.serial(T.Cast("int32", n_tiles)):
             kt = kt_lo + T.Cast("int64", n)
@@ -564,9 +660,13 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                 # the copies first (lane 0 arrives twice: the barrier counts 33), the scan
                 # while they fly
                 if lane == 0:
-                    bulk_tile(kt, st, smem, b, hk)
+                    bulk_tile(kt, st, smem, b, hk, 0)
                 scan_tile(st, gv, smem, lane, rscale)
                 T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, 1 + st))
+            elif TILES:
+                if lane == 0:
+                    bulk_tile(kt, st, smem, b, hk, REC_BYTES)
+                    bulk_record(kt, st, smem, c, b, h)
             else:
                 if gated:
                     for rr in T.unroll(GPL):
@@ -575,7 +675,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                                        c[b, h, T.min(kt * BN + rr * 32 + lane, L - 1)],
                                        rscale)
                 if lane == 0:
-                    bulk_tile(kt, st, smem, b, hk)
+                    bulk_tile(kt, st, smem, b, hk, 0)
                 elif gated:  # the gate sums' writers arrive too (the barrier counts 32)
                     T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, 1 + st))
 
@@ -600,7 +700,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         q = T.match_buffer(q_h, (B, L, HQ, D), dt)
         k = T.match_buffer(k_h, (B, L, HKV, D), dt)
         v = T.match_buffer(v_h, (B, L, HKV, DV), dt)
-        # FUSED: the raw log gates [B, T, Hq] float32; else the prefix sums [B, Hq, T] float64
+        # what gate_input names: the raw log gates [B, T, Hq] float32 (FUSED), the key tiles'
+        # records [B, Hq, n * CS] float32 (TILES), else the prefix sums [B, Hq, T] float64
         # (a one-element dummy when ungated)
         c = T.match_buffer(c_h, (CB, CH, CT), C_DT)
         o = T.match_buffer(o_h, (B, L, HQ, DV), dt)
@@ -651,7 +752,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                         T.ptx["mbarrier.init.shared::cta.b64"](mbar(smem, 0), 1)
                         for i in T.unroll(NS):
                             T.ptx["mbarrier.init.shared::cta.b64"](
-                                mbar(smem, 1 + i), 33 if FUSED else 32 if gated else 1)
+                                mbar(smem, 1 + i), ARRIVALS)
                             T.ptx["mbarrier.init.shared::cta.b64"](mbar(smem, FREE + i), 256)
                         T.ptx["fence.mbarrier_init.release.cluster"]()
                     T.tvm_storage_sync("shared")
@@ -680,14 +781,11 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                         T.ptx["bar.arrive"](T.Cast("uint32", 2 - cw), T.uint32(256))
                         T.ptx["wgmma.wait_group.sync.aligned"](0)
                         softmax(kt_lo, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
-                        rescale_pack(s_r, p_r, acc, al_r)
+                        pack_next(0, n_tiles > 1, smem, s_r, p_r, acc, al_r, m_r, t4)
                         for it in T.serial(T.Cast("int32", n_tiles) - 1):
                             kt = kt_lo + T.Cast("int64", it)
-                            wait_tile(it + 1, smem)
-                            if gated:
-                                bias_scores((it + 1) % NS, smem, s_r, t4)
-                            if FUSED:  # before the turn, which it waits for anyway
-                                shift_rows(it % NS, smem, m_r)
+                            if not gated:  # gated: next_biases waited for it
+                                wait_tile(it + 1, smem)
                             T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
                             T.ptx["wgmma.fence.sync.aligned"]()
                             issue_scores((it + 1) % NS, cw, smem, s_r, qd, kd)
@@ -698,14 +796,15 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                             T.ptx["wgmma.wait_group.sync.aligned"](0)
                             # tile it's K, V and gate sums are read: its stage is free
                             T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, FREE + it % NS))
-                            rescale_pack(s_r, p_r, acc, al_r)
+                            pack_next(it + 1, T.Cast("int64", it) + 2 < n_tiles, smem, s_r, p_r,
+                                      acc, al_r, m_r, t4)
                         T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
                         T.ptx["wgmma.fence.sync.aligned"]()
                         issue_pv((n_tiles - 1) % NS, smem, p_r, acc, vd)
                         if cw == 0:  # consumer 1's last turn (it has none to hand on)
                             T.ptx["bar.arrive"](T.uint32(2), T.uint32(256))
-                        if FUSED:
-                            row_sums_fused((n_tiles - 1) % NS, smem, row0, i0, cq_r, sl2)
+                        if RELATIVE:
+                            row_sums_relative((n_tiles - 1) % NS, smem, row0, i0, cq_r, sl2)
                         T.ptx["wgmma.wait_group.sync.aligned"](0)
                         finish_rows(row0, i0, cw, lane, b, h, L, t4, acc, l_r, m_r, cq_r, p_r,
                                     smem, o, lse, O_TMA)
@@ -748,9 +847,9 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                     if TMA:
                         if n_tiles > 0:
                             if tx == 0:
-                                bulk_tile(kt_lo, 0, smem, b, hk)
+                                bulk_tile(kt_lo, 0, smem, b, hk, 0)
                                 if n_tiles > 1:
-                                    bulk_tile(kt_lo + 1, 1, smem, b, hk)
+                                    bulk_tile(kt_lo + 1, 1, smem, b, hk, 0)
                             if gated:
                                 gate_store(0, cg_r, smem, cref, rscale, tx)
                             wait_tile(0, smem)
@@ -797,7 +896,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                             if T.Cast("int64", it) + 2 < n_tiles:
                                 if TMA:
                                     if tx == 0:
-                                        bulk_tile(kt + 2, (it + 2) % 3, smem, b, hk)
+                                        bulk_tile(kt + 2, (it + 2) % 3, smem, b, hk, 0)
                                 else:
                                     load_tile(kt + 2, (it + 2) % 3, smem, kf, vf, b, hk, L, HKV,
                                               tx)
