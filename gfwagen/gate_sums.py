@@ -16,6 +16,7 @@ path off (use_fused is False everywhere).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
@@ -91,6 +92,9 @@ def tile_records_fused(log_gate: torch.Tensor, block_n: int, scale: float,
     total times log2(e), three zeros. One launch, a program per (batch, tile, block of
     heads): no sum crosses a tile, so none runs along the sequence. bound > 0 clamps as
     chunked_prefix_sums_fused does."""
+    if not math.isfinite(scale) or scale == 0:
+        # the biases are divided by it (tvm_backend runs scales near 0 at WGMMA_ZERO_SCALE)
+        raise ValueError(f"scale: expected a finite nonzero number, got {scale}")
     B, T, H = log_gate.shape
     n = -(-T // block_n)
     rec = torch.empty(B, H, n * (block_n + 4), dtype=torch.float32, device=log_gate.device)

@@ -156,6 +156,8 @@ def test_tile_records_match_torch(T, block_n, kind):
     rec = tile_records_fused(lg, block_n, 1.0, bound=GATE_BOUND).view(2, 3, -1, block_n + 4)
     assert rec[1, 2, 0, :block_n + 1].isnan().all() and not rec[1, :2].isnan().any()
     assert tile_records_fused(lg[:, :0], block_n, 1.0).shape == (2, 3, 0)
+    with pytest.raises(ValueError, match="scale"):
+        tile_records_fused(lg, block_n, 0.0)
 
 
 def test_prefix_sums_empty():
