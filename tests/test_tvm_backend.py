@@ -544,6 +544,22 @@ def test_wgmma_pingpong_takes_the_gate_per_key_tile(gated, fuse):
     assert ("(uint)528" in kernel) is (gated and not fuse)
 
 
+def test_forward_buffers_tile_records_without_the_fused_kernels(monkeypatch):
+    """forward_buffers' "tiles" input where the fused launch does not run (a CPU tensor, or
+    GFWAGEN_GATE_SUMS=torch): gfwagen.gate's torch records of the clamped gates."""
+    from gfwagen.backends.tvm_backend import forward_buffers
+    from gfwagen.gate import GATE_BOUND, tile_records
+
+    g = -torch.rand(2, 300, 3)
+    g[0, 5, 1] = -float("inf")
+    q = torch.zeros(2, 300, 3, 64, dtype=torch.bfloat16)
+    for env in ("fused", "torch"):
+        monkeypatch.setenv("GFWAGEN_GATE_SUMS", env)
+        rec, o, lse = forward_buffers(q, q, g, "tiles", 0.125, 128)
+        assert torch.equal(rec, tile_records(g.clamp(-GATE_BOUND, GATE_BOUND), 128, 0.125))
+        assert rec.shape == (2, 3, 3 * 132) and o.shape == q.shape and lse.shape == (2, 3, 300)
+
+
 @pytest.mark.parametrize("tile", [(128, 64, "pingpong", "tma"), (128, 128, "tma")])
 def test_wgmma_fuse_gate_needs_square_pingpong(tile):
     """fuse_gate elsewhere is refused by name (the tuner's space leaves it out there)."""

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from gfwagen import gate_sums
-from gfwagen.gate import GATE_BOUND, prefix_sums
+from gfwagen.gate import GATE_BOUND, prefix_sums, sanitize_log_gate, tile_records
 from gfwagen.spec import KernelConfig, KernelSpec, stable_hash
 from gfwagen.template_loader import load_template
 
@@ -377,8 +377,16 @@ def forward_buffers(q, v, log_gate, form: str | None = "sums", scale: float = 1.
     if log_gate is not None and form == "raw":
         return log_gate.to(torch.float32).contiguous(), o, lse
     if log_gate is not None and form == "tiles":
-        return gate_sums.tile_records_fused(log_gate, block_n, scale, bound=GATE_BOUND), o, lse
+        return _tile_records(log_gate, block_n, scale), o, lse
     return _gate_sums(log_gate, q.device), o, lse
+
+
+def _tile_records(log_gate, block_n, scale):
+    """The "tiles" gate input: the fused Triton launch where gate_sums.use_fused says so (as
+    _gate_sums), else gfwagen.gate's torch version of the clamped gates."""
+    if gate_sums.use_fused(log_gate):
+        return gate_sums.tile_records_fused(log_gate, block_n, scale, bound=GATE_BOUND)
+    return tile_records(sanitize_log_gate(log_gate), block_n, scale).to(log_gate.device)
 
 
 def forward_launch_args(q, k, v, c, o, lse, scale) -> list:
