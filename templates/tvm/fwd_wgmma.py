@@ -380,25 +380,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         T.ptx["wgmma.commit_group.sync.aligned"]()
 
     @T.macro
-    def bias_scores(st, smem, s_r, t4):
-        # Gated: S starts as each key's bias (c_ref - c_j) / scale, stored by the tile's
-        # writer, and the score product adds Q K^T to it, so the softmax below is the
-        # ungated one. Subtracting the bias there instead (an fma per logit reading shared
-        # memory) made the loop 7-9% longer than the ungated one at S1-S4 (RESULTS.md,
-        # session 20): its 32 values per thread were live next to S, O and the P of the
-        # product in flight, and spilled; here they are loaded while S is free, before the
-        # turn's barrier. c_i is constant along a row, which softmax ignores: it joins only
-        # the lse (epilogue). Both rows of a thread read the same keys (the compiler loads
-        # each pair once and copies it; two loads, kept apart by asm volatile, ran 2-3%
-        # slower at S1-S2)
-        for nb in T.unroll(NB):
-            for r in T.unroll(2):
-                for e in T.unroll(2):
-                    s_r[nb * 4 + r * 2 + e] = smem[C_OFF // 4 + st * CS + nb * 8 + t4 * 2 + e]
-
-    @T.macro
     def bias_first_row(st, smem, s_r, t4):
-        # bias_scores in two steps: a thread's first row loaded ...
+        # a thread's first row of bias_scores, loaded ...
         for nb in T.unroll(NB):
             for e in T.unroll(2):
                 s_r[nb * 4 + e] = smem[C_OFF // 4 + st * CS + nb * 8 + t4 * 2 + e]
@@ -409,6 +392,21 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         for nb in T.unroll(NB):
             for e in T.unroll(2):
                 s_r[nb * 4 + 2 + e] = s_r[nb * 4 + e]
+
+    @T.macro
+    def bias_scores(st, smem, s_r, t4):
+        # Gated: S starts as each key's bias (c_ref - c_j) / scale, stored by the tile's
+        # writer, and the score product adds Q K^T to it, so the softmax below is the
+        # ungated one. Subtracting the bias there instead (an fma per logit reading shared
+        # memory) made the loop 7-9% longer than the ungated one at S1-S4 (RESULTS.md,
+        # session 20): its 32 values per thread were live next to S, O and the P of the
+        # product in flight, and spilled; here they are loaded while S is free, before the
+        # turn's barrier. c_i is constant along a row, which softmax ignores: it joins only
+        # the lse (epilogue). Both rows of a thread read the same keys: one load per pair,
+        # copied to the second row (two loads, kept apart by asm volatile, ran 2-3% slower
+        # at S1-S2). The pingpong consumers run the two steps apart (pack_next)
+        bias_first_row(st, smem, s_r, t4)
+        bias_second_row(s_r)
 
     @T.macro
     def stats(dj, masked, s_r, m_r, l_r, al_r, t4, sl2):
@@ -634,9 +632,9 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     @T.macro
     def bulk_record(kt, st, smem, c, b, h):
         # TILES: key tile kt's record (biases and total) into stage st's slot, against the
-        # stage's mbarrier (bulk_tile counted its bytes): the producer warp's per-key work of
-        # the other inputs, its loads, sums and stores, took 1.6-6% of the gated kernel at
-        # S1-S4 (RESULTS.md, session 24)
+        # stage's mbarrier (bulk_tile counted its bytes). The per-key loads, sums and stores
+        # it replaces in the producer warp cost the gated kernel 0.7-1.6% at S1, S3 and S4
+        # (paired calls, RESULTS.md, session 24)
         T.ptx["cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"](
             T.address_of(smem[C_OFF // 4 + st * CS]),
             T.address_of(c[b, h, kt * CS]),
