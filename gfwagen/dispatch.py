@@ -294,15 +294,19 @@ def run_forward(q, k, v, log_gate, window, scale, backend, cu_seqlens=None,
                 q.new_empty(1, q.shape[2], 0, dtype=torch.float32))
     from gfwagen.backends import triton_backend
 
-    # (an empty problem launches nothing, the tables included)
-    gate = triton_backend.gate_tables(log_gate) if q.numel() else None
-    if keep is not None:
-        keep.gate = gate
     segs = _segments(cu_seqlens, q.shape[1])
+    gate = None
     while True:  # at most twice: the tuned config, then the default
+        cfg = select_config(spec, q.shape[1], q.device)
+        # (an empty problem launches nothing, the tables included; a forward that reads the
+        # gate as key biases needs none, and its backward makes them)
+        if gate is None and q.numel() and not triton_backend.reads_key_bias(
+                q, log_gate, scale, cfg, segs):
+            gate = triton_backend.gate_tables(log_gate)
+        if keep is not None:
+            keep.gate = gate
         try:
-            return triton_backend.forward(q, k, v, log_gate, window, scale,
-                                          select_config(spec, q.shape[1], q.device), segs, gate)
+            return triton_backend.forward(q, k, v, log_gate, window, scale, cfg, segs, gate)
         except triton_backend.KernelBuildError as e:
             _passed_over(spec, e, q.shape[1], q.device)
 

@@ -88,6 +88,31 @@ def tile_records(log_gate: torch.Tensor, block_n: int, scale: float) -> torch.Te
     return rec.view(B, H, n * (block_n + 4)).to(torch.float32)
 
 
+def key_bias(log_gate: torch.Tensor, block_n: int, scale: float, dtype: torch.dtype):
+    """[B, T, H] log gates -> (pieces [B*H, ceil(T / block_n) * block_n, 8] of `dtype`, 8 zeros
+    of its storage after it, shifts [B*H, ceil(T / block_n) + 1] float32): what the Triton
+    forward's key-bias path
+    reads (templates/triton/key_bias.py says how; gfwagen.gate_sums.key_bias_fused makes them
+    on CUDA). Each key's bias, -(sum of its tile's gates up to it) / scale, summed in float64
+    and rounded to float32 before it is split, as the kernel splits its own float32 sum."""
+    B, T, H = log_gate.shape
+    n = -(-T // block_n)
+    g = torch.zeros(B * H, n * block_n, dtype=torch.float64, device=log_gate.device)
+    g[:, :T] = log_gate.permute(0, 2, 1).reshape(B * H, T)
+    bias = (g.view(B * H, n, block_n).cumsum(-1) / -scale).to(torch.float32)
+    shifts = torch.zeros(B * H, n + 1, dtype=torch.float32, device=log_gate.device)
+    shifts[:, 1:] = -bias[..., -1]
+    bias = bias.view(B * H, n * block_n)
+    hi = bias.to(dtype)
+    rest = bias - hi.to(torch.float32)
+    mid = rest.to(dtype)
+    lo = (rest - mid.to(torch.float32)).to(dtype)
+    table = torch.zeros(B * H * n * block_n * 8 + 8, dtype=dtype, device=log_gate.device)
+    pieces = table[:-8].view(B * H, n * block_n, 8)
+    pieces[..., 0], pieces[..., 1], pieces[..., 2] = hi, mid, lo
+    return pieces, shifts
+
+
 def chunked_prefix_sums(log_gate: torch.Tensor, chunk: int = GATE_CHUNK):
     """[B, T, H] log gates -> (local [B, H, T] float32, base [B, H, ceil(T/chunk)] float64),
     both in log2 units: c_t * log2(e) = base[t // chunk] + local[t]. Kernels form

@@ -26,7 +26,7 @@ from gfwagen.gate import GATE_CHUNK, gate_grad_from_sums
 GATE_SUMS_ENV = "GFWAGEN_GATE_SUMS"
 
 __all__ = ["chunked_prefix_sums_fused", "gate_grad", "gate_grad_from_sums_fused",
-           "prefix_sums_fused", "tile_records_fused", "use_fused"]
+           "key_bias_fused", "prefix_sums_fused", "tile_records_fused", "use_fused"]
 
 
 def use_fused(t: torch.Tensor) -> bool:
@@ -103,6 +103,30 @@ def tile_records_fused(log_gate: torch.Tensor, block_n: int, scale: float,
     with _device(log_gate):
         _template().launch_gate_tile_records(log_gate, rec, block_n, scale, bound=bound)
     return rec
+
+
+def key_bias_fused(log_gate: torch.Tensor, block_n: int, scale: float, dtype: torch.dtype,
+                   bound: float = 0.0):
+    """As gfwagen.gate.key_bias, in one launch (templates/triton/key_bias.py): [B, T, H] log
+    gates (any float dtype, any strides) -> (pieces [B*H, ceil(T / block_n) * block_n, 8] of
+    `dtype` and the zero pad after it, shifts [B*H, ceil(T / block_n) + 1] float32). bound > 0
+    clamps as chunked_prefix_sums_fused does."""
+    if not math.isfinite(scale) or scale <= 0:
+        # the biases are divided by it, and the forward keeps its running max unscaled
+        raise ValueError(f"scale: expected a finite positive number, got {scale}")
+    B, T, H = log_gate.shape
+    n = -(-T // block_n)
+    table = torch.empty(B * H * n * block_n * 8 + 8, dtype=dtype, device=log_gate.device)
+    pieces = table[:-8].view(B * H, n * block_n, 8)
+    shifts = torch.empty(B * H, n + 1, dtype=torch.float32, device=log_gate.device)
+    if B * H == 0 or T == 0:
+        return pieces, shifts.zero_()
+    from gfwagen.template_loader import load_template
+
+    with _device(log_gate):
+        load_template("triton", "key_bias").launch_key_bias(log_gate, pieces, shifts, block_n,
+                                                             scale, bound=bound)
+    return pieces, shifts
 
 
 def gate_grad(row_sums: torch.Tensor, col_sums: torch.Tensor,

@@ -99,6 +99,9 @@ def check_config(spec: KernelSpec, config: KernelConfig) -> None:
         if n and spec.pass_ != "fwd":
             raise ValueError(f"triton: maxnreg is a forward knob; the {spec.pass_} "
                              "launchers take none")
+        if config.get("bias_mma", False) and spec.pass_ != "fwd":
+            raise ValueError(f"triton: bias_mma is a forward knob; the {spec.pass_} "
+                             "kernels read the gate tables")
 
 
 def _toolchain() -> dict:

@@ -30,6 +30,7 @@ _KERNELS = {  # pass -> (template, kernel name)
 _TRITON_DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 # Pointer parameters whose element type does not follow q's dtype.
 _INT_PARAMS = {"T", "H", "HKV", "n_chunks", "n_slots"}
+# KB, the forward's key-bias pieces, follows q's dtype.
 _FIXED_POINTERS = {"CL": "*fp32", "CB": "*fp64", "LSE": "*fp32", "DELTA": "*fp32",
                    "DCOL": "*fp32", "DROW": "*fp32", "SEG_START": "*i32", "SEG_END": "*i32"}
 
@@ -58,11 +59,20 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def _key_bias(spec: KernelSpec, cfg: KernelConfig, varlen: bool) -> bool:
+    """Whether the forward reads the gate as key biases, as triton_backend.reads_key_bias
+    decides it for a launch with a positive scale."""
+    return (spec.pass_ == "fwd" and spec.gated and spec.dtype == "bf16" and not varlen
+            and bool(cfg.get("bias_mma", False)) and cfg.block_m == cfg.block_n)
+
+
 def _constexprs(spec: KernelSpec, cfg: KernelConfig, varlen: bool = False) -> dict:
     # HEAD_D_PAD/HEAD_DV_PAD: as the launchers pass them (triton.next_power_of_2).
+    key_bias = _key_bias(spec, cfg, varlen)
     return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=spec.head_dim,
                 HEAD_DV=spec.value_dim, HEAD_D_PAD=_next_pow2(spec.head_dim),
-                HEAD_DV_PAD=_next_pow2(spec.value_dim), WINDOW=spec.window, GATED=spec.gated,
+                HEAD_DV_PAD=_next_pow2(spec.value_dim), WINDOW=spec.window,
+                GATED=spec.gated and not key_bias, KEY_BIAS=key_bias,
                 GROUP=spec.group,
                 GATE_CHUNK=GATE_CHUNK, DOT_PREC="ieee" if spec.dtype == "fp32" else "tf32",
                 PREFETCH_GATE=bool(cfg.get("prefetch_gate", False)), VARLEN=varlen,
@@ -73,7 +83,8 @@ def _constexprs(spec: KernelSpec, cfg: KernelConfig, varlen: bool = False) -> di
                 VEC_TMA=bool(cfg.get("tma", False))
                 and (spec.gated or spec.pass_ in ("bwd_kv", "bwd_ds")),
                 STORE_DS=spec.pass_ == "bwd_ds",
-                RAW_MAX=not spec.gated)  # the forward, as launched with a positive scale
+                # the forward, as launched with a positive scale
+                RAW_MAX=not spec.gated or key_bias)
 
 
 def _split_bounds(spec: KernelSpec, cfg: KernelConfig, varlen: bool) -> bool:
@@ -91,6 +102,8 @@ def _signature(params: list[str], spec: KernelSpec, constexprs: dict) -> dict:
     for p in params:
         if p in constexprs:
             sig[p] = "constexpr"
+        elif p == "CB" and constexprs.get("KEY_BIAS"):  # the key-bias shifts
+            sig[p] = "*fp32"
         elif p in _FIXED_POINTERS:
             sig[p] = _FIXED_POINTERS[p]
         elif p == "sm_scale":

@@ -160,6 +160,52 @@ def test_tile_records_match_torch(T, block_n, kind):
         tile_records_fused(lg, block_n, 0.0)
 
 
+@pytest.mark.parametrize("T,block_n", [(1, 64), (128, 64), (300, 128), (77, 16)])
+@pytest.mark.parametrize("kind", ["near0", "deep", "mixed"])
+def test_key_bias_matches_torch(T, block_n, kind):
+    """key_bias_fused (what the Triton forward's bias_mma path reads) against gate.key_bias:
+    each tile's biases start again, the pieces add up to the bias to float32 accuracy, the
+    columns past the third and the pad after the table are zero, the shifts are the previous
+    tiles' last biases negated (0 first), the clamp applies on load, NaN stays within its
+    tile and the next shift."""
+    from gfwagen.gate import key_bias, sanitize_log_gate
+    from gfwagen.gate_sums import key_bias_fused
+
+    lg = _log_gate(2, T, 3, kind, seed=T)
+    lg[0, T // 2, 1] = -float("inf")
+    n = -(-T // block_n)
+    for g, dt in ((lg, torch.float32), (lg.transpose(1, 2).contiguous().half().transpose(1, 2),
+                                        torch.float16)):
+        pieces, shifts = key_bias_fused(g, block_n, 0.125, dt, bound=GATE_BOUND)
+        ref_p, ref_s = key_bias(sanitize_log_gate(g.float()), block_n, 0.125, dt)
+        assert pieces.shape == ref_p.shape == (6, n * block_n, 8) and pieces.dtype == dt
+        assert shifts.shape == ref_s.shape == (6, n + 1) and shifts.is_contiguous()
+        bias = ref_p[..., :3].double().sum(-1)
+        mag = bias.view(6, n, block_n).abs().amax(-1, keepdim=True)
+        # one float32 sum over a tile: a few roundings of the tile's magnitude; fp16's pieces
+        # also lose what falls under its smallest subnormal
+        tol = 4 * block_n * F32_EPS * mag + (6e-8 if dt == torch.float16 else 1e-30)
+        assert ((pieces[..., :3].double().sum(-1) - bias).view(6, n, block_n).abs()
+                <= tol).all()
+        assert (pieces[..., 3:] == 0).all() and (shifts[:, 0] == 0).all()
+        # the forward's last 16-wide read runs 8 past the table, into zeros of its own
+        whole = torch.empty(0, dtype=dt).set_(pieces.untyped_storage())
+        assert whole.numel() == pieces.numel() + 8 and (whole[-8:] == 0).all()
+        assert torch.allclose(shifts, ref_s, rtol=4 * block_n * F32_EPS, atol=1e-6)
+        if dt == torch.float32:  # the pieces hold the float32 bias itself
+            assert (pieces[..., 1:3] == 0).all()
+            torch.testing.assert_close(shifts[:, 1:], -pieces.view(6, n, block_n, 8)[
+                :, :, -1, 0], rtol=0, atol=0)
+    lg[1, 0, 2] = float("nan")
+    pieces, shifts = key_bias_fused(lg, block_n, 1.0, torch.float32, bound=GATE_BOUND)
+    assert pieces[5, :block_n, 0].isnan().all() and shifts[5, 1].isnan()
+    assert not pieces[:5].isnan().any() and not pieces[5, block_n:].isnan().any()
+    assert key_bias_fused(lg[:, :0], block_n, 1.0, torch.float32)[0].shape == (6, 0, 8)
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="scale"):
+            key_bias_fused(lg, block_n, bad, torch.float32)
+
+
 def test_prefix_sums_empty():
     local, base = chunked_prefix_sums_fused(torch.zeros(2, 0, 3), spare=1)
     assert local.shape == (2, 3, 0) and base.shape == (2, 3, 1) and (base == 0).all()

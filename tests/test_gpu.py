@@ -177,6 +177,72 @@ def test_gpu_forward_maxnreg(case):
     assert errs["o"] < 1e-2 and errs["lse"] < 5e-3, errs
 
 
+@pytest.mark.parametrize("mult", [1.0, 30.0, 1e-3])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in (
+    "gqa-W256-ragged", "W1", "W>=T", "causal", "D64-W333", "W63-gqa", "W17")],
+    ids=lambda c: c[0])
+def test_gpu_forward_key_bias(case, mult):
+    """The bias_mma knob: the gate as key biases inside the score product (bf16, square
+    tiles), gates x1, x30 and x1e-3, against float64; the backward, which reads the gate
+    tables, from its lse."""
+    from gfwagen.backends import triton_backend as tb
+    from gfwagen.spec import KernelConfig
+
+    name, B, T, Hq, Hkv, D, Dv, W, gated = case
+    q, k, v, g = make_inputs(B, T, Hq, Hkv, D, Dv, torch.bfloat16, gated, device="cuda")
+    g = g * mult
+    cfg = KernelConfig(64, 64, 4, 2, extra=(("bias_mma", True), ("maxnreg", 128)))
+    assert tb.reads_key_bias(q, g, D ** -0.5, cfg)
+    o, lse = tb.forward(q, k, v, g, W, D ** -0.5, cfg)
+    do = torch.randn_like(o)
+    got = tb.backward(do, q, k, v, o, lse, g, W, D ** -0.5, KernelConfig(64, 64, 4, 2),
+                      KernelConfig(64, 64, 4, 2))
+    d = [t.double() for t in (q, k, v)]
+    o64, lse64 = reference_forward(*d, g.double(), W, D ** -0.5)
+    ref = reference_backward(do.double(), *d, o64, lse64, g.double(), W, D ** -0.5)
+    errs = {"o": rel_err(o, o64), "lse": rel_err(lse, lse64)}
+    for nm, a, e in zip(["dq", "dk", "dv", "dg"], got, ref):
+        errs[nm] = rel_err(a, e)
+    log_gpu_errors(f"bias_mma x{mult} {name} bf16", errs)
+    assert errs.pop("lse") < 5e-3 and all(err < 1e-2 for err in errs.values()), errs
+
+
+def test_gpu_op_with_a_bias_mma_forward(monkeypatch):
+    """Through gfwagen.attention (autograd) with the forward's config carrying bias_mma, as a
+    tuned database gives it: the forward makes the key biases (one launch, no gate tables),
+    the backward its own tables; both against float64. The fused key biases match the torch
+    ones there."""
+    from gfwagen import dispatch
+    from gfwagen.gate import key_bias, sanitize_log_gate
+    from gfwagen.gate_sums import key_bias_fused
+    from gfwagen.spec import KernelConfig
+
+    cfg = KernelConfig(64, 64, 4, 2, extra=(("bias_mma", True),))
+    real = dispatch.select_config
+    monkeypatch.setattr(dispatch, "select_config", lambda spec, T, dev: (
+        cfg if spec.pass_ == "fwd" else real(spec, T, dev)))
+    q, k, v, g = make_inputs(2, 1500, 8, 2, 64, 64, torch.bfloat16, True, device="cuda")
+    g[0, 100:110, 3] = -float("inf")  # clamped on load, as the gate tables clamp it
+    pieces, shifts = key_bias_fused(g, 64, 0.125, torch.bfloat16, bound=128.0)
+    ref_p, ref_s = key_bias(sanitize_log_gate(g), 64, 0.125, torch.bfloat16)
+    bias, ref_b = pieces.float().sum(-1), ref_p.float().sum(-1)
+    assert ((bias - ref_b).abs() <= 1e-5 * ref_b.abs().amax(-1, keepdim=True) + 1e-6).all()
+    torch.testing.assert_close(shifts, ref_s, rtol=1e-5, atol=1e-4)
+    leaves = [t.requires_grad_() for t in (q, k, v, g)]
+    o = gfwagen.attention(q, k, v, g, window=300, backend="triton")
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, leaves, do)
+    d = [t.detach().double() for t in (q, k, v)]
+    g64 = sanitize_log_gate(g.detach()).double()
+    o64, lse64 = reference_forward(*d, g64, 300)
+    ref = reference_backward(do.double(), *d, o64, lse64, g64, 300)
+    errs = {"o": rel_err(o, o64)}
+    for nm, a, e in zip(["dq", "dk", "dv", "dg"], grads, ref):
+        errs[nm] = rel_err(a, e)
+    log_gpu_errors("op bias_mma D64-W300 bf16", errs)
+    assert all(err < 1e-2 for err in errs.values()), errs
+
+
 STORED_CASES = [c for c in CASES if c[7] is not None and c[7] < c[2]]
 
 

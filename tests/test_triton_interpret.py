@@ -8,7 +8,7 @@ from conftest import make_inputs, rel_err
 
 import gfwagen
 from gfwagen.backends import triton_backend
-from gfwagen.reference import naive_attention
+from gfwagen.reference import naive_attention, reference_forward
 from gfwagen.spec import KernelConfig
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -103,6 +103,68 @@ def test_register_cap_is_left_to_cuda_launches():
                           extra=(("maxnreg", 128),))
     o, lse = triton_backend.forward(q, k, v, g, 24, 0.25, cfg)
     o2, lse2 = triton_backend.forward(q, k, v, g, 24, 0.25, capped)
+    assert torch.equal(o, o2) and torch.equal(lse, lse2)
+
+
+KEY_BIAS_CASES = [
+    # id, T, Hq, Hkv, window, block, gate scale, dtype
+    ("ragged-T", 70, 2, 2, 24, 16, 1.0, torch.float32),
+    ("W=1", 40, 2, 2, 1, 16, 1.0, torch.float32),
+    ("W>=T", 33, 2, 1, 100, 16, 1.0, torch.float16),
+    ("causal", 45, 2, 2, None, 16, 1.0, torch.float32),
+    ("gqa-32", 64, 4, 2, 40, 32, 1.0, torch.float16),
+    ("strong-gates", 70, 4, 2, 16, 16, 30.0, torch.float32),
+    ("weak-gates", 50, 2, 2, 20, 16, 1e-3, torch.float32),
+]
+
+
+@pytest.mark.parametrize("case", KEY_BIAS_CASES, ids=[c[0] for c in KEY_BIAS_CASES])
+def test_forward_reading_key_biases_matches_float64(case):
+    """The forward's KEY_BIAS path (the bias_mma knob): the gate as per-tile key biases added
+    by the score product, the running max moved by one shift per tile, c_i from the row's own
+    key. The backend takes it for bf16 only, which the interpreter lacks: the template is
+    called directly, on fp32 and fp16 pieces."""
+    from gfwagen.gate import key_bias
+    from gfwagen.template_loader import load_template
+
+    _, T, Hq, Hkv, W, blk, mult, dtype = case
+    q, k, v, g = make_inputs(2, T, Hq, Hkv, 16, 16, dtype, True)
+    g = g * mult
+    o, lse = torch.empty_like(q), torch.empty(2, Hq, T)
+    window = triton_backend.kernel_window(W, T)
+    load_template("triton", "fwd").launch_forward(
+        q, k, v, None, o, lse, window, 0.25, Hq // Hkv, blk, blk, 4, 1, "ieee",
+        key_bias=key_bias(g, blk, 0.25, dtype))
+    o_ref, lse_ref = reference_forward(q.double(), k.double(), v.double(), g.double(), W, 0.25)
+    assert rel_err(o, o_ref) < TOL[dtype]
+    # c_i comes back from its key's pieces: fp16's lose more of a strong tile's sum
+    assert rel_err(lse, lse_ref) < (1e-5 if dtype == torch.float32 else 1e-4)
+
+
+def test_key_biases_only_where_the_template_takes_them():
+    """reads_key_bias: the knob, a gate, bf16, a positive scale, square tiles (after the fit
+    to short sequences), no packed sequences; anything else runs the gate tables."""
+    q = torch.zeros(1, 300, 2, 16, dtype=torch.bfloat16)
+    g = torch.zeros(1, 300, 2)
+    on = KernelConfig(64, 64, 4, 2, extra=(("bias_mma", True),))
+    reads = triton_backend.reads_key_bias
+    assert reads(q, g, 0.25, on)
+    assert not reads(q, None, 0.25, on) and not reads(q, g, -0.25, on)
+    assert not reads(q.float(), g, 0.25, on) and not reads(q.half(), g, 0.25, on)
+    assert not reads(q, g, 0.25, KernelConfig(64, 64, 4, 2))
+    assert not reads(q, g, 0.25, on, segs=(torch.zeros(300), torch.zeros(300)))
+    wide = KernelConfig(128, 64, 4, 2, extra=(("bias_mma", True),))
+    assert not reads(q, g, 0.25, wide) and reads(q[:, :40], g[:, :40], 0.25, wide)
+
+
+def test_bias_mma_knob_off_the_key_bias_path_computes_as_without():
+    """A tuned config with bias_mma that the forward cannot take that way (fp32 here) runs
+    the gate tables and gives the same outputs as the config without the knob."""
+    q, k, v, g = make_inputs(1, 70, 2, 1, 16, 16, torch.float32, True)
+    plain = KernelConfig(32, 32, 4, 1)
+    knob = KernelConfig(32, 32, 4, 1, extra=(("bias_mma", True),))
+    o, lse = triton_backend.forward(q, k, v, g, 24, 0.25, plain)
+    o2, lse2 = triton_backend.forward(q, k, v, g, 24, 0.25, knob)
     assert torch.equal(o, o2) and torch.equal(lse, lse2)
 
 

@@ -46,13 +46,17 @@ def test_space_and_resources():
         big = KernelConfig(256, 256, 4, 5)
         ok, why = space.feasible(spec.replace(head_dim=256, value_dim=256), big)
         assert not ok and "pruned" in why and max(space.violations(spec, big)) > 0
-        n = len(space.enumerate_configs(spec, knobs=()))
+        base = space.enumerate_configs(spec, knobs=())
+        n = len(base)
         assert 0 < n < 250
-        # each switch doubles the space; "off" is the config without the switch
-        assert len(space.enumerate_configs(spec)) == 2 * n
+        # each switch doubles the space; "off" is the config without the switch. bias_mma
+        # (the forward) adds the square tiles only: elsewhere it is the same config, once
+        square = sum(c.block_m == c.block_n for c in base) if p == "fwd" else 0
+        assert len(space.enumerate_configs(spec)) == 2 * (n + square)
         # all knobs: tma and prefetch_gate everywhere (the problem is gated), full_masks
         # where the masks can split (the forward and dq)
-        switches = tuple(k for k in space.KNOBS if k not in space.KNOB_CHOICES)
+        switches = tuple(k for k in space.KNOBS if k not in space.KNOB_CHOICES
+                         and k != "bias_mma")
         every = 2 ** len(space.knobs_for(spec, switches))
         assert every == (8 if p != "bwd_kv" else 4)
         assert len(space.enumerate_configs(spec, knobs=switches)) == every * n
@@ -265,6 +269,38 @@ def test_refine_tries_the_databases_best_and_its_knob_flips_first(tmp_path):
     tvm_spec = PROB.spec("tvm", "fwd")
     cfg = KernelConfig(64, 64, 4, 1)
     assert search.knob_flips(cfg, tvm_spec, (space.TENSOR_CORE,), True) == [cfg]
+
+
+def test_bias_mma_knob_for_the_gated_bf16_forward_with_square_tiles():
+    """bias_mma: searched by default for the gated bf16 forward only; left out of a config
+    whose tiles are not square (the forward reads the gate tables there: the same config);
+    its pieces' pipelined tiles count in the shared-memory estimate; a backward refuses it."""
+    from gfwagen.generator import check_config
+
+    fwd = PROB.spec("triton", "fwd")
+    assert "bias_mma" in space.knobs_for(fwd)
+    assert all("bias_mma" not in space.knobs_for(PROB.spec("triton", p), ("bias_mma",))
+               for p in ("bwd_kv", "bwd_q", "bwd_ds"))
+    for other in (Problem(2, 512, 4, 2, 64, 64, 128, "bf16", False),
+                  Problem(2, 512, 4, 2, 64, 64, 128, "fp16", True)):
+        assert space.knobs_for(other.spec("triton", "fwd"), ("bias_mma",)) == ()
+    vals = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2, "x_bias_mma": True}
+    square = space.config_from_params(fwd, vals)
+    assert square.get("bias_mma") is True
+    assert space.config_params(fwd, square)["x_bias_mma"] is True
+    assert space.config_from_params(fwd, {**vals, "block_m": 128}).get("bias_mma") is None
+    plain = space.config_from_params(fwd, {**vals, "x_bias_mma": False})
+    assert space.resources(fwd, square)["smem"] == space.resources(fwd, plain)["smem"] + 2 * 64 * 32
+    with pytest.raises(ValueError, match="forward knob"):
+        check_config(PROB.spec("triton", "bwd_kv"), KernelConfig(64, 64, 4, 2,
+                                                                 extra=(("bias_mma", True),)))
+    # --refine flips it on a square best only (elsewhere the flip is the same kernel)
+    from gfwagen.tuner import search
+
+    wide = KernelConfig(128, 64, 4, 2, extra=(("tma", True),))
+    assert [c.get("bias_mma") for c in search.knob_flips(wide, fwd, ("tma", "bias_mma"),
+                                                           True)] == [None, None]
+    assert search.knob_flips(plain, fwd, ("bias_mma",), True)[1] == square
 
 
 def test_maxnreg_knob_caps_the_forward_only():

@@ -13,7 +13,7 @@ import dataclasses
 import torch
 
 from gfwagen import gate_sums
-from gfwagen.gate import GATE_BOUND, GATE_CHUNK, chunked_prefix_sums
+from gfwagen.gate import GATE_BOUND, GATE_CHUNK, chunked_prefix_sums, key_bias
 from gfwagen.spec import KernelConfig, effective_window
 from gfwagen.template_loader import load_template
 
@@ -49,6 +49,30 @@ def gate_tables(log_gate):
         return local, base, GATE_CHUNK
     local, base = chunked_prefix_sums(log_gate, GATE_CHUNK)
     return local, torch.nn.functional.pad(base, (0, 1)).contiguous(), GATE_CHUNK
+
+
+def reads_key_bias(q, log_gate, scale, cfg: KernelConfig, segs=None) -> bool:
+    """Whether the forward reads the gate as key-bias pieces (fwd.py's KEY_BIAS, the config's
+    bias_mma knob) rather than as the gate tables: gated, bf16 (fp16 cannot hold a tile's
+    bias, 64 gates at the bound over a scale of 1/8, nor split it in three pieces; fp32's
+    dots would round them to tf32), a positive scale, no packed sequences, square tiles."""
+    if log_gate is None or not cfg.get("bias_mma", False) or segs is not None:
+        return False
+    return square_tiles(*_fit(cfg, q.shape[1])) and scale > 0 and q.dtype == torch.bfloat16
+
+
+def square_tiles(block_m: int, block_n: int) -> bool:
+    """The key-bias forward's tiles: each query tile's last key tile is its own, whose
+    pieces give its rows' c_i in that tile's frame."""
+    return block_m == block_n
+
+
+def key_bias_input(log_gate, block_n: int, scale: float, dtype: torch.dtype):
+    """The key-bias pieces and shifts (gfwagen.gate.key_bias): one launch on CUDA, clamping
+    the gate as it loads it, as gate_tables does."""
+    if gate_sums.use_fused(log_gate):
+        return gate_sums.key_bias_fused(log_gate, block_n, scale, dtype, bound=GATE_BOUND)
+    return key_bias(log_gate, block_n, scale, dtype)
 
 
 def _tma_usable(*ts: torch.Tensor) -> bool:
@@ -112,22 +136,26 @@ def _launching(t: torch.Tensor, pass_: str, cfg: KernelConfig):
 
 def forward(q, k, v, log_gate, window, scale, cfg: KernelConfig, segs=None, gate=None):
     """segs: None, or (start, end) int32 [T] of packed sequences (gfwagen.varlen). gate:
-    gate_tables(log_gate) when the caller has them."""
+    gate_tables(log_gate) when the caller has them (a forward that reads_key_bias ignores
+    them)."""
     B, T, H, _ = q.shape
     o = torch.empty(B, T, H, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
-    if gate is None:
-        gate = gate_tables(log_gate)
     bm, bn = _fit(cfg, T)
+    kb = None
+    if reads_key_bias(q, log_gate, scale, cfg, segs):
+        kb, gate = key_bias_input(log_gate, bn, scale, q.dtype), None
+    elif gate is None:
+        gate = gate_tables(log_gate)
     tma = _use_tma(cfg, k, v)
     with _launching(q, "fwd", cfg):
         load_template("triton", "fwd").launch_forward(
             q, k, v, gate, o, lse, kernel_window(window, T), scale, H // k.shape[2], bm, bn,
             cfg.num_warps, cfg.num_stages, _dot_precision(q.dtype),
             bool(cfg.get("prefetch_gate", False)), segs[0] if segs is not None else None, tma,
-            bool(cfg.get("full_masks", False)), _maxnreg(cfg, q))
+            bool(cfg.get("full_masks", False)), _maxnreg(cfg, q), key_bias=kb)
     return o, lse
 
 

@@ -109,6 +109,8 @@ def knob_flips(best: KernelConfig, spec: KernelSpec, knobs: tuple[str, ...],
     (or a new template) does to a known winner, measured before the search wanders off."""
     out = [best]
     for k in (k for k in knobs if k in space.KNOBS):  # not TVM's TENSOR_CORE pseudo-knob
+        if space.idle_knob(spec, k, best.block_m, best.block_n):
+            continue  # the same kernel
         f = flipped(best, k)
         if space.feasible(spec, f, gpu=gpu)[0]:
             out.append(f)

@@ -5,7 +5,8 @@ num_warps in {4, 8}, num_stages in {1, ..., 5}, plus the template switches named
 (KNOBS: "tma", Hopper tensor-descriptor loads; "prefetch_gate", the next tile's gate values
 loaded one iteration ahead, searched only for gated problems; "full_masks", every bound
 tested on every masked tile as before the one-bound masks, for the forward and dq only;
-"maxnreg", the forward's registers per thread capped, KNOB_CHOICES).
+"maxnreg", the forward's registers per thread capped, KNOB_CHOICES; "bias_mma", the gated
+bf16 forward's gate read as key biases inside its score product, square tiles only).
 TVM: block_m, block_n (one thread per tile row in the GPU's CUDA-core kernels, loop tiles on
 the CPU) plus whatever knobs tvm_backend declares in TUNABLE_EXTRAS ({name: choices}); the
 tensor-core forward on a GPU (bf16/fp16) adds num_stages (its cp.async stages), sub_n (keys
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 
-from gfwagen.backends.triton_backend import STORED_MIN_BLOCK_M
+from gfwagen.backends.triton_backend import STORED_MIN_BLOCK_M, square_tiles
 from gfwagen.generator import check_config, gate_chunk
 from gfwagen.heuristics import default_config, padded_head_dim
 from gfwagen.spec import DTYPES, KernelConfig, KernelSpec
@@ -47,14 +48,16 @@ TVM_THREADS_LIMIT = 1024
 # compile, benchmarks/RESULTS.md); prefetch_gate and full_masks are opt-in (full_masks: the
 # one-bound masks sped the forward up 2-10% at S1, S2, S3 and S5 but slowed S4's gated
 # forward by 4.7% at the same SASS in its unmasked loop, session 10).
-KNOBS = ("tma", "prefetch_gate", "full_masks", "maxnreg")
+KNOBS = ("tma", "prefetch_gate", "full_masks", "maxnreg", "bias_mma")
 # Knobs that are not on/off switches: their choices, False (left out) first. maxnreg caps the
 # forward's registers per thread: 128 fits four 4-warp blocks (or two 8-warp ones) per SM, 168
 # three 4-warp blocks. At S5's 64x64 w4 s2 tile the gate takes 140 registers (ungated 123),
 # three blocks per SM instead of four; capped at 128 it compiles to 127 without spills
 # (offline sm_90, session 13).
 KNOB_CHOICES = {"maxnreg": (False, 128, 168)}
-KNOB_PASSES = {"maxnreg": ("fwd",)}
+KNOB_PASSES = {"maxnreg": ("fwd",), "bias_mma": ("fwd",)}
+# bias_mma: the gated forward reads the gate as key biases inside its score product
+# (triton_backend.reads_key_bias: bf16, square tiles); S5's gate cost 16.7% -> 10.0%.
 TENSOR_CORE = "tensor_core"  # not a user knob: the TVM tensor-core forward's own parameters
 TVM_TC_PARAMS = {"num_stages": (1, 2, 3), "x_sub_n": (16, 32, 64), "x_warp_m": (1, 2),
                  "x_q_smem": (False, True)}
@@ -75,7 +78,7 @@ MMA_SYNC_ONLY = ("sub_n", "warp_m", "q_smem")
 # the pseudo-knob FUSE_GATE, which knobs_for adds there)
 WGMMA_ONLY = ("tma", "pingpong", "fuse_gate")
 FUSE_GATE = "fuse_gate"
-DEFAULT_KNOBS = ("tma",)
+DEFAULT_KNOBS = ("tma", "bias_mma")
 CONSTRAINT_NAMES = ("smem", "registers", "failed")
 
 
@@ -121,6 +124,7 @@ def knobs_for(spec: KernelSpec, knobs=None, gpu: bool = False) -> tuple[str, ...
         return ()
     knobs = check_knobs(DEFAULT_KNOBS if knobs is None else knobs)
     return tuple(k for k in KNOBS if k in knobs and (k != "prefetch_gate" or spec.gated)
+                 and (k != "bias_mma" or (spec.gated and spec.dtype == "bf16"))
                  and (k != "full_masks" or spec.pass_ not in ("bwd_kv", "bwd_ds"))
                  and spec.pass_ in KNOB_PASSES.get(k, (spec.pass_,)))
 
@@ -170,11 +174,20 @@ def config_from_params(spec: KernelSpec, values: dict, gpu: bool = False) -> Ker
         else:
             extra = {k: v for k, v in extra.items() if k not in WGMMA_ONLY}
         extra = {k: v for k, v in extra.items() if not _tvm_tc_default(k, v)}
+    elif extra.get("bias_mma") and idle_knob(spec, "bias_mma", int(values.get(
+            "block_m", base.block_m)), int(values.get("block_n", base.block_n))):
+        extra.pop("bias_mma")  # the forward reads the gate tables there: the same config
     return KernelConfig(block_m=int(values.get("block_m", base.block_m)),
                         block_n=int(values.get("block_n", base.block_n)),
                         num_warps=num_warps,
                         num_stages=int(values.get("num_stages", base.num_stages)),
                         extra=tuple(sorted(extra.items())))
+
+
+def idle_knob(spec: KernelSpec, knob: str, block_m: int, block_n: int) -> bool:
+    """Whether a Triton switch changes nothing at these tiles, so that a config with it is
+    the config without it: bias_mma off square tiles (triton_backend.square_tiles)."""
+    return knob == "bias_mma" and not square_tiles(block_m, block_n)
 
 
 def _tvm_tc_default(name: str, value) -> bool:
@@ -268,6 +281,8 @@ def resources(spec: KernelSpec, config: KernelConfig) -> dict:
     # 229,376 bytes, passed, and needed 233,472 (the limit is 232,448).
     if spec.pass_ == "fwd":  # Q tile resident, K and V tiles pipelined
         smem = BM * D * b + S * BN * (D + Dv) * b + (1024 if spec.gated else 0)
+        if spec.gated and config.get("bias_mma", False):  # and the key-bias pieces' tiles
+            smem += S * BN * 16 * b
         acc = BM * Dv + BM * BN  # o accumulator + the score tile
     elif spec.pass_ in ("bwd_kv", "bwd_ds"):  # K, V resident, Q and dO tiles pipelined
         smem = BN * (D + Dv) * b + S * BM * (D + Dv) * b + 8 * BM * (S - 1)
@@ -375,11 +390,12 @@ def feasible(spec: KernelSpec, config: KernelConfig, *, gpu: bool = True) -> tup
 
 def enumerate_configs(spec: KernelSpec, *, gpu: bool = True,
                       knobs=None) -> list[KernelConfig]:
-    """Every feasible config of the space (the exhaustive sweep's list)."""
+    """Every feasible config of the space (the exhaustive sweep's list), each once (a knob
+    that means nothing at some tiles gives the same config with it on and off)."""
     p = params(spec.backend, spec.pass_, knobs_for(spec, knobs, gpu))
-    out = []
+    out = {}
     for combo in itertools.product(*p.values()):
         cfg = config_from_params(spec, dict(zip(p, combo)), gpu)
-        if feasible(spec, cfg, gpu=gpu)[0]:
-            out.append(cfg)
-    return out
+        if cfg not in out and feasible(spec, cfg, gpu=gpu)[0]:
+            out[cfg] = None
+    return list(out)

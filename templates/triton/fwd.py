@@ -42,6 +42,8 @@ def _fwd_tiles(
     v_base,
     cl_base,
     cb_base,
+    kb_base,
+    e_ones,
     stride_kt,
     stride_vt,
     start,
@@ -63,6 +65,7 @@ def _fwd_tiles(
     PREFETCH_GATE: tl.constexpr,
     USE_TMA: tl.constexpr,
     RAW_MAX: tl.constexpr,
+    KEY_BIAS: tl.constexpr,
 ):
     MASKED: tl.constexpr = PHASE != 1
     offs_d = tl.arange(0, HEAD_D_PAD)
@@ -70,6 +73,8 @@ def _fwd_tiles(
     if GATED:
         if PREFETCH_GATE:
             nxt_local, nxt_base = gate_tile_load(cl_base, cb_base, start, T, BLOCK_N, GATE_CHUNK)
+    if KEY_BIAS:  # each tile's shift, loaded a tile ahead (the table has a spare entry)
+        nxt_shift = tl.load(cb_base + start // BLOCK_N)
     for n0 in tl.range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if MASKED:
@@ -103,7 +108,20 @@ def _fwd_tiles(
                 v = tl.load(v_ptrs, mask=(offs_dv < HEAD_DV)[None, :], other=0.0)
             else:
                 v = tl.load(v_ptrs)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if KEY_BIAS:
+            # The keys' biases, relative to their tile's start, in the products' units and
+            # in three pieces of q's dtype (key_bias.py), enter through the product itself:
+            # a 16-wide k step of ones against them (a key's 8, then the next key's, which
+            # meet zeros), issued first so that Q K^T accumulates
+            # onto it. Per score the loop is the ungated RAW_MAX one: in S5's issue-bound
+            # loop an add per score and the gate's loads cost 17% (benchmarks/RESULTS.md).
+            kb = tl.load(kb_base + offs_n[:, None] * 8 + tl.arange(0, 16)[None, :])
+            s = tl.dot(e_ones, tl.trans(kb), input_precision=DOT_PREC)
+            s = tl.dot(q, tl.trans(k), acc=s, input_precision=DOT_PREC)
+            shift = nxt_shift
+            nxt_shift = tl.load(cb_base + n0 // BLOCK_N + 1)
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if not RAW_MAX:
             s = s * qk_scale
         if GATED:
@@ -137,6 +155,9 @@ def _fwd_tiles(
                 if VARLEN:  # keys of an earlier packed sequence
                     valid = valid & (offs_n[None, :] >= seg_lo[:, None])
             s = tl.where(valid, s, float("-inf"))
+        if KEY_BIAS:
+            # the running max into this tile's frame, whose biases start at its first key
+            m_i = m_i + shift
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_shift = m_new
         if MASKED:
@@ -162,6 +183,7 @@ def gfwa_fwd_kernel(
     V,
     CL,
     CB,
+    KB,
     O,
     LSE,
     SEG_START,
@@ -197,6 +219,7 @@ def gfwa_fwd_kernel(
     USE_TMA: tl.constexpr,
     SPLIT_BOUNDS: tl.constexpr,
     RAW_MAX: tl.constexpr,
+    KEY_BIAS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -226,19 +249,34 @@ def gfwa_fwd_kernel(
         # Hopper's tensor memory accelerator: one bulk copy per tile, no address math.
         k_base = row_tile_descriptor(k_base, T, stride_kt, BLOCK_N, HEAD_D, HEAD_D_PAD)
         v_base = row_tile_descriptor(v_base, T, stride_vt, BLOCK_N, HEAD_DV, HEAD_DV_PAD)
-    # RAW_MAX (no gate, a positive scale): the running maximum m_i is kept in the products'
-    # units, taken before scaling, so the scale costs no multiply per score of its own; it
-    # rides in the exponent's FFMA (S4's plain forward -3.5%). A zero or negative scale would
-    # turn that maximum into NaN or a minimum. Gated, the scale's multiply already carries
-    # c_j's subtract, so there is nothing to save, and c_j brought to the products' units
-    # costs float32 exponents 3-4 roundings at its magnitude instead of one (a strong gate's
-    # c_j runs to hundreds: relative error 1.8e-4 in the interpreter, 1e-5 the bound).
+    # RAW_MAX (no gate tables, a positive scale): the running maximum m_i is kept in the
+    # products' units, taken before scaling, so the scale costs no multiply per score of its
+    # own; it rides in the exponent's FFMA (S4's plain forward -3.5%). A zero or negative
+    # scale would turn that maximum into NaN or a minimum. With the gate tables, the scale's
+    # multiply already carries c_j's subtract, so there is nothing to save, and c_j brought
+    # to the products' units costs float32 exponents 3-4 roundings at its magnitude instead
+    # of one (a strong gate's chunk-relative c_j runs to hundreds: relative error 1.8e-4 in
+    # the interpreter, 1e-5 the bound). KEY_BIAS's biases restart at every key tile, so
+    # their magnitude is one tile's gate sum, and it runs RAW_MAX.
     qk_scale = sm_scale * LOG2E
 
     cl_base = CL + pid_bh.to(tl.int64) * T
     cb_base = CB + pid_bh.to(tl.int64) * n_chunks
     cb_q = 0.0
     ci = tl.zeros([BLOCK_M], dtype=tl.float32)
+    kb_base = KB
+    e_ones = q
+    if KEY_BIAS:
+        # KB: the pieces [B*H, tiles * BLOCK_N, 8]; CB: the shifts [B*H, n_chunks = tiles + 1]
+        kb_base = KB + pid_bh.to(tl.int64) * (n_chunks - 1) * (BLOCK_N * 8)
+        e_ones = tl.broadcast_to(
+            tl.where(tl.arange(0, 16)[None, :] < 3, 1.0, 0.0).to(q.dtype), [BLOCK_M, 16])
+        # c_i in the last tile's frame (BLOCK_M == BLOCK_N: the query tile's own key tile):
+        # minus its own key's bias, in log2 units
+        own = kb_base + offs_m * 8
+        ci = (tl.load(own, mask=row_ok, other=0.0).to(tl.float32)
+              + tl.load(own + 1, mask=row_ok, other=0.0).to(tl.float32)
+              + tl.load(own + 2, mask=row_ok, other=0.0).to(tl.float32)) * -qk_scale
     if GATED:
         # Gate values relative to this query tile's chunk base (log2 units).
         cb_q = tl.load(cb_base + m0 // GATE_CHUNK)
@@ -271,6 +309,8 @@ def gfwa_fwd_kernel(
             v_base,
             cl_base,
             cb_base,
+            kb_base,
+            e_ones,
             stride_kt,
             stride_vt,
             bounds[phase],
@@ -292,6 +332,7 @@ def gfwa_fwd_kernel(
             PREFETCH_GATE,
             USE_TMA,
             RAW_MAX,
+            KEY_BIAS,
         )
 
     # Every stored row saw at least its own key, so l_i > 0 there.
@@ -338,6 +379,7 @@ def launch_forward(
     tma=False,
     full_masks=False,
     maxnreg=None,
+    key_bias=None,
 ):
     """q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv] (last dim contiguous); gate None or
     (local [B,Hq,T] float32, base [B,Hq,chunks] float64, chunk) in log2 units; writes
@@ -346,10 +388,19 @@ def launch_forward(
     bound on every masked tile even where common.split_bounds allows one (a tuner knob).
     maxnreg: None, or registers per thread the compiler may use (a tuner knob: at S5's
     64x64 tile the gate's 17 registers cost a block per SM, benchmarks/RESULTS.md); CUDA
-    only, the interpreter takes no such option."""
+    only, the interpreter takes no such option. key_bias: None, or the gate as key_bias.py
+    makes it, (pieces, shifts), in place of `gate` (then None): square tiles, no packed
+    sequences, a positive scale."""
     B, T, H, D = q.shape
     Dv = v.shape[3]
-    cl, cb, chunk = gate if gate is not None else (lse, lse, 256)
+    if key_bias is not None:
+        assert gate is None and seg_start is None and block_m == block_n and scale > 0, \
+            "key_bias: instead of gate, square tiles, no packed sequences, a positive scale"
+        kb, cb = key_bias
+        cl, chunk = cb, block_n
+    else:
+        kb = lse
+        cl, cb, chunk = gate if gate is not None else (lse, lse, 256)
     assert chunk % block_m == 0 and chunk % block_n == 0, "tiles must not straddle gate chunks"
     grid = (cdiv(T, block_m), B * H)
     launcher(gfwa_fwd_kernel)[grid](
@@ -358,6 +409,7 @@ def launch_forward(
         v,
         cl,
         cb,
+        kb,
         o,
         lse,
         seg_start if seg_start is not None else lse,
@@ -394,6 +446,7 @@ def launch_forward(
         SPLIT_BOUNDS=not full_masks
         and split_bounds(window, block_m, block_n, seg_start is not None),
         RAW_MAX=scale > 0 and gate is None,
+        KEY_BIAS=key_bias is not None,
         num_warps=num_warps,
         num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),

@@ -147,6 +147,26 @@ def gate_sums_whole_kernel(
 
 
 @triton.jit
+def key_tile_gates(g_ptr, stride_b, stride_t, stride_h, T, H, BLOCK_N: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BOUND: tl.constexpr):
+    """The gates of a per-key-tile launch's program (grid: batch, key tile, block of heads),
+    float32 [BLOCK_N, BLOCK_H] (a sum over one tile only, as the TVM kernel's own scan keeps
+    it), clamped to [-BOUND, BOUND] when BOUND > 0 as gate_sums_fwd_kernel does; positions
+    past T read 0. Returns them, the batch, the tile, the heads and which heads exist."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    kt = tl.program_id(1).to(tl.int64)
+    offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_in = offs_h < H
+    offs_t = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+    x = tl.load(g_ptr + pid_b * stride_b + offs_h.to(tl.int64)[None, :] * stride_h
+                + offs_t[:, None] * stride_t, mask=(offs_t < T)[:, None] & h_in[None, :],
+                other=0.0)
+    if BOUND > 0:
+        x = tl.clamp(x, -BOUND, BOUND, propagate_nan=tl.PropagateNan.ALL)
+    return x.to(tl.float32), pid_b, kt, offs_h, h_in
+
+
+@triton.jit
 def gate_tile_records_kernel(
     g_ptr,
     rec_ptr,
@@ -164,18 +184,8 @@ def gate_tile_records_kernel(
     """Key tile kt's records for a block of heads (launch_gate_tile_records): each program
     sums one tile, so no sum crosses programs. Positions past T count as gate 0; the
     attention masks their keys."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    kt = tl.program_id(1).to(tl.int64)
-    offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_in = offs_h < H
-    offs_t = kt * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = (offs_t < T)[:, None] & h_in[None, :]
-    x = tl.load(g_ptr + pid_b * stride_b + offs_h.to(tl.int64)[None, :] * stride_h
-                + offs_t[:, None] * stride_t, mask=m, other=0.0)
-    if BOUND > 0:  # as gate_sums_fwd_kernel
-        x = tl.clamp(x, -BOUND, BOUND, propagate_nan=tl.PropagateNan.ALL)
-    # float32: a sum over one tile only, as the kernel's own scan (fuse_gate) keeps it
-    x = x.to(tl.float32)
+    x, pid_b, kt, offs_h, h_in = key_tile_gates(g_ptr, stride_b, stride_t, stride_h, T, H,
+                                                BLOCK_N, BLOCK_H, BOUND)
     loc = tl.cumsum(x, axis=0)
     rec = rec_ptr + ((pid_b * H + offs_h.to(tl.int64)) * NKT + kt) * (BLOCK_N + 4)
     tl.store(rec[None, :] + tl.arange(0, BLOCK_N)[:, None], loc * neg_rscale, mask=h_in[None, :])
