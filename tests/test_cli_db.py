@@ -156,6 +156,30 @@ def test_export_newest_drops_what_a_retune_superseded(runner, env, tmp_path):
     assert r.exit_code == 0 and "2 new trials" in r.stderr
 
 
+def test_best_exports_carry_only_the_toolchains_their_trials_use(runner, env, tmp_path):
+    """--best-only and --newest write the devices and toolchains their trials reference: a
+    toolchain whose every problem a later one re-tuned leaves the shipped file; the full
+    export keeps it, and each file imports."""
+    fill(env)  # PROB under TC
+    new_tc = {**TC, "timer": "sustained-1"}
+    with TuningDB(env) as db:
+        db.record_trial(PROB, "triton", "fwd", KernelConfig(block_m=128), median_ms=1.5,
+                        device=H200, toolchain_versions=new_tc,
+                        created_at="2025-03-01T00:00:00+00:00")
+    counts = {}
+    for flag in ("--newest", "--best-only", None):
+        out = tmp_path / f"{flag}.jsonl"
+        args = ["db", "export", str(out)] + ([flag] if flag else [])
+        assert runner.invoke(main, args).exit_code == 0
+        recs = [json.loads(x) for x in out.read_text().splitlines()]
+        counts[flag] = sum(r["kind"] == "toolchain" for r in recs)
+        used = {r["toolchain_key"] for r in recs if r["kind"] == "trial"}
+        assert used <= {r["key"] for r in recs if r["kind"] == "toolchain"}
+        assert runner.invoke(main, ["db", "import", str(out), "--db",
+                                    str(tmp_path / f"{flag}.sqlite")]).exit_code == 0
+    assert counts == {"--newest": 1, "--best-only": 2, None: 2}
+
+
 def test_retune_after_a_template_edit_replaces_the_old_medians(runner, env, tmp_path):
     """The same config measured before and after a template edit: the two are different
     toolchains (the templates' hash), so the re-tune's median is the one --newest ships, not

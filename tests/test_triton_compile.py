@@ -212,3 +212,43 @@ def test_the_pruned_ptxas_trap_is_still_there():
     trapped, plain = run_offline(TRAP_SCRIPT)
     assert trapped["regs"] == 32 and trapped["stack"] > 4096, trapped
     assert plain["regs"] > 128 and plain["stack"] < 1024, plain
+
+
+KEY_BIAS_SCRIPT = r"""
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from gfwagen.offline import compile_pass
+from gfwagen.spec import KernelConfig, KernelSpec
+from gfwagen.template_loader import load_template
+
+spec = KernelSpec("triton", "fwd", 64, 64, 512, "bf16", True, 1)
+out = []
+for extra in ((("maxnreg", 128),), (("bias_mma", True), ("maxnreg", 128))):
+    b = compile_pass(spec, KernelConfig(64, 64, 4, 2, extra=extra))
+    out.append(dict(regs=b.registers, stack=b.stack_bytes, wgmma=b.uses_wgmma,
+                    k16=b.ptx.count("wgmma.mma_async.sync.aligned.m64n64k16")))
+kern = load_template("triton", "key_bias").key_bias_kernel
+sig = dict(g_ptr="*fp32", stride_b="i32", stride_t="i32", stride_h="i32", T="i32", H="i32",
+           kb_ptr="*bf16", sh_ptr="*fp32", NKT="i32", neg_rscale="fp32", BLOCK_N="constexpr",
+           BLOCK_H="constexpr", BOUND="constexpr")
+names = list(sig)
+src = triton.compiler.ASTSource(fn=kern, signature=sig, constexprs={
+    (names.index("BLOCK_N"),): 64, (names.index("BLOCK_H"),): 16,
+    (names.index("BOUND"),): 128.0})
+k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+out.append(dict(key_bias_ptx=len(k.asm["ptx"])))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_key_bias_forward_and_its_launch_compile_for_sm90():
+    """The bias_mma forward at S5's tile (its bias step one more wgmma per key tile, within
+    the register cap, no spills) and the launch that makes its pieces, through the real
+    compiler: the interpreter lets pass what Triton's compiler refuses (a module global that
+    is not a constexpr, say)."""
+    tables, key_bias, launch = run_offline(KEY_BIAS_SCRIPT)
+    assert key_bias["wgmma"] and key_bias["regs"] <= 128 and key_bias["stack"] == 0
+    assert key_bias["k16"] > tables["k16"]
+    assert launch["key_bias_ptx"] > 0

@@ -158,8 +158,12 @@ class TuningDB:
             "SELECT * FROM toolchains ORDER BY key")]
         where = (f" WHERE id IN ({_NEWEST_BEST_SQL})" if newest
                  else " WHERE id IN (SELECT trial_id FROM best)" if best_only else "")
-        trials = (R.trial_record(r) for r in self.db.query(
-            f"SELECT * FROM trials{where} ORDER BY created_at, id"))
+        trials = [R.trial_record(r) for r in self.db.query(
+            f"SELECT * FROM trials{where} ORDER BY created_at, id")]
+        if where:  # what the written trials need, not every toolchain a re-tune replaced
+            used = {(t["device_key"], t["toolchain_key"]) for t in trials}
+            devices = [d for d in devices if d["key"] in {u[0] for u in used}]
+            tcs = [t for t in tcs if t["key"] in {u[1] for u in used}]
         if stream is not None:
             return sharing.dump_jsonl(devices, tcs, trials, stream)
         if path is None:

@@ -24,7 +24,7 @@ import triton.language as tl
 from .common import cdiv, heads_per_program, launcher
 from .gate_sums import key_tile_gates
 
-WIDTH = 8  # a key's row; the forward reads 16, a bf16 wgmma's k step
+WIDTH = tl.constexpr(8)  # a key's row; the forward reads 16, a bf16 wgmma's k step
 
 
 @triton.jit
