@@ -111,10 +111,10 @@ def _fwd_tiles(
         if KEY_BIAS:
             # The keys' biases, relative to their tile's start, in the products' units and
             # in three pieces of q's dtype (key_bias.py), enter through the product itself:
-            # a 16-wide k step of ones against them (a key's 8, then the next key's, which
-            # meet zeros), issued first so that Q K^T accumulates
-            # onto it. Per score the loop is the ungated RAW_MAX one: in S5's issue-bound
-            # loop an add per score and the gate's loads cost 17% (benchmarks/RESULTS.md).
+            # a 16-wide k step of ones against them (a key's row of key_bias.WIDTH = 8, then
+            # the next key's, which meets zeros), issued first so that Q K^T accumulates onto
+            # it. Per score the loop is the ungated RAW_MAX one: in S5's issue-bound loop an
+            # add per score and the gate's loads cost 17% (benchmarks/RESULTS.md).
             kb = tl.load(kb_base + offs_n[:, None] * 8 + tl.arange(0, 16)[None, :])
             s = tl.dot(e_ones, tl.trans(kb), input_precision=DOT_PREC)
             s = tl.dot(q, tl.trans(k), acc=s, input_precision=DOT_PREC)
@@ -264,7 +264,7 @@ def gfwa_fwd_kernel(
     cb_base = CB + pid_bh.to(tl.int64) * n_chunks
     cb_q = 0.0
     ci = tl.zeros([BLOCK_M], dtype=tl.float32)
-    kb_base = KB
+    kb_base = KB  # KB and e_ones stand unused unless KEY_BIAS
     e_ones = q
     if KEY_BIAS:
         # KB: the pieces [B*H, tiles * BLOCK_N, 8]; CB: the shifts [B*H, n_chunks = tiles + 1]
@@ -390,7 +390,8 @@ def launch_forward(
     64x64 tile the gate's 17 registers cost a block per SM, benchmarks/RESULTS.md); CUDA
     only, the interpreter takes no such option. key_bias: None, or the gate as key_bias.py
     makes it, (pieces, shifts), in place of `gate` (then None): square tiles, no packed
-    sequences, a positive scale."""
+    sequences, a positive scale; the pieces' storage holds its zero pad after them (the last
+    key's 16-wide read runs 8 past)."""
     B, T, H, D = q.shape
     Dv = v.shape[3]
     if key_bias is not None:
