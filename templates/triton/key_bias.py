@@ -13,8 +13,8 @@ k step of ones in the first three columns, which adds each key's bias to its col
 in the float32 accumulator: per score its softmax is the ungated one. The biases restart at
 every tile, so they stay within one tile's gate sum; the forward moves its running max by
 shift[kt] when it reaches tile kt. Padded to whole tiles: one unmasked 16-byte copy per thread
-and tile (rows of 4 under a column mask cost S5's forward 4 points more; rows of 16, twice the
-bytes to write, 1% of S5's op; benchmarks/RESULTS.md, session 25).
+and tile (rows of 4 under a column mask cost S5's forward 4 points more, benchmarks/RESULTS.md,
+session 25; rows of 16 would write twice the bytes, 16.8 MB at S5, for the same read).
 This file imports nothing from gfwagen.
 """
 
