@@ -88,13 +88,25 @@ def tile_records(log_gate: torch.Tensor, block_n: int, scale: float) -> torch.Te
     return rec.view(B, H, n * (block_n + 4)).to(torch.float32)
 
 
+KEY_BIAS_ROW = 8  # a key's pieces and zeros: templates/triton/key_bias.py's WIDTH
+
+
+def key_bias_table(rows: int, keys: int, dtype: torch.dtype, device, fill=None) -> torch.Tensor:
+    """[rows, keys, KEY_BIAS_ROW] of `dtype` (uninitialized, or filled with `fill`) whose
+    storage holds one row more, zeros: the forward's last 16-wide read runs into it."""
+    table = torch.empty(rows * keys * KEY_BIAS_ROW + KEY_BIAS_ROW, dtype=dtype, device=device)
+    if fill is not None:
+        table.fill_(fill)
+    return table[:-KEY_BIAS_ROW].view(rows, keys, KEY_BIAS_ROW)
+
+
 def key_bias(log_gate: torch.Tensor, block_n: int, scale: float, dtype: torch.dtype):
     """[B, T, H] log gates -> (pieces [B*H, ceil(T / block_n) * block_n, 8] of `dtype`, 8 zeros
     of its storage after it, shifts [B*H, ceil(T / block_n) + 1] float32): what the Triton
-    forward's key-bias path
-    reads (templates/triton/key_bias.py says how; gfwagen.gate_sums.key_bias_fused makes them
-    on CUDA). Each key's bias, -(sum of its tile's gates up to it) / scale, summed in float64
-    and rounded to float32 before it is split, as the kernel splits its own float32 sum."""
+    forward's key-bias path reads (templates/triton/key_bias.py says how;
+    gfwagen.gate_sums.key_bias_fused makes them on CUDA). Each key's bias, -(sum of its
+    tile's gates up to it) / scale, summed in float64 and rounded to float32 before it is
+    split, as the kernel splits its own float32 sum."""
     B, T, H = log_gate.shape
     n = -(-T // block_n)
     g = torch.zeros(B * H, n * block_n, dtype=torch.float64, device=log_gate.device)
@@ -107,8 +119,7 @@ def key_bias(log_gate: torch.Tensor, block_n: int, scale: float, dtype: torch.dt
     rest = bias - hi.to(torch.float32)
     mid = rest.to(dtype)
     lo = (rest - mid.to(torch.float32)).to(dtype)
-    table = torch.zeros(B * H * n * block_n * 8 + 8, dtype=dtype, device=log_gate.device)
-    pieces = table[:-8].view(B * H, n * block_n, 8)
+    pieces = key_bias_table(B * H, n * block_n, dtype, log_gate.device, fill=0)
     pieces[..., 0], pieces[..., 1], pieces[..., 2] = hi, mid, lo
     return pieces, shifts
 

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from gfwagen.gate import GATE_CHUNK, gate_grad_from_sums
+from gfwagen.gate import GATE_CHUNK, gate_grad_from_sums, key_bias_table
 
 GATE_SUMS_ENV = "GFWAGEN_GATE_SUMS"
 
@@ -116,8 +116,7 @@ def key_bias_fused(log_gate: torch.Tensor, block_n: int, scale: float, dtype: to
         raise ValueError(f"scale: expected a finite positive number, got {scale}")
     B, T, H = log_gate.shape
     n = -(-T // block_n)
-    table = torch.empty(B * H * n * block_n * 8 + 8, dtype=dtype, device=log_gate.device)
-    pieces = table[:-8].view(B * H, n * block_n, 8)
+    pieces = key_bias_table(B * H, n * block_n, dtype, log_gate.device)  # the launch pads it
     shifts = torch.empty(B * H, n + 1, dtype=torch.float32, device=log_gate.device)
     if B * H == 0 or T == 0:
         return pieces, shifts.zero_()

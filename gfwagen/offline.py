@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 
 from gfwagen.gate import GATE_CHUNK
-from gfwagen.spec import KernelConfig, KernelSpec
+from gfwagen.spec import DTYPES, KernelConfig, KernelSpec
 
 _KERNELS = {  # pass -> (template, kernel name)
     "fwd": ("fwd", "gfwa_fwd_kernel"),
@@ -62,8 +62,10 @@ def _next_pow2(n: int) -> int:
 def _key_bias(spec: KernelSpec, cfg: KernelConfig, varlen: bool) -> bool:
     """Whether the forward reads the gate as key biases, as triton_backend.reads_key_bias
     decides it for a launch with a positive scale."""
-    return (spec.pass_ == "fwd" and spec.gated and spec.dtype == "bf16" and not varlen
-            and bool(cfg.get("bias_mma", False)) and cfg.block_m == cfg.block_n)
+    from gfwagen.backends.triton_backend import takes_key_bias
+
+    return (spec.pass_ == "fwd" and spec.gated and not varlen
+            and takes_key_bias(DTYPES[spec.dtype], cfg, cfg.block_m, cfg.block_n))
 
 
 def _constexprs(spec: KernelSpec, cfg: KernelConfig, varlen: bool = False) -> dict:

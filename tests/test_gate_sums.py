@@ -168,8 +168,11 @@ def test_key_bias_matches_torch(T, block_n, kind):
     columns past the third and the pad after the table are zero, the shifts are the previous
     tiles' last biases negated (0 first), the clamp applies on load, NaN stays within its
     tile and the next shift."""
-    from gfwagen.gate import key_bias, sanitize_log_gate
+    from gfwagen.gate import KEY_BIAS_ROW, key_bias, sanitize_log_gate
     from gfwagen.gate_sums import key_bias_fused
+    from gfwagen.template_loader import load_template
+
+    assert load_template("triton", "key_bias").WIDTH == KEY_BIAS_ROW
 
     lg = _log_gate(2, T, 3, kind, seed=T)
     lg[0, T // 2, 1] = -float("inf")

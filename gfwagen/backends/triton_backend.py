@@ -51,14 +51,25 @@ def gate_tables(log_gate):
     return local, torch.nn.functional.pad(base, (0, 1)).contiguous(), GATE_CHUNK
 
 
+# The key-bias pieces' dtype: fp16 cannot hold a tile's bias (64 gates at the bound over a
+# scale of 1/8) nor split it in three pieces; fp32's dots would round them to tf32.
+KEY_BIAS_DTYPE = torch.bfloat16
+
+
 def reads_key_bias(q, log_gate, scale, cfg: KernelConfig, segs=None) -> bool:
-    """Whether the forward reads the gate as key-bias pieces (fwd.py's KEY_BIAS, the config's
-    bias_mma knob) rather than as the gate tables: gated, bf16 (fp16 cannot hold a tile's
-    bias, 64 gates at the bound over a scale of 1/8, nor split it in three pieces; fp32's
-    dots would round them to tf32), a positive scale, no packed sequences, square tiles."""
-    if log_gate is None or not cfg.get("bias_mma", False) or segs is not None:
+    """Whether the forward reads the gate as key-bias pieces (fwd.py's KEY_BIAS) rather than
+    as the gate tables: gated, a positive scale, no packed sequences, and takes_key_bias at
+    the tiles the sequence fits."""
+    if log_gate is None or segs is not None or scale <= 0:
         return False
-    return square_tiles(*_fit(cfg, q.shape[1])) and scale > 0 and q.dtype == torch.bfloat16
+    return takes_key_bias(q.dtype, cfg, *_fit(cfg, q.shape[1]))
+
+
+def takes_key_bias(dtype: torch.dtype, cfg: KernelConfig, block_m: int, block_n: int) -> bool:
+    """The config side of reads_key_bias (offline builds ask it too): the bias_mma knob,
+    KEY_BIAS_DTYPE inputs, square tiles."""
+    return (bool(cfg.get("bias_mma", False)) and dtype == KEY_BIAS_DTYPE
+            and square_tiles(block_m, block_n))
 
 
 def square_tiles(block_m: int, block_n: int) -> bool:

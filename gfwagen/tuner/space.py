@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 
-from gfwagen.backends.triton_backend import STORED_MIN_BLOCK_M, square_tiles
+from gfwagen.backends.triton_backend import KEY_BIAS_DTYPE, STORED_MIN_BLOCK_M, square_tiles
 from gfwagen.generator import check_config, gate_chunk
 from gfwagen.heuristics import default_config, padded_head_dim
 from gfwagen.spec import DTYPES, KernelConfig, KernelSpec
@@ -57,7 +57,7 @@ KNOBS = ("tma", "prefetch_gate", "full_masks", "maxnreg", "bias_mma")
 KNOB_CHOICES = {"maxnreg": (False, 128, 168)}
 KNOB_PASSES = {"maxnreg": ("fwd",), "bias_mma": ("fwd",)}
 # bias_mma: the gated forward reads the gate as key biases inside its score product
-# (triton_backend.reads_key_bias: bf16, square tiles); S5's gate cost 16.7% -> 10.0%.
+# (triton_backend.takes_key_bias: bf16, square tiles); S5's gate cost 16.7% -> 10.0%.
 TENSOR_CORE = "tensor_core"  # not a user knob: the TVM tensor-core forward's own parameters
 TVM_TC_PARAMS = {"num_stages": (1, 2, 3), "x_sub_n": (16, 32, 64), "x_warp_m": (1, 2),
                  "x_q_smem": (False, True)}
@@ -124,7 +124,7 @@ def knobs_for(spec: KernelSpec, knobs=None, gpu: bool = False) -> tuple[str, ...
         return ()
     knobs = check_knobs(DEFAULT_KNOBS if knobs is None else knobs)
     return tuple(k for k in KNOBS if k in knobs and (k != "prefetch_gate" or spec.gated)
-                 and (k != "bias_mma" or (spec.gated and spec.dtype == "bf16"))
+                 and (k != "bias_mma" or (spec.gated and DTYPES[spec.dtype] == KEY_BIAS_DTYPE))
                  and (k != "full_masks" or spec.pass_ not in ("bwd_kv", "bwd_ds"))
                  and spec.pass_ in KNOB_PASSES.get(k, (spec.pass_,)))
 
