@@ -25,8 +25,9 @@ from gfwagen.gate import GATE_CHUNK, gate_grad_from_sums, key_bias_table
 
 GATE_SUMS_ENV = "GFWAGEN_GATE_SUMS"
 
-__all__ = ["chunked_prefix_sums_fused", "gate_grad", "gate_grad_from_sums_fused",
-           "key_bias_fused", "prefix_sums_fused", "tile_records_fused", "use_fused"]
+__all__ = ["chunked_prefix_sums_fused", "fill_key_bias", "gate_grad",
+           "gate_grad_from_sums_fused", "key_bias_buffers", "key_bias_fused", "prefix_sums_fused",
+           "tile_records_fused", "use_fused"]
 
 
 def use_fused(t: torch.Tensor) -> bool:
@@ -111,21 +112,34 @@ def key_bias_fused(log_gate: torch.Tensor, block_n: int, scale: float, dtype: to
     gates (any float dtype, any strides) -> (pieces [B*H, ceil(T / block_n) * block_n, 8] of
     `dtype` and the zero pad after it, shifts [B*H, ceil(T / block_n) + 1] float32). bound > 0
     clamps as chunked_prefix_sums_fused does."""
-    if not math.isfinite(scale) or scale <= 0:
-        # the biases are divided by it, and the forward keeps its running max unscaled
-        raise ValueError(f"scale: expected a finite positive number, got {scale}")
+    pieces, shifts = key_bias_buffers(log_gate, block_n, dtype)
+    fill_key_bias(log_gate, pieces, shifts, block_n, scale, bound)
+    return pieces, shifts
+
+
+def key_bias_buffers(log_gate: torch.Tensor, block_n: int, dtype: torch.dtype):
+    """key_bias_fused's outputs, unwritten: a caller may bind the launch that reads them
+    before fill_key_bias writes them (triton_backend.forward)."""
     B, T, H = log_gate.shape
     n = -(-T // block_n)
     pieces = key_bias_table(B * H, n * block_n, dtype, log_gate.device)  # the launch pads it
-    shifts = torch.empty(B * H, n + 1, dtype=torch.float32, device=log_gate.device)
-    if B * H == 0 or T == 0:
-        return pieces, shifts.zero_()
+    return pieces, torch.empty(B * H, n + 1, dtype=torch.float32, device=log_gate.device)
+
+
+def fill_key_bias(log_gate: torch.Tensor, pieces: torch.Tensor, shifts: torch.Tensor,
+                  block_n: int, scale: float, bound: float = 0.0) -> None:
+    """Writes key_bias_buffers' tensors: key_bias_fused's launch."""
+    if not math.isfinite(scale) or scale <= 0:
+        # the biases are divided by it, and the forward keeps its running max unscaled
+        raise ValueError(f"scale: expected a finite positive number, got {scale}")
+    if pieces.numel() == 0:
+        shifts.zero_()
+        return
     from gfwagen.template_loader import load_template
 
     with _device(log_gate):
         load_template("triton", "key_bias").launch_key_bias(log_gate, pieces, shifts, block_n,
                                                              scale, bound=bound)
-    return pieces, shifts
 
 
 def gate_grad(row_sums: torch.Tensor, col_sums: torch.Tensor,

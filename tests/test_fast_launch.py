@@ -37,6 +37,16 @@ def test_arg_key_is_at_least_as_fine_as_tritons_specialization():
     assert common._arg_key(object()) is None
 
 
+def test_launch_key_inlines_arg_key(monkeypatch):
+    """_Launcher._key spells _arg_key out for ints and tensors: the same key parts."""
+    _fake_driver(monkeypatch)
+    for v in _values():
+        assert common._Launcher._key((v,), {})[1:] == (common._arg_key(v),), v
+        kw_part = common._Launcher._key((), {"X": v})[1]
+        assert kw_part == ("X", common._arg_key(v) if isinstance(v, torch.Tensor) else v), v
+    assert common._Launcher._key((object(),), {}) is None
+
+
 class _Compiled:
     packed_metadata = object()
 
@@ -107,3 +117,77 @@ def test_kernels_that_are_not_jitfunctions_keep_tritons_path():
     for _ in range(2):
         lau[(1,)](x, 32, True, BLOCK=64)
     assert [e[0] for e in kern.log] == ["triton", "triton"]
+
+
+def _compiled_kernel(log, scratch=0):
+    """A real CompiledKernel (Triton 3.6's runner code) over a real CudaLauncher's __call__,
+    built without a GPU: the C launch records its arguments."""
+    from triton.backends.nvidia.driver import CudaLauncher
+    from triton.compiler.compiler import CompiledKernel
+
+    run = object.__new__(CudaLauncher)
+    run.launch = lambda *a: log.append(a)
+    run.global_scratch_size = run.profile_scratch_size = scratch
+    run.global_scratch_align = run.profile_scratch_align = 1
+    run.launch_cooperative_grid, run.launch_pdl, run.num_ctas = 0, 1, 1
+    ck = object.__new__(CompiledKernel)
+    ck._run, ck.function, ck.packed_metadata = run, 1234, (4, 1, 0)
+    ck.name, ck.src, ck.module = "k", None, None
+    ck._init_handles = lambda: None
+    return ck
+
+
+def _fake_driver(monkeypatch):
+    from triton.compiler import compiler
+
+    fake = types.SimpleNamespace(active=types.SimpleNamespace(
+        get_current_device=lambda: 0, get_current_stream=lambda dev: 77 + dev))
+    monkeypatch.setattr(triton.runtime, "driver", fake)
+    monkeypatch.setattr(compiler, "driver", fake)
+
+
+def test_direct_launch_passes_what_tritons_runner_passes(monkeypatch):
+    """_Direct skips CompiledKernel's runner; the C launch must get the same arguments, less
+    the launch metadata and hooks that nothing observes."""
+    _fake_driver(monkeypatch)
+    log = []
+    ck = _compiled_kernel(log)
+    x = torch.empty(64)
+    ck[(5, 1, 1)](x, 48, True, 64, 7)
+    direct = common._Direct(ck, (64, 7))
+    assert direct.fast is not None
+    direct(0, (5, 1), (x, 48, True))
+    theirs, ours = log
+    assert len(theirs) == len(ours)
+    for i, (a, b) in enumerate(zip(theirs, ours, strict=True)):
+        if i in (10, 11, 12):  # launch metadata, enter and exit hooks
+            assert b is None
+        else:
+            assert a is b or a == b, (i, a, b)
+    assert ours[3] == 77 and ours[9] == (4, 1, 0)
+
+
+def test_direct_launch_keeps_tritons_runner_for_hooks_and_scratch(monkeypatch):
+    _fake_driver(monkeypatch)
+    x = torch.empty(64)
+    log = []
+    direct = common._Direct(_compiled_kernel(log, scratch=16), ())
+    assert direct.fast is None  # scratch to allocate: the runner's path
+    log = []
+    ck = _compiled_kernel(log)
+    hook = print
+    triton.knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        common._Direct(ck, ())(0, (1,), (x,))
+    finally:
+        triton.knobs.runtime.launch_enter_hook.remove(hook)
+    # Triton's runner went: its launch metadata and hook chain reach the C launch, which
+    # calls the hooks
+    assert log[0][10].get()["name"] == "k"
+    assert log[0][11] is triton.knobs.runtime.launch_enter_hook
+
+
+def test_a_kernel_keeps_one_launcher():
+    """The cache lives in the launcher: a new one per launch would never hit."""
+    kern = _Kernel()
+    assert common.launcher(kern) is common.launcher(kern)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 
 import torch
 
@@ -79,11 +80,14 @@ def square_tiles(block_m: int, block_n: int) -> bool:
 
 
 def key_bias_input(log_gate, block_n: int, scale: float, dtype: torch.dtype):
-    """The key-bias pieces and shifts (gfwagen.gate.key_bias): one launch on CUDA, clamping
-    the gate as it loads it, as gate_tables does."""
+    """The key-bias pieces and shifts (gfwagen.gate.key_bias), and the launch that writes them
+    (None when they are written already). On CUDA that is one launch, which clamps the gate
+    as it loads it (as gate_tables does); forward makes it right before its own."""
     if gate_sums.use_fused(log_gate):
-        return gate_sums.key_bias_fused(log_gate, block_n, scale, dtype, bound=GATE_BOUND)
-    return key_bias(log_gate, block_n, scale, dtype)
+        kb = gate_sums.key_bias_buffers(log_gate, block_n, dtype)
+        return kb, functools.partial(gate_sums.fill_key_bias, log_gate, *kb, block_n, scale,
+                                     GATE_BOUND)
+    return key_bias(log_gate, block_n, scale, dtype), None
 
 
 def _tma_usable(*ts: torch.Tensor) -> bool:
@@ -155,18 +159,21 @@ def forward(q, k, v, log_gate, window, scale, cfg: KernelConfig, segs=None, gate
     if o.numel() == 0:
         return o, lse
     bm, bn = _fit(cfg, T)
-    kb = None
+    kb = fill = None
     if reads_key_bias(q, log_gate, scale, cfg, segs):
-        kb, gate = key_bias_input(log_gate, bn, scale, q.dtype), None
+        (kb, fill), gate = key_bias_input(log_gate, bn, scale, q.dtype), None
     elif gate is None:
         gate = gate_tables(log_gate)
     tma = _use_tma(cfg, k, v)
     with _launching(q, "fwd", cfg):
-        load_template("triton", "fwd").launch_forward(
+        launch = load_template("triton", "fwd").prepare_forward(
             q, k, v, gate, o, lse, kernel_window(window, T), scale, H // k.shape[2], bm, bn,
             cfg.num_warps, cfg.num_stages, _dot_precision(q.dtype),
             bool(cfg.get("prefetch_gate", False)), segs[0] if segs is not None else None, tma,
             bool(cfg.get("full_masks", False)), _maxnreg(cfg, q), key_bias=kb)
+        if fill is not None:
+            fill()  # the forward's launch is bound: nothing on the host between the kernels
+        launch()
     return o, lse
 
 

@@ -6,6 +6,7 @@ import os
 
 import triton
 import triton.language as tl
+from torch import Tensor as _Tensor
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -36,7 +37,9 @@ class _Launcher:
     properties (_arg_key), the same constexprs and options and the same device, launches the
     compiled kernel it returned directly: Triton's binding, cache key and lookup are 50-70 us
     of host time per launch on the H200's host (benchmarks/host_split.py, session 11), seven
-    launches per gated forward+backward. Under the interpreter nothing is cached."""
+    launches per gated forward+backward. A hit goes straight to the compiled kernel's C
+    launcher (_Direct) when no launch hooks are set. Under the interpreter nothing is
+    cached."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -51,6 +54,13 @@ class _Launcher:
         return functools.partial(self._launch, grid)
 
     def _launch(self, grid, *args, **kw):
+        self.bind(grid, *args, **kw)()
+
+    def bind(self, grid, *args, **kw):
+        """kernel[grid](*args, **kw) as a call to make later, looked up now: a caller that
+        binds a launch before it issues another one leaves only the C launch between the two
+        kernels (the GPU would idle through the lookup otherwise: about 10 us per launch on
+        the H200's host)."""
         # a grid function (Triton calls it with the bound arguments) takes Triton's path
         key = self._key(args, kw) if self.enabled and type(grid) is tuple else None
         try:
@@ -58,31 +68,81 @@ class _Launcher:
         except TypeError:  # an unhashable constexpr: Triton's own path
             key = hit = None
         if hit is None:
-            compiled = self.kernel[grid](*args, **kw)
-            if key is not None and hasattr(compiled, "packed_metadata"):
-                if len(self.compiled) > 4096:  # many distinct shapes: start over
-                    self.compiled.clear()
-                self.compiled[key] = compiled
-            return
-        # the compiled kernel takes every parameter in order, constexprs included
-        tail = (kw[n] if n in kw else self.defaults[n] for n in self.names[len(args) :])
-        # a compiled kernel's runner indexes all three grid dimensions; JITFunction pads them
-        hit[grid + (1,) * (3 - len(grid))](*args, *tail)
+            return functools.partial(self._first, key, grid, args, kw)
+        return functools.partial(hit, key[0], grid, args)
+
+    def _first(self, key, grid, args, kw):
+        compiled = self.kernel[grid](*args, **kw)
+        if key is not None and hasattr(compiled, "packed_metadata"):
+            if len(self.compiled) > 4096:  # many distinct shapes: start over
+                self.compiled.clear()
+            # the compiled kernel takes every parameter in order, constexprs included
+            tail = tuple(kw[n] if n in kw else self.defaults[n] for n in self.names[len(args) :])
+            self.compiled[key] = _Direct(compiled, tail)
 
     @staticmethod
     def _key(args, kw):
+        # _arg_key inlined for the common types: a launch's key is built on every call
         key = [triton.runtime.driver.active.get_current_device()]
+        append = key.append
         for a in args:
-            k = _arg_key(a)
-            if k is None:
-                return None
-            key.append(k)
+            t = type(a)
+            if t is int:
+                append((a == 1, a % 16 == 0, -(1 << 31) <= a < (1 << 31), a < (1 << 63)))
+            elif t is _Tensor:
+                append((a.dtype, a.data_ptr() % 16 == 0))
+            elif t is float:
+                append(float)
+            else:
+                k = _arg_key(a)
+                if k is None:
+                    return None
+                append(k)
         for name, v in kw.items():
-            k = _arg_key(v) if hasattr(v, "data_ptr") else v
-            if k is None and v is not None:
-                return None
-            key.append((name, k))
+            if type(v) not in _PLAIN:
+                k = _arg_key(v) if hasattr(v, "data_ptr") else v
+                if k is None and v is not None:
+                    return None
+                v = k
+            append((name, v))
         return tuple(key)
+
+
+# constexpr and option values that key by themselves
+_PLAIN = (int, bool, str, float, type(None))
+
+
+def _hooks_set() -> bool:
+    """Whether anything observes launches (Triton 3.6's hook chains, or a plain hook)."""
+    rt = triton.knobs.runtime
+    return any(getattr(h, "calls", h) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
+
+
+class _Direct:
+    """One compiled kernel and the constexprs that follow a launch's positional arguments.
+    Calling it launches as CompiledKernel[grid](*args) does, less what that spends per call
+    when nothing observes launches: the launch-metadata dict and the calls into empty hook
+    chains, the device and stream queries (the key already holds the device), and the
+    scratch allocators of a kernel that needs no scratch."""
+
+    def __init__(self, compiled, tail):
+        self.compiled, self.tail = compiled, tail
+        run = getattr(compiled, "run", None)  # loads the module if the first launch did not
+        self.fast = None
+        if (getattr(run, "global_scratch_size", 1) == 0
+                and getattr(run, "profile_scratch_size", 1) == 0 and hasattr(run, "launch")):
+            self.fast = run.launch
+            self.head = (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None,
+                         None, compiled.packed_metadata, None, None, None)
+
+    def __call__(self, device, grid, args):
+        # a compiled kernel's runner indexes all three grid dimensions; JITFunction pads them
+        grid = grid + (1,) * (3 - len(grid))
+        if self.fast is None or _hooks_set():
+            self.compiled[grid](*args, *self.tail)
+            return
+        stream = triton.runtime.driver.active.get_current_stream(device)
+        self.fast(grid[0], grid[1], grid[2], stream, *self.head, *args, *self.tail)
 
 
 @functools.cache

@@ -359,7 +359,12 @@ def gfwa_fwd_kernel(
     tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
 
 
-def launch_forward(
+def launch_forward(*args, **kw):
+    """Launches the forward now: prepare_forward's arguments."""
+    prepare_forward(*args, **kw)()
+
+
+def prepare_forward(
     q,
     k,
     v,
@@ -391,7 +396,8 @@ def launch_forward(
     only, the interpreter takes no such option. key_bias: None, or the gate as key_bias.py
     makes it, (pieces, shifts), in place of `gate` (then None): square tiles, no packed
     sequences, a positive scale; the pieces' storage holds its zero pad after them (the last
-    key's 16-wide read runs 8 past)."""
+    key's 16-wide read runs 8 past). Returns the launch, bound (common.launcher's bind), to
+    make once the inputs are written: right after the launch that writes the key biases."""
     B, T, H, D = q.shape
     Dv = v.shape[3]
     if key_bias is not None:
@@ -404,7 +410,8 @@ def launch_forward(
         cl, cb, chunk = gate if gate is not None else (lse, lse, 256)
     assert chunk % block_m == 0 and chunk % block_n == 0, "tiles must not straddle gate chunks"
     grid = (cdiv(T, block_m), B * H)
-    launcher(gfwa_fwd_kernel)[grid](
+    return launcher(gfwa_fwd_kernel).bind(
+        grid,
         q,
         k,
         v,
