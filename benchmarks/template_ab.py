@@ -5,17 +5,21 @@ A, B, B, A (the better of each kept, so that drift hits both alike), outputs com
 
     git archive main templates | tar -x -C /tmp/old      # the version to compare
     PYTHONPATH=$PWD python benchmarks/template_ab.py --old /tmp/old/templates --pass fwd \\
-        --shapes S4,S5,S3,S1,S2
+        --shapes S4,S5,S3,S1,S2 [--pairs 40]
 
-The other version is imported as a package of its own (its helpers with it); its launchers
-must take the current backend's arguments.
+--pairs N also times them in N alternating pairs of calls (bench.paired_ms: each pair within
+a millisecond, on the same clocks), which sees differences of 1%; A B B A's do_bench rounds
+are seconds apart. The other version is imported as a package of its own (its helpers with
+it); its launchers must take the current backend's arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib
+import statistics
 import sys
 import types
 from pathlib import Path
@@ -23,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import SHAPES, make_inputs  # noqa: E402
+from bench import SHAPES, make_inputs, paired_ms  # noqa: E402
 from knobs import bench  # noqa: E402
 
 from gfwagen import dispatch  # noqa: E402
@@ -45,7 +49,14 @@ def load_old(folder: Path, name: str, backend: str = "triton"):
             mod = types.ModuleType(pkg)
             mod.__path__ = [str(path)]
             sys.modules[pkg] = mod
-    return importlib.import_module(f"{root}.{backend}.{name}")
+    mod = importlib.import_module(f"{root}.{backend}.{name}")
+    if name == "fwd" and not hasattr(mod, "prepare_forward"):
+        # templates before session 26 launch at once; triton_backend binds the launch first
+        def prepare_forward(*args, launch=mod.launch_forward, **kw):
+            return functools.partial(launch, *args, **kw)
+
+        mod.prepare_forward = prepare_forward
+    return mod
 
 
 ORDER = ("old", "new", "new2", "old2")  # A B B A: drift within the run hits both alike
@@ -75,6 +86,28 @@ def runner(pass_, s, x, gated, cfg):
     return (lambda: tb.backward_q(st, cfg)), (lambda: [st.dq])
 
 
+def _with_templates(fn, load):
+    """fn run with triton_backend loading its templates through `load`."""
+    def run():
+        saved, tb.load_template = tb.load_template, load
+        try:
+            fn()
+        finally:
+            tb.load_template = saved
+    return run
+
+
+def paired_line(new, old, pairs: int) -> str:
+    """new against old in alternating pairs: the median ratio of their times and its
+    quartiles."""
+    a, b = paired_ms(new, old, pairs)
+    r = [x / y for x, y in zip(a, b, strict=True)]
+    q1, _, q3 = statistics.quantiles(r, n=4)
+    return (f"paired, {pairs} each: new {statistics.median(a):.4f} ms, old "
+            f"{statistics.median(b):.4f} ms, new / old median {statistics.median(r):.4f} "
+            f"({q1:.4f}, {q3:.4f})")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--old", type=Path, required=True,
@@ -82,10 +115,15 @@ def main(argv=None) -> int:
     p.add_argument("--pass", dest="pass_", default="fwd", choices=sorted(TEMPLATE))
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    p.add_argument("--pairs", type=int, default=0, help="also N alternating pairs of calls")
     a = p.parse_args(argv)
     name = TEMPLATE[a.pass_]
     old = load_old(a.old, name)
     current = tb.load_template
+
+    def old_one(b, n):
+        return old if n == name else current(b, n)
+
     for shape in a.shapes.split(","):
         s = SHAPES[shape]
         x = [t.detach() for t in make_inputs(s, torch.bfloat16)]
@@ -94,8 +132,7 @@ def main(argv=None) -> int:
                                                     True, 1), s.T, x[0].device)
             ms, outs = {}, {}
             for which in ORDER:
-                tb.load_template = (current if which.startswith("new") else
-                                    lambda b, n: old if n == name else current(b, n))
+                tb.load_template = current if which.startswith("new") else old_one
                 try:
                     fn, outputs = runner(a.pass_, s, x, gated, cfg)
                     ms[which] = bench(fn, a.rep)
@@ -106,6 +143,10 @@ def main(argv=None) -> int:
                        for n, o in zip(outs["new"], outs["old"], strict=True))
             print(ab_line(f"{shape} {a.pass_} {'gated' if gated else 'plain'}", ms,
                           f"rel diff {diff:.1e}", cfg), flush=True)
+            if a.pairs:
+                print("  " + paired_line(*(_with_templates(runner(a.pass_, s, x, gated, cfg)[0],
+                                                           tmpl) for tmpl in (current, old_one)),
+                                         a.pairs), flush=True)
     return 0
 
 

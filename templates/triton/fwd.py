@@ -36,6 +36,7 @@ def _fwd_tiles(
     m_i,
     q,
     cb_q,
+    m0,
     offs_m,
     seg_lo,
     k_base,
@@ -50,6 +51,7 @@ def _fwd_tiles(
     end,
     T,
     qk_scale,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr,
     HEAD_DV: tl.constexpr,
@@ -144,7 +146,21 @@ def _fwd_tiles(
         if MASKED:
             if SPLIT_BOUNDS:
                 # (common.split_bounds) rows past T are never stored, so only one bound
-                if PHASE == 0:
+                if RAW_MAX:
+                    # In the tile's own coordinates, one scalar bound per tile. Written with
+                    # offs_m and offs_n, ptxas compared them in 64 bits, and in S5's key-bias
+                    # loop, under its register cap, rematerialized their high words: edge and
+                    # diagonal loops 514 and 469 instructions plain, 579 and 508 key-bias;
+                    # this way 401 and 390, 431 and 428 (offline sm_90 SASS). Measured 2.7%
+                    # and 2.9% faster at S5; the gate tables' forward ran 1.1% slower with it
+                    # at S1 (benchmarks/RESULTS.md, session 26), so it keeps the first form.
+                    cols = tl.arange(0, BLOCK_N)[None, :]
+                    rows = tl.arange(0, BLOCK_M)[:, None]
+                    if PHASE == 0:
+                        valid = cols > rows + (m0 - n0 - WINDOW)
+                    else:
+                        valid = cols <= rows + (m0 - n0)
+                elif PHASE == 0:
                     valid = offs_n[None, :] > offs_m[:, None] - WINDOW
                 else:
                     valid = offs_n[None, :] <= offs_m[:, None]
@@ -303,6 +319,7 @@ def gfwa_fwd_kernel(
             m_i,
             q,
             cb_q,
+            m0,
             offs_m,
             seg_lo,
             k_base,
@@ -317,6 +334,7 @@ def gfwa_fwd_kernel(
             bounds[phase + 1],
             T,
             qk_scale,
+            BLOCK_M,
             BLOCK_N,
             HEAD_D,
             HEAD_DV,
