@@ -4,6 +4,7 @@ order. CPU only: Triton's own specializer, and a stand-in kernel that records it
 
 import types
 
+import pytest
 import torch
 import triton
 from triton._C.libtriton import native_specialize_impl
@@ -146,6 +147,7 @@ def _fake_driver(monkeypatch):
     monkeypatch.setattr(compiler, "driver", fake)
 
 
+@pytest.mark.skipif(not common._DIRECT_LAUNCH, reason="the direct launch follows Triton 3.6")
 def test_direct_launch_passes_what_tritons_runner_passes(monkeypatch):
     """_Direct skips CompiledKernel's runner; the C launch must get the same arguments, less
     the launch metadata and hooks that nothing observes."""

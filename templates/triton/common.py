@@ -35,11 +35,11 @@ def _arg_key(a):
 class _Launcher:
     """kernel[grid](*args, **kw) that, after Triton's first launch for the same argument
     properties (_arg_key), the same constexprs and options and the same device, launches the
-    compiled kernel it returned directly: Triton's binding, cache key and lookup are 50-70 us
-    of host time per launch on the H200's host (benchmarks/host_split.py, session 11), seven
-    launches per gated forward+backward. A hit goes straight to the compiled kernel's C
-    launcher (_Direct) when no launch hooks are set. Under the interpreter nothing is
-    cached."""
+    compiled kernel it returned directly: Triton's binding, cache key and lookup were 50-70 us
+    of host time per launch on session 11's H200 host (benchmarks/host_split.py), 2-9 us on
+    session 26's. A hit goes straight to the compiled kernel's C launcher (_Direct) when no
+    launch hooks are set, which saved 2-4 us more a launch there. Under the interpreter
+    nothing is cached."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -118,18 +118,23 @@ def _hooks_set() -> bool:
     return any(getattr(h, "calls", h) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
 
 
+# The C launch's arguments are Triton 3.6's (tests/test_fast_launch.py checks them against its
+# runner); other versions take the runner's path.
+_DIRECT_LAUNCH = triton.__version__.split(".")[:2] == ["3", "6"]
+
+
 class _Direct:
     """One compiled kernel and the constexprs that follow a launch's positional arguments.
     Calling it launches as CompiledKernel[grid](*args) does, less what that spends per call
     when nothing observes launches: the launch-metadata dict and the calls into empty hook
-    chains, the device and stream queries (the key already holds the device), and the
-    scratch allocators of a kernel that needs no scratch."""
+    chains, the device query (the key holds the device), and the scratch allocators of a
+    kernel that needs no scratch."""
 
     def __init__(self, compiled, tail):
         self.compiled, self.tail = compiled, tail
         run = getattr(compiled, "run", None)  # loads the module if the first launch did not
         self.fast = None
-        if (getattr(run, "global_scratch_size", 1) == 0
+        if (_DIRECT_LAUNCH and getattr(run, "global_scratch_size", 1) == 0
                 and getattr(run, "profile_scratch_size", 1) == 0 and hasattr(run, "launch")):
             self.fast = run.launch
             self.head = (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None,
