@@ -71,17 +71,24 @@ GATE_CHUNK = 256
 _LOG2E = 1.4426950408889634
 
 
+def _key_tiles(log_gate: torch.Tensor, block_n: int) -> torch.Tensor:
+    """[B, T, H] log gates -> float64 [B, H, ceil(T / block_n), block_n], positions past T 0:
+    the per-key-tile forms' (tile_records, key_bias) tiles."""
+    B, T, H = log_gate.shape
+    n = -(-T // block_n)
+    g = torch.zeros(B, H, n * block_n, dtype=torch.float64, device=log_gate.device)
+    g[..., :T] = log_gate.transpose(1, 2)
+    return g.view(B, H, n, block_n)
+
+
 def tile_records(log_gate: torch.Tensor, block_n: int, scale: float) -> torch.Tensor:
     """[B, T, H] log gates -> [B, H, ceil(T / block_n) * (block_n + 4)] float32, one record per
     key tile of block_n positions: each key's -(sum of the tile's gates up to it) / scale, the
     tile's gate total times log2(e), three zeros; positions past T count as gate 0. What TVM's
     pingpong forward reads with square tiles (gfwagen.gate_sums.tile_records_fused makes it
     on CUDA); summed in float64 here."""
-    B, T, H = log_gate.shape
-    n = -(-T // block_n)
-    g = torch.zeros(B, H, n * block_n, dtype=torch.float64, device=log_gate.device)
-    g[..., :T] = log_gate.transpose(1, 2)
-    g = g.view(B, H, n, block_n)
+    g = _key_tiles(log_gate, block_n)
+    B, H, n = g.shape[:3]
     rec = torch.zeros(B, H, n, block_n + 4, dtype=torch.float64, device=log_gate.device)
     rec[..., :block_n] = g.cumsum(-1) / -scale
     rec[..., block_n] = g.sum(-1) * _LOG2E
@@ -109,9 +116,8 @@ def key_bias(log_gate: torch.Tensor, block_n: int, scale: float, dtype: torch.dt
     split, as the kernel splits its own float32 sum."""
     B, T, H = log_gate.shape
     n = -(-T // block_n)
-    g = torch.zeros(B * H, n * block_n, dtype=torch.float64, device=log_gate.device)
-    g[:, :T] = log_gate.permute(0, 2, 1).reshape(B * H, T)
-    bias = (g.view(B * H, n, block_n).cumsum(-1) / -scale).to(torch.float32)
+    g = _key_tiles(log_gate, block_n).view(B * H, n, block_n)
+    bias = (g.cumsum(-1) / -scale).to(torch.float32)
     shifts = torch.zeros(B * H, n + 1, dtype=torch.float32, device=log_gate.device)
     shifts[:, 1:] = -bias[..., -1]
     bias = bias.view(B * H, n * block_n)

@@ -164,21 +164,20 @@ def config_from_params(spec: KernelSpec, values: dict, gpu: bool = False) -> Ker
     extra = {**dict(base.extra), **{k[2:]: v for k, v in values.items() if k.startswith("x_")}}
     extra = {k: v for k, v in extra.items() if not (k in KNOBS and v is False)}
     num_warps = int(values.get("num_warps", base.num_warps))
+    bm, bn = int(values.get("block_m", base.block_m)), int(values.get("block_n", base.block_n))
     if spec.backend == "tvm":
         if extra.get("wgmma") is True:  # a warpgroup (4 warps) per 64 rows
             extra = {k: v for k, v in extra.items() if k not in MMA_SYNC_ONLY}
-            num_warps = max(1, int(values.get("block_m", base.block_m)) // 16)
-            if not (extra.get("pingpong") and values.get("block_m", base.block_m)
-                    == values.get("block_n", base.block_n)):
+            num_warps = max(1, bm // 16)
+            if not (extra.get("pingpong") and bm == bn):
                 extra.pop("fuse_gate", None)  # means nothing there: the same config
         else:
             extra = {k: v for k, v in extra.items() if k not in WGMMA_ONLY}
         extra = {k: v for k, v in extra.items() if not _tvm_tc_default(k, v)}
-    elif extra.get("bias_mma") and idle_knob(spec, "bias_mma", int(values.get(
-            "block_m", base.block_m)), int(values.get("block_n", base.block_n))):
+    elif extra.get("bias_mma") and idle_knob(spec, "bias_mma", bm, bn):
         extra.pop("bias_mma")  # the forward reads the gate tables there: the same config
-    return KernelConfig(block_m=int(values.get("block_m", base.block_m)),
-                        block_n=int(values.get("block_n", base.block_n)),
+    return KernelConfig(block_m=bm,
+                        block_n=bn,
                         num_warps=num_warps,
                         num_stages=int(values.get("num_stages", base.num_stages)),
                         extra=tuple(sorted(extra.items())))
