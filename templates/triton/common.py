@@ -10,6 +10,9 @@ from torch import Tensor as _Tensor
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# A key's row of key-bias pieces (key_bias.py writes them, fwd.py reads them): three
+# pieces, then zeros; the forward reads 16 at a time, a bf16 wgmma's k step.
+KEY_BIAS_WIDTH = tl.constexpr(8)
 
 
 # GFWAGEN_FAST_LAUNCH=0: every launch through Triton's own binding (for A/B timing)

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    KEY_BIAS_WIDTH,
     LN2,
     LOG2E,
     cdiv,
@@ -113,11 +114,12 @@ def _fwd_tiles(
         if KEY_BIAS:
             # The keys' biases, relative to their tile's start, in the products' units and
             # in three pieces of q's dtype (key_bias.py), enter through the product itself:
-            # a 16-wide k step of ones against them (a key's row of key_bias.WIDTH = 8, then
+            # a 16-wide k step of ones against them (a key's row of KEY_BIAS_WIDTH = 8, then
             # the next key's, which meets zeros), issued first so that Q K^T accumulates onto
             # it. Per score the loop is the ungated RAW_MAX one: in S5's issue-bound loop an
             # add per score and the gate's loads cost 17% (benchmarks/RESULTS.md).
-            kb = tl.load(kb_base + offs_n[:, None] * 8 + tl.arange(0, 16)[None, :])
+            kb = tl.load(kb_base + offs_n[:, None] * KEY_BIAS_WIDTH
+                         + tl.arange(0, 16)[None, :])
             s = tl.dot(e_ones, tl.trans(kb), input_precision=DOT_PREC)
             s = tl.dot(q, tl.trans(k), acc=s, input_precision=DOT_PREC)
             shift = nxt_shift
@@ -284,12 +286,12 @@ def gfwa_fwd_kernel(
     e_ones = q
     if KEY_BIAS:
         # KB: the pieces [B*H, tiles * BLOCK_N, 8]; CB: the shifts [B*H, n_chunks = tiles + 1]
-        kb_base = KB + pid_bh.to(tl.int64) * (n_chunks - 1) * (BLOCK_N * 8)
+        kb_base = KB + pid_bh.to(tl.int64) * (n_chunks - 1) * (BLOCK_N * KEY_BIAS_WIDTH)
         e_ones = tl.broadcast_to(
             tl.where(tl.arange(0, 16)[None, :] < 3, 1.0, 0.0).to(q.dtype), [BLOCK_M, 16])
         # c_i in the last tile's frame (BLOCK_M == BLOCK_N: the query tile's own key tile):
         # minus its own key's bias, in log2 units
-        own = kb_base + offs_m * 8
+        own = kb_base + offs_m * KEY_BIAS_WIDTH
         ci = (tl.load(own, mask=row_ok, other=0.0).to(tl.float32)
               + tl.load(own + 1, mask=row_ok, other=0.0).to(tl.float32)
               + tl.load(own + 2, mask=row_ok, other=0.0).to(tl.float32)) * -qk_scale

@@ -21,10 +21,9 @@ This file imports nothing from gfwagen.
 import triton
 import triton.language as tl
 
+from .common import KEY_BIAS_WIDTH as WIDTH
 from .common import cdiv, heads_per_program, launcher
 from .gate_sums import key_tile_gates
-
-WIDTH = tl.constexpr(8)  # a key's row; the forward reads 16, a bf16 wgmma's k step
 
 
 @triton.jit
