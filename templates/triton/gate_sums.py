@@ -214,7 +214,7 @@ def gate_sums_scan_kernel(base_ptr, NC, N_BASE, BLOCK: tl.constexpr):
 def gate_sums_absolute_kernel(c_ptr, base_ptr, T, N_BASE, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """c[row, t] += ln(2) * base[row, t // CHUNK] in place: float64 chunk-local sums (natural
     units) into the whole prefix sums, for kernels that take those (the TVM templates)."""
-    row = tl.program_id(1).to(tl.int64)
+    row = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)  # b * H + h
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < T
     base = tl.load(base_ptr + row * N_BASE + offs // CHUNK, mask=m, other=0.0)
@@ -417,7 +417,7 @@ def launch_gate_sums_fwd(
         launcher(gate_sums_scan_kernel)[(B * H,)](base, nc, n_base, BLOCK=blk, num_warps=4)
     if absolute:
         blk = 1024
-        launcher(gate_sums_absolute_kernel)[(cdiv(T, blk), B * H)](
+        launcher(gate_sums_absolute_kernel)[(cdiv(T, blk), H, B)](
             local,
             base,
             T,
