@@ -1,6 +1,7 @@
 """benchmarks/bench.py's bookkeeping, without a GPU: how --devices shares out the shapes,
 merges the per-GPU runs into one report, and fails when a GPU's process does."""
 
+import csv
 import json
 import os
 import subprocess
@@ -230,3 +231,25 @@ def test_fuse_gate_ab_switches_only_the_extra():
     on = fuse_gate_ab.with_fuse(fuse_gate_ab.PINGPONG, True)
     assert on.get("fuse_gate") is True and fuse_gate_ab.square_pingpong(on)
     assert fuse_gate_ab.with_fuse(on, False) == fuse_gate_ab.PINGPONG
+
+
+def test_ncu_fwd_segments_counts_per_warp_and_query_tile(tmp_path, capsys):
+    """ncu_fwd.py segments: runs of equally executed SASS, per execution of the first one."""
+    import ncu_fwd
+
+    head = ["Address", "Source", "Instructions Executed"]
+    rows = [("0x100", "LDC R1", 4), ("0x110", "S2R R0", 4), ("0x120", "HGMMA", 28),
+            ("0x130", "BRA 0x120", 28), ("0x140", "EXIT", 4)]
+    f = tmp_path / "k.csv"
+    with f.open("w", newline="") as out:
+        w = csv.writer(out)
+        w.writerow(["Kernel Name", "gfwa_fwd_kernel"])
+        w.writerow(head)
+        w.writerows(rows)
+    assert ncu_fwd.runs(f) == [(0, 4.0, 2), (0x20, 28.0, 2), (0x40, 4.0, 1)]
+    ncu_fwd.segments([f])
+    out = capsys.readouterr().out
+    assert "17 per warp and query tile" in out and "2 instructions x  7.00 =     14" in out
+    (tmp_path / "empty.csv").write_text('"Kernel Name","x"\n"Address","Source"\n')
+    with pytest.raises(SystemExit, match="no SASS rows"):
+        ncu_fwd.runs(tmp_path / "empty.csv")

@@ -29,6 +29,9 @@ CASES = [
     ("W63-gqa", 1, 1000, 8, 2, 64, 64, 63, True),
     ("D96-W300", 1, 1200, 4, 2, 96, 96, 300, True),
     ("D192-Dv96-W100", 1, 900, 4, 4, 192, 96, 100, True),
+    # batch * heads past 65535, CUDA's cap on a grid's y extent (the kernels' grids were
+    # (tiles, B * H) until session 27)
+    ("BH65600", 8200, 24, 8, 8, 16, 16, 8, True),
 ]
 
 

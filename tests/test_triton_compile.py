@@ -142,22 +142,22 @@ from gfwagen.offline import compile_pass
 from gfwagen.spec import KernelConfig, KernelSpec
 
 spec = KernelSpec("triton", "fwd", 64, 64, 512, "bf16", True, 1)
-out = []
-for extra in ((("tma", True),), (("maxnreg", 128), ("tma", True))):
-    b = compile_pass(spec, KernelConfig(64, 64, 4, 2, extra=extra))
-    out.append(dict(regs=b.registers, stack=b.stack_bytes))
-print(json.dumps(out))
+free = compile_pass(spec, KernelConfig(64, 64, 4, 2, extra=(("tma", True),)))
+cap = (free.registers - 1) // 8 * 8
+capped = compile_pass(spec, KernelConfig(64, 64, 4, 2, extra=(("maxnreg", cap), ("tma", True))))
+print(json.dumps([dict(regs=free.registers, stack=free.stack_bytes),
+                  dict(cap=cap, regs=capped.registers)]))
 """
 
 
 @pytest.mark.timeout(600)
 def test_maxnreg_reaches_ptxas():
-    """S5's gated 64x64 w4 s2 forward: over 128 registers as compiled (three blocks per
-    SM), at most 128 with the knob (four), and no spills either way (session 13: 140 and
-    127)."""
+    """S5's gated 64x64 w4 s2 forward, capped below what it takes as compiled: ptxas keeps to
+    the cap (session 13: 140 registers free, 127 under a cap of 128; since session 27 it takes
+    128 free, and no stack)."""
     free, capped = run_offline(MAXNREG_SCRIPT)
-    assert free["regs"] > 128 and capped["regs"] <= 128, (free, capped)
-    assert free["stack"] == 0 and capped["stack"] == 0, (free, capped)
+    assert capped["regs"] <= capped["cap"] < free["regs"], (free, capped)
+    assert free["stack"] == 0, free
 
 
 FP32_SCRIPT = r"""
@@ -245,10 +245,12 @@ print(json.dumps(out))
 @pytest.mark.timeout(600)
 def test_key_bias_forward_and_its_launch_compile_for_sm90():
     """The bias_mma forward at S5's tile (its bias step one more wgmma per key tile, within
-    the register cap, no spills) and the launch that makes its pieces, through the real
-    compiler: the interpreter lets pass what Triton's compiler refuses (a module global that
-    is not a constexpr, say)."""
+    the register cap, no more than c_i spilled) and the launch that makes its pieces, through
+    the real compiler: the interpreter lets pass what Triton's compiler refuses (a module
+    global that is not a constexpr, say)."""
     tables, key_bias, launch = run_offline(KEY_BIAS_SCRIPT)
-    assert key_bias["wgmma"] and key_bias["regs"] <= 128 and key_bias["stack"] == 0
+    # 16 bytes: c_i, read a query tile ahead of its use, spilled outside the loops; read
+    # where it is used instead, the forward ran 2% slower (fwd.py, session 27)
+    assert key_bias["wgmma"] and key_bias["regs"] <= 128 and key_bias["stack"] <= 16
     assert key_bias["k16"] > tables["k16"]
     assert launch["key_bias_ptx"] > 0

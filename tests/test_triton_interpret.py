@@ -115,6 +115,8 @@ KEY_BIAS_CASES = [
     ("gqa-32", 64, 4, 2, 40, 32, 1.0, torch.float16),
     ("strong-gates", 70, 4, 2, 16, 16, 30.0, torch.float32),
     ("weak-gates", 50, 2, 2, 20, 16, 1e-3, torch.float32),
+    # several interior tiles: each issues the next one's bias step
+    ("interior", 150, 2, 2, 96, 16, 1.0, torch.float32),
 ]
 
 

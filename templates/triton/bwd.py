@@ -61,9 +61,9 @@ def gfwa_bwd_delta_kernel(
     HEAD_DV_PAD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    pid_bh = b * H + h
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DV_PAD)
     ok = offs_m < T
@@ -286,9 +286,8 @@ def gfwa_bwd_dkdv_kernel(
     STORE_DS: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
-    pid_bhk = tl.program_id(1)
-    b = pid_bhk // HKV
-    hk = pid_bhk % HKV
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D_PAD)
@@ -413,13 +412,13 @@ def gfwa_bwd_dkdv_kernel(
 
 @triton.jit
 def _query_program(H, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
-    """What a program of a (query tile, batch*query head) grid works on: its tile index, batch,
+    """What a program of a (query tile, query head, batch) grid works on: its tile index, batch,
     query head, kv head, the batch and batch*head as int64 (for offsets past 2^31) and rows."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    h = pid_bh % H
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    pid_bh = b * H + h
     m0 = pid_m * BLOCK_M
-    b = pid_bh // H
     return (
         pid_m,
         b,
@@ -762,7 +761,7 @@ def gfwa_bwd_dq_ds_kernel(
 
 def launch_delta(o, do, delta, block_m=64):
     B, T, H, Dv = o.shape
-    launcher(gfwa_bwd_delta_kernel)[(cdiv(T, block_m), B * H)](
+    launcher(gfwa_bwd_delta_kernel)[(cdiv(T, block_m), H, B)](
         o,
         do,
         delta,
@@ -818,7 +817,7 @@ def launch_dkdv(
     cl, cb, chunk = _gate_args(gate, lse, block_m, block_n)
     if stored is not None:
         assert seg_end is None and stored.tiles == (block_m, block_n) and window > 0
-    launcher(gfwa_bwd_dkdv_kernel)[(cdiv(T, block_n), B * Hkv)](
+    launcher(gfwa_bwd_dkdv_kernel)[(cdiv(T, block_n), Hkv, B)](
         q,
         k,
         v,
@@ -918,7 +917,7 @@ def launch_dq_ds(
     launch_dkdv wrote for the same inputs, on its tiles."""
     B, T, H, D = dq.shape
     block_m, block_n = stored.tiles
-    launcher(gfwa_bwd_dq_ds_kernel)[(cdiv(T, block_m), B * H)](
+    launcher(gfwa_bwd_dq_ds_kernel)[(cdiv(T, block_m), H, B)](
         stored.blocks,
         k,
         dq,
@@ -977,7 +976,7 @@ def launch_dq(
     B, T, H, D = q.shape
     Dv = v.shape[3]
     cl, cb, chunk = _gate_args(gate, lse, block_m, block_n)
-    launcher(gfwa_bwd_dq_kernel)[(cdiv(T, block_m), B * H)](
+    launcher(gfwa_bwd_dq_kernel)[(cdiv(T, block_m), H, B)](
         q,
         k,
         v,

@@ -214,7 +214,7 @@ def gate_sums_scan_kernel(base_ptr, NC, N_BASE, BLOCK: tl.constexpr):
 def gate_sums_absolute_kernel(c_ptr, base_ptr, T, N_BASE, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """c[row, t] += ln(2) * base[row, t // CHUNK] in place: float64 chunk-local sums (natural
     units) into the whole prefix sums, for kernels that take those (the TVM templates)."""
-    row = tl.program_id(1).to(tl.int64)
+    row = tl.program_id(2).to(tl.int64) * tl.num_programs(1) + tl.program_id(1)  # b * H + h
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < T
     base = tl.load(base_ptr + row * N_BASE + offs // CHUNK, mask=m, other=0.0)
@@ -329,8 +329,8 @@ def gate_sums_restart_kernel(
 ):
     """out[b, t, h] = rev[b, t, h] - rev[b, seg_end[t], h] (rev past T is 0), exactly 0 at the
     first position of each sequence; rev and out [B, T, H]."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    pid_b = tl.program_id(1).to(tl.int64)  # positions in x: CUDA caps y and z at 65535
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
     t_in = offs_t < T
     m = t_in[:, None] & (offs_h < H)[None, :]
@@ -417,7 +417,7 @@ def launch_gate_sums_fwd(
         launcher(gate_sums_scan_kernel)[(B * H,)](base, nc, n_base, BLOCK=blk, num_warps=4)
     if absolute:
         blk = 1024
-        launcher(gate_sums_absolute_kernel)[(cdiv(T, blk), B * H)](
+        launcher(gate_sums_absolute_kernel)[(cdiv(T, blk), H, B)](
             local,
             base,
             T,
@@ -481,7 +481,7 @@ def launch_gate_sums_bwd(
     )
     if seg_end is not None:
         bt = 64
-        launcher(gate_sums_restart_kernel)[(B, cdiv(T, bt), hb)](
+        launcher(gate_sums_restart_kernel)[(cdiv(T, bt), B, hb)](
             rev, seg_end, out, T, H, BLOCK_T=bt, BLOCK_H=bh, num_warps=4
         )
 

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""S5's forward under Nsight Compute, and where its executed instructions go.
+
+    ncu -k regex:gfwa_fwd --launch-skip 2 --launch-count 1 --section SourceCounters -o kb \\
+        python benchmarks/ncu_fwd.py launch kb          # kb: key biases (bias_mma); or plain
+    ncu -i kb.ncu-rep --page source --csv --print-source sass > kb.csv
+    python benchmarks/ncu_fwd.py segments plain.csv kb.csv
+
+`segments` splits each kernel's SASS into runs of instructions executed equally often (the
+prologue, each tile loop, the code between them) and prints each run's instructions per warp
+and query tile: its executions over the first instruction's, which runs once per warp and
+query tile. Session 27 found 61% of the gate's excess at S5 outside the interior loop that
+way (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+
+def launch(which: str) -> None:
+    """Three forwards at S5's shipped tile (64x64 w4 s2 maxnreg 128): gated through the key
+    biases, or ungated."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench import SHAPES, make_inputs
+
+    from gfwagen.backends import triton_backend as tb
+    from gfwagen.spec import KernelConfig
+
+    s = SHAPES["S5"]
+    q, k, v, g, _ = (t.detach() for t in make_inputs(s, torch.bfloat16))
+    cfg = KernelConfig(64, 64, 4, 2, extra=(("bias_mma", True), ("maxnreg", 128)))
+    for _ in range(3):
+        tb.forward(q, k, v, g if which == "kb" else None, s.W, s.D ** -0.5, cfg)
+    torch.cuda.synchronize()
+
+
+def runs(path: Path) -> list[tuple[int, float, int]]:
+    """(offset of the run's first instruction, executions of each, instructions in the run)
+    from an `ncu --page source --csv --print-source sass` export."""
+    rows = list(csv.reader(path.open()))
+    head = rows[1]
+    data = [dict(zip(head, r)) for r in rows[2:] if len(r) >= len(head) and r[0].startswith("0x")]
+    if not data:
+        raise SystemExit(f"{path}: no SASS rows (expected ncu's source page as CSV)")
+    base = int(data[0]["Address"], 16)
+    out: list[list] = []
+    for d in data:
+        n = float(d["Instructions Executed"] or 0)
+        if out and out[-1][1] == n:
+            out[-1][2] += 1
+        else:
+            out.append([int(d["Address"], 16) - base, n, 1])
+    return [tuple(r) for r in out]
+
+
+def segments(paths: list[Path]) -> None:
+    for path in paths:
+        rs = runs(path)
+        per = rs[0][1]  # the first instruction: once per warp and query tile
+        total = sum(n * c for _, n, c in rs)
+        print(f"{path}: {total / 1e6:.1f} M warp instructions, "
+              f"{total / per:.0f} per warp and query tile")
+        for off, n, c in rs:
+            if n * c > 0.002 * total:
+                print(f"  {off:#7x}  {c:4d} instructions x {n / per:5.2f} = {n * c / per:6.0f}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("launch").add_argument("which", choices=("plain", "kb"))
+    sub.add_parser("segments").add_argument("csv", nargs="+", type=Path)
+    a = p.parse_args(argv)
+    if a.cmd == "launch":
+        launch(a.which)
+    else:
+        segments(a.csv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
