@@ -86,7 +86,8 @@ def _constexprs(spec: KernelSpec, cfg: KernelConfig, varlen: bool = False) -> di
                 and (spec.gated or spec.pass_ in ("bwd_kv", "bwd_ds")),
                 STORE_DS=spec.pass_ == "bwd_ds",
                 # the forward, as launched with a positive scale
-                RAW_MAX=not spec.gated or key_bias)
+                RAW_MAX=not spec.gated or key_bias,
+                WIDE_OFFSETS=False)
 
 
 def _split_bounds(spec: KernelSpec, cfg: KernelConfig, varlen: bool) -> bool:

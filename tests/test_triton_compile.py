@@ -254,3 +254,35 @@ def test_key_bias_forward_and_its_launch_compile_for_sm90():
     assert key_bias["wgmma"] and key_bias["regs"] <= 128 and key_bias["stack"] <= 16
     assert key_bias["k16"] > tables["k16"]
     assert launch["key_bias_ptx"] > 0
+
+
+WIDE_SCRIPT = r"""
+import json
+import gfwagen.offline as off
+from gfwagen.spec import KernelConfig, KernelSpec
+
+narrow = off._constexprs
+out = []
+for pass_ in ("fwd", "bwd_kv", "bwd_q"):
+    row = dict(pass_=pass_)
+    for wide in (False, True):
+        off._constexprs = lambda spec, cfg, varlen=False, w=wide: {
+            **narrow(spec, cfg, varlen), "WIDE_OFFSETS": w}
+        b = off.compile_pass(KernelSpec("triton", pass_, 128, 128, 4096, "bf16", True, 1),
+                             KernelConfig(64, 64, 4, 2))
+        row["wide" if wide else "narrow"] = dict(
+            regs=b.registers, mul64=b.ptx.count("mul.lo.s64") + b.ptx.count("mul.wide.s32"))
+    out.append(row)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_wide_offset_kernels_compile_for_sm90():
+    """The kernels as launched for a batch entry past 2^31 elements (common.wide_offsets),
+    which the benchmark shapes never reach: they build for sm_90, with more 64-bit multiplies
+    than as launched below it (the row offsets; the interpreter test checks their values)."""
+    builds = run_offline(WIDE_SCRIPT)
+    assert [b["pass_"] for b in builds] == ["fwd", "bwd_kv", "bwd_q"]
+    for b in builds:
+        assert b["wide"]["regs"] <= 255 and b["wide"]["mul64"] > b["narrow"]["mul64"], b

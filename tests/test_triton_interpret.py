@@ -346,3 +346,33 @@ def test_stored_ds_out_of_memory_falls_back_to_recomputing(monkeypatch):
     assert len(tried) == 1  # not tried again at that size
     monkeypatch.setattr(triton_backend, "attach_stored_ds", real)
     assert triton_backend.stored_ds_usable(q[:, :32], 16, None, cfg)  # a smaller buffer: allowed
+
+
+def test_offsets_past_2_31_elements_of_a_batch_entry():
+    """A batch entry whose rows pass 2^31 elements (a long sequence of many heads: T = 2^20
+    at 32 heads of 128): q, k, v and dO as views of one storage with a 2^25-element row
+    stride, so rows 64 on lie past 2^31 (about 10 GB reserved, a few pages touched). The
+    kernels' int32 row offsets wrapped there (a segfault under the interpreter, a wild read on
+    a GPU); common.wide_offsets makes them int64, forward and backward."""
+    from gfwagen.template_loader import load_template
+
+    T, D, W, stride = 80, 16, 24, 2**25
+    try:
+        store = torch.empty(T * stride, dtype=torch.float32)
+    except RuntimeError as e:  # an address space too small to reserve it
+        pytest.skip(f"could not reserve {T * stride * 4 / 2**30:.0f} GiB: {e}")
+    q, k, v, do = (store.as_strided((1, T, 1, D), (T * stride, stride, D, 1), i * D)
+                   for i in range(4))
+    for x in (q, k, v, do):
+        x.copy_(torch.randn(1, T, 1, D))
+    assert load_template("triton", "common").wide_offsets(q)
+    g = torch.nn.functional.logsigmoid(torch.randn(1, T, 1) + 3)
+    cfg = KernelConfig(16, 16, 4, 1)
+    o, lse = triton_backend.forward(q, k, v, g, W, 0.25, cfg)
+    got = triton_backend.backward(do, q, k, v, o, lse, g, W, 0.25, cfg, cfg)
+    leaves = [t.double().contiguous().requires_grad_() for t in (q, k, v, g)]
+    o_ref = naive_attention(*leaves, W, 0.25)
+    assert rel_err(o, o_ref) < 1e-5
+    exp = torch.autograd.grad(o_ref, leaves, do.double())
+    for name, a, e in zip(["dq", "dk", "dv", "dlog_gate"], got, exp):
+        assert rel_err(a, e) < 1e-5, name

@@ -40,6 +40,8 @@ from .common import (
     varlen_query_phases,
     vector_descriptor,
     vectors_tma_usable,
+    wide_offsets,
+    wide_strides,
 )
 
 
@@ -59,11 +61,14 @@ def gfwa_bwd_delta_kernel(
     BLOCK_M: tl.constexpr,
     HEAD_DV: tl.constexpr,
     HEAD_DV_PAD: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     pid_bh = b * H + h
+    stride_ot, stride_oh = wide_strides(stride_ot, stride_oh, WIDE_OFFSETS)
+    stride_dot, stride_doh = wide_strides(stride_dot, stride_doh, WIDE_OFFSETS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DV_PAD)
     ok = offs_m < T
@@ -284,10 +289,17 @@ def gfwa_bwd_dkdv_kernel(
     USE_TMA: tl.constexpr,
     VEC_TMA: tl.constexpr = False,
     STORE_DS: tl.constexpr = False,
+    WIDE_OFFSETS: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
+    stride_qt, stride_qh = wide_strides(stride_qt, stride_qh, WIDE_OFFSETS)
+    stride_kt, stride_kh = wide_strides(stride_kt, stride_kh, WIDE_OFFSETS)
+    stride_vt, stride_vh = wide_strides(stride_vt, stride_vh, WIDE_OFFSETS)
+    stride_dot, stride_doh = wide_strides(stride_dot, stride_doh, WIDE_OFFSETS)
+    stride_dkt, stride_dkh = wide_strides(stride_dkt, stride_dkh, WIDE_OFFSETS)
+    stride_dvt, stride_dvh = wide_strides(stride_dvt, stride_dvh, WIDE_OFFSETS)
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D_PAD)
@@ -571,8 +583,15 @@ def gfwa_bwd_dq_kernel(
     USE_TMA: tl.constexpr,
     SPLIT_BOUNDS: tl.constexpr,
     VEC_TMA: tl.constexpr = False,
+    WIDE_OFFSETS: tl.constexpr = False,
 ):
     pid_m, b, h, hk, b64, bh, m0, offs_m = _query_program(H, GROUP, BLOCK_M)
+    stride_ot, stride_oh = wide_strides(stride_ot, stride_oh, WIDE_OFFSETS)
+    stride_qt, stride_qh = wide_strides(stride_qt, stride_qh, WIDE_OFFSETS)
+    stride_kt, stride_kh = wide_strides(stride_kt, stride_kh, WIDE_OFFSETS)
+    stride_vt, stride_vh = wide_strides(stride_vt, stride_vh, WIDE_OFFSETS)
+    stride_dot, stride_doh = wide_strides(stride_dot, stride_doh, WIDE_OFFSETS)
+    stride_dqt, stride_dqh = wide_strides(stride_dqt, stride_dqh, WIDE_OFFSETS)
     offs_d = tl.arange(0, HEAD_D_PAD)
     offs_dv = tl.arange(0, HEAD_DV_PAD)
     row_ok = offs_m < T
@@ -701,6 +720,7 @@ def gfwa_bwd_dq_ds_kernel(
     GROUP: tl.constexpr,
     DOT_PREC: tl.constexpr,
     USE_TMA: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr = False,
 ):
     """dq = scale * dS K, and gated the row sums of dS, from the blocks the dk/dv kernel
     stored (STORE_DS, StoredDS) with the same BLOCK_M x BLOCK_N tiles: one product per key
@@ -708,6 +728,8 @@ def gfwa_bwd_dq_ds_kernel(
     blocks hold zeros outside the window; K rows past T load as zeros). One loop, so ptxas
     keeps the products asynchronous (three loops carrying dq serialized them: C7515)."""
     pid_m, b, h, hk, b64, bh, m0, offs_m = _query_program(H, GROUP, BLOCK_M)
+    stride_kt, stride_kh = wide_strides(stride_kt, stride_kh, WIDE_OFFSETS)
+    stride_dqt, stride_dqh = wide_strides(stride_dqt, stride_dqh, WIDE_OFFSETS)
     offs_d = tl.arange(0, HEAD_D_PAD)
     row_ok = offs_m < T
     k_base = K + b64 * stride_kb + hk * stride_kh
@@ -776,6 +798,7 @@ def launch_delta(o, do, delta, block_m=64):
         BLOCK_M=block_m,
         HEAD_DV=Dv,
         HEAD_DV_PAD=next_pow2(Dv),
+        WIDE_OFFSETS=wide_offsets(o, do),
     )
 
 
@@ -871,6 +894,7 @@ def launch_dkdv(
         USE_TMA=tma,
         VEC_TMA=tma and vectors_tma_usable(T, cl, lse, delta),
         STORE_DS=stored is not None,
+        WIDE_OFFSETS=wide_offsets(q, k, v, do, dk, dv),
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -941,6 +965,7 @@ def launch_dq_ds(
         GROUP=group,
         DOT_PREC=dot_prec,
         USE_TMA=tma,
+        WIDE_OFFSETS=wide_offsets(k, dq),
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -1028,6 +1053,7 @@ def launch_dq(
         SPLIT_BOUNDS=not full_masks
         and split_bounds(window, block_m, block_n, seg_start is not None),
         VEC_TMA=tma and gate is not None and vectors_tma_usable(T, cl),
+        WIDE_OFFSETS=wide_offsets(q, k, v, do, o, dq),
         num_warps=num_warps,
         num_stages=num_stages,
     )

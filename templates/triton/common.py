@@ -213,6 +213,26 @@ def load_vector(base, offs, T, MASKED: tl.constexpr):
     return vec
 
 
+def wide_offsets(*tensors) -> bool:
+    """Whether some element of a batch entry of these [B, T, heads, D] tensors lies 2^31 or
+    more elements past the entry's start: the kernels' row and head offsets (an int32 index
+    times an int32 stride) would wrap there, so they take WIDE_OFFSETS, which makes those
+    strides int64 (a long sequence of many heads: T = 2^20 at 32 heads of 128 passes it).
+    Below it the kernels compile as without the flag."""
+    return any(sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2**31 - 1
+               for t in tensors if t is not None and t.numel())
+
+
+@triton.jit
+def wide_strides(stride_t, stride_h, WIDE_OFFSETS: tl.constexpr):
+    """A tensor's row and head strides, as int64 when the launch takes WIDE_OFFSETS
+    (wide_offsets): every offset they scale is then computed in 64 bits."""
+    if WIDE_OFFSETS:  # one return: Triton's compiler refuses two of different types
+        stride_t = stride_t.to(tl.int64)
+        stride_h = stride_h.to(tl.int64)
+    return stride_t, stride_h
+
+
 @triton.jit
 def load_rows(
     base, offs, stride, T, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, MASKED: tl.constexpr

@@ -27,6 +27,8 @@ from .common import (
     row_tile_descriptor,
     split_bounds,
     varlen_key_phases,
+    wide_offsets,
+    wide_strides,
 )
 
 
@@ -238,11 +240,16 @@ def gfwa_fwd_kernel(
     SPLIT_BOUNDS: tl.constexpr,
     RAW_MAX: tl.constexpr,
     KEY_BIAS: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     pid_bh = b * H + h
+    stride_qt, stride_qh = wide_strides(stride_qt, stride_qh, WIDE_OFFSETS)
+    stride_kt, stride_kh = wide_strides(stride_kt, stride_kh, WIDE_OFFSETS)
+    stride_vt, stride_vh = wide_strides(stride_vt, stride_vh, WIDE_OFFSETS)
+    stride_ot, stride_oh = wide_strides(stride_ot, stride_oh, WIDE_OFFSETS)
     hk = h // GROUP
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -482,6 +489,7 @@ def prepare_forward(
         and split_bounds(window, block_m, block_n, seg_start is not None),
         RAW_MAX=scale > 0 and gate is None,
         KEY_BIAS=key_bias is not None,
+        WIDE_OFFSETS=wide_offsets(q, k, v, o),
         num_warps=num_warps,
         num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
