@@ -179,8 +179,11 @@ for dt, cdt, bn, nw, ns in [("bf16", "fp32", 64, 4, 3), ("fp32", "fp64", 32, 4, 
     types.update(CR="*" + cdt, CQ="*" + cdt, SEQLENS="*i32", PM="*fp32", PL="*fp32",
                  PACC="*fp32", scale="fp32")
     ce = dict(G=4, BLOCK_M=16, BLOCK_N=bn, BLOCK_S=16, HEAD_D=128, HEAD_DV=128, D_PAD=128,
-              DV_PAD=128, GATED=True, DOT_PREC="ieee" if dt == "fp32" else "tf32")
+              DV_PAD=128, GATED=True, DOT_PREC="ieee" if dt == "fp32" else "tf32",
+              WIDE_OFFSETS=False)
     res.append(build(m._decode_split, types, ce, nw, ns))
+# fp32 again, with 64-bit ring offsets (common.wide_offsets)
+res.append(build(m._decode_split, types, dict(ce, WIDE_OFFSETS=True), nw, ns))
 res.append(build(m._decode_combine, dict(PM="*fp32", PL="*fp32", PACC="*fp32", O="*bf16"),
                  dict(G=4, BLOCK_M=16, SPLIT_PAD=16, HEAD_DV=128, DV_PAD=128), 4, 1))
 print(json.dumps(res))
@@ -200,7 +203,27 @@ def test_decode_compiles_for_sm90_with_pipelined_loads():
     proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    split_bf16, split_fp32, combine = json.loads(proc.stdout.strip().splitlines()[-1])
-    for b in (split_bf16, split_fp32):
+    split_bf16, split_fp32, split_wide, combine = json.loads(
+        proc.stdout.strip().splitlines()[-1])
+    for b in (split_bf16, split_fp32, split_wide):
         assert b["cp_async"] > 0 and 0 < b["shared"] <= 232448, b
     assert combine["shared"] <= 232448
+
+
+def test_decode_ring_past_2_31_elements():
+    """A ring whose slots pass 2^31 elements of a batch entry (R slots of a 2^25-element
+    stride here; R = 2^21 at 8 heads of 128 in practice): its int32 slot offsets wrapped
+    (a segfault under the interpreter); common.wide_offsets makes them int64."""
+    R, stride = 80, 2**25
+    args, ref = _case([100], 1, 2, 1, 16, R, None, True, torch.float32, seed=2)
+    try:
+        store = torch.empty(R * stride, dtype=torch.float32)
+    except RuntimeError as e:  # an address space too small to reserve it
+        pytest.skip(f"could not reserve {R * stride * 4 / 2**30:.0f} GiB: {e}")
+    rings = [store.as_strided((1, R, 1, 16), (R * stride, stride, 16, 1), i * 16)
+             for i in range(2)]
+    for big, small in zip(rings, args[3:5]):
+        big.copy_(small)
+    args = (*args[:3], *rings, *args[5:])
+    o = decode_attention(*args, window=None, backend="triton", n_splits=2, block_n=16)
+    assert rel_err(o, ref) < 1e-5

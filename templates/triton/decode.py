@@ -26,7 +26,7 @@ This file imports nothing from gfwagen.
 import triton
 import triton.language as tl
 
-from .common import next_pow2
+from .common import next_pow2, wide_offsets, wide_strides
 
 LOG2E_D = tl.constexpr(1.4426950408889634)
 
@@ -65,6 +65,7 @@ def _decode_split(
     DV_PAD: tl.constexpr,
     GATED: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    WIDE_OFFSETS: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -72,6 +73,8 @@ def _decode_split(
     b = pid_bh // HKV
     hk = pid_bh % HKV
     b64 = b.to(tl.int64)
+    stride_kr, stride_kh = wide_strides(stride_kr, stride_kh, WIDE_OFFSETS)
+    stride_vr, stride_vh = wide_strides(stride_vr, stride_vh, WIDE_OFFSETS)
 
     offs_r = tl.arange(0, BLOCK_M)
     s_r = offs_r // G
@@ -211,7 +214,8 @@ def launch_decode(q, k_new, v_new, k_ring, v_ring, seqlens, c_ring, c_new, out, 
         cq_strides[0], cq_strides[1], cq_strides[2],
         G=G, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=max(16, next_pow2(S)),
         HEAD_D=D, HEAD_DV=Dv, D_PAD=max(16, next_pow2(D)), DV_PAD=dv_pad,
-        GATED=gated, DOT_PREC=dot_prec, num_warps=num_warps, num_stages=num_stages,
+        GATED=gated, DOT_PREC=dot_prec, WIDE_OFFSETS=wide_offsets(k_ring, v_ring),
+        num_warps=num_warps, num_stages=num_stages,
     )
     _decode_combine[(B * Hkv, S * G)](
         pm, pl, pacc, out, n_splits, Hkv,
