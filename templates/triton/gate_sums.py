@@ -149,12 +149,13 @@ def gate_sums_whole_kernel(
 @triton.jit
 def key_tile_gates(g_ptr, stride_b, stride_t, stride_h, T, H, BLOCK_N: tl.constexpr,
                    BLOCK_H: tl.constexpr, BOUND: tl.constexpr):
-    """The gates of a per-key-tile launch's program (grid: batch, key tile, block of heads),
-    float32 [BLOCK_N, BLOCK_H] (a sum over one tile only, as the TVM kernel's own scan keeps
-    it), clamped to [-BOUND, BOUND] when BOUND > 0 as gate_sums_fwd_kernel does; positions
-    past T read 0. Returns them, the batch, the tile, the heads and which heads exist."""
-    pid_b = tl.program_id(0).to(tl.int64)
-    kt = tl.program_id(1).to(tl.int64)
+    """The gates of a per-key-tile launch's program (grid: key tile, batch, block of heads:
+    the tiles on x, the one extent CUDA does not cap at 65535), float32 [BLOCK_N, BLOCK_H]
+    (a sum over one tile only, as the TVM kernel's own scan keeps it), clamped to [-BOUND,
+    BOUND] when BOUND > 0 as gate_sums_fwd_kernel does; positions past T read 0. Returns
+    them, the batch, the tile, the heads and which heads exist."""
+    kt = tl.program_id(0).to(tl.int64)
+    pid_b = tl.program_id(1).to(tl.int64)
     offs_h = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_in = offs_h < H
     offs_t = kt * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -436,7 +437,7 @@ def launch_gate_tile_records(log_gate, rec, block_n, scale, bound=0.0, num_warps
     B, T, H = log_gate.shape
     nkt = cdiv(T, block_n)
     bh = min(heads_per_program(H), max(1, 2048 // block_n))
-    launcher(gate_tile_records_kernel)[(B, nkt, cdiv(H, bh))](
+    launcher(gate_tile_records_kernel)[(nkt, B, cdiv(H, bh))](
         log_gate, rec, T, H, nkt, *log_gate.stride(), -1.0 / scale,
         BLOCK_N=block_n, BLOCK_H=bh, BOUND=float(bound), num_warps=num_warps)
 

@@ -48,8 +48,8 @@ def key_bias_kernel(g_ptr, stride_b, stride_t, stride_h, T, H, kb_ptr, sh_ptr, N
     ptrs = kb_ptr + (rows[None, :, None] + offs_n[:, None, None]) * WIDTH + col
     tl.store(ptrs, pieces, mask=h_in[None, :, None])
     # the pad after the last key (its row's second half), by the table's last program
-    end = kb_ptr + tl.num_programs(0).to(tl.int64) * H * NKT * BLOCK_N * WIDTH
-    last_program = (pid_b == tl.num_programs(0) - 1) & (kt == NKT - 1) & (
+    end = kb_ptr + tl.num_programs(1).to(tl.int64) * H * NKT * BLOCK_N * WIDTH
+    last_program = (pid_b == tl.num_programs(1) - 1) & (kt == NKT - 1) & (
         tl.program_id(2) == tl.num_programs(2) - 1)
     tl.store(end + tl.arange(0, WIDTH), tl.zeros([WIDTH], dtype=dt), mask=last_program)
     last = tl.sum(tl.where(offs_n[:, None] == BLOCK_N - 1, bias, 0.0), axis=0)
@@ -66,6 +66,6 @@ def launch_key_bias(log_gate, pieces, shifts, block_n, scale, bound=0.0, num_war
     B, T, H = log_gate.shape
     nkt = cdiv(T, block_n)
     bh = min(heads_per_program(H), max(1, 1024 // block_n))
-    launcher(key_bias_kernel)[(B, nkt, cdiv(H, bh))](
+    launcher(key_bias_kernel)[(nkt, B, cdiv(H, bh))](
         log_gate, *log_gate.stride(), T, H, pieces, shifts, nkt, -1.0 / scale,
         BLOCK_N=block_n, BLOCK_H=bh, BOUND=float(bound), num_warps=num_warps)
