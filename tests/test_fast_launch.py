@@ -193,3 +193,26 @@ def test_a_kernel_keeps_one_launcher():
     """The cache lives in the launcher: a new one per launch would never hit."""
     kern = _Kernel()
     assert common.launcher(kern) is common.launcher(kern)
+
+
+def test_wide_offsets_past_2_31_elements_of_a_batch_entry():
+    """common.wide_offsets: True only where an element of a batch entry lies 2^31 or more
+    elements past the entry's start, counted from the shape and strides (no storage needed
+    here: stand-ins), and without them for contiguous tensors under 2^31 elements."""
+    def view(shape, stride):
+        dense, numel = [], 1
+        for n in reversed(shape):
+            dense.insert(0, numel)
+            numel *= n
+        return types.SimpleNamespace(shape=shape, stride=lambda: stride, numel=lambda: numel,
+                                     is_contiguous=lambda: list(stride) == dense)
+
+    wide = common.wide_offsets
+    assert not wide(torch.empty(2, 64, 4, 16), None, torch.empty(0, 5, 4, 16))
+    # T = 2^20 at 32 heads of 128, contiguous: the last row starts past 2^31
+    assert wide(view((1, 1 << 20, 32, 128), (1 << 32, 4096, 128, 1)))
+    # the same at 16 heads ends one element short of it; more batches do not add to it
+    assert not wide(view((4, 1 << 20, 16, 128), (1 << 31, 2048, 128, 1)))
+    # [B, H, T, D] memory seen as [B, T, H, D] (the heads' stride T * D): the same bounds
+    assert wide(view((1, 1 << 20, 32, 128), (1 << 32, 128, 1 << 27, 1)))
+    assert not wide(view((1, 1 << 20, 16, 128), (1 << 31, 128, 1 << 27, 1)))

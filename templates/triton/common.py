@@ -218,9 +218,12 @@ def wide_offsets(*tensors) -> bool:
     more elements past the entry's start: the kernels' row and head offsets (an int32 index
     times an int32 stride) would wrap there, so they take WIDE_OFFSETS, which makes those
     strides int64 (a long sequence of many heads: T = 2^20 at 32 heads of 128 passes it).
-    Below it the kernels compile as without the flag."""
-    return any(sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2**31 - 1
-               for t in tensors if t is not None and t.numel())
+    Below it the kernels compile as without the flag. A contiguous tensor of fewer than
+    2^31 elements is answered without its strides: 1 us for a forward's four tensors, where
+    summing them took 5 (a launch's host time, benchmarks/RESULTS.md session 26)."""
+    return any((t.numel() >= 2**31 or not t.is_contiguous())
+               and sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2**31
+               for t in tensors if t is not None)
 
 
 @triton.jit
