@@ -294,6 +294,10 @@ def run_forward(q, k, v, log_gate, window, scale, backend, cu_seqlens=None,
                 q.new_empty(1, q.shape[2], 0, dtype=torch.float32))
     from gfwagen.backends import triton_backend
 
+    if q.shape[0] > triton_backend.GRID_BATCH_MAX:  # (B = 1 when packed)
+        parts = [run_forward(*_batch_rows(i, n, q, k, v, log_gate), window, scale, backend)
+                 for i, n in _batch_chunks(q.shape[0], triton_backend.GRID_BATCH_MAX)]
+        return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
     segs = _segments(cu_seqlens, q.shape[1])
     gate = None
     while True:  # at most twice: the tuned config, then the default
@@ -350,6 +354,12 @@ def run_backward(do, q, k, v, o, lse, log_gate, window, scale, backend, cu_seqle
         return tuple(grads)
     from gfwagen.backends import triton_backend
 
+    if q.shape[0] > triton_backend.GRID_BATCH_MAX:  # (B = 1 when packed)
+        parts = [run_backward(*_batch_rows(i, n, do, q, k, v, o, lse, log_gate), window,
+                              scale, backend)
+                 for i, n in _batch_chunks(q.shape[0], triton_backend.GRID_BATCH_MAX)]
+        return tuple(None if parts[0][j] is None else torch.cat([p[j] for p in parts])
+                     for j in range(4))
     segs = _segments(cu_seqlens, q.shape[1])
     while True:  # each pass's tuned config at most once, then its default
         stored = None
@@ -366,6 +376,16 @@ def run_backward(do, q, k, v, o, lse, log_gate, window, scale, backend, cu_seqle
                 kept.gate if kept is not None else None)
         except triton_backend.KernelBuildError as e:
             _passed_over(specs[e.pass_], e, q.shape[1], q.device)
+
+
+def _batch_chunks(B: int, most: int):
+    """(start, size) of consecutive batch slices of at most `most` entries."""
+    return [(i, min(most, B - i)) for i in range(0, B, most)]
+
+
+def _batch_rows(start: int, n: int, *tensors):
+    """Each tensor's batch entries [start, start + n) (a view; None stays None)."""
+    return [None if t is None else t.narrow(0, start, n) for t in tensors]
 
 
 def _tvm_target(t: torch.Tensor) -> str:

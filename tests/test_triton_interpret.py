@@ -376,3 +376,35 @@ def test_offsets_past_2_31_elements_of_a_batch_entry():
     exp = torch.autograd.grad(o_ref, leaves, do.double())
     for name, a, e in zip(["dq", "dk", "dv", "dlog_gate"], got, exp):
         assert rel_err(a, e) < 1e-5, name
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_batches_past_the_grid_run_in_slices(monkeypatch, gated):
+    """More batch entries than a launch's grid takes (65535: the kernels put batches on z)
+    run in slices (gfwagen.dispatch), forward and backward, as one call would."""
+    q, k, v, g = make_inputs(5, 20, 2, 1, 16, 16, torch.float32, gated)
+    do = torch.randn_like(q)
+
+    def run():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)] + (
+            [g.detach().requires_grad_()] if gated else [])
+        o = gfwagen.attention(*leaves[:3], leaves[3] if gated else None, window=7,
+                              backend="triton")
+        return [o, *torch.autograd.grad(o, leaves, do)]
+
+    whole = run()
+    batches = []
+
+    def counting(f):
+        def counted(*args, **kw):
+            batches.append(args[0].shape[0])  # q, or dO
+            return f(*args, **kw)
+        return counted
+
+    for name in ("forward", "backward_preferring_stored"):
+        monkeypatch.setattr(triton_backend, name, counting(getattr(triton_backend, name)))
+    monkeypatch.setattr(triton_backend, "GRID_BATCH_MAX", 2)
+    sliced = run()
+    assert batches == [2, 2, 1, 2, 2, 1]
+    for name, a, b in zip(["o", "dq", "dk", "dv", "dlog_gate"], sliced, whole):
+        assert torch.equal(a, b), name

@@ -18,6 +18,10 @@ from gfwagen.gate import GATE_BOUND, GATE_CHUNK, chunked_prefix_sums, key_bias
 from gfwagen.spec import KernelConfig, effective_window
 from gfwagen.template_loader import load_template
 
+# The most batch entries one launch takes: the kernels' grids put them on z (and some on y),
+# whose extent CUDA caps at 65535; gfwagen.dispatch runs larger batches in slices of it.
+GRID_BATCH_MAX = 65535
+
 
 def kernel_window(window: int | None, T: int) -> int:
     """The compile-time window (spec.effective_window)."""
