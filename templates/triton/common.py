@@ -220,7 +220,8 @@ def wide_offsets(*tensors) -> bool:
     strides int64 (a long sequence of many heads: T = 2^20 at 32 heads of 128 passes it).
     Below it the kernels compile as without the flag. A contiguous tensor of fewer than
     2^31 elements is answered without its strides: 1 us for a forward's four tensors, where
-    summing them took 5 (a launch's host time, benchmarks/RESULTS.md session 26)."""
+    summing them took 5 (session 27, a CPU timing; every launch pays it, and session 26
+    counted what a launch's host time costs, benchmarks/RESULTS.md)."""
     return any((t.numel() >= 2**31 or not t.is_contiguous())
                and sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2**31
                for t in tensors if t is not None)
