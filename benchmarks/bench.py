@@ -244,10 +244,12 @@ def check(f, gated, s, q, k, v, g, dout):
             for n, x, r in zip(names, (o, *grads), refs[: len(names)], strict=True)}
 
 
-def cuda_graph_ms(fn, rep=200) -> float:
+def cuda_graph_ms(fn, rep=200, launches=1) -> float:
     """Median ms of fn replayed as a CUDA graph: GPU time without the host's launch costs. fn
     runs once on a side stream before the capture, so that no lazy initialization or first
-    allocation happens inside it."""
+    allocation happens inside it. launches > 1 captures fn that many times back to back and
+    returns the time per call: a short kernel's GPU time in a stream, its gap to the next
+    kernel included, without the graph's own launch."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -255,8 +257,10 @@ def cuda_graph_ms(fn, rep=200) -> float:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=rep, return_mode="median")
+        for _ in range(launches):
+            fn()
+    return triton.testing.do_bench(graph.replay, warmup=25, rep=rep,
+                                   return_mode="median") / launches
 
 
 def time_modes(out, f, gated, modes, q, k, v, g, dout, warmup, rep):

@@ -32,6 +32,8 @@ CASES = [
     # batch * heads past 65535, CUDA's cap on a grid's y extent (the kernels' grids were
     # (tiles, B * H) until session 27)
     ("BH65600", 8200, 24, 8, 8, 16, 16, 8, True),
+    # batches past 65535, the grid's z extent: gfwagen.dispatch runs them in slices
+    ("B65600", 65600, 16, 1, 1, 16, 16, 8, True),
 ]
 
 
@@ -265,3 +267,92 @@ def test_gpu_stored_ds_backward_matches_float64(case, dtype_name, monkeypatch):
 
     monkeypatch.setattr(dispatch, "_stored_choice", forced)
     check_case_against_float64(case, dtype_name, "triton")
+
+
+WIDE_W = 100
+
+
+def _wide_slices_reference(q, k, v, g, do, slices, W):
+    """The float64 reference on each slice [a, b) of rows, with the W - 1 rows before it as
+    keys: exact for rows a..b-1, and, with dO zero outside the slices (which lie more than W
+    apart, so that no query of one sees a key of another), for the gradients of rows
+    a-W+1..b-1 (dlog_gate's elsewhere sum to zero)."""
+    out = []
+    for a, b in slices:
+        s0 = a - (W - 1)
+        d = [t[:, s0:b].double() for t in (q, k, v)]
+        g64 = g[:, s0:b].double()
+        o64, lse64 = reference_forward(*d, g64, W)
+        out.append((s0, a, b, o64[:, W - 1:], reference_backward(
+            do[:, s0:b].double(), *d, o64, lse64, g64, W)))
+    return out
+
+
+def _wide_errors(o, grads, refs, W):
+    errs = {}
+    for s0, a, b, o64, (dq, dk, dv, dg) in refs:
+        pairs = {"o": (o[:, a:b], o64), "dq": (grads[0][:, a:b], dq[:, W - 1:]),
+                 "dk": (grads[1][:, s0:b], dk), "dv": (grads[2][:, s0:b], dv),
+                 "dg": (grads[3][:, s0:b], dg)}
+        for nm, (x, e) in pairs.items():
+            errs[nm] = max(errs.get(nm, 0.0), rel_err(x, e))
+    return errs
+
+
+@pytest.mark.timeout(900)
+def test_gpu_batch_entry_past_2_31_elements():
+    """A batch entry of more than 2^31 elements (T = 2^18 + 1024 at 64 heads of 128: rows
+    past 262144 lie beyond it), contiguous, bf16: the Triton kernels' row offsets are int64
+    there (common.wide_offsets), the op, and the forward's 64x64 cp.async, tensor-descriptor
+    and key-bias tiles directly, forward and backward, against float64 on a slice across
+    the 2^31 boundary and one at the end (session 28: the first GPU run of those kernels)."""
+    from gfwagen.backends import triton_backend as tb
+    from gfwagen.spec import KernelConfig
+
+    B, T, H, D, W = 1, 2**18 + 1024, 64, 128, WIDE_W
+    need = 10 * B * T * H * D * 2
+    if torch.cuda.mem_get_info()[0] < need + 2**33:
+        pytest.skip(f"needs {need / 2**30:.0f} GiB of free GPU memory")
+    gen = torch.Generator(device="cuda").manual_seed(28)
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+               for _ in range(3))
+    g = torch.nn.functional.logsigmoid(
+        torch.randn(B, T, H, device="cuda", generator=gen) + 3.0)
+    assert load_common().wide_offsets(q) and q.numel() >= 2**31
+    edge = 2**31 // (H * D)
+    slices = [(edge - 150, edge + 150), (T - 300, T)]
+    # neither slice's queries see the other's keys (a first draft's did: 12 rows apart)
+    assert slices[1][0] - (W - 1) > slices[0][1]
+    do = torch.zeros_like(q)
+    for a, b in slices:
+        do[:, a:b] = torch.randn(B, b - a, H, D, device="cuda", generator=gen)
+    refs = _wide_slices_reference(q, k, v, g, do, slices, W)
+    scale = D ** -0.5
+    runs = {"op": None,
+            "cp.async": KernelConfig(64, 64, 4, 2),
+            "tma": KernelConfig(128, 64, 8, 3, extra=(("tma", True),)),
+            "key-bias": KernelConfig(64, 64, 4, 2, extra=(("bias_mma", True),))}
+    for label, cfg in runs.items():
+        if cfg is None:
+            leaves = [t.requires_grad_() for t in (q, k, v, g)]
+            o = gfwagen.attention(q, k, v, g, window=W, backend="triton")
+            grads = torch.autograd.grad(o, leaves, do)
+            for t in leaves:
+                t.requires_grad_(False)
+        else:
+            if label == "key-bias":
+                assert tb.reads_key_bias(q, g, scale, cfg)
+            o, lse = tb.forward(q, k, v, g, W, scale, cfg)
+            grads = tb.backward(do, q, k, v, o, lse, g, W, scale, KernelConfig(64, 64, 4, 2),
+                                KernelConfig(64, 64, 4, 2))
+        assert torch.isfinite(o).all()
+        errs = _wide_errors(o, grads, refs, W)
+        log_gpu_errors(f"wide-2^31 {label} bf16", errs)
+        del o, grads
+        assert all(err < 1e-2 for err in errs.values()), (label, errs)
+
+
+def load_common():
+    from gfwagen.template_loader import load_template
+
+    return load_template("triton", "common")

@@ -120,6 +120,23 @@ def test_gpu_decode_matches_reference(dtype):
     assert rel_err(o, ref.cuda()) < 1e-2
 
 
+def test_gpu_decode_ring_past_2_31_elements():
+    """The ring's slots past 2^31 elements of a batch entry (as views with a 2^25-element
+    slot stride, 10 GiB reserved): the 64-bit ring offsets (common.wide_offsets) on the GPU,
+    bf16, against float64 (the interpreter's test_decode covers fp32)."""
+    R, stride, D = 80, 2**25, 64
+    args, ref = _case([100, 37], 1, 4, 2, D, R, None, True, torch.bfloat16, seed=3)
+    store = torch.empty(2 * R * stride, dtype=torch.bfloat16, device="cuda")
+    rings = [store.as_strided((2, R, 2, D), (R * stride, stride, D, 1), i * 2 * D)
+             for i in range(2)]
+    for big, small in zip(rings, args[3:5]):
+        big.copy_(small)
+    args = tuple(a.cuda() if a is not None else None for a in args)
+    args = (*args[:3], *rings, *args[5:])
+    o = decode_attention(*args, window=None, backend="triton", n_splits=2)
+    assert rel_err(o, ref.cuda()) < 1e-2
+
+
 def test_gpu_layer_trains_compiled_and_generates_with_cache():
     torch.manual_seed(0)
     # bf16: the dtype models train in (and Triton's fp32 kernels take a minute to compile)

@@ -58,14 +58,15 @@ def key_bias_kernel(g_ptr, stride_b, stride_t, stride_h, T, H, kb_ptr, sh_ptr, N
     tl.store(sh, tl.zeros([BLOCK_H], dtype=tl.float32), mask=h_in & (kt == 0))
 
 
-def launch_key_bias(log_gate, pieces, shifts, block_n, scale, bound=0.0, num_warps=4):
+def launch_key_bias(log_gate, pieces, shifts, block_n, scale, bound=0.0, num_warps=4,
+                    block_h=None):
     """log_gate [B, T, H] (any strides), clamped to [-bound, bound] on load when bound > 0 ->
     pieces [B*H, ceil(T / block_n) * block_n, WIDTH] (its dtype: the inputs'; contiguous, with
     WIDTH more elements of its storage after it, the pad) and shifts [B*H, ceil(T / block_n)
     + 1] float32, contiguous."""
     B, T, H = log_gate.shape
     nkt = cdiv(T, block_n)
-    bh = min(heads_per_program(H), max(1, 1024 // block_n))
+    bh = block_h or min(heads_per_program(H), max(1, 1024 // block_n))
     launcher(key_bias_kernel)[(nkt, B, cdiv(H, bh))](
         log_gate, *log_gate.stride(), T, H, pieces, shifts, nkt, -1.0 / scale,
         BLOCK_N=block_n, BLOCK_H=bh, BOUND=float(bound), num_warps=num_warps)
