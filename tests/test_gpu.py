@@ -303,10 +303,12 @@ def _wide_errors(o, grads, refs, W):
 def test_gpu_batch_entry_past_2_31_elements():
     """A batch entry of more than 2^31 elements (T = 2^18 + 1024 at 64 heads of 128: rows
     past 262144 lie beyond it), contiguous, bf16: the Triton kernels' row offsets are int64
-    there (common.wide_offsets), the op, and the forward's 64x64 cp.async, tensor-descriptor
-    and key-bias tiles directly, forward and backward, against float64 on a slice across
-    the 2^31 boundary and one at the end (session 28: the first GPU run of those kernels)."""
+    there (common.wide_offsets); the op on each backend, and the Triton forward's 64x64
+    cp.async, tensor-descriptor and key-bias tiles directly; forward and backward, against
+    float64 on a slice across the 2^31 boundary and one at the end (session 28: the first GPU
+    run of those kernels)."""
     from gfwagen.backends import triton_backend as tb
+    from gfwagen.dispatch import tvm_available
     from gfwagen.spec import KernelConfig
 
     B, T, H, D, W = 1, 2**18 + 1024, 64, 128, WIDE_W
@@ -328,14 +330,16 @@ def test_gpu_batch_entry_past_2_31_elements():
         do[:, a:b] = torch.randn(B, b - a, H, D, device="cuda", generator=gen)
     refs = _wide_slices_reference(q, k, v, g, do, slices, W)
     scale = D ** -0.5
-    runs = {"op": None,
+    runs = {"op triton": "triton", "op auto": "auto",
             "cp.async": KernelConfig(64, 64, 4, 2),
             "tma": KernelConfig(128, 64, 8, 3, extra=(("tma", True),)),
             "key-bias": KernelConfig(64, 64, 4, 2, extra=(("bias_mma", True),))}
+    if tvm_available():  # TVM's kernels index in int64 (their shapes are T.int64 vars)
+        runs["op tvm"] = "tvm"
     for label, cfg in runs.items():
-        if cfg is None:
+        if isinstance(cfg, str):
             leaves = [t.requires_grad_() for t in (q, k, v, g)]
-            o = gfwagen.attention(q, k, v, g, window=W, backend="triton")
+            o = gfwagen.attention(q, k, v, g, window=W, backend=cfg)
             grads = torch.autograd.grad(o, leaves, do)
             for t in leaves:
                 t.requires_grad_(False)
