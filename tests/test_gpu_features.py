@@ -17,6 +17,7 @@ from gfwagen.decode import decode_attention
 from gfwagen.gate_preprocess import gate_preprocess
 from gfwagen.nn import GatedFWA, GatedFWACache
 from gfwagen.nsa import gated_sliding_attn
+from gfwagen.template_loader import load_template
 from gfwagen.varlen import segment_bounds
 
 pytestmark = pytest.mark.gpu
@@ -129,6 +130,7 @@ def test_gpu_decode_ring_past_2_31_elements():
     store = torch.empty(2 * R * stride, dtype=torch.bfloat16, device="cuda")
     rings = [store.as_strided((2, R, 2, D), (R * stride, stride, D, 1), i * 2 * D)
              for i in range(2)]
+    assert load_template("triton", "common").wide_offsets(*rings)
     for big, small in zip(rings, args[3:5]):
         big.copy_(small)
     args = tuple(a.cuda() if a is not None else None for a in args)

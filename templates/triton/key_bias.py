@@ -63,7 +63,8 @@ def launch_key_bias(log_gate, pieces, shifts, block_n, scale, bound=0.0, num_war
     """log_gate [B, T, H] (any strides), clamped to [-bound, bound] on load when bound > 0 ->
     pieces [B*H, ceil(T / block_n) * block_n, WIDTH] (its dtype: the inputs'; contiguous, with
     WIDTH more elements of its storage after it, the pad) and shifts [B*H, ceil(T / block_n)
-    + 1] float32, contiguous."""
+    + 1] float32, contiguous. block_h: heads per program (default: up to 16, at most 1024
+    keys a program; benchmarks/key_bias_bench.py times the others)."""
     B, T, H = log_gate.shape
     nkt = cdiv(T, block_n)
     bh = block_h or min(heads_per_program(H), max(1, 1024 // block_n))
