@@ -310,6 +310,7 @@ def test_gpu_batch_entry_past_2_31_elements():
     from gfwagen.backends import triton_backend as tb
     from gfwagen.dispatch import tvm_available
     from gfwagen.spec import KernelConfig
+    from gfwagen.template_loader import load_template
 
     B, T, H, D, W = 1, 2**18 + 1024, 64, 128, WIDE_W
     need = 10 * B * T * H * D * 2
@@ -320,7 +321,7 @@ def test_gpu_batch_entry_past_2_31_elements():
                for _ in range(3))
     g = torch.nn.functional.logsigmoid(
         torch.randn(B, T, H, device="cuda", generator=gen) + 3.0)
-    assert load_common().wide_offsets(q) and q.numel() >= 2**31
+    assert load_template("triton", "common").wide_offsets(q) and q.numel() >= 2**31
     edge = 2**31 // (H * D)
     slices = [(edge - 150, edge + 150), (T - 300, T)]
     # neither slice's queries see the other's keys (a first draft's did: 12 rows apart)
@@ -354,9 +355,3 @@ def test_gpu_batch_entry_past_2_31_elements():
         log_gpu_errors(f"wide-2^31 {label} bf16", errs)
         del o, grads
         assert all(err < 1e-2 for err in errs.values()), (label, errs)
-
-
-def load_common():
-    from gfwagen.template_loader import load_template
-
-    return load_template("triton", "common")
