@@ -13,6 +13,9 @@ Flex timings include the [B,T,H,D] <-> [B,H,T,D] transposes and the gate prefix 
 Each shape is timed in --rounds rounds, the contenders' order reversed each round, and each
 contender keeps its best round (round_orders says why). --gate-pairs N then times gfwagen's
 gated and ungated forwards call by call, alternating (paired_ms), for the gate's cost.
+Mode "graph" times each contender's forward+backward once more, replayed from a CUDA graph:
+where the eager call is bound by its host (S5 on a slow host, RESULTS.md session 28), the two
+differ, and "graph" is what the kernels take.
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ SHAPES = {
 }
 TINY = {"tiny": Shape(1, 256, 2, 64, 64)}
 CONTENDERS = ["gfwagen", "gfwagen-nogate", "fla", "fla-nogate", "flex", "flex-nogate"]
-MODES = ["fwd", "fwdbwd"]
-FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
+MODES = ["fwd", "fwdbwd", "graph"]
+# "graph": forward+backward replayed from a CUDA graph, the GPU's time without the host's
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5, "graph": 3.5}
 DEVICE = "cuda"
 
 
@@ -97,6 +101,28 @@ def summary_rows(results, shapes, contenders):
             p = tf.get((name, peer, "fwdbwd"))
             row.append(f"{g / p:.2f}x" if g and p else None)
         rows.append(row)
+    return headers, rows
+
+
+def graph_rows(results, shapes):
+    """Per shape, forward+backward replayed from a CUDA graph ("graph" mode): gfwagen's eager
+    and replayed ms (their difference is host time the GPU waited for), each contender's
+    TFLOP/s replayed, and gfwagen's replayed speed-up over fla and flex."""
+    ms = {(r["shape"], r["contender"], r["mode"]): r.get("ms") for r in results}
+    peers = ("fla", "flex")
+    headers = ["shape", "gfwagen f+b ms", "graph ms", "eager / graph", "gfwagen graph",
+               *(f"{p} graph" for p in peers), *(f"gfw/{p} graph" for p in peers)]
+    rows = []
+    for name in shapes:
+        g = ms.get((name, "gfwagen", "graph"))
+        if g is None:
+            continue
+        eager = ms.get((name, "gfwagen", "fwdbwd"))
+        tf = {r["contender"]: r["tflops"] for r in results
+              if r["shape"] == name and r["mode"] == "graph"}
+        rows.append([name, eager, g, f"{eager / g:.2f}" if eager else None, tf.get("gfwagen"),
+                     *(tf.get(p) for p in peers),
+                     *(f"{tf['gfwagen'] / tf[p]:.2f}x" if tf.get(p) else None for p in peers)])
     return headers, rows
 
 
@@ -244,7 +270,7 @@ def check(f, gated, s, q, k, v, g, dout):
             for n, x, r in zip(names, (o, *grads), refs[: len(names)], strict=True)}
 
 
-def cuda_graph_ms(fn, rep=200, launches=1) -> float:
+def cuda_graph_ms(fn, rep=200, launches=1, warmup=25) -> float:
     """Median ms of fn replayed as a CUDA graph: GPU time without the host's launch costs. fn
     runs once on a side stream before the capture, so that no lazy initialization or first
     allocation happens inside it. launches > 1 captures fn that many times back to back and
@@ -259,12 +285,14 @@ def cuda_graph_ms(fn, rep=200, launches=1) -> float:
     with torch.cuda.graph(graph):
         for _ in range(launches):
             fn()
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=rep,
-                                   return_mode="median") / launches
+    ms = triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")
+    del graph  # its memory pool goes back before the next contender
+    return ms / launches
 
 
 def time_modes(out, f, gated, modes, q, k, v, g, dout, warmup, rep):
-    """Median ms per mode into out, filled as it goes so a later mode's OOM keeps the rest."""
+    """Median ms per mode into out, filled as it goes so a later mode's OOM keeps the rest.
+    A contender that cannot be captured in a CUDA graph gets the error's text for "graph"."""
     inputs = (q, k, v, g) if gated else (q, k, v)
 
     def fwd():
@@ -280,6 +308,13 @@ def time_modes(out, f, gated, modes, q, k, v, g, dout, warmup, rep):
         for _ in range(2):  # compile / autotune outside the timed region
             fn()
         torch.cuda.synchronize()
+        if mode == "graph":
+            try:
+                out[mode] = cuda_graph_ms(fwdbwd, rep=rep, warmup=warmup)
+            except Exception as e:  # e.g. a host sync inside the capture
+                out[mode] = _error("capture", e)
+                free_memory()
+            continue
         out[mode] = triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
@@ -417,6 +452,7 @@ def main(argv=None):
                 failed[c] = _error(c, e)
                 fns.pop(c, None)
         rounds = {c: {} for c in fns}
+        uncaptured = {}  # contender -> why its forward+backward did not capture
         for rnd, order in enumerate(round_orders(list(fns), args.rounds)):
             for c in order:
                 if c in failed:
@@ -427,6 +463,8 @@ def main(argv=None):
                                args.rep)
                 except Exception as e:
                     failed[c] = _error(c, e)
+                if isinstance(ms.get("graph"), str):
+                    uncaptured[c] = ms.pop("graph")
                 for mode, t in ms.items():
                     rounds[c].setdefault(mode, []).append(t)
                 # as it comes: a run cut short by a time limit still leaves what it measured
@@ -443,8 +481,11 @@ def main(argv=None):
                 results.append({"shape": name, **s._asdict(), "dtype": args.dtype, "contender": c,
                                 "mode": mode, "ms": t, "tflops": tflops(s, mode, t),
                                 "rounds_ms": rounds[c].get(mode)})
+            if c in uncaptured:
+                results.append({"shape": name, "contender": c, "mode": "graph-error",
+                                "error": uncaptured[c]})
             line = "  ".join(f"{m} {ms[m]:8.3f} ms {tflops(s, m, ms[m]):6.1f} TF/s"
-                             for m in ("fwd", "bwd", "fwdbwd") if m in ms)
+                             for m in ("fwd", "bwd", "fwdbwd", "graph") if m in ms)
             if ms:
                 print(f"  {c:15s} {line}", flush=True)
         if args.gate_pairs and "fwd" in modes and {"gfwagen", "gfwagen-nogate"} <= set(fns) \
@@ -551,18 +592,25 @@ def report(results, checks, shape_names, contenders, meta, json_path=None, md_pa
     cost_headers, cost_rows = gate_cost_rows(results, shape_names)
     if cost_rows:
         print("\nThe gate's cost in gfwagen's forward\n" + format_table(cost_headers, cost_rows))
+    graph_headers, graph_rows_ = graph_rows(results, shape_names)
+    if graph_rows_:
+        print("\nForward+backward replayed from a CUDA graph (no host time)\n"
+              + format_table(graph_headers, graph_rows_))
     if json_path:
         Path(json_path).write_text(json.dumps(
             {"meta": meta, "results": results, "checks": checks}, indent=1))
     if md_path:
         detail = [[r["shape"], r["contender"], r["mode"], f"{r['ms']:.3f}", r["tflops"]]
                   for r in results if "ms" in r]
-        errors = [f"- {r['shape']} {r['contender']}: {r['error']}" for r in results if "error" in r]
+        errors = [f"- {r['shape']} {r['contender']} ({r['mode']}): {r['error']}"
+                  for r in results if "error" in r]
         vers = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
         section = [f"## {meta['date']} on {meta['gpu']}", "", f"{vers}; {meta['dtype']}", "",
                    f"`{meta['command']}`", "", format_table(headers, rows, markdown=True), "",
                    *([format_table(cost_headers, cost_rows, markdown=True), ""] if cost_rows
                      else []),
+                   *([format_table(graph_headers, graph_rows_, markdown=True), ""]
+                     if graph_rows_ else []),
                    format_table(["shape", "contender", "mode", "ms", "TFLOP/s"], detail,
                                 markdown=True)]
         section += [""] + errors if errors else []

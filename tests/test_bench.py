@@ -112,6 +112,32 @@ def test_gate_cost_pairs_the_rounds_and_reports_target_2(tmp_path, capsys):
     assert "The gate's cost" in capsys.readouterr().out
 
 
+def test_graph_rows_separate_host_time_and_name_what_did_not_capture(tmp_path, capsys):
+    """Session 28's slow host at S5: eager f+b 1.558 ms against about 1.19 ms of kernels."""
+    S5 = bench.SHAPES["S5"]
+
+    def res(c, mode, ms):
+        return {"shape": "S5", "contender": c, "mode": mode, "ms": ms,
+                "tflops": bench.tflops(S5, mode, ms)}
+
+    results = [res("gfwagen", "fwdbwd", 1.558), res("gfwagen", "graph", 1.19),
+               res("fla", "graph", 3.1),
+               {"shape": "S5", "contender": "flex", "mode": "graph-error",
+                "error": "RuntimeError: capture"}]
+    headers, rows = bench.graph_rows(results, ["S1", "S5"])
+    assert len(rows) == 1 and rows[0][:4] == ["S5", 1.558, 1.19, "1.31"]
+    assert rows[0][4] == pytest.approx(bench.tflops(S5, "fwdbwd", 1.19))
+    assert rows[0][-2:] == ["2.61x", None]
+    meta = {"date": "d", "gpu": "g", "command": "c", "versions": {}, "dtype": "bf16",
+            "unavailable": {}}
+    md = tmp_path / "r.md"
+    bench.report(results, [], ["S5"], ["gfwagen", "fla", "flex"], meta, md_path=str(md))
+    text = md.read_text()
+    assert "| S5 | 1.56 | 1.19 | 1.31 |" in text
+    assert "- S5 flex (graph-error): RuntimeError: capture" in text
+    assert "replayed from a CUDA graph" in capsys.readouterr().out
+
+
 def test_head_to_head_reads_configs_and_names_what_is_wrong():
     import head_to_head as h2h
 

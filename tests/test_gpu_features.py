@@ -139,6 +139,75 @@ def test_gpu_decode_ring_past_2_31_elements():
     assert rel_err(o, ref.cuda()) < 1e-2
 
 
+def _capture(step):
+    """step's CUDA graph and the outputs its capture returned (step warmed up on a side
+    stream first, as CUDA graphs need: no first allocation or compile inside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    return graph, outs
+
+
+@pytest.mark.parametrize("T,H,Hkv,D,W,varlen", [
+    (4096, 4, 4, 64, 512, False),  # S5's class: the key-bias forward where the database says
+    (3000, 8, 2, 128, 512, False),  # GQA, T not a multiple of the tiles
+    (3000, 4, 4, 64, 256, True),  # packed sequences
+])
+def test_gpu_forward_backward_in_cuda_graph(T, H, Hkv, D, W, varlen):
+    """The op's whole training step, forward and autograd backward, captured in one CUDA
+    graph and replayed on new inputs: the remedy for a host too slow to keep up with short
+    calls (RESULTS.md, session 28). Nothing in either direction may sync with the host or
+    allocate outside the graph's pool; the replay must give the eager call's bits."""
+    leaves = [t.requires_grad_() if t is not None else None
+              for t in make_inputs(2, T, H, Hkv, D, D, torch.bfloat16, True, device="cuda",
+                                   seed=T)]
+    do = torch.randn(2, T, H, D, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, 700, 700, 2 * T - 1, 2 * T], device="cuda") if varlen else None
+    if varlen:  # packed: one row of 2T positions
+        leaves = [t.detach().reshape(1, 2 * T, *t.shape[2:]).requires_grad_() for t in leaves]
+        do = do.reshape(1, 2 * T, H, D)
+
+    def step():
+        o = gfwagen.attention(*leaves, window=W, cu_seqlens=cu)
+        return (o, *torch.autograd.grad(o, leaves, do))
+
+    graph, outs = _capture(step)
+    with torch.no_grad():  # new values in the captured inputs
+        for t in (*leaves, do):
+            t.copy_(torch.randn_like(t) if t is not leaves[3] else -torch.rand_like(t))
+    graph.replay()
+    expected = step()
+    for name, a, e in zip(("o", "dq", "dk", "dv", "dg"), outs, expected):
+        assert torch.equal(a, e), (name, rel_err(a, e))
+
+
+def test_gpu_compiled_reduce_overhead_trains():
+    """torch.compile's CUDA graphs (mode="reduce-overhead") around the op, forward and
+    backward, dynamic=False: the gradients of several steps on new inputs as eager's."""
+    from torch._dynamo.utils import counters
+
+    def loss_fn(q, k, v, g):
+        return gfwagen.attention(q, k, v, g, window=256).float().square().mean()
+
+    compiled = torch.compile(loss_fn, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    counters.clear()
+    for seed in range(4):
+        leaves = [t.requires_grad_() for t in make_inputs(2, 1000, 4, 4, 64, 64,
+                                                          torch.bfloat16, True, device="cuda",
+                                                          seed=seed)]
+        got = torch.autograd.grad(compiled(*leaves), leaves)
+        exp = torch.autograd.grad(loss_fn(*leaves), leaves)
+        for a, e in zip(got, exp):
+            assert rel_err(a, e) < 1e-5
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+
+
 def test_gpu_layer_trains_compiled_and_generates_with_cache():
     torch.manual_seed(0)
     # bf16: the dtype models train in (and Triton's fp32 kernels take a minute to compile)
