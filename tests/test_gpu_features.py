@@ -160,6 +160,10 @@ def _capture(step):
     (3000, 4, 4, 64, 256, True),  # packed sequences
 ])
 def test_gpu_forward_backward_in_cuda_graph(T, H, Hkv, D, W, varlen):
+    check_step_in_cuda_graph(T, H, Hkv, D, W, varlen, "auto")
+
+
+def check_step_in_cuda_graph(T, H, Hkv, D, W, varlen, backend):
     """The op's whole training step, forward and autograd backward, captured in one CUDA
     graph and replayed on new inputs: the remedy for a host too slow to keep up with short
     calls (RESULTS.md, session 28). Nothing in either direction may sync with the host or
@@ -174,7 +178,7 @@ def test_gpu_forward_backward_in_cuda_graph(T, H, Hkv, D, W, varlen):
         do = do.reshape(1, 2 * T, H, D)
 
     def step():
-        o = gfwagen.attention(*leaves, window=W, cu_seqlens=cu)
+        o = gfwagen.attention(*leaves, window=W, cu_seqlens=cu, backend=backend)
         return (o, *torch.autograd.grad(o, leaves, do))
 
     graph, outs = _capture(step)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import log_gpu_errors, make_inputs, rel_err
 from test_gpu import CASES, DTYPES, check_case_against_float64
+from test_gpu_features import check_step_in_cuda_graph
 
 from gfwagen.reference import reference_forward
 
@@ -220,3 +221,9 @@ def test_gpu_tvm_misaligned_views():
     o, _ = tvm_backend.tvm_forward(q, k, v, g, 77)
     o_ref, _ = tvm_backend.tvm_forward(q.clone(), k.clone(), v.clone(), g, 77)
     assert torch.equal(o, o_ref)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_tvm_forward_backward_in_cuda_graph(D):
+    """TVM's kernels launch on torch's current stream, so they capture with the rest."""
+    check_step_in_cuda_graph(2048, 4, 4, D, 512, False, "tvm")
