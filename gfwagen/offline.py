@@ -82,12 +82,22 @@ def _constexprs(spec: KernelSpec, cfg: KernelConfig, varlen: bool = False) -> di
                 SPLIT_BOUNDS=_split_bounds(spec, cfg, varlen),
                 # the per-position vectors through descriptors, as the launchers pass it for
                 # T % 4 == 0 (the divisibility hints below assume T % 16 == 0)
-                VEC_TMA=bool(cfg.get("tma", False))
-                and (spec.gated or spec.pass_ in ("bwd_kv", "bwd_ds")),
+                VEC_TMA=_vector_tma(spec, cfg),
                 STORE_DS=spec.pass_ == "bwd_ds",
                 # the forward, as launched with a positive scale
                 RAW_MAX=not spec.gated or key_bias,
                 WIDE_OFFSETS=False)
+
+
+def _vector_tma(spec: KernelSpec, cfg: KernelConfig) -> bool:
+    """As the launchers pass VEC_TMA: the dk/dv kernel's vectors come in query tiles, the dq
+    kernel's in key tiles (common.vectors_tma_usable; no minimum in older templates)."""
+    from gfwagen.template_loader import load_template
+
+    if not cfg.get("tma", False) or not (spec.gated or spec.pass_ in ("bwd_kv", "bwd_ds")):
+        return False
+    least = getattr(load_template("triton", "common"), "VECTOR_TMA_MIN_BLOCK", 0)
+    return (cfg.block_m if spec.pass_ in ("bwd_kv", "bwd_ds") else cfg.block_n) >= least
 
 
 def _split_bounds(spec: KernelSpec, cfg: KernelConfig, varlen: bool) -> bool:

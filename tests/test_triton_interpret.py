@@ -255,6 +255,9 @@ STORED_CASES = [
     ("unequal-tiles", 1, 70, 2, 1, 16, 16, 24, True, torch.float32, (32, 16), (16, 32), False),
     ("tiles-swapped", 1, 70, 2, 1, 16, 16, 24, True, torch.float32, (16, 32), (32, 16), True),
     ("many-slots", 1, 131, 2, 2, 16, 16, 83, True, torch.float32, (16, 16), (32, 16), True),
+    # 32-query tiles: the lse, delta and gate vectors through descriptors too (16-row tiles
+    # take them as loads: common.VECTOR_TMA_MIN_BLOCK)
+    ("vector-tma", 1, 72, 2, 1, 16, 16, 24, True, torch.float32, (32, 16), (16, 32), True),
     ("gqa", 1, 40, 4, 2, 16, 16, 12, True, torch.float32, (16, 16), (16, 16), False),
     ("no-gate", 2, 29, 2, 1, 16, 16, 9, False, torch.float32, (16, 16), (16, 16), False),
     ("dv!=d", 1, 26, 2, 2, 16, 32, 7, True, torch.float32, (16, 16), (16, 16), False),

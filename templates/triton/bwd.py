@@ -892,7 +892,7 @@ def launch_dkdv(
         DOT_PREC=dot_prec,
         PREFETCH_GATE=prefetch_gate,
         USE_TMA=tma,
-        VEC_TMA=tma and vectors_tma_usable(T, cl, lse, delta),
+        VEC_TMA=tma and vectors_tma_usable(T, block_m, cl, lse, delta),
         STORE_DS=stored is not None,
         WIDE_OFFSETS=wide_offsets(q, k, v, do, dk, dv),
         num_warps=num_warps,
@@ -1052,7 +1052,7 @@ def launch_dq(
         USE_TMA=tma,
         SPLIT_BOUNDS=not full_masks
         and split_bounds(window, block_m, block_n, seg_start is not None),
-        VEC_TMA=tma and gate is not None and vectors_tma_usable(T, cl),
+        VEC_TMA=tma and gate is not None and vectors_tma_usable(T, block_n, cl),
         WIDE_OFFSETS=wide_offsets(q, k, v, do, o, dq),
         num_warps=num_warps,
         num_stages=num_stages,

@@ -343,9 +343,17 @@ def vector_descriptor(base, T, BLOCK: tl.constexpr):
     return tl.make_tensor_descriptor(base, shape=[T], strides=[1], block_shape=[BLOCK])
 
 
-def vectors_tma_usable(T, *vectors):
-    """Whether vector_descriptor can address these [..., T] float32 tables row by row."""
-    return T % 4 == 0 and all(v.data_ptr() % 16 == 0 for v in vectors)
+# The fewest float32 a vector_descriptor's box may hold. A bulk tensor copy writes shared
+# memory at a 128-byte aligned address; boxes of 16 float32 (64 bytes) stopped 16-row tiles'
+# backward with a CUDA "misaligned address" on the H200 (RESULTS.md, session 29).
+VECTOR_TMA_MIN_BLOCK = 32
+
+
+def vectors_tma_usable(T, block, *vectors):
+    """Whether vector_descriptor can address these [..., T] float32 tables row by row in
+    boxes of `block`."""
+    return (block >= VECTOR_TMA_MIN_BLOCK and T % 4 == 0
+            and all(v.data_ptr() % 16 == 0 for v in vectors))
 
 
 @triton.jit
