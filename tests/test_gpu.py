@@ -355,3 +355,46 @@ def test_gpu_batch_entry_past_2_31_elements():
         log_gpu_errors(f"wide-2^31 {label} bf16", errs)
         del o, grads
         assert all(err < 1e-2 for err in errs.values()), (label, errs)
+
+
+_SIXTEEN_ROW_TILES = """
+import sys, torch
+from conftest import make_inputs, rel_err
+from gfwagen.backends import triton_backend as tb
+from gfwagen.reference import reference_backward, reference_forward
+from gfwagen.spec import KernelConfig
+kv, q, stored = (KernelConfig(*t, extra=(("tma", True), ("q_tma", True)))
+                 for t in ((16, 64, 4, 3), (64, 16, 4, 3), (16, 64, 4, 3)))
+plain = KernelConfig(64, 64, 4, 2)
+x = make_inputs(2, 4096, 4, 4, 64, 64, torch.bfloat16, True, device="cuda", seed=5)
+do = torch.randn_like(x[0])
+o, lse = tb.forward(*x, 512, 0.125, plain)
+d = [t.double() for t in (do, *x)]
+ro, rl = reference_forward(*d[1:], 512, 0.125)
+ref = reference_backward(d[0], *d[1:4], ro, rl, d[4], 512, 0.125)
+for name, run in (("kv", (kv, plain)), ("q", (plain, q)),
+                  ("stored", (*tb.stored_configs(stored), None, None, True))):
+    got = tb.backward(do, *x[:3], o, lse, x[3], 512, 0.125, *run)
+    torch.cuda.synchronize()
+    errs = [rel_err(a, r) for a, r in zip(got, ref)]
+    print(name, errs)
+    assert max(errs) < 1e-2, name
+"""
+
+
+def test_gpu_sixteen_row_tiles_with_tma():
+    """16-row tiles with tma in dk/dv, dq and the stored backward (the tuner's space holds
+    them): their float32 vectors in 64-byte descriptor boxes faulted with a CUDA misaligned
+    address (session 29). A fault poisons the process's CUDA context, so this runs in its
+    own."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    path = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _SIXTEEN_ROW_TILES], cwd=here,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": path})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
