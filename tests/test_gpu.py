@@ -358,7 +358,7 @@ def test_gpu_batch_entry_past_2_31_elements():
 
 
 _SIXTEEN_ROW_TILES = """
-import sys, torch
+import torch
 from conftest import make_inputs, rel_err
 from gfwagen.backends import triton_backend as tb
 from gfwagen.reference import reference_backward, reference_forward

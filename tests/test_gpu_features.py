@@ -168,9 +168,8 @@ def check_step_in_cuda_graph(T, H, Hkv, D, W, varlen, backend):
     graph and replayed on new inputs: the remedy for a host too slow to keep up with short
     calls (RESULTS.md, session 28). Nothing in either direction may sync with the host or
     allocate outside the graph's pool; the replay must give the eager call's bits."""
-    leaves = [t.requires_grad_() if t is not None else None
-              for t in make_inputs(2, T, H, Hkv, D, D, torch.bfloat16, True, device="cuda",
-                                   seed=T)]
+    leaves = [t.requires_grad_() for t in make_inputs(2, T, H, Hkv, D, D, torch.bfloat16, True,
+                                                      device="cuda", seed=T)]
     do = torch.randn(2, T, H, D, device="cuda", dtype=torch.bfloat16)
     cu = torch.tensor([0, 700, 700, 2 * T - 1, 2 * T], device="cuda") if varlen else None
     if varlen:  # packed: one row of 2T positions
