@@ -285,9 +285,8 @@ def cuda_graph_ms(fn, rep=200, launches=1, warmup=25) -> float:
     with torch.cuda.graph(graph):
         for _ in range(launches):
             fn()
-    ms = triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")
-    del graph  # its memory pool goes back before the next contender
-    return ms / launches
+    return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep,
+                                   return_mode="median") / launches
 
 
 def time_modes(out, f, gated, modes, q, k, v, g, dout, warmup, rep):

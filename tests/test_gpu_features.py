@@ -68,6 +68,21 @@ def test_gpu_gate_grad_varlen(T):
             _check_bwd(row, col, seg_end, splits=splits)
 
 
+def _capture(step):
+    """step's CUDA graph and the outputs its capture returned (step warmed up on a side
+    stream first, as CUDA graphs need: no first allocation or compile inside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    return graph, outs
+
+
 def test_gpu_gate_sums_in_cuda_graph():
     """No host sync: the fused launches capture into a CUDA graph and replay on new inputs."""
     lg = _log_gate(2, 3000, 16, "near0").cuda()
@@ -80,14 +95,7 @@ def test_gpu_gate_sums_in_cuda_graph():
                 gate_sums.gate_grad_from_sums_fused(row, col, seg_end))
 
     expected_before = [t.clone() for t in step()]
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    graph, outs = _capture(step)
     lg.mul_(0.5)
     row.mul_(2.0)
     graph.replay()
@@ -137,21 +145,6 @@ def test_gpu_decode_ring_past_2_31_elements():
     args = (*args[:3], *rings, *args[5:])
     o = decode_attention(*args, window=None, backend="triton", n_splits=2)
     assert rel_err(o, ref.cuda()) < 1e-2
-
-
-def _capture(step):
-    """step's CUDA graph and the outputs its capture returned (step warmed up on a side
-    stream first, as CUDA graphs need: no first allocation or compile inside the capture)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
-    return graph, outs
 
 
 @pytest.mark.parametrize("T,H,Hkv,D,W,varlen", [
