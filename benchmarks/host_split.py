@@ -1,21 +1,26 @@
 #!/usr/bin/env python3
-"""Where the host time of one gated forward+backward goes, at a benchmark shape: the call as
-is, then with Triton's C launcher stubbed out (the launches still bound and keyed), then with
-`JITFunction.run` stubbed out (no Triton at all); and the time spent inside gfwagen's main
-functions and each Triton launch, from timers around them (no cProfile, whose per-call cost
-inflates a Python-heavy path several-fold).
+"""Where the host time of gfwagen's calls goes, at a benchmark shape:
+
+- the gated forward+backward, the gated forward and the ungated forward, with launch plans
+  (gfwagen.launch_plans, the default on CUDA) and without (GFWAGEN_LAUNCH_PLANS=0), in
+  alternating rounds in one process (a host's speed drifts within a run by more than some of
+  these differences);
+- the floor: an autograd function that only allocates what the op returns, the part of the
+  host time that any implementation of this interface pays;
+- without plans, the time inside gfwagen's main functions and each Triton launch, from timers
+  around them (no cProfile, whose per-call cost inflates a Python-heavy path several-fold).
 
     PYTHONPATH=$PWD python benchmarks/host_split.py --shape S5
 
-The differences between the three levels are the launches' cost: what fewer launches or a
-leaner launcher could win. Host time is the CPU's time to issue calls back to back with the
-GPU left behind; "with GPU" adds the wait for the GPU at the end of each round.
+Host time is the CPU's time to issue calls back to back with the GPU left behind; "with GPU"
+adds the wait for the GPU at the end of each round.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import time
@@ -92,14 +97,17 @@ def timers(acc):
         yield
 
 
-def compiled_kernels():
-    """Every compiled Triton kernel this process has launched."""
-    import gc
+class _AllocationsOnly(torch.autograd.Function):
+    """What the op's interface costs with no work behind it: its outputs allocated."""
 
-    from triton.runtime.jit import JITFunction
+    @staticmethod
+    def forward(ctx, q, k, v, g):
+        ctx.save_for_backward(q, k, v, g)
+        return torch.empty_like(q)
 
-    return [k for obj in gc.get_objects() if isinstance(obj, JITFunction)
-            for caches in obj.device_caches.values() for k in caches[0].values()]
+    @staticmethod
+    def backward(ctx, do):
+        return tuple(torch.empty_like(t) for t in ctx.saved_tensors)
 
 
 def main(argv=None) -> int:
@@ -108,38 +116,42 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=60)
     p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args(argv)
-    from triton.runtime.jit import JITFunction
 
     s = SHAPES[a.shape]
     q, k, v, g, do = make_inputs(s, torch.bfloat16)
+    calls = {
+        "gated f+b": lambda: torch.autograd.grad(gfwagen.attention(q, k, v, g, window=s.W),
+                                                 (q, k, v, g), do),
+        "gated fwd": lambda: gfwagen.attention(q, k, v, g, window=s.W),
+        "ungated fwd": lambda: gfwagen.attention(q, k, v, None, window=s.W),
+    }
+    floor = {"floor f+b": lambda: torch.autograd.grad(_AllocationsOnly.apply(q, k, v, g),
+                                                      (q, k, v, g), do)}
+    plans = {"plans": "auto", "no plans": "0"}
+    times: dict = {}
+    for r in range(a.rounds):
+        for label, mode in (plans.items() if r % 2 == 0 else reversed(plans.items())):
+            os.environ[gfwagen.launch_plans.PLANS_ENV] = mode
+            for name, fn in calls.items():
+                times.setdefault((name, label), []).append(rounds(fn, a.calls, 1))
+        for name, fn in floor.items():
+            times.setdefault((name, ""), []).append(rounds(fn, a.calls, 1))
+    os.environ.pop(gfwagen.launch_plans.PLANS_ENV)
+    print(f"{a.shape}: host ms per call (median of {a.rounds} rounds of {a.calls} calls)")
+    for (name, label), ts in times.items():
+        h = statistics.median(t[0] for t in ts)
+        t = statistics.median(t[1] for t in ts)
+        print(f"  {name:12s} {label:9s} host {h:.3f}  with GPU {t:.3f}", flush=True)
 
-    def fwdbwd():
-        o = gfwagen.attention(q, k, v, g, window=s.W)
-        torch.autograd.grad(o, (q, k, v, g), do)
-
-    def show(label):
-        h, t = rounds(fwdbwd, a.calls, a.rounds)
-        print(f"{label:44s} host {h:.3f} ms per f+b, with GPU {t:.3f}", flush=True)
-
-    show("as is")
+    os.environ[gfwagen.launch_plans.PLANS_ENV] = "0"
     acc = {}
     with timers(acc):
-        rounds(fwdbwd, a.calls, 1)
+        rounds(calls["gated f+b"], a.calls, 1)
+    os.environ.pop(gfwagen.launch_plans.PLANS_ENV)
     n = a.calls + 3
-    print("inclusive host time per f+b, timers on:")
-    for name, (sec, calls) in sorted(acc.items(), key=lambda kv: -kv[1][0]):
-        print(f"  {name:42s} {sec / n * 1e3:7.3f} ms  x{calls / n:.0f}")
-    kernels = [kern for kern in compiled_kernels() if getattr(kern, "_run", None) is not None]
-    saved = [kern._run for kern in kernels]
-    for kern in kernels:  # the launcher only: binding, keys and the cache lookup still run
-        kern._run = lambda *args, **kw: None
-    try:
-        show("Triton's C launcher stubbed")
-    finally:
-        for kern, r in zip(kernels, saved, strict=True):
-            kern._run = r
-    with patched(JITFunction, "run", lambda self, *args, **kw: None):
-        show("JITFunction.run stubbed (no Triton)")
+    print("no plans, inclusive host time per gated f+b, timers on:")
+    for name, (sec, ncalls) in sorted(acc.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {name:42s} {sec / n * 1e3:7.3f} ms  x{ncalls / n:.0f}")
     return 0
 
 

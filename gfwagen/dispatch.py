@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from gfwagen import gate_sums, reference
+from gfwagen import gate_sums, launch_plans, reference
 from gfwagen.gate import sanitize_log_gate
 from gfwagen.heuristics import default_config, interpreting
 from gfwagen.spec import KernelConfig, KernelSpec, dtype_name, effective_window, window_class
@@ -205,6 +205,7 @@ def _passed_over(spec: KernelSpec, err, seqlen: int, device: torch.device) -> No
     if err.config == default or (spec, err.config, dev) in _unbuildable:
         raise err
     _unbuildable.add((spec, err.config, dev))
+    launch_plans.clear()
     fallback = "the recomputing backward" if default is None else f"the default {default}"
     warnings.warn(f"gfwagen: {err}. Running {fallback} for this problem on {dev} from now "
                   "on; the tuning database keeps its entry (re-tune it with gfwagen tune)",
@@ -267,6 +268,7 @@ def run_forward(q, k, v, log_gate, window, scale, backend, cu_seqlens=None,
     auto = backend == "auto"
     backend = resolve_backend(backend, q.device, q.dtype)
     if backend == "reference":
+        launch_plans.decline("the reference")
         log_gate = _sanitized(log_gate, backend)
         o, lse = reference.reference_forward(q, k, v, log_gate, window, scale,
                                              cu_seqlens=cu_seqlens)
@@ -278,6 +280,7 @@ def run_forward(q, k, v, log_gate, window, scale, backend, cu_seqlens=None,
     log_gate = _sanitized(log_gate, backend)
     spec = _spec(backend, "fwd", q, v, window, log_gate is not None, group)
     if backend == "tvm":
+        launch_plans.decline("TVM")
         from gfwagen.backends.tvm_backend import tvm_forward
 
         cfg = select_config(spec, q.shape[1], q.device)
@@ -320,6 +323,7 @@ def run_backward(do, q, k, v, o, lse, log_gate, window, scale, backend, cu_seqle
     auto = backend == "auto"
     backend = resolve_backend(backend, q.device, q.dtype)
     if backend == "reference":
+        launch_plans.decline("the reference")
         log_gate = _sanitized(log_gate, backend)
         return reference.reference_backward(do, q, k, v, o, lse, log_gate, window, scale,
                                             cu_seqlens=cu_seqlens)
@@ -331,6 +335,7 @@ def run_backward(do, q, k, v, o, lse, log_gate, window, scale, backend, cu_seqle
     specs = {p: _spec(backend, p, q, v, window, gated, group)
              for p in ("bwd_kv", "bwd_q", "bwd_ds")}
     if backend == "tvm":
+        launch_plans.decline("TVM")
         from gfwagen.backends.tvm_backend import tvm_backward
 
         cfg_kv, cfg_q = (select_config(specs[p], q.shape[1], q.device)

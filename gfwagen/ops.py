@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from gfwagen import dispatch
+from gfwagen import dispatch, launch_plans
 from gfwagen.validate import check_cu_seqlens_values, check_finite, check_inputs
 
 
@@ -42,10 +42,24 @@ def _fwd_impl(q, k, v, log_gate, window, scale, backend, cu_seqlens, keep=None):
         # Clamped by dispatch (every backend, forward and backward, sees the same clamped
         # gate: docs/NUMERICS.md).
         log_gate = log_gate.contiguous()
-    o, lse = dispatch.run_forward(q, k, v, log_gate, window, _scale(q, scale), backend,
-                                  cu_seqlens, keep)
+    if cu_seqlens is None:
+        o, lse, gate = launch_plans.run(_planned_forward, (q, k, v, log_gate),
+                                        (window, _scale(q, scale), backend, keep is not None))
+        if keep is not None:
+            keep.gate = gate
+    else:
+        o, lse = dispatch.run_forward(q, k, v, log_gate, window, _scale(q, scale), backend,
+                                      cu_seqlens, keep)
     # The fake promises contiguous outputs; compiled graphs check strides against it.
     return o.contiguous(), lse.contiguous()
+
+
+def _planned_forward(q, k, v, log_gate, window, scale, backend, keep):
+    """The forward of one unpacked call as launch_plans records it: keep, whether to return
+    the gate tables for the backward (Kept.gate)."""
+    kept = dispatch.Kept() if keep else None
+    o, lse = dispatch.run_forward(q, k, v, log_gate, window, scale, backend, None, kept)
+    return o, lse, kept.gate if kept is not None else None
 
 
 @torch.library.custom_op("gfwa::attention_fwd", mutates_args=(), device_types=("cpu", "cuda"))
@@ -67,8 +81,23 @@ def _bwd_impl(do, q, k, v, o, lse, log_gate, window, scale, backend, cu_seqlens,
     do, q, k, v, o = (_last_dim_contiguous(t) for t in (do, q, k, v, o))
     if log_gate is not None:
         log_gate = log_gate.contiguous()
-    return dispatch.run_backward(do, q, k, v, o, lse.contiguous(), log_gate, window,
-                                 _scale(q, scale), backend, cu_seqlens, kept)
+    if cu_seqlens is not None:
+        return dispatch.run_backward(do, q, k, v, o, lse.contiguous(), log_gate, window,
+                                     _scale(q, scale), backend, cu_seqlens, kept)
+    local, base, chunk = (kept.gate if kept is not None and kept.gate is not None
+                          else (None, None, None))
+    return launch_plans.run(_planned_backward,
+                            (do, q, k, v, o, lse.contiguous(), log_gate, local, base),
+                            (window, _scale(q, scale), backend, chunk))
+
+
+def _planned_backward(do, q, k, v, o, lse, log_gate, local, base, window, scale, backend,
+                      chunk):
+    """The backward of one unpacked call as launch_plans records it: local, base and chunk,
+    the forward's gate tables when it kept them (else None)."""
+    kept = dispatch.Kept((local, base, chunk)) if local is not None else None
+    return dispatch.run_backward(do, q, k, v, o, lse, log_gate, window, scale, backend, None,
+                                 kept)
 
 
 @torch.library.custom_op("gfwa::attention_bwd", mutates_args=(), device_types=("cpu", "cuda"))

@@ -9,6 +9,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True)
+def _no_launch_plans_from_earlier_tests():
+    """Launch plans keep what a call decided (gfwagen.launch_plans): a test that patches
+    gfwagen.dispatch must not find a plan an earlier test recorded for the same signature."""
+    from gfwagen import launch_plans
+
+    launch_plans.clear()
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

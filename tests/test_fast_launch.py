@@ -189,6 +189,45 @@ def test_direct_launch_keeps_tritons_runner_for_hooks_and_scratch(monkeypatch):
     assert log[0][11] is triton.knobs.runtime.launch_enter_hook
 
 
+def test_recorded_launches_come_in_the_order_they_are_made():
+    """recording_launches (gfwagen.launch_plans) records a bound launch when it is made, not
+    when it is bound: the key-bias forward binds its own launch before it makes the one
+    that writes the biases, and a replay must keep the order the GPU saw."""
+    first, second = _Kernel(), _Kernel()
+    la, lb = common._Launcher(first), common._Launcher(second)
+    seen = []
+    x = torch.empty(64)
+    steps = []
+    with common.recording_launches(steps):
+        bound = la.bind((1,), x, 16, True, BLOCK=64)
+        assert not steps
+        lb[(2,)](x, 32, True, BLOCK=64)
+        seen.append(common.launching())
+        bound()
+    assert [s[0] for s in steps] == [lb, la]
+    assert steps[0][2:] == ((2,), (x, 32, True), {"BLOCK": 64})
+    assert seen == [False] and not common.launching()
+    lb[(2,)](x, 32, True, BLOCK=64)  # no recording now
+    assert len(steps) == 2 and len(second.log) == 2
+
+
+def test_a_launch_being_recorded_is_marked_while_it_runs():
+    """What a launch allocates (Triton's scratch, the interpreter's copies) is not the
+    recorded call's own: the recorder asks common.launching()."""
+    inside = []
+
+    class Probe(_Kernel):
+        def __getitem__(self, grid):
+            inside.append(common.launching())
+            return super().__getitem__(grid)
+
+    probe = Probe()
+    with common.recording_launches([]):
+        common._Launcher(probe)[(1,)](torch.empty(4), 16, True, BLOCK=16)
+    common._Launcher(probe)[(1,)](torch.empty(4), 16, True, BLOCK=16)
+    assert inside == [True, False]
+
+
 def test_a_kernel_keeps_one_launcher():
     """The cache lives in the launcher: a new one per launch would never hit."""
     kern = _Kernel()

@@ -239,3 +239,54 @@ def test_gpu_nsa_sliding_branch():
                        gfwagen.attention(q, k, v, g, window=256))
     plain = gated_sliding_attn(q, k, v, None, 256)
     assert rel_err(plain, _plain_sliding_window(q.cpu(), k.cpu(), v.cpu(), 256)) < 1e-2
+
+
+PLAN_CASES = {
+    # name: (B, T, Hq, Hkv, D, W, dtype, gated, forced configs {pass: KernelConfig}, stored)
+    "key-bias": (2, 1500, 8, 8, 64, 300, torch.bfloat16, True,
+                 {"fwd": (64, 64, 4, 2, (("bias_mma", True), ("maxnreg", 128)))}, False),
+    "tables-gqa": (2, 3000, 8, 2, 128, 512, torch.bfloat16, True, {}, False),
+    "tma-dq": (2, 2000, 4, 4, 64, 256, torch.float16, True,
+               {"bwd_q": (64, 32, 4, 3, (("tma", True),))}, False),
+    "stored-tma": (2, 2000, 4, 4, 64, 256, torch.float16, True, {}, True),
+    "ungated": (3, 1000, 4, 2, 64, 128, torch.float16, False, {}, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLAN_CASES))
+def test_gpu_launch_plans_replay_the_general_path(name, monkeypatch):
+    """gfwagen.launch_plans on the GPU: after its first call, a signature's forward and
+    backward replay what the general path launched (straight to the compiled kernels), bitwise
+    the same outputs as the general path on fresh inputs; tensor descriptors included (their
+    scratch allocator set on the autograd thread) and the stored-dS backward."""
+    from gfwagen import dispatch, launch_plans
+    from gfwagen.spec import KernelConfig
+
+    B, T, Hq, Hkv, D, W, dtype, gated, forced, stored = PLAN_CASES[name]
+    forced = {p: KernelConfig(*c[:4], extra=c[4]) for p, c in forced.items()}
+    real = dispatch.select_config
+    monkeypatch.setattr(dispatch, "select_config", lambda spec, T, dev: (
+        forced.get(spec.pass_) or real(spec, T, dev)))
+    if stored:
+        monkeypatch.setattr(dispatch, "_stored_choice", lambda spec, bucket, dev: KernelConfig(
+            64, 64, 4, 2, extra=(("tma", True), ("q_tma", True))))
+    launch_plans.clear()
+
+    def step(q, k, v, g, do):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, g) if t is not None]
+        o = gfwagen.attention(*leaves[:3], leaves[3] if gated else None, window=W,
+                              backend="triton")
+        return (o, *torch.autograd.grad(o, leaves, do))
+
+    for seed in range(3):
+        q, k, v, g = make_inputs(B, T, Hq, Hkv, D, D, dtype, gated, device="cuda", seed=seed)
+        do = torch.randn(B, T, Hq, D, device="cuda", dtype=dtype)
+        got = step(q, k, v, g, do)
+        with monkeypatch.context() as m:
+            m.setenv(launch_plans.PLANS_ENV, "0")
+            want = step(q, k, v, g, do)
+        for what, a, e in zip(("o", "dq", "dk", "dv", "dg"), got, want):
+            assert torch.equal(a, e), (seed, what, rel_err(a, e))
+    plans = {key[0].__name__: plan for key, plan in launch_plans._plans.items()}
+    assert sorted(plans) == ["_planned_backward", "_planned_forward"], plans
+    assert all(isinstance(p, launch_plans._Plan) for p in plans.values()), plans

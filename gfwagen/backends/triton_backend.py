@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from gfwagen import gate_sums
+from gfwagen import gate_sums, launch_plans
 from gfwagen.gate import GATE_BOUND, GATE_CHUNK, chunked_prefix_sums, key_bias
 from gfwagen.spec import KernelConfig, effective_window
 from gfwagen.template_loader import load_template
@@ -358,6 +358,7 @@ def backward_preferring_stored(do, q, k, v, o, lse, log_gate, window, scale,
             need = _stored_ds_bytes(q, kernel_window(window, q.shape[1]), stored_cfg)
             dev = str(q.device)
             _stored_ds_oom[dev] = min(need, _stored_ds_oom.get(dev, need))
+            launch_plans.clear()  # plans with buffers this large take the stored backward
             import warnings
 
             warnings.warn(f"gfwagen: the stored-dS backward's {need / 2**20:.0f} MiB did not fit "

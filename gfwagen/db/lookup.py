@@ -295,3 +295,6 @@ def reset_snapshot() -> None:
     with _snapshot_lock:
         _snapshot = None
     shipped_dir.cache_clear()
+    from gfwagen import launch_plans
+
+    launch_plans.clear()  # their configs came from the old snapshot

@@ -1,8 +1,10 @@
 """Helpers shared by the Triton templates (imported relatively; nothing from gfwagen)."""
 
+import contextlib
 import functools
 import inspect
 import os
+import threading
 
 import triton
 import triton.language as tl
@@ -71,8 +73,13 @@ class _Launcher:
         except TypeError:  # an unhashable constexpr: Triton's own path
             key = hit = None
         if hit is None:
-            return functools.partial(self._first, key, grid, args, kw)
-        return functools.partial(hit, key[0], grid, args)
+            call = functools.partial(self._first, key, grid, args, kw)
+        else:
+            call = functools.partial(hit, key[0], grid, args)
+        into = getattr(_recording, "steps", None)
+        if into is not None:  # gfwagen.launch_plans: in the order the launches are made
+            return functools.partial(_record_then_launch, into, (self, key, grid, args, kw), call)
+        return call
 
     def _first(self, key, grid, args, kw):
         compiled = self.kernel[grid](*args, **kw)
@@ -109,6 +116,35 @@ class _Launcher:
                 v = k
             append((name, v))
         return tuple(key)
+
+
+_recording = threading.local()
+
+
+@contextlib.contextmanager
+def recording_launches(into: list):
+    """Appends (launcher, key, grid, args, kw) to `into` for each launch this thread makes
+    through a _Launcher meanwhile, as it is made (gfwagen.launch_plans records calls so)."""
+    prev = getattr(_recording, "steps", None)
+    _recording.steps = into
+    try:
+        yield
+    finally:
+        _recording.steps = prev
+
+
+def _record_then_launch(into, step, call):
+    into.append(step)
+    _recording.launching = True  # what the launch itself allocates is Triton's (scratch)
+    try:
+        call()
+    finally:
+        _recording.launching = False
+
+
+def launching() -> bool:
+    """Whether this thread is inside a launch that recording_launches records."""
+    return getattr(_recording, "launching", False)
 
 
 # constexpr and option values that key by themselves
