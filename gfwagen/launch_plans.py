@@ -61,6 +61,7 @@ def clear() -> None:
 
 
 def enabled(t: torch.Tensor) -> bool:
+    """Whether calls on t's device are planned (GFWAGEN_LAUNCH_PLANS)."""
     mode = os.environ.get(PLANS_ENV, "auto")
     if mode == "0":
         return False
@@ -255,6 +256,9 @@ class _Plan:
         return i
 
     def _step(self, launcher, key, grid, args, kw):
+        if any(isinstance(v, torch.Tensor) for v in kw.values()):
+            # a keyword argument is a constexpr or an option: a replay would pass it as recorded
+            raise _Unplannable("a launch took a tensor by keyword")
         consts, refs = list(args), []
         for pos, a in enumerate(args):
             if isinstance(a, torch.Tensor):

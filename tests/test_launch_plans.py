@@ -4,6 +4,7 @@ could not repeat is never planned. The gate sums run as on CUDA (fused launches;
 tensors they are torch operations, which are not planned)."""
 
 import os
+import types
 
 import pytest
 import torch
@@ -197,3 +198,14 @@ def test_a_replay_that_fails_falls_back_to_the_general_path(general_calls, monke
     assert general_calls["fwd"] == 2 and key not in launch_plans._plans
     gfwagen.attention(q, k, v, g, window=6, backend="triton")  # recorded again
     assert isinstance(launch_plans._plans[key], launch_plans._Plan)
+
+
+def test_a_launch_taking_a_tensor_by_keyword_is_not_planned():
+    """Keyword arguments are constexprs and options, replayed as recorded: a tensor there
+    would be the recording's, not the call's."""
+    x = torch.empty(4)
+    launcher = types.SimpleNamespace(kernel=None, compiled={})
+    plan = launch_plans._Plan((x,), [], [(launcher, None, (1,), (x,), {"BLOCK": 16})], (x,))
+    assert plan.steps[0][3] == ((0, 0),)
+    with pytest.raises(launch_plans._Unplannable, match="by keyword"):
+        launch_plans._Plan((x,), [], [(launcher, None, (1,), (x,), {"Y": x})], (x,))
