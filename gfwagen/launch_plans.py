@@ -56,8 +56,8 @@ def clear() -> None:
     this thread does not become one: what changed may have changed its path midway (a config
     passed over after its first launches)."""
     _plans.clear()
-    if getattr(_declined, "active", False):
-        _declined.cleared = True
+    if getattr(_this_recording, "active", False):
+        _this_recording.cleared = True
 
 
 def enabled(t: torch.Tensor) -> bool:
@@ -102,14 +102,16 @@ def run(fn, tensors: tuple, statics: tuple):
 
 
 # ------------------------------------------------------------------------------ recording
-_declined = threading.local()
+# the recording in progress on this thread: active, and why it may not become a plan (why:
+# declined by the general path; cleared: clear() ran meanwhile)
+_this_recording = threading.local()
 
 
 def decline(why: str) -> None:
     """Called by the general path where a recording in progress must not become a plan
     (another backend's kernels, which a replay would not launch)."""
-    if getattr(_declined, "active", False):
-        _declined.why = why
+    if getattr(_this_recording, "active", False):
+        _this_recording.why = why
 
 
 class _Allocations(TorchDispatchMode):
@@ -156,19 +158,19 @@ def _record(fn, tensors, statics):
     count = _LaunchCount() if tensors[0].is_cuda and hasattr(hooks, "add") else None
     steps: list = []
     allocs = _Allocations()
-    _declined.active, _declined.why, _declined.cleared = True, None, False
+    _this_recording.active, _this_recording.why, _this_recording.cleared = True, None, False
     if count is not None:
         hooks.add(count)
     try:
         with allocs, common.recording_launches(steps):
             out = fn(*tensors, *statics)
     finally:
-        _declined.active = False
+        _this_recording.active = False
         if count is not None:
             hooks.remove(count)
-    if _declined.cleared:
+    if _this_recording.cleared:
         return out, None
-    why = _declined.why or (f"it ran {allocs.refused}" if allocs.refused else None)
+    why = _this_recording.why or (f"it ran {allocs.refused}" if allocs.refused else None)
     if why is None and count is not None and count.n != len(steps):
         why = f"{count.n - len(steps)} launches outside the templates' launchers"
     if why is not None:
