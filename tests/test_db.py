@@ -545,6 +545,29 @@ def test_lookup_takes_kin_classes_other_gqa_groups_then_the_other_half_dtype(tmp
     assert only_bf16.lookup(SPEC.replace(backend="tvm", group=8), 4096, H200)[0] is None
 
 
+def test_lookup_takes_the_gated_class_for_an_ungated_problem_last(tmp_path):
+    """An ungated Triton problem with no entry of its own, at any group or dtype, takes its
+    gated class's (SPEC is gated), saying so; its own entry, or one of its kin, wins over the
+    gated class; TVM takes none."""
+    path = _lookup_db(tmp_path)
+    plain = SPEC.replace(gated=False)
+    snap = Snapshot.load(path, shipped=False)
+    cfg, why = snap.lookup(plain, 4096, H200)
+    assert cfg.block_m == 128 and why.endswith("; tuned gated, run ungated")
+    cfg, why = snap.lookup(plain.replace(group=8, dtype="fp16"), 4096, H100)
+    assert cfg.block_m == 128 and why.startswith("same architecture sm_90")
+    assert why.endswith("; tuned in bf16 for GQA group 4, run in fp16; tuned gated, run ungated")
+    assert snap.lookup(plain.replace(backend="tvm"), 4096, H200)[0] is None
+    with TuningDB(path) as db:  # an ungated entry at group 1: the group-8 problem's kin
+        rec(db, problem=dataclasses.replace(PROB, kv_heads=16, gated=False), ms=9.0,
+            block_m=16, t=7)
+    snap = Snapshot.load(path, shipped=False)
+    cfg, why = snap.lookup(plain.replace(group=8), 4096, H200)
+    assert cfg.block_m == 16 and why.endswith("; tuned for GQA group 1, run at 8")
+    cfg, why = snap.lookup(plain.replace(group=1), 4096, H200)
+    assert cfg.block_m == 16 and "gated" not in why
+
+
 def test_lookup_seqlen_and_window_class(tmp_path):
     snap = Snapshot.load(_lookup_db(tmp_path), shipped=False)
     assert snap.lookup(SPEC, 1500, H200)[0].block_m == 32      # log2 1500 nearer 1024

@@ -12,7 +12,8 @@ and never writes a file. Fallbacks, first match wins:
 Within a level the seqlen bucket nearest in log space wins, then an entry from this
 toolchain, then the user's database over the shipped files, then the lowest median. A
 Triton problem class with no entry at any level takes a kin class's (_kin_specs): another
-GQA group, then the other 16-bit dtype; its reason says so. Entries
+GQA group, then the other 16-bit dtype, then (ungated problems) the gated class; its reason
+says so. Entries
 tuned with another minor version of the backend's compiler (Triton, or TVM) are skipped with a
 warning: tiles that fit and won under one compiler may not under the next.
 """
@@ -258,7 +259,8 @@ def _kin_specs(spec: KernelSpec) -> list[tuple[KernelSpec, str]]:
     """The spec, then (Triton only) the classes whose tuned tiles it can take: other GQA
     groups, nearest first (the kernels' tiles and resources do not depend on the group, only
     which K/V head a program reads), then the other 16-bit dtype (bf16 and fp16 compile to
-    the same tiles, registers and shared memory). Each with the note its reason gets."""
+    the same tiles, registers and shared memory), then for an ungated spec all of those
+    gated. Each with the note its reason gets."""
     out = [(spec, "")]
     if spec.backend != "triton":
         return out
@@ -271,6 +273,14 @@ def _kin_specs(spec: KernelSpec) -> list[tuple[KernelSpec, str]]:
         out += [(spec.replace(dtype=other, group=g), f"; tuned in {other}" + (
                  f" for GQA group {g}" if g != spec.group else "") + f", run in {spec.dtype}")
                 for g in (spec.group, *groups)]
+    if not spec.gated:
+        # The gate only adds to a kernel's registers, loads and work, so the gated class's
+        # tiles fit the ungated problem, and its gate-only knobs are ignored there. Against the
+        # heuristic default they ran the ungated forward+backward 2-21% faster at 8 of 9
+        # shipped classes and tied at the ninth; the forward alone 0-24% faster at head dims
+        # 64 and 128, 1.6-2.5% slower at 256 (H200, benchmarks/RESULTS.md, session 31).
+        out += [(kin.replace(gated=True), note + "; tuned gated, run ungated")
+                for kin, note in list(out)]
     return out
 
 
