@@ -67,6 +67,28 @@ def check_case_against_float64(case, dtype_name, backend):
         assert err < TOL[dtype], (nm, err)
 
 
+@pytest.mark.parametrize("case", [
+    ("no-gate-D64-W256", 2, 1500, 8, 8, 64, 64, 256, False),
+    ("no-gate-D128-W8192", 1, 8500, 2, 2, 128, 128, 8192, False),
+    ("no-gate-D256-W512", 1, 1200, 4, 4, 256, 256, 512, False),
+], ids=lambda c: c[0])
+def test_gpu_ungated_op_on_its_gated_class_tiles(case):
+    """An ungated problem whose class the shipped database tunes only gated runs that class's
+    tiles (gfwagen.db.lookup's gated kin, their gate-only knobs ignored): forward and backward
+    through the op against float64."""
+    from gfwagen import dispatch
+    from gfwagen.db.fingerprint import device_fingerprint
+    from gfwagen.db.lookup import get_snapshot
+
+    _, B, T, Hq, _, D, _, W, _ = case
+    q = torch.empty(B, T, Hq, D, device="cuda", dtype=torch.bfloat16)
+    for pass_ in ("fwd", "bwd_kv", "bwd_q"):
+        spec = dispatch._spec("triton", pass_, q, q, W, False, 1)
+        _, why = get_snapshot().lookup(spec, T, device_fingerprint(q.device))
+        assert why.endswith("; tuned gated, run ungated"), (pass_, why)
+    check_case_against_float64(case, "bf16", "triton")
+
+
 def test_gpu_compile_fullgraph_dynamic():
     torch._dynamo.reset()
     f = torch.compile(lambda q, k, v, g: gfwagen.attention(q, k, v, g, window=128).float().sum(),
