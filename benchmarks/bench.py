@@ -270,12 +270,10 @@ def check(f, gated, s, q, k, v, g, dout):
             for n, x, r in zip(names, (o, *grads), refs[: len(names)], strict=True)}
 
 
-def cuda_graph_ms(fn, rep=200, launches=1, warmup=25) -> float:
-    """Median ms of fn replayed as a CUDA graph: GPU time without the host's launch costs. fn
-    runs once on a side stream before the capture, so that no lazy initialization or first
-    allocation happens inside it. launches > 1 captures fn that many times back to back and
-    returns the time per call: a short kernel's GPU time in a stream, its gap to the next
-    kernel included, without the graph's own launch."""
+def capture_graph(fn, launches=1) -> torch.cuda.CUDAGraph:
+    """fn captured `launches` times back to back in a CUDA graph. fn runs once on a side
+    stream before the capture, so that no lazy initialization or first allocation happens
+    inside it."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -285,6 +283,15 @@ def cuda_graph_ms(fn, rep=200, launches=1, warmup=25) -> float:
     with torch.cuda.graph(graph):
         for _ in range(launches):
             fn()
+    return graph
+
+
+def cuda_graph_ms(fn, rep=200, launches=1, warmup=25) -> float:
+    """Median ms of fn replayed as a CUDA graph: GPU time without the host's launch costs.
+    launches > 1 captures fn that many times back to back and returns the time per call: a
+    short kernel's GPU time in a stream, its gap to the next kernel included, without the
+    graph's own launch."""
+    graph = capture_graph(fn, launches)
     return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep,
                                    return_mode="median") / launches
 

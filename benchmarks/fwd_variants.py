@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import SHAPES, Shape, flops, make_inputs  # noqa: E402
+from bench import SHAPES, Shape, capture_graph, flops, make_inputs  # noqa: E402
 
 import gfwagen  # noqa: E402
 from gfwagen import dispatch, launch_plans  # noqa: E402
@@ -93,20 +93,6 @@ def interleaved_ms(fns: list, calls: int, flush_mb: int = 256) -> list[list[floa
     return [[a.elapsed_time(b) for a, b in ev] for ev in events]
 
 
-def captured(fn):
-    """fn captured in a CUDA graph (warmed on a side stream); returns the graph's replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def report(variants, ms, s, base: int | None):
     for i, vr in enumerate(variants):
         med = statistics.median(ms[i])
@@ -156,7 +142,7 @@ def main() -> None:
         replays = []
         for fn in fns:
             launch_plans.clear()
-            replays.append(captured(fn))
+            replays.append(capture_graph(fn).replay)
         print("  CUDA graph replays:", flush=True)
         report(kept, interleaved_ms(replays, args.calls), s, base)
 

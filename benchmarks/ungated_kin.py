@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import Shape, flops, make_inputs  # noqa: E402
-from fwd_variants import captured, interleaved_ms  # noqa: E402
+from bench import Shape, capture_graph, flops, make_inputs  # noqa: E402
+from fwd_variants import interleaved_ms  # noqa: E402
 
 import gfwagen  # noqa: E402
 from gfwagen import dispatch  # noqa: E402
@@ -78,8 +78,8 @@ def measure(name: str, calls: int) -> None:
         use(gated_kin)
         print(f"== {name} {s._asdict()} {label}: {picks(q, v, s.W)}", flush=True)
         outs[label] = fwd().detach().float()
-        graphs[(label, "fwd")] = captured(fwd)
-        graphs[(label, "f+b")] = captured(fwdbwd)
+        graphs[(label, "fwd")] = capture_graph(fwd).replay
+        graphs[(label, "f+b")] = capture_graph(fwdbwd).replay
     diff = ((outs["gated kin"] - outs["heuristic"]).abs().max()
             / outs["heuristic"].abs().max()).item()
     keys = list(graphs)
