@@ -49,7 +49,14 @@ def use(gated_kin: bool) -> None:
         return out
 
     lookup._kin_specs = kin
-    dispatch._lookup.cache_clear()
+    _forget()
+
+
+def _forget() -> None:
+    """Every memo of a lookup: the configs, the stored-dS and backend choices, the snapshot
+    (and with it the launch plans)."""
+    for memo in (dispatch._lookup, dispatch._stored_choice, dispatch._auto_choice):
+        memo.cache_clear()
     lookup.reset_snapshot()
 
 
@@ -60,6 +67,9 @@ def picks(q, v, window) -> str:
         cfg = dispatch.select_config(spec, q.shape[1], q.device)
         out.append(f"{pass_} {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
                    + "".join(f" {k}" if v is True else f" {k}={v}" for k, v in cfg.extra))
+    spec = dispatch._spec("triton", "bwd_ds", q, v, window, False, 1)
+    stored = dispatch._stored_choice(spec, *dispatch._memo_keys(q.shape[1], q.device))
+    out.append("stored-dS backward" if stored is not None else "recomputing backward")
     return "; ".join(out)
 
 
@@ -103,8 +113,7 @@ def main() -> None:
         measure(name, args.calls)
         torch.cuda.empty_cache()
     lookup._kin_specs = _real_kin
-    dispatch._lookup.cache_clear()
-    lookup.reset_snapshot()
+    _forget()
 
 
 if __name__ == "__main__":

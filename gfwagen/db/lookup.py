@@ -276,9 +276,10 @@ def _kin_specs(spec: KernelSpec) -> list[tuple[KernelSpec, str]]:
     if not spec.gated:
         # The gate only adds to a kernel's registers, loads and work, so the gated class's
         # tiles fit the ungated problem, and its gate-only knobs are ignored there. Against the
-        # heuristic default they ran the ungated forward+backward 2-21% faster at 8 of 9
-        # shipped classes and tied at the ninth; the forward alone 0-24% faster at head dims
-        # 64 and 128, 1.6-2.5% slower at 256 (H200, benchmarks/RESULTS.md, session 31).
+        # heuristic defaults (and the recomputing backward) the ungated forward+backward ran
+        # 2-30% faster at 8 of 9 shipped classes and tied at the ninth; the forward alone
+        # 0-24% faster at head dims 64 and 128, 1.6-2.5% slower at 256 (H200,
+        # benchmarks/RESULTS.md, session 31).
         out += [(kin.replace(gated=True), note + "; tuned gated, run ungated")
                 for kin, note in list(out)]
     return out
