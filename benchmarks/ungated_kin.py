@@ -49,15 +49,7 @@ def use(gated_kin: bool) -> None:
         return out
 
     lookup._kin_specs = kin
-    _forget()
-
-
-def _forget() -> None:
-    """Every memo of a lookup: the configs, the stored-dS and backend choices, the snapshot
-    (and with it the launch plans)."""
-    for memo in (dispatch._lookup, dispatch._stored_choice, dispatch._auto_choice):
-        memo.cache_clear()
-    lookup.reset_snapshot()
+    lookup.reset_snapshot()  # with it the op's memoized configs and choices
 
 
 def picks(q, v, window) -> str:
@@ -113,7 +105,7 @@ def main() -> None:
         measure(name, args.calls)
         torch.cuda.empty_cache()
     lookup._kin_specs = _real_kin
-    _forget()
+    lookup.reset_snapshot()  # with it the op's memoized configs and choices
 
 
 if __name__ == "__main__":

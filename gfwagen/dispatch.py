@@ -173,6 +173,13 @@ def _lookup(spec: KernelSpec, seqlen_bucket: int, device: str) -> KernelConfig:
     return cfg if cfg is not None else _fallback_config(spec, seqlen_bucket, dev.type)
 
 
+def forget_lookups() -> None:
+    """Drop the memoized configs and choices: gfwagen.db.lookup.reset_snapshot calls it, as
+    they came from the snapshot it drops."""
+    for memo in (_lookup, _stored_choice, _auto_choice):
+        memo.cache_clear()
+
+
 def select_config(spec: KernelSpec, seqlen: int, device: torch.device) -> KernelConfig:
     """Tuned config for (device, spec, nearest seqlen bucket), else the built-in default.
     Memoized, so after the first call per problem it is a dict lookup (safe in CUDA graphs).

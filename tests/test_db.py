@@ -627,6 +627,32 @@ def test_snapshot_from_shipped_jsonl_never_writes(tmp_path, monkeypatch):
     assert dump(user) == before_user
 
 
+def test_reset_snapshot_drops_the_ops_memoized_configs(tmp_path, monkeypatch):
+    """After reset_snapshot (as after `gfwagen db import` in a running process) the op's
+    memoized lookups (gfwagen.dispatch) see the new database, not the old snapshot's picks."""
+    import torch
+
+    from gfwagen import dispatch
+    from gfwagen.db.fingerprint import device_fingerprint, toolchain
+
+    user = tmp_path / "user.sqlite"
+    monkeypatch.setenv("GFWAGEN_DB", str(user))
+    (tmp_path / "shipped").mkdir()
+    monkeypatch.setenv("GFWAGEN_TUNING_DB_DIR", str(tmp_path / "shipped"))
+    cpu = device_fingerprint(torch.device("cpu"))
+    spec = PROB.spec("tvm", "fwd")
+    with TuningDB(user) as db:
+        rec(db, backend="tvm", device=cpu, tc=toolchain(), ms=2.0, block_m=32, t=0)
+    reset_snapshot()
+    assert dispatch._lookup(spec, 4096, "cpu").block_m == 32
+    with TuningDB(user) as db:
+        rec(db, backend="tvm", device=cpu, tc=toolchain(), ms=1.0, block_m=64, t=1)
+    assert dispatch._lookup(spec, 4096, "cpu").block_m == 32  # the snapshot stands
+    reset_snapshot()
+    assert dispatch._lookup(spec, 4096, "cpu").block_m == 64
+    reset_snapshot()
+
+
 def test_snapshot_skips_unreadable_user_db(tmp_path):
     bad = tmp_path / "bad.sqlite"
     bad.write_bytes(b"garbage" * 1000)

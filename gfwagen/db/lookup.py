@@ -306,6 +306,7 @@ def reset_snapshot() -> None:
     with _snapshot_lock:
         _snapshot = None
     shipped_dir.cache_clear()
-    from gfwagen import launch_plans
+    from gfwagen import dispatch, launch_plans
 
+    dispatch.forget_lookups()  # memoized from the old snapshot
     launch_plans.clear()  # their configs came from the old snapshot
