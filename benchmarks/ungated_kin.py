@@ -58,7 +58,8 @@ def picks(q, v, window) -> str:
         spec = dispatch._spec("triton", pass_, q, v, window, False, 1)
         cfg = dispatch.select_config(spec, q.shape[1], q.device)
         out.append(f"{pass_} {cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
-                   + "".join(f" {k}" if v is True else f" {k}={v}" for k, v in cfg.extra))
+                   + "".join(f" {knob}" if val is True else f" {knob}={val}"
+                             for knob, val in cfg.extra))
     spec = dispatch._spec("triton", "bwd_ds", q, v, window, False, 1)
     stored = dispatch._stored_choice(spec, *dispatch._memo_keys(q.shape[1], q.device))
     out.append("stored-dS backward" if stored is not None else "recomputing backward")
