@@ -326,26 +326,33 @@ def time_modes(out, f, gated, modes, q, k, v, g, dout, warmup, rep):
 
 def paired_ms(fa, fb, pairs_: int, flush_mb: int = 256) -> tuple[list, list]:
     """fa and fb called alternately, pairs_ times each (a b, then b a, and so on), each call
-    timed as do_bench times one (the L2 flushed by zeroing flush_mb MB, then CUDA events
-    around the call). Each pair runs within a millisecond, on the same clocks: the rounds of
-    do_bench, seconds apart, moved an unchanged kernel by up to 18% on the H200 (RESULTS.md,
-    session 24), more than the gate's cost they were to measure. Returns both lists of ms."""
-    flush = torch.empty(flush_mb * 2**20 // 4, dtype=torch.int32, device=DEVICE)
+    timed as interleaved_ms times one. Each pair runs within a millisecond, on the same
+    clocks: the rounds of do_bench, seconds apart, moved an unchanged kernel by up to 18% on
+    the H200 (RESULTS.md, session 24), more than the gate's cost they were to measure.
+    Returns both lists of ms."""
     for _ in range(3):
         fa(), fb()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(2 * pairs_)]
-    for i in range(pairs_):
-        order = (0, 1) if i % 2 == 0 else (1, 0)
-        for which in order:
+    a, b = interleaved_ms([fa, fb], pairs_, flush_mb)
+    return a, b
+
+
+def interleaved_ms(fns: list, calls: int, flush_mb: int = 256) -> list[list[float]]:
+    """Each of fns called `calls` times, in rounds whose order rotates (a b c, b c a, ...),
+    each call timed as do_bench times one: the L2 flushed by zeroing flush_mb MB, then CUDA
+    events around the call. Returns each fn's list of ms."""
+    flush = torch.empty(flush_mb * 2**20 // 4, dtype=torch.int32, device=DEVICE)
+    events = [[] for _ in fns]
+    for i in range(calls):
+        for j in range(len(fns)):
+            n = (i + j) % len(fns)
             flush.zero_()
-            start, end = events[2 * i + which]
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            (fa, fb)[which]()
+            fns[n]()
             end.record()
+            events[n].append((start, end))
     torch.cuda.synchronize()
-    ms = [start.elapsed_time(end) for start, end in events]
-    return ms[0::2], ms[1::2]
+    return [[a.elapsed_time(b) for a, b in ev] for ev in events]
 
 
 def round_orders(contenders, rounds: int) -> list[list]:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Forward variants of one shape, each a backend and a config forced on the op (or the tuned
-pick), gated or not, timed in interleaved calls: every round calls each variant once, in an
-order that rotates, each timed as bench.paired_ms times one (the L2 flushed, CUDA events
-around the op's call), so all see the same clocks. Each variant's output is checked against
+pick), gated or not, timed by bench.interleaved_ms: every round calls each variant once, in an
+order that rotates (the L2 flushed before each call, CUDA events around it), so all see the
+same clocks. Each variant's output is checked against
 the tuned op's first. --graph times each variant again as a CUDA graph replay, also
 interleaved: the kernels without the host. A variant with a forced config runs without
 launch plans (a plan is keyed by the call, not the config), so its eager time carries the
@@ -31,7 +31,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import SHAPES, Shape, capture_graph, flops, make_inputs  # noqa: E402
+from bench import (  # noqa: E402
+    SHAPES,
+    Shape,
+    capture_graph,
+    flops,
+    interleaved_ms,
+    make_inputs,
+)
 
 import gfwagen  # noqa: E402
 from gfwagen import dispatch, launch_plans  # noqa: E402
@@ -75,22 +82,6 @@ def run(variant: dict, s: Shape, q, k, v, g):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-
-
-def interleaved_ms(fns: list, calls: int, flush_mb: int = 256) -> list[list[float]]:
-    flush = torch.empty(flush_mb * 2**20 // 4, dtype=torch.int32, device="cuda")
-    events = [[] for _ in fns]
-    for i in range(calls):
-        for j in range(len(fns)):
-            n = (i + j) % len(fns)
-            flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fns[n]()
-            end.record()
-            events[n].append((start, end))
-    torch.cuda.synchronize()
-    return [[a.elapsed_time(b) for a, b in ev] for ev in events]
 
 
 def report(variants, ms, s, base: int | None):

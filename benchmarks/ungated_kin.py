@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import Shape, capture_graph, flops, make_inputs  # noqa: E402
-from fwd_variants import interleaved_ms  # noqa: E402
+from bench import Shape, capture_graph, flops, interleaved_ms, make_inputs  # noqa: E402
 
 import gfwagen  # noqa: E402
 from gfwagen import dispatch  # noqa: E402
@@ -41,15 +40,11 @@ def class_shape(name: str) -> Shape:
 
 
 def use(gated_kin: bool) -> None:
-    """The lookup with or without the gated kin, its memos cleared (launch plans too)."""
-    def kin(spec):
-        out = [(k, n) for k, n in _real_kin(spec) if k.gated == spec.gated]
-        if gated_kin and not spec.gated and spec.backend == "triton":
-            out += [(k.replace(gated=True), n + "; tuned gated, run ungated") for k, n in out]
-        return out
-
-    lookup._kin_specs = kin
-    lookup.reset_snapshot()  # with it the op's memoized configs and choices
+    """The lookup as it is (the gated kin last), or without the gated kin; with the snapshot
+    the op's memoized configs and choices go (reset_snapshot)."""
+    lookup._kin_specs = _real_kin if gated_kin else (
+        lambda spec: [(k, n) for k, n in _real_kin(spec) if k.gated == spec.gated])
+    lookup.reset_snapshot()
 
 
 def picks(q, v, window) -> str:
