@@ -474,12 +474,15 @@ def generate_cmd(backend, pass_, head_dim, value_dim, window, dtype, gated, grou
 
 def _class_shapes() -> list[tuple]:
     """One shape per (head dim, window) class: T = max(4096, 2W) so the window slides over
-    at least one more window's worth of keys, B so that every shape holds 32768 tokens."""
+    at least one more window's worth of keys, B so that every shape holds 32768 tokens. Then
+    full causal attention (window 0, the Forgetting Transformer's) per head dim at T = 8192;
+    other lengths take its entries through the nearest sequence-length bucket."""
     out = []
     for d in (64, 128, 256):
         for w in (256, 512, 1024, 2048, 4096, 8192):
             t = max(4096, 2 * w)
             out.append((f"C-d{d}-w{w}", 32768 // t, t, 16, 16, d, w))
+    out += [(f"C-d{d}-causal", 4, 8192, 16, 16, d, 0) for d in (64, 128, 256)]
     return out
 
 

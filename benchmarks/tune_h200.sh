@@ -7,8 +7,9 @@
 #             (benchmarks/tuner_vs_sweep.py); PASSES="bwd_kv bwd_q" limits the passes
 #   ship      S1-S5 (SHIP0 / SHIP1: the shapes of each GPU) tuned by two single-GPU processes
 #             into two databases
-#   classes   the 18 head-dim x window classes, the same way (session 4 ran them with
-#             --trials 8..10, split differently across its calls: benchmarks/RESULTS.md)
+#   classes   the 18 head-dim x window classes and the 3 full-causal ones, the same way
+#             (session 4 ran the 18 with --trials 8..10, split differently across its calls;
+#             session 32 the causal ones with --trials 6 then 10: benchmarks/RESULTS.md)
 #   merge     S1's database plus the two, into h200.sqlite, exported best-only as h200.jsonl
 # Usage:  OUT=/some/dir bash benchmarks/tune_h200.sh PHASE [extra tune options]
 set -uo pipefail
@@ -50,9 +51,9 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     wait $a; wait $b
     ;;
   classes)
-    # the 18 head-dim x window classes, split between the two GPUs (--trials etc. in "$@")
-    c0=C-d64-w256,C-d64-w512,C-d64-w1024,C-d64-w2048,C-d64-w4096,C-d64-w8192,C-d128-w256,C-d128-w512,C-d128-w1024
-    c1=C-d128-w2048,C-d128-w4096,C-d128-w8192,C-d256-w256,C-d256-w512,C-d256-w1024,C-d256-w2048,C-d256-w4096,C-d256-w8192
+    # the 21 classes, split between the two GPUs (--trials etc. in "$@")
+    c0=C-d64-w256,C-d64-w512,C-d64-w1024,C-d64-w2048,C-d64-w4096,C-d64-w8192,C-d128-w256,C-d128-w512,C-d128-w1024,C-d64-causal,C-d128-causal
+    c1=C-d128-w2048,C-d128-w4096,C-d128-w8192,C-d256-w256,C-d256-w512,C-d256-w1024,C-d256-w2048,C-d256-w4096,C-d256-w8192,C-d256-causal
     CUDA_VISIBLE_DEVICES=0 tune --only "$c0" --db "$out/gpu0.sqlite" --no-plots "$@" \
       > "$out/classes0.json" 2> "$out/classes0.log" &
     a=$!

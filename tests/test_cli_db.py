@@ -202,7 +202,7 @@ def test_retune_after_a_template_edit_replaces_the_old_medians(runner, env, tmp_
 
 def test_shipped_h200_database_is_used_and_runnable():
     """tuning_db/h200.jsonl: every entry is a config its template accepts, and an H200 at S1
-    gets the tuned configs from it (no user database)."""
+    and at full causal attention gets the tuned configs from it (no user database)."""
     from pathlib import Path
 
     from gfwagen.db.lookup import Snapshot
@@ -223,6 +223,11 @@ def test_shipped_h200_database_is_used_and_runnable():
         spec = KernelSpec("triton", pass_, 128, 128, 512, "bf16", True, 1)
         cfg, why = snap.lookup(spec, 4096, fp)
         assert cfg is not None and cfg != default_config(spec) and "h200" in why
+        for d in (64, 128, 256):  # full causal attention (window 0), tuned at T = 8192
+            spec = KernelSpec("triton", pass_, d, d, 0, "bf16", True, 1)
+            for seqlen in (8192, 20000):
+                cfg, why = snap.lookup(spec, seqlen, fp)
+                assert cfg is not None and "h200" in why, (spec, seqlen, why)
 
 
 def test_export_without_database_fails(runner, env, tmp_path):

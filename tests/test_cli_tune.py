@@ -91,11 +91,12 @@ def test_generate_prints_source(env):
 
 def test_presets_classes_and_ship():
     classes = PRESETS["classes"]
-    assert len(classes) == 18 and len({c[0] for c in classes}) == 18
+    assert len(classes) == 21 and len({c[0] for c in classes}) == 21
     assert {(c[5], c[6]) for c in classes} == {(d, w) for d in (64, 128, 256)
-                                               for w in (256, 512, 1024, 2048, 4096, 8192)}
+                                               for w in (0, 256, 512, 1024, 2048, 4096, 8192)}
     for _, b, t, h, hkv, _d, w in classes:
-        assert t == max(4096, 2 * w) and b * t == 32768 and h == hkv == 16
+        assert t == (8192 if w == 0 else max(4096, 2 * w)) and b * t == 32768
+        assert h == hkv == 16
     assert PRESETS["ship"] == PRESETS["standard"] + classes
 
 

@@ -208,17 +208,20 @@ def test_gpu_forward_maxnreg(case):
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in (
     "gqa-W256-ragged", "W1", "W>=T", "causal", "D64-W333", "W63-gqa", "W17")],
     ids=lambda c: c[0])
-def test_gpu_forward_key_bias(case, mult):
+@pytest.mark.parametrize("tile", [(64, 64, 4, 2, (("maxnreg", 128),)), (128, 128, 8, 2, ())],
+                         ids=["64x64", "128x128"])
+def test_gpu_forward_key_bias(case, mult, tile):
     """The bias_mma knob: the gate as key biases inside the score product (bf16, square
-    tiles), gates x1, x30 and x1e-3, against float64; the backward, which reads the gate
-    tables, from its lse."""
+    tiles: S5's and the full-causal head-dim-128 class's), gates x1, x30 and x1e-3, against
+    float64; the backward, which reads the gate tables, from its lse."""
     from gfwagen.backends import triton_backend as tb
     from gfwagen.spec import KernelConfig
 
     name, B, T, Hq, Hkv, D, Dv, W, gated = case
     q, k, v, g = make_inputs(B, T, Hq, Hkv, D, Dv, torch.bfloat16, gated, device="cuda")
     g = g * mult
-    cfg = KernelConfig(64, 64, 4, 2, extra=(("bias_mma", True), ("maxnreg", 128)))
+    bm, bn, warps, stages, extra = tile
+    cfg = KernelConfig(bm, bn, warps, stages, extra=(("bias_mma", True), *extra))
     assert tb.reads_key_bias(q, g, D ** -0.5, cfg)
     o, lse = tb.forward(q, k, v, g, W, D ** -0.5, cfg)
     do = torch.randn_like(o)
@@ -230,7 +233,7 @@ def test_gpu_forward_key_bias(case, mult):
     errs = {"o": rel_err(o, o64), "lse": rel_err(lse, lse64)}
     for nm, a, e in zip(["dq", "dk", "dv", "dg"], got, ref):
         errs[nm] = rel_err(a, e)
-    log_gpu_errors(f"bias_mma x{mult} {name} bf16", errs)
+    log_gpu_errors(f"bias_mma {bm}x{bn} x{mult} {name} bf16", errs)
     assert errs.pop("lse") < 5e-3 and all(err < 1e-2 for err in errs.values()), errs
 
 

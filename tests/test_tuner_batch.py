@@ -304,3 +304,32 @@ def test_workers_close_lets_every_worker_exit_on_its_own():
     # exit status 0: each saw its input close and left, none was killed after the wait
     assert [p.returncode for p in procs] == [0] * 4
     assert all(w.proc is None for w in [workers.timing, *workers.pool])
+
+
+def test_a_warm_request_runs_the_candidate_on_stand_ins_not_the_reference(monkeypatch):
+    """Warming (compile_jobs workers at once) never computes the float64 reference: a
+    backward candidate gets zero o and lse of the reference's shapes, dtypes and strides
+    (what Triton specializes on); a timed request still checks against the reference."""
+    from gfwagen import reference
+    from gfwagen.tuner import worker
+
+    calls = []
+    real = reference.reference_forward
+    monkeypatch.setattr(reference, "reference_forward",
+                        lambda *a, **kw: calls.append(kw.get("chunk")) or real(*a, **kw))
+    session = worker._Session("fake")
+    p = session.problem_for_check(PROB)
+    req = dict(problem=PROB.as_dict(), backend="triton",
+               config=KernelConfig(64, 64, 4, 2).as_dict())
+    for pass_ in ("fwd", "bwd_kv", "bwd_q", "bwd_ds"):
+        assert session.run({**req, "pass": pass_, "warm": True}) == {"status": "ok"}
+    assert calls == [64] and not session.expected  # fwd's candidate (chunk 64) only
+    stand_in, ref = session.stand_in_forward(p), real(
+        *(session.inputs[next(iter(session.inputs))][n] for n in ("q", "k", "v", "log_gate",
+                                                                  "window", "scale")))
+    def layout(t):  # a size-1 dim's stride is arbitrary (the reference's o has B = 1 here)
+        return t.shape, t.dtype, [st for st, n in zip(t.stride(), t.shape, strict=True) if n > 1]
+
+    for got, want in ((stand_in["o"], ref[0]), (stand_in["lse"], ref[1].float())):
+        assert layout(got) == layout(want) and not got.any()
+    assert session.run({**req, "pass": "bwd_kv"})["status"] == "ok" and session.expected

@@ -21,7 +21,9 @@ answers: no check, no timing. The tuner's pool of warm workers uses it to compil
 candidates in parallel; Triton's on-disk cache then holds the binaries, so the timing worker
 only loads them. It builds the same inputs as a timed request because Triton specializes a
 kernel on its arguments (integers equal to 1 or divisible by 16, pointer alignment): other
-shapes could compile a different binary and miss the cache.
+shapes could compile a different binary and miss the cache. A backward candidate's o and
+lse are zeros of the reference's shapes there (_Session.stand_in_forward), not the float64
+reference, which only the timing worker computes.
 
 Test hook: GFWAGEN_TUNER_INJECT='[{"match": {"block_m": 32}, "fault": "crash"}]' makes the
 worker fail on matching configs: "compile" (raises before running), "crash" (os._exit(7)),
@@ -92,6 +94,10 @@ class _Session:
             self.inputs.clear()
             self.expected.clear()
             torch = self.torch
+            if self.device == "cuda":
+                # the last problem's blocks back to the driver: the other workers on this GPU
+                # (a pool of warm workers) allocate theirs meanwhile
+                torch.cuda.empty_cache()
             from gfwagen.spec import DTYPES
 
             g = torch.Generator(device="cpu").manual_seed(1234)
@@ -123,6 +129,21 @@ class _Session:
                                        x["scale"])
             self.expected[key] = dict(o=o, lse=lse.float())
         return self.expected[key]
+
+    def stand_in_forward(self, p: Problem) -> dict:
+        """o and lse of the reference's shapes, dtypes and strides, all zeros, for a warm
+        request: it only compiles and runs the candidate once, and Triton specializes on those,
+        not on values. With the float64 reference on every warm worker of the pool, a tune of
+        the full-causal classes (T = 8192) ran the H200 out of memory: each worker held
+        17.7 GiB (session 32)."""
+        torch = self.torch
+        from gfwagen.spec import DTYPES
+
+        # [B, T, H, Dv] over [B, H, T, Dv] storage, as gfwagen.reference lays out its o
+        o = torch.zeros(p.batch, p.heads, p.seqlen, p.value_dim, dtype=DTYPES[p.dtype],
+                        device=self.device).transpose(1, 2)
+        lse = torch.zeros(p.batch, p.heads, p.seqlen, dtype=torch.float32, device=self.device)
+        return dict(o=o, lse=lse)
 
     def get_expected(self, p: Problem, x: dict) -> dict:
         ref = self.get_forward(p, x)
@@ -201,7 +222,7 @@ class _Session:
         fault = _injected(cfg, "warm" if warm else "time")
         p = self.problem_for_check(problem)
         x = self.get_inputs(p)
-        ref = self.get_forward(p, x) if warm else self.get_expected(p, x)
+        ref = self.stand_in_forward(p) if warm else self.get_expected(p, x)
         if fault == "compile":
             raise RuntimeError("injected compile error")
         if fault == "crash":
