@@ -289,3 +289,23 @@ def test_ncu_fwd_segments_counts_per_warp_and_query_tile(tmp_path, capsys):
     (tmp_path / "empty.csv").write_text('"Kernel Name","x"\n"Address","Source"\n')
     with pytest.raises(SystemExit, match="no SASS rows"):
         ncu_fwd.runs(tmp_path / "empty.csv")
+
+
+def test_wgmma_wait_probe_drops_only_a_wait_between_chained_products():
+    """benchmarks/wgmma_wait_ab.py: a full wait between two wgmmas of one shape on the same
+    accumulator goes; one before a read of the accumulator, before a wgmma on other registers
+    or across a branch stays."""
+    import wgmma_wait_ab as w
+
+    mma = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%r1,%r2}, %rd1, %rd2;"
+    other = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%r7,%r8}, %rd1, %rd2;"
+    wait = "wgmma.wait_group.sync.aligned 0;"
+
+    def ptx(*between, after=mma):
+        return "\n".join([mma, "wgmma.commit_group.sync.aligned;", wait, *between,
+                          "wgmma.fence.sync.aligned;", after])
+
+    assert w.drop_chained_waits(ptx("mov.b32 %r5, 0;")) == (
+        ptx("mov.b32 %r5, 0;").replace(wait + "\n", ""), 1)
+    for kept in (ptx("add.f32 %r9, %r2, %r3;"), ptx(after=other), ptx("@%p1 bra $L__BB0_2;")):
+        assert w.drop_chained_waits(kept) == (kept, 0)

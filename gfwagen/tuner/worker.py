@@ -127,7 +127,9 @@ class _Session:
 
             o, lse = reference_forward(x["q"], x["k"], x["v"], x["log_gate"], x["window"],
                                        x["scale"])
-            self.expected[key] = dict(o=o, lse=lse.float())
+            # contiguous, as the op's forward hands its o to the backward (the reference's
+            # is [B, T, H, Dv] over [B, H, T, Dv] storage, which the stored-dS pass reads)
+            self.expected[key] = dict(o=o.contiguous(), lse=lse.float())
         return self.expected[key]
 
     def stand_in_forward(self, p: Problem) -> dict:
@@ -139,9 +141,8 @@ class _Session:
         torch = self.torch
         from gfwagen.spec import DTYPES
 
-        # [B, T, H, Dv] over [B, H, T, Dv] storage, as gfwagen.reference lays out its o
-        o = torch.zeros(p.batch, p.heads, p.seqlen, p.value_dim, dtype=DTYPES[p.dtype],
-                        device=self.device).transpose(1, 2)
+        o = torch.zeros(p.batch, p.seqlen, p.heads, p.value_dim, dtype=DTYPES[p.dtype],
+                        device=self.device)
         lse = torch.zeros(p.batch, p.heads, p.seqlen, dtype=torch.float32, device=self.device)
         return dict(o=o, lse=lse)
 
