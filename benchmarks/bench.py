@@ -26,6 +26,7 @@ import gc
 import importlib.metadata
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -62,6 +63,17 @@ DEVICE = "cuda"
 
 
 # ---------------------------------------------------------------------------- pure helpers
+def class_shape(name: str) -> Shape:
+    """A tuning class d<head dim>w<window> at the shipped database's shape for it (32768
+    tokens: B=8, T=4096 up to W=2048; then B=4, T=8192; B=2, T=16384 from W=8192), 16 heads."""
+    m = re.fullmatch(r"d(\d+)w(\d+)", name)
+    if not m:
+        raise SystemExit(f"expected a class name such as d64w256, got {name!r}")
+    d, w = int(m.group(1)), int(m.group(2))
+    b, t = (8, 4096) if w <= 2048 else (4, 8192) if w == 4096 else (2, 16384)
+    return Shape(b, t, 16, d, w)
+
+
 def pairs(T: int, W: int) -> int:
     """(query, key) pairs inside the causal window: W per row once the window is full."""
     return T * W - W * (W - 1) // 2 if W < T else T * (T + 1) // 2

@@ -35,6 +35,7 @@ from bench import (  # noqa: E402
     SHAPES,
     Shape,
     capture_graph,
+    class_shape,
     flops,
     interleaved_ms,
     make_inputs,
@@ -44,7 +45,6 @@ import gfwagen  # noqa: E402
 from gfwagen import dispatch, launch_plans  # noqa: E402
 from gfwagen.spec import KernelConfig  # noqa: E402
 
-EXTRA = {f"d64w{w}": Shape(8, 4096, 16, 64, w) for w in (256, 1024, 2048)}
 _real_select = dispatch.select_config
 
 
@@ -99,14 +99,15 @@ def report(variants, ms, s, base: int | None):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="S5", help="a bench.py shape or " + ", ".join(EXTRA))
+    p.add_argument("--shape", default="S5", help="a bench.py shape, or a class such as d64w256 "
+                   "(bench.class_shape)")
     p.add_argument("--variant", action="append", required=True, type=parse_variant)
     p.add_argument("--base", default="tuned:plain",
                    help="the label the others are divided by, call by call")
     p.add_argument("--calls", type=int, default=40)
     p.add_argument("--graph", action="store_true")
     args = p.parse_args()
-    s = {**SHAPES, **EXTRA}[args.shape]
+    s = SHAPES[args.shape] if args.shape in SHAPES else class_shape(args.shape)
     variants = args.variant
     q, k, v, g, _ = (t.detach() for t in make_inputs(s, torch.bfloat16))
     print(f"== {args.shape} {s._asdict()} bf16", flush=True)

@@ -6,7 +6,7 @@ the same clocks.
 
     python benchmarks/stored_ds_ab.py --classes d64w256,d64w2048,d256w512 --calls 30
 
-A class is d<head dim>w<window> at the shipped database's shape for it (ungated_kin.py),
+A class is d<head dim>w<window> at the shipped database's shape for it (bench.class_shape),
 gated unless --ungated.
 """
 
@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import capture_graph, flops, interleaved_ms, make_inputs  # noqa: E402
-from ungated_kin import class_shape  # noqa: E402
+from bench import capture_graph, class_shape, flops, interleaved_ms, make_inputs  # noqa: E402
 
 import gfwagen  # noqa: E402
 from gfwagen import dispatch  # noqa: E402

@@ -13,7 +13,6 @@ T=4096 up to W=2048; then B=4, T=8192; B=2, T=16384 from W=8192), 16 heads, bf16
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -21,22 +20,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import Shape, capture_graph, flops, interleaved_ms, make_inputs  # noqa: E402
+from bench import capture_graph, class_shape, flops, interleaved_ms, make_inputs  # noqa: E402
 
 import gfwagen  # noqa: E402
 from gfwagen import dispatch  # noqa: E402
 from gfwagen.db import lookup  # noqa: E402
 
 _real_kin = lookup._kin_specs
-
-
-def class_shape(name: str) -> Shape:
-    m = re.fullmatch(r"d(\d+)w(\d+)", name)
-    if not m:
-        raise SystemExit(f"--classes: expected names such as d64w256, got {name!r}")
-    d, w = int(m.group(1)), int(m.group(2))
-    b, t = (8, 4096) if w <= 2048 else (4, 8192) if w == 4096 else (2, 16384)
-    return Shape(b, t, 16, d, w)
 
 
 def use(gated_kin: bool) -> None:

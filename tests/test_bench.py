@@ -309,3 +309,15 @@ def test_wgmma_wait_probe_drops_only_a_wait_between_chained_products():
         ptx("mov.b32 %r5, 0;").replace(wait + "\n", ""), 1)
     for kept in (ptx("add.f32 %r9, %r2, %r3;"), ptx(after=other), ptx("@%p1 bra $L__BB0_2;")):
         assert w.drop_chained_waits(kept) == (kept, 0)
+
+
+def test_class_shape_is_the_tuning_presets_shape():
+    """bench.class_shape (the benchmark scripts' d<D>w<W> names) gives each windowed class the
+    shape `tune --preset classes` tuned it at, and refuses other names."""
+    from cli import PRESETS
+
+    for _name, b, t, h, _hkv, d, w in PRESETS["classes"]:
+        if w:
+            assert bench.class_shape(f"d{d}w{w}") == bench.Shape(b, t, h, d, w)
+    with pytest.raises(SystemExit, match="d64w256"):
+        bench.class_shape("S5")
