@@ -10,6 +10,12 @@
 #   classes   the 18 head-dim x window classes and the 3 full-causal ones, the same way
 #             (session 4 ran the 18 with --trials 8..10, split differently across its calls;
 #             session 32 the causal ones with --trials 6 then 10: benchmarks/RESULTS.md)
+#   tvm-classes  TVM's forward (its default tile and the pingpong one) at head dims 64 and 128
+#             on the classes that S1-S5 do not already cover, gated and ungated where the
+#             pingpong tile had a chance (long windows, causal), then Triton's
+#             ungated forward there, so that backend="auto" compares like with like; after
+#             merge (or on h200.sqlite made by `db import tuning_db/h200.jsonl`, as session 33
+#             did on one GPU), exported again
 #   merge     S1's database plus the two, into h200.sqlite, exported best-only as h200.jsonl
 # Usage:  OUT=/some/dir bash benchmarks/tune_h200.sh PHASE [extra tune options]
 set -uo pipefail
@@ -62,6 +68,19 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     b=$!
     wait $a; wait $b
     ;;
+  tvm-classes)
+    pp='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true}}'
+    tvm() { python3 cli.py tune --gpu h200 --preset classes --backend tvm --passes fwd --trials 2 \
+              --try "$pp" --format json --no-plots --db "$out/h200.sqlite" "$@"; }
+    d128=C-d128-causal,C-d128-w2048,C-d128-w4096,C-d128-w8192
+    d64=C-d64-causal,C-d64-w2048,C-d64-w4096,C-d64-w8192
+    tvm --gated --only "$d128,C-d128-w256,$d64,C-d64-w1024" > "$out/tvm_gated.json"
+    tvm --no-gated --only "$d128,$d64" > "$out/tvm_ungated.json"
+    python3 cli.py tune --gpu h200 --preset classes --passes fwd --no-gated --trials 6 \
+      --knobs tma,maxnreg --only "$d128,$d64" --format json --no-plots \
+      --db "$out/h200.sqlite" > "$out/triton_ungated.json"
+    python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
+    ;;
   merge)
     cp "$out/s1.sqlite" "$out/h200.sqlite"
     for f in "$out"/gpu0.sqlite "$out"/gpu1.sqlite; do
@@ -70,7 +89,7 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     python3 cli.py db export "$out/h200.jsonl" --best-only --db "$out/h200.sqlite"
     ;;
   *)
-    echo "phase: s1-sweep | s1-tpe | ship | classes | merge" >&2
+    echo "phase: s1-sweep | s1-tpe | ship | classes | tvm-classes | merge" >&2
     exit 2
     ;;
 esac

@@ -60,6 +60,7 @@ def cpu_auto_backend(dtype: torch.dtype | None) -> str:
     return "reference"
 
 
+BACKENDS = ("triton", "tvm")  # the ones backend="auto" chooses between on CUDA
 # what each backend times for a direction: TVM tunes its whole backward as "bwd_kv"
 _TIMED_PASSES = {("triton", "fwd"): ("fwd",), ("triton", "bwd"): ("bwd_kv", "bwd_q"),
                  ("tvm", "fwd"): ("fwd",), ("tvm", "bwd"): ("bwd_kv",)}
@@ -68,24 +69,38 @@ _TIMED_PASSES = {("triton", "fwd"): ("fwd",), ("triton", "bwd"): ("bwd_kv", "bwd
 def faster_backend(snapshot, spec: KernelSpec, seqlen: int,
                    fingerprint: dict) -> tuple[str, dict[str, float | None]]:
     """Which backend the tuning database `snapshot` measured faster for the direction of
-    `spec` (its pass "fwd", or a backward pass: the whole backward) on the device
-    `fingerprint` describes, and each backend's time (None: some pass of it never tuned
-    there, at the same lookup fallbacks as the configs). "tvm" only when both have times and
-    TVM's is lower."""
+    `spec` (its pass "fwd", or a backward pass: the whole backward) on the device `fingerprint`
+    describes, and the times compared (None: some pass of it never tuned there, at the same
+    lookup fallbacks as the configs). "tvm" only when both have times and TVM's is lower.
+    Where one backend measured an ungated problem and the other only its gated class (the
+    lookup's stand-in for Triton), the gate's cost would decide rather than the kernels: both
+    are then compared gated."""
+    times = {b: _backend_time(snapshot, spec, b, seqlen, fingerprint) for b in BACKENDS}
+    if all(t is not None for t, _ in times.values()) and len(
+            {stand_in for _, stand_in in times.values()}) > 1:
+        gated = spec.replace(gated=True)
+        times = {b: _backend_time(snapshot, gated, b, seqlen, fingerprint) for b in BACKENDS}
+    tvm, tri = times["tvm"][0], times["triton"][0]
+    return (("tvm" if tvm is not None and tri is not None and tvm < tri else "triton"),
+            {b: t for b, (t, _) in times.items()})
+
+
+def _backend_time(snapshot, spec: KernelSpec, backend: str, seqlen: int,
+                  fingerprint: dict) -> tuple[float | None, bool]:
+    """One backend's tuned time for the direction of `spec` (None if some pass has no entry),
+    and whether any pass's entry is the gated class standing in for an ungated problem."""
+    from gfwagen.db.lookup import gated_stand_in
+
     direction = "fwd" if spec.pass_ == "fwd" else "bwd"
-    times: dict[str, float | None] = {}
-    for backend in ("triton", "tvm"):
-        total: float | None = 0.0
-        for pass_ in _TIMED_PASSES[(backend, direction)]:
-            entry, _ = snapshot.lookup_entry(spec.replace(backend=backend, pass_=pass_),
-                                             seqlen, fingerprint)
-            if entry is None:
-                total = None
-                break
-            total += entry.median_ms
-        times[backend] = total
-    tvm, tri = times["tvm"], times["triton"]
-    return ("tvm" if tvm is not None and tri is not None and tvm < tri else "triton"), times
+    total, stand_in = 0.0, False
+    for pass_ in _TIMED_PASSES[(backend, direction)]:
+        s = spec.replace(backend=backend, pass_=pass_)
+        entry, _ = snapshot.lookup_entry(s, seqlen, fingerprint)
+        if entry is None:
+            return None, False
+        total += entry.median_ms
+        stand_in |= gated_stand_in(s, entry)
+    return total, stand_in
 
 
 @functools.lru_cache(maxsize=4096)

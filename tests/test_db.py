@@ -568,6 +568,32 @@ def test_lookup_takes_the_gated_class_for_an_ungated_problem_last(tmp_path):
     assert cfg.block_m == 16 and "gated" not in why
 
 
+def test_auto_backend_compares_an_ungated_problem_like_for_like(tmp_path):
+    """backend="auto" for an ungated problem where TVM measured it and Triton only its gated
+    class (the lookup's stand-in): the gate would decide, not the kernels, so both are
+    compared gated; once Triton measured the ungated problem too, those times decide."""
+    from gfwagen.db.lookup import gated_stand_in
+    from gfwagen.dispatch import faster_backend
+
+    path = _lookup_db(tmp_path)  # Triton, gated: 1.0 ms at T 4096
+    plain = dataclasses.replace(PROB, gated=False)
+    with TuningDB(path) as db:
+        rec(db, problem=plain, backend="tvm", ms=0.9, block_m=64, t=10)
+        rec(db, backend="tvm", ms=1.1, block_m=64, t=11)
+    snap = Snapshot.load(path, shipped=False)
+    spec = SPEC.replace(gated=False)
+    entry, _ = snap.lookup_entry(spec, 4096, H200)
+    assert gated_stand_in(spec, entry) and not gated_stand_in(SPEC, entry)
+    assert faster_backend(snap, spec, 4096, H200) == ("triton", {"triton": 1.0, "tvm": 1.1})
+    assert faster_backend(snap, SPEC, 4096, H200)[0] == "triton"
+    with TuningDB(path) as db:
+        rec(db, problem=plain, ms=0.95, block_m=32, t=12)
+    snap = Snapshot.load(path, shipped=False)
+    entry, _ = snap.lookup_entry(spec, 4096, H200)
+    assert not gated_stand_in(spec, entry)
+    assert faster_backend(snap, spec, 4096, H200) == ("tvm", {"triton": 0.95, "tvm": 0.9})
+
+
 def test_lookup_seqlen_and_window_class(tmp_path):
     snap = Snapshot.load(_lookup_db(tmp_path), shipped=False)
     assert snap.lookup(SPEC, 1500, H200)[0].block_m == 32      # log2 1500 nearer 1024

@@ -263,6 +263,19 @@ def test_a_study_starts_from_the_nearest_tuned_problems(tmp_path):
     assert len(warm) <= 1 and all(cfg_of(t) == run_best(db, near) for t in warm)
 
 
+def test_an_ungated_study_starts_from_its_gated_class(tmp_path):
+    """Tuning the ungated problem after its gated class (same database) tries the gated best
+    right after the default: the op runs those tiles for it until then (db.lookup)."""
+    db = str(tmp_path / "t.sqlite")
+    gated = run(TuneJob(PROB, "triton", "fwd", 4, mode="fake", db_path=db, seed=0))
+    plain = dataclasses.replace(PROB, gated=False)
+    job = TuneJob(plain, "triton", "fwd", 4, mode="fake", db_path=db, seed=0)
+    run(job)
+    warm = [t for t in finished(job) if t.user_attrs.get("warm_start")]
+    assert warm and warm[0].number == 1
+    assert cfg_of(warm[0]) == gated.best_config.as_dict()
+
+
 def run_best(db, problem) -> dict:
     with TuningDB(db, readonly=True) as tdb:
         rows = [e for e in tdb.best_entries() if e["pass"] == "fwd"

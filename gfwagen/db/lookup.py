@@ -285,6 +285,15 @@ def _kin_specs(spec: KernelSpec) -> list[tuple[KernelSpec, str]]:
     return out
 
 
+def gated_stand_in(spec: KernelSpec, entry: BestEntry) -> bool:
+    """Whether `entry`, which a lookup for `spec` returned, is a gated class standing in for
+    the ungated problem `spec` (_kin_specs): its time includes a gate that the call has not."""
+    if spec.gated:
+        return False
+    return entry.spec_class_key not in {R.spec_class(k).key() for k, _ in _kin_specs(spec)
+                                        if not k.gated}
+
+
 _snapshot: Snapshot | None = None
 _snapshot_lock = threading.Lock()
 

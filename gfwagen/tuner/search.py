@@ -129,12 +129,19 @@ def warm_start(entries: list[dict], spec: KernelSpec, seqlen: int, model: str,
     for the k nearest other problems of the same backend, pass, head and value dims, dtype
     and gate (nearest in log2 of window, sequence length and GQA group), so that tuning S2
     starts from what won at S1. The problem's own entry is left out: a study never starts
-    from its own answer."""
+    from its own answer. An ungated Triton problem starts from its gated class's best, which
+    the op runs for it until it has an entry of its own (db.lookup's stand-in): a first
+    ungated tune must not ship tiles slower than those (at d64 W4096, six trials without
+    them shipped a forward 2.3% slower, benchmarks/RESULTS.md, session 33)."""
     from gfwagen.db.records import seqlen_bucket, spec_class
 
     own, bucket = spec_class(spec).as_dict(), seqlen_bucket(seqlen)
     same = ("backend", "pass_", "head_dim", "value_dim", "dtype", "gated")
     ranked = []
+    if not spec.gated and spec.backend == "triton":
+        twin = own_best(entries, spec.replace(gated=True), seqlen, model)
+        if twin is not None:
+            ranked.append((-1.0, twin))
     for e in entries:
         s = e["spec"]
         if e.get("model") != model or any(s.get(f) != own[f] for f in same):
