@@ -12,10 +12,12 @@
 #             session 32 the causal ones with --trials 6 then 10: benchmarks/RESULTS.md)
 #   tvm-classes  TVM's forward (its default tile and the pingpong one) at head dims 64 and 128
 #             on the classes that S1-S5 do not already cover, gated and ungated where the
-#             pingpong tile had a chance (long windows, causal), then Triton's
-#             ungated forward there, so that backend="auto" compares like with like; after
-#             merge (or on h200.sqlite made by `db import tuning_db/h200.jsonl`, as session 33
-#             did on one GPU), exported again
+#             pingpong tile had a chance (long windows, causal)
+#   ungated-classes  Triton's ungated forward where TVM's was tuned ungated (so that
+#             backend="auto" compares like with like), and the ungated backward's three passes
+#             at head dims 64 and 128; each study tries the gated class's tiles first
+#             (session 33 ran both phases after `db import tuning_db/h200.jsonl` into
+#             h200.sqlite, on one GPU; each exports h200.jsonl --newest)
 #   merge     S1's database plus the two, into h200.sqlite, exported best-only as h200.jsonl
 # Usage:  OUT=/some/dir bash benchmarks/tune_h200.sh PHASE [extra tune options]
 set -uo pipefail
@@ -27,6 +29,9 @@ out="${OUT:-/tmp/gfwagen-tune}"
 mkdir -p "$out"
 export GFWAGEN_CACHE_DIR="$out/cache"  # the studies' journals, read by the report
 phase="$1"
+# the long-window and causal classes of head dims 128 and 64 (tvm-classes, ungated-classes)
+d128=C-d128-causal,C-d128-w2048,C-d128-w4096,C-d128-w8192
+d64=C-d64-causal,C-d64-w2048,C-d64-w4096,C-d64-w8192
 shift
 tune() { python3 cli.py tune --gpu h200 --preset ship --format json "$@"; }
 
@@ -72,13 +77,17 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     pp='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true}}'
     tvm() { python3 cli.py tune --gpu h200 --preset classes --backend tvm --passes fwd --trials 2 \
               --try "$pp" --format json --no-plots --db "$out/h200.sqlite" "$@"; }
-    d128=C-d128-causal,C-d128-w2048,C-d128-w4096,C-d128-w8192
-    d64=C-d64-causal,C-d64-w2048,C-d64-w4096,C-d64-w8192
     tvm --gated --only "$d128,C-d128-w256,$d64,C-d64-w1024" > "$out/tvm_gated.json"
     tvm --no-gated --only "$d128,$d64" > "$out/tvm_ungated.json"
-    python3 cli.py tune --gpu h200 --preset classes --passes fwd --no-gated --trials 6 \
-      --knobs tma,maxnreg --only "$d128,$d64" --format json --no-plots \
-      --db "$out/h200.sqlite" > "$out/triton_ungated.json"
+    python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
+    ;;
+  ungated-classes)
+    plain() { python3 cli.py tune --gpu h200 --preset classes --no-gated --trials 6 --format json \
+                --no-plots --db "$out/h200.sqlite" "$@"; }
+    plain --passes fwd --knobs tma,maxnreg --only "$d128,$d64" > "$out/triton_ungated_fwd.json"
+    plain --passes bwd_kv,bwd_q,bwd_ds --only "$d64,C-d64-w256,C-d64-w1024" \
+      > "$out/triton_ungated_bwd64.json"
+    plain --passes bwd_kv,bwd_q,bwd_ds --only "$d128,C-d128-w256" > "$out/triton_ungated_bwd128.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     ;;
   merge)
@@ -89,7 +98,7 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     python3 cli.py db export "$out/h200.jsonl" --best-only --db "$out/h200.sqlite"
     ;;
   *)
-    echo "phase: s1-sweep | s1-tpe | ship | classes | tvm-classes | merge" >&2
+    echo "phase: s1-sweep | s1-tpe | ship | classes | tvm-classes | ungated-classes | merge" >&2
     exit 2
     ;;
 esac

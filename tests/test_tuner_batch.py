@@ -276,6 +276,22 @@ def test_an_ungated_study_starts_from_its_gated_class(tmp_path):
     assert cfg_of(warm[0]) == gated.best_config.as_dict()
 
 
+def test_each_progress_line_counts_the_trial_it_reports(tmp_path, capsys):
+    """A line's best includes the trial the line reports (the study hears of it only later):
+    every line's best is the least time shown up to it, and the last names the study's."""
+    import re
+
+    job = TuneJob(PROB, "triton", "fwd", 6, mode="fake", db_path=str(tmp_path / "t.sqlite"),
+                  seed=0)
+    res = run(job)
+    line = re.compile(r"\] \d+/6 best (\S+) ms .*\| last .*: ok (\S+) ms$")
+    seen = [m.groups() for m in map(line.search, capsys.readouterr().err.splitlines()) if m]
+    assert len(seen) == 6
+    for n, (best, _) in enumerate(seen):
+        assert float(best) == min(float(ms) for _, ms in seen[:n + 1])
+    assert float(seen[-1][0]) == float(f"{res.best_ms:.4g}")
+
+
 def run_best(db, problem) -> dict:
     with TuningDB(db, readonly=True) as tdb:
         rows = [e for e in tdb.best_entries() if e["pass"] == "fwd"

@@ -327,9 +327,13 @@ class _Progress:
         self.n += int(measured)
         width = 20
         done = int(width * min(self.n, self.total) / max(self.total, 1))
+        # the study is told of this trial only after this line is shown
         best = best_trial(study)
-        btxt = (f"best {best.value:.4g} ms {config_text(_trial_config(best))}"
-                if best else "best -")
+        if ms is not None and measured and status == "ok" and (best is None or ms < best.value):
+            btxt = f"best {ms:.4g} ms {config_text(cfg)}"
+        else:
+            btxt = (f"best {best.value:.4g} ms {config_text(_trial_config(best))}"
+                    if best else "best -")
         last = f"{status}" + (f" {ms:.4g} ms" if ms is not None else "")
         line = (f"[{self.label}] [{'#' * done}{'.' * (width - done)}] {self.n}/{self.total} "
                 f"{btxt} | last {config_text(cfg)}: {last}")
