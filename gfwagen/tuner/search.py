@@ -131,8 +131,8 @@ def warm_start(entries: list[dict], spec: KernelSpec, seqlen: int, model: str,
     starts from what won at S1. The problem's own entry is left out: a study never starts
     from its own answer. An ungated Triton problem starts from its gated class's best, which
     the op runs for it until it has an entry of its own (db.lookup's stand-in): a first
-    ungated tune must not ship tiles slower than those (at d64 W4096, six trials without
-    them shipped a forward 2.3% slower, benchmarks/RESULTS.md, session 33)."""
+    ungated tune must not pick tiles slower than those (at d64 W4096, six trials without
+    them picked a forward 2.3% slower, benchmarks/RESULTS.md, session 33)."""
     from gfwagen.db.records import seqlen_bucket, spec_class
 
     own, bucket = spec_class(spec).as_dict(), seqlen_bucket(seqlen)
