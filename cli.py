@@ -244,10 +244,10 @@ def db_which(head_dim, value_dim, window, dtype, seqlen, heads, kv_heads, gated,
     else:
         fp = device_fingerprint()
     snap = Snapshot.load(db_path=db_path, shipped=shipped)
-    times = None
+    times, compared_gated = None, False
     if backend == "auto":
         # as on a GPU with TVM's CUDA runtime (without it the op keeps Triton)
-        backend, times = faster_backend(snap, spec, seqlen, fp)
+        backend, times, compared_gated = faster_backend(snap, spec, seqlen, fp)
         spec = spec.replace(backend=backend)
     cfg, reason = snap.lookup(spec, seqlen, fp)
     tuned = cfg is not None
@@ -256,14 +256,17 @@ def db_which(head_dim, value_dim, window, dtype, seqlen, heads, kv_heads, gated,
     if fmt == "json":
         _emit_json({"spec": spec.as_dict(), "seqlen": seqlen, "config": cfg.as_dict(),
                     "tuned": tuned, "reason": reason, "auto_ms": times,
+                    "auto_compared_gated": compared_gated,
                     "device": {"name": fp["name"], "model": gpu_model_name(fp),
                                "arch": arch(fp)},
                     "sources": list(snap.sources)})
         return
     if times is not None:
         ms = ", ".join(f"{b} {'-' if t is None else f'{t:.3f} ms'}" for b, t in times.items())
-        click.echo(f"backend: {backend} (tuned {'forward' if pass_ == 'fwd' else 'backward'}: "
-                   f"{ms})")
+        what = "forward" if pass_ == "fwd" else "backward"
+        if compared_gated:
+            what = f"gated {what}, as only one backend has ungated times"
+        click.echo(f"backend: {backend} (tuned {what}: {ms})")
     click.echo(f"config: {_config_text(cfg.as_dict())}")
     click.echo(f"why:    {reason}")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -66,8 +67,13 @@ _TIMED_PASSES = {("triton", "fwd"): ("fwd",), ("triton", "bwd"): ("bwd_kv", "bwd
                  ("tvm", "fwd"): ("fwd",), ("tvm", "bwd"): ("bwd_kv",)}
 
 
-def faster_backend(snapshot, spec: KernelSpec, seqlen: int,
-                   fingerprint: dict) -> tuple[str, dict[str, float | None]]:
+class BackendChoice(NamedTuple):
+    backend: str
+    times: dict[str, float | None]  # each backend's tuned time, ms, as compared
+    gated: bool  # the times are the gated problem's (see faster_backend)
+
+
+def faster_backend(snapshot, spec: KernelSpec, seqlen: int, fingerprint: dict) -> BackendChoice:
     """Which backend the tuning database `snapshot` measured faster for the direction of
     `spec` (its pass "fwd", or a backward pass: the whole backward) on the device `fingerprint`
     describes, and the times compared (None: some pass of it never tuned there, at the same
@@ -76,13 +82,14 @@ def faster_backend(snapshot, spec: KernelSpec, seqlen: int,
     lookup's stand-in for Triton), the gate's cost would decide rather than the kernels: both
     are then compared gated."""
     times = {b: _backend_time(snapshot, spec, b, seqlen, fingerprint) for b in BACKENDS}
-    if all(t is not None for t, _ in times.values()) and len(
-            {stand_in for _, stand_in in times.values()}) > 1:
-        gated = spec.replace(gated=True)
-        times = {b: _backend_time(snapshot, gated, b, seqlen, fingerprint) for b in BACKENDS}
+    gated = all(t is not None for t, _ in times.values()) and len(
+        {stand_in for _, stand_in in times.values()}) > 1
+    if gated:
+        times = {b: _backend_time(snapshot, spec.replace(gated=True), b, seqlen, fingerprint)
+                 for b in BACKENDS}
     tvm, tri = times["tvm"][0], times["triton"][0]
-    return (("tvm" if tvm is not None and tri is not None and tvm < tri else "triton"),
-            {b: t for b, (t, _) in times.items()})
+    return BackendChoice("tvm" if tvm is not None and tri is not None and tvm < tri
+                         else "triton", {b: t for b, (t, _) in times.items()}, gated)
 
 
 def _backend_time(snapshot, spec: KernelSpec, backend: str, seqlen: int,
@@ -109,7 +116,7 @@ def _auto_choice(spec: KernelSpec, bucket: int, device: str) -> str:
     from gfwagen.db.lookup import get_snapshot
 
     return faster_backend(get_snapshot(), spec, bucket,
-                          device_fingerprint(torch.device(device)))[0]
+                          device_fingerprint(torch.device(device))).backend
 
 
 @functools.cache

@@ -3,6 +3,7 @@ stderr, exit codes 0 / 1 (runtime) / 2 (usage) / 3 (no GPU)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 
@@ -238,7 +239,7 @@ def test_shipped_h200_database_is_used_and_runnable():
 
     for window, gated in ((0, True), (0, False), (8192, True), (2048, False)):
         spec = KernelSpec("triton", "fwd", 128, 128, window, "bf16", gated, 1)
-        assert faster_backend(snap, spec, 8192, fp)[0] == "tvm", (window, gated)
+        assert faster_backend(snap, spec, 8192, fp).backend == "tvm", (window, gated)
 
 
 def test_export_without_database_fails(runner, env, tmp_path):
@@ -326,7 +327,15 @@ def test_which_auto_names_the_faster_backend(runner, env, tmp_path):
                                      "bwd_q", "--format", "json"])
     data = json.loads(r.stdout)
     assert data["spec"]["backend"] == "triton" and data["config"]["block_m"] == 64
-    assert data["auto_ms"] == {"triton": 1.5, "tvm": 2.0}
+    assert data["auto_ms"] == {"triton": 1.5, "tvm": 2.0} and not data["auto_compared_gated"]
+    with TuningDB(env) as db:  # TVM times the ungated problem; Triton has only the gated one
+        db.record_trial(dataclasses.replace(PROB, gated=False), "tvm", "fwd",
+                        KernelConfig(block_m=32), median_ms=0.5, spread=0.01, device=H200,
+                        toolchain_versions=TC, host="h", created_at="2025-02-01T00:00:09+00:00")
+    r = runner.invoke(main, WHICH + ["--fingerprint", str(fp), "--backend", "auto",
+                                     "--no-gated"])
+    assert ("backend: tvm (tuned gated forward, as only one backend has ungated times: "
+            "triton 1.000 ms, tvm 0.700 ms)") in r.stdout
 
 
 @pytest.mark.parametrize("extra", [["--kv-heads", "5"], ["--dtype", "int8"],

@@ -584,14 +584,17 @@ def test_auto_backend_compares_an_ungated_problem_like_for_like(tmp_path):
     spec = SPEC.replace(gated=False)
     entry, _ = snap.lookup_entry(spec, 4096, H200)
     assert gated_stand_in(spec, entry) and not gated_stand_in(SPEC, entry)
-    assert faster_backend(snap, spec, 4096, H200) == ("triton", {"triton": 1.0, "tvm": 1.1})
-    assert faster_backend(snap, SPEC, 4096, H200)[0] == "triton"
+    assert faster_backend(snap, spec, 4096, H200) == ("triton", {"triton": 1.0, "tvm": 1.1},
+                                                      True)
+    assert faster_backend(snap, SPEC, 4096, H200) == ("triton", {"triton": 1.0, "tvm": 1.1},
+                                                      False)
     with TuningDB(path) as db:
         rec(db, problem=plain, ms=0.95, block_m=32, t=12)
     snap = Snapshot.load(path, shipped=False)
     entry, _ = snap.lookup_entry(spec, 4096, H200)
     assert not gated_stand_in(spec, entry)
-    assert faster_backend(snap, spec, 4096, H200) == ("tvm", {"triton": 0.95, "tvm": 0.9})
+    assert faster_backend(snap, spec, 4096, H200) == ("tvm", {"triton": 0.95, "tvm": 0.9},
+                                                      False)
 
 
 def test_lookup_seqlen_and_window_class(tmp_path):
