@@ -64,14 +64,14 @@ DEVICE = "cuda"
 
 # ---------------------------------------------------------------------------- pure helpers
 def class_shape(name: str) -> Shape:
-    """A tuning class d<head dim>w<window> at the shipped database's shape for it (32768
-    tokens: B=8, T=4096 up to W=2048; then B=4, T=8192; B=2, T=16384 from W=8192), 16 heads."""
+    """A tuning class d<head dim>w<window> at the shipped database's shape for it, as
+    `gfwagen tune --preset classes` makes it: T = max(4096, 2W), 32768 tokens, 16 heads."""
     m = re.fullmatch(r"d(\d+)w(\d+)", name)
     if not m:
         raise SystemExit(f"expected a class name such as d64w256, got {name!r}")
     d, w = int(m.group(1)), int(m.group(2))
-    b, t = (8, 4096) if w <= 2048 else (4, 8192) if w == 4096 else (2, 16384)
-    return Shape(b, t, 16, d, w)
+    t = max(4096, 2 * w)
+    return Shape(32768 // t, t, 16, d, w)
 
 
 def pairs(T: int, W: int) -> int:
