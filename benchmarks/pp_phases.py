@@ -39,8 +39,20 @@ CLK = "T.cuda.clock64()"
 CONSUMER = ("start", "q", "k0", "loop", "end")
 
 
-def _edits() -> list[tuple[str, str]]:
+def _edits() -> list:
+    """The probes: each edit one (anchor, replacement), or alternatives, one per templates
+    version (probed_templates). The first alternative fits the template since the persistent
+    schedule (session 34: the producer's and consumers' work per query tile in the macros
+    produce_item and consume_item, a probe row per query tile `item`), the second the
+    versions before it (one block's work inline, a row per block `tile`)."""
     pad = " " * 24
+    row = ('pr[item, 1 + cw * 5 + j] = T.Cast("int64", tim[j])',
+           'pr[item, 13 + cw] = T.Cast("int64", tim[6])',
+           'pr[item, 15] = T.Cast("int64", tim[7])')
+    sm = 'T.Cast("int64", T.cuda.func_call("gfwa_sm", source_code=_SM, return_type="uint32"))'
+    produce = ("        produce(n_tiles, kt_lo, smem, c, gv, b, h, h // G, L, i0, lane, rscale, "
+               "g0)\n")
+    bulk_q = f"{pad}    if tx == 0:\n{pad}        bulk_q(smem, i0, h, b)\n"
     return [
         ("from .fwd_cuda import _DT, LN2, LOG2E, MASK, MASK_T\n",
          f"from .fwd_cuda import _DT, LN2, LOG2E, MASK, MASK_T\n_GT = {_TIMER}\n_SM = {_SMID}\n"),
@@ -52,34 +64,65 @@ def _edits() -> list[tuple[str, str]]:
         ('                cq_r = T.alloc_buffer((2,), "float32", scope="local")\n',
          '                cq_r = T.alloc_buffer((2,), "float32", scope="local")\n'
          '                tim = T.alloc_buffer((8,), "uint64", scope="local")\n'),
-        # the producer's warp: a stamp before its first copy and one after its loop (the
-        # line that ends its branch, whatever its call to produce looks like)
-        (f"{pad}    if tx == 0:\n{pad}        bulk_q(smem, i0, h, b)\n",
-         f"{pad}    tim[0] = {GT}\n{pad}    if tx == 0:\n{pad}        bulk_q(smem, i0, h, b)\n"),
-        (f'{pad[4:]}else:\n{pad}T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS)\n',
-         f"{pad}    tim[1] = {GT}\n{pad}    if tx == 0:\n"
-         f'{pad}        pr[tile, 11] = T.Cast("int64", tim[0])\n'
-         f'{pad}        pr[tile, 12] = T.Cast("int64", tim[1])\n'
-         f'{pad}        pr[tile, 0] = T.Cast("int64", T.cuda.func_call("gfwa_sm", '
-         f'source_code=_SM, return_type="uint32"))\n'
-         f'{pad[4:]}else:\n{pad}T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS)\n'
-         f"{pad}tim[0] = {GT}\n{pad}tim[6] = T.uint64(0)\n"),
-        (f"{pad}T.cuda.mbarrier_wait(mbar(smem, 0), 0)\n{pad}wait_tile(0, smem)\n",
-         f"{pad}T.cuda.mbarrier_wait(mbar(smem, 0), 0)\n{pad}tim[1] = {GT}\n"
-         f"{pad}wait_tile(0, smem)\n{pad}tim[2] = {GT}\n{pad}tim[7] = {CLK}\n"),
+        [  # the probe registers and rows into the per-query-tile macros (hygienic: arguments)
+            [("HQ, L, lane, rscale):\n", "HQ, L, lane, rscale, tim, pr):\n"),
+             ("HQ, L, lane, rscale)\n", "HQ, L, lane, rscale, tim, pr)\n", 2),
+             ("cq_r, al_r, HQ, L):\n", "cq_r, al_r, HQ, L, tim, pr):\n"),
+             ("cq_r, al_r, HQ, L)\n", "cq_r, al_r, HQ, L, tim, pr)\n", 2)],
+            []],
+        # the producer's warp: a stamp before its first copy and one after its loop
+        [
+            [("        b, h, i0, kt_lo, n_tiles = query_tile(item, HQ, L)\n        if lane == 0:\n",
+              f"        b, h, i0, kt_lo, n_tiles = query_tile(item, HQ, L)\n        tim[0] = {GT}\n"
+              "        if lane == 0:\n"),
+             (produce,
+              f"{produce}        tim[1] = {GT}\n        if lane == 0:\n"
+              '            pr[item, 11] = T.Cast("int64", tim[0])\n'
+              '            pr[item, 12] = T.Cast("int64", tim[1])\n'
+              f"            pr[item, 0] = {sm}\n"),
+             ("        qo = qs * QBYTES\n",
+              f"        qo = qs * QBYTES\n        tim[0] = {GT}\n        tim[6] = T.uint64(0)\n")],
+            [(bulk_q, f"{pad}    tim[0] = {GT}\n{bulk_q}"),
+             (f'{pad[4:]}else:\n{pad}T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS)\n',
+              f"{pad}    tim[1] = {GT}\n{pad}    if tx == 0:\n"
+              f'{pad}        pr[tile, 11] = T.Cast("int64", tim[0])\n'
+              f'{pad}        pr[tile, 12] = T.Cast("int64", tim[1])\n'
+              f"{pad}        pr[tile, 0] = {sm}\n"
+              f'{pad[4:]}else:\n{pad}T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS)\n'
+              f"{pad}tim[0] = {GT}\n{pad}tim[6] = T.uint64(0)\n")]],
+        # Q in, then the first key tile
+        [
+            [("        T.cuda.mbarrier_wait(mbar(smem, qs * Q1_FULL), T.truncmod(w // 2, 2))\n"
+              "        wait_tile(g0, smem)\n",
+              "        T.cuda.mbarrier_wait(mbar(smem, qs * Q1_FULL), T.truncmod(w // 2, 2))\n"
+              f"        tim[1] = {GT}\n        wait_tile(g0, smem)\n        tim[2] = {GT}\n"
+              f"        tim[7] = {CLK}\n")],
+            [(f"{pad}T.cuda.mbarrier_wait(mbar(smem, 0), 0)\n{pad}wait_tile(0, smem)\n",
+              f"{pad}T.cuda.mbarrier_wait(mbar(smem, 0), 0)\n{pad}tim[1] = {GT}\n"
+              f"{pad}wait_tile(0, smem)\n{pad}tim[2] = {GT}\n{pad}tim[7] = {CLK}\n")]],
         # the cycles spent waiting for each next key tile (_tile_wait_edits)
         _tile_wait_edits(pad),
-        # the epilogue: from the last P V's wait to past the output's store (the bulk store's
-        # block is the consumer branch's last)
-        (f'{pad}T.ptx["wgmma.wait_group.sync.aligned"](0)\n{pad}finish_rows(',
-         f'{pad}T.ptx["wgmma.wait_group.sync.aligned"](0)\n{pad}tim[3] = {GT}\n'
-         f"{pad}tim[7] = {CLK} - tim[7]\n{pad}finish_rows("),
-        (f"{pad}        bulk_store_rows(smem, i0, cw, h, b)\n",
-         f"{pad}        bulk_store_rows(smem, i0, cw, h, b)\n"
-         f"{pad}tim[4] = {GT}\n{pad}if tx % 128 == 0:\n{pad}    for j in T.unroll(5):\n"
-         f'{pad}        pr[tile, 1 + cw * 5 + j] = T.Cast("int64", tim[j])\n'
-         f'{pad}    pr[tile, 13 + cw] = T.Cast("int64", tim[6])\n'
-         f'{pad}    if cw == 0:\n{pad}        pr[tile, 15] = T.Cast("int64", tim[7])\n'),
+        # the epilogue: from the last P V's wait to past the output's store
+        [
+            [("        finish_rows(row0, i0, cw,",
+              f"        tim[3] = {GT}\n        tim[7] = {CLK} - tim[7]\n"
+              "        finish_rows(row0, i0, cw,"),
+             ('        if PERS:\n            cnt[0] = g0 + T.Cast("int32", n_tiles)\n\n'
+              "    @T.prim_func",
+              f"        tim[4] = {GT}\n        if tx % 128 == 0:\n"
+              f"            for j in T.unroll(5):\n                {row[0]}\n"
+              f"            {row[1]}\n            if cw == 0:\n                {row[2]}\n"
+              '        if PERS:\n            cnt[0] = g0 + T.Cast("int32", n_tiles)\n\n'
+              "    @T.prim_func")],
+            [(f'{pad}T.ptx["wgmma.wait_group.sync.aligned"](0)\n{pad}finish_rows(',
+              f'{pad}T.ptx["wgmma.wait_group.sync.aligned"](0)\n{pad}tim[3] = {GT}\n'
+              f"{pad}tim[7] = {CLK} - tim[7]\n{pad}finish_rows("),
+             (f"{pad}        bulk_store_rows(smem, i0, cw, h, b)\n",
+              f"{pad}        bulk_store_rows(smem, i0, cw, h, b)\n"
+              f"{pad}tim[4] = {GT}\n{pad}if tx % 128 == 0:\n{pad}    for j in T.unroll(5):\n"
+              f"{pad}        {row[0].replace('item', 'tile')}\n"
+              f"{pad}    {row[1].replace('item', 'tile')}\n"
+              f"{pad}    if cw == 0:\n{pad}        {row[2].replace('item', 'tile')}\n")]],
     ]
 
 
@@ -95,17 +138,25 @@ def _tile_wait_edits(pad: str) -> list[list[tuple]]:
     one at the top of a step; before, both at the top."""
     top = f"{pad}        wait_tile(it + 1, smem)\n"
     inner = "        wait_tile(n + 1, smem)\n"
+    gate_note = "if not gated:  # gated: next_biases waited for it\n"
+
+    def waits(loop_pad: str, line: str) -> list[tuple]:
+        # the loop's own wait (ungated) and next_biases' (gated), which pack_next's
+        # definition and its two calls pass the probe registers to
+        return [(loop_pad + gate_note + line, loop_pad + gate_note
+                 + _tile_wait(line, loop_pad + "    ")),
+                (inner, _tile_wait(inner, "        ")),
+                ("def next_biases(n, smem, s_r, m_r, t4):",
+                 "def next_biases(n, smem, s_r, m_r, t4, tim):"),
+                ("next_biases(n, smem, s_r, m_r, t4)\n",
+                 "next_biases(n, smem, s_r, m_r, t4, tim)\n"),
+                ("al_r, m_r, t4):\n", "al_r, m_r, t4, tim):\n"),
+                ("al_r, m_r, t4)\n", "al_r, m_r, t4, tim)\n", 2)]
+
     return [
-        [(f"{pad}    if not gated:  # gated: next_biases waited for it\n{top}",
-          f"{pad}    if not gated:  # gated: next_biases waited for it\n"
-          + _tile_wait(top, pad + "        ")),
-         (inner, _tile_wait(inner, "        ")),
-         ("def next_biases(n, smem, s_r, m_r, t4):",
-          "def next_biases(n, smem, s_r, m_r, t4, tim):"),
-         ("next_biases(n, smem, s_r, m_r, t4)\n", "next_biases(n, smem, s_r, m_r, t4, tim)\n"),
-         # pack_next's definition and its two calls
-         ("al_r, m_r, t4):\n", "al_r, m_r, t4, tim):\n"),
-         ("al_r, m_r, t4)\n", "al_r, m_r, t4, tim)\n", 2)],
+        # since session 34, in consume_item
+        waits(" " * 12, "                wait_tile(g + 1, smem)\n"),
+        waits(pad + "    ", top),
         [(f"\n{pad}    wait_tile(it + 1, smem)\n",  # a line of its own in the loop
           "\n" + _tile_wait(f"{pad}    wait_tile(it + 1, smem)\n", pad + "    "))],
     ]

@@ -18,6 +18,9 @@
 #             at head dims 64 and 128; each study tries the gated class's tiles first
 #             (session 33 ran both phases after `db import tuning_db/h200.jsonl` into
 #             h200.sqlite, on one GPU; each exports h200.jsonl --newest)
+#   tvm-persistent  TVM's forward at head dim 64 (S5 and the classes where its pingpong tile
+#             had a chance), the default, the pingpong tile and the persistent pingpong tile
+#             timed in each study (session 34, after `db import tuning_db/h200.jsonl`)
 #   merge     S1's database plus the two, into h200.sqlite, exported best-only as h200.jsonl
 # Usage:  OUT=/some/dir bash benchmarks/tune_h200.sh PHASE [extra tune options]
 set -uo pipefail
@@ -81,6 +84,17 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     tvm --no-gated --only "$d128,$d64" > "$out/tvm_ungated.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     ;;
+  tvm-persistent)
+    pp='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true}}'
+    pers='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "persistent": true}}'
+    pt() { python3 cli.py tune --gpu h200 --backend tvm --passes fwd --trials 3 --try "$pp" \
+             --try "$pers" --format json --no-plots --db "$out/h200.sqlite" "$@"; }
+    pt --preset standard --gated --only S5 > "$out/pers_s5.json"
+    pt --preset standard --no-gated --only S5 > "$out/pers_s5_ungated.json"
+    pt --preset classes --gated --only "$d64,C-d64-w1024" > "$out/pers_gated.json"
+    pt --preset classes --no-gated --only "$d64" > "$out/pers_ungated.json"
+    python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
+    ;;
   ungated-classes)
     plain() { python3 cli.py tune --gpu h200 --preset classes --no-gated --trials 6 --format json \
                 --no-plots --db "$out/h200.sqlite" "$@"; }
@@ -98,7 +112,7 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     python3 cli.py db export "$out/h200.jsonl" --best-only --db "$out/h200.sqlite"
     ;;
   *)
-    echo "phase: s1-sweep | s1-tpe | ship | classes | tvm-classes | ungated-classes | merge" >&2
+    echo "phase: s1-sweep | s1-tpe | ship | classes | tvm-classes | tvm-persistent | ungated-classes | merge" >&2
     exit 2
     ;;
 esac

@@ -105,6 +105,11 @@ def _check_against_float64(q, k, v, g, W, scale, config, label, g64):
 WGMMA_TILES = [(64, 64, 3), (128, 64, 3), (64, 128, 3), (128, 128, 3)]
 WGMMA_TILES += [(*t, "tma") for t in WGMMA_TILES]  # the bulk tensor copies
 WGMMA_TILES += [(128, 64, 3, "tma", "pingpong"), (128, 128, 3, "tma", "pingpong")]
+# persistent: 3 blocks, each looping over many query tiles (its stages' and Q buffers'
+# barrier phases wrap many times), with 3 and 4 stages
+WGMMA_TILES += [(128, 128, 3, "tma", "pingpong", "persistent"),
+                (128, 64, 4, "tma", "pingpong", "persistent")]
+PERSISTENT_BLOCKS = 3
 WGMMA_SHAPES = [(2, 777, 8, 2, 128, 128, 200, True, torch.bfloat16), *WARP_M_SHAPES[:3],
                 (2, 200, 2, 2, 128, 64, 50, False, torch.float16),
                 (1, 250, 2, 2, 64, 128, 3000, True, torch.bfloat16)]
@@ -117,14 +122,19 @@ WGMMA_SHAPES = [(2, 777, 8, 2, 128, 128, 200, True, torch.bfloat16), *WARP_M_SHA
                          ids=["W200-gqa", "W1", "W9-gqa-fp16", "causal-mqa", "dv64-nogate",
                               "W-over-T"])
 def test_gpu_tvm_wgmma_matches_float64(shape, cfg):
-    from gfwagen.spec import KernelConfig
+    from gfwagen.spec import KernelConfig, KernelSpec
 
     extra = tuple((k, True) for k in ("pingpong", "tma") if k in cfg) + (("wgmma", True),)
+    if "persistent" in cfg:
+        extra += (("persistent", PERSISTENT_BLOCKS),)
     config = KernelConfig(cfg[0], cfg[1], cfg[0] // 16, cfg[2], extra=extra)
     D, Dv, dtype = shape[4], shape[5], tvm_backend.CPU_DTYPES[shape[8]]
     why = tvm_backend.tensor_core_template(config).supports(D, Dv, dtype, config)
     if why is not None:
         pytest.skip(f"tile {cfg} at D={D}, Dv={Dv}: {why}")
+    spec = KernelSpec("tvm", "fwd", D, Dv, shape[6] or 0, dtype, shape[7], shape[2] // shape[3])
+    if tvm_backend.cuda_smem_bytes(spec, config) > tvm_backend.CUDA_DYNAMIC_SMEM_LIMIT:
+        pytest.skip(f"tile {cfg} at D={D}, Dv={Dv}: over the shared memory")
     _check_forward(shape, config, f"tvm-wgmma {cfg}")
 
 
@@ -161,7 +171,8 @@ def test_gpu_tvm_wgmma_zero_and_negative_scale(scale, tma):
 @pytest.mark.skipif(not torch.cuda.is_available() or
                     torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only")
 @pytest.mark.parametrize("case", ["long-window", "forget", "bf16-view", "tail"])
-@pytest.mark.parametrize("knob", [None, "fuse_gate"], ids=["tiles", "fuse_gate"])
+@pytest.mark.parametrize("knob", [None, "fuse_gate", "persistent"],
+                         ids=["tiles", "fuse_gate", "persistent"])
 def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
     """The 128x128 pingpong forward, whose biases start again at each key tile (it copies
     each tile's record; fuse_gate: it sums the raw gates itself) and which moves its
@@ -173,9 +184,10 @@ def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
     cfg = _wgmma_128(True, knob)
     T, W = {"long-window": (1000, 900), "forget": (1000, 900), "bf16-view": (700, 600),
             "tail": (333, 250)}[case]
-    q, k, v, g = make_inputs(2, T, 4, 2, 128, 128, torch.bfloat16, True, device="cuda")
+    D = 64 if knob == "persistent" else 128  # its second Q buffer fits 3 stages at 64
+    q, k, v, g = make_inputs(2, T, 4, 2, D, D, torch.bfloat16, True, device="cuda")
     spec = tvm_backend._spec("fwd", q, k, v, g, W)
-    assert tvm_backend.gate_input(spec, cfg) == ("raw" if knob else "tiles")
+    assert tvm_backend.gate_input(spec, cfg) == ("raw" if knob == "fuse_gate" else "tiles")
     if case == "forget":
         g[:, ::37] = float("-inf")
         g[:, 5::91] = -500.0
@@ -192,8 +204,9 @@ def _wgmma_128(pingpong, gate_knob=None):
     from gfwagen.spec import KernelConfig
 
     extra = ((("pingpong", True), ("tma", True)) if pingpong else ()) + (("wgmma", True),)
-    return KernelConfig(128, 128, 8, 3, extra=extra + (((gate_knob, True),) if gate_knob
-                                                          else ()))
+    if gate_knob:
+        extra += ((gate_knob, PERSISTENT_BLOCKS if gate_knob == "persistent" else True),)
+    return KernelConfig(128, 128, 8, 3, extra=extra)
 
 
 def test_gpu_tvm_runs_on_the_current_stream():

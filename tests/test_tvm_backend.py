@@ -513,6 +513,56 @@ def test_wgmma_pingpong_codegen(gated, bn):
     assert cuda_smem_bytes(spec, cfg) == tiles + 8 * 4 + 8 * 3
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_wgmma_persistent_codegen(gated):
+    """extra persistent: true (the database's form) runs one block per SM, resolved to the
+    device's count (offline: 132); each block loops over query tiles, the consumers two
+    rounds a step, so their products appear twice; Q has two buffers, whose "full" and
+    "empty" barriers (three more) let the next query tile's rows load while this one's output
+    is stored from the other."""
+    from gfwagen.backends.tvm_backend import (
+        OFFLINE_SM_COUNT,
+        cuda_smem_bytes,
+        resolve_persistent,
+        tensor_core_forward,
+        tensor_core_template,
+    )
+
+    spec = KernelSpec("tvm", "fwd", 64, 64, 512, "bf16", gated, 1)
+    pp = _wgmma(128, 128, 3, "pingpong", "tma")
+    cfg = KernelConfig(128, 128, 8, 3, extra=(*pp.extra, ("persistent", True)))
+    assert tensor_core_forward(spec, cfg)
+    assert resolve_persistent(cfg).get("persistent") == OFFLINE_SM_COUNT
+    assert resolve_persistent(pp) is pp
+    src = cuda_source(build_cuda(spec, cfg, arch="sm_90"))
+    kernel = src[src.index('extern "C" __global__'):]
+    mma = [ln for ln in kernel.splitlines() if "_mma_async_sync_aligned_" in ln]
+    one = 2 * 64 // 16 + 2 * 128 // 16  # the pingpong kernel's products (its codegen test)
+    assert len(mma) == 2 * one
+    assert cuda_smem_bytes(spec, cfg) == cuda_smem_bytes(spec, pp) + 2 * 128 * 64 + 24
+    with pytest.raises(ValueError, match="block count"):
+        tensor_core_template(cfg).make_forward_tc(64, 64, 512, "bf16", gated, 1, cfg)
+
+
+def test_wgmma_persistent_limits():
+    """persistent is refused by name without the pingpong schedule, where the output cannot
+    be staged in the Q rows (Dv > D), and with a block count below 1."""
+    from gfwagen.backends.tvm_backend import tensor_core_template
+
+    def why(cfg, D=64, Dv=64):
+        return tensor_core_template(cfg).supports(D, Dv, "bf16", cfg)
+
+    def with_(cfg, n):
+        return KernelConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages,
+                            extra=(*cfg.extra, ("persistent", n)))
+
+    pp = _wgmma(128, 128, 3, "pingpong", "tma")
+    assert why(with_(pp, True)) is None and why(with_(pp, 7)) is None
+    for bad, dims in ((with_(_wgmma(128, 128, 3, "tma"), True), (64, 64)),
+                      (with_(pp, True), (64, 128)), (with_(pp, 0), (64, 64))):
+        assert "persistent" in why(bad, *dims)
+
+
 @pytest.mark.parametrize("gated,fuse", [(True, True), (False, True), (True, False)])
 def test_wgmma_pingpong_takes_the_gate_per_key_tile(gated, fuse):
     """The gated 128x128 pingpong forward takes the gate per key tile: the records of
@@ -678,6 +728,28 @@ def test_fuse_gate_joins_the_tuners_space_for_gated_problems(monkeypatch):
     for other in ({"block_n": 64}, {"x_pingpong": False}):
         assert space.config_from_params(spec, {**vals, **other}, gpu=True).get(
             "fuse_gate") is None
+
+
+def test_persistent_joins_the_tuners_space_with_pingpong(monkeypatch):
+    """x_persistent is searched where wgmma is; a config keeps it (as true, the form the
+    database shares across GPUs) only with the pingpong schedule, and off it reads as the
+    config without it."""
+    from gfwagen.backends import tvm_backend
+    from gfwagen.tuner import space
+
+    monkeypatch.setattr(tvm_backend, "device_arch", lambda: "sm_90")
+    spec = KernelSpec("tvm", "fwd", 64, 64, 512, "bf16", False, 1)
+    p = space.params("tvm", "fwd", space.knobs_for(spec, gpu=True))
+    assert p["x_persistent"] == (False, True)
+    vals = {"block_m": 128, "block_n": 128, "num_stages": 3, "x_wgmma": True, "x_tma": True,
+            "x_pingpong": True, "x_persistent": True}
+    cfg = space.config_from_params(spec, vals, gpu=True)
+    assert cfg.get("persistent") is True and space.feasible(spec, cfg)[0]
+    assert space.config_params(spec, cfg, gpu=True)["x_persistent"] is True
+    assert space.config_from_params(spec, {**vals, "x_persistent": False},
+                                    gpu=True).get("persistent") is None
+    assert space.config_from_params(spec, {**vals, "x_pingpong": False},
+                                    gpu=True).get("persistent") is None
 
 
 def test_wgmma_forward_limits():

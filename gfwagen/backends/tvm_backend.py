@@ -24,6 +24,7 @@ fused Triton kernels too.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import threading
@@ -395,6 +396,28 @@ def forward_launch_args(q, k, v, c, o, lse, scale) -> list:
     return [_dl(q), _dl(k), _dl(v), _dl(c), _dl(o), _dl(lse), scale]
 
 
+# A persistent config built with no device at hand (offline) gets one block per SM of an
+# H100 or H200
+OFFLINE_SM_COUNT = 132
+
+
+def resolve_persistent(config: KernelConfig, device=None) -> KernelConfig:
+    """Config extra `persistent: true` (the tuner's and the database's form, the same on any
+    GPU) as the block count the template takes: one block per SM of `device` (None:
+    OFFLINE_SM_COUNT). Other configs unchanged."""
+    if config.get("persistent") is not True:
+        return config
+    return _with_blocks(config, OFFLINE_SM_COUNT if device is None else
+                        torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+@functools.lru_cache(maxsize=256)
+def _with_blocks(config: KernelConfig, n: int) -> KernelConfig:
+    # memoized: the op resolves its config on every call (host time)
+    return dataclasses.replace(config, extra=tuple({**dict(config.extra),
+                                                    "persistent": n}.items()))
+
+
 def tvm_forward(q, k, v, log_gate=None, window=None, scale=None, config=None, target="llvm"):
     """GatedFWA forward through TVM, on the CPU (llvm) or on the CUDA device of q.
     Returns (o [B,T,Hq,Dv] q.dtype, lse [B,Hq,T] fp32)."""
@@ -404,8 +427,8 @@ def tvm_forward(q, k, v, log_gate=None, window=None, scale=None, config=None, ta
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     tgt = _target(q, target)
     spec = _spec("fwd", q, k, v, log_gate, window)
-    cfg = _cuda_config(spec, config, tgt.get("arch")) if q.is_cuda else \
-        _fit(config or DEFAULT_CPU_CONFIG, T)
+    cfg = resolve_persistent(_cuda_config(spec, config, tgt.get("arch")), q.device) \
+        if q.is_cuda else _fit(config or DEFAULT_CPU_CONFIG, T)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     tensor_cores = q.is_cuda and tensor_core_forward(spec, cfg)
     if tensor_cores and abs(scale) < WGMMA_ZERO_SCALE and log_gate is not None \
@@ -503,7 +526,7 @@ def build_cuda(spec: KernelSpec, config: KernelConfig | None = None, arch: str =
     cuda_source() gives its CUDA C and build_cuda_cubin() compiles that with nvcc. Needs no
     GPU. Cached like the CPU builds."""
     _require_tvm()
-    config = config or default_cuda_config(spec, arch)
+    config = resolve_persistent(config or default_cuda_config(spec, arch))
     if spec.dtype not in CUDA_DTYPES:
         raise NotImplementedError(f"tvm cuda: dtype {spec.dtype!r} not supported")
     if tensor_core_forward(spec, config):

@@ -65,7 +65,7 @@ TVM_TC_PARAMS = {"num_stages": (1, 2, 3), "x_sub_n": (16, 32, 64), "x_warp_m": (
 # so that it reads and hashes (compile cache, tuning database) the same as one written
 # without them: the default config and the configs measured before these knobs existed.
 TVM_TC_DEFAULTS = {"warp_m": 1, "q_smem": False, "wgmma": False, "pingpong": False,
-                   "fuse_gate": False}
+                   "fuse_gate": False, "persistent": False}
 # On sm_90 the warpgroup-MMA template joins the tensor-core forward's space as x_wgmma (the
 # pseudo-knob WGMMA, which knobs_for adds there). Its tiles take block_m (64 rows per
 # warpgroup), block_n and num_stages (3 only: its pipelined schedule; mma.sync takes 1 or 2);
@@ -76,7 +76,7 @@ MMA_SYNC_ONLY = ("sub_n", "warp_m", "q_smem")
 # (a producer warpgroup, two consumers taking turns at the tensor cores) and, with that
 # schedule and square tiles, the gate's prefix sums made by its producer (gated problems:
 # the pseudo-knob FUSE_GATE, which knobs_for adds there)
-WGMMA_ONLY = ("tma", "pingpong", "fuse_gate")
+WGMMA_ONLY = ("tma", "pingpong", "fuse_gate", "persistent")
 FUSE_GATE = "fuse_gate"
 DEFAULT_KNOBS = ("tma", "bias_mma")
 CONSTRAINT_NAMES = ("smem", "registers", "failed")
@@ -143,6 +143,7 @@ def params(backend: str, pass_: str, knobs: tuple = ()) -> dict[str, tuple]:
                 p["x_wgmma"] = (False, True)
                 p["x_tma"] = (False, True)
                 p["x_pingpong"] = (False, True)
+                p["x_persistent"] = (False, True)
             if FUSE_GATE in knobs:
                 p["x_fuse_gate"] = (False, True)
         else:
@@ -171,6 +172,8 @@ def config_from_params(spec: KernelSpec, values: dict, gpu: bool = False) -> Ker
             num_warps = max(1, bm // 16)
             if not (extra.get("pingpong") and bm == bn):
                 extra.pop("fuse_gate", None)  # means nothing there: the same config
+            if not extra.get("pingpong"):
+                extra.pop("persistent", None)  # likewise
         else:
             extra = {k: v for k, v in extra.items() if k not in WGMMA_ONLY}
         extra = {k: v for k, v in extra.items() if not _tvm_tc_default(k, v)}

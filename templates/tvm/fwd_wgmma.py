@@ -75,6 +75,19 @@ Config extras (session 17, H200 numbers in benchmarks/RESULTS.md):
   And the consumers load the next tile's biases while O's rescale runs (next_biases), not
   right before their turn at the tensor cores: the gated kernel's excess over the ungated
   one went from 5.0-5.7% to 2.8-4.2% at S1-S4.
+- `persistent` (with pingpong, Dv <= D; session 34): one block per SM (true; the op resolves
+  it to the device's SM count, tvm_backend.resolve_persistent), each looping over query
+  tiles, a sequence's longest first and the blocks in snake order (a fixed stride left the
+  blocks unequal work). Q has two buffers: the producer loads the next query tile's rows
+  and first key tiles while the consumers finish this one and store its output from the
+  other buffer, where a new block would have waited for its launch, Q and first tile (about
+  2.5 us at S1, pp_phases.py). The consumers' loop runs two rounds a step, one per buffer,
+  so that each copy reads Q at a constant offset. H200, tuner medians at head dim 64, the
+  gated forward against the pingpong tile's (another call; RESULTS.md, session 34): S5 -9%
+  (0.2985 -> 0.2719 ms), W 1024 -8%, W 2048 -5%, W 4096 and 8192 -3% to -4%, causal -2%;
+  ungated, W 4096 and 8192 within 1.3% of it (slower). The second Q buffer does not fit
+  next to three 128-key stages at head dim 128.
+- The pingpong schedule may run 4 stages (num_stages 4); at S5 no faster than 3.
 - `fuse_gate` (with pingpong, block_n == block_m; session 23): the kernel takes the raw log
   gates and needs no launch before it: the producer warp scans each key tile's gates (warp
   shuffles) while its bulk copies fly, and stores the tile's record itself. Kernel alone as
@@ -114,10 +127,16 @@ def supports(head_dim, value_dim, dtype, config) -> str | None:
         return f"block_m {bm} (64 rows per warpgroup, 1 or 2 warpgroups)"
     if bn % 16 or not 16 <= bn <= 256:
         return f"block_n {bn} (a multiple of 16, <= 256)"
-    if ns != 3:
-        return f"num_stages {ns} (3: K and V a tile ahead of the pipelined schedule)"
+    if ns != 3 and not (config.get("pingpong", False) and ns == 4):
+        return (f"num_stages {ns} (3: K and V a tile ahead of the pipelined schedule; the "
+                "pingpong one's producer may run 4)")
     if config.get("pingpong", False) and (bm != 128 or not config.get("tma", False)):
         return "pingpong (two consumer warpgroups fed by bulk copies: block_m 128 and tma)"
+    persistent = config.get("persistent", False)
+    if persistent is not False and (not config.get("pingpong", False) or value_dim > head_dim
+                                    or int(persistent) < 1):
+        return ("persistent (true or a block count >= 1, with pingpong, its output staged in "
+                "its Q rows: value dim <= head dim)")
     if config.get("fuse_gate", False) and not _square_pingpong(config):
         return "fuse_gate (the pingpong schedule with block_n == block_m)"
     threads = 2 * bm
@@ -159,7 +178,11 @@ def smem_bytes(head_dim, value_dim, config) -> int:
     if config.get("pingpong", False):
         barriers += 8 * ns  # a stage's "free" barrier
     slot = record_floats(bn) if gate_input(config) != "sums" else bn
-    return 2 * bm * head_dim + ns * (2 * bn * (head_dim + value_dim) + 4 * slot) + barriers
+    q_buffers = 1
+    if config.get("persistent", 0):
+        q_buffers, barriers = 2, barriers + 24  # Q buffer 1's full barrier, both empty ones
+    return (q_buffers * 2 * bm * head_dim + ns * (2 * bn * (head_dim + value_dim) + 4 * slot)
+            + barriers)
 
 
 def registers(head_dim, value_dim, config) -> int:
@@ -183,6 +206,13 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     BM, BN, NS = int(config.block_m), int(config.block_n), int(config.num_stages)
     TMA = bool(config.get("tma", False))
     PP = bool(config.get("pingpong", False))
+    # persistent: the grid is at most NSM blocks, and each loops over query tiles NSM apart
+    NSM = config.get("persistent", False)
+    if NSM is True:
+        raise ValueError("persistent=True: the caller names the block count "
+                         "(gfwagen.backends.tvm_backend.resolve_persistent)")
+    NSM = int(NSM)
+    PERS = NSM > 0
     NT = 2 * BM  # a warpgroup of 128 threads per 64 rows
     NB = BN // 8  # 8-key accumulator blocks of S
     NDB = DV // 8  # 8-column blocks of O
@@ -205,14 +235,22 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     # byte offsets in the flat shared buffer (4-byte words: it is declared float32 so the
     # gate sums can live in it too; Q, K and V are reached through addresses only)
     Q_OFF = 0
-    K_OFF = Q_OFF + 2 * BM * D
+    QBYTES = 2 * BM * D  # one block's Q rows
+    # persistent: two Q buffers, so a block's next query tile loads while this one's output
+    # (staged in its own Q rows) is stored
+    K_OFF = Q_OFF + (2 if PERS else 1) * QBYTES
     V_OFF = K_OFF + NS * 2 * BN * D
     C_OFF = V_OFF + NS * 2 * BN * DV
     # with tma: one mbarrier (8 bytes) for Q and one per stage, after the gate sums
     MB_OFF = C_OFF + NS * CS * 4
     # pingpong: then NS "free" barriers, which the consumers release a stage on
     FREE = 1 + NS
-    WORDS = (MB_OFF + (8 * (NS + 1) if TMA else 0) + (8 * NS if PP else 0)) // 4
+    # persistent: then Q buffer 1's "full" barrier and both buffers' "empty" ones, which the
+    # consumers release a buffer on once its output rows are stored
+    Q1_FULL = 1 + 2 * NS
+    Q_EMPTY = 2 + 2 * NS
+    WORDS = (MB_OFF + (8 * (NS + 1) if TMA else 0) + (8 * NS if PP else 0)
+             + (24 if PERS else 0)) // 4
     TILE_BYTES = 2 * BN * (D + DV)  # what one key tile's bulk copies deliver
     # pingpong: each consumer stages its 64 x DV output tile in its own Q rows (read for the
     # last time by its last score product) and one bulk tensor copy per 64-column atom block
@@ -257,6 +295,17 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     def mbar(smem, i):
         return T.address_of(smem[MB_OFF // 4 + 2 * i])
 
+    # key tile g of the block (0-based, counted over all its query tiles when persistent) sits
+    # in stage g % NS, that stage's (g // NS)-th use. Unsigned: g >= 0, which neither TVM
+    # (its floor division adds sign fix-ups) nor nvcc can prove of a running count
+    def stage(g):
+        return T.Cast("int32", T.truncmod(T.Cast("uint32", g), T.uint32(NS)))
+
+    def parity(g, ahead=0):
+        # the parity of the phase of use g // NS - ahead, which a wait for it waits out
+        return T.Cast("int32", T.bitwise_and(
+            T.truncdiv(T.Cast("uint32", g), T.uint32(NS)) + T.uint32(ahead), T.uint32(1)))
+
     @T.macro
     def encode_map(tmap, data, dim, heads, L, B, rows):
         # host side: a [B, L, heads, dim] tensor's dims innermost first, the byte strides of
@@ -294,15 +343,15 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                   mbar(smem, 1 + st))
 
     @T.macro
-    def bulk_q(smem, i0, h, b):
-        # by one thread: the block's Q rows, behind barrier 0
-        T.ptx["mbarrier.arrive.expect_tx.shared::cta.b64"](mbar(smem, 0), 2 * BM * D)
-        bulk_rows(smem, Q_OFF, q_map, BM, D, i0, h, b, mbar(smem, 0))
+    def bulk_q(smem, i0, h, b, qs):
+        # by one thread: the block's Q rows into buffer qs (0 unless persistent), behind its
+        # "full" barrier
+        T.ptx["mbarrier.arrive.expect_tx.shared::cta.b64"](mbar(smem, qs * Q1_FULL), QBYTES)
+        bulk_rows(smem, Q_OFF + qs * QBYTES, q_map, BM, D, i0, h, b, mbar(smem, qs * Q1_FULL))
 
     @T.macro
     def wait_tile(n, smem):
-        # tile n of the block (0-based) sits in stage n % NS, that barrier's (n // NS)-th phase
-        T.cuda.mbarrier_wait(mbar(smem, 1 + n % NS), n // NS % 2)
+        T.cuda.mbarrier_wait(mbar(smem, 1 + stage(n)), parity(n))
 
     @T.macro
     def load_tile(kt, st, smem, kf, vf, b, hk, L, HKV, tx):
@@ -346,13 +395,14 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         )
 
     @T.macro
-    def issue_scores(st, wg, smem, s_r, qd, kd):
+    def issue_scores(st, wg, smem, s_r, qd, kd, qo):
         # S = Q K^T over D / 16 k steps, one commit group; the first overwrites S (scale-d
         # false), or, gated, adds to the key bias that bias_scores put there
         for ks in T.unroll(D // 16):
             # K-major: LBO unused (1), SBO the 1024 bytes between 8-row groups
             kin = ks % 4 * 32  # the k step's bytes into its atom
-            descriptor(qd, smem, Q_OFF + ks // 4 * (BM * 128) + wg * (64 * 128) + kin, 1, 64)
+            descriptor(qd, smem, Q_OFF + qo + ks // 4 * (BM * 128) + wg * (64 * 128) + kin, 1,
+                       64)
             descriptor(kd, smem, K_OFF + st * (2 * BN * D) + ks // 4 * (BN * 128) + kin, 1, 64)
             T.ptx[mma_s](*[s_r[x] for x in range(BN // 2)], qd[0], kd[0], ks > 0 or gated,
                          1, 1, 0, 0)
@@ -517,9 +567,9 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         # (RESULTS.md, session 24). Into registers of their own before the pack, they made
         # the consumers spill (168 registers a thread)
         if RELATIVE:
-            shift_rows(n % NS, smem, m_r)
+            shift_rows(stage(n), smem, m_r)
         wait_tile(n + 1, smem)
-        bias_first_row((n + 1) % NS, smem, s_r, t4)
+        bias_first_row(stage(n + 1), smem, s_r, t4)
 
     @T.macro
     def pack_next(n, more, smem, s_r, p_r, acc, al_r, m_r, t4):
@@ -544,7 +594,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
 
     @T.macro
     def finish_rows(row0, i0, cw, lane, b, h, L, t4, acc, l_r, m_r, cq_r, p_r, smem, o, lse,
-                    staged):
+                    staged, qo):
         # the row sums were per thread: add the quad's four. Then O normalized, straight into
         # o, or (staged: O_TMA) packed into consumer cw's Q rows in the tensor map's layout
         # (64-column atom blocks of 128-byte rows, 16-byte chunks swizzled by row % 8: a
@@ -560,7 +610,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                     T.ptx[pack](p_r[0], acc[db * 4 + r * 2 + 1] * inv,
                                 acc[db * 4 + r * 2] * inv)
                     T.ptx["st.shared.b32"](
-                        T.address_of(smem[(Q_OFF + db // 8 * (BM * 128) + cw * (64 * 128)
+                        T.address_of(smem[(Q_OFF + qo + db // 8 * (BM * 128) + cw * (64 * 128)
                                            + rr * 128 + T.bitwise_xor(db % 8, lane // 4) * 16
                                            + t4 * 4) // 4]),
                         p_r[0],
@@ -577,7 +627,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                     lse[b, h, ii] = (m_r[r] + T.log2(lt) + cq_r[r]) * T.float32(LN2)
 
     @T.macro
-    def bulk_store_rows(smem, i0, cw, h, b):
+    def bulk_store_rows(smem, i0, cw, h, b, qo):
         # by one thread of consumer cw, once all its threads staged their rows (a fence for
         # the copy engine, then the consumer's own named barrier before this). Rows past the
         # sequence are clipped by the copy; the block exits only once its shared memory has
@@ -589,7 +639,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                 T.Cast("int32", h),
                 T.Cast("int32", i0 + cw * 64),
                 T.Cast("int32", b),
-                T.address_of(smem[(Q_OFF + cb * (BM * 128) + cw * (64 * 128)) // 4]),
+                T.address_of(smem[(Q_OFF + qo + cb * (BM * 128) + cw * (64 * 128)) // 4]),
             )
         T.ptx["cp.async.bulk.commit_group"]()
         T.ptx["cp.async.bulk.wait_group.read"](0)
@@ -643,17 +693,20 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         )
 
     @T.macro
-    def produce(n_tiles, kt_lo, smem, c, gv, b, h, hk, L, i0, lane, rscale):
+    def produce(n_tiles, kt_lo, smem, c, gv, b, h, hk, L, i0, lane, rscale, g0):
+        # g0: the key tiles this block produced for its earlier query tiles (persistent): a
+        # stage's barriers count phases over all of them
         if gated and not RELATIVE:  # gate off, c is a one-element dummy: no load
             cref_p: T.float64 = c[b, h, i0]
         for n in T.serial(T.Cast("int32", n_tiles)):
             kt = kt_lo + T.Cast("int64", n)
-            st = n % NS
+            g = g0 + n
+            st = stage(g)
             if FUSED:  # loaded ahead of the wait, which their latency then overlaps
                 for u in T.unroll(GPL):
                     gv[u] = c[b, T.min(kt * BN + lane * GPL + u, L - 1), h]
-            if n >= NS:  # both consumers done with the tile NS back
-                T.cuda.mbarrier_wait(mbar(smem, FREE + st), (n // NS + 1) % 2)
+            if g >= NS:  # both consumers done with the tile NS back
+                T.cuda.mbarrier_wait(mbar(smem, FREE + st), parity(g, 1))
             if FUSED:
                 # the copies first (lane 0 arrives twice: the barrier counts 33), the scan
                 # while they fly
@@ -676,6 +729,121 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                     bulk_tile(kt, st, smem, b, hk, 0)
                 elif gated:  # the gate sums' writers arrive too (the barrier counts 32)
                     T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, 1 + st))
+
+    def query_tile(item, HQ, L):
+        # query tile `item`'s batch, head, first row, and the key tiles [kt_lo, kt_lo +
+        # n_tiles) it sees. In 32 bits (B * Hq * ceil(T / BM) < 2^31 for any tensor that
+        # fits): a 64-bit division is a call of ~70 instructions, which the persistent
+        # schedule pays per query tile
+        nq = T.Cast("int32", (L + BM - 1) // BM)
+        it32 = T.Cast("int32", item)
+        qt = T.truncmod(it32, nq)
+        if PERS:  # a sequence's last query tiles first: the longest, where a window is longer
+            qt = nq - 1 - qt  # than the tiles before it (longest first leaves a short tail)
+        i0 = T.Cast("int64", qt * BM)
+        b = T.Cast("int64", T.truncdiv(it32, T.Cast("int32", HQ) * nq))
+        h = T.Cast("int64", T.truncmod(T.truncdiv(it32, nq), T.Cast("int32", HQ)))
+        kt_hi = (T.min(L, i0 + BM) + BN - 1) // BN
+        kt_lo = T.max(i0 - (W - 1), T.int64(0)) // BN if W > 0 else T.int64(0)
+        return b, h, i0, kt_lo, kt_hi - kt_lo
+
+    def grid_blocks(B, HQ, L):
+        n = n_query_tiles(B, HQ, L)
+        return T.min(n, T.int64(NSM)) if PERS else n
+
+    def n_query_tiles(B, HQ, L):
+        return B * HQ * ((L + BM - 1) // BM)
+
+    def rounds(B, HQ, L):
+        # persistent: each block takes one query tile a round
+        return T.Cast("int32", (n_query_tiles(B, HQ, L) + NSM - 1) // NSM)
+
+    def round_item(tile, w):
+        # block `tile`'s query tile in round w, the blocks in snake order (0 .. NSM - 1, then
+        # back): with NSM = 132 and a power-of-two number of query tiles per sequence, a
+        # fixed stride kept each block on one residue of the tiles mod 4, whose windows'
+        # lengths differ, and the blocks of the longest ran up to 12% more key tiles (offline
+        # count at T = 4096, W = 2048)
+        return T.Cast("int64", w) * NSM + T.if_then_else(w % 2 == 0, tile, NSM - 1 - tile)
+
+    @T.macro
+    def produce_item(item, w, g0, qs, cnt, smem, c, gv, HQ, L, lane, rscale):
+        # the producer warp's work for the block's w-th query tile: its Q rows into buffer qs
+        # (persistent: w % 2, once the consumers stored the output they staged there two query
+        # tiles ago), then its key tiles. g0: the key tiles the block ran before (cnt[0],
+        # which this advances; 0 and 0 when not persistent, literals, so that the stage
+        # arithmetic folds as it did before the persistent schedule)
+        b, h, i0, kt_lo, n_tiles = query_tile(item, HQ, L)
+        if lane == 0:
+            if PERS:
+                if w >= 2:
+                    T.cuda.mbarrier_wait(mbar(smem, Q_EMPTY + qs), T.truncmod(w // 2 + 1, 2))
+            bulk_q(smem, i0, h, b, qs)
+        produce(n_tiles, kt_lo, smem, c, gv, b, h, h // G, L, i0, lane, rscale, g0)
+        if PERS:
+            cnt[0] = g0 + T.Cast("int32", n_tiles)
+
+    @T.macro
+    def consume_item(item, w, g0, qs, cnt, cw, tx, lane, t4, sl2, smem, c, o, lse, s_r, p_r,
+                     acc, qd, kd, vd, m_r, l_r, cq_r, al_r, HQ, L):
+        # a consumer's part of the block's w-th query tile (its 64 rows); g0, qs and cnt as
+        # produce_item's
+        b, h, i0, kt_lo, n_tiles = query_tile(item, HQ, L)
+        qo = qs * QBYTES
+        row0 = i0 + (tx - 128) // 32 * 16 + lane // 4
+        init_rows(row0, i0, b, h, L, c, m_r, l_r, cq_r, acc, s_r)
+        if cw == 1:  # consumer 0 issues first
+            T.ptx["bar.arrive"](T.uint32(1), T.uint32(256))
+        T.cuda.mbarrier_wait(mbar(smem, qs * Q1_FULL), T.truncmod(w // 2, 2))
+        wait_tile(g0, smem)
+        if gated:
+            bias_scores(stage(g0), smem, s_r, t4)
+        T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
+        T.ptx["wgmma.fence.sync.aligned"]()
+        issue_scores(stage(g0), cw, smem, s_r, qd, kd, qo)
+        T.ptx["bar.arrive"](T.Cast("uint32", 2 - cw), T.uint32(256))
+        T.ptx["wgmma.wait_group.sync.aligned"](0)
+        softmax(kt_lo, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
+        pack_next(g0, n_tiles > 1, smem, s_r, p_r, acc, al_r, m_r, t4)
+        for it in T.serial(T.Cast("int32", n_tiles) - 1):
+            kt = kt_lo + T.Cast("int64", it)
+            g = g0 + it
+            if not gated:  # gated: next_biases waited for it
+                wait_tile(g + 1, smem)
+            T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
+            T.ptx["wgmma.fence.sync.aligned"]()
+            issue_scores(stage(g + 1), cw, smem, s_r, qd, kd, qo)
+            issue_pv(stage(g), smem, p_r, acc, vd)
+            T.ptx["bar.arrive"](T.Cast("uint32", 2 - cw), T.uint32(256))
+            T.ptx["wgmma.wait_group.sync.aligned"](1)
+            softmax(kt + 1, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
+            T.ptx["wgmma.wait_group.sync.aligned"](0)
+            # tile g's K, V and gate sums are read: its stage is free
+            T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, FREE + stage(g)))
+            pack_next(g + 1, T.Cast("int64", it) + 2 < n_tiles, smem, s_r, p_r, acc,
+                      al_r, m_r, t4)
+        g_last = g0 + T.Cast("int32", n_tiles) - 1
+        T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
+        T.ptx["wgmma.fence.sync.aligned"]()
+        issue_pv(stage(g_last), smem, p_r, acc, vd)
+        if cw == 0:  # consumer 1's last turn (it has none to hand on)
+            T.ptx["bar.arrive"](T.uint32(2), T.uint32(256))
+        if RELATIVE:
+            row_sums_relative(stage(g_last), smem, row0, i0, cq_r, sl2)
+        T.ptx["wgmma.wait_group.sync.aligned"](0)
+        if PERS:  # the last key tile's stage too: the block's next query tile takes it
+            T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, FREE + stage(g_last)))
+        finish_rows(row0, i0, cw, lane, b, h, L, t4, acc, l_r, m_r, cq_r, p_r, smem, o, lse,
+                    O_TMA, qo)
+        if O_TMA:
+            T.ptx["fence.proxy.async.shared::cta"]()
+            T.ptx["bar.sync"](T.Cast("uint32", 3 + cw), T.uint32(128))
+            if tx % 128 == 0:
+                bulk_store_rows(smem, i0, cw, h, b, qo)
+                if PERS:  # its output is out of the Q buffer: the next but one may load
+                    T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, Q_EMPTY + qs))
+        if PERS:
+            cnt[0] = g0 + T.Cast("int32", n_tiles)
 
     @T.prim_func
     def gfwa_fwd(
@@ -714,7 +882,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         qf = T.decl_buffer((B * L * HQ * D,), dt, data=q.data)
         kf = T.decl_buffer((B * L * HKV * D,), dt, data=k.data)
         vf = T.decl_buffer((B * L * HKV * DV,), dt, data=v.data)
-        for tile in T.thread_binding(B * HQ * ((L + BM - 1) // BM), thread="blockIdx.x"):
+        for tile in T.thread_binding(grid_blocks(B, HQ, L), thread="blockIdx.x"):
             for tx in T.thread_binding(NPP if PP else NT, thread="threadIdx.x"):
                 # one buffer: a second one would be merged at an offset of TVM's choosing,
                 # and the swizzle needs every region on a 1024-byte boundary
@@ -732,6 +900,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                 l_r = T.alloc_buffer((2,), "float32", scope="local")
                 cq_r = T.alloc_buffer((2,), "float32", scope="local")
                 al_r = T.alloc_buffer((2,), "float32", scope="local")
+                cnt = T.alloc_buffer((1,), "int32", scope="local")  # persistent: key tiles run
                 nq = (L + BM - 1) // BM
                 b = tile // (HQ * nq)
                 h = tile // nq % HQ
@@ -752,65 +921,47 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                             T.ptx["mbarrier.init.shared::cta.b64"](
                                 mbar(smem, 1 + i), ARRIVALS)
                             T.ptx["mbarrier.init.shared::cta.b64"](mbar(smem, FREE + i), 256)
+                        if PERS:
+                            T.ptx["mbarrier.init.shared::cta.b64"](mbar(smem, Q1_FULL), 1)
+                            for i in T.unroll(2):  # each consumer's storing thread
+                                T.ptx["mbarrier.init.shared::cta.b64"](
+                                    mbar(smem, Q_EMPTY + i), 2)
                         T.ptx["fence.mbarrier_init.release.cluster"]()
                     T.tvm_storage_sync("shared")
                     if tx < 128:
                         T.ptx["setmaxnreg.dec.sync.aligned.u32"](PRODUCER_REGS)
                         if tx < 32:
-                            if tx == 0:
-                                bulk_q(smem, i0, h, b)
                             rscale: T.float32 = T.float32(1) / scale
-                            produce(n_tiles, kt_lo, smem, c, gv, b, h, hk, L, i0, lane, rscale)
+                            if PERS:
+                                cnt[0] = 0
+                                for w in T.serial(rounds(B, HQ, L)):
+                                    if round_item(tile, w) < n_query_tiles(B, HQ, L):
+                                        produce_item(round_item(tile, w), w, cnt[0], w % 2, cnt,
+                                                     smem, c, gv, HQ, L, lane, rscale)
+                            else:
+                                produce_item(tile, 0, 0, 0, cnt, smem, c, gv,
+                                             HQ, L, lane, rscale)
                     else:
                         T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS)
                         cw = tx // 128 - 1  # consumer warpgroup: rows 64 cw .. 64 cw + 63
-                        row0 = i0 + (tx - 128) // 32 * 16 + lane // 4
                         sl2 = scale * T.float32(LOG2E)
-                        init_rows(row0, i0, b, h, L, c, m_r, l_r, cq_r, acc, s_r)
-                        if cw == 1:  # consumer 0 issues first
-                            T.ptx["bar.arrive"](T.uint32(1), T.uint32(256))
-                        T.cuda.mbarrier_wait(mbar(smem, 0), 0)
-                        wait_tile(0, smem)
-                        if gated:
-                            bias_scores(0, smem, s_r, t4)
-                        T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
-                        T.ptx["wgmma.fence.sync.aligned"]()
-                        issue_scores(0, cw, smem, s_r, qd, kd)
-                        T.ptx["bar.arrive"](T.Cast("uint32", 2 - cw), T.uint32(256))
-                        T.ptx["wgmma.wait_group.sync.aligned"](0)
-                        softmax(kt_lo, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
-                        pack_next(0, n_tiles > 1, smem, s_r, p_r, acc, al_r, m_r, t4)
-                        for it in T.serial(T.Cast("int32", n_tiles) - 1):
-                            kt = kt_lo + T.Cast("int64", it)
-                            if not gated:  # gated: next_biases waited for it
-                                wait_tile(it + 1, smem)
-                            T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
-                            T.ptx["wgmma.fence.sync.aligned"]()
-                            issue_scores((it + 1) % NS, cw, smem, s_r, qd, kd)
-                            issue_pv(it % NS, smem, p_r, acc, vd)
-                            T.ptx["bar.arrive"](T.Cast("uint32", 2 - cw), T.uint32(256))
-                            T.ptx["wgmma.wait_group.sync.aligned"](1)
-                            softmax(kt + 1, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
-                            T.ptx["wgmma.wait_group.sync.aligned"](0)
-                            # tile it's K, V and gate sums are read: its stage is free
-                            T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, FREE + it % NS))
-                            pack_next(it + 1, T.Cast("int64", it) + 2 < n_tiles, smem, s_r, p_r,
-                                      acc, al_r, m_r, t4)
-                        T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
-                        T.ptx["wgmma.fence.sync.aligned"]()
-                        issue_pv((n_tiles - 1) % NS, smem, p_r, acc, vd)
-                        if cw == 0:  # consumer 1's last turn (it has none to hand on)
-                            T.ptx["bar.arrive"](T.uint32(2), T.uint32(256))
-                        if RELATIVE:
-                            row_sums_relative((n_tiles - 1) % NS, smem, row0, i0, cq_r, sl2)
-                        T.ptx["wgmma.wait_group.sync.aligned"](0)
-                        finish_rows(row0, i0, cw, lane, b, h, L, t4, acc, l_r, m_r, cq_r, p_r,
-                                    smem, o, lse, O_TMA)
-                        if O_TMA:
-                            T.ptx["fence.proxy.async.shared::cta"]()
-                            T.ptx["bar.sync"](T.Cast("uint32", 3 + cw), T.uint32(128))
-                            if tx % 128 == 0:
-                                bulk_store_rows(smem, i0, cw, h, b)
+                        if PERS:
+                            cnt[0] = 0
+                            # two rounds a step, one per Q buffer, so that each copy of the
+                            # loop reads its buffer at a constant offset: a variable one kept
+                            # Q's descriptors out of the uniform registers, 35 more of the
+                            # loop's ~1190 instructions (offline SASS, head dim 64)
+                            for w2 in T.serial((rounds(B, HQ, L) + 1) // 2):
+                                for qs in T.unroll(2):
+                                    if round_item(tile, w2 * 2 + qs) < n_query_tiles(B, HQ, L):
+                                        consume_item(round_item(tile, w2 * 2 + qs), w2 * 2 + qs,
+                                                     cnt[0], qs, cnt, cw, tx, lane, t4, sl2,
+                                                     smem, c, o, lse, s_r, p_r, acc, qd, kd, vd,
+                                                     m_r, l_r, cq_r, al_r, HQ, L)
+                        else:
+                            consume_item(tile, 0, 0, 0, cnt, cw, tx, lane, t4, sl2, smem, c, o,
+                                         lse, s_r, p_r, acc, qd, kd, vd, m_r, l_r,
+                                         cq_r, al_r, HQ, L)
                 else:
                     wg = tx // 128
                     # this thread's rows: row0 and row0 + 8
@@ -826,7 +977,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                             T.ptx["fence.mbarrier_init.release.cluster"]()
                         T.tvm_storage_sync("shared")
                         if tx == 0:
-                            bulk_q(smem, i0, h, b)
+                            bulk_q(smem, i0, h, b, 0)
                     else:
                         copy_rows(smem, Q_OFF, BM, qf, ((b * L + i0) * HQ + h) * D,
                                   T.Cast("int32", HQ * D), T.Cast("int32", L - 1 - i0), D, tx)
@@ -874,7 +1025,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                         if gated:
                             bias_scores(0, smem, s_r, t4)
                         T.ptx["wgmma.fence.sync.aligned"]()
-                        issue_scores(0, wg, smem, s_r, qd, kd)
+                        issue_scores(0, wg, smem, s_r, qd, kd, 0)
                         T.ptx["wgmma.wait_group.sync.aligned"](0)
                         softmax(kt_lo, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
                         rescale_pack(s_r, p_r, acc, al_r)
@@ -905,7 +1056,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                             if gated:
                                 bias_scores((it + 1) % 3, smem, s_r, t4)
                             T.ptx["wgmma.fence.sync.aligned"]()
-                            issue_scores((it + 1) % 3, wg, smem, s_r, qd, kd)
+                            issue_scores((it + 1) % 3, wg, smem, s_r, qd, kd, 0)
                             issue_pv(st, smem, p_r, acc, vd)
                             T.ptx["wgmma.wait_group.sync.aligned"](1)
                             softmax(kt + 1, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
@@ -915,6 +1066,6 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                         issue_pv((n_tiles - 1) % 3, smem, p_r, acc, vd)
                         T.ptx["wgmma.wait_group.sync.aligned"](0)
                     finish_rows(row0, i0, 0, lane, b, h, L, t4, acc, l_r, m_r, cq_r, p_r, smem,
-                                o, lse, False)
+                                o, lse, False, 0)
 
     return gfwa_fwd
