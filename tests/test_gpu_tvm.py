@@ -200,7 +200,8 @@ def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
 
 def _wgmma_128(pingpong, gate_knob=None):
     """The 128x128 warpgroup-MMA tile: FA3's pingpong schedule with bulk copies (and
-    gate_knob, e.g. "fuse_gate", set), or the single-warpgroup schedule on cp.async."""
+    gate_knob set: "fuse_gate", or "persistent" on PERSISTENT_BLOCKS blocks), or the
+    single-warpgroup schedule on cp.async."""
     from gfwagen.spec import KernelConfig
 
     extra = ((("pingpong", True), ("tma", True)) if pingpong else ()) + (("wgmma", True),)

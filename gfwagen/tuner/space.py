@@ -68,12 +68,14 @@ TVM_TC_DEFAULTS = {"warp_m": 1, "q_smem": False, "wgmma": False, "pingpong": Fal
                    "fuse_gate": False, "persistent": False}
 # On sm_90 the warpgroup-MMA template joins the tensor-core forward's space as x_wgmma (the
 # pseudo-knob WGMMA, which knobs_for adds there). Its tiles take block_m (64 rows per
-# warpgroup), block_n and num_stages (3 only: its pipelined schedule; mma.sync takes 1 or 2);
+# warpgroup), block_n and num_stages (3 here: its pipelined schedule; the pingpong one also
+# runs 4, no faster at S5 (RESULTS.md, session 34), so not searched; mma.sync takes 1 or 2);
 # the mma.sync knobs mean nothing to it and are dropped.
 WGMMA = "wgmma"
 MMA_SYNC_ONLY = ("sub_n", "warp_m", "q_smem")
 # its bulk tensor copies (mma.sync's tiles come by cp.async), its warp-specialized schedule
-# (a producer warpgroup, two consumers taking turns at the tensor cores) and, with that
+# (a producer warpgroup, two consumers taking turns at the tensor cores), with that
+# schedule its persistent form (one block per SM looping over query tiles) and, with that
 # schedule and square tiles, the gate's prefix sums made by its producer (gated problems:
 # the pseudo-knob FUSE_GATE, which knobs_for adds there)
 WGMMA_ONLY = ("tma", "pingpong", "fuse_gate", "persistent")
