@@ -546,7 +546,8 @@ def test_wgmma_persistent_codegen(gated):
 
 def test_wgmma_persistent_limits():
     """persistent is refused by name without the pingpong schedule, where the output cannot
-    be staged in the Q rows (Dv > D), and with a block count below 1."""
+    be staged in the Q rows (Dv > D), with a block count below 1, and with fuse_gate (never
+    run together on a GPU)."""
     from gfwagen.backends.tvm_backend import tensor_core_template
 
     def why(cfg, D=64, Dv=64):
@@ -558,8 +559,10 @@ def test_wgmma_persistent_limits():
 
     pp = _wgmma(128, 128, 3, "pingpong", "tma")
     assert why(with_(pp, True)) is None and why(with_(pp, 7)) is None
+    fused = _wgmma(128, 128, 3, "pingpong", "tma", "fuse_gate")
     for bad, dims in ((with_(_wgmma(128, 128, 3, "tma"), True), (64, 64)),
-                      (with_(pp, True), (64, 128)), (with_(pp, 0), (64, 64))):
+                      (with_(pp, True), (64, 128)), (with_(pp, 0), (64, 64)),
+                      (with_(fused, True), (64, 64))):
         assert "persistent" in why(bad, *dims)
 
 

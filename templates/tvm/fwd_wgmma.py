@@ -75,7 +75,7 @@ Config extras (session 17, H200 numbers in benchmarks/RESULTS.md):
   And the consumers load the next tile's biases while O's rescale runs (next_biases), not
   right before their turn at the tensor cores: the gated kernel's excess over the ungated
   one went from 5.0-5.7% to 2.8-4.2% at S1-S4.
-- `persistent` (with pingpong, Dv <= D; session 34): one block per SM (true; the op resolves
+- `persistent` (with pingpong, Dv <= D, not with fuse_gate; session 34): one block per SM (true; the op resolves
   it to the device's SM count, tvm_backend.resolve_persistent), each looping over query
   tiles, a sequence's longest first and the blocks in snake order (a fixed stride left the
   blocks unequal work). Q has two buffers: the producer loads the next query tile's rows
@@ -134,9 +134,11 @@ def supports(head_dim, value_dim, dtype, config) -> str | None:
         return "pingpong (two consumer warpgroups fed by bulk copies: block_m 128 and tma)"
     persistent = config.get("persistent", False)
     if persistent is not False and (not config.get("pingpong", False) or value_dim > head_dim
-                                    or int(persistent) < 1):
-        return ("persistent (true or a block count >= 1, with pingpong, its output staged in "
-                "its Q rows: value dim <= head dim)")
+                                    or int(persistent) < 1 or config.get("fuse_gate", False)):
+        # fuse_gate: measured slower than the tile records (session 23) and never run
+        # persistent on a GPU, so not offered
+        return ("persistent (true or a block count >= 1, with pingpong and without fuse_gate, "
+                "its output staged in its Q rows: value dim <= head dim)")
     if config.get("fuse_gate", False) and not _square_pingpong(config):
         return "fuse_gate (the pingpong schedule with block_n == block_m)"
     threads = 2 * bm
