@@ -75,18 +75,18 @@ Config extras (session 17, H200 numbers in benchmarks/RESULTS.md):
   And the consumers load the next tile's biases while O's rescale runs (next_biases), not
   right before their turn at the tensor cores: the gated kernel's excess over the ungated
   one went from 5.0-5.7% to 2.8-4.2% at S1-S4.
-- `persistent` (with pingpong, Dv <= D, not with fuse_gate; session 34): one block per SM (true; the op resolves
-  it to the device's SM count, tvm_backend.resolve_persistent), each looping over query
-  tiles, a sequence's longest first and the blocks in snake order (a fixed stride left the
-  blocks unequal work). Q has two buffers: the producer loads the next query tile's rows
-  and first key tiles while the consumers finish this one and store its output from the
-  other buffer, where a new block would have waited for its launch, Q and first tile (about
-  2.5 us at S1, pp_phases.py). The consumers' loop runs two rounds a step, one per buffer,
-  so that each copy reads Q at a constant offset. H200, tuner medians at head dim 64, the
-  gated forward against the pingpong tile's (another call; RESULTS.md, session 34): S5 -9%
-  (0.2985 -> 0.2719 ms), W 1024 -8%, W 2048 -5%, W 4096 and 8192 -3% to -4%, causal -2%;
-  ungated, W 4096 and 8192 within 1.3% of it (slower). The second Q buffer does not fit
-  next to three 128-key stages at head dim 128.
+- `persistent` (with pingpong, Dv <= D, not with fuse_gate; session 34): one block per SM
+  (true; the op resolves it to the device's SM count, tvm_backend.resolve_persistent), each
+  looping over query tiles, a sequence's longest first and the blocks in snake order (a
+  fixed stride left the blocks unequal work). Q has two buffers: the producer loads the next
+  query tile's rows and first key tiles while the consumers finish this one and store its
+  output from the other buffer, where a new block would have waited for its launch, Q and
+  first tile (about 2.5 us at S1, pp_phases.py). The consumers' loop runs two rounds a step,
+  one per buffer, so that each copy reads Q at a constant offset. H200, tuner medians at
+  head dim 64, the gated forward against the pingpong tile's (another call; RESULTS.md,
+  session 34): S5 -9% (0.2985 -> 0.2719 ms), W 1024 -8%, W 2048 -5%, W 4096 and 8192 -3% to
+  -4%, causal -2%; ungated, W 4096 and 8192 within 1.3% of it (slower). The second Q buffer
+  does not fit next to three 128-key stages at head dim 128.
 - The pingpong schedule may run 4 stages (num_stages 4); at S5 no faster than 3.
 - `fuse_gate` (with pingpong, block_n == block_m; session 23): the kernel takes the raw log
   gates and needs no launch before it: the producer warp scans each key tile's gates (warp
