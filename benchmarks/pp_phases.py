@@ -7,7 +7,8 @@ key tiles to arrive; a summary per shape: block duration against the wall time p
 slot, each phase's median (p10-p90), the gap between consecutive blocks on an SM, and the
 share of the loop spent waiting for tiles.
 
-    PYTHONPATH=$PWD python benchmarks/pp_phases.py --shapes S1,S2,S4 [--templates OTHER]
+    PYTHONPATH=$PWD python benchmarks/pp_phases.py --shapes S1,S2,S4 [--persistent] \
+        [--templates OTHER]
 
 The probes are text edits of the template: an anchor that no longer matches stops the script
 by name. globaltimer ticks in steps of about 0.26 us on the H200; the probes' own cost is a
@@ -224,6 +225,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="S1,S2,S4")
     p.add_argument("--block-n", type=int, default=128)
+    p.add_argument("--persistent", action="store_true",
+                   help="the persistent schedule: a row per query tile, the 'blocks' below")
     p.add_argument("--templates", type=Path, default=None,
                    help="another version of templates/ to probe (an A/B of a template change)")
     a = p.parse_args(argv)
@@ -237,7 +240,9 @@ def main(argv=None) -> int:
     from gfwagen.spec import KernelConfig
 
     cfg = KernelConfig(128, a.block_n, 8, 3,
-                       extra=(("pingpong", True), ("tma", True), ("wgmma", True)))
+                       extra=(("pingpong", True), ("tma", True), ("wgmma", True))
+                       + ((("persistent", True),) if a.persistent else ()))
+    cfg = tb.resolve_persistent(cfg, "cuda")
     for name in a.shapes.split(","):
         s = SHAPES[name]
         q, k, v, g, _ = (t.detach() for t in make_inputs(s, torch.bfloat16))

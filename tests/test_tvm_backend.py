@@ -488,6 +488,8 @@ def test_wgmma_pingpong_codegen(gated, bn):
     kernel = src[src.index('extern "C" __global__'):]
     syncs = [ln for ln in calls if ln.startswith("tvm_builtin_ptx_bar_sync_count")]
     arrives = [ln for ln in calls if ln.startswith("tvm_builtin_ptx_bar_arrive")]
+    # one query tile a block: no handoff to a next one
+    assert len([ln for ln in arrives if "arrive((uint)1," in ln]) == 1
     # a turn before the first scores, one a loop step, one before the last P V; consumer 1
     # lets consumer 0 go first, consumer 0 hands back the last turn. Then each consumer's own
     # barrier (3 or 4, its 128 threads) between staging its output and the bulk store
@@ -519,7 +521,9 @@ def test_wgmma_persistent_codegen(gated):
     device's count (offline: 132); each block loops over query tiles, the consumers two
     rounds a step, so their products appear twice; Q has two buffers, whose "full" and
     "empty" barriers (three more) let the next query tile's rows load while this one's output
-    is stored from the other."""
+    is stored from the other. Consumer 1 hands consumer 0 its first turn once, at the
+    block's first query tile; after that, right after its own last P V of each query tile
+    (before its epilogue), where the block has another."""
     from gfwagen.backends.tvm_backend import (
         OFFLINE_SM_COUNT,
         cuda_smem_bytes,
@@ -539,6 +543,14 @@ def test_wgmma_persistent_codegen(gated):
     mma = [ln for ln in kernel.splitlines() if "_mma_async_sync_aligned_" in ln]
     one = 2 * 64 // 16 + 2 * 128 // 16  # the pingpong kernel's products (its codegen test)
     assert len(mma) == 2 * one
+    lines = kernel.splitlines()
+    to_first = [i for i, ln in enumerate(lines) if "bar_arrive_arrive((uint)1," in ln]
+    assert len(to_first) == 3 and "w2 == 0" in lines[to_first[0] - 1]
+    for copy, i in enumerate(to_first[1:]):
+        # in the round's last turn, after its P V's issue and before the output's staging
+        last_pv = max(j for j, ln in enumerate(lines[:i]) if "_mma_async_sync_aligned_" in ln)
+        assert "bar_sync_count_sync" not in "".join(lines[last_pv:i]), copy
+        assert any("bar_sync_count_sync(((uint)(cw_ptr[0] + 3))" in ln for ln in lines[i:])
     assert cuda_smem_bytes(spec, cfg) == cuda_smem_bytes(spec, pp) + 2 * 128 * 64 + 24
     with pytest.raises(ValueError, match="block count"):
         tensor_core_template(cfg).make_forward_tc(64, 64, 512, "bf16", gated, 1, cfg)

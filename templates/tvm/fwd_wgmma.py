@@ -87,6 +87,10 @@ Config extras (session 17, H200 numbers in benchmarks/RESULTS.md):
   session 34): S5 -9% (0.2985 -> 0.2719 ms), W 1024 -8%, W 2048 -5%, W 4096 and 8192 -3% to
   -4%, causal -2%; ungated, W 4096 and 8192 within 1.3% of it (slower). The second Q buffer
   does not fit next to three 128-key stages at head dim 128.
+  Since session 35 consumer 1 hands consumer 0 its first turn of the next query tile right
+  after issuing its own last P V, not after its epilogue: consumer 0's first product and
+  softmax there overlap consumer 1's normalizing and storing. S5 4.8% faster (CUDA graphs),
+  W 1024 2%, the longer windows within 1.3%.
 - The pingpong schedule may run 4 stages (num_stages 4); at S5 no faster than 3.
 - `fuse_gate` (with pingpong, block_n == block_m; session 23): the kernel takes the raw log
   gates and needs no launch before it: the producer warp scans each key tile's gates (warp
@@ -786,15 +790,15 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             cnt[0] = g0 + T.Cast("int32", n_tiles)
 
     @T.macro
-    def consume_item(item, w, g0, qs, cnt, cw, tx, lane, t4, sl2, smem, c, o, lse, s_r, p_r,
-                     acc, qd, kd, vd, m_r, l_r, cq_r, al_r, HQ, L):
+    def consume_item(item, w, g0, qs, cnt, more_items, cw, tx, lane, t4, sl2, smem, c, o, lse,
+                     s_r, p_r, acc, qd, kd, vd, m_r, l_r, cq_r, al_r, HQ, L):
         # a consumer's part of the block's w-th query tile (its 64 rows); g0, qs and cnt as
-        # produce_item's
+        # produce_item's; more_items: the block has a query tile after this one
         b, h, i0, kt_lo, n_tiles = query_tile(item, HQ, L)
         qo = qs * QBYTES
         row0 = i0 + (tx - 128) // 32 * 16 + lane // 4
         init_rows(row0, i0, b, h, L, c, m_r, l_r, cq_r, acc, s_r)
-        if cw == 1:  # consumer 0 issues first
+        if cw == 1 and w == 0:  # consumer 0 issues first (later query tiles: the last turn)
             T.ptx["bar.arrive"](T.uint32(1), T.uint32(256))
         T.cuda.mbarrier_wait(mbar(smem, qs * Q1_FULL), T.truncmod(w // 2, 2))
         wait_tile(g0, smem)
@@ -828,8 +832,14 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
         T.ptx["wgmma.fence.sync.aligned"]()
         issue_pv(stage(g_last), smem, p_r, acc, vd)
-        if cw == 0:  # consumer 1's last turn (it has none to hand on)
+        if cw == 0:  # consumer 1's last turn
             T.ptx["bar.arrive"](T.uint32(2), T.uint32(256))
+        elif more_items:
+            # consumer 1 hands consumer 0 its first turn of the block's next query tile now,
+            # not after this epilogue: consumer 0's first product and softmax there then run
+            # while this consumer normalizes and stores its output. S5, against handing it on
+            # at the next query tile's start: 4.8% faster (RESULTS.md, session 35)
+            T.ptx["bar.arrive"](T.uint32(1), T.uint32(256))
         if RELATIVE:
             row_sums_relative(stage(g_last), smem, row0, i0, cq_r, sl2)
         T.ptx["wgmma.wait_group.sync.aligned"](0)
@@ -957,12 +967,15 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                                 for qs in T.unroll(2):
                                     if round_item(tile, w2 * 2 + qs) < n_query_tiles(B, HQ, L):
                                         consume_item(round_item(tile, w2 * 2 + qs), w2 * 2 + qs,
-                                                     cnt[0], qs, cnt, cw, tx, lane, t4, sl2,
+                                                     cnt[0], qs, cnt,
+                                                     round_item(tile, w2 * 2 + qs + 1)
+                                                     < n_query_tiles(B, HQ, L),
+                                                     cw, tx, lane, t4, sl2,
                                                      smem, c, o, lse, s_r, p_r, acc, qd, kd, vd,
                                                      m_r, l_r, cq_r, al_r, HQ, L)
                         else:
-                            consume_item(tile, 0, 0, 0, cnt, cw, tx, lane, t4, sl2, smem, c, o,
-                                         lse, s_r, p_r, acc, qd, kd, vd, m_r, l_r,
+                            consume_item(tile, 0, 0, 0, cnt, False, cw, tx, lane, t4, sl2, smem,
+                                         c, o, lse, s_r, p_r, acc, qd, kd, vd, m_r, l_r,
                                          cq_r, al_r, HQ, L)
                 else:
                     wg = tx // 128
