@@ -9,7 +9,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 source "$venv/bin/activate"
-if ! python -c "import gfwagen, pytest, optuna, sqlite_utils, triton" >/dev/null 2>&1; then
+if ! python -c "import gfwagen, pytest, xdist, optuna, sqlite_utils, triton" >/dev/null 2>&1; then
   python -m pip install -q --upgrade pip
   # torch first, pinned: the CPU build of 2.13.0 lies on local disk, and asking for it
   # explicitly keeps pip from pulling a multi-GB CUDA build for the package's torch range.
