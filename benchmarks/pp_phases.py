@@ -55,8 +55,9 @@ def _edits() -> list:
                "g0)\n")
     bulk_q = f"{pad}    if tx == 0:\n{pad}        bulk_q(smem, i0, h, b)\n"
     return [
-        ("from .fwd_cuda import _DT, LN2, LOG2E, MASK, MASK_T\n",
-         f"from .fwd_cuda import _DT, LN2, LOG2E, MASK, MASK_T\n_GT = {_TIMER}\n_SM = {_SMID}\n"),
+        [[(imp, f"{imp}_GT = {_TIMER}\n_SM = {_SMID}\n")] for imp in (  # since session 36
+            "from .fwd_cuda import _DT, LN2, LOG2E, MASK\n",
+            "from .fwd_cuda import _DT, LN2, LOG2E, MASK, MASK_T\n")],
         ("        scale: T.float32,\n    ):",
          "        scale: T.float32,\n        pr_h: T.handle,\n    ):"),
         ('        lse = T.match_buffer(lse_h, (B, HQ, L), "float32")\n',
@@ -208,6 +209,12 @@ def summarize(name, gated, probe, ms, n_blocks):
               f"  loop {span(t['loop'] - t['k0'])}  epilogue {span(t['end'] - t['loop'])}")
     print(f"    producer: busy {span(P[:, 12] - P[:, 11])}, then the block runs "
           f"{span(end - P[:, 12])}")
+    loop_us = (P[:, 4] - P[:, 3]) / 1e3
+    clock = P[:, 15] / loop_us.clamp_min(1e-3)
+    # cycles against globaltimer: a loop that got shorter in time but not in cycles ran at a
+    # higher clock (the H200 throttles under its power limit)
+    print(f"    consumer 0's loop: {torch.quantile(P[:, 15], .5).item():.0f} cycles (median), "
+          f"{torch.quantile(clock, .5).item():.0f} MHz")
     waits = [P[:, 13 + cw] / P[:, 15].clamp_min(1) for cw in (0, 1)]
     print("    share of consumer 0's loop cycles spent waiting for key tiles, consumer 0 / 1: "
           + " / ".join(f"{100 * torch.quantile(w, .5).item():.1f}%" for w in waits))

@@ -157,15 +157,21 @@ def test_gpu_tvm_wgmma_gate_extremes(gate_scale, tma):
 @pytest.mark.skipif(not torch.cuda.is_available() or
                     torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only")
 @pytest.mark.parametrize("scale", [0.0, 1e-35, -0.2])
-@pytest.mark.parametrize("tma", [False, True, "fuse_gate"],
-                         ids=["cp.async", "pingpong", "pingpong-fused"])
-def test_gpu_tvm_wgmma_zero_and_negative_scale(scale, tma):
-    """Scale 0 (the gate alone weighs the keys), a tiny one and a negative one, gated: the bias
-    that the score product starts from is (c_ref - c_j) / scale, so scales below
-    WGMMA_ZERO_SCALE run at it (the pingpong kernel's tile records are made at it too)."""
-    _check_forward((1, 700, 4, 2, 128, 128, 200, True, torch.bfloat16),
+@pytest.mark.parametrize("tma", [False, True, "fuse_gate", "persistent"],
+                         ids=["cp.async", "pingpong", "pingpong-fused", "persistent"])
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "nogate"])
+def test_gpu_tvm_wgmma_zero_and_negative_scale(scale, tma, gated):
+    """Scale 0 (the gate alone weighs the keys), a tiny one and a negative one: the bias that
+    the gated score product starts from is (c_ref - c_j) / scale, so scales below
+    WGMMA_ZERO_SCALE run at it (the pingpong kernel's tile records are made at it too); the
+    softmax takes its max on the raw products, so a negative scale runs on -Q, and its
+    masked scores are -inf, which a zero scale would turn into NaN (wgmma_scale)."""
+    if tma == "fuse_gate" and not gated:
+        pytest.skip("fuse_gate: gated only")
+    D = 64 if tma == "persistent" else 128  # its second Q buffer fits 3 stages at 64
+    _check_forward((1, 700, 4, 2, D, D, 200, gated, torch.bfloat16),
                    _wgmma_128(bool(tma), tma if isinstance(tma, str) else None),
-                   f"tvm-wgmma scale={scale} tma={tma}", scale=scale)
+                   f"tvm-wgmma scale={scale} tma={tma} gated={gated}", scale=scale)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or

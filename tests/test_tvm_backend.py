@@ -469,6 +469,35 @@ def test_wgmma_forward_codegen(dtype, D, Dv, gated, window, bm, bn, ns, tma):
         assert cuda_smem_bytes(spec, cfg) == tiles
 
 
+def test_wgmma_scale_is_positive_and_exact():
+    """fwd_wgmma's softmax takes its max on the raw products, so the scale it runs must be
+    positive: a negative one runs on -Q (exact in any float format), a zero or tiny one (either
+    sign) at WGMMA_ZERO_SCALE, and a positive one as given, on Q itself (no copy)."""
+    from gfwagen.backends.tvm_backend import WGMMA_ZERO_SCALE, wgmma_scale
+
+    q = torch.randn(2, 5, 3, 8, dtype=torch.bfloat16)
+    q2, s = wgmma_scale(q, 0.125)
+    assert q2 is q and s == 0.125
+    q2, s = wgmma_scale(q, -0.3)
+    assert s == 0.3 and torch.equal(q2, -q) and (q2.float() * s == q.float() * -0.3).all()
+    for zero in (0.0, 1e-35):
+        q2, s = wgmma_scale(q, zero)
+        assert q2 is q and s == WGMMA_ZERO_SCALE
+    for neg_zero in (-0.0, -1e-35):
+        q2, s = wgmma_scale(q, neg_zero)
+        assert s == WGMMA_ZERO_SCALE and torch.equal(q2, -q)
+
+
+@pytest.mark.parametrize("window", [0, 300])
+def test_wgmma_softmax_masks_with_minus_infinity(window):
+    """The masked tiles' scores become -inf and go through the same exp2 as the interior's:
+    no per-score compare against fwd_cuda.MASK_T, the finite mask's threshold (session 36)."""
+    spec = KernelSpec("tvm", "fwd", 64, 64, window, "bf16", True, 1)
+    src = cuda_source(build_cuda(spec, _wgmma(128, 128, 3, "pingpong", "tma"), arch="sm_90"))
+    assert "-CUDART_INF_F" in src
+    assert "e+29" not in src  # MASK_T, -5e29; MASK (-1e30) is the running max's start
+
+
 @pytest.mark.parametrize("gated,bn", [(True, 128), (False, 64)])
 def test_wgmma_pingpong_codegen(gated, bn):
     """The warp-specialized schedule: 384 threads, the producer warpgroup's registers handed

@@ -91,6 +91,7 @@ CUDA_STATIC_SMEM_LIMIT = 48 * 1024
 # below 2^-100 it runs at 2^-100 (same sign). Q K^T then moves a logit by |q.k| 2^-100,
 # nothing at fp32's resolution, and a bias of the block's worst decay (128 rows at GATE_BOUND)
 # stays finite (2^114 < 2^128); one further back, past 2^128, is -inf, as exp of it is 0.
+# Ungated too: its masked scores are -inf, which a zero scale would make NaN (wgmma_scale).
 WGMMA_ZERO_SCALE = 2.0 ** -100
 
 _FUNC_NAMES = {"fwd": "gfwa_fwd", "bwd_kv": "gfwa_bwd_kv", "bwd_q": "gfwa_bwd_q"}
@@ -418,6 +419,18 @@ def _with_blocks(config: KernelConfig, n: int) -> KernelConfig:
                                                     "persistent": n}.items()))
 
 
+def wgmma_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
+    """(q, scale) as fwd_wgmma.py runs them: the scale at least WGMMA_ZERO_SCALE in size, and
+    positive, Q negated where it was not (exact: scale * q.k = (-scale) * (-q).k). Its
+    softmax takes each tile's max on the raw products, which a negative scale would turn
+    into a minimum; that costs a copy of Q, for negative scales only."""
+    if abs(scale) < WGMMA_ZERO_SCALE:
+        scale = math.copysign(WGMMA_ZERO_SCALE, scale)
+    if scale < 0:
+        return -q, -scale
+    return q, scale
+
+
 def tvm_forward(q, k, v, log_gate=None, window=None, scale=None, config=None, target="llvm"):
     """GatedFWA forward through TVM, on the CPU (llvm) or on the CUDA device of q.
     Returns (o [B,T,Hq,Dv] q.dtype, lse [B,Hq,T] fp32)."""
@@ -431,9 +444,8 @@ def tvm_forward(q, k, v, log_gate=None, window=None, scale=None, config=None, ta
         if q.is_cuda else _fit(config or DEFAULT_CPU_CONFIG, T)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     tensor_cores = q.is_cuda and tensor_core_forward(spec, cfg)
-    if tensor_cores and abs(scale) < WGMMA_ZERO_SCALE and log_gate is not None \
-            and cfg.get("wgmma"):
-        scale = math.copysign(WGMMA_ZERO_SCALE, scale)
+    if tensor_cores and cfg.get("wgmma"):
+        q, scale = wgmma_scale(q, scale)
     form = gate_input(spec, cfg) if q.is_cuda else "sums"
     c, o, lse = forward_buffers(q, v, log_gate, form, scale, cfg.block_n)
     if B * T * Hq == 0:

@@ -92,6 +92,8 @@ Config extras (session 17, H200 numbers in benchmarks/RESULTS.md):
   softmax there overlap consumer 1's normalizing and storing. S5 4.8% faster (CUDA graphs),
   W 1024 2%, the longer windows within 1.3%.
 - The pingpong schedule may run 4 stages (num_stages 4); at S5 no faster than 3.
+- Since session 36 the softmax takes each tile's max on the raw products (stats), which needs
+  a positive scale: tvm_backend.wgmma_scale runs a negative one on -Q.
 - `fuse_gate` (with pingpong, block_n == block_m; session 23): the kernel takes the raw log
   gates and needs no launch before it: the producer warp scans each key tile's gates (warp
   shuffles) while its bulk copies fly, and stores the tile's record itself. Kernel alone as
@@ -103,7 +105,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from .fwd_cuda import _DT, LN2, LOG2E, MASK, MASK_T
+from .fwd_cuda import _DT, LN2, LOG2E, MASK
 
 _WGMMA = {"fp16": "f32.f16.f16", "bf16": "f32.bf16.bf16"}
 _PACK = {"fp16": "cvt.rn.f16x2.f32", "bf16": "cvt.rn.bf16x2.f32"}
@@ -116,6 +118,7 @@ _PIN = ('__forceinline__ __device__ void gfwa_pin(float x) { asm volatile("" :: 
 # gfwagen.gate.GATE_BOUND (this file imports nothing from gfwagen; a test keeps them equal):
 # the clamp the fused gate sums apply to the raw gates as they load them
 GATE_BOUND = 128.0
+NEG_INF = -T.infinity("float32")  # a masked score (stats)
 SW128 = 3  # the descriptor encoder's code for the 128-byte swizzle
 SW128_MAP = 3  # CUtensorMapSwizzle's code for it (CU_TENSOR_MAP_SWIZZLE_128B)
 
@@ -459,46 +462,60 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         # product in flight, and spilled; here they are loaded while S is free, before the
         # turn's barrier. c_i is constant along a row, which softmax ignores: it joins only
         # the lse (epilogue). Both rows of a thread read the same keys: one load per pair,
-        # copied to the second row (two loads, kept apart by asm volatile, ran 2-3% slower
-        # at S1-S2). The pingpong consumers run the two steps apart (pack_next)
+        # copied to the second row. Two loads, kept apart by asm volatile, ran 2-3% slower
+        # at S1-S2; kept apart by a shuffled copy of t4 (no asm), the gate cost 3-5 points
+        # more at S1-S5 (session 36): shared-memory reads cost more here than the 32 moves.
+        # The pingpong consumers run the two steps apart (pack_next)
         bias_first_row(st, smem, s_r, t4)
         bias_second_row(s_r)
 
     @T.macro
     def stats(dj, masked, s_r, m_r, l_r, al_r, t4, sl2):
         # S -> P (fp32, in place), the running row max and sum, and each row's rescale
-        # factor for O (al_r), which the caller applies once O is not being written
+        # factor for O (al_r), which the caller applies once O is not being written.
+        # The tile's max is taken on the raw products (the scale is positive: tvm_forward
+        # flips Q's sign for a negative one) and scaled once a row, so each score's scale
+        # multiply rides in its exponent's FFMA; masked scores are -inf, which that FFMA
+        # keeps -inf and exp2 takes to 0, where a finite mask needed a compare, a select and
+        # a predicated exp2 per score (the running max stays >= MASK, finite). The max and
+        # the sum run in independent chains: each row's max gates its exp2s. Head dim 64,
+        # ungated, offline sm_90a SASS: the softmax 336 -> 278 instructions unmasked, 625 ->
+        # 416 masked; H200: S5's persistent kernel 5-9% faster, S1's 6-7%, S4's 1-5%
+        # (RESULTS.md, session 36)
         for r in T.unroll(2):
-            for nb in T.unroll(NB):
-                for e in T.unroll(2):
-                    x = nb * 4 + r * 2 + e
-                    s_r[x] = s_r[x] * sl2  # gated: the key's bias is in (bias_scores)
-                    if masked:
+            if masked:
+                for nb in T.unroll(NB):
+                    for e in T.unroll(2):
+                        x = nb * 4 + r * 2 + e
                         rel = dj + (nb * 8 - r * 8) + t4 * 2 + e  # key minus query position
                         if W > 0:
-                            s_r[x] = T.if_then_else(rel <= 0 and rel > -W, s_r[x], T.float32(MASK))
+                            s_r[x] = T.if_then_else(rel <= 0 and rel > -W, s_r[x], NEG_INF)
                         else:
-                            s_r[x] = T.if_then_else(rel <= 0, s_r[x], T.float32(MASK))
-            mx: T.float32 = m_r[r]
-            for nb in T.unroll(NB):
-                for e in T.unroll(2):
-                    mx = T.max(mx, s_r[nb * 4 + r * 2 + e])
+                            s_r[x] = T.if_then_else(rel <= 0, s_r[x], NEG_INF)
+            mx0: T.float32 = s_r[r * 2]
+            mx1: T.float32 = s_r[r * 2 + 1]
+            mx2: T.float32 = s_r[4 + r * 2]
+            mx3: T.float32 = s_r[4 + r * 2 + 1]
+            for nh in T.unroll(1, NB // 2):
+                mx0 = T.max(mx0, s_r[nh * 8 + r * 2])
+                mx1 = T.max(mx1, s_r[nh * 8 + r * 2 + 1])
+                mx2 = T.max(mx2, s_r[nh * 8 + 4 + r * 2])
+                mx3 = T.max(mx3, s_r[nh * 8 + 4 + r * 2 + 1])
+            mx: T.float32 = T.max(T.max(mx0, mx1), T.max(mx2, mx3))
             mx = T.max(mx, T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), mx, 1, 32))
             mx = T.max(mx, T.cuda.__shfl_xor_sync(T.uint32(0xFFFFFFFF), mx, 2, 32))
+            mx = T.max(m_r[r], mx * sl2)
             al_r[r] = T.exp2(m_r[r] - mx)
             m_r[r] = mx
-            psum: T.float32 = T.float32(0)
+            ps0: T.float32 = T.float32(0)
+            ps1: T.float32 = T.float32(0)
             for nb in T.unroll(NB):
-                for e in T.unroll(2):
-                    x = nb * 4 + r * 2 + e
-                    if masked:
-                        s_r[x] = T.if_then_else(
-                            s_r[x] > T.float32(MASK_T), T.exp2(s_r[x] - mx), T.float32(0)
-                        )
-                    else:
-                        s_r[x] = T.exp2(s_r[x] - mx)
-                    psum = psum + s_r[x]
-            l_r[r] = l_r[r] * al_r[r] + psum
+                x = nb * 4 + r * 2
+                s_r[x] = T.exp2(s_r[x] * sl2 - mx)
+                s_r[x + 1] = T.exp2(s_r[x + 1] * sl2 - mx)
+                ps0 = ps0 + s_r[x]
+                ps1 = ps1 + s_r[x + 1]
+            l_r[r] = l_r[r] * al_r[r] + (ps0 + ps1)
 
     @T.macro
     def softmax(kt, i0, row0, s_r, m_r, l_r, al_r, t4, sl2):
