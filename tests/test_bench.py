@@ -321,3 +321,22 @@ def test_class_shape_is_the_tuning_presets_shape():
             assert bench.class_shape(f"d{d}w{w}") == bench.Shape(b, t, h, d, w)
     with pytest.raises(SystemExit, match="d64w256"):
         bench.class_shape("S5")
+
+
+def test_tvm_sass_finds_the_key_tile_loop_and_its_softmax_branches():
+    """benchmarks/tvm_sass.py on a made-up listing: an outer loop around the key-tile loop
+    (which it must not pick), the key-tile loop whose first forward branch jumps past one
+    softmax branch (3 instructions with its closing BRA) and whose BRA jumps past the other
+    (2), and the opcode counts with predicates dropped."""
+    import tvm_sass
+
+    code = ["MOV R1, R2", "HGMMA.64x128x16.F32.BF16 R88, gdesc[UR4], RZ", "@!P1 BRA 0x60",
+            "ISETP.GE.U32.AND P0, PT, R1, 0x200, PT", "@P0 MUFU.EX2 R3, R4", "BRA 0x80",
+            "FFMA.FTZ R3, R4, R5, -R6", "MUFU.EX2 R3, R3", "FADD.FTZ R7, R7, R3",
+            "@!P0 BRA 0x10", "EXIT", "@!P2 BRA 0x0"]
+    ins = [(16 * i, t) for i, t in enumerate(code)]
+    body = tvm_sass.key_tile_loop(ins)
+    assert [a for a, _ in body] == list(range(0x10, 0xa0, 0x10))
+    assert tvm_sass.branches(body) == {"masked": 3, "unmasked": 2, "common": 4}
+    ops = tvm_sass.opcodes(body)
+    assert ops["MUFU.EX2"] == 2 and ops["BRA"] == 3 and ops["HGMMA.64x128x16.F32.BF16"] == 1

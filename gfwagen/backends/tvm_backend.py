@@ -576,8 +576,10 @@ def cuda_source(executable) -> str:
 def build_cuda_cubin(spec: KernelSpec, config: KernelConfig | None = None,
                      arch: str = "sm_90") -> bytes:
     """build_cuda, then compile the generated CUDA C to a cubin with nvcc (needs nvcc on PATH,
-    no GPU). nvcc runs with TVM's default flags, --use_fast_math included: the templates use
-    finite mask sentinels and explicit selects, so no inf arithmetic is relied on."""
+    no GPU). nvcc runs with TVM's default flags, --use_fast_math included. That flushes
+    denormals and approximates division, square roots and exp2, but keeps infinities: the
+    wgmma forward masks with -inf, which its FFMA keeps and ex2.approx takes to 0; the other
+    templates use finite mask sentinels and explicit selects."""
     from tvm.support import nvcc
 
     src = cuda_source(build_cuda(spec, config, arch))

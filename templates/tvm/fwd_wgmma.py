@@ -479,7 +479,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         # keeps -inf and exp2 takes to 0, where a finite mask needed a compare, a select and
         # a predicated exp2 per score (the running max stays >= MASK, finite). The max and
         # the sum run in independent chains: each row's max gates its exp2s. Head dim 64,
-        # ungated, offline sm_90a SASS: the softmax 336 -> 278 instructions unmasked, 625 ->
+        # ungated, offline sm_90a SASS: the softmax 335 -> 276 instructions unmasked, 625 ->
         # 416 masked; H200: S5's persistent kernel 5-9% faster, S1's 6-7%, S4's 1-5%
         # (RESULTS.md, session 36)
         for r in T.unroll(2):
