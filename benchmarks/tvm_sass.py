@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PERSISTENT = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3,
-              "extra": {"pingpong": True, "tma": True, "wgmma": True, "persistent": 132}}
+              "extra": {"pingpong": True, "tma": True, "wgmma": True, "persistent": True}}
 _LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"BRA\s+(?:\S+,\s*)?(0x[0-9a-f]+)")
 
@@ -92,9 +92,11 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=json.dumps(PERSISTENT),
                    help="a KernelConfig as JSON (default: the persistent pingpong tile)")
     args = p.parse_args(argv)
+    from gfwagen.backends.tvm_backend import resolve_persistent
     from gfwagen.spec import KernelConfig, KernelSpec
 
-    cfg = KernelConfig.from_dict(json.loads(args.config))
+    # persistent: true becomes the offline SM count, as the tuner's configs are written
+    cfg = resolve_persistent(KernelConfig.from_dict(json.loads(args.config)))
     loops = {}
     for gated in (False, True):
         spec = KernelSpec("tvm", "fwd", args.head_dim, args.head_dim, args.window, args.dtype,
