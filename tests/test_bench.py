@@ -340,3 +340,23 @@ def test_tvm_sass_finds_the_key_tile_loop_and_its_softmax_branches():
     assert tvm_sass.branches(body) == {"masked": 3, "unmasked": 2, "common": 4}
     ops = tvm_sass.opcodes(body)
     assert ops["MUFU.EX2"] == 2 and ops["BRA"] == 3 and ops["HGMMA.64x128x16.F32.BF16"] == 1
+
+
+def test_tvm_knob_ab_merges_the_extras_and_checks_its_arguments():
+    """benchmarks/tvm_knob_ab.py: the extras join the config's (a given one replaced, the
+    result sorted, as KernelConfig keys it); per-round ratios give their median and
+    quartiles; too few calls and bad JSON exit 2 before any GPU work."""
+    import tvm_knob_ab
+
+    from gfwagen.spec import KernelConfig
+
+    cfg = KernelConfig(128, 128, 8, 3, extra=(("wgmma", True), ("pingpong", True)))
+    on = tvm_knob_ab.with_extra(cfg, {"tma": True, "pingpong": False})
+    assert on.extra == (("pingpong", False), ("tma", True), ("wgmma", True))
+    assert (on.block_m, on.block_n, on.num_stages) == (128, 128, 3)
+    assert tvm_knob_ab.with_extra(cfg, {}).extra == (("pingpong", True), ("wgmma", True))
+    assert tvm_knob_ab.ratios([1, 4, 9, 16], [1, 2, 3, 4]) == "2.5000 (IQR 1.2500-3.7500)"
+    for argv in (["--extra", "{}", "--calls", "3"], ["--extra", "{not json"]):
+        with pytest.raises(SystemExit) as e:
+            tvm_knob_ab.main(argv)
+        assert e.value.code == 2
