@@ -140,9 +140,10 @@ def _tile_wait_edits(pad: str) -> list[list[tuple]]:
     one at the top of a step; before, both at the top."""
     top = f"{pad}        wait_tile(it + 1, smem)\n"
     inner = "        wait_tile(n + 1, smem)\n"
-    gate_note = "if not gated:  # gated: next_biases waited for it\n"
+    old_note = "if not gated:  # gated: next_biases waited for it\n"
+    note = "if not gated or TABLE:  # else next_biases waited for it\n"  # session 37 on
 
-    def waits(loop_pad: str, line: str) -> list[tuple]:
+    def waits(loop_pad: str, line: str, gate_note: str = old_note) -> list[tuple]:
         # the loop's own wait (ungated) and next_biases' (gated), which pack_next's
         # definition and its two calls pass the probe registers to
         return [(loop_pad + gate_note + line, loop_pad + gate_note
@@ -157,6 +158,7 @@ def _tile_wait_edits(pad: str) -> list[list[tuple]]:
 
     return [
         # since session 34, in consume_item
+        waits(" " * 12, "                wait_tile(g + 1, smem)\n", note),
         waits(" " * 12, "                wait_tile(g + 1, smem)\n"),
         waits(pad + "    ", top),
         [(f"\n{pad}    wait_tile(it + 1, smem)\n",  # a line of its own in the loop
@@ -258,7 +260,7 @@ def main(argv=None) -> int:
             spec = tb._spec("fwd", q, k, v, gate, s.W)
             fn = tb._kernel(spec, cfg, tb._target(q, "cuda"))
             c, o, lse = tb.forward_buffers(q, v, gate, tb.gate_input(spec, cfg),
-                                           s.D ** -0.5, cfg.block_n)
+                                           s.D ** -0.5, cfg.block_n, tb.key_table(spec, cfg))
             n_blocks = s.B * s.H * -(-s.T // 128)
             probe = torch.zeros(n_blocks, 16, dtype=torch.int64, device=q.device)
 

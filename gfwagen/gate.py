@@ -95,6 +95,37 @@ def tile_records(log_gate: torch.Tensor, block_n: int, scale: float) -> torch.Te
     return rec.view(B, H, n * (block_n + 4)).to(torch.float32)
 
 
+def key_table_bytes(block_n: int) -> int:
+    """Bytes of a key tile's bias table in tile_tables' records (templates/tvm/fwd_wgmma.py's
+    key_table_bytes: a test keeps them equal)."""
+    return (block_n // 8) * 48 + 128
+
+
+def tile_tables(log_gate: torch.Tensor, block_n: int, scale: float) -> torch.Tensor:
+    """tile_records in the bias-table form that TVM's forward with config extra bias_mma
+    reads: [B, T, H] log gates -> [B, H, ceil(T / block_n) * (key_table_bytes / 4 + 4)]
+    float32 storage. Per key tile: a table of bfloat16 pieces of each key's bias -(sum of the
+    tile's gates up to it) / scale (hi, mid, lo, each the nearest bfloat16 to what the
+    pieces before it leave, their sum the float32 bias to about 2^-24), key j's piece p at
+    bfloat16 index (j // 8) * 24 + p * 8 + j % 8, zeros after; then the tile's gate total
+    times log2(e) and three zeros. gfwagen.gate_sums.tile_records_fused(table=True) makes
+    it on CUDA."""
+    g = _key_tiles(log_gate, block_n)
+    B, H, n = g.shape[:3]
+    halves = key_table_bytes(block_n) // 2
+    tab = torch.zeros(B, H, n, halves, dtype=torch.bfloat16, device=log_gate.device)
+    rest = (g.cumsum(-1) / -scale).to(torch.float32)
+    j = torch.arange(block_n, device=log_gate.device)
+    for p in range(3):
+        piece = rest.to(torch.bfloat16)
+        tab[..., (j // 8) * 24 + p * 8 + j % 8] = piece
+        rest = rest - piece.to(torch.float32)
+    tail = torch.zeros(B, H, n, 4, dtype=torch.float32, device=log_gate.device)
+    tail[..., 0] = (g.sum(-1) * _LOG2E).to(torch.float32)
+    rec = torch.cat([tab.view(torch.float32), tail], -1)
+    return rec.reshape(B, H, -1)
+
+
 KEY_BIAS_ROW = 8  # a key's pieces and zeros: templates/triton/key_bias.py's WIDTH
 
 

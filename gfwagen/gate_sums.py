@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from gfwagen.gate import GATE_CHUNK, gate_grad_from_sums, key_bias_table
+from gfwagen.gate import GATE_CHUNK, gate_grad_from_sums, key_bias_table, key_table_bytes
 
 GATE_SUMS_ENV = "GFWAGEN_GATE_SUMS"
 
@@ -86,23 +86,29 @@ def prefix_sums_fused(log_gate: torch.Tensor, splits: int | None = None,
 
 
 def tile_records_fused(log_gate: torch.Tensor, block_n: int, scale: float,
-                       bound: float = 0.0) -> torch.Tensor:
+                       bound: float = 0.0, table: bool = False) -> torch.Tensor:
     """The gate as TVM's square-tile pingpong forward reads it: [B, T, H] log gates (any
     float dtype, any strides) -> [B, H, ceil(T / block_n) * (block_n + 4)] float32, one record
     per key tile: each key's -(sum of the tile's gates up to it) / scale, the tile's gate
     total times log2(e), three zeros. One launch, a program per (batch, tile, block of
     heads): no sum crosses a tile, so none runs along the sequence. bound > 0 clamps as
-    chunked_prefix_sums_fused does."""
+    chunked_prefix_sums_fused does. table: gfwagen.gate.tile_tables' form (the biases as
+    bfloat16 pieces, for TVM's forward with bias_mma)."""
     if not math.isfinite(scale) or scale == 0:
         # the biases are divided by it (tvm_backend runs scales near 0 at WGMMA_ZERO_SCALE)
         raise ValueError(f"scale: expected a finite nonzero number, got {scale}")
     B, T, H = log_gate.shape
     n = -(-T // block_n)
-    rec = torch.empty(B, H, n * (block_n + 4), dtype=torch.float32, device=log_gate.device)
+    width = key_table_bytes(block_n) // 4 + 4 if table else block_n + 4
+    rec = torch.empty(B, H, n * width, dtype=torch.float32, device=log_gate.device)
     if rec.numel() == 0:
         return rec
     with _device(log_gate):
-        _template().launch_gate_tile_records(log_gate, rec, block_n, scale, bound=bound)
+        if table:
+            _template().launch_gate_tile_tables(log_gate, rec, rec.view(torch.int16), block_n,
+                                                scale, key_table_bytes(block_n), bound=bound)
+        else:
+            _template().launch_gate_tile_records(log_gate, rec, block_n, scale, bound=bound)
     return rec
 
 

@@ -160,6 +160,34 @@ def test_tile_records_match_torch(T, block_n, kind):
         tile_records_fused(lg, block_n, 0.0)
 
 
+@pytest.mark.parametrize("T,block_n", [(300, 128), (64, 64), (77, 16)])
+@pytest.mark.parametrize("kind", ["near0", "deep", "mixed"])
+def test_tile_tables_hold_the_biases_in_three_bf16_pieces(T, block_n, kind):
+    """tile_tables (TVM's forward with bias_mma): each key's three bfloat16 pieces, read at
+    (key // 8) * 24 + piece * 8 + key % 8, sum to tile_records' float32 bias within a few
+    units of its last place; the table's tail is zero; the total and padding follow. The
+    fused launch (integer rounding, no bfloat16 in the kernel) writes the same pieces up to
+    its float32 sum's rounding."""
+    from gfwagen.gate import key_table_bytes, sanitize_log_gate, tile_records, tile_tables
+    from gfwagen.gate_sums import tile_records_fused
+
+    lg = sanitize_log_gate(_log_gate(2, T, 3, kind, seed=T))
+    lg[0, T // 2, 1] = -GATE_BOUND
+    n, halves = -(-T // block_n), key_table_bytes(block_n) // 2
+    plain = tile_records(lg, block_n, 0.125).view(2, 3, n, block_n + 4)
+    for rec in (tile_tables(lg, block_n, 0.125),
+                tile_records_fused(lg, block_n, 0.125, bound=GATE_BOUND, table=True)):
+        rec = rec.view(2, 3, n, halves // 2 + 4)
+        tab = rec[..., :halves // 2].contiguous().view(torch.bfloat16).float()
+        j = torch.arange(block_n)
+        bias = sum(tab[..., (j // 8) * 24 + p * 8 + j % 8] for p in range(3))
+        mag = plain[..., :block_n].abs().amax(-1, keepdim=True)
+        assert ((bias - plain[..., :block_n]).abs() <= 4 * block_n * F32_EPS * mag).all()
+        assert (tab[..., (block_n // 8) * 24:] == 0).all()
+        torch.testing.assert_close(rec[..., halves // 2:], plain[..., block_n:],
+                                   rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("T,block_n", [(1, 64), (128, 64), (300, 128), (77, 16)])
 @pytest.mark.parametrize("kind", ["near0", "deep", "mixed"])
 def test_key_bias_matches_torch(T, block_n, kind):

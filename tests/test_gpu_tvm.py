@@ -109,6 +109,9 @@ WGMMA_TILES += [(128, 64, 3, "tma", "pingpong"), (128, 128, 3, "tma", "pingpong"
 # barrier phases wrap many times), with 3 and 4 stages
 WGMMA_TILES += [(128, 128, 3, "tma", "pingpong", "persistent"),
                 (128, 64, 4, "tma", "pingpong", "persistent")]
+# the biases as the score product's first k step (bias_mma), pingpong and persistent
+WGMMA_TILES += [(128, 128, 3, "tma", "pingpong", "bias_mma"),
+                (128, 128, 3, "tma", "pingpong", "persistent", "bias_mma")]
 PERSISTENT_BLOCKS = 3
 WGMMA_SHAPES = [(2, 777, 8, 2, 128, 128, 200, True, torch.bfloat16), *WARP_M_SHAPES[:3],
                 (2, 200, 2, 2, 128, 64, 50, False, torch.float16),
@@ -127,6 +130,8 @@ def test_gpu_tvm_wgmma_matches_float64(shape, cfg):
     extra = tuple((k, True) for k in ("pingpong", "tma") if k in cfg) + (("wgmma", True),)
     if "persistent" in cfg:
         extra += (("persistent", PERSISTENT_BLOCKS),)
+    if "bias_mma" in cfg:
+        extra += (("bias_mma", True),)
     config = KernelConfig(cfg[0], cfg[1], cfg[0] // 16, cfg[2], extra=extra)
     D, Dv, dtype = shape[4], shape[5], tvm_backend.CPU_DTYPES[shape[8]]
     why = tvm_backend.tensor_core_template(config).supports(D, Dv, dtype, config)
@@ -141,8 +146,8 @@ def test_gpu_tvm_wgmma_matches_float64(shape, cfg):
 @pytest.mark.skipif(not torch.cuda.is_available() or
                     torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only")
 @pytest.mark.parametrize("gate_scale", [1e-3, 30.0])
-@pytest.mark.parametrize("tma", [False, True, "fuse_gate"],
-                         ids=["cp.async", "pingpong", "pingpong-fused"])
+@pytest.mark.parametrize("tma", [False, True, "fuse_gate", "bias_mma"],
+                         ids=["cp.async", "pingpong", "pingpong-fused", "pingpong-bias-mma"])
 def test_gpu_tvm_wgmma_gate_extremes(gate_scale, tma):
     """The gated score product starts from each key's bias (c_ref - c_j) / scale: with gates
     near 1 (biases near 0) and with strong ones (a window's bias in the thousands, which the
@@ -157,8 +162,9 @@ def test_gpu_tvm_wgmma_gate_extremes(gate_scale, tma):
 @pytest.mark.skipif(not torch.cuda.is_available() or
                     torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only")
 @pytest.mark.parametrize("scale", [0.0, 1e-35, -0.2])
-@pytest.mark.parametrize("tma", [False, True, "fuse_gate", "persistent"],
-                         ids=["cp.async", "pingpong", "pingpong-fused", "persistent"])
+@pytest.mark.parametrize("tma", [False, True, "fuse_gate", "persistent", "bias_mma"],
+                         ids=["cp.async", "pingpong", "pingpong-fused", "persistent",
+                              "bias-mma"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "nogate"])
 def test_gpu_tvm_wgmma_zero_and_negative_scale(scale, tma, gated):
     """Scale 0 (the gate alone weighs the keys), a tiny one and a negative one: the bias that
@@ -177,8 +183,8 @@ def test_gpu_tvm_wgmma_zero_and_negative_scale(scale, tma, gated):
 @pytest.mark.skipif(not torch.cuda.is_available() or
                     torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only")
 @pytest.mark.parametrize("case", ["long-window", "forget", "bf16-view", "tail"])
-@pytest.mark.parametrize("knob", [None, "fuse_gate", "persistent"],
-                         ids=["tiles", "fuse_gate", "persistent"])
+@pytest.mark.parametrize("knob", [None, "fuse_gate", "persistent", "bias_mma"],
+                         ids=["tiles", "fuse_gate", "persistent", "bias-mma"])
 def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
     """The 128x128 pingpong forward, whose biases start again at each key tile (it copies
     each tile's record; fuse_gate: it sums the raw gates itself) and which moves its

@@ -638,11 +638,46 @@ def test_wgmma_pingpong_takes_the_gate_per_key_tile(gated, fuse):
     assert ("(uint)528" in kernel) is (gated and not fuse)
 
 
+def test_wgmma_bias_mma_reads_the_biases_as_one_more_k_step():
+    """Config extra bias_mma (bf16, the tile records): each key tile's record is its bias
+    table (gfwagen.gate.tile_tables, whose size the template shares) and the total; the score
+    product starts with a wgmma whose A comes from registers and whose B, the table, is
+    MN-major without swizzle; no consumer loads or copies biases, so the loop's SASS is
+    within a few instructions of the ungated one. It fits 227 KiB at head dim 128 with three
+    128-key stages. fp16 and the other gate inputs are refused by name; ungated the kernel is
+    the one without it."""
+    from gfwagen.backends.tvm_backend import (
+        CUDA_DYNAMIC_SMEM_LIMIT,
+        cuda_smem_bytes,
+        key_table,
+        tensor_core_template,
+    )
+    from gfwagen.gate import key_table_bytes
+
+    cfg = KernelConfig(128, 128, 8, 3, extra=(("bias_mma", True), ("pingpong", True),
+                                              ("tma", True), ("wgmma", True)))
+    tpl = tensor_core_template(cfg)
+    assert tpl.key_table_bytes(128) == key_table_bytes(128) == 896
+    spec = KernelSpec("tvm", "fwd", 128, 128, 512, "bf16", True, 1)
+    assert key_table(spec, cfg) and not key_table(spec.replace(gated=False), cfg)
+    assert cuda_smem_bytes(spec, cfg) == 2 * 128 * 128 + 3 * (2 * 128 * 256 + 896 + 16) + 56
+    assert cuda_smem_bytes(spec, cfg) <= CUDA_DYNAMIC_SMEM_LIMIT
+    src = cuda_source(build_cuda(spec, cfg, arch="sm_90"))
+    kernel = src[src.index('extern "C" __global__'):]
+    assert "(uint)912" in kernel  # the record's bulk copy: 896 + 16 bytes
+    assert "1065369472" in src or "0x3f803f80" in src.lower()  # A's ones (bf16 pairs)
+    for bad, dtype in ((cfg, "fp16"),
+                       (_wgmma(128, 64, 3, "pingpong", "tma", "bias_mma"), "bf16"),
+                       (_wgmma(128, 128, 3, "pingpong", "tma", "fuse_gate", "bias_mma"),
+                        "bf16")):
+        assert "bias_mma" in tpl.supports(128, 128, dtype, bad)
+
+
 def test_forward_buffers_tile_records_without_the_fused_kernels(monkeypatch):
     """forward_buffers' "tiles" input where the fused launch does not run (a CPU tensor, or
     GFWAGEN_GATE_SUMS=torch): gfwagen.gate's torch records of the clamped gates."""
     from gfwagen.backends.tvm_backend import forward_buffers
-    from gfwagen.gate import GATE_BOUND, tile_records
+    from gfwagen.gate import GATE_BOUND, tile_records, tile_tables
 
     g = -torch.rand(2, 300, 3)
     g[0, 5, 1] = -float("inf")
@@ -652,6 +687,8 @@ def test_forward_buffers_tile_records_without_the_fused_kernels(monkeypatch):
         rec, o, lse = forward_buffers(q, q, g, "tiles", 0.125, 128)
         assert torch.equal(rec, tile_records(g.clamp(-GATE_BOUND, GATE_BOUND), 128, 0.125))
         assert rec.shape == (2, 3, 3 * 132) and o.shape == q.shape and lse.shape == (2, 3, 300)
+        rec = forward_buffers(q, q, g, "tiles", 0.125, 128, table=True)[0]
+        assert torch.equal(rec, tile_tables(g.clamp(-GATE_BOUND, GATE_BOUND), 128, 0.125))
 
 
 @pytest.mark.parametrize("tile", [(128, 64, "pingpong", "tma"), (128, 128, "tma")])
@@ -772,6 +809,32 @@ def test_fuse_gate_joins_the_tuners_space_for_gated_problems(monkeypatch):
     for other in ({"block_n": 64}, {"x_pingpong": False}):
         assert space.config_from_params(spec, {**vals, **other}, gpu=True).get(
             "fuse_gate") is None
+
+
+def test_bias_mma_joins_the_tuners_space_for_gated_bf16_problems(monkeypatch):
+    """x_bias_mma is searched for gated bf16 problems where wgmma is (not fp16, whose pieces
+    would overflow, nor ungated ones); a config keeps it only with the tile records (pingpong,
+    square tiles, no fuse_gate), and off it reads as the config without it."""
+    from gfwagen.backends import tvm_backend
+    from gfwagen.tuner import space
+
+    monkeypatch.setattr(tvm_backend, "device_arch", lambda: "sm_90")
+    spec = KernelSpec("tvm", "fwd", 128, 128, 4096, "bf16", True, 1)
+    assert space.params("tvm", "fwd", space.knobs_for(spec, gpu=True))["x_bias_mma"] == \
+        (False, True)
+    for other in (spec.replace(gated=False), spec.replace(dtype="fp16")):
+        assert "x_bias_mma" not in space.params("tvm", "fwd",
+                                                space.knobs_for(other, gpu=True))
+    vals = {"block_m": 128, "block_n": 128, "num_stages": 3, "x_wgmma": True, "x_tma": True,
+            "x_pingpong": True, "x_bias_mma": True}
+    cfg = space.config_from_params(spec, vals, gpu=True)
+    assert cfg.get("bias_mma") is True and tvm_backend.key_table(spec, cfg)
+    assert space.feasible(spec, cfg)[0]
+    assert space.config_params(spec, cfg, gpu=True)["x_bias_mma"] is True
+    for other in ({"block_n": 64}, {"x_pingpong": False}, {"x_fuse_gate": True},
+                  {"x_bias_mma": False}):
+        assert space.config_from_params(spec, {**vals, **other}, gpu=True).get(
+            "bias_mma") is None
 
 
 def test_persistent_joins_the_tuners_space_with_pingpong(monkeypatch):

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from gfwagen import gate_sums
-from gfwagen.gate import GATE_BOUND, prefix_sums, sanitize_log_gate, tile_records
+from gfwagen.gate import GATE_BOUND, prefix_sums, sanitize_log_gate, tile_records, tile_tables
 from gfwagen.spec import KernelConfig, KernelSpec, stable_hash
 from gfwagen.template_loader import load_template
 
@@ -178,6 +178,16 @@ def gate_input(spec: KernelSpec, config: KernelConfig | None, template=None) -> 
         return template.gate_input(config)
     # a templates version from before gate_input (session 23's: fuse_gate or the sums)
     return "raw" if getattr(template, "fuses_gate_sums", lambda _cfg: False)(config) else "sums"
+
+
+def key_table(spec: KernelSpec, config: KernelConfig, template=None) -> bool:
+    """Whether the "tiles" gate input of (spec, config) is in the bias-table form
+    (gfwagen.gate.tile_tables; config extra bias_mma, templates/tvm/fwd_wgmma.py's
+    key_table). template: as gate_input's."""
+    if gate_input(spec, config, template) != "tiles":
+        return False
+    template = template or tensor_core_template(config)
+    return bool(getattr(template, "key_table", lambda _cfg: False)(config))
 
 
 def cuda_arch(config: KernelConfig, arch: str) -> str:
@@ -367,28 +377,30 @@ def _gate_sums(log_gate, device):
 
 
 def forward_buffers(q, v, log_gate, form: str | None = "sums", scale: float = 1.0,
-                    block_n: int = 128):
+                    block_n: int = 128, table: bool = False):
     """What a forward kernel reads besides q, k and v, and what it writes: the gate in the
     form gate_input names ("sums": _gate_sums; "raw": the log gates as float32 [B,T,Hq]
     contiguous; "tiles": gate_sums.tile_records_fused for the kernel's block_n and scale,
-    clamped as the sums are); an empty o [B,T,Hq,Dv] in q's dtype and an empty lse [B,Hq,T]
-    float32."""
+    clamped as the sums are, as bias tables where `table` (key_table)); an empty o [B,T,Hq,Dv]
+    in q's dtype and an empty lse [B,Hq,T] float32."""
     B, T, Hq, _ = q.shape
     o = torch.empty(B, T, Hq, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
     if log_gate is not None and form == "raw":
         return log_gate.to(torch.float32).contiguous(), o, lse
     if log_gate is not None and form == "tiles":
-        return _tile_records(log_gate, block_n, scale), o, lse
+        return _tile_records(log_gate, block_n, scale, table), o, lse
     return _gate_sums(log_gate, q.device), o, lse
 
 
-def _tile_records(log_gate, block_n, scale):
+def _tile_records(log_gate, block_n, scale, table=False):
     """The "tiles" gate input: the fused Triton launch where gate_sums.use_fused says so (as
     _gate_sums), else gfwagen.gate's torch version of the clamped gates."""
     if gate_sums.use_fused(log_gate):
-        return gate_sums.tile_records_fused(log_gate, block_n, scale, bound=GATE_BOUND)
-    return tile_records(sanitize_log_gate(log_gate), block_n, scale).to(log_gate.device)
+        return gate_sums.tile_records_fused(log_gate, block_n, scale, bound=GATE_BOUND,
+                                            table=table)
+    make = tile_tables if table else tile_records
+    return make(sanitize_log_gate(log_gate), block_n, scale).to(log_gate.device)
 
 
 def forward_launch_args(q, k, v, c, o, lse, scale) -> list:
@@ -447,7 +459,8 @@ def tvm_forward(q, k, v, log_gate=None, window=None, scale=None, config=None, ta
     if tensor_cores and cfg.get("wgmma"):
         q, scale = wgmma_scale(q, scale)
     form = gate_input(spec, cfg) if q.is_cuda else "sums"
-    c, o, lse = forward_buffers(q, v, log_gate, form, scale, cfg.block_n)
+    c, o, lse = forward_buffers(q, v, log_gate, form, scale, cfg.block_n,
+                                q.is_cuda and key_table(spec, cfg))
     if B * T * Hq == 0:
         return o, lse
     if tensor_cores:

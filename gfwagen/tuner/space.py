@@ -12,8 +12,9 @@ the CPU) plus whatever knobs tvm_backend declares in TUNABLE_EXTRAS ({name: choi
 tensor-core forward on a GPU (bf16/fp16) adds num_stages (its cp.async stages), sub_n (keys
 per softmax step), warp_m (16-row blocks per warp) and q_smem (Q staged in shared memory),
 through the pseudo-knob TENSOR_CORE that knobs_for adds for it; on sm_90 its warpgroup-MMA
-template adds wgmma, tma, pingpong and, for gated problems, fuse_gate (the gate's prefix sums
-made inside the pingpong kernel). TVM's backward takes one
+template adds wgmma, tma, pingpong, persistent and, for gated problems, fuse_gate (the gate's
+prefix sums made inside the pingpong kernel) and, bf16 only, bias_mma (the keys' biases as one
+more k step of the score product). TVM's backward takes one
 config for both kernels, so it is tuned as pass "bwd_kv" only.
 
 The resource model is an estimate, deliberately conservative (it only has to keep the
@@ -65,7 +66,7 @@ TVM_TC_PARAMS = {"num_stages": (1, 2, 3), "x_sub_n": (16, 32, 64), "x_warp_m": (
 # so that it reads and hashes (compile cache, tuning database) the same as one written
 # without them: the default config and the configs measured before these knobs existed.
 TVM_TC_DEFAULTS = {"warp_m": 1, "q_smem": False, "wgmma": False, "pingpong": False,
-                   "fuse_gate": False, "persistent": False}
+                   "fuse_gate": False, "persistent": False, "bias_mma": False}
 # On sm_90 the warpgroup-MMA template joins the tensor-core forward's space as x_wgmma (the
 # pseudo-knob WGMMA, which knobs_for adds there). Its tiles take block_m (64 rows per
 # warpgroup), block_n and num_stages (3 here: its pipelined schedule; the pingpong one also
@@ -77,9 +78,13 @@ MMA_SYNC_ONLY = ("sub_n", "warp_m", "q_smem")
 # (a producer warpgroup, two consumers taking turns at the tensor cores), with that
 # schedule its persistent form (one block per SM looping over query tiles) and, with that
 # schedule and square tiles, the gate's prefix sums made by its producer (gated problems:
-# the pseudo-knob FUSE_GATE, which knobs_for adds there)
-WGMMA_ONLY = ("tma", "pingpong", "fuse_gate", "persistent")
+# the pseudo-knob FUSE_GATE, which knobs_for adds there) or the keys' biases read by the
+# score product (gated bf16 problems: TVM_BIAS_MMA; the template's bias_mma, not Triton's
+# knob of that name: H200, the gated forward 4.4% faster at F1 and 1.8% at S4, 1.5% and
+# 3.5% slower at S1 and S5, RESULTS.md session 37)
+WGMMA_ONLY = ("tma", "pingpong", "fuse_gate", "persistent", "bias_mma")
 FUSE_GATE = "fuse_gate"
+TVM_BIAS_MMA = "tvm_bias_mma"
 DEFAULT_KNOBS = ("tma", "bias_mma")
 CONSTRAINT_NAMES = ("smem", "registers", "failed")
 
@@ -121,7 +126,11 @@ def knobs_for(spec: KernelSpec, knobs=None, gpu: bool = False) -> tuple[str, ...
             return ()
         if not tvm_backend.wgmma_available(spec):
             return (TENSOR_CORE,)
-        return (TENSOR_CORE, WGMMA, FUSE_GATE) if spec.gated else (TENSOR_CORE, WGMMA)
+        if not spec.gated:
+            return (TENSOR_CORE, WGMMA)
+        if DTYPES[spec.dtype] == KEY_BIAS_DTYPE:
+            return (TENSOR_CORE, WGMMA, FUSE_GATE, TVM_BIAS_MMA)
+        return (TENSOR_CORE, WGMMA, FUSE_GATE)
     if spec.backend != "triton":
         return ()
     knobs = check_knobs(DEFAULT_KNOBS if knobs is None else knobs)
@@ -148,6 +157,8 @@ def params(backend: str, pass_: str, knobs: tuple = ()) -> dict[str, tuple]:
                 p["x_persistent"] = (False, True)
             if FUSE_GATE in knobs:
                 p["x_fuse_gate"] = (False, True)
+            if TVM_BIAS_MMA in knobs:
+                p["x_bias_mma"] = (False, True)
         else:
             p.update({f"x_{k}": tuple(v) for k, v in sorted(tvm_extras().items())})
         return p
@@ -174,6 +185,8 @@ def config_from_params(spec: KernelSpec, values: dict, gpu: bool = False) -> Ker
             num_warps = max(1, bm // 16)
             if not (extra.get("pingpong") and bm == bn):
                 extra.pop("fuse_gate", None)  # means nothing there: the same config
+            if not (extra.get("pingpong") and bm == bn) or extra.get("fuse_gate"):
+                extra.pop("bias_mma", None)  # only the tile records take it
             if not extra.get("pingpong"):
                 extra.pop("persistent", None)  # likewise
         else:

@@ -198,6 +198,60 @@ def gate_tile_records_kernel(
 
 
 @triton.jit
+def _bf16_bits(x):
+    """float32 -> its nearest bfloat16 (ties to even) as the 16 bits in an int32, and that
+    value back as float32: integer math, which Triton's interpreter runs (it has no bf16)."""
+    u = x.to(tl.int32, bitcast=True)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return r & 0xFFFF, (r << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def gate_tile_tables_kernel(
+    g_ptr,
+    rec_ptr,
+    tab_ptr,
+    T,
+    H,
+    NKT,
+    stride_b,
+    stride_t,
+    stride_h,
+    neg_rscale,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BOUND: tl.constexpr,
+    REC: tl.constexpr,
+    TABLE: tl.constexpr,
+):
+    """gate_tile_records_kernel's records in the bias-table form (launch_gate_tile_tables):
+    each key's bias as three bfloat16 pieces (hi, mid, lo: their sum is the float32 bias to
+    about 2^-24), written as 16-bit integers through tab_ptr (rec_ptr's memory) at
+    (key // 8) * 24 + piece * 8 + key % 8, the rest of the table's TABLE halves zero; then
+    the total and three zeros (REC floats a record). A kernel of its own, not a switch of
+    gate_tile_records_kernel: that one feeds every gated pingpong forward as checked on the
+    GPU."""
+    x, pid_b, kt, offs_h, h_in = key_tile_gates(g_ptr, stride_b, stride_t, stride_h, T, H,
+                                                BLOCK_N, BLOCK_H, BOUND)
+    bias = tl.cumsum(x, axis=0) * neg_rscale
+    rec = ((pid_b * H + offs_h.to(tl.int64)) * NKT + kt) * REC  # in floats
+    j = tl.arange(0, BLOCK_N)
+    tab = tab_ptr + 2 * rec[None, :] + ((j // 8) * 24 + j % 8)[:, None]
+    rest = bias
+    for piece in tl.static_range(3):
+        bits, val = _bf16_bits(rest)
+        tl.store(tab + piece * 8, bits.to(tl.int16), mask=h_in[None, :])
+        rest = rest - val
+    for z in tl.static_range((BLOCK_N // 8) * 24, TABLE):
+        tl.store(tab_ptr + 2 * rec + z, tl.zeros([BLOCK_H], dtype=tl.int16), mask=h_in)
+    tot = tl.sum(x, axis=0) * LOG2E
+    zero = tl.zeros([BLOCK_H], dtype=tl.float32)
+    tl.store(rec_ptr + rec + TABLE // 2, tot, mask=h_in)
+    for e in tl.static_range(1, 4):
+        tl.store(rec_ptr + rec + TABLE // 2 + e, zero, mask=h_in)
+
+
+@triton.jit
 def gate_sums_scan_kernel(base_ptr, NC, N_BASE, BLOCK: tl.constexpr):
     """base[row, n] <- log2(e) * sum_{0 < m <= n} base[row, m] in place (the chunk totals that
     gate_sums_fwd_kernel stored shifted by one), base[row, 0] = 0, spares 0."""
@@ -440,6 +494,20 @@ def launch_gate_tile_records(log_gate, rec, block_n, scale, bound=0.0, num_warps
     launcher(gate_tile_records_kernel)[(nkt, B, cdiv(H, bh))](
         log_gate, rec, T, H, nkt, *log_gate.stride(), -1.0 / scale,
         BLOCK_N=block_n, BLOCK_H=bh, BOUND=float(bound), num_warps=num_warps)
+
+
+def launch_gate_tile_tables(log_gate, rec, tab, block_n, scale, table_bytes, bound=0.0,
+                            num_warps=4):
+    """launch_gate_tile_records' records in the bias-table form (gate_tile_tables_kernel):
+    rec [B, H, ceil(T / block_n) * (table_bytes / 4 + 4)] float32 contiguous, tab the same
+    memory viewed as int16."""
+    B, T, H = log_gate.shape
+    nkt = cdiv(T, block_n)
+    bh = min(heads_per_program(H), max(1, 2048 // block_n))
+    launcher(gate_tile_tables_kernel)[(nkt, B, cdiv(H, bh))](
+        log_gate, rec, tab, T, H, nkt, *log_gate.stride(), -1.0 / scale,
+        BLOCK_N=block_n, BLOCK_H=bh, BOUND=float(bound), REC=table_bytes // 4 + 4,
+        TABLE=table_bytes // 2, num_warps=num_warps)
 
 
 def launch_gate_sums_bwd(

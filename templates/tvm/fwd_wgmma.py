@@ -99,6 +99,15 @@ Config extras (session 17, H200 numbers in benchmarks/RESULTS.md):
   shuffles) while its bulk copies fly, and stores the tile's record itself. Kernel alone as
   fast as the float64 sums version at S1-S3 and 3-4% slower at S4 (W 4096, 33 tiles a
   block). Off unless a config sets it.
+- `bias_mma` (bf16, with the tile records; session 37): the score product starts with one
+  more wgmma k step, A from registers (ones in three k columns) and B the key tile's biases
+  as three bf16 pieces (key_table_bytes: 912 bytes a stage with the total, so it fits
+  beside three 128-key stages at head dim 128), instead of from accumulators each consumer
+  thread filled with 16 loads and 32 copies a tile. Offline SASS at head dim 128: the gated
+  loop 1003 -> 956 instructions (ungated 949). H200, the gated forward: F1 -4.4% (the gate
+  7.6% -> 2.9% of the ungated one), S4 -1.8%, S2-S3 within 0.3%, S1 +1.5%, S5 (head dim
+  64) +3.5%: its extra k step lengthens each consumer's wait for its scores, which pays
+  where key tiles are many. A tuner knob.
 """
 
 from __future__ import annotations
@@ -148,6 +157,9 @@ def supports(head_dim, value_dim, dtype, config) -> str | None:
                 "its output staged in its Q rows: value dim <= head dim)")
     if config.get("fuse_gate", False) and not _square_pingpong(config):
         return "fuse_gate (the pingpong schedule with block_n == block_m)"
+    if config.get("bias_mma", False) and (dtype != "bf16" or gate_input(config) != "tiles"):
+        return ("bias_mma (bf16, with the tile records: pingpong, block_n == block_m, without "
+                "fuse_gate)")
     threads = 2 * bm
     for dim in (head_dim, value_dim):
         if (bn * dim // 8) % threads or (bm * head_dim // 8) % threads:
@@ -175,10 +187,29 @@ def gate_input(config) -> str:
     return "raw" if config.get("fuse_gate", False) else "tiles"
 
 
-def record_floats(block_n) -> int:
+def record_floats(block_n, table=False) -> int:
     """Floats per key-tile record of the "tiles" gate input and per shared-memory bias slot
-    of the tile-relative schedules: the biases, the total, padding to 16 bytes."""
-    return int(block_n) + 4
+    of the tile-relative schedules: the biases (table: as key_table_bytes' bf16 pieces), the
+    total, padding to 16 bytes."""
+    return (key_table_bytes(block_n) // 4 if table else int(block_n)) + 4
+
+
+def key_table_bytes(block_n) -> int:
+    """Bytes of a key tile's bias table (config extra `bias_mma`): the score product's extra
+    k step reads it as B, MN-major without swizzle. Each 8-key group's core matrix is 8 k rows
+    of 16 bytes (8 bf16 keys); rows 0-2 hold the biases' bf16 pieces (hi, mid, lo), rows 3-7
+    are never weighed (A is 0 there). So group j starts 48 bytes after group j - 1, its rows
+    3-7 overlapping the next groups' pieces, and the k rows 8-15 (also weighed 0) lie 48
+    bytes on: the last group's reach, zero-padded."""
+    return (int(block_n) // 8) * 48 + 128
+
+
+def key_table(config) -> bool:
+    """Config extra `bias_mma` (bf16, the "tiles" gate input): the keys' biases enter the
+    score product as one more wgmma k step (A ones in three k columns, from registers; B the
+    key tile's bias pieces, key_table_bytes) instead of as its accumulator's start values,
+    which each consumer thread had to load and copy (bias_scores)."""
+    return bool(config.get("bias_mma", False)) and gate_input(config) == "tiles"
 
 
 def smem_bytes(head_dim, value_dim, config) -> int:
@@ -186,7 +217,7 @@ def smem_bytes(head_dim, value_dim, config) -> int:
     barriers = 8 * (ns + 1) if config.get("tma", False) else 0
     if config.get("pingpong", False):
         barriers += 8 * ns  # a stage's "free" barrier
-    slot = record_floats(bn) if gate_input(config) != "sums" else bn
+    slot = record_floats(bn, key_table(config)) if gate_input(config) != "sums" else bn
     q_buffers = 1
     if config.get("persistent", 0):
         q_buffers, barriers = 2, barriers + 24  # Q buffer 1's full barrier, both empty ones
@@ -235,9 +266,12 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     # the biases relative to each key tile's start, the running max moved from tile to tile
     RELATIVE = FUSED or TILES
     C_DT = "float32" if RELATIVE else "float64"
-    # a stage's bias slot, in floats; RELATIVE: the tile's gate total at [BN] (log2 units)
-    CS = record_floats(BN) if RELATIVE else BN
-    REC_BYTES = 4 * record_floats(BN)
+    # a stage's bias slot, in floats; RELATIVE: the tile's gate total at [TOTAL] (log2
+    # units). TILES and bias_mma: each record is the keys' bias table, then the total
+    TABLE = gated and TILES and key_table(config)
+    CS = record_floats(BN, TABLE) if RELATIVE else BN
+    REC_BYTES = 4 * record_floats(BN, TABLE)
+    TOTAL = key_table_bytes(BN) // 4 if TABLE else BN  # the total's float in a slot
     # pingpong: the arrivals a stage's mbarrier counts: the gate's 32 writers (FUSED: and
     # lane 0's copies), else lane 0's copies alone (produce)
     ARRIVALS = 33 if FUSED else 32 if gated and not TILES else 1
@@ -397,16 +431,25 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                 store_bias(smem, st, rr * NT + tx, cref, cg_r[rr], rscale)
 
     @T.macro
-    def descriptor(desc, smem, byte_off, lbo, sbo):
+    def descriptor(desc, smem, byte_off, lbo, sbo, swizzle=SW128):
         # start address, LBO and SBO in 16-byte units
         T.cuda.wgmma.encode_matrix_descriptor(
-            T.address_of(desc[0]), T.address_of(smem[byte_off // 4]), lbo, sbo, SW128
+            T.address_of(desc[0]), T.address_of(smem[byte_off // 4]), lbo, sbo, swizzle
         )
 
     @T.macro
-    def issue_scores(st, wg, smem, s_r, qd, kd, qo):
+    def issue_scores(st, wg, smem, s_r, qd, kd, qo, t4, bd):
         # S = Q K^T over D / 16 k steps, one commit group; the first overwrites S (scale-d
-        # false), or, gated, adds to the key bias that bias_scores put there
+        # false), or, gated, adds to the key bias that bias_scores put there, or (TABLE)
+        # that a first k step put there: A from registers, ones in k columns 0-2 (a thread
+        # holds k 2 t4, 2 t4 + 1 and those + 8, bf16 pairs low half first), B the stage's
+        # bias table (key_table_bytes; bd a scratch descriptor, read at issue)
+        if TABLE:
+            descriptor(bd, smem, C_OFF + st * (CS * 4), 3, 3, 0)
+            a_lo = T.if_then_else(t4 == 0, T.uint32(0x3F803F80),
+                                  T.if_then_else(t4 == 1, T.uint32(0x00003F80), T.uint32(0)))
+            T.ptx[mma_s](*[s_r[x] for x in range(BN // 2)], a_lo, a_lo, T.uint32(0),
+                         T.uint32(0), bd[0], False, 1, 1, 1)
         for ks in T.unroll(D // 16):
             # K-major: LBO unused (1), SBO the 1024 bytes between 8-row groups
             kin = ks % 4 * 32  # the k step's bytes into its atom
@@ -576,7 +619,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         # tile's to its own (scan_tile, or the tile's record): the running max moves by the
         # previous tile's gate total, and the row sums and O, relative to it, stay. So the
         # biases stay within a tile's gate sum, however long the window
-        dl: T.float32 = smem[C_OFF // 4 + st * CS + BN]
+        dl: T.float32 = smem[C_OFF // 4 + st * CS + TOTAL]
         for r in T.unroll(2):
             m_r[r] = m_r[r] + dl
 
@@ -598,7 +641,12 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     def pack_next(n, more, smem, s_r, p_r, acc, al_r, m_r, t4):
         # pingpong: rescale_pack after tile n's softmax, and gated, if `more` tiles follow,
         # the next one's biases in the middle (next_biases)
-        if gated:
+        if TABLE:  # the biases come with the score product: only the running max moves
+            pack_p(s_r, p_r)
+            if more:
+                shift_rows(stage(n), smem, m_r)
+            rescale_o(acc, al_r)
+        elif gated:
             pack_p(s_r, p_r)
             if more:
                 next_biases(n, smem, s_r, m_r, t4)
@@ -613,7 +661,20 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         # the running max now is: that tile holds the block's rows (square tiles), and minus
         # the row's own key bias is it
         for r in T.unroll(2):
-            cq_r[r] = smem[C_OFF // 4 + st * CS + T.Cast("int32", row0 - i0) + r * 8] * -sl2
+            j = T.Cast("int32", row0 - i0) + r * 8
+            if TABLE:  # the bias, hi + mid + lo, from its bf16 pieces
+                bias: T.float32 = T.float32(0)
+                for pc in T.unroll(3):
+                    word: T.float32 = smem[C_OFF // 4 + st * CS + (j // 8 * 48 + pc * 16) // 4
+                                           + j % 8 // 2]
+                    half = T.bitwise_and(T.shift_right(T.reinterpret("uint32", word),
+                                                       T.Cast("uint32", j % 2 * 16)),
+                                         T.uint32(0xFFFF))
+                    piece: T.uint32 = T.shift_left(half, T.uint32(16))
+                    bias = bias + T.reinterpret("float32", piece)
+                cq_r[r] = bias * -sl2
+            else:
+                cq_r[r] = smem[C_OFF // 4 + st * CS + j] * -sl2
 
     @T.macro
     def finish_rows(row0, i0, cw, lane, b, h, L, t4, acc, l_r, m_r, cq_r, p_r, smem, o, lse,
@@ -819,11 +880,11 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             T.ptx["bar.arrive"](T.uint32(1), T.uint32(256))
         T.cuda.mbarrier_wait(mbar(smem, qs * Q1_FULL), T.truncmod(w // 2, 2))
         wait_tile(g0, smem)
-        if gated:
+        if gated and not TABLE:
             bias_scores(stage(g0), smem, s_r, t4)
         T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
         T.ptx["wgmma.fence.sync.aligned"]()
-        issue_scores(stage(g0), cw, smem, s_r, qd, kd, qo)
+        issue_scores(stage(g0), cw, smem, s_r, qd, kd, qo, t4, vd)
         T.ptx["bar.arrive"](T.Cast("uint32", 2 - cw), T.uint32(256))
         T.ptx["wgmma.wait_group.sync.aligned"](0)
         softmax(kt_lo, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
@@ -831,11 +892,11 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         for it in T.serial(T.Cast("int32", n_tiles) - 1):
             kt = kt_lo + T.Cast("int64", it)
             g = g0 + it
-            if not gated:  # gated: next_biases waited for it
+            if not gated or TABLE:  # else next_biases waited for it
                 wait_tile(g + 1, smem)
             T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
             T.ptx["wgmma.fence.sync.aligned"]()
-            issue_scores(stage(g + 1), cw, smem, s_r, qd, kd, qo)
+            issue_scores(stage(g + 1), cw, smem, s_r, qd, kd, qo, t4, vd)
             issue_pv(stage(g), smem, p_r, acc, vd)
             T.ptx["bar.arrive"](T.Cast("uint32", 2 - cw), T.uint32(256))
             T.ptx["wgmma.wait_group.sync.aligned"](1)
@@ -1057,7 +1118,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                         if gated:
                             bias_scores(0, smem, s_r, t4)
                         T.ptx["wgmma.fence.sync.aligned"]()
-                        issue_scores(0, wg, smem, s_r, qd, kd, 0)
+                        issue_scores(0, wg, smem, s_r, qd, kd, 0, t4, vd)
                         T.ptx["wgmma.wait_group.sync.aligned"](0)
                         softmax(kt_lo, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
                         rescale_pack(s_r, p_r, acc, al_r)
@@ -1088,7 +1149,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                             if gated:
                                 bias_scores((it + 1) % 3, smem, s_r, t4)
                             T.ptx["wgmma.fence.sync.aligned"]()
-                            issue_scores((it + 1) % 3, wg, smem, s_r, qd, kd, 0)
+                            issue_scores((it + 1) % 3, wg, smem, s_r, qd, kd, 0, t4, vd)
                             issue_pv(st, smem, p_r, acc, vd)
                             T.ptx["wgmma.wait_group.sync.aligned"](1)
                             softmax(kt + 1, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
