@@ -186,6 +186,13 @@ def test_tile_tables_hold_the_biases_in_three_bf16_pieces(T, block_n, kind):
         assert (tab[..., (block_n // 8) * 24:] == 0).all()
         torch.testing.assert_close(rec[..., halves // 2:], plain[..., block_n:],
                                    rtol=1e-6, atol=1e-6)
+    # a NaN gate: NaN pieces from that key on in its tile (as the records' biases), whatever
+    # its payload
+    lg[1, 0, 2] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)
+    rec = tile_records_fused(lg, block_n, 1.0, bound=GATE_BOUND, table=True)
+    tab = rec.view(2, 3, n, halves // 2 + 4)[1, 2, 0, :halves // 2].contiguous()
+    bias = tab.view(torch.bfloat16).float()[(j // 8) * 24 + j % 8]
+    assert bias.isnan().all() and not rec.view(2, 3, n, -1)[1, :2].isnan().any()
 
 
 @pytest.mark.parametrize("T,block_n", [(1, 64), (128, 64), (300, 128), (77, 16)])

@@ -200,9 +200,10 @@ def gate_tile_records_kernel(
 @triton.jit
 def _bf16_bits(x):
     """float32 -> its nearest bfloat16 (ties to even) as the 16 bits in an int32, and that
-    value back as float32: integer math, which Triton's interpreter runs (it has no bf16)."""
+    value back as float32: integer math, which Triton's interpreter runs (it has no bf16).
+    NaN gives the quiet NaN: the rounding add would carry some payloads into the sign."""
     u = x.to(tl.int32, bitcast=True)
-    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    r = tl.where(x != x, 0x7FC0, (u + 0x7FFF + ((u >> 16) & 1)) >> 16)
     return r & 0xFFFF, (r << 16).to(tl.float32, bitcast=True)
 
 
