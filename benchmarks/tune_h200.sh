@@ -21,6 +21,9 @@
 #   tvm-persistent  TVM's forward at head dim 64 (S5 and the classes where its pingpong tile
 #             had a chance), the default, the pingpong tile and the persistent pingpong tile
 #             timed in each study (session 34, after `db import tuning_db/h200.jsonl`)
+#   tvm-bias-mma  TVM's gated bf16 forward at head dim 128 (S1-S4 and the classes), the
+#             pingpong tile with and without bias_mma timed in each study (session 37
+#             measured F1 -4.4%, S4 -1.8%, S1 +1.5%; not yet run; after `db import`)
 #   merge     S1's database plus the two, into h200.sqlite, exported best-only as h200.jsonl
 # Usage:  OUT=/some/dir bash benchmarks/tune_h200.sh PHASE [extra tune options]
 set -uo pipefail
@@ -95,6 +98,16 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     pt --preset classes --no-gated --only "$d64" > "$out/pers_ungated.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     ;;
+  tvm-bias-mma)
+    pp='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true}}'
+    ppb='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "bias_mma": true}}'
+    bm() { python3 cli.py tune --gpu h200 --backend tvm --passes fwd --gated --trials 3 \
+             --try "$pp" --try "$ppb" --format json --no-plots --db "$out/h200.sqlite" "$@"; }
+    bm --preset standard --only S1,S2,S3,S4 > "$out/bias_mma_ship.json"
+    bm --preset classes --only "$d128,C-d128-w256,C-d128-w512,C-d128-w1024" \
+      > "$out/bias_mma_classes.json"
+    python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
+    ;;
   ungated-classes)
     plain() { python3 cli.py tune --gpu h200 --preset classes --no-gated --trials 6 --format json \
                 --no-plots --db "$out/h200.sqlite" "$@"; }
@@ -112,7 +125,7 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     python3 cli.py db export "$out/h200.jsonl" --best-only --db "$out/h200.sqlite"
     ;;
   *)
-    echo "phase: s1-sweep | s1-tpe | ship | classes | tvm-classes | tvm-persistent | ungated-classes | merge" >&2
+    echo "phase: s1-sweep | s1-tpe | ship | classes | tvm-classes | tvm-persistent | tvm-bias-mma | ungated-classes | merge" >&2
     exit 2
     ;;
 esac
