@@ -180,11 +180,12 @@ def gate_input(spec: KernelSpec, config: KernelConfig | None, template=None) -> 
     return "raw" if getattr(template, "fuses_gate_sums", lambda _cfg: False)(config) else "sums"
 
 
-def key_table(spec: KernelSpec, config: KernelConfig, template=None) -> bool:
+def key_table(spec: KernelSpec, config: KernelConfig, template=None, form=None) -> bool:
     """Whether the "tiles" gate input of (spec, config) is in the bias-table form
     (gfwagen.gate.tile_tables; config extra bias_mma, templates/tvm/fwd_wgmma.py's
-    key_table). template: as gate_input's."""
-    if gate_input(spec, config, template) != "tiles":
+    key_table). template: as gate_input's; form: gate_input's answer where the caller has
+    it (tvm_forward, every call: about 4 us of host time)."""
+    if (gate_input(spec, config, template) if form is None else form) != "tiles":
         return False
     template = template or tensor_core_template(config)
     return bool(getattr(template, "key_table", lambda _cfg: False)(config))
@@ -460,7 +461,7 @@ def tvm_forward(q, k, v, log_gate=None, window=None, scale=None, config=None, ta
         q, scale = wgmma_scale(q, scale)
     form = gate_input(spec, cfg) if q.is_cuda else "sums"
     c, o, lse = forward_buffers(q, v, log_gate, form, scale, cfg.block_n,
-                                q.is_cuda and key_table(spec, cfg))
+                                q.is_cuda and key_table(spec, cfg, form=form))
     if B * T * Hq == 0:
         return o, lse
     if tensor_cores:

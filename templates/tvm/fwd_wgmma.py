@@ -268,7 +268,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     C_DT = "float32" if RELATIVE else "float64"
     # a stage's bias slot, in floats; RELATIVE: the tile's gate total at [TOTAL] (log2
     # units). TILES and bias_mma: each record is the keys' bias table, then the total
-    TABLE = gated and TILES and key_table(config)
+    TABLE = gated and key_table(config)  # key_table: only with the tile records
     CS = record_floats(BN, TABLE) if RELATIVE else BN
     REC_BYTES = 4 * record_floats(BN, TABLE)
     TOTAL = key_table_bytes(BN) // 4 if TABLE else BN  # the total's float in a slot
