@@ -654,12 +654,17 @@ def _with_tried(job, configs):
                    "'{\"block_m\": 128, \"block_n\": 64, \"num_warps\": 4, \"num_stages\": 2, "
                    "\"extra\": {\"sub_n\": 64}}'); repeatable; tried for every shape and pass "
                    "of the run where it fits. Needs --trials of at least 1 + their number.")
+@click.option("--duel", type=click.IntRange(min=0), default=0, show_default=True,
+              help="After the search, time its two fastest configs this many more times each, "
+                   "alternately; the database pools each config's timings by median, so "
+                   "configs within a few percent are not ordered by one timing each "
+                   "(one GPU only).")
 @db_option
 @format_option
 @runtime_errors
 def tune(gpu, preset, only, head_dim, window, dtype, seqlen, batch, heads, kv_heads, gated, passes,
          trials, sweep, knobs, compile_jobs, timeout, backend, devices, storage, plots_dir,
-         no_plots, fake_timer, seed, resume, refine, try_configs, db_path, fmt):
+         no_plots, fake_timer, seed, resume, refine, try_configs, duel, db_path, fmt):
     """Tune the kernels' configs with Optuna and record every trial in the tuning database.
 
     Every candidate runs in a worker process, is checked against the reference before it is
@@ -748,6 +753,9 @@ def tune(gpu, preset, only, head_dim, window, dtype, seqlen, batch, heads, kv_he
                  f"(the default, the database's best, one flip per knob, the --try configs: "
                  f"up to {seeds}), leaving the search none; raise --trials to search")
     multi = bool(devs and len(devs) > 1)
+    if duel and (multi or sweep):
+        raise click.UsageError("--duel re-times a search's two fastest configs on one GPU: "
+                               "drop --devices or --sweep")
     results = []
     # one driver here (single device): its worker processes serve every study; with
     # several devices each study's driver processes start their own
@@ -761,7 +769,7 @@ def tune(gpu, preset, only, head_dim, window, dtype, seqlen, batch, heads, kv_he
                 job = TuneJob(problem, backend, p, trials, mode=mode, timeout=timeout,
                               db_path=str(path), storage=storage, resume=resume, seed=seed,
                               label=f"{name} {p}" + (" sweep" if sweep else ""),
-                              compile_jobs=jobs, knobs=knob_list, refine=refine)
+                              compile_jobs=jobs, knobs=knob_list, refine=refine, duel=duel)
                 job = _with_tried(job, tried)
                 if sweep:
                     job = sweep_job(job)

@@ -317,6 +317,18 @@ def cuda_graph_ms(fn, rep=200, launches=1, warmup=25) -> float:
                                    return_mode="median") / launches
 
 
+def fresh_leaves_step(f, q, k, v, g, dout, gated):
+    """fwdbwd on copies of the inputs that no autograd graph has seen. A leaf's gradient
+    node remembers the stream it was made on; where the eager modes' node outlives them
+    (kept by a reference cycle not yet collected), the captured backward syncs with the
+    legacy stream and the capture fails ("operation would make the legacy stream depend on a
+    capturing blocking stream": S2 in session 38, S1 in session 29)."""
+    gc.collect()
+    q, k, v, g = (t.detach().requires_grad_(t.requires_grad) for t in (q, k, v, g))
+    inputs = (q, k, v, g) if gated else (q, k, v)
+    return lambda: torch.autograd.grad(f(q, k, v, g), inputs, dout)
+
+
 def time_modes(out, f, gated, modes, q, k, v, g, dout, warmup, rep):
     """Median ms per mode into out, filled as it goes so a later mode's OOM keeps the rest.
     A contender that cannot be captured in a CUDA graph gets the error's text for "graph"."""
@@ -337,7 +349,8 @@ def time_modes(out, f, gated, modes, q, k, v, g, dout, warmup, rep):
         torch.cuda.synchronize()
         if mode == "graph":
             try:
-                out[mode] = cuda_graph_ms(fwdbwd, rep=rep, warmup=warmup)
+                out[mode] = cuda_graph_ms(fresh_leaves_step(f, q, k, v, g, dout, gated),
+                                          rep=rep, warmup=warmup)
             except Exception as e:  # e.g. a host sync inside the capture
                 out[mode] = _error("capture", e)
                 free_memory()

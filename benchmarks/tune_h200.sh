@@ -23,7 +23,9 @@
 #             timed in each study (session 34, after `db import tuning_db/h200.jsonl`)
 #   tvm-bias-mma  TVM's gated bf16 forward at head dim 128 (S1-S4 and the classes), the
 #             pingpong tile with and without bias_mma timed in each study (session 37
-#             measured F1 -4.4%, S4 -1.8%, S1 +1.5%; not yet run; after `db import`)
+#             measured F1 -4.4%, S4 -1.8%, S1 +1.5%; run in session 38; after `db import`)
+#   tvm-bias-mma-duel  S4 and the long-window head-dim-128 classes again, with --duel 3 (after
+#             `db import`)
 #   merge     S1's database plus the two, into h200.sqlite, exported best-only as h200.jsonl
 # Usage:  OUT=/some/dir bash benchmarks/tune_h200.sh PHASE [extra tune options]
 set -uo pipefail
@@ -103,9 +105,25 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     ppb='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "bias_mma": true}}'
     bm() { python3 cli.py tune --gpu h200 --backend tvm --passes fwd --gated --trials 3 \
              --try "$pp" --try "$ppb" --format json --no-plots --db "$out/h200.sqlite" "$@"; }
+    # exported after each part: a call cut short by its time limit keeps what it tuned
     bm --preset standard --only S1,S2,S3,S4 > "$out/bias_mma_ship.json"
+    python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     bm --preset classes --only "$d128,C-d128-w256,C-d128-w512,C-d128-w1024" \
       > "$out/bias_mma_classes.json"
+    python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
+    ;;
+  tvm-bias-mma-duel)
+    # the long-window classes again, each config timed four times, alternately (--duel):
+    # the phase above timed each once, in sequence, and kept S4 without bias_mma at
+    # 1.687 against 1.767 ms, where interleaved calls measure it 1.75% faster with it
+    pp='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true}}'
+    ppb='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "bias_mma": true}}'
+    bd() { python3 cli.py tune --gpu h200 --backend tvm --passes fwd --gated --trials 3 --duel 3 \
+             --try "$pp" --try "$ppb" --format json --no-plots --db "$out/h200.sqlite" "$@"; }
+    bd --preset standard --only S4 > "$out/bias_mma_duel_s4.json"
+    python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
+    bd --preset classes --only C-d128-w8192,C-d128-w4096,C-d128-causal \
+      > "$out/bias_mma_duel_classes.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     ;;
   ungated-classes)
@@ -125,7 +143,7 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     python3 cli.py db export "$out/h200.jsonl" --best-only --db "$out/h200.sqlite"
     ;;
   *)
-    echo "phase: s1-sweep | s1-tpe | ship | classes | tvm-classes | tvm-persistent | tvm-bias-mma | ungated-classes | merge" >&2
+    echo "phase: s1-sweep | s1-tpe | ship | classes | tvm-classes | tvm-persistent | tvm-bias-mma | tvm-bias-mma-duel | ungated-classes | merge" >&2
     exit 2
     ;;
 esac

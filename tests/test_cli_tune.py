@@ -68,6 +68,20 @@ def test_tune_usage_errors():
     assert r.exit_code == 2
     r = CliRunner().invoke(main, ["tune", "--gpu", "cpu", "--fake-timer", "--passes", "bwd_q"])
     assert r.exit_code == 2 and "tvm" in r.stderr
+    r = CliRunner().invoke(main, ["tune", "--fake-timer", "--sweep", "--duel", "2"])
+    assert r.exit_code == 2 and "--duel" in r.stderr
+
+
+def test_tune_duel_reports_the_re_timings(env):
+    r = CliRunner().invoke(main, ["tune", "--preset", "quick", "--fake-timer", "--trials", "3",
+                                  "--passes", "fwd", "--seed", "0", "--duel", "1", "--no-plots",
+                                  "--format", "json"])
+    assert r.exit_code == 0, r.output + r.stderr
+    (s,) = json.loads(r.stdout)["studies"]
+    assert len(s["duel"]) == 2 and all(len(ts) == 2 for ts in s["duel"].values())
+    assert "duel:" in r.stderr
+    with TuningDB(env / "db" / "tuning.sqlite", readonly=True) as tdb:
+        assert tdb.counts()["trials"] >= 4  # the search's measurements and two re-timings
 
 
 def test_db_plot_without_db(env):

@@ -808,3 +808,39 @@ def test_auto_backend_keeps_triton_without_tvm_cuda(tmp_path, monkeypatch):
     pick = _auto_setup(tmp_path, monkeypatch, {("triton", "fwd"): 1.0, ("tvm", "fwd"): 0.5},
                        tvm_ready=False)
     assert pick("fwd") == "triton"
+
+
+# Ungated problems of classes the shipped H200 database tunes only gated, and the passes that
+# borrow the gated class's tiles: test_gpu.py runs these through the op against float64. A
+# re-tune that adds ungated entries for a class changes its reason and fails here, on the CPU,
+# instead of leaving the GPU test's premise silently stale (session 38 found two such).
+GATED_KIN_CASES = [
+    # (B, T, H, D, W, the passes looked up from the gated class)
+    (2, 1500, 8, 64, 256, ("fwd",)),
+    (1, 1200, 4, 256, 512, ("fwd", "bwd_kv", "bwd_q")),
+    (1, 2100, 2, 256, 2048, ("fwd", "bwd_kv", "bwd_q")),
+]
+
+
+@pytest.mark.parametrize("case", GATED_KIN_CASES, ids=lambda c: f"D{c[3]}-W{c[4]}")
+def test_shipped_h200_database_runs_these_ungated_classes_on_gated_tiles(case, monkeypatch,
+                                                                          tmp_path):
+    from pathlib import Path
+
+    from gfwagen import dispatch
+
+    shipped = Path(__file__).resolve().parents[1] / "tuning_db"  # the repo's, not conftest's
+    monkeypatch.setenv("GFWAGEN_TUNING_DB_DIR", str(shipped))
+    monkeypatch.setenv("GFWAGEN_DB", str(tmp_path / "none.sqlite"))
+    reset_snapshot()
+    rows = [json.loads(line) for line in (shipped / "h200.jsonl").read_text().splitlines()]
+    (fp,) = [r["fingerprint"] for r in rows if r.get("kind") == "device"]
+    B, T, H, D, W, passes = case
+    q = torch.empty(B, T, H, D, dtype=torch.bfloat16)
+    try:
+        for pass_ in passes:
+            spec = dispatch._spec("triton", pass_, q, q, W, False, 1)
+            _, why = get_snapshot().lookup(spec, T, fp)
+            assert "shipped" in why and why.endswith("; tuned gated, run ungated"), (pass_, why)
+    finally:
+        reset_snapshot()

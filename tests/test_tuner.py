@@ -14,7 +14,16 @@ from gfwagen.db import TuningDB
 from gfwagen.heuristics import default_config
 from gfwagen.spec import KernelConfig, Problem
 from gfwagen.tuner import space
-from gfwagen.tuner.study import TuneJob, is_measurement, run, run_on_devices, storage_for
+from gfwagen.tuner.study import (
+    StudyResult,
+    TuneJob,
+    duel_order,
+    is_measurement,
+    run,
+    run_on_devices,
+    storage_for,
+    with_duel,
+)
 from gfwagen.tuner.timing import FakeTimer, summarize
 from gfwagen.tuner.worker import INJECT_ENV
 
@@ -338,3 +347,37 @@ def test_maxnreg_knob_caps_the_forward_only():
         check_config(PROB.spec("triton", "bwd_q"), KernelConfig(64, 64, 4, 2,
                                                                 extra=(("maxnreg", 128),)))
     assert tb._maxnreg(capped, torch.zeros(1)) is None  # the interpreter takes no such option
+
+
+def test_duel_re_times_the_two_fastest_alternately_and_the_database_pools_them(tmp_path):
+    db = tmp_path / "d.sqlite"
+    job = TuneJob(PROB, "triton", "fwd", 4, mode="fake", timeout=30.0, db_path=str(db), seed=0,
+                  duel=2)
+    res = run(job)
+    rows = trials(db)
+    spec = PROB.spec("triton", "fwd")
+    timer = FakeTimer()
+    searched = {KernelConfig.from_dict(json.loads(r["config_json"])) for r in rows[:-4]}
+    a, b = sorted(searched, key=lambda c: timer.synthetic_ms(spec, c))[:2]
+    duel = [KernelConfig.from_dict(json.loads(r["config_json"])) for r in rows[-4:]]
+    assert duel == [b, a, a, b], duel  # each round swaps who goes first
+    assert all(r["status"] == "ok" for r in rows[-4:])
+    assert res.best_config == a and len(res.duel) == 2
+    assert all(len(ts) == 3 for ts in res.duel.values())  # the search's timing and two more
+    with TuningDB(db, readonly=True) as tdb:
+        best = tdb.best_entries()
+    assert [e["config"] for e in best] == [a.as_dict()]
+
+
+def test_duel_winner_is_the_lower_median_and_can_overturn_the_search(tmp_path):
+    a, b = KernelConfig(128, 128, 8, 3), KernelConfig(128, 128, 8, 3, extra=(("tma", True),))
+    assert duel_order([a, b], 3) == [b, a, a, b, b, a]
+    res = StudyResult("s", PROB, "triton", "fwd", 2, {"ok": 2}, a, 1.0, 2.0)
+    # the search timed a faster once; re-timed alternately, b is the faster
+    out = with_duel(res, {a: [1.0, 1.1, 1.1], b: [1.05, 1.0, 1.0]})
+    assert out.best_config == b and out.best_ms == 1.0 and out.default_ms == 2.0
+    db = tmp_path / "p.sqlite"
+    with TuningDB(db) as tdb:
+        for cfg, ms in ((a, 1.0), (b, 1.05), (b, 1.0), (a, 1.1), (a, 1.1), (b, 1.0)):
+            tdb.record_trial(PROB, "triton", "fwd", cfg, median_ms=ms)
+        assert [e["config"] for e in tdb.best_entries()] == [b.as_dict()]
