@@ -591,8 +591,9 @@ def duel_order(pair: list[KernelConfig], rounds: int) -> list[KernelConfig]:
 
 
 def with_duel(res: StudyResult, times: dict) -> StudyResult:
-    """res with its best replaced by the duel's: the config of the lower median over its
-    timings, the search's included (the TuningDB's own rule for repeated trials)."""
+    """res with its best replaced by the duel's: the config of the lower median over this
+    run's timings of it, the search's included. The TuningDB applies the same rule, over
+    every trial of the config in its group (earlier runs' too), so the two can differ."""
     med = {c: statistics.median(ts) for c, ts in times.items()}
     win = min(med, key=lambda c: (med[c], config_text(c)))
     return dataclasses.replace(res, best_config=win, best_ms=med[win],
