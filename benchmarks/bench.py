@@ -317,31 +317,33 @@ def cuda_graph_ms(fn, rep=200, launches=1, warmup=25) -> float:
                                    return_mode="median") / launches
 
 
+def grad_step(f, q, k, v, g, dout, gated):
+    """One forward+backward: autograd.grad on explicit inputs, so nothing accumulates between
+    calls, and a gated contender that does not differentiate the gate fails here instead of
+    looking fast."""
+    inputs = (q, k, v, g) if gated else (q, k, v)
+    return lambda: torch.autograd.grad(f(q, k, v, g), inputs, dout)
+
+
 def fresh_leaves_step(f, q, k, v, g, dout, gated):
-    """fwdbwd on copies of the inputs that no autograd graph has seen. A leaf's gradient
+    """grad_step on copies of the inputs that no autograd graph has seen. A leaf's gradient
     node remembers the stream it was made on; where the eager modes' node outlives them
     (kept by a reference cycle not yet collected), the captured backward syncs with the
     legacy stream and the capture fails ("operation would make the legacy stream depend on a
     capturing blocking stream": S2 in session 38, S1 in session 29)."""
     gc.collect()
     q, k, v, g = (t.detach().requires_grad_(t.requires_grad) for t in (q, k, v, g))
-    inputs = (q, k, v, g) if gated else (q, k, v)
-    return lambda: torch.autograd.grad(f(q, k, v, g), inputs, dout)
+    return grad_step(f, q, k, v, g, dout, gated)
 
 
 def time_modes(out, f, gated, modes, q, k, v, g, dout, warmup, rep):
     """Median ms per mode into out, filled as it goes so a later mode's OOM keeps the rest.
     A contender that cannot be captured in a CUDA graph gets the error's text for "graph"."""
-    inputs = (q, k, v, g) if gated else (q, k, v)
 
     def fwd():
         return f(q, k, v, g)
 
-    def fwdbwd():
-        # autograd.grad on explicit inputs: nothing accumulates between calls, and a gated
-        # contender that does not differentiate the gate fails here instead of looking fast.
-        torch.autograd.grad(f(q, k, v, g), inputs, dout)
-
+    fwdbwd = grad_step(f, q, k, v, g, dout, gated)
     for mode in modes:
         fn = fwd if mode == "fwd" else fwdbwd
         for _ in range(2):  # compile / autotune outside the timed region
