@@ -42,6 +42,12 @@ d128=C-d128-causal,C-d128-w2048,C-d128-w4096,C-d128-w8192
 d64=C-d64-causal,C-d64-w2048,C-d64-w4096,C-d64-w8192
 shift
 tune() { python3 cli.py tune --gpu h200 --preset ship --format json "$@"; }
+# TVM's square-tile pingpong forward, and it with bias_mma (the tvm-* phases' --try configs)
+pp='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true}}'
+ppb='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "bias_mma": true}}'
+# the gated TVM forward, the pingpong tile timed without and with bias_mma
+bm() { python3 cli.py tune --gpu h200 --backend tvm --passes fwd --gated --trials 3 \
+         --try "$pp" --try "$ppb" --format json --no-plots --db "$out/h200.sqlite" "$@"; }
 
 case "$phase" in
   s1-sweep)
@@ -82,7 +88,6 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     wait $a; wait $b
     ;;
   tvm-classes)
-    pp='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true}}'
     tvm() { python3 cli.py tune --gpu h200 --preset classes --backend tvm --passes fwd --trials 2 \
               --try "$pp" --format json --no-plots --db "$out/h200.sqlite" "$@"; }
     tvm --gated --only "$d128,C-d128-w256,$d64,C-d64-w1024" > "$out/tvm_gated.json"
@@ -90,7 +95,6 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     ;;
   tvm-persistent)
-    pp='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true}}'
     pers='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "persistent": true}}'
     pt() { python3 cli.py tune --gpu h200 --backend tvm --passes fwd --trials 3 --try "$pp" \
              --try "$pers" --format json --no-plots --db "$out/h200.sqlite" "$@"; }
@@ -101,10 +105,6 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     ;;
   tvm-bias-mma)
-    pp='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true}}'
-    ppb='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "bias_mma": true}}'
-    bm() { python3 cli.py tune --gpu h200 --backend tvm --passes fwd --gated --trials 3 \
-             --try "$pp" --try "$ppb" --format json --no-plots --db "$out/h200.sqlite" "$@"; }
     # exported after each part: a call cut short by its time limit keeps what it tuned
     bm --preset standard --only S1,S2,S3,S4 > "$out/bias_mma_ship.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
@@ -116,13 +116,9 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     # the long-window classes again, each config timed four times, alternately (--duel):
     # the phase above timed each once, in sequence, and kept S4 without bias_mma at
     # 1.687 against 1.767 ms, where interleaved calls measure it 1.75% faster with it
-    pp='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true}}'
-    ppb='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "bias_mma": true}}'
-    bd() { python3 cli.py tune --gpu h200 --backend tvm --passes fwd --gated --trials 3 --duel 3 \
-             --try "$pp" --try "$ppb" --format json --no-plots --db "$out/h200.sqlite" "$@"; }
-    bd --preset standard --only S4 > "$out/bias_mma_duel_s4.json"
+    bm --duel 3 --preset standard --only S4 > "$out/bias_mma_duel_s4.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
-    bd --preset classes --only C-d128-w8192,C-d128-w4096,C-d128-causal \
+    bm --duel 3 --preset classes --only C-d128-w8192,C-d128-w4096,C-d128-causal \
       > "$out/bias_mma_duel_classes.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     ;;
