@@ -391,6 +391,14 @@ def interleaved_ms(fns: list, calls: int, flush_mb: int = 256) -> list[list[floa
     return [[a.elapsed_time(b) for a, b in ev] for ev in events]
 
 
+def ratio_quartiles(a: list, b: list) -> tuple[float, float, float]:
+    """The per-call ratios a / b of two timings taken call by call together (paired_ms,
+    interleaved_ms): their first quartile, median and third quartile."""
+    r = [x / y for x, y in zip(a, b, strict=True)]
+    q1, _, q3 = statistics.quantiles(r, n=4)
+    return q1, statistics.median(r), q3
+
+
 def round_orders(contenders, rounds: int) -> list[list]:
     """The contenders' (or configs') order in each timing round: as given, then reversed, and
     so on. A kernel timed right after another runs slower on a GPU at its power cap (S4's

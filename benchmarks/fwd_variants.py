@@ -39,6 +39,7 @@ from bench import (  # noqa: E402
     flops,
     interleaved_ms,
     make_inputs,
+    ratio_quartiles,
 )
 
 import gfwagen  # noqa: E402
@@ -90,10 +91,9 @@ def report(variants, ms, s, base: int | None):
         tf = flops(s, "fwd") / med / 1e9
         line = f"  {vr['label']:28s} median {med:.4f} ms ({tf:6.1f} TFLOP/s)"
         if base is not None:
-            ratios = [a / b for a, b in zip(ms[i], ms[base], strict=True)]
-            qs = statistics.quantiles(ratios, n=4)
-            line += (f"  / {variants[base]['label']}: median {statistics.median(ratios):.4f} "
-                     f"(quartiles {qs[0]:.4f}, {qs[2]:.4f})")
+            q1, ratio, q3 = ratio_quartiles(ms[i], ms[base])
+            line += (f"  / {variants[base]['label']}: median {ratio:.4f} "
+                     f"(quartiles {q1:.4f}, {q3:.4f})")
         print(line, flush=True)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import SHAPES, make_inputs, paired_ms  # noqa: E402
+from bench import SHAPES, make_inputs, paired_ms, ratio_quartiles  # noqa: E402
 from knobs import bench  # noqa: E402
 
 from gfwagen import dispatch  # noqa: E402
@@ -101,10 +101,9 @@ def paired_line(new, old, pairs: int) -> str:
     """new against old in alternating pairs: the median ratio of their times and its
     quartiles."""
     a, b = paired_ms(new, old, pairs)
-    r = [x / y for x, y in zip(a, b, strict=True)]
-    q1, _, q3 = statistics.quantiles(r, n=4)
+    q1, med, q3 = ratio_quartiles(a, b)
     return (f"paired, {pairs} each: new {statistics.median(a):.4f} ms, old "
-            f"{statistics.median(b):.4f} ms, new / old median {statistics.median(r):.4f} "
+            f"{statistics.median(b):.4f} ms, new / old median {med:.4f} "
             f"({q1:.4f}, {q3:.4f})")
 
 

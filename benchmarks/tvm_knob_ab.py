@@ -26,7 +26,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import SHAPES, capture_graph, interleaved_ms, make_inputs  # noqa: E402
+from bench import (  # noqa: E402
+    SHAPES,
+    capture_graph,
+    interleaved_ms,
+    make_inputs,
+    ratio_quartiles,
+)
 
 import gfwagen  # noqa: E402
 from gfwagen import dispatch  # noqa: E402
@@ -47,9 +53,8 @@ def with_extra(cfg: KernelConfig, extra: dict) -> KernelConfig:
 
 
 def ratios(a, b) -> str:
-    r = [x / y for x, y in zip(a, b, strict=True)]
-    return f"{statistics.median(r):.4f} (IQR {statistics.quantiles(r, n=4)[0]:.4f}-" \
-           f"{statistics.quantiles(r, n=4)[2]:.4f})"
+    q1, med, q3 = ratio_quartiles(a, b)
+    return f"{med:.4f} (IQR {q1:.4f}-{q3:.4f})"
 
 
 def main(argv=None) -> int:

@@ -378,3 +378,13 @@ def test_graph_step_differentiates_fresh_copies_of_the_inputs():
         assert len(grads) == n
         torch.testing.assert_close(grads[0], k.detach())  # d(q k)/dq, from the copies' values
         assert all(t.grad is None for t in (q, k, v, g))
+
+
+def test_ratio_quartiles_of_calls_taken_together():
+    a, b = [1.0, 2.0, 3.0, 4.0, 6.0], [1.0, 1.0, 1.0, 1.0, 1.0]
+    assert bench.ratio_quartiles(a, b) == (1.5, 3.0, 5.0)  # quantiles' exclusive method
+    with pytest.raises(ValueError):
+        bench.ratio_quartiles(a, b[:4])  # calls are paired: the lists must match
+    import tvm_knob_ab
+
+    assert tvm_knob_ab.ratios(a, b) == "3.0000 (IQR 1.5000-5.0000)"
