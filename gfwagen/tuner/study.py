@@ -467,16 +467,23 @@ class _Driver:
         job = self.job
         for cfg in duel_order([c for c, _ in leaders], rounds):
             res = self.workers.timing.run(job.problem, job.backend, job.pass_, cfg)
-            ms = res.median_ms if res.status == "ok" else None
-            self.tdb.record_trial(job.problem, job.backend, job.pass_, cfg, median_ms=ms,
-                                  spread=res.spread if ms is not None else None,
-                                  status=res.status, reason=res.reason, device=self.fp)
-            self.recorded += 1
+            ms = self._record(cfg, res.status, res.reason, res)
             self.progress.note(f"duel: {config_text(cfg)}: {res.status}"
                                + (f" {ms:.4g} ms" if ms is not None else f" ({res.reason})"))
             if ms is not None:
                 times[cfg].append(ms)
         return times
+
+    def _record(self, cfg: KernelConfig, status: str, reason: str, res) -> float | None:
+        """One measurement (res: the timing worker's result; None for a pruned config) into
+        the TuningDB; its median ms where it ran ok."""
+        job = self.job
+        ms = res.median_ms if status == "ok" else None
+        self.tdb.record_trial(job.problem, job.backend, job.pass_, cfg, median_ms=ms,
+                              spread=res.spread if ms is not None else None, status=status,
+                              reason=reason, device=self.fp)
+        self.recorded += 1
+        return ms
 
     def _enqueue_refinements(self, k: int) -> None:
         """Queue up to k untried pipelines of the best tiles measured so far (search.py);
@@ -561,11 +568,7 @@ class _Driver:
         trial.set_user_attr("status", res_status)
         trial.set_user_attr("reason", reason)
         _set_constraints(trial, viol + [-1.0 if res_status == "ok" else 1.0])
-        ms = res.median_ms if res_status == "ok" else None
-        self.tdb.record_trial(job.problem, job.backend, job.pass_, cfg, median_ms=ms,
-                              spread=res.spread if ms is not None else None, status=res_status,
-                              reason=reason, device=self.fp)
-        self.recorded += 1
+        ms = self._record(cfg, res_status, reason, res)
         self.progress.update(self.study, res_status + (" (pruned)" if not ok else ""), cfg, ms,
                              measured=ok)
         return ms if ms is not None else PENALTY_MS
