@@ -26,6 +26,9 @@
 #             measured F1 -4.4%, S4 -1.8%, S1 +1.5%; run in session 38; after `db import`)
 #   tvm-bias-mma-duel  S4 and the long-window head-dim-128 classes again, with --duel 3 (after
 #             `db import`)
+#   tvm-three  TVM's forward at head dim 64 on the causal and long-window classes, the
+#             pingpong tiles against three consumers' 192 rows (and, gated, with bias_mma),
+#             --duel 2 (session 39; after `db import`)
 #   merge     S1's database plus the two, into h200.sqlite, exported best-only as h200.jsonl
 # Usage:  OUT=/some/dir bash benchmarks/tune_h200.sh PHASE [extra tune options]
 set -uo pipefail
@@ -120,6 +123,21 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     bm --duel 3 --preset classes --only C-d128-w8192,C-d128-w4096,C-d128-causal \
       > "$out/bias_mma_duel_classes.json"
+    python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
+    ;;
+  tvm-three)
+    # the persistent and plain pingpong tiles against three consumers' 192 rows, plain and
+    # persistent (and, gated, with bias_mma); session 39 ran it in three parts (RESULTS.md)
+    pers='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "persistent": true}}'
+    three='{"block_m": 192, "block_n": 128, "num_warps": 16, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true}}'
+    threep='{"block_m": 192, "block_n": 128, "num_warps": 16, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "persistent": true}}'
+    threeb='{"block_m": 192, "block_n": 128, "num_warps": 16, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "bias_mma": true}}'
+    t3() { python3 cli.py tune --gpu h200 --backend tvm --passes fwd --preset classes --only "$d64" \
+             --try "$pers" --try "$three" --try "$threep" --duel 2 --format json --no-plots \
+             --db "$out/h200.sqlite" "$@"; }
+    t3 --gated --trials 6 --try "$pp" --try "$threeb" > "$out/three_gated.json"
+    python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
+    t3 --no-gated --trials 4 > "$out/three_ungated.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     ;;
   ungated-classes)

@@ -48,8 +48,18 @@ def tvm_config(spec, T, device) -> KernelConfig:
     return cfg if cfg.get("wgmma") else PINGPONG
 
 
+TILE_FIELDS = ("block_m", "block_n", "num_warps", "num_stages")
+
+
 def with_extra(cfg: KernelConfig, extra: dict) -> KernelConfig:
-    return dataclasses.replace(cfg, extra=tuple(sorted({**dict(cfg.extra), **extra}.items())))
+    """cfg with `extra` switched on: its tile fields (block_m, ...) replace cfg's, the rest
+    join its extras. block_m 192 (three consumer warpgroups) counts its 16 warps."""
+    tiles = {k: int(v) for k, v in extra.items() if k in TILE_FIELDS}
+    if tiles.get("block_m") == 192:
+        tiles.setdefault("num_warps", 16)
+    rest = {k: v for k, v in extra.items() if k not in TILE_FIELDS}
+    return dataclasses.replace(cfg, **tiles,
+                               extra=tuple(sorted({**dict(cfg.extra), **rest}.items())))
 
 
 def ratios(a, b) -> str:
@@ -60,7 +70,8 @@ def ratios(a, b) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--extra", type=json.loads, required=True,
-                   help='the config extras to switch on, as JSON, e.g. {"dup_bias": true}')
+                   help='the config extras to switch on, as JSON, e.g. {"dup_bias": true}; '
+                        'tile fields replace the config\'s, e.g. {"block_m": 192}')
     p.add_argument("--shapes", default="S1,S2,S3,S4,S5")
     p.add_argument("--calls", type=int, default=60, help="calls of each variant")
     p.add_argument("--graph", action="store_true",

@@ -42,6 +42,9 @@ LAUNCHERS = {"fwd": "launch_forward", "bwd_kv": "launch_dkdv", "bwd_q": "launch_
 MANIFEST = "manifest.json"
 TVM_LIBRARY = "kernel.so"
 _REL_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import\s", re.MULTILINE)
+# the one tile height that is not a power of two: templates/tvm/fwd_wgmma.py's pingpong
+# schedule with three consumer warpgroups of 64 rows
+WGMMA_THREE_ROWS = 192
 
 
 def gate_chunk() -> int:
@@ -102,6 +105,12 @@ def check_config(spec: KernelSpec, config: KernelConfig) -> None:
         if config.get("bias_mma", False) and spec.pass_ != "fwd":
             raise ValueError(f"triton: bias_mma is a forward knob; the {spec.pass_} "
                              "kernels read the gate tables")
+    elif spec.backend == "tvm" and config.block_m & (config.block_m - 1):
+        if not (config.block_m == WGMMA_THREE_ROWS and spec.pass_ == "fwd"
+                and config.get("wgmma", False) and config.get("pingpong", False)):
+            raise ValueError(f"tvm: block_m={config.block_m} must be a power of two; only the "
+                             f"wgmma pingpong forward also takes {WGMMA_THREE_ROWS} (three "
+                             "consumer warpgroups)")
 
 
 def _toolchain() -> dict:

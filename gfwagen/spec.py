@@ -99,8 +99,13 @@ class KernelConfig:
     def __post_init__(self):
         for name in ("block_m", "block_n", "num_warps"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1 or v & (v - 1):
-                raise ValueError(f"config.{name} must be a positive power of two, got {v!r}")
+            # block_m may also be a multiple of 64: the TVM wgmma forward's 192 rows (three
+            # consumer warpgroups); the backends check their own tiles beyond this
+            tile = name == "block_m" and isinstance(v, int) and v > 0 and v % 64 == 0
+            if not tile and (not isinstance(v, int) or v < 1 or v & (v - 1)):
+                raise ValueError(f"config.{name} must be a positive power of two"
+                                 f"{' or multiple of 64' if name == 'block_m' else ''}, "
+                                 f"got {v!r}")
         if not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
             raise ValueError(f"config.num_stages must be an int in [1, 8], got {self.num_stages!r}")
         object.__setattr__(self, "extra", tuple(sorted(dict(self.extra).items())))

@@ -112,6 +112,10 @@ WGMMA_TILES += [(128, 128, 3, "tma", "pingpong", "persistent"),
 # the biases as the score product's first k step (bias_mma), pingpong and persistent
 WGMMA_TILES += [(128, 128, 3, "tma", "pingpong", "bias_mma"),
                 (128, 128, 3, "tma", "pingpong", "persistent", "bias_mma")]
+# three consumer warpgroups (head dims <= 64): 192 rows over 128-key tiles, whose rows span
+# two key tiles
+WGMMA_TILES += [(192, 128, 3, "tma", "pingpong"), (192, 128, 3, "tma", "pingpong", "persistent"),
+                (192, 128, 3, "tma", "pingpong", "persistent", "bias_mma")]
 PERSISTENT_BLOCKS = 3
 WGMMA_SHAPES = [(2, 777, 8, 2, 128, 128, 200, True, torch.bfloat16), *WARP_M_SHAPES[:3],
                 (2, 200, 2, 2, 128, 64, 50, False, torch.float16),
@@ -132,7 +136,7 @@ def test_gpu_tvm_wgmma_matches_float64(shape, cfg):
         extra += (("persistent", PERSISTENT_BLOCKS),)
     if "bias_mma" in cfg:
         extra += (("bias_mma", True),)
-    config = KernelConfig(cfg[0], cfg[1], cfg[0] // 16, cfg[2], extra=extra)
+    config = KernelConfig(cfg[0], cfg[1], _warps(cfg[0]), cfg[2], extra=extra)
     D, Dv, dtype = shape[4], shape[5], tvm_backend.CPU_DTYPES[shape[8]]
     why = tvm_backend.tensor_core_template(config).supports(D, Dv, dtype, config)
     if why is not None:
@@ -183,20 +187,31 @@ def test_gpu_tvm_wgmma_zero_and_negative_scale(scale, tma, gated):
 @pytest.mark.skipif(not torch.cuda.is_available() or
                     torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only")
 @pytest.mark.parametrize("case", ["long-window", "forget", "bf16-view", "tail"])
-@pytest.mark.parametrize("knob", [None, "fuse_gate", "persistent", "bias_mma"],
-                         ids=["tiles", "fuse_gate", "persistent", "bias-mma"])
+@pytest.mark.parametrize("knob", [None, "fuse_gate", "persistent", "bias_mma", "three",
+                                  "three-bias-mma"],
+                         ids=["tiles", "fuse_gate", "persistent", "bias-mma", "three",
+                              "three-bias-mma"])
 def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
     """The 128x128 pingpong forward, whose biases start again at each key tile (it copies
     each tile's record; fuse_gate: it sums the raw gates itself) and which moves its
     running max by each key tile's gate total: across up to eight key tiles, with gates past
     the clamp (-inf: forget; the reference gets them clamped), from a bf16 strided view of
-    the gate, and with T off the tile (the last tile's keys past T), against float64."""
+    the gate, and with T off the tile (the last tile's keys past T), against float64.
+    "three": three consumers' 192 rows, persistent, which read their rows' c_i from the
+    records of the last two key tiles."""
     from gfwagen.gate import sanitize_log_gate
+    from gfwagen.spec import KernelConfig
 
     cfg = _wgmma_128(True, knob)
+    if knob and knob.startswith("three"):
+        extra = dict(_wgmma_128(True, "persistent").extra)
+        if knob == "three-bias-mma":
+            extra["bias_mma"] = True
+        cfg = KernelConfig(192, 128, 16, 3, extra=tuple(extra.items()))
     T, W = {"long-window": (1000, 900), "forget": (1000, 900), "bf16-view": (700, 600),
             "tail": (333, 250)}[case]
-    D = 64 if knob == "persistent" else 128  # its second Q buffer fits 3 stages at 64
+    # the second Q buffer fits 3 stages at 64; three consumers hold S, P and O there only
+    D = 64 if knob in ("persistent", "three", "three-bias-mma") else 128
     q, k, v, g = make_inputs(2, T, 4, 2, D, D, torch.bfloat16, True, device="cuda")
     spec = tvm_backend._spec("fwd", q, k, v, g, W)
     assert tvm_backend.gate_input(spec, cfg) == ("raw" if knob == "fuse_gate" else "tiles")
@@ -208,6 +223,12 @@ def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
         assert not g.is_contiguous()
     _check_against_float64(q, k, v, g, W, None, cfg, f"tvm-wgmma {knob} {case}",
                            sanitize_log_gate(g.double()))
+
+
+def _warps(block_m):
+    # the warpgroup-MMA configs' num_warps: a warp per 16 rows; three consumers and their
+    # producer count 16 (KernelConfig takes powers of two)
+    return 16 if block_m == 192 else block_m // 16
 
 
 def _wgmma_128(pingpong, gate_knob=None):

@@ -544,6 +544,83 @@ def test_wgmma_pingpong_codegen(gated, bn):
     assert cuda_smem_bytes(spec, cfg) == tiles + 8 * 4 + 8 * 3
 
 
+@pytest.mark.parametrize("gated,extra", [(True, ("bias_mma",)), (False, ())])
+def test_wgmma_three_consumers_codegen(gated, extra):
+    """block_m 192 (head dims <= 64): three consumer warpgroups and the producer, 512
+    threads at 32 and 160 registers; the turns go round consumers 0, 1, 2 on named barriers
+    1-3, the output stores' own barriers are 4-6, and each stage is freed by all 384
+    consumer threads. Gated, it reads the key tiles' records (bias_mma too), and each row's
+    c_i comes from the records of the block's last two key tiles in global memory."""
+    from gfwagen.backends.tvm_backend import (
+        gate_input,
+        tensor_core_forward,
+        tensor_core_template,
+    )
+
+    spec = KernelSpec("tvm", "fwd", 64, 64, 2048, "bf16", gated, 1)
+    cfg = KernelConfig(192, 128, 16, 3, extra=tuple(sorted(
+        (k, True) for k in ("wgmma", "tma", "pingpong", *extra))))
+    assert tensor_core_forward(spec, cfg)
+    assert gate_input(spec, cfg) == ("tiles" if gated else None)
+    src = cuda_source(build_cuda(spec, cfg, arch="sm_90")).replace("\"", "")
+    assert "__launch_bounds__(512)" in src
+    assert "setmaxnreg.dec.sync.aligned.u32 32" in src
+    assert "setmaxnreg.inc.sync.aligned.u32 160" in src
+    calls = [ln.strip() for ln in src.splitlines() if "__device__" not in ln]
+    syncs = [ln for ln in calls if ln.startswith("tvm_builtin_ptx_bar_sync_count")]
+    arrives = [ln for ln in calls if ln.startswith("tvm_builtin_ptx_bar_arrive")]
+    # the next consumer's turn, round the three; the last turn to the next consumer
+    assert sum("% 3) + 1)" in ln for ln in arrives) == 2
+    assert sum("+ 2)), (uint)256" in ln for ln in arrives) == 1
+    assert "(uint)128" in syncs[-1] and "+ 4)" in syncs[-1]
+    inits = [ln for ln in calls if ln.startswith("tvm_builtin_ptx_mbarrier_init")]
+    assert sum(ln.endswith("(uint)384);") for ln in inits) == 3  # the stages' free barriers
+    # the rows' c_i read before the loop (row_sums_ahead), pinned there
+    assert len([ln for ln in calls if ln.startswith("gfwa_pin(")]) == 2 * gated
+    for d, why in ((128, "head dims <= 64"), (64, None)):
+        got = tensor_core_template(cfg).supports(d, d, "bf16", cfg)
+        assert (got is None) if why is None else why in got
+    no_pp = KernelConfig(192, 128, 16, 3, extra=(("tma", True), ("wgmma", True)))
+    assert "block_m 192" in tensor_core_template(no_pp).supports(64, 64, "bf16", no_pp)
+
+
+def test_three_consumers_join_the_tuners_space_at_head_dim_64(monkeypatch):
+    """block_m 192 is a tile height only the wgmma pingpong forward takes: in the space where
+    wgmma is, counting 16 warps, with bias_mma kept (its 128-key tiles read the records);
+    refused by check_config for the other kernels and by the template above head dim 64."""
+    from gfwagen.backends import tvm_backend
+    from gfwagen.generator import check_config
+    from gfwagen.tuner import space
+
+    monkeypatch.setattr(tvm_backend, "device_arch", lambda: "sm_90")
+    spec = KernelSpec("tvm", "fwd", 64, 64, 4096, "bf16", True, 1)
+    p = space.params("tvm", "fwd", space.knobs_for(spec, gpu=True))
+    assert 192 in p["block_m"] and 192 not in p["block_n"]
+    vals = {"block_m": 192, "block_n": 128, "num_stages": 3, "x_wgmma": True, "x_tma": True,
+            "x_pingpong": True, "x_persistent": True, "x_bias_mma": True}
+    cfg = space.config_from_params(spec, vals, gpu=True)
+    assert (cfg.block_m, cfg.num_warps) == (192, 16) and cfg.get("bias_mma") is True
+    assert space.feasible(spec, cfg) == (True, "")
+    assert space.resources(spec, cfg)["threads"] == 512
+    assert space.config_from_params(spec, space.config_params(spec, cfg, gpu=True),
+                                    gpu=True) == cfg
+    # other key tiles than 128 do not read the records: bias_mma means nothing there
+    assert space.config_from_params(spec, {**vals, "block_n": 64}, gpu=True).get(
+        "bias_mma") is None
+    ok, why = space.feasible(spec, space.config_from_params(
+        spec, {**vals, "x_pingpong": False}, gpu=True))
+    assert not ok and "192" in why
+    ok, why = space.feasible(spec.replace(head_dim=128, value_dim=128), cfg)
+    assert not ok and "head dims <= 64" in why
+    assert any(c.block_m == 192 for c in space.enumerate_configs(spec, gpu=True))
+    for other in (spec.replace(pass_="bwd_kv"), spec.replace(backend="triton")):
+        with pytest.raises(ValueError, match="192"):
+            check_config(other, cfg)
+    for bad in (96, 24):
+        with pytest.raises(ValueError, match="power of two"):
+            KernelConfig(bad, 128)
+
+
 @pytest.mark.parametrize("gated", [True, False])
 def test_wgmma_persistent_codegen(gated):
     """extra persistent: true (the database's form) runs one block per SM, resolved to the

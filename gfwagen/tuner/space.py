@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 
 from gfwagen.backends.triton_backend import KEY_BIAS_DTYPE, STORED_MIN_BLOCK_M, square_tiles
-from gfwagen.generator import check_config, gate_chunk
+from gfwagen.generator import WGMMA_THREE_ROWS, check_config, gate_chunk
 from gfwagen.heuristics import default_config, padded_head_dim
 from gfwagen.spec import DTYPES, KernelConfig, KernelSpec
 
@@ -151,6 +151,10 @@ def params(backend: str, pass_: str, knobs: tuple = ()) -> dict[str, tuple]:
         if TENSOR_CORE in knobs:
             p.update(TVM_TC_PARAMS)
             if WGMMA in knobs:
+                # and the pingpong schedule's three consumers (head dims <= 64; check_config
+                # refuses it elsewhere): F2 5% faster gated, S5 16% slower (RESULTS.md,
+                # session 39)
+                p["block_m"] = TVM_TILES + (WGMMA_THREE_ROWS,)
                 p["x_wgmma"] = (False, True)
                 p["x_tma"] = (False, True)
                 p["x_pingpong"] = (False, True)
@@ -182,11 +186,15 @@ def config_from_params(spec: KernelSpec, values: dict, gpu: bool = False) -> Ker
     if spec.backend == "tvm":
         if extra.get("wgmma") is True:  # a warpgroup (4 warps) per 64 rows
             extra = {k: v for k, v in extra.items() if k not in MMA_SYNC_ONLY}
-            num_warps = max(1, bm // 16)
+            # three consumers count their producer's too: KernelConfig takes powers of two
+            num_warps = 16 if bm == WGMMA_THREE_ROWS else max(1, bm // 16)
             if not (extra.get("pingpong") and bm == bn):
                 extra.pop("fuse_gate", None)  # means nothing there: the same config
-            if not (extra.get("pingpong") and bm == bn) or extra.get("fuse_gate"):
-                extra.pop("bias_mma", None)  # only the tile records take it
+            # only the tile records take it: square tiles, or three consumers over 128-key
+            # tiles (templates/tvm/fwd_wgmma.py's _tile_pingpong)
+            records = bm == bn or (bm, bn) == (WGMMA_THREE_ROWS, 128)
+            if not (extra.get("pingpong") and records) or extra.get("fuse_gate"):
+                extra.pop("bias_mma", None)
             if not extra.get("pingpong"):
                 extra.pop("persistent", None)  # likewise
         else:

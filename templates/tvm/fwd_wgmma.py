@@ -4,9 +4,9 @@ Imports nothing from gfwagen (loaded through gfwagen.template_loader). Needs sm_
 
 `make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config)` closes over the
 specialization (fp16/bf16, head dims multiples of 64) and the config (block_m = 64 rows per
-warpgroup x warpgroups, block_n keys per tile, num_stages 3: the shared-memory stages of K
-and V that the pipelined schedule below needs) and returns a PrimFunc with the signature of
-fwd_cuda.make_forward_tc:
+warpgroup x warpgroups: 64, 128, or 192 with the pingpong schedule; block_n keys per tile;
+num_stages 3: the shared-memory stages of K and V that the pipelined schedule below needs)
+and returns a PrimFunc with the signature of fwd_cuda.make_forward_tc:
 
     gfwa_fwd(q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,Dv], c [*,*,*] float64 ([B,Hq,T] prefix
              sums; a dummy when ungated), o [B,T,Hq,Dv], lse [B,Hq,T] float32, scale)
@@ -92,6 +92,19 @@ Config extras (session 17, H200 numbers in benchmarks/RESULTS.md):
   softmax there overlap consumer 1's normalizing and storing. S5 4.8% faster (CUDA graphs),
   W 1024 2%, the longer windows within 1.3%.
 - The pingpong schedule may run 4 stages (num_stages 4); at S5 no faster than 3.
+- block_m 192 (pingpong, head dims <= 64; session 39): three consumer warpgroups take turns
+  round a ring of named barriers, FlashAttention-3's split for head dim 64, at 160 registers
+  (consumer_regs; S, P and O fit there at head dim 64 and 128-key tiles, offline ptxas: no
+  spills ungated or with bias_mma, 140 bytes gated without). At head dim 64 a consumer's
+  softmax outlasts the other's products (S5's forward runs at a third of the dense matrix
+  rate, S4's at three quarters), so a third consumer's products fill the gap. With 128-key
+  tiles it reads the tile records too: a block's rows span its last two key tiles, whose
+  stages a next query tile may have taken by the epilogue, so row_sums_ahead reads each
+  row's c_i from the records in global memory before the loop. H200 (tuner timings, duels):
+  gated with bias_mma, causal T 8192 1.368 -> 1.276 ms, W 8192 2.04 -> 1.86, W 4096 1.07 ->
+  1.00; ungated, causal 1.32 -> 1.21, W 8192 1.97 -> 1.77. Slower at short windows, whose
+  192 rows waste more of the key tiles at the window's edges: S5 gated +16%, ungated +10%; W
+  2048 +25%. A tuner choice of block_m.
 - Since session 36 the softmax takes each tile's max on the raw products (stats), which needs
   a positive scale: tvm_backend.wgmma_scale runs a negative one on -Q.
 - `fuse_gate` (with pingpong, block_n == block_m; session 23): the kernel takes the raw log
@@ -139,15 +152,20 @@ def supports(head_dim, value_dim, dtype, config) -> str | None:
     if head_dim % ATOM or value_dim % ATOM or value_dim > 256:
         return f"head dims {head_dim}/{value_dim} (multiples of 64, value dim <= 256)"
     bm, bn, ns = int(config.block_m), int(config.block_n), int(config.num_stages)
-    if bm not in (64, 128):
-        return f"block_m {bm} (64 rows per warpgroup, 1 or 2 warpgroups)"
+    if bm not in (64, 128, 192):
+        return f"block_m {bm} (64 rows per warpgroup, 1 to 3 warpgroups)"
     if bn % 16 or not 16 <= bn <= 256:
         return f"block_n {bn} (a multiple of 16, <= 256)"
     if ns != 3 and not (config.get("pingpong", False) and ns == 4):
         return (f"num_stages {ns} (3: K and V a tile ahead of the pipelined schedule; the "
                 "pingpong one's producer may run 4)")
-    if config.get("pingpong", False) and (bm != 128 or not config.get("tma", False)):
-        return "pingpong (two consumer warpgroups fed by bulk copies: block_m 128 and tma)"
+    if config.get("pingpong", False) and (bm == 64 or not config.get("tma", False)):
+        return ("pingpong (two or three consumer warpgroups fed by bulk copies: block_m 128 "
+                "or 192 and tma)")
+    if bm == 192 and not (config.get("pingpong", False) and max(head_dim, value_dim) <= 64):
+        # three consumers take 160 registers a thread (consumer_regs), which holds S, P
+        # and O only at head dims <= 64
+        return "block_m 192 (three pingpong consumer warpgroups: head dims <= 64)"
     persistent = config.get("persistent", False)
     if persistent is not False and (not config.get("pingpong", False) or value_dim > head_dim
                                     or int(persistent) < 1 or config.get("fuse_gate", False)):
@@ -161,7 +179,8 @@ def supports(head_dim, value_dim, dtype, config) -> str | None:
         return ("bias_mma (bf16, with the tile records: pingpong, block_n == block_m, without "
                 "fuse_gate)")
     threads = 2 * bm
-    for dim in (head_dim, value_dim):
+    # (three consumers: every copy is a bulk one, so no thread count divides them)
+    for dim in (head_dim, value_dim) if bm != 192 else ():
         if (bn * dim // 8) % threads or (bm * head_dim // 8) % threads:
             return f"block_n {bn} x dim {dim} / 8 copies not a multiple of {threads} threads"
     return None
@@ -173,18 +192,27 @@ def _square_pingpong(config) -> bool:
     return bool(config.get("pingpong", False)) and int(config.block_m) == int(config.block_n)
 
 
+def _tile_pingpong(config) -> bool:
+    # the schedules that read the key tiles' records: the square ones, and three consumers'
+    # 192 rows over 128-key tiles (row_sums_ahead)
+    return _square_pingpong(config) or (bool(config.get("pingpong", False))
+                                        and int(config.block_m) == 192
+                                        and int(config.block_n) == 128)
+
+
 def gate_input(config) -> str:
     """What the gated kernel of this config reads for the gate (its `c` argument):
-    - "tiles", the pingpong schedule with square tiles: float32 records [B, Hq,
+    - "tiles", the pingpong schedule with square tiles or three consumers (192 rows) over
+      128-key tiles: float32 records [B, Hq,
       ceil(T / block_n) * (block_n + 4)], one per key tile: each key's bias -(sum of the
       tile's gates up to it) / scale, then the tile's gate total times log2(e), then 3 zeros
       (16 bytes a record, one bulk copy). gfwagen.gate_sums.tile_records_fused makes them;
     - "raw", the same with config extra `fuse_gate`: the raw log gates [B, T, Hq], float32
       contiguous, which its producer warp sums a key tile at a time;
     - "sums" elsewhere: the float64 prefix sums [B, Hq, T] of a launch of their own."""
-    if not _square_pingpong(config):
-        return "sums"
-    return "raw" if config.get("fuse_gate", False) else "tiles"
+    if config.get("fuse_gate", False) and _square_pingpong(config):
+        return "raw"
+    return "tiles" if _tile_pingpong(config) else "sums"
 
 
 def record_floats(block_n, table=False) -> int:
@@ -226,13 +254,22 @@ def smem_bytes(head_dim, value_dim, config) -> int:
 
 
 def registers(head_dim, value_dim, config) -> int:
-    """Estimated registers per thread: S (block_n / 2 fp32) and P (block_n / 4 packed pairs),
+    """Estimated registers per thread (two consumers' setmaxnreg share, 232; three consumers
+    get 160, which their head dims <= 64 fit: consumer_regs): S (block_n / 2 fp32) and P
+    (block_n / 4 packed pairs),
     O (value_dim / 2 fp32) and 79 for addresses, descriptors and row statistics. Offline
     ptxas (sm_90a, 25 tiles, D and Dv in {64, 128, 256}): 150-255 registers; the tiles this
     counts under 255 compile without spills, the three at 255 (Dv = 256, 64 keys) spill
     16-44 bytes, and the ones over it 3.2 KB (256 keys)."""
     bn = int(config.block_n)
     return 3 * bn // 4 + value_dim // 2 + 79
+
+
+def consumer_regs(consumers) -> tuple[int, int]:
+    """setmaxnreg's (producer, consumer) registers a thread for the pingpong schedule with
+    `consumers` warpgroups: the 64K a block has, most of it to the consumers, whose S, P and
+    O live in registers (FlashAttention-3 splits them 24/240 and 32/160)."""
+    return (40, 232) if consumers == 2 else (32, 160)
 
 
 def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
@@ -597,6 +634,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
 
     @T.macro
     def init_rows(row0, i0, b, h, L, c, m_r, l_r, cq_r, acc, s_r):
+        # (TILES with three consumers: row_sums_ahead then sets cq_r)
         for r in T.unroll(2):
             m_r[r] = T.float32(MASK)
             l_r[r] = T.float32(0)
@@ -656,25 +694,48 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             rescale_pack(s_r, p_r, acc, al_r)
 
     @T.macro
+    def row_bias(buf, base, j, cq_r, r, sl2):
+        # cq_r[r] = minus key j's bias in the key-tile record at buf[base] (shared or global),
+        # in log2 units: that row's c_i relative to the tile's start
+        if TABLE:  # the bias, hi + mid + lo, from its bf16 pieces
+            bias: T.float32 = T.float32(0)
+            for pc in T.unroll(3):
+                word: T.float32 = buf[base + (j // 8 * 48 + pc * 16) // 4 + j % 8 // 2]
+                half = T.bitwise_and(T.shift_right(T.reinterpret("uint32", word),
+                                                   T.Cast("uint32", j % 2 * 16)),
+                                     T.uint32(0xFFFF))
+                piece: T.uint32 = T.shift_left(half, T.uint32(16))
+                bias = bias + T.reinterpret("float32", piece)
+            cq_r[r] = bias * -sl2
+        else:
+            cq_r[r] = buf[base + j] * -sl2
+
+    @T.macro
     def row_sums_relative(st, smem, row0, i0, cq_r, sl2):
-        # RELATIVE: a row's c_i for its log-sum-exp, relative to the last key tile's start as
-        # the running max now is: that tile holds the block's rows (square tiles), and minus
+        # RELATIVE, square tiles: a row's c_i for its log-sum-exp, relative to the last key
+        # tile's start as the running max now is: that tile holds the block's rows, and minus
         # the row's own key bias is it
         for r in T.unroll(2):
-            j = T.Cast("int32", row0 - i0) + r * 8
-            if TABLE:  # the bias, hi + mid + lo, from its bf16 pieces
-                bias: T.float32 = T.float32(0)
-                for pc in T.unroll(3):
-                    word: T.float32 = smem[C_OFF // 4 + st * CS + (j // 8 * 48 + pc * 16) // 4
-                                           + j % 8 // 2]
-                    half = T.bitwise_and(T.shift_right(T.reinterpret("uint32", word),
-                                                       T.Cast("uint32", j % 2 * 16)),
-                                         T.uint32(0xFFFF))
-                    piece: T.uint32 = T.shift_left(half, T.uint32(16))
-                    bias = bias + T.reinterpret("float32", piece)
-                cq_r[r] = bias * -sl2
-            else:
-                cq_r[r] = smem[C_OFF // 4 + st * CS + j] * -sl2
+            row_bias(smem, C_OFF // 4 + st * CS, T.Cast("int32", row0 - i0) + r * 8, cq_r, r,
+                     sl2)
+
+    @T.macro
+    def row_sums_ahead(row0, i0, b, h, L, cf, CH, CT, cq_r, sl2):
+        # TILES, three consumers (192 rows, 128-key tiles): a block's rows span its last two
+        # key tiles, whose stages the next query tile's may have taken by the epilogue. So
+        # each row's c_i, relative to the last key tile's start, is read from the records in
+        # global memory before the loop: its own tile's bias, less the totals of the tiles
+        # from its own to the last
+        kt_last = (T.min(L, i0 + BM) + BN - 1) // BN - 1
+        for r in T.unroll(2):
+            i = T.min(row0 + r * 8, L - 1)
+            kr = i // BN
+            rec = (b * CH + h) * CT
+            row_bias(cf, rec + kr * CS, T.Cast("int32", i - kr * BN), cq_r, r, sl2)
+            for t in T.unroll((BM + BN - 1) // BN):
+                if kr + t < kt_last:
+                    cq_r[r] = cq_r[r] - cf[rec + (kr + t) * CS + TOTAL]
+            T.evaluate(T.cuda.func_call("gfwa_pin", cq_r[r], source_code=_PIN))
 
     @T.macro
     def finish_rows(row0, i0, cw, lane, b, h, L, t4, acc, l_r, m_r, cq_r, p_r, smem, o, lse,
@@ -730,12 +791,15 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
 
     # ---- pingpong: FlashAttention-3's schedule. A producer warpgroup (one working warp,
     # few registers) keeps the stages filled by bulk copies and writes the key tiles' gate
-    # sums; two consumer warpgroups of 64 rows each run the pipelined loop below, and take
-    # turns issuing their matrix products (named barriers 1 and 2), so that one's softmax
-    # runs while the other's products keep the tensor cores busy. A consumer frees a stage
+    # sums; two (or three) consumer warpgroups of 64 rows each run the pipelined loop below,
+    # and take turns issuing their matrix products (named barriers 1 .. NC, consumer cw
+    # waiting on 1 + cw), so that one's softmax runs while the others' products keep the
+    # tensor cores busy. A consumer frees a stage
     # once its P V is done (every consumer thread arrives on the stage's free barrier).
-    NPP = 3 * 128
-    PRODUCER_REGS, CONSUMER_REGS = 40, 232  # 128 x 40 + 256 x 232 <= 64K registers
+    NC = BM // 64  # consumer warpgroups (block_m 192: three, at head dims <= 64)
+    NPP = 128 * (1 + NC)
+    # 128 x 40 + 256 x 232 and 128 x 32 + 384 x 160 <= 64K registers
+    PRODUCER_REGS, CONSUMER_REGS = consumer_regs(NC)
     GPL = (BN + 31) // 32  # gate sums per producer lane per tile
 
     @T.macro
@@ -869,14 +933,16 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
 
     @T.macro
     def consume_item(item, w, g0, qs, cnt, more_items, cw, tx, lane, t4, sl2, smem, c, o, lse,
-                     s_r, p_r, acc, qd, kd, vd, m_r, l_r, cq_r, al_r, HQ, L):
+                     cf, CH, CT, s_r, p_r, acc, qd, kd, vd, m_r, l_r, cq_r, al_r, HQ, L):
         # a consumer's part of the block's w-th query tile (its 64 rows); g0, qs and cnt as
         # produce_item's; more_items: the block has a query tile after this one
         b, h, i0, kt_lo, n_tiles = query_tile(item, HQ, L)
         qo = qs * QBYTES
         row0 = i0 + (tx - 128) // 32 * 16 + lane // 4
         init_rows(row0, i0, b, h, L, c, m_r, l_r, cq_r, acc, s_r)
-        if cw == 1 and w == 0:  # consumer 0 issues first (later query tiles: the last turn)
+        if TILES and BM != BN:
+            row_sums_ahead(row0, i0, b, h, L, cf, CH, CT, cq_r, sl2)
+        if cw == NC - 1 and w == 0:  # consumer 0 issues first (later: the last one's turn)
             T.ptx["bar.arrive"](T.uint32(1), T.uint32(256))
         T.cuda.mbarrier_wait(mbar(smem, qs * Q1_FULL), T.truncmod(w // 2, 2))
         wait_tile(g0, smem)
@@ -885,7 +951,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
         T.ptx["wgmma.fence.sync.aligned"]()
         issue_scores(stage(g0), cw, smem, s_r, qd, kd, qo, t4, vd)
-        T.ptx["bar.arrive"](T.Cast("uint32", 2 - cw), T.uint32(256))
+        T.ptx["bar.arrive"](T.Cast("uint32", 1 + T.truncmod(cw + 1, NC)), T.uint32(256))
         T.ptx["wgmma.wait_group.sync.aligned"](0)
         softmax(kt_lo, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
         pack_next(g0, n_tiles > 1, smem, s_r, p_r, acc, al_r, m_r, t4)
@@ -898,7 +964,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             T.ptx["wgmma.fence.sync.aligned"]()
             issue_scores(stage(g + 1), cw, smem, s_r, qd, kd, qo, t4, vd)
             issue_pv(stage(g), smem, p_r, acc, vd)
-            T.ptx["bar.arrive"](T.Cast("uint32", 2 - cw), T.uint32(256))
+            T.ptx["bar.arrive"](T.Cast("uint32", 1 + T.truncmod(cw + 1, NC)), T.uint32(256))
             T.ptx["wgmma.wait_group.sync.aligned"](1)
             softmax(kt + 1, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
             T.ptx["wgmma.wait_group.sync.aligned"](0)
@@ -910,15 +976,15 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
         T.ptx["wgmma.fence.sync.aligned"]()
         issue_pv(stage(g_last), smem, p_r, acc, vd)
-        if cw == 0:  # consumer 1's last turn
-            T.ptx["bar.arrive"](T.uint32(2), T.uint32(256))
+        if cw < NC - 1:  # the next consumer's last turn
+            T.ptx["bar.arrive"](T.Cast("uint32", 2 + cw), T.uint32(256))
         elif more_items:
             # consumer 1 hands consumer 0 its first turn of the block's next query tile now,
             # not after this epilogue: consumer 0's first product and softmax there then run
             # while this consumer normalizes and stores its output. S5, against handing it on
             # at the next query tile's start: 4.8% faster (RESULTS.md, session 35)
             T.ptx["bar.arrive"](T.uint32(1), T.uint32(256))
-        if RELATIVE:
+        if RELATIVE and BM == BN:
             row_sums_relative(stage(g_last), smem, row0, i0, cq_r, sl2)
         T.ptx["wgmma.wait_group.sync.aligned"](0)
         if PERS:  # the last key tile's stage too: the block's next query tile takes it
@@ -927,7 +993,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                     O_TMA, qo)
         if O_TMA:
             T.ptx["fence.proxy.async.shared::cta"]()
-            T.ptx["bar.sync"](T.Cast("uint32", 3 + cw), T.uint32(128))
+            T.ptx["bar.sync"](T.Cast("uint32", 1 + NC + cw), T.uint32(128))
             if tx % 128 == 0:
                 bulk_store_rows(smem, i0, cw, h, b, qo)
                 if PERS:  # its output is out of the Q buffer: the next but one may load
@@ -972,6 +1038,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         qf = T.decl_buffer((B * L * HQ * D,), dt, data=q.data)
         kf = T.decl_buffer((B * L * HKV * D,), dt, data=k.data)
         vf = T.decl_buffer((B * L * HKV * DV,), dt, data=v.data)
+        cf = T.decl_buffer((CB * CH * CT,), C_DT, data=c.data)  # row_sums_ahead's records
         for tile in T.thread_binding(grid_blocks(B, HQ, L), thread="blockIdx.x"):
             for tx in T.thread_binding(NPP if PP else NT, thread="threadIdx.x"):
                 # one buffer: a second one would be merged at an offset of TVM's choosing,
@@ -1010,12 +1077,13 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                         for i in T.unroll(NS):
                             T.ptx["mbarrier.init.shared::cta.b64"](
                                 mbar(smem, 1 + i), ARRIVALS)
-                            T.ptx["mbarrier.init.shared::cta.b64"](mbar(smem, FREE + i), 256)
+                            T.ptx["mbarrier.init.shared::cta.b64"](mbar(smem, FREE + i),
+                                                                   128 * NC)
                         if PERS:
                             T.ptx["mbarrier.init.shared::cta.b64"](mbar(smem, Q1_FULL), 1)
                             for i in T.unroll(2):  # each consumer's storing thread
                                 T.ptx["mbarrier.init.shared::cta.b64"](
-                                    mbar(smem, Q_EMPTY + i), 2)
+                                    mbar(smem, Q_EMPTY + i), NC)
                         T.ptx["fence.mbarrier_init.release.cluster"]()
                     T.tvm_storage_sync("shared")
                     if tx < 128:
@@ -1049,12 +1117,12 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                                                      round_item(tile, w2 * 2 + qs + 1)
                                                      < n_query_tiles(B, HQ, L),
                                                      cw, tx, lane, t4, sl2,
-                                                     smem, c, o, lse, s_r, p_r, acc, qd, kd, vd,
-                                                     m_r, l_r, cq_r, al_r, HQ, L)
+                                                     smem, c, o, lse, cf, CH, CT, s_r, p_r,
+                                                     acc, qd, kd, vd, m_r, l_r, cq_r, al_r, HQ, L)
                         else:
                             consume_item(tile, 0, 0, 0, cnt, False, cw, tx, lane, t4, sl2, smem,
-                                         c, o, lse, s_r, p_r, acc, qd, kd, vd, m_r, l_r,
-                                         cq_r, al_r, HQ, L)
+                                         c, o, lse, cf, CH, CT, s_r, p_r, acc, qd, kd, vd, m_r,
+                                         l_r, cq_r, al_r, HQ, L)
                 else:
                     wg = tx // 128
                     # this thread's rows: row0 and row0 + 8
