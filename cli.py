@@ -581,10 +581,15 @@ def _with_tried(job, configs):
         ok, why = space.feasible(job.spec(), c, gpu=gpu_space(job))
         if ok:
             try:  # a value the pass's space lacks would stop the study when enqueued
-                space.config_params(job.spec(), c, job.knobs, gpu_space(job))
+                params = space.config_params(job.spec(), c, job.knobs, gpu_space(job))
             except ValueError as e:
                 ok, why = False, str(e)
         if ok:
+            runs = space.config_from_params(job.spec(), params, gpu_space(job))
+            if runs != c:  # say so: a switch dropped here once went unnoticed for a call
+                _log(f"tune: --try {c.as_dict()} runs as {runs.as_dict()} for {job.label}: "
+                     "the pass's space drops what means nothing at these tiles and fills "
+                     "what the pass needs")
             out.append(c.as_dict())
         else:
             _log(f"tune: --try {c.as_dict()} skipped for {job.label}: {why}")

@@ -239,6 +239,13 @@ def test_tune_try_measures_the_given_config(env):
     for bad in ("{block_m: 1}", "[1, 2]", '{"block_m": 32, "tile": 9}'):
         r = CliRunner().invoke(main, base + ["--try", bad])
         assert r.exit_code == 2 and "--try" in r.output, (bad, r.output)
+    # a switch that means nothing at its tiles (Triton's bias_mma off square ones): the
+    # config runs without it, and the log says so
+    idle = dict(tried, extra={"bias_mma": True})
+    r = CliRunner().invoke(main, [x if x != "none" else "bias_mma" for x in base]
+                           + ["--try", json.dumps(idle)])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "runs as" in r.stderr and "'bias_mma': True" in r.stderr, r.stderr
     # a budget that ends at the default would measure the --try config never
     short = [x if x != "2" else "1" for x in base]
     r = CliRunner().invoke(main, short + ["--try", json.dumps(tried)])

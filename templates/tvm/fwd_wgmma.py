@@ -716,8 +716,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         # tile's start as the running max now is: that tile holds the block's rows, and minus
         # the row's own key bias is it
         for r in T.unroll(2):
-            row_bias(smem, C_OFF // 4 + st * CS, T.Cast("int32", row0 - i0) + r * 8, cq_r, r,
-                     sl2)
+            j = T.Cast("int32", row0 - i0) + r * 8
+            row_bias(smem, C_OFF // 4 + st * CS, j, cq_r, r, sl2)
 
     @T.macro
     def row_sums_ahead(row0, i0, b, h, L, cf, CH, CT, cq_r, sl2):
@@ -931,6 +931,17 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         if PERS:
             cnt[0] = g0 + T.Cast("int32", n_tiles)
 
+    def next_turn(cw):
+        # the named barrier of the consumer after cw; two consumers: 2 - cw, as the two-
+        # consumer kernel always wrote it (a modulo there changed its loop's code)
+        if NC == 2:
+            return T.Cast("uint32", 2 - cw)
+        return T.Cast("uint32", 1 + T.truncmod(cw + 1, NC))
+
+    def hands_last_turn(cw):
+        # every consumer but the last; two: cw == 0, as the two-consumer kernel wrote it
+        return cw == 0 if NC == 2 else cw < NC - 1
+
     @T.macro
     def consume_item(item, w, g0, qs, cnt, more_items, cw, tx, lane, t4, sl2, smem, c, o, lse,
                      cf, CH, CT, s_r, p_r, acc, qd, kd, vd, m_r, l_r, cq_r, al_r, HQ, L):
@@ -951,7 +962,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
         T.ptx["wgmma.fence.sync.aligned"]()
         issue_scores(stage(g0), cw, smem, s_r, qd, kd, qo, t4, vd)
-        T.ptx["bar.arrive"](T.Cast("uint32", 1 + T.truncmod(cw + 1, NC)), T.uint32(256))
+        T.ptx["bar.arrive"](next_turn(cw), T.uint32(256))
         T.ptx["wgmma.wait_group.sync.aligned"](0)
         softmax(kt_lo, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
         pack_next(g0, n_tiles > 1, smem, s_r, p_r, acc, al_r, m_r, t4)
@@ -964,7 +975,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             T.ptx["wgmma.fence.sync.aligned"]()
             issue_scores(stage(g + 1), cw, smem, s_r, qd, kd, qo, t4, vd)
             issue_pv(stage(g), smem, p_r, acc, vd)
-            T.ptx["bar.arrive"](T.Cast("uint32", 1 + T.truncmod(cw + 1, NC)), T.uint32(256))
+            T.ptx["bar.arrive"](next_turn(cw), T.uint32(256))
             T.ptx["wgmma.wait_group.sync.aligned"](1)
             softmax(kt + 1, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
             T.ptx["wgmma.wait_group.sync.aligned"](0)
@@ -976,8 +987,9 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
         T.ptx["wgmma.fence.sync.aligned"]()
         issue_pv(stage(g_last), smem, p_r, acc, vd)
-        if cw < NC - 1:  # the next consumer's last turn
-            T.ptx["bar.arrive"](T.Cast("uint32", 2 + cw), T.uint32(256))
+        if hands_last_turn(cw):  # to the next consumer: 2 + cw
+            T.ptx["bar.arrive"](T.uint32(2) if NC == 2 else T.Cast("uint32", 2 + cw),
+                                T.uint32(256))
         elif more_items:
             # consumer 1 hands consumer 0 its first turn of the block's next query tile now,
             # not after this epilogue: consumer 0's first product and softmax there then run
@@ -1038,7 +1050,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         qf = T.decl_buffer((B * L * HQ * D,), dt, data=q.data)
         kf = T.decl_buffer((B * L * HKV * D,), dt, data=k.data)
         vf = T.decl_buffer((B * L * HKV * DV,), dt, data=v.data)
-        cf = T.decl_buffer((CB * CH * CT,), C_DT, data=c.data)  # row_sums_ahead's records
+        # row_sums_ahead's records, flat (elsewhere not read)
+        cf = T.decl_buffer((CB * CH * CT if TILES and BM != BN else 1,), C_DT, data=c.data)
         for tile in T.thread_binding(grid_blocks(B, HQ, L), thread="blockIdx.x"):
             for tx in T.thread_binding(NPP if PP else NT, thread="threadIdx.x"):
                 # one buffer: a second one would be merged at an offset of TVM's choosing,
