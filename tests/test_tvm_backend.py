@@ -524,6 +524,9 @@ def test_wgmma_pingpong_codegen(gated, bn):
     # barrier (3 or 4, its 128 threads) between staging its output and the bulk store
     assert len(syncs) == 4 and len(arrives) == 4
     assert "(uint)128" in syncs[-1] and "+ 3" in syncs[-1]
+    # two consumers' turns as 2 - cw, with no modulo: the three-consumer ring's form of it
+    # changed this kernel's loop (session 39)
+    assert not any("%" in ln for ln in arrives)
     # the output: staged in shared memory, fenced for the copy engine, one bulk tensor store
     # per 64-column block, read back before the block exits; no per-element stores
     assert len([ln for ln in calls if "bulk_tensor_4d_global_shared__cta" in ln]) == 2

@@ -152,8 +152,8 @@ def params(backend: str, pass_: str, knobs: tuple = ()) -> dict[str, tuple]:
             p.update(TVM_TC_PARAMS)
             if WGMMA in knobs:
                 # and the pingpong schedule's three consumers (head dims <= 64; check_config
-                # refuses it elsewhere): F2 5% faster gated, S5 16% slower (RESULTS.md,
-                # session 39)
+                # refuses it elsewhere): on the H200 causal and W 4096-8192 at head dim 64
+                # 6-11% faster, S5 10-16% slower (RESULTS.md, session 39)
                 p["block_m"] = TVM_TILES + (WGMMA_THREE_ROWS,)
                 p["x_wgmma"] = (False, True)
                 p["x_tma"] = (False, True)
