@@ -37,6 +37,7 @@ from bench import (  # noqa: E402
 import gfwagen  # noqa: E402
 from gfwagen import dispatch  # noqa: E402
 from gfwagen.backends import tvm_backend as tb  # noqa: E402
+from gfwagen.generator import wgmma_num_warps  # noqa: E402
 from gfwagen.spec import KernelConfig  # noqa: E402
 
 PINGPONG = KernelConfig(128, 128, 8, 3, extra=(("pingpong", True), ("tma", True),
@@ -53,10 +54,10 @@ TILE_FIELDS = ("block_m", "block_n", "num_warps", "num_stages")
 
 def with_extra(cfg: KernelConfig, extra: dict) -> KernelConfig:
     """cfg with `extra` switched on: its tile fields (block_m, ...) replace cfg's, the rest
-    join its extras. block_m 192 (three consumer warpgroups) counts its 16 warps."""
+    join its extras; a new block_m counts its warps (wgmma_num_warps) unless given."""
     tiles = {k: int(v) for k, v in extra.items() if k in TILE_FIELDS}
-    if tiles.get("block_m") == 192:
-        tiles.setdefault("num_warps", 16)
+    if "block_m" in tiles:
+        tiles.setdefault("num_warps", wgmma_num_warps(tiles["block_m"]))
     rest = {k: v for k, v in extra.items() if k not in TILE_FIELDS}
     return dataclasses.replace(cfg, **tiles,
                                extra=tuple(sorted({**dict(cfg.extra), **rest}.items())))

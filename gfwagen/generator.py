@@ -47,6 +47,12 @@ _REL_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import\s", re.MULTILINE)
 WGMMA_THREE_ROWS = 192
 
 
+def wgmma_num_warps(block_m: int) -> int:
+    """num_warps of a TVM wgmma forward config: a warp per 16 rows; three consumers count
+    their producer's too (KernelConfig takes powers of two; the template reads none of it)."""
+    return 16 if block_m == WGMMA_THREE_ROWS else max(1, block_m // 16)
+
+
 def gate_chunk() -> int:
     try:
         from gfwagen.gate import GATE_CHUNK

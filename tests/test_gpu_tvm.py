@@ -7,6 +7,7 @@ from conftest import log_gpu_errors, make_inputs, rel_err
 from test_gpu import CASES, DTYPES, check_case_against_float64
 from test_gpu_features import check_step_in_cuda_graph
 
+from gfwagen.generator import wgmma_num_warps
 from gfwagen.reference import reference_forward
 
 tvm_backend = pytest.importorskip("gfwagen.backends.tvm_backend")
@@ -136,7 +137,7 @@ def test_gpu_tvm_wgmma_matches_float64(shape, cfg):
         extra += (("persistent", PERSISTENT_BLOCKS),)
     if "bias_mma" in cfg:
         extra += (("bias_mma", True),)
-    config = KernelConfig(cfg[0], cfg[1], _warps(cfg[0]), cfg[2], extra=extra)
+    config = KernelConfig(cfg[0], cfg[1], wgmma_num_warps(cfg[0]), cfg[2], extra=extra)
     D, Dv, dtype = shape[4], shape[5], tvm_backend.CPU_DTYPES[shape[8]]
     why = tvm_backend.tensor_core_template(config).supports(D, Dv, dtype, config)
     if why is not None:
@@ -223,12 +224,6 @@ def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
         assert not g.is_contiguous()
     _check_against_float64(q, k, v, g, W, None, cfg, f"tvm-wgmma {knob} {case}",
                            sanitize_log_gate(g.double()))
-
-
-def _warps(block_m):
-    # the warpgroup-MMA configs' num_warps: a warp per 16 rows; three consumers and their
-    # producer count 16 (KernelConfig takes powers of two)
-    return 16 if block_m == 192 else block_m // 16
 
 
 def _wgmma_128(pingpong, gate_knob=None):

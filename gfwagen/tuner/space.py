@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 
 from gfwagen.backends.triton_backend import KEY_BIAS_DTYPE, STORED_MIN_BLOCK_M, square_tiles
-from gfwagen.generator import WGMMA_THREE_ROWS, check_config, gate_chunk
+from gfwagen.generator import WGMMA_THREE_ROWS, check_config, gate_chunk, wgmma_num_warps
 from gfwagen.heuristics import default_config, padded_head_dim
 from gfwagen.spec import DTYPES, KernelConfig, KernelSpec
 
@@ -186,8 +186,7 @@ def config_from_params(spec: KernelSpec, values: dict, gpu: bool = False) -> Ker
     if spec.backend == "tvm":
         if extra.get("wgmma") is True:  # a warpgroup (4 warps) per 64 rows
             extra = {k: v for k, v in extra.items() if k not in MMA_SYNC_ONLY}
-            # three consumers count their producer's too: KernelConfig takes powers of two
-            num_warps = 16 if bm == WGMMA_THREE_ROWS else max(1, bm // 16)
+            num_warps = wgmma_num_warps(bm)
             if not (extra.get("pingpong") and bm == bn):
                 extra.pop("fuse_gate", None)  # means nothing there: the same config
             # only the tile records take it: square tiles, or three consumers over 128-key
