@@ -187,15 +187,10 @@ def config_from_params(spec: KernelSpec, values: dict, gpu: bool = False) -> Ker
         if extra.get("wgmma") is True:  # a warpgroup (4 warps) per 64 rows
             extra = {k: v for k, v in extra.items() if k not in MMA_SYNC_ONLY}
             num_warps = wgmma_num_warps(bm)
-            if not (extra.get("pingpong") and bm == bn):
-                extra.pop("fuse_gate", None)  # means nothing there: the same config
-            # only the tile records take it: square tiles, or three consumers over 128-key
-            # tiles (templates/tvm/fwd_wgmma.py's _tile_pingpong)
-            records = bm == bn or (bm, bn) == (WGMMA_THREE_ROWS, 128)
-            if not (extra.get("pingpong") and records) or extra.get("fuse_gate"):
-                extra.pop("bias_mma", None)
+            extra = _gate_switches_read(extra, bm, bn, num_warps,
+                                        int(values.get("num_stages", base.num_stages)))
             if not extra.get("pingpong"):
-                extra.pop("persistent", None)  # likewise
+                extra.pop("persistent", None)  # means nothing there: the same config
         else:
             extra = {k: v for k, v in extra.items() if k not in WGMMA_ONLY}
         extra = {k: v for k, v in extra.items() if not _tvm_tc_default(k, v)}
@@ -206,6 +201,24 @@ def config_from_params(spec: KernelSpec, values: dict, gpu: bool = False) -> Ker
                         num_warps=num_warps,
                         num_stages=int(values.get("num_stages", base.num_stages)),
                         extra=tuple(sorted(extra.items())))
+
+
+def _gate_switches_read(extra: dict, bm: int, bn: int, num_warps: int, num_stages: int) -> dict:
+    """extra without the wgmma forward's gate switches that its template ignores at these
+    tiles (so the config reads as the one without them): fuse_gate where the kernel would
+    not read the raw gates, bias_mma where it would not read the tile records as bias tables
+    (templates/tvm/fwd_wgmma.py's gate_input and key_table decide both)."""
+    from gfwagen.backends.tvm_backend import tensor_core_template
+
+    def config(ex):
+        return KernelConfig(bm, bn, num_warps, num_stages, extra=tuple(sorted(ex.items())))
+
+    tpl = tensor_core_template(config(extra))
+    if extra.get("fuse_gate") and tpl.gate_input(config(extra)) != "raw":
+        extra = {k: v for k, v in extra.items() if k != "fuse_gate"}
+    if extra.get("bias_mma") and not tpl.key_table(config(extra)):
+        extra = {k: v for k, v in extra.items() if k != "bias_mma"}
+    return extra
 
 
 def idle_knob(spec: KernelSpec, knob: str, block_m: int, block_n: int) -> bool:
