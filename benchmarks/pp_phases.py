@@ -259,8 +259,7 @@ def main(argv=None) -> int:
             gate = g if gated else None
             spec = tb._spec("fwd", q, k, v, gate, s.W)
             fn = tb._kernel(spec, cfg, tb._target(q, "cuda"))
-            c, o, lse = tb.forward_buffers(q, v, gate, tb.gate_input(spec, cfg),
-                                           s.D ** -0.5, cfg.block_n, tb.key_table(spec, cfg))
+            c, o, lse = tb.kernel_buffers(q, v, gate, spec, cfg, s.D ** -0.5)
             n_blocks = s.B * s.H * -(-s.T // 128)
             probe = torch.zeros(n_blocks, 16, dtype=torch.int64, device=q.device)
 

@@ -69,9 +69,8 @@ def main(argv=None) -> int:
             ms, outs = {}, {}
             for which in ("old", "new"):
                 fn = kernel(versions[which], spec, cfg, target)
-                c, o, lse = tb.forward_buffers(
-                    q, v, gate, tb.gate_input(spec, cfg, versions[which]), s.D ** -0.5,
-                    cfg.block_n, tb.key_table(spec, cfg, versions[which]))
+                c, o, lse = tb.kernel_buffers(q, v, gate, spec, cfg, s.D ** -0.5,
+                                              versions[which])
                 args = tb.forward_launch_args(q, k, v, c, o, lse, s.D ** -0.5)
                 outs[which] = (fn, args, o, lse)
             for which in ORDER:

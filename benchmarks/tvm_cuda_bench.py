@@ -133,11 +133,9 @@ def measure(s):
         ok = {c: r for c, r in res.items() if "ms" in r}
         best = min(ok, key=lambda c: ok[c]["ms"])
         fn = tvm_backend._kernel(spec, configs[best], tvm_backend._target(q, None))
-        form = tvm_backend.gate_input(spec, configs[best])
         args = tvm_backend.forward_launch_args(
-            q, k, v, *tvm_backend.forward_buffers(
-                q, v, g, form, s.D ** -0.5, configs[best].block_n,
-                tvm_backend.key_table(spec, configs[best])), s.D ** -0.5)
+            q, k, v, *tvm_backend.kernel_buffers(q, v, g, spec, configs[best], s.D ** -0.5),
+            s.D ** -0.5)
         res["kernel_only"] = {"config": best, "ms": bench(
             lambda: tvm_backend._launch(q, fn, *args))}
         res["gate_sums_torch"] = {"ms": bench(lambda: tvm_backend._gate_sums(g, q.device))}

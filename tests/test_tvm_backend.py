@@ -771,6 +771,33 @@ def test_forward_buffers_tile_records_without_the_fused_kernels(monkeypatch):
         assert torch.equal(rec, tile_tables(g.clamp(-GATE_BOUND, GATE_BOUND), 128, 0.125))
 
 
+def test_kernel_buffers_give_each_kernel_its_gate_form(monkeypatch):
+    """kernel_buffers (the benchmarks' own launches): the gate in the form the config's kernel
+    reads, asked of the template: the bias tables with bias_mma, the plain records on square
+    pingpong tiles, the raw gates with fuse_gate, the float64 sums elsewhere, and for an
+    ungated spec the one-element placeholder."""
+    from gfwagen.backends.tvm_backend import kernel_buffers
+    from gfwagen.gate import GATE_BOUND, tile_records, tile_tables
+
+    monkeypatch.setenv("GFWAGEN_GATE_SUMS", "torch")
+    g = -torch.rand(1, 200, 2)
+    q = torch.zeros(1, 200, 2, 128, dtype=torch.bfloat16)
+    spec = KernelSpec("tvm", "fwd", 128, 128, 64, "bf16", True, 1)
+    clamped = g.clamp(-GATE_BOUND, GATE_BOUND)
+    cases = {("pingpong", "tma", "bias_mma"): tile_tables(clamped, 128, 0.5),
+             ("pingpong", "tma"): tile_records(clamped, 128, 0.5)}
+    for switches, want in cases.items():
+        c, o, lse = kernel_buffers(q, q, g, spec, _wgmma(128, 128, 3, *switches), 0.5)
+        assert torch.equal(c, want) and o.shape == q.shape and lse.shape == (1, 2, 200)
+    raw = kernel_buffers(q, q, g, spec, _wgmma(128, 128, 3, "pingpong", "tma", "fuse_gate"),
+                         0.5)[0]
+    assert torch.equal(raw, g) and raw.is_contiguous()
+    sums = kernel_buffers(q, q, g, spec, _wgmma(128, 64, 3, "pingpong", "tma"), 0.5)[0]
+    assert sums.dtype == torch.float64 and sums.shape == (1, 2, 200)
+    assert kernel_buffers(q, q, None, spec.replace(gated=False),
+                          _wgmma(128, 128, 3, "pingpong", "tma"), 0.5)[0].numel() == 1
+
+
 @pytest.mark.parametrize("tile", [(128, 64, "pingpong", "tma"), (128, 128, "tma")])
 def test_wgmma_fuse_gate_needs_square_pingpong(tile):
     """fuse_gate elsewhere is refused by name (the tuner's space leaves it out there)."""

@@ -394,6 +394,16 @@ def forward_buffers(q, v, log_gate, form: str | None = "sums", scale: float = 1.
     return _gate_sums(log_gate, q.device), o, lse
 
 
+def kernel_buffers(q, v, log_gate, spec: KernelSpec, config: KernelConfig, scale: float,
+                   template=None):
+    """forward_buffers for the CUDA kernel of (spec, config): the gate in the form it reads
+    (gate_input, key_table; template: as theirs). For the benchmarks that launch a kernel of
+    their own build."""
+    form = gate_input(spec, config, template)
+    return forward_buffers(q, v, log_gate, form, scale, config.block_n,
+                           key_table(spec, config, template, form))
+
+
 def _tile_records(log_gate, block_n, scale, table=False):
     """The "tiles" gate input: the fused Triton launch where gate_sums.use_fused says so (as
     _gate_sums), else gfwagen.gate's torch version of the clamped gates."""
