@@ -29,6 +29,8 @@
 #   tvm-three  TVM's forward at head dim 64 on the causal and long-window classes, the
 #             pingpong tiles against three consumers' 192 rows (and, gated, with bias_mma),
 #             --duel 2 (session 39; after `db import`)
+#   tvm-close-calls  the head-dim-128 W 2048 and W 256 bias_mma choices dueled (--duel 3), and
+#             TVM's gated forward at head dim 64, W 256 (session 40; after `db import`)
 #   merge     S1's database plus the two, into h200.sqlite, exported best-only as h200.jsonl
 # Usage:  OUT=/some/dir bash benchmarks/tune_h200.sh PHASE [extra tune options]
 set -uo pipefail
@@ -140,6 +142,18 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     t3 --no-gated --trials 4 > "$out/three_ungated.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     ;;
+  tvm-close-calls)
+    # session 38's single-timing choices at head dim 128 (bias_mma at W 2048 by 11.8%, plain
+    # at W 256 by 3.1%) dueled, and the gated head-dim-64 W 256 class, which had no TVM
+    # forward entry (S5's tiles timed there); session 40 (after `db import`)
+    pers='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "persistent": true}}'
+    bm --duel 3 --preset classes --only C-d128-w2048,C-d128-w256 > "$out/close_d128.json"
+    python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
+    python3 cli.py tune --gpu h200 --backend tvm --passes fwd --gated --trials 4 --try "$pp" \
+      --try "$pers" --duel 2 --preset classes --only C-d64-w256 --format json --no-plots \
+      --db "$out/h200.sqlite" > "$out/tvm_d64_w256.json"
+    python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
+    ;;
   ungated-classes)
     plain() { python3 cli.py tune --gpu h200 --preset classes --no-gated --trials 6 --format json \
                 --no-plots --db "$out/h200.sqlite" "$@"; }
@@ -157,7 +171,7 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     python3 cli.py db export "$out/h200.jsonl" --best-only --db "$out/h200.sqlite"
     ;;
   *)
-    echo "phase: s1-sweep | s1-tpe | ship | classes | tvm-classes | tvm-persistent | tvm-bias-mma | tvm-bias-mma-duel | ungated-classes | merge" >&2
+    echo "phase: s1-sweep | s1-tpe | ship | classes | tvm-classes | tvm-persistent | tvm-bias-mma | tvm-bias-mma-duel | tvm-three | tvm-close-calls | ungated-classes | merge" >&2
     exit 2
     ;;
 esac

@@ -22,6 +22,11 @@ CASES = [
     ("causal", 1, 1300, 8, 8, 64, 64, None, True),
     ("no-gate-W512", 2, 2100, 8, 8, 128, 128, 512, False),
     ("D64-W333", 2, 1777, 8, 8, 64, 64, 333, True),
+    # the shipped database's gated classes that run TVM's forward since session 40: head
+    # dim 64 at W 256 (its persistent pingpong tile), head dim 128 at W 2048 (its pingpong
+    # tile without bias_mma)
+    ("D64-W256", 2, 1500, 8, 8, 64, 64, 256, True),
+    ("D128-W2048", 1, 2500, 8, 8, 128, 128, 2048, True),
     ("mqa-W128", 1, 2000, 8, 1, 128, 128, 128, True),
     ("D256-W200", 1, 1000, 4, 4, 256, 256, 200, True),
     # windows below the tile size: the diagonal tile loop runs zero times
