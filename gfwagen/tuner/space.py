@@ -211,12 +211,14 @@ def _gate_switches_read(extra: dict, bm: int, bn: int, num_warps: int, num_stage
     from gfwagen.backends.tvm_backend import tensor_core_template
 
     def config(ex):
-        return KernelConfig(bm, bn, num_warps, num_stages, extra=tuple(sorted(ex.items())))
+        return KernelConfig(bm, bn, num_warps, num_stages, extra=tuple(ex.items()))
 
-    tpl = tensor_core_template(config(extra))
-    if extra.get("fuse_gate") and tpl.gate_input(config(extra)) != "raw":
+    cfg = config(extra)
+    tpl = tensor_core_template(cfg)
+    if extra.get("fuse_gate") and tpl.gate_input(cfg) != "raw":
         extra = {k: v for k, v in extra.items() if k != "fuse_gate"}
-    if extra.get("bias_mma") and not tpl.key_table(config(extra)):
+        cfg = config(extra)
+    if extra.get("bias_mma") and not tpl.key_table(cfg):
         extra = {k: v for k, v in extra.items() if k != "bias_mma"}
     return extra
 
