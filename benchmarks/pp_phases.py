@@ -134,7 +134,7 @@ def _tile_wait(line: str, indent: str) -> str:
 
 
 def _tile_wait_edits(pad: str) -> list[list[tuple]]:
-    """The waits for the next key tile, in either version of the consumers' loop: since
+    """The waits for the next key tile, in any version of the consumers' loop: since
     session 24 the gated one waits in next_biases, which pack_next calls (both given the probe
     registers as an argument; the wait for tile 1, before the loop, counts too), the ungated
     one at the top of a step; before, both at the top."""
@@ -156,7 +156,11 @@ def _tile_wait_edits(pad: str) -> list[list[tuple]]:
                 ("al_r, m_r, t4):\n", "al_r, m_r, t4, tim):\n"),
                 ("al_r, m_r, t4)\n", "al_r, m_r, t4, tim)\n", 2)]
 
+    # since session 42 the step is the macro key_step, which the probe registers join
+    step = [("m_r, l_r, al_r):\n", "m_r, l_r, al_r, tim):\n"),
+            ("m_r, l_r, al_r)\n", "m_r, l_r, al_r, tim)\n", 4)]
     return [
+        waits(" " * 8, "            wait_tile(g + 1, smem)\n", note) + step,
         # since session 34, in consume_item
         waits(" " * 12, "                wait_tile(g + 1, smem)\n", note),
         waits(" " * 12, "                wait_tile(g + 1, smem)\n"),

@@ -498,6 +498,32 @@ def test_wgmma_softmax_masks_with_minus_infinity(window):
     assert "e+29" not in src  # MASK_T, -5e29; MASK (-1e30) is the running max's start
 
 
+def loop_steps(gated, cfg) -> int:
+    """Copies of the pingpong consumers' loop step in the source: the interior key tiles'
+    loop and the masked ones' before and after it, or (gated without bias_mma, or config
+    extra split_loop false) one loop."""
+    split = cfg.get("split_loop", True) and (not gated or cfg.get("bias_mma", False))
+    return 3 if split else 1
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_wgmma_pingpong_interior_loop(split):
+    """The ungated pingpong kernel runs its interior key tiles in a loop whose step has no
+    masked softmax (the window's edge tiles and the diagonal keep theirs): three copies of
+    the step, one of them without the mask's -inf select; split_loop false, the one loop."""
+    spec = KernelSpec("tvm", "fwd", 128, 128, 512, "bf16", False, 1)
+    cfg = _wgmma(128, 128, 3, "pingpong", "tma")
+    if not split:
+        cfg = KernelConfig(128, 128, 8, 3, extra=(*cfg.extra, ("split_loop", False)))
+    src = cuda_source(build_cuda(spec, cfg, arch="sm_90"))
+    kernel = src[src.index('extern "C" __global__'):]
+    loops = kernel.split("for (int it")[1:]
+    assert len(loops) == loop_steps(False, cfg)
+    # a masked step's softmax selects -inf; the interior loop's does not
+    assert ["-CUDART_INF_F" in body for body in loops] == ([True, False, True] if split
+                                                           else [True])
+
+
 @pytest.mark.parametrize("gated,bn", [(True, 128), (False, 64)])
 def test_wgmma_pingpong_codegen(gated, bn):
     """The warp-specialized schedule: 384 threads, the producer warpgroup's registers handed
@@ -522,7 +548,8 @@ def test_wgmma_pingpong_codegen(gated, bn):
     # a turn before the first scores, one a loop step, one before the last P V; consumer 1
     # lets consumer 0 go first, consumer 0 hands back the last turn. Then each consumer's own
     # barrier (3 or 4, its 128 threads) between staging its output and the bulk store
-    assert len(syncs) == 4 and len(arrives) == 4
+    steps = loop_steps(gated, cfg)
+    assert len(syncs) == 3 + steps and len(arrives) == 3 + steps
     assert "(uint)128" in syncs[-1] and "+ 3" in syncs[-1]
     # two consumers' turns as 2 - cw, with no modulo: the three-consumer ring's form of it
     # changed this kernel's loop (session 39)
@@ -535,7 +562,7 @@ def test_wgmma_pingpong_codegen(gated, bn):
     mma = [ln for ln in calls if "_mma_async_sync_aligned_" in ln]
     # scores (m64n{bn}, D / 16 k steps) before and in the loop, P V (m64n128, bn / 16) in
     # it and after
-    assert len(mma) == 2 * 128 // 16 + 2 * bn // 16
+    assert len(mma) == (1 + steps) * (128 // 16 + bn // 16)
     assert all(f"m64n{bn}k16" in ln or "m64n128k16" in ln for ln in mma)
     assert "cp.async.cg" not in src and src.count("__syncthreads()") == 1
     # gate off, the prefix sums are a one-element dummy [1, 1, 1]: the kernel must not index
@@ -572,8 +599,9 @@ def test_wgmma_three_consumers_codegen(gated, extra):
     calls = [ln.strip() for ln in src.splitlines() if "__device__" not in ln]
     syncs = [ln for ln in calls if ln.startswith("tvm_builtin_ptx_bar_sync_count")]
     arrives = [ln for ln in calls if ln.startswith("tvm_builtin_ptx_bar_arrive")]
-    # the next consumer's turn, round the three; the last turn to the next consumer
-    assert sum("% 3) + 1)" in ln for ln in arrives) == 2
+    # the next consumer's turn, round the three (after the first scores and in each loop
+    # step); the last turn to the next consumer
+    assert sum("% 3) + 1)" in ln for ln in arrives) == 1 + loop_steps(gated, cfg)
     assert sum("+ 2)), (uint)256" in ln for ln in arrives) == 1
     assert "(uint)128" in syncs[-1] and "+ 4)" in syncs[-1]
     inits = [ln for ln in calls if ln.startswith("tvm_builtin_ptx_mbarrier_init")]
@@ -650,7 +678,8 @@ def test_wgmma_persistent_codegen(gated):
     src = cuda_source(build_cuda(spec, cfg, arch="sm_90"))
     kernel = src[src.index('extern "C" __global__'):]
     mma = [ln for ln in kernel.splitlines() if "_mma_async_sync_aligned_" in ln]
-    one = 2 * 64 // 16 + 2 * 128 // 16  # the pingpong kernel's products (its codegen test)
+    # the pingpong kernel's products (its codegen test)
+    one = (1 + loop_steps(gated, cfg)) * (64 // 16 + 128 // 16)
     assert len(mma) == 2 * one
     lines = kernel.splitlines()
     to_first = [i for i, ln in enumerate(lines) if "bar_arrive_arrive((uint)1," in ln]

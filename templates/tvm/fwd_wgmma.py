@@ -121,6 +121,10 @@ Config extras (session 17, H200 numbers in benchmarks/RESULTS.md):
   7.6% -> 2.9% of the ungated one), S4 -1.8%, S2-S3 within 0.3%, S1 +1.5%, S5 (head dim
   64) +3.5%: its extra k step lengthens each consumer's wait for its scores, which pays
   where key tiles are many. A tuner knob.
+- `split_loop` (pingpong, on unless a config sets it false; session 42): the key tiles that
+  need no mask run in a loop of their own, whose step has no masked branch (key_step). H200:
+  ungated 1-6% faster, gated with bias_mma 0.3-3.6%, bit-identical. Not for the gated kernel
+  without bias_mma, which ptxas would serialize (C7511).
 """
 
 from __future__ import annotations
@@ -337,6 +341,9 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     # stores it. Written straight from the accumulators, 2-byte stores of 8 rows each took
     # 4.4-4.9 us of a block's 17 at S1 (RESULTS.md, session 19). Needs DV <= D to fit.
     O_TMA = PP and DV <= D
+    # pingpong: the key tiles that need no mask run in a loop of their own (key_step says
+    # why); config extra split_loop false keeps the one loop, for A/B runs
+    SPLIT = bool(config.get("split_loop", True)) and (not gated or TABLE)
 
     @T.macro
     def copy_rows(smem, base, rows_here, flat, start, row_elems, last, dim, tx):
@@ -942,6 +949,53 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         # every consumer but the last; two: cw == 0, as the two-consumer kernel wrote it
         return cw == 0 if NC == 2 else cw < NC - 1
 
+    def interior_steps(kt_lo, i0, n_steps):
+        # the consumer loop's steps [lo, hi) whose key tile (kt_lo + step + 1) is interior
+        # (softmax's test), clamped to [0, n_steps]
+        t_lo = T.int64(0)
+        if W > 0:
+            t_lo = (T.max(i0 + BM - W, T.int64(0)) + BN - 1) // BN
+        t_hi = (i0 + 1) // BN
+        lo = T.Cast("int32", T.min(T.max(t_lo - kt_lo - 1, T.int64(0)), T.Cast("int64", n_steps)))
+        hi = T.Cast("int32", T.min(T.max(t_hi - kt_lo - 1, T.Cast("int64", lo)),
+                                   T.Cast("int64", n_steps)))
+        return lo, hi
+
+    @T.macro
+    def key_step(it, interior, kt_lo, g0, n_tiles, cw, i0, row0, t4, sl2, qo, smem, s_r, p_r,
+                 acc, qd, kd, vd, m_r, l_r, al_r):
+        # one step of a consumer's key-tile loop: tile g + 1's scores and tile g's P V issued,
+        # tile g + 1's softmax while P V runs. `interior` (SPLIT): the caller knows the tile
+        # needs no mask, so the step has no masked branch. A loop of only such steps is 528
+        # instructions at head dim 128 where the branching one is 956 (offline sm_90a, gated
+        # with bias_mma), and ptxas schedules it alike whether or not the kernel has a
+        # window: the one loop's schedule with a window ran the gated kernel 2.1% slower
+        # than without one at the same tiles (T 8192, W 8064 against causal), the ungated
+        # one 2.5% faster. H200, bf16, against the one loop: ungated 1.1-6.3% faster at
+        # S1-S5 and F1, gated with bias_mma 0.3-3.6%, outputs bit-identical. The gated
+        # kernel without bias_mma keeps the one loop: split, its biases live across the
+        # loops' seams made ptxas serialize the wgmmas (C7511), 30-70% slower (RESULTS.md,
+        # session 42)
+        kt = kt_lo + T.Cast("int64", it)
+        g = g0 + it
+        if not gated or TABLE:  # else next_biases waited for it
+            wait_tile(g + 1, smem)
+        T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
+        T.ptx["wgmma.fence.sync.aligned"]()
+        issue_scores(stage(g + 1), cw, smem, s_r, qd, kd, qo, t4, vd)
+        issue_pv(stage(g), smem, p_r, acc, vd)
+        T.ptx["bar.arrive"](next_turn(cw), T.uint32(256))
+        T.ptx["wgmma.wait_group.sync.aligned"](1)
+        if interior:
+            stats(0, False, s_r, m_r, l_r, al_r, t4, sl2)
+        else:
+            softmax(kt + 1, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
+        T.ptx["wgmma.wait_group.sync.aligned"](0)
+        # tile g's K, V and gate sums are read: its stage is free
+        T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, FREE + stage(g)))
+        pack_next(g + 1, T.Cast("int64", it) + 2 < n_tiles, smem, s_r, p_r, acc,
+                  al_r, m_r, t4)
+
     @T.macro
     def consume_item(item, w, g0, qs, cnt, more_items, cw, tx, lane, t4, sl2, smem, c, o, lse,
                      cf, CH, CT, s_r, p_r, acc, qd, kd, vd, m_r, l_r, cq_r, al_r, HQ, L):
@@ -966,23 +1020,25 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         T.ptx["wgmma.wait_group.sync.aligned"](0)
         softmax(kt_lo, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
         pack_next(g0, n_tiles > 1, smem, s_r, p_r, acc, al_r, m_r, t4)
-        for it in T.serial(T.Cast("int32", n_tiles) - 1):
-            kt = kt_lo + T.Cast("int64", it)
-            g = g0 + it
-            if not gated or TABLE:  # else next_biases waited for it
-                wait_tile(g + 1, smem)
-            T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
-            T.ptx["wgmma.fence.sync.aligned"]()
-            issue_scores(stage(g + 1), cw, smem, s_r, qd, kd, qo, t4, vd)
-            issue_pv(stage(g), smem, p_r, acc, vd)
-            T.ptx["bar.arrive"](next_turn(cw), T.uint32(256))
-            T.ptx["wgmma.wait_group.sync.aligned"](1)
-            softmax(kt + 1, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
-            T.ptx["wgmma.wait_group.sync.aligned"](0)
-            # tile g's K, V and gate sums are read: its stage is free
-            T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, FREE + stage(g)))
-            pack_next(g + 1, T.Cast("int64", it) + 2 < n_tiles, smem, s_r, p_r, acc,
-                      al_r, m_r, t4)
+        n_steps = T.Cast("int32", n_tiles) - 1
+        if SPLIT:
+            # the steps whose tile is interior (unmasked) run in a loop of their own, without
+            # the masked branch; the window's edge tiles before and the diagonal after run
+            # the branching step (key_step says why)
+            lo, hi = interior_steps(kt_lo, i0, n_steps)
+            for it in T.serial(lo):
+                key_step(it, False, kt_lo, g0, n_tiles, cw, i0, row0, t4, sl2, qo, smem,
+                         s_r, p_r, acc, qd, kd, vd, m_r, l_r, al_r)
+            for it in T.serial(hi - lo):
+                key_step(lo + it, True, kt_lo, g0, n_tiles, cw, i0, row0, t4, sl2, qo, smem,
+                         s_r, p_r, acc, qd, kd, vd, m_r, l_r, al_r)
+            for it in T.serial(n_steps - hi):
+                key_step(hi + it, False, kt_lo, g0, n_tiles, cw, i0, row0, t4, sl2, qo, smem,
+                         s_r, p_r, acc, qd, kd, vd, m_r, l_r, al_r)
+        else:
+            for it in T.serial(n_steps):
+                key_step(it, False, kt_lo, g0, n_tiles, cw, i0, row0, t4, sl2, qo, smem,
+                         s_r, p_r, acc, qd, kd, vd, m_r, l_r, al_r)
         g_last = g0 + T.Cast("int32", n_tiles) - 1
         T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
         T.ptx["wgmma.fence.sync.aligned"]()
