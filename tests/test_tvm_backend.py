@@ -1060,20 +1060,68 @@ def test_wgmma_register_estimate_against_ptxas(tmp_path, D, Dv, bn):
     assert (fits, spill == 0) in ((True, True), (False, False)), (fits, spill)
 
 
-def test_pp_phases_probes_still_fit_the_template(tmp_path):
-    """benchmarks/pp_phases.py edits fwd_wgmma.py by text: its anchors still match, and the
-    probed pingpong kernel builds with its timer reads, the SM id and the loop's wait counter
-    (a process of its own: GFWAGEN_TEMPLATES is read once per process)."""
+def _benchmark_module(name):
+    """A script of benchmarks/, imported."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module(name)
+
+
+def _run_with_templates(templates, code: str):
+    """`code` run by a Python process of its own whose gfwagen reads `templates`
+    (GFWAGEN_TEMPLATES is read once per process); fails the test if it fails."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "benchmarks"))
-    import pp_phases
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "GFWAGEN_TEMPLATES": str(templates), "PYTHONPATH": path}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out
 
-    probed = pp_phases.probed_templates(tmp_path)
+
+def test_gate_parts_probes_still_fit_the_template(tmp_path):
+    """benchmarks/gate_parts.py edits fwd_wgmma.py by text: its anchors still match once each,
+    and the probed kernels build with every switch on: the ungated one's extra k step (one
+    more score product per copy of the step) and the gated one's table step as a regular k
+    step (no product reads the bias table) without the max's shift and the record's copy."""
+    gate_parts = _benchmark_module("gate_parts")
+    code = ("from gfwagen.spec import KernelSpec, KernelConfig\n"
+            "from gfwagen.backends import tvm_backend as tb\n"
+            "base = (('pingpong', True), ('tma', True), ('wgmma', True))\n"
+            "for gated, extra in ((False, ()), (False, (('probe_kstep', 1),)),\n"
+            "                     (True, (('bias_mma', True),)),\n"
+            "                     (True, (('bias_mma', True), ('probe_table_as_k', True),\n"
+            "                             ('probe_no_shift', True), ('probe_no_record', True)))):\n"
+            "    spec = KernelSpec('tvm', 'fwd', 128, 128, 512, 'bf16', gated, 1)\n"
+            "    cfg = KernelConfig(128, 128, 8, 3, extra=base + extra)\n"
+            "    src = tb.cuda_source(tb.build_cuda(spec, cfg, 'sm_90a'))\n"
+            "    k = src[src.index('extern \"C\" __global__'):]\n"
+            "    print(k.count('_mma_async_sync_aligned_m64n128k16'), k.count('_rs_'),\n"
+            "          k.count('bulk_shared__cluster'), k.count('float dl_ptr'))\n")
+    out = _run_with_templates(gate_parts.probed_templates(tmp_path), code)
+    # per kernel: score and P V products, those with A from registers (P V's, the table
+    # step's), record copies, the running max's shifts
+    plain, kstep, gated, probed = ([int(x) for x in ln.split()]
+                                   for ln in out.stdout.strip().splitlines())
+    steps = kstep[0] - plain[0]  # the score product's copies: one more k step each
+    assert steps >= 2 and kstep[1:] == plain[1:] == [plain[1], 0, 0]
+    assert gated[:2] == [kstep[0], plain[1] + steps] and gated[2] == 1 and gated[3] >= 1
+    assert probed == [kstep[0], plain[1], 0, 0]
+
+
+def test_pp_phases_probes_still_fit_the_template(tmp_path):
+    """benchmarks/pp_phases.py edits fwd_wgmma.py by text: its anchors still match, and the
+    probed pingpong kernel builds with its timer reads, the SM id and the loop's wait counter
+    (a process of its own: GFWAGEN_TEMPLATES is read once per process)."""
+    pp_phases = _benchmark_module("pp_phases")
     code = ("from gfwagen.spec import KernelSpec, KernelConfig\n"
             "from gfwagen.backends import tvm_backend as tb\n"
             "spec = KernelSpec('tvm', 'fwd', 128, 128, 512, 'bf16', True, 1)\n"
@@ -1081,11 +1129,7 @@ def test_pp_phases_probes_still_fit_the_template(tmp_path):
             "('wgmma', True)))\n"
             "src = tb.cuda_source(tb.build_cuda(spec, cfg, 'sm_90a'))\n"
             "print(src.count('gfwa_gt()'), src.count('%smid'), src.count('clock64()'))\n")
-    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "GFWAGEN_TEMPLATES": str(probed), "PYTHONPATH": path}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = _run_with_templates(pp_phases.probed_templates(tmp_path), code)
     # the timer's definition and seven reads (producer 2, consumer 5); the SM id's
     # definition; the cycle counter's helper (its name and body) and six reads (the waits for
     # key tiles, in next_biases, which the gated kernel inlines twice; the loop's length)

@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Where the gated TVM pingpong forward (`bias_mma`) spends its time beyond the ungated one:
+a copy of the templates whose fwd_wgmma.py takes probe switches as config extras (text edits,
+as pp_phases.py makes its own), each removing one part of the gate's work, timed in one
+process against the ungated kernel, call by call in rotating order with the L2 flushed
+(bench.interleaved_ms). Kernels are timed alone (the gate's records made once, outside the
+timing) unless named "op". The probes' outputs are wrong by design; only times are reported.
+
+- `probe_kstep`: the ungated kernel with one more regular k step in its score product, the
+  tensor work of `bias_mma`'s table step;
+- `probe_table_as_k`: that table step read as a regular k step (Q and the key tile from
+  shared memory, swizzled) instead of A from registers and the unswizzled bias table;
+- `probe_no_shift`: no running-max shift by each tile's gate total (shift_rows: a shared-memory
+  load and two adds on each consumer's chain per tile);
+- `probe_no_record`: the producer without each tile's record copy (the table is stale).
+
+    PYTHONPATH=$PWD python benchmarks/gate_parts.py --shapes S1,S4 --calls 30
+
+Session 42 found `bias_mma` 3-5 points dearer at S2-S4 than a plain k step and the records'
+launch together (benchmarks/RESULTS.md); this splits that remainder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+PROBES = ("probe_kstep", "probe_table_as_k", "probe_no_shift", "probe_no_record")
+
+_SWITCHES = ('    SPLIT = bool(config.get("split_loop", True)) and (not gated or TABLE)\n',
+             '    SPLIT = bool(config.get("split_loop", True)) and (not gated or TABLE)\n'
+             '    PROBE_K = int(config.get("probe_kstep", 0))\n'
+             '    PROBE_TAK = bool(config.get("probe_table_as_k", False))\n'
+             '    PROBE_NOSHIFT = bool(config.get("probe_no_shift", False))\n'
+             '    PROBE_NOREC = bool(config.get("probe_no_record", False))\n')
+
+
+def _edits() -> list[tuple[str, str]]:
+    """(anchor, replacement) pairs, each anchor matching once."""
+    table_step = ("        if TABLE:\n"
+                  "            descriptor(bd, smem, C_OFF + st * (CS * 4), 3, 3, 0)\n")
+    return [
+        _SWITCHES,
+        # one more k step: the first one twice
+        ("        for ks in T.unroll(D // 16):\n",
+         "        for ks0 in T.unroll(D // 16 + PROBE_K):\n"
+         "            ks = T.max(ks0 - PROBE_K, 0)\n"),
+        ("qd[0], kd[0], ks > 0 or gated,", "qd[0], kd[0], ks0 > 0 or gated,"),
+        # the table step as a regular one: k step 0 of Q and the key tile
+        (table_step,
+         "        if TABLE and PROBE_TAK:\n"
+         "            descriptor(qd, smem, Q_OFF + qo + wg * (64 * 128), 1, 64)\n"
+         "            descriptor(kd, smem, K_OFF + st * (2 * BN * D), 1, 64)\n"
+         "            T.ptx[mma_s](*[s_r[x] for x in range(BN // 2)], qd[0], kd[0], False,\n"
+         "                         1, 1, 0, 0)\n"
+         "        elif TABLE:\n"
+         "            descriptor(bd, smem, C_OFF + st * (CS * 4), 3, 3, 0)\n"),
+        # no shift of the running max (bias_mma's pack_next)
+        ("            if more:\n                shift_rows(stage(n), smem, m_r)\n",
+         "            if more:\n                if not PROBE_NOSHIFT:\n"
+         "                    shift_rows(stage(n), smem, m_r)\n"),
+        # no record copy: the stage's barrier expects the tiles alone
+        ("                    bulk_tile(kt, st, smem, b, hk, REC_BYTES)\n"
+         "                    bulk_record(kt, st, smem, c, b, h)\n",
+         "                    if PROBE_NOREC:\n"
+         "                        bulk_tile(kt, st, smem, b, hk, 0)\n"
+         "                    else:\n"
+         "                        bulk_tile(kt, st, smem, b, hk, REC_BYTES)\n"
+         "                        bulk_record(kt, st, smem, c, b, h)\n"),
+    ]
+
+
+def probed_templates(dest: Path) -> Path:
+    """A copy of templates/ in dest with the probe switches in tvm/fwd_wgmma.py."""
+    shutil.copytree(ROOT / "templates", dest / "templates")
+    path = dest / "templates" / "tvm" / "fwd_wgmma.py"
+    src = path.read_text()
+    for old, new in _edits():
+        if src.count(old) != 1:
+            raise SystemExit(f"gate_parts: anchor matches {src.count(old)} times in "
+                             f"fwd_wgmma.py: {old.strip()[:70]!r}")
+        src = src.replace(old, new)
+    path.write_text(src)
+    return dest / "templates"
+
+
+def variants(base):
+    """name -> (gated, config) of the probed kernels, from the gated config `base`; U is
+    the ungated kernel at base's tiles (the database's gated and ungated TVM tiles are the
+    same at S1-S5)."""
+    from tvm_knob_ab import with_extra
+
+    gm = with_extra(base, {"bias_mma": True})
+    plain = with_extra(base, {"bias_mma": False})
+    return {
+        "U": (False, plain),
+        "U + k step": (False, with_extra(plain, {"probe_kstep": 1})),
+        "G": (True, gm),
+        "G table as k": (True, with_extra(gm, {"probe_table_as_k": True})),
+        "G no shift": (True, with_extra(gm, {"probe_no_shift": True})),
+        "G no record": (True, with_extra(gm, {"probe_no_record": True})),
+        "G none of the three": (True, with_extra(gm, {"probe_table_as_k": True,
+                                                       "probe_no_shift": True,
+                                                       "probe_no_record": True})),
+    }
+
+
+def kernel_call(q, k, v, g, W, cfg):
+    """The forward kernel of cfg as one call, its gate buffer made once, here."""
+    from gfwagen.backends import tvm_backend as tb
+
+    spec = tb._spec("fwd", q, k, v, g, W)
+    target = tb._target(q, "cuda")
+    cfg = tb.resolve_persistent(tb._cuda_config(spec, cfg, target["arch"]), q.device)
+    qs, scale = tb.wgmma_scale(q, q.shape[3] ** -0.5)
+    c, o, lse = tb.kernel_buffers(qs, v, g, spec, cfg, scale)
+    fn = tb._kernel(spec, cfg, target)
+    args = tb.forward_launch_args(qs, k, v, c, o, lse, scale)
+    return functools.partial(tb._launch, qs, fn, *args)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="S1,S2,S4")
+    p.add_argument("--calls", type=int, default=30, help="calls of each variant")
+    a = p.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="gate_parts_"))
+    os.environ["GFWAGEN_TEMPLATES"] = str(probed_templates(tmp))  # before gfwagen loads them
+
+    import torch
+    from bench import SHAPES, interleaved_ms, make_inputs, ratio_quartiles
+    from tvm_knob_ab import tvm_config
+
+    from gfwagen.backends import tvm_backend as tb
+
+    for name in a.shapes.split(","):
+        s = SHAPES[name]
+        q, k, v, g, _ = (t.detach() for t in make_inputs(s, torch.bfloat16))
+        base = tvm_config(tb._spec("fwd", q, k, v, g, s.W), s.T, q.device)
+        fns = {n: kernel_call(q, k, v, g if gated else None, s.W, cfg)
+               for n, (gated, cfg) in variants(base).items()}
+        fns["G op"] = functools.partial(tb.tvm_forward, q, k, v, g, s.W,
+                                        config=variants(base)["G"][1])
+        fns["records"] = functools.partial(tb._tile_records, g, base.block_n, s.D ** -0.5, True)
+        for f in fns.values():
+            f()
+        torch.cuda.synchronize()
+        ms = dict(zip(fns, interleaved_ms(list(fns.values()), a.calls), strict=True))
+        print(f"{name} {s}, from {base.as_dict()}")
+        for n, t in ms.items():
+            ratio = "" if n == "U" else f"  / U {ratio_quartiles(t, ms['U'])[1]:.4f}"
+            print(f"  {n:22s} {statistics.median(t):.4f} ms{ratio}", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
