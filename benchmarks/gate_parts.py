@@ -10,6 +10,7 @@ timing) unless named "op". The probes' outputs are wrong by design; only times a
   tensor work of `bias_mma`'s table step;
 - `probe_table_as_k`: that table step read as a regular k step (Q and the key tile from
   shared memory, swizzled) instead of A from registers and the unswizzled bias table;
+- `probe_no_table_step`: no table step at all (S starts from the first regular k step);
 - `probe_no_shift`: no running-max shift by each tile's gate total (shift_rows: a shared-memory
   load and two adds on each consumer's chain per tile);
 - `probe_no_record`: the producer without each tile's record copy (the table is stale).
@@ -34,12 +35,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-PROBES = ("probe_kstep", "probe_table_as_k", "probe_no_shift", "probe_no_record")
+PROBES = ("probe_kstep", "probe_table_as_k", "probe_no_table_step", "probe_no_shift",
+          "probe_no_record")
 
 _SWITCHES = ('    SPLIT = bool(config.get("split_loop", True)) and (not gated or TABLE)\n',
              '    SPLIT = bool(config.get("split_loop", True)) and (not gated or TABLE)\n'
              '    PROBE_K = int(config.get("probe_kstep", 0))\n'
              '    PROBE_TAK = bool(config.get("probe_table_as_k", False))\n'
+             '    PROBE_NOTAB = bool(config.get("probe_no_table_step", False))\n'
              '    PROBE_NOSHIFT = bool(config.get("probe_no_shift", False))\n'
              '    PROBE_NOREC = bool(config.get("probe_no_record", False))\n')
 
@@ -54,7 +57,8 @@ def _edits() -> list[tuple[str, str]]:
         ("        for ks in T.unroll(D // 16):\n",
          "        for ks0 in T.unroll(D // 16 + PROBE_K):\n"
          "            ks = T.max(ks0 - PROBE_K, 0)\n"),
-        ("qd[0], kd[0], ks > 0 or gated,", "qd[0], kd[0], ks0 > 0 or gated,"),
+        ("qd[0], kd[0], ks > 0 or gated,",
+         "qd[0], kd[0], ks0 > 0 or (gated and not (TABLE and PROBE_NOTAB)),"),
         # the table step as a regular one: k step 0 of Q and the key tile
         (table_step,
          "        if TABLE and PROBE_TAK:\n"
@@ -62,7 +66,7 @@ def _edits() -> list[tuple[str, str]]:
          "            descriptor(kd, smem, K_OFF + st * (2 * BN * D), 1, 64)\n"
          "            T.ptx[mma_s](*[s_r[x] for x in range(BN // 2)], qd[0], kd[0], False,\n"
          "                         1, 1, 0, 0)\n"
-         "        elif TABLE:\n"
+         "        elif TABLE and not PROBE_NOTAB:\n"
          "            descriptor(bd, smem, C_OFF + st * (CS * 4), 3, 3, 0)\n"),
         # no shift of the running max (bias_mma's pack_next)
         ("            if more:\n                shift_rows(stage(n), smem, m_r)\n",
@@ -108,6 +112,10 @@ def variants(base):
         "G table as k": (True, with_extra(gm, {"probe_table_as_k": True})),
         "G no shift": (True, with_extra(gm, {"probe_no_shift": True})),
         "G no record": (True, with_extra(gm, {"probe_no_record": True})),
+        "G no table step": (True, with_extra(gm, {"probe_no_table_step": True})),
+        "G no step, shift, record": (True, with_extra(gm, {"probe_no_table_step": True,
+                                                           "probe_no_shift": True,
+                                                           "probe_no_record": True})),
         "G none of the three": (True, with_extra(gm, {"probe_table_as_k": True,
                                                        "probe_no_shift": True,
                                                        "probe_no_record": True})),

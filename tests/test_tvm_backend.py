@@ -1091,7 +1091,8 @@ def test_gate_parts_probes_still_fit_the_template(tmp_path):
     """benchmarks/gate_parts.py edits fwd_wgmma.py by text: its anchors still match once each,
     and the probed kernels build with every switch on: the ungated one's extra k step (one
     more score product per copy of the step) and the gated one's table step as a regular k
-    step (no product reads the bias table) without the max's shift and the record's copy."""
+    step (no product reads the bias table) without the max's shift and the record's copy, or
+    without the table step at all."""
     gate_parts = _benchmark_module("gate_parts")
     code = ("from gfwagen.spec import KernelSpec, KernelConfig\n"
             "from gfwagen.backends import tvm_backend as tb\n"
@@ -1099,7 +1100,8 @@ def test_gate_parts_probes_still_fit_the_template(tmp_path):
             "for gated, extra in ((False, ()), (False, (('probe_kstep', 1),)),\n"
             "                     (True, (('bias_mma', True),)),\n"
             "                     (True, (('bias_mma', True), ('probe_table_as_k', True),\n"
-            "                             ('probe_no_shift', True), ('probe_no_record', True)))):\n"
+            "                             ('probe_no_shift', True), ('probe_no_record', True))),\n"
+            "                     (True, (('bias_mma', True), ('probe_no_table_step', True)))):\n"
             "    spec = KernelSpec('tvm', 'fwd', 128, 128, 512, 'bf16', gated, 1)\n"
             "    cfg = KernelConfig(128, 128, 8, 3, extra=base + extra)\n"
             "    src = tb.cuda_source(tb.build_cuda(spec, cfg, 'sm_90a'))\n"
@@ -1109,12 +1111,13 @@ def test_gate_parts_probes_still_fit_the_template(tmp_path):
     out = _run_with_templates(gate_parts.probed_templates(tmp_path), code)
     # per kernel: score and P V products, those with A from registers (P V's, the table
     # step's), record copies, the running max's shifts
-    plain, kstep, gated, probed = ([int(x) for x in ln.split()]
-                                   for ln in out.stdout.strip().splitlines())
+    plain, kstep, gated, probed, no_step = ([int(x) for x in ln.split()]
+                                            for ln in out.stdout.strip().splitlines())
     steps = kstep[0] - plain[0]  # the score product's copies: one more k step each
     assert steps >= 2 and kstep[1:] == plain[1:] == [plain[1], 0, 0]
     assert gated[:2] == [kstep[0], plain[1] + steps] and gated[2] == 1 and gated[3] >= 1
     assert probed == [kstep[0], plain[1], 0, 0]
+    assert no_step == [plain[0], plain[1], 1, gated[3]]  # the table step alone gone
 
 
 def test_pp_phases_probes_still_fit_the_template(tmp_path):
