@@ -31,6 +31,11 @@
 #             --duel 2 (session 39; after `db import`)
 #   tvm-close-calls  the head-dim-128 W 2048 and W 256 bias_mma choices dueled (--duel 3), and
 #             TVM's gated forward at head dim 64, W 256 (session 40; after `db import`)
+#   tvm-split  after session 42's interior-tile loop (split_loop): the gated head-dim-128
+#             forward's plain tile against bias_mma where the plain one was kept (S1, S2, W 256,
+#             512, 1024; bias_mma gained 0.3-3.6% from the split, the plain kernel nothing),
+#             --duel 3, and TVM's ungated forward at S1-S4 re-timed (its entries hold
+#             pre-split times, which backend="auto" compares with Triton's); after `db import`
 #   merge     S1's database plus the two, into h200.sqlite, exported best-only as h200.jsonl
 # Usage:  OUT=/some/dir bash benchmarks/tune_h200.sh PHASE [extra tune options]
 set -uo pipefail
@@ -163,6 +168,17 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     plain --passes bwd_kv,bwd_q,bwd_ds --only "$d128,C-d128-w256" > "$out/triton_ungated_bwd128.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     ;;
+  tvm-split)
+    bm --duel 3 --preset standard --only S1,S2 > "$out/split_s1_s2.json"
+    python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
+    bm --duel 3 --preset classes --only C-d128-w256,C-d128-w512,C-d128-w1024 \
+      > "$out/split_classes.json"
+    python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
+    python3 cli.py tune --gpu h200 --backend tvm --passes fwd --no-gated --trials 2 --try "$pp" \
+      --preset standard --only S1,S2,S3,S4 --format json --no-plots --db "$out/h200.sqlite" \
+      > "$out/split_ungated.json"
+    python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
+    ;;
   merge)
     cp "$out/s1.sqlite" "$out/h200.sqlite"
     for f in "$out"/gpu0.sqlite "$out"/gpu1.sqlite; do
@@ -171,7 +187,7 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     python3 cli.py db export "$out/h200.jsonl" --best-only --db "$out/h200.sqlite"
     ;;
   *)
-    echo "phase: s1-sweep | s1-tpe | ship | classes | tvm-classes | tvm-persistent | tvm-bias-mma | tvm-bias-mma-duel | tvm-three | tvm-close-calls | ungated-classes | merge" >&2
+    echo "phase: s1-sweep | s1-tpe | ship | classes | tvm-classes | tvm-persistent | tvm-bias-mma | tvm-bias-mma-duel | tvm-three | tvm-close-calls | tvm-split | ungated-classes | merge" >&2
     exit 2
     ;;
 esac

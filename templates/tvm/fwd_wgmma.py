@@ -968,11 +968,11 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         # tile g + 1's softmax while P V runs. `interior` (SPLIT): the caller knows the tile
         # needs no mask, so the step has no masked branch. A loop of only such steps is 528
         # instructions at head dim 128 where the branching one is 956 (offline sm_90a, gated
-        # with bias_mma), and ptxas schedules it alike whether or not the kernel has a
-        # window: the one loop's schedule with a window ran the gated kernel 2.1% slower
-        # than without one at the same tiles (T 8192, W 8064 against causal), the ungated
-        # one 2.5% faster. H200, bf16, against the one loop: ungated 1.1-6.3% faster at
-        # S1-S5 and F1, gated with bias_mma 0.3-3.6%, outputs bit-identical. The gated
+        # with bias_mma). The one loop's schedule depended on the window: at the same tiles
+        # (T 8192, W 8064 against causal) it ran the gated kernel 2.1% slower and the
+        # ungated one 2.5% faster; split, both within 0.8%. H200, bf16, against the one
+        # loop: ungated 1.1-6.3% faster at S1-S5 and F1, gated with bias_mma 0.3-3.6%,
+        # outputs bit-identical. The gated
         # kernel without bias_mma keeps the one loop: split, its biases live across the
         # loops' seams made ptxas serialize the wgmmas (C7511), 30-70% slower (RESULTS.md,
         # session 42)
