@@ -35,9 +35,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-PROBES = ("probe_kstep", "probe_table_as_k", "probe_no_table_step", "probe_no_shift",
-          "probe_no_record")
-
 _SWITCHES = ('    SPLIT = bool(config.get("split_loop", True)) and (not gated or TABLE)\n',
              '    SPLIT = bool(config.get("split_loop", True)) and (not gated or TABLE)\n'
              '    PROBE_K = int(config.get("probe_kstep", 0))\n'
