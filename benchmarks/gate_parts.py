@@ -151,10 +151,10 @@ def main(argv=None) -> int:
         s = SHAPES[name]
         q, k, v, g, _ = (t.detach() for t in make_inputs(s, torch.bfloat16))
         base = tvm_config(tb._spec("fwd", q, k, v, g, s.W), s.T, q.device)
+        probes = variants(base)
         fns = {n: kernel_call(q, k, v, g if gated else None, s.W, cfg)
-               for n, (gated, cfg) in variants(base).items()}
-        fns["G op"] = functools.partial(tb.tvm_forward, q, k, v, g, s.W,
-                                        config=variants(base)["G"][1])
+               for n, (gated, cfg) in probes.items()}
+        fns["G op"] = functools.partial(tb.tvm_forward, q, k, v, g, s.W, config=probes["G"][1])
         fns["records"] = functools.partial(tb._tile_records, g, base.block_n, s.D ** -0.5, True)
         for f in fns.values():
             f()

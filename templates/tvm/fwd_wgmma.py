@@ -972,10 +972,9 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         # (T 8192, W 8064 against causal) it ran the gated kernel 2.1% slower and the
         # ungated one 2.5% faster; split, both within 0.8%. H200, bf16, against the one
         # loop: ungated 1.1-6.3% faster at S1-S5 and F1, gated with bias_mma 0.3-3.6%,
-        # outputs bit-identical. The gated
-        # kernel without bias_mma keeps the one loop: split, its biases live across the
-        # loops' seams made ptxas serialize the wgmmas (C7511), 30-70% slower (RESULTS.md,
-        # session 42)
+        # outputs bit-identical. The gated kernel without bias_mma keeps the one loop: split,
+        # its biases live across the loops' seams made ptxas serialize the wgmmas (C7511),
+        # 30-70% slower (RESULTS.md, session 42)
         kt = kt_lo + T.Cast("int64", it)
         g = g0 + it
         if not gated or TABLE:  # else next_biases waited for it
