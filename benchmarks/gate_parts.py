@@ -11,14 +11,18 @@ timing) unless named "op". The probes' outputs are wrong by design; only times a
 - `probe_table_as_k`: that table step read as a regular k step (Q and the key tile from
   shared memory, swizzled) instead of A from registers and the unswizzled bias table;
 - `probe_no_table_step`: no table step at all (S starts from the first regular k step);
-- `probe_no_shift`: no running-max shift by each tile's gate total (shift_rows: a shared-memory
-  load and two adds on each consumer's chain per tile);
+- `probe_no_shift`: no running-max shift by each tile's gate total (two adds per tile, of a
+  value loaded when the tile arrived; until session 43 loaded right there, in shift_rows);
 - `probe_no_record`: the producer without each tile's record copy (the table is stale).
+
+"G plain" is the gated kernel without bias_mma (the biases loaded into S), correct.
 
     PYTHONPATH=$PWD python benchmarks/gate_parts.py --shapes S1,S4 --calls 30
 
 Session 42 found `bias_mma` 3-5 points dearer at S2-S4 than a plain k step and the records'
-launch together (benchmarks/RESULTS.md); this splits that remainder.
+launch together (benchmarks/RESULTS.md); session 43 split that remainder with this: the max's
+shift, whose load then moved to the tile's arrival (`--gate-scales 1,1e-5` showed it was not
+an effect of the gate's values).
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-_SWITCHES = ('    SPLIT = bool(config.get("split_loop", True)) and (not gated or TABLE)\n',
-             '    SPLIT = bool(config.get("split_loop", True)) and (not gated or TABLE)\n'
+_SWITCHES = ('    O_TMA = PP and DV <= D\n',
+             '    O_TMA = PP and DV <= D\n'
              '    PROBE_K = int(config.get("probe_kstep", 0))\n'
              '    PROBE_TAK = bool(config.get("probe_table_as_k", False))\n'
              '    PROBE_NOTAB = bool(config.get("probe_no_table_step", False))\n'
@@ -66,9 +70,8 @@ def _edits() -> list[tuple[str, str]]:
          "        elif TABLE and not PROBE_NOTAB:\n"
          "            descriptor(bd, smem, C_OFF + st * (CS * 4), 3, 3, 0)\n"),
         # no shift of the running max (bias_mma's pack_next)
-        ("            if more:\n                shift_rows(stage(n), smem, m_r)\n",
-         "            if more:\n                if not PROBE_NOSHIFT:\n"
-         "                    shift_rows(stage(n), smem, m_r)\n"),
+        ("            if more:\n                shift_rows(dl, m_r)\n",
+         "            if more and not PROBE_NOSHIFT:\n                shift_rows(dl, m_r)\n"),
         # no record copy: the stage's barrier expects the tiles alone
         ("                    bulk_tile(kt, st, smem, b, hk, REC_BYTES)\n"
          "                    bulk_record(kt, st, smem, c, b, h)\n",
@@ -106,6 +109,7 @@ def variants(base):
         "U": (False, plain),
         "U + k step": (False, with_extra(plain, {"probe_kstep": 1})),
         "G": (True, gm),
+        "G plain": (True, plain),
         "G table as k": (True, with_extra(gm, {"probe_table_as_k": True})),
         "G no shift": (True, with_extra(gm, {"probe_no_shift": True})),
         "G no record": (True, with_extra(gm, {"probe_no_record": True})),
@@ -137,6 +141,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="S1,S2,S4")
     p.add_argument("--calls", type=int, default=30, help="calls of each variant")
+    p.add_argument("--gate-scales", default="1",
+                   help="comma-separated factors on bench.py's gate (mean log gate -0.08), "
+                        "each timed in turn: a small one keeps the probes' outputs near the "
+                        "kernel's, so that their values (the GPU's power) do not differ")
+    p.add_argument("--only", default=None,
+                   help="comma-separated variants to time (U always; 'G op', 'U op' and "
+                        "'records' are the op's calls and the records' launch)")
     a = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="gate_parts_"))
     os.environ["GFWAGEN_TEMPLATES"] = str(probed_templates(tmp))  # before gfwagen loads them
@@ -147,23 +158,29 @@ def main(argv=None) -> int:
 
     from gfwagen.backends import tvm_backend as tb
 
+    keep = set(a.only.split(",")) if a.only else None
     for name in a.shapes.split(","):
         s = SHAPES[name]
-        q, k, v, g, _ = (t.detach() for t in make_inputs(s, torch.bfloat16))
-        base = tvm_config(tb._spec("fwd", q, k, v, g, s.W), s.T, q.device)
-        probes = variants(base)
-        fns = {n: kernel_call(q, k, v, g if gated else None, s.W, cfg)
-               for n, (gated, cfg) in probes.items()}
-        fns["G op"] = functools.partial(tb.tvm_forward, q, k, v, g, s.W, config=probes["G"][1])
-        fns["records"] = functools.partial(tb._tile_records, g, base.block_n, s.D ** -0.5, True)
-        for f in fns.values():
-            f()
-        torch.cuda.synchronize()
-        ms = dict(zip(fns, interleaved_ms(list(fns.values()), a.calls), strict=True))
-        print(f"{name} {s}, from {base.as_dict()}")
-        for n, t in ms.items():
-            ratio = "" if n == "U" else f"  / U {ratio_quartiles(t, ms['U'])[1]:.4f}"
-            print(f"  {n:22s} {statistics.median(t):.4f} ms{ratio}", flush=True)
+        q, k, v, g0, _ = (t.detach() for t in make_inputs(s, torch.bfloat16))
+        for gs in map(float, a.gate_scales.split(",")):
+            g = g0 * gs
+            base = tvm_config(tb._spec("fwd", q, k, v, g, s.W), s.T, q.device)
+            probes = variants(base)
+            fns = {n: kernel_call(q, k, v, g if gated else None, s.W, cfg)
+                   for n, (gated, cfg) in probes.items() if keep is None or n in keep | {"U"}}
+            fns["G op"] = functools.partial(tb.tvm_forward, q, k, v, g, s.W, config=probes["G"][1])
+            fns["U op"] = functools.partial(tb.tvm_forward, q, k, v, None, s.W,
+                                            config=probes["U"][1])
+            fns["records"] = functools.partial(tb._tile_records, g, base.block_n, s.D ** -0.5, True)
+            fns = {n: f for n, f in fns.items() if keep is None or n in keep | {"U"}}
+            for f in fns.values():
+                f()
+            torch.cuda.synchronize()
+            ms = dict(zip(fns, interleaved_ms(list(fns.values()), a.calls), strict=True))
+            print(f"{name} {s}, gate x{gs}, from {base.as_dict()}")
+            for n, t in ms.items():
+                ratio = "" if n == "U" else f"  / U {ratio_quartiles(t, ms['U'])[1]:.4f}"
+                print(f"  {n:22s} {statistics.median(t):.4f} ms{ratio}", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

@@ -143,16 +143,15 @@ def _tile_wait_edits(pad: str) -> list[list[tuple]]:
     old_note = "if not gated:  # gated: next_biases waited for it\n"
     note = "if not gated or TABLE:  # else next_biases waited for it\n"  # session 37 on
 
-    def waits(loop_pad: str, line: str, gate_note: str = old_note) -> list[tuple]:
-        # the loop's own wait (ungated) and next_biases' (gated), which pack_next's
-        # definition and its two calls pass the probe registers to
+    def waits(loop_pad: str, line: str, gate_note: str = old_note,
+              nb: str = "n, smem, s_r, m_r, t4") -> list[tuple]:
+        # the loop's own wait (ungated) and next_biases' (gated; its parameters nb), which
+        # pack_next's definition and its two calls pass the probe registers to
         return [(loop_pad + gate_note + line, loop_pad + gate_note
                  + _tile_wait(line, loop_pad + "    ")),
                 (inner, _tile_wait(inner, "        ")),
-                ("def next_biases(n, smem, s_r, m_r, t4):",
-                 "def next_biases(n, smem, s_r, m_r, t4, tim):"),
-                ("next_biases(n, smem, s_r, m_r, t4)\n",
-                 "next_biases(n, smem, s_r, m_r, t4, tim)\n"),
+                (f"def next_biases({nb}):", f"def next_biases({nb}, tim):"),
+                (f"next_biases({nb})\n", f"next_biases({nb}, tim)\n"),
                 ("al_r, m_r, t4):\n", "al_r, m_r, t4, tim):\n"),
                 ("al_r, m_r, t4)\n", "al_r, m_r, t4, tim)\n", 2)]
 
@@ -160,6 +159,9 @@ def _tile_wait_edits(pad: str) -> list[list[tuple]]:
     step = [("m_r, l_r, al_r):\n", "m_r, l_r, al_r, tim):\n"),
             ("m_r, l_r, al_r)\n", "m_r, l_r, al_r, tim)\n", 4)]
     return [
+        # since session 43 next_biases takes the tile's gate total, loaded on its arrival
+        waits(" " * 8, "            wait_tile(g + 1, smem)\n", note,
+              "n, dl, smem, s_r, m_r, t4") + step,
         waits(" " * 8, "            wait_tile(g + 1, smem)\n", note) + step,
         # since session 34, in consume_item
         waits(" " * 12, "                wait_tile(g + 1, smem)\n", note),

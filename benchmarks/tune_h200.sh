@@ -31,11 +31,15 @@
 #             --duel 2 (session 39; after `db import`)
 #   tvm-close-calls  the head-dim-128 W 2048 and W 256 bias_mma choices dueled (--duel 3), and
 #             TVM's gated forward at head dim 64, W 256 (session 40; after `db import`)
-#   tvm-split  after session 42's interior-tile loop (split_loop): the gated head-dim-128
-#             forward's plain tile against bias_mma where the plain one was kept (S1, S2, W 256,
-#             512, 1024; bias_mma gained 0.3-3.6% from the split, the plain kernel nothing),
-#             --duel 3, and TVM's ungated forward at S1-S4 re-timed (its entries hold
-#             pre-split times, which backend="auto" compares with Triton's); after `db import`
+#   tvm-retime-128  after session 42's interior-tile loop (split_loop: ungated 1-6% faster,
+#             bias_mma 0.3-3.6%, the plain gated kernel unchanged) and session 43's running-max
+#             shift loaded on the tile's arrival (bias_mma 1.6-3.5 points faster, plain
+#             unchanged): TVM's gated head-dim-128 forward, plain against bias_mma, --duel 3,
+#             at S1-S4 and the classes where plain was kept (W 256, 2048, 8192), and its
+#             ungated forward at S1-S4 re-timed (backend="auto" compares it with Triton's)
+#   tvm-retime-64  the same at head dim 64: S5 and the classes where the persistent plain
+#             tile was kept (W 256, 1024, 2048) against it with bias_mma, and TVM's ungated
+#             S5 (both phases after `db import tuning_db/h200.jsonl`; not yet run)
 #   merge     S1's database plus the two, into h200.sqlite, exported best-only as h200.jsonl
 # Usage:  OUT=/some/dir bash benchmarks/tune_h200.sh PHASE [extra tune options]
 set -uo pipefail
@@ -168,15 +172,29 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     plain --passes bwd_kv,bwd_q,bwd_ds --only "$d128,C-d128-w256" > "$out/triton_ungated_bwd128.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     ;;
-  tvm-split)
-    bm --duel 3 --preset standard --only S1,S2 > "$out/split_s1_s2.json"
+  tvm-retime-128)
+    # exported after each part: a call cut short by its time limit keeps what it tuned
+    bm --duel 3 --preset standard --only S1,S2,S3,S4 > "$out/retime_s1_s4.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
-    bm --duel 3 --preset classes --only C-d128-w256,C-d128-w512,C-d128-w1024 \
-      > "$out/split_classes.json"
+    bm --duel 3 --preset classes --only C-d128-w256,C-d128-w2048,C-d128-w8192 \
+      > "$out/retime_d128_classes.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     python3 cli.py tune --gpu h200 --backend tvm --passes fwd --no-gated --trials 2 --try "$pp" \
       --preset standard --only S1,S2,S3,S4 --format json --no-plots --db "$out/h200.sqlite" \
-      > "$out/split_ungated.json"
+      > "$out/retime_ungated.json"
+    python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
+    ;;
+  tvm-retime-64)
+    pers='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "persistent": true}}'
+    persb='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "persistent": true, "bias_mma": true}}'
+    t64() { python3 cli.py tune --gpu h200 --backend tvm --passes fwd --trials 3 --try "$pers" \
+              --format json --no-plots --db "$out/h200.sqlite" "$@"; }
+    t64 --gated --try "$persb" --duel 3 --preset standard --only S5 > "$out/retime_s5.json"
+    python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
+    t64 --gated --try "$persb" --duel 3 --preset classes --only C-d64-w256,C-d64-w1024,C-d64-w2048 \
+      > "$out/retime_d64_classes.json"
+    python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
+    t64 --no-gated --trials 2 --preset standard --only S5 > "$out/retime_s5_ungated.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     ;;
   merge)
@@ -187,7 +205,7 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     python3 cli.py db export "$out/h200.jsonl" --best-only --db "$out/h200.sqlite"
     ;;
   *)
-    echo "phase: s1-sweep | s1-tpe | ship | classes | tvm-classes | tvm-persistent | tvm-bias-mma | tvm-bias-mma-duel | tvm-three | tvm-close-calls | tvm-split | ungated-classes | merge" >&2
+    echo "phase: s1-sweep | s1-tpe | ship | classes | tvm-classes | tvm-persistent | tvm-bias-mma | tvm-bias-mma-duel | tvm-three | tvm-close-calls | tvm-retime-128 | tvm-retime-64 | ungated-classes | merge" >&2
     exit 2
     ;;
 esac

@@ -1107,7 +1107,7 @@ def test_gate_parts_probes_still_fit_the_template(tmp_path):
             "    src = tb.cuda_source(tb.build_cuda(spec, cfg, 'sm_90a'))\n"
             "    k = src[src.index('extern \"C\" __global__'):]\n"
             "    print(k.count('_mma_async_sync_aligned_m64n128k16'), k.count('_rs_'),\n"
-            "          k.count('bulk_shared__cluster'), k.count('float dl_ptr'))\n")
+            "          k.count('bulk_shared__cluster'), k.count('(m_r_ptr[0] + dl'))\n")
     out = _run_with_templates(gate_parts.probed_templates(tmp_path), code)
     # per kernel: score and P V products, those with A from registers (P V's, the table
     # step's), record copies, the running max's shifts

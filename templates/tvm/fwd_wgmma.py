@@ -124,7 +124,11 @@ Config extras (session 17, H200 numbers in benchmarks/RESULTS.md):
 - `split_loop` (pingpong, on unless a config sets it false; session 42): the key tiles that
   need no mask run in a loop of their own, whose step has no masked branch (key_step). H200:
   ungated 1-6% faster, gated with bias_mma 0.3-3.6%, bit-identical. Not for the gated kernel
-  without bias_mma, which ptxas would serialize (C7511).
+  without bias_mma, which ptxas would serialize (C7511); with its biases loaded again at the
+  loops' seams it compiles clean but ran 1.7% slower at S1 and 2-3% at S5 (session 43).
+- Since session 43 each key tile's gate total (the running max's shift) is read when the tile
+  arrives, not after its P V (shift_rows): with bias_mma the gate's cost in the kernel fell
+  from 4.9-7.0% to 3.2-3.5% of the ungated one at S1, S2 and S4 (H200).
 """
 
 from __future__ import annotations
@@ -658,18 +662,25 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         for x in T.unroll(BN // 2):
             s_r[x] = T.float32(0)
 
+    def tile_total(st, smem):
+        # a stage's gate total (RELATIVE: the running max's move past its tile)
+        return smem[C_OFF // 4 + st * CS + TOTAL]
+
     @T.macro
-    def shift_rows(st, smem, m_r):
+    def shift_rows(dl, m_r):
         # RELATIVE: the scores so far are relative to the previous key tile's start, the next
         # tile's to its own (scan_tile, or the tile's record): the running max moves by the
-        # previous tile's gate total, and the row sums and O, relative to it, stay. So the
-        # biases stay within a tile's gate sum, however long the window
-        dl: T.float32 = smem[C_OFF // 4 + st * CS + TOTAL]
+        # previous tile's gate total dl, and the row sums and O, relative to it, stay. So the
+        # biases stay within a tile's gate sum, however long the window. The caller loads dl
+        # when the tile arrives: loaded here, the add waited on the load before the turn's
+        # barrier, 3-4.5% of the bias_mma kernel at S1, S2 and S4, as much with gates 1e5
+        # times weaker, so not an effect of the values (probe_no_shift, RESULTS.md, session
+        # 43)
         for r in T.unroll(2):
             m_r[r] = m_r[r] + dl
 
     @T.macro
-    def next_biases(n, smem, s_r, m_r, t4):
+    def next_biases(n, dl, smem, s_r, m_r, t4):
         # pingpong, gated, once tile n's P has left S (pack_p) and before O's rescale, whose
         # multiplies then pass under the loads' latency: tile n + 1's biases into S, and
         # (RELATIVE) the running max moved by tile n's total. At the top of the next step,
@@ -678,23 +689,23 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         # (RESULTS.md, session 24). Into registers of their own before the pack, they made
         # the consumers spill (168 registers a thread)
         if RELATIVE:
-            shift_rows(stage(n), smem, m_r)
+            shift_rows(dl, m_r)
         wait_tile(n + 1, smem)
         bias_first_row(stage(n + 1), smem, s_r, t4)
 
     @T.macro
-    def pack_next(n, more, smem, s_r, p_r, acc, al_r, m_r, t4):
+    def pack_next(n, more, dl, smem, s_r, p_r, acc, al_r, m_r, t4):
         # pingpong: rescale_pack after tile n's softmax, and gated, if `more` tiles follow,
-        # the next one's biases in the middle (next_biases)
+        # the next one's biases in the middle (next_biases); dl: tile n's gate total
         if TABLE:  # the biases come with the score product: only the running max moves
             pack_p(s_r, p_r)
             if more:
-                shift_rows(stage(n), smem, m_r)
+                shift_rows(dl, m_r)
             rescale_o(acc, al_r)
         elif gated:
             pack_p(s_r, p_r)
             if more:
-                next_biases(n, smem, s_r, m_r, t4)
+                next_biases(n, dl, smem, s_r, m_r, t4)
             rescale_o(acc, al_r)
             bias_second_row(s_r)
         else:
@@ -979,6 +990,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         g = g0 + it
         if not gated or TABLE:  # else next_biases waited for it
             wait_tile(g + 1, smem)
+        # (plain, gated: tile g + 1 arrived before the last step's next_biases)
+        dl: T.float32 = tile_total(stage(g + 1), smem) if RELATIVE else T.float32(0)
         T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
         T.ptx["wgmma.fence.sync.aligned"]()
         issue_scores(stage(g + 1), cw, smem, s_r, qd, kd, qo, t4, vd)
@@ -992,7 +1005,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         T.ptx["wgmma.wait_group.sync.aligned"](0)
         # tile g's K, V and gate sums are read: its stage is free
         T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, FREE + stage(g)))
-        pack_next(g + 1, T.Cast("int64", it) + 2 < n_tiles, smem, s_r, p_r, acc,
+        pack_next(g + 1, T.Cast("int64", it) + 2 < n_tiles, dl, smem, s_r, p_r, acc,
                   al_r, m_r, t4)
 
     @T.macro
@@ -1010,6 +1023,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             T.ptx["bar.arrive"](T.uint32(1), T.uint32(256))
         T.cuda.mbarrier_wait(mbar(smem, qs * Q1_FULL), T.truncmod(w // 2, 2))
         wait_tile(g0, smem)
+        dl0: T.float32 = tile_total(stage(g0), smem) if RELATIVE else T.float32(0)
         if gated and not TABLE:
             bias_scores(stage(g0), smem, s_r, t4)
         T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
@@ -1018,7 +1032,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         T.ptx["bar.arrive"](next_turn(cw), T.uint32(256))
         T.ptx["wgmma.wait_group.sync.aligned"](0)
         softmax(kt_lo, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
-        pack_next(g0, n_tiles > 1, smem, s_r, p_r, acc, al_r, m_r, t4)
+        pack_next(g0, n_tiles > 1, dl0, smem, s_r, p_r, acc, al_r, m_r, t4)
         n_steps = T.Cast("int32", n_tiles) - 1
         if SPLIT:
             # the steps whose tile is interior (unmasked) run in a loop of their own, without
