@@ -673,9 +673,9 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         # previous tile's gate total dl, and the row sums and O, relative to it, stay. So the
         # biases stay within a tile's gate sum, however long the window. The caller loads dl
         # when the tile arrives: loaded here, the add waited on the load before the turn's
-        # barrier, 3-4.5% of the bias_mma kernel at S1, S2 and S4, as much with gates 1e5
-        # times weaker, so not an effect of the values (probe_no_shift, RESULTS.md, session
-        # 43)
+        # barrier, 2.8-4.5 points of the bias_mma kernel's gate cost at S1, S2 and S4, as
+        # many with gates 1e5 times weaker, so not an effect of the values (probe_no_shift,
+        # RESULTS.md, session 43)
         for r in T.unroll(2):
             m_r[r] = m_r[r] + dl
 
@@ -990,7 +990,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         g = g0 + it
         if not gated or TABLE:  # else next_biases waited for it
             wait_tile(g + 1, smem)
-        # (plain, gated: tile g + 1 arrived before the last step's next_biases)
+        # (the gated kernel without bias_mma waited for tile g + 1 in the previous step's
+        # next_biases)
         dl: T.float32 = tile_total(stage(g + 1), smem) if RELATIVE else T.float32(0)
         T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
         T.ptx["wgmma.fence.sync.aligned"]()
