@@ -125,7 +125,7 @@ Config extras (session 17, H200 numbers in benchmarks/RESULTS.md):
   need no mask run in a loop of their own, whose step has no masked branch (key_step). H200:
   ungated 1-6% faster, gated with bias_mma 0.3-3.6%, bit-identical. Not for the gated kernel
   without bias_mma, which ptxas would serialize (C7511); with its biases loaded again at the
-  loops' seams it compiles clean but ran 1.7% slower at S1 and 2-3% at S5 (session 43).
+  loops' seams it compiles clean but ran 1.3-1.7% slower at S1 and 2-3% at S5 (session 43).
 - Since session 43 each key tile's gate total (the running max's shift) is read when the tile
   arrives, not after its P V (shift_rows): with bias_mma the gate's cost in the kernel fell
   from 4.9-7.0% to 3.2-3.5% of the ungated one at S1, S2 and S4 (H200).
