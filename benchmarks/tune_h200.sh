@@ -59,6 +59,8 @@ tune() { python3 cli.py tune --gpu h200 --preset ship --format json "$@"; }
 # TVM's square-tile pingpong forward, and it with bias_mma (the tvm-* phases' --try configs)
 pp='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true}}'
 ppb='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "bias_mma": true}}'
+# the persistent pingpong tile (head dim 64: its second Q buffer fits three stages there)
+pers='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "persistent": true}}'
 # the gated TVM forward, the pingpong tile timed without and with bias_mma
 bm() { python3 cli.py tune --gpu h200 --backend tvm --passes fwd --gated --trials 3 \
          --try "$pp" --try "$ppb" --format json --no-plots --db "$out/h200.sqlite" "$@"; }
@@ -109,7 +111,6 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     ;;
   tvm-persistent)
-    pers='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "persistent": true}}'
     pt() { python3 cli.py tune --gpu h200 --backend tvm --passes fwd --trials 3 --try "$pp" \
              --try "$pers" --format json --no-plots --db "$out/h200.sqlite" "$@"; }
     pt --preset standard --gated --only S5 > "$out/pers_s5.json"
@@ -139,7 +140,6 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
   tvm-three)
     # the persistent and plain pingpong tiles against three consumers' 192 rows, plain and
     # persistent (and, gated, with bias_mma); session 39 ran it in three parts (RESULTS.md)
-    pers='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "persistent": true}}'
     three='{"block_m": 192, "block_n": 128, "num_warps": 16, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true}}'
     threep='{"block_m": 192, "block_n": 128, "num_warps": 16, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "persistent": true}}'
     threeb='{"block_m": 192, "block_n": 128, "num_warps": 16, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "bias_mma": true}}'
@@ -155,7 +155,6 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     # session 38's single-timing choices at head dim 128 (bias_mma at W 2048 by 11.8%, plain
     # at W 256 by 3.1%) dueled, and the gated head-dim-64 W 256 class, which had no TVM
     # forward entry (S5's tiles timed there); session 40 (after `db import`)
-    pers='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "persistent": true}}'
     bm --duel 3 --preset classes --only C-d128-w2048,C-d128-w256 > "$out/close_d128.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     python3 cli.py tune --gpu h200 --backend tvm --passes fwd --gated --trials 4 --try "$pp" \
@@ -185,14 +184,14 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     ;;
   tvm-retime-64)
-    pers='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "persistent": true}}'
     persb='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "persistent": true, "bias_mma": true}}'
-    t64() { python3 cli.py tune --gpu h200 --backend tvm --passes fwd --trials 3 --try "$pers" \
+    t64() { python3 cli.py tune --gpu h200 --backend tvm --passes fwd --try "$pers" \
               --format json --no-plots --db "$out/h200.sqlite" "$@"; }
-    t64 --gated --try "$persb" --duel 3 --preset standard --only S5 > "$out/retime_s5.json"
+    t64 --gated --trials 3 --try "$persb" --duel 3 --preset standard --only S5 \
+      > "$out/retime_s5.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
-    t64 --gated --try "$persb" --duel 3 --preset classes --only C-d64-w256,C-d64-w1024,C-d64-w2048 \
-      > "$out/retime_d64_classes.json"
+    t64 --gated --trials 3 --try "$persb" --duel 3 --preset classes \
+      --only C-d64-w256,C-d64-w1024,C-d64-w2048 > "$out/retime_d64_classes.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     t64 --no-gated --trials 2 --preset standard --only S5 > "$out/retime_s5_ungated.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
