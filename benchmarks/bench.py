@@ -12,7 +12,8 @@ recording (inputs require grad), i.e. the training forward whose cost the subtra
 Flex timings include the [B,T,H,D] <-> [B,H,T,D] transposes and the gate prefix sums.
 Each shape is timed in --rounds rounds, the contenders' order reversed each round, and each
 contender keeps its best round (round_orders says why). --gate-pairs N then times gfwagen's
-gated and ungated forwards call by call, alternating (paired_ms), for the gate's cost.
+gated and ungated forwards call by call, alternating (paired_ms), for the gate's cost: eager
+calls, then each forward replayed from a CUDA graph (the kernels' cost without the host's).
 Mode "graph" times each contender's forward+backward once more, replayed from a CUDA graph:
 where the eager call is bound by its host (S5 on a slow host, RESULTS.md session 28), the two
 differ, and "graph" is what the kernels take.
@@ -150,9 +151,11 @@ def gate_cost_rows(results, shapes):
     window. The rounds show how far one figure can move: in session 21's recorded run S2's
     best-round cost was 10.6%, its two rounds 3.0% and 13.6% (RESULTS.md)."""
     res = {(r["shape"], r["contender"]): r for r in results if r.get("mode") == "fwd"}
-    calls = {r["shape"]: r for r in results if r.get("mode") == "fwd-paired"}
+    paired = {m: {r["shape"]: r for r in results if r.get("mode") == m}
+              for m in ("fwd-paired", "fwd-paired-graph")}
     headers = ["shape", "gated / ungated fwd", "per round", "median of rounds",
-               "gated / flex-nogate fwd", "paired calls: median (quartiles)"]
+               "gated / flex-nogate fwd", "paired calls: median (quartiles)",
+               "paired graph replays: median (quartiles)"]
     rows = []
 
     def pct(a, b):
@@ -162,15 +165,18 @@ def gate_cost_rows(results, shapes):
         g, u, f = (res.get((name, c)) for c in ("gfwagen", "gfwagen-nogate", "flex-nogate"))
         if not (g and u):
             continue
-        paired = [a / b for a, b in zip(g.get("rounds_ms") or [], u.get("rounds_ms") or [])]
-        by_call = None
-        if name in calls:
+        rounds = [a / b for a, b in zip(g.get("rounds_ms") or [], u.get("rounds_ms") or [])]
+        by_pair = []
+        for calls in paired.values():
+            if name not in calls:
+                by_pair.append(None)
+                continue
             q1, q2, q3 = statistics.quantiles(calls[name]["ratios"], n=4)
-            by_call = f"{pct(q2, 1.0)} ({pct(q1, 1.0)}, {pct(q3, 1.0)})"
+            by_pair.append(f"{pct(q2, 1.0)} ({pct(q1, 1.0)}, {pct(q3, 1.0)})")
         rows.append([name, pct(g["ms"], u["ms"]),
-                     " ".join(pct(x, 1.0) for x in paired) or None,
-                     pct(statistics.median(paired), 1.0) if paired else None,
-                     pct(g["ms"], f["ms"]) if f else None, by_call])
+                     " ".join(pct(x, 1.0) for x in rounds) or None,
+                     pct(statistics.median(rounds), 1.0) if rounds else None,
+                     pct(g["ms"], f["ms"]) if f else None, *by_pair])
     return headers, rows
 
 
@@ -323,6 +329,14 @@ def grad_step(f, q, k, v, g, dout, gated):
     looking fast."""
     inputs = (q, k, v, g) if gated else (q, k, v)
     return lambda: torch.autograd.grad(f(q, k, v, g), inputs, dout)
+
+
+def fresh_leaves_fwd(f, q, k, v, g):
+    """f's forward on copies of the inputs that no autograd graph has seen (fresh_leaves_step
+    says why), recording autograd as the timed forward does."""
+    gc.collect()
+    q, k, v, g = (t.detach().requires_grad_(t.requires_grad) for t in (q, k, v, g))
+    return lambda: f(q, k, v, g)
 
 
 def fresh_leaves_step(f, q, k, v, g, dout, gated):
@@ -548,7 +562,7 @@ def main(argv=None):
                 print(f"  {c:15s} {line}", flush=True)
         if args.gate_pairs and "fwd" in modes and {"gfwagen", "gfwagen-nogate"} <= set(fns) \
                 and not {"gfwagen", "gfwagen-nogate"} & set(failed):
-            results.append(gate_pairs(fns, q, k, v, g, name, args.gate_pairs))
+            results.extend(gate_pairs(fns, q, k, v, g, name, args.gate_pairs))
         fns = None
         free_memory()
         del q, k, v, g, dout
@@ -561,16 +575,35 @@ def main(argv=None):
     report(results, checks, list(shapes), list(makers), meta, args.json, args.markdown)
 
 
-def gate_pairs(fns, q, k, v, g, name, n) -> dict:
-    """gfwagen's gated forward against its ungated one, n paired calls (paired_ms)."""
-    gated, plain = paired_ms(lambda: fns["gfwagen"](q, k, v, g),
-                             lambda: fns["gfwagen-nogate"](q, k, v, g), n)
-    ratios = [a / b for a, b in zip(gated, plain, strict=True)]
-    print(f"  [gate pairs] {n} each: gated {statistics.median(gated):.4f} ms, ungated "
-          f"{statistics.median(plain):.4f} ms (medians), gated / ungated per pair: median "
-          f"{statistics.median(ratios):.4f}", flush=True)
-    return {"shape": name, "contender": "gfwagen", "mode": "fwd-paired", "ratios": ratios,
-            "gated_ms": gated, "ungated_ms": plain}
+def gate_pairs(fns, q, k, v, g, name, n) -> list[dict]:
+    """gfwagen's gated forward against its ungated one, n paired calls (paired_ms): eager,
+    then each forward replayed from a CUDA graph. Eager pairs include the host's time to
+    issue each call wherever it exceeds the L2 flush before it (a slow host: session 44
+    measured 0.37-0.50 ms of host per gated forward, longer than S5's kernels), so the graph
+    pairs are the kernels' own cost of the gate, its prefix sums and records included."""
+    def eager():
+        return [lambda c=c: fns[c](q, k, v, g) for c in ("gfwagen", "gfwagen-nogate")]
+
+    def replays():
+        return [capture_graph(fresh_leaves_fwd(fns[c], q, k, v, g)).replay
+                for c in ("gfwagen", "gfwagen-nogate")]
+
+    out = []
+    for mode, make in (("fwd-paired", eager), ("fwd-paired-graph", replays)):
+        try:
+            fa, fb = make()
+        except Exception as e:  # a host sync inside the capture
+            print(f"  [gate pairs] {mode}: {_error('capture', e)}", flush=True)
+            free_memory()
+            continue
+        gated, plain = paired_ms(fa, fb, n)
+        ratios = [a / b for a, b in zip(gated, plain, strict=True)]
+        print(f"  [gate pairs, {mode}] {n} each: gated {statistics.median(gated):.4f} ms, "
+              f"ungated {statistics.median(plain):.4f} ms (medians), gated / ungated per "
+              f"pair: median {statistics.median(ratios):.4f}", flush=True)
+        out.append({"shape": name, "contender": "gfwagen", "mode": mode, "ratios": ratios,
+                    "gated_ms": gated, "ungated_ms": plain})
+    return out
 
 
 def split_shapes(shapes: dict, n: int) -> list[list[str]]:

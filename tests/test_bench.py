@@ -105,20 +105,23 @@ def test_gate_cost_pairs_the_rounds_and_reports_target_2(tmp_path, capsys):
                fwd("flex-nogate", [0.7969, 0.8014]),
                {"shape": "S5", "contender": "gfwagen", "mode": "fwd", "ms": 0.3, "tflops": 1.0}]
     headers, rows = bench.gate_cost_rows(results, ["S2", "S5"])
-    assert rows == [["S2", "+10.6%", "+3.0% +13.6%", "+8.3%", "-26.3%", None]]
-    # --gate-pairs: the pairs' ratios, median and quartiles
+    assert rows == [["S2", "+10.6%", "+3.0% +13.6%", "+8.3%", "-26.3%", None, None]]
+    # --gate-pairs: the pairs' ratios, median and quartiles, eager and replayed apart
     paired = {"shape": "S2", "contender": "gfwagen", "mode": "fwd-paired",
               "ratios": [1.01, 1.03, 1.02, 1.07, 0.99]}
-    assert bench.gate_cost_rows(results + [paired], ["S2"])[1][0][-1] == \
-        "+2.0% (+0.0%, +5.0%)"
+    replayed = {**paired, "mode": "fwd-paired-graph", "ratios": [1.02, 1.03, 1.04, 1.01, 1.03]}
+    assert bench.gate_cost_rows(results + [paired], ["S2"])[1][0][-2:] == \
+        ["+2.0% (+0.0%, +5.0%)", None]
+    assert bench.gate_cost_rows(results + [paired, replayed], ["S2"])[1][0][-2:] == \
+        ["+2.0% (+0.0%, +5.0%)", "+3.0% (+1.5%, +3.5%)"]
     headers, rows = bench.gate_cost_rows(results[:2], ["S2"])
-    assert rows[0][-1] is None
+    assert rows[0][-2:] == [None, None]
     meta = {"date": "d", "gpu": "g", "command": "c", "versions": {}, "dtype": "bf16",
             "unavailable": {}}
     md = tmp_path / "r.md"
     bench.report(results[:3], [], ["S2"], ["gfwagen", "gfwagen-nogate", "flex-nogate"], meta,
                  md_path=str(md))
-    assert "| S2 | +10.6% | +3.0% +13.6% | +8.3% | -26.3% | - |" in md.read_text()
+    assert "| S2 | +10.6% | +3.0% +13.6% | +8.3% | -26.3% | - | - |" in md.read_text()
     assert "The gate's cost" in capsys.readouterr().out
 
 
