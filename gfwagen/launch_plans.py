@@ -12,8 +12,9 @@ same buffers and make the same launches, straight to each compiled kernel's laun
 
 A recording becomes a plan only when everything it did is something a replay repeats: buffer
 allocations, views, and launches through the templates' launchers (templates/triton/common.py),
-every one of them (on CUDA, Triton's own launch hook counts them). Any other tensor operation
-(a copy, a fill, a host read), another backend (TVM, the reference) or a config that failed to
+every one of them (on CUDA, Triton's own launch hook counts them), or through its
+foreign_launch (TVM's compiled kernels, their tensors passed as torch tensors). Any other tensor
+operation (a copy, a fill, a host read), the reference backend or a config that failed to
 build leaves that signature on the general path. A replay that raises forgets its plan and
 runs the general path.
 
@@ -107,6 +108,12 @@ def run(fn, tensors: tuple, statics: tuple):
 _this_recording = threading.local()
 
 
+def foreign_launch(call, *args) -> None:
+    """call(*args), a launch outside Triton's launchers (TVM's compiled kernels): a step of the
+    plan that a recording in progress on this thread makes."""
+    load_template("triton", "common").foreign_launch(call, *args)
+
+
 def decline(why: str) -> None:
     """Called by the general path where a recording in progress must not become a plan
     (another backend's kernels, which a replay would not launch)."""
@@ -171,8 +178,9 @@ def _record(fn, tensors, statics):
     if _this_recording.cleared:
         return out, None
     why = _this_recording.why or (f"it ran {allocs.refused}" if allocs.refused else None)
-    if why is None and count is not None and count.n != len(steps):
-        why = f"{count.n - len(steps)} launches outside the templates' launchers"
+    triton_steps = sum(launcher is not None for launcher, *_ in steps)
+    if why is None and count is not None and count.n != triton_steps:
+        why = f"{count.n - triton_steps} launches outside the templates' launchers"
     if why is not None:
         return out, NotPlanned(why)
     try:
@@ -204,6 +212,7 @@ class _Plan:
         # each thread sets for itself (triton_backend._ensure_tma_allocator)
         self.ensure_allocator = None
         if self.device is not None and any(getattr(call.func, "fast", None) is None
+                                           and call.func is not _foreign_launch
                                            for call, *_ in self.steps):
             from gfwagen.backends.triton_backend import _ensure_tma_allocator
 
@@ -241,23 +250,37 @@ class _Plan:
                 raise _Unplannable(f"a launch took a tensor of {len(bases)} of the call's")
             base = bases[0]
         b = self._known[base]
-        if b.dtype != t.dtype:
-            raise _Unplannable("a launch took a view of another dtype")
-        spec = (base, tuple(t.shape), t.stride(), t.storage_offset() - b.storage_offset())
-        if spec[1:] == (tuple(b.shape), b.stride(), 0):
+        # the offset in t's elements: a view may read the buffer as another dtype (the bias
+        # tables' int16 halves of a float32 buffer)
+        rel, odd = divmod(t.storage_offset() * t.element_size()
+                          - b.storage_offset() * b.element_size(), t.element_size())
+        if odd:
+            raise _Unplannable("a launch took a view between two elements")
+        spec = (base, t.dtype, tuple(t.shape), t.stride(), rel)
+        if spec[1:] == (b.dtype, tuple(b.shape), b.stride(), 0):
             # the buffer itself, as another Python object: what the dispatch mode saw
             # allocated is not always the object its caller got
             return base
         i = self._views.get(spec)
         if i is None:
-            _, size, stride, rel = spec
-            self._makers.append(lambda env: env[base].as_strided(
-                size, stride, env[base].storage_offset() + rel))
+            _, dtype, size, stride, rel = spec
+            try:
+                b.view(dtype)
+            except RuntimeError as e:
+                raise _Unplannable(f"a launch took a {dtype} view it cannot remake: {e}") from e
+
+            def make(env):
+                src = env[base] if env[base].dtype == dtype else env[base].view(dtype)
+                return src.as_strided(size, stride, src.storage_offset() + rel)
+
+            self._makers.append(make)
             self._known.append(t)
             i = self._views[spec] = len(self._known) - 1
         return i
 
     def _step(self, launcher, key, grid, args, kw):
+        if launcher is None:  # common.foreign_launch: key is the call
+            return self._foreign_step(key, args)
         if any(isinstance(v, torch.Tensor) for v in kw.values()):
             # a keyword argument is a constexpr or an option: a replay would pass it as recorded
             raise _Unplannable("a launch took a tensor by keyword")
@@ -272,6 +295,18 @@ class _Plan:
         else:  # not cached by the launcher (the interpreter): Triton's own launch each time
             call = functools.partial(_triton_launch, launcher.kernel, kw)
         return call, grid, consts, tuple(refs)
+
+    def _foreign_step(self, call, args):
+        consts, refs = list(args), []
+        for pos, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                consts[pos] = None
+                refs.append((pos, self._slot(a)))
+            elif not isinstance(a, (bool, int, float, type(None))):
+                # a wrapper of some tensor's memory (a DLPack view): a replay would pass the
+                # recorded call's buffer
+                raise _Unplannable(f"a launch took a {type(a).__name__}")
+        return functools.partial(_foreign_launch, call), None, consts, tuple(refs)
 
     def _template(self, out):
         if isinstance(out, tuple):
@@ -315,6 +350,10 @@ def _build(template, env):
     if type(template) is tuple:
         return tuple(_build(x, env) for x in template)
     return template
+
+
+def _foreign_launch(call, grid, args):
+    call(*args)
 
 
 def _triton_launch(kernel, kw, grid, args):

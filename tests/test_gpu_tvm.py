@@ -252,6 +252,50 @@ def test_gpu_tvm_runs_on_the_current_stream():
     assert torch.equal(o, o_ref)
 
 
+PLAN_CASES = [(128, True, None), (64, True, None), (128, False, None),
+              # the bias tables: the records' launch takes their int16 view as well
+              (128, True, "bias_mma"), (64, True, "persistent-bias_mma")]
+
+
+@pytest.mark.parametrize("D,gated,knob", PLAN_CASES)
+def test_gpu_tvm_forward_launch_plans_replay_bitwise(D, gated, knob, monkeypatch):
+    """The op's TVM forward recorded once, then replayed (launch_plans): on fresh inputs,
+    on another stream after its earlier work, bitwise the general path's. knob: the
+    pingpong tile with it, instead of the database's config."""
+    import gfwagen
+    from gfwagen import dispatch, launch_plans
+    from gfwagen.spec import KernelConfig
+
+    if knob is not None:
+        extra = dict(_wgmma_128(True, "persistent" if "persistent" in knob else None).extra)
+        extra["bias_mma"] = True
+        cfg = KernelConfig(128, 128, 8, 3, extra=tuple(extra.items()))
+        real = dispatch.select_config
+        monkeypatch.setattr(dispatch, "select_config", lambda spec, T, dev: (
+            cfg if spec.backend == "tvm" and spec.pass_ == "fwd" else real(spec, T, dev)))
+    monkeypatch.setenv(launch_plans.PLANS_ENV, "auto")
+    launch_plans.clear()
+    try:
+        for i in range(3):
+            q, k, v, g = make_inputs(2, 1000, 4, 2, D, D, torch.bfloat16, gated, device="cuda")
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                torch.cuda._sleep(20_000_000)  # q2 is written after a long GPU sleep
+                q2 = q * 1.0
+                o = gfwagen.attention(q2, k, v, g, window=300, backend="tvm")
+            side.synchronize()
+            with monkeypatch.context() as m:
+                m.setenv(launch_plans.PLANS_ENV, "0")
+                want = gfwagen.attention(q, k, v, g, window=300, backend="tvm")
+            assert torch.equal(o, want), i
+        kinds = {type(p).__name__ for key, p in launch_plans._plans.items()
+                 if key[0].__name__ == "_planned_forward"}
+        assert kinds == {"_Plan"}
+    finally:
+        launch_plans.clear()
+
+
 def test_gpu_tvm_misaligned_views():
     """Contiguous views 2 bytes off a 16-byte boundary (cp.async needs the boundary)."""
     B, T, H, D = 1, 300, 2, 64

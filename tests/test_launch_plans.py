@@ -115,19 +115,48 @@ def test_another_signature_gets_its_own_plan(general_calls, monkeypatch):
     assert general_calls["fwd"] == 5  # the aligned one's plan, from two calls before
 
 
-@pytest.mark.parametrize("backend", ["reference", "tvm"])
-def test_other_backends_are_not_planned(backend, general_calls):
-    if backend == "tvm" and not dispatch.tvm_available():
-        pytest.skip("apache-tvm is not installed")
+def test_the_reference_is_not_planned(general_calls):
     q, k, v, g = make_inputs(1, 20, 2, 2, 16, 16, torch.float32, True)
     do = torch.randn(1, 20, 2, 16)
-    first = _step(q, k, v, g, 6, do, backend=backend)
-    second = _step(q, k, v, g, 6, do, backend=backend)
+    first = _step(q, k, v, g, 6, do, backend="reference")
+    second = _step(q, k, v, g, 6, do, backend="reference")
     assert general_calls == {"fwd": 2, "bwd": 2}
-    why = {"reference": "the reference", "tvm": "TVM"}[backend]
-    assert set(launch_plans._plans.values()) == {why}
+    assert set(launch_plans._plans.values()) == {"the reference"}
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+def test_tvm_forward_is_planned_its_backward_not(gated, general_calls, monkeypatch):
+    """TVM's forward launches through tvm_backend._launch (launch_plans.foreign_launch) and
+    the gate sums' Triton launch: planned, each replay on fresh inputs bitwise the general
+    path's. Its backward runs torch operations (delta, casts): declined."""
+    if not dispatch.tvm_available():
+        pytest.skip("apache-tvm is not installed")
+    for i in range(3):
+        q, k, v, g = make_inputs(1, 21, 4, 2, 16, 16, torch.float32, gated)
+        do = torch.randn(1, 21, 4, 16)
+        got = _step(q, k, v, g, 6, do, backend="tvm")
+        assert general_calls == {"fwd": 1, "bwd": i + 1}, i
+        want = _general(monkeypatch, general_calls, q, k, v, g, 6, do, backend="tvm")
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b), i
+    assert [p for p in launch_plans._plans.values()
+            if type(p) is launch_plans.NotPlanned] == ["TVM"]
+    assert _planned_kinds() == [("_planned_backward", "NotPlanned"),
+                                ("_planned_forward", "_Plan")]
+    ref = naive_attention(q.double(), k.double(), v.double(), g.double() if gated else None, 6)
+    assert rel_err(got[0], ref) < 1e-5
+
+
+def test_a_foreign_launch_taking_another_kind_of_tensor_is_not_planned():
+    """A foreign launch's argument that is neither a torch tensor nor a plain value (a
+    DLPack view of some buffer) would be passed as recorded: the recording's memory."""
+    x = torch.empty(4)
+    plan = launch_plans._Plan((x,), [], [(None, print, None, (x, 2, 0.5, None), {})], (x,))
+    assert plan.steps[0][2:] == ([None, 2, 0.5, None], ((0, 0),))
+    with pytest.raises(launch_plans._Unplannable, match="took a memoryview"):
+        launch_plans._Plan((x,), [], [(None, print, None, (x, memoryview(b"")), {})], (x,))
 
 
 def test_torch_operations_on_the_way_leave_a_call_unplanned(general_calls, monkeypatch):
@@ -209,3 +238,29 @@ def test_a_launch_taking_a_tensor_by_keyword_is_not_planned():
     assert plan.steps[0][3] == ((0, 0),)
     with pytest.raises(launch_plans._Unplannable, match="by keyword"):
         launch_plans._Plan((x,), [], [(launcher, None, (1,), (x,), {"Y": x})], (x,))
+
+
+def test_a_view_of_a_buffer_as_another_dtype_is_remade_on_replay():
+    """The bias tables' launch takes a float32 buffer and the same memory as int16: a replay
+    passes its own buffer and that buffer's int16 view (and a slice of it), not the recording's."""
+    seen = []
+
+    def launch(*args):
+        seen.append(args)
+
+    x = torch.ones(4)
+    buf = torch.empty(2, 8)
+    halves = buf.view(torch.int16)
+    part = halves[:, 4:]
+    plan = launch_plans._Plan((x,), [buf], [(None, launch, None, (x, buf, halves, part, 3), {})],
+                              (buf,))
+    (out,) = plan.replay((x,))
+    _, b, h, p, n = seen[-1]
+    assert b is out and b.data_ptr() != buf.data_ptr() and n == 3
+    assert h.dtype == torch.int16 and h.shape == (2, 16) and h.data_ptr() == b.data_ptr()
+    assert p.shape == (2, 12) and p.stride() == (16, 1)
+    assert p.data_ptr() == b.data_ptr() + 8
+    odd = buf.view(torch.int8)[:, 1:]  # one byte in: not at an int16 boundary, but int8 is fine
+    plan = launch_plans._Plan((x,), [buf], [(None, launch, None, (odd,), {})], (buf,))
+    (out,) = plan.replay((x,))
+    assert seen[-1][0].data_ptr() == out.data_ptr() + 1

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from gfwagen import gate_sums
+from gfwagen import gate_sums, launch_plans
 from gfwagen.gate import GATE_BOUND, prefix_sums, sanitize_log_gate, tile_records, tile_tables
 from gfwagen.spec import KernelConfig, KernelSpec, stable_hash
 from gfwagen.template_loader import load_template
@@ -301,13 +301,17 @@ def _target(q: torch.Tensor, target) -> dict:
 
 
 def _launch(q: torch.Tensor, fn, *args) -> None:
-    """Run a compiled kernel; on CUDA, on torch's current stream of q's device."""
-    if not q.is_cuda:
-        fn(*args)
-        return
+    """Run a compiled kernel; on CUDA, on torch's current stream of q's device. A launch plan
+    being recorded takes it as a step (launch_plans.foreign_launch): its tensors must be torch
+    tensors for a replay to pass the replay's own."""
+    call = functools.partial(_cuda_call, q.device, fn) if q.is_cuda else fn
+    launch_plans.foreign_launch(call, *args)
+
+
+def _cuda_call(device: torch.device, fn, *args) -> None:
     import tvm_ffi
 
-    with torch.cuda.device(q.device), tvm_ffi.use_torch_stream():
+    with torch.cuda.device(device), tvm_ffi.use_torch_stream():
         fn(*args)
 
 
@@ -371,7 +375,9 @@ def _gate_sums(log_gate, device):
     """[B, Hq, T] float64 prefix sums (a dummy when ungated). On CUDA the fused Triton kernels
     make them and apply the gate clamp as they load (gfwagen.dispatch leaves it to them)."""
     if log_gate is None:
-        return torch.zeros(1, 1, 1, dtype=torch.float64, device=device)
+        # never read (every template's loads of c are behind `if gated`): unfilled, so that a
+        # launch plan can repeat the call (a fill is not replayed)
+        return torch.empty(1, 1, 1, dtype=torch.float64, device=device)
     if gate_sums.use_fused(log_gate):
         return gate_sums.prefix_sums_fused(log_gate, bound=GATE_BOUND)
     return prefix_sums(log_gate)
@@ -417,7 +423,8 @@ def _tile_records(log_gate, block_n, scale, table=False):
 def forward_launch_args(q, k, v, c, o, lse, scale) -> list:
     """A forward kernel's arguments in its parameter order (the benchmarks that launch a
     kernel of their own build use this too)."""
-    return [_dl(q), _dl(k), _dl(v), _dl(c), _dl(o), _dl(lse), scale]
+    # torch tensors, which tvm_ffi takes as they are: a launch plan replays with its own
+    return [q, k, v, c, o, lse, scale]
 
 
 # A persistent config built with no device at hand (offline) gets one block per SM of an

@@ -142,6 +142,16 @@ def _record_then_launch(into, step, call):
         _recording.launching = False
 
 
+def foreign_launch(call, *args):
+    """call(*args): a launch outside Triton (TVM's compiled kernels), recorded where
+    recording_launches runs as (None, call, None, args, {}), in order with Triton's."""
+    into = getattr(_recording, "steps", None)
+    if into is None:
+        call(*args)
+        return
+    _record_then_launch(into, (None, call, None, args, {}), functools.partial(call, *args))
+
+
 def launching() -> bool:
     """Whether this thread is inside a launch that recording_launches records."""
     return getattr(_recording, "launching", False)
