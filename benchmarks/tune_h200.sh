@@ -39,7 +39,7 @@
 #             ungated forward at S1-S4 re-timed (backend="auto" compares it with Triton's)
 #   tvm-retime-64  the same at head dim 64: S5 and the classes where the persistent plain
 #             tile was kept (W 256, 1024, 2048) against it with bias_mma, and TVM's ungated
-#             S5 (both phases after `db import tuning_db/h200.jsonl`; not yet run)
+#             S5 (both phases after `db import tuning_db/h200.jsonl`; run in session 44)
 #   merge     S1's database plus the two, into h200.sqlite, exported best-only as h200.jsonl
 # Usage:  OUT=/some/dir bash benchmarks/tune_h200.sh PHASE [extra tune options]
 set -uo pipefail
