@@ -661,9 +661,10 @@ def _with_tried(job, configs):
                    "of the run where it fits. Needs --trials of at least 1 + their number.")
 @click.option("--duel", type=click.IntRange(min=0), default=0, show_default=True,
               help="After the search, time its two fastest configs this many more times each, "
-                   "alternately; the database pools each config's timings by median, so "
-                   "configs within a few percent are not ordered by one timing each "
-                   "(one GPU only).")
+                   "alternately, and up to twice as many again while their medians lie within "
+                   "their timings' spread; the database pools each config's timings by "
+                   "median, so configs within a few percent are not ordered by one timing "
+                   "each (one GPU only).")
 @db_option
 @format_option
 @runtime_errors

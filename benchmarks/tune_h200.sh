@@ -40,6 +40,9 @@
 #   tvm-retime-64  the same at head dim 64: S5 and the classes where the persistent plain
 #             tile was kept (W 256, 1024, 2048) against it with bias_mma, and TVM's ungated
 #             S5 (both phases after `db import tuning_db/h200.jsonl`; run in session 44)
+#   tvm-s2-duel  S2's gated forward, plain against bias_mma, dueled again: tvm-retime-128
+#             kept plain by median on timings within each other's spread (bias_mma 0.500-0.548
+#             ms, plain 0.523-0.558; session 44), which a duel now extends (after `db import`)
 #   merge     S1's database plus the two, into h200.sqlite, exported best-only as h200.jsonl
 # Usage:  OUT=/some/dir bash benchmarks/tune_h200.sh PHASE [extra tune options]
 set -uo pipefail
@@ -196,6 +199,10 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     t64 --no-gated --trials 2 --preset standard --only S5 > "$out/retime_s5_ungated.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     ;;
+  tvm-s2-duel)
+    bm --duel 6 --preset standard --only S2 > "$out/s2_duel.json"
+    python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
+    ;;
   merge)
     cp "$out/s1.sqlite" "$out/h200.sqlite"
     for f in "$out"/gpu0.sqlite "$out"/gpu1.sqlite; do
@@ -204,7 +211,7 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     python3 cli.py db export "$out/h200.jsonl" --best-only --db "$out/h200.sqlite"
     ;;
   *)
-    echo "phase: s1-sweep | s1-tpe | ship | classes | tvm-classes | tvm-persistent | tvm-bias-mma | tvm-bias-mma-duel | tvm-three | tvm-close-calls | tvm-retime-128 | tvm-retime-64 | ungated-classes | merge" >&2
+    echo "phase: s1-sweep | s1-tpe | ship | classes | tvm-classes | tvm-persistent | tvm-bias-mma | tvm-bias-mma-duel | tvm-three | tvm-close-calls | tvm-retime-128 | tvm-retime-64 | tvm-s2-duel | ungated-classes | merge" >&2
     exit 2
     ;;
 esac

@@ -15,9 +15,11 @@ from gfwagen.heuristics import default_config
 from gfwagen.spec import KernelConfig, Problem
 from gfwagen.tuner import space
 from gfwagen.tuner.study import (
+    DUEL_EXTENSION,
     StudyResult,
     TuneJob,
     duel_order,
+    duel_settled,
     is_measurement,
     run,
     run_on_devices,
@@ -25,7 +27,7 @@ from gfwagen.tuner.study import (
     with_duel,
 )
 from gfwagen.tuner.timing import FakeTimer, summarize
-from gfwagen.tuner.worker import INJECT_ENV
+from gfwagen.tuner.worker import INJECT_ENV, CandidateWorker
 
 PROB = Problem(2, 512, 4, 2, 64, 64, 128, "bf16", True)
 FAST = FakeTimer.OPTIMUM  # the fake timer's fastest config
@@ -367,6 +369,34 @@ def test_duel_re_times_the_two_fastest_alternately_and_the_database_pools_them(t
     with TuningDB(db, readonly=True) as tdb:
         best = tdb.best_entries()
     assert [e["config"] for e in best] == [a.as_dict()]
+
+
+def test_a_duel_within_its_timings_spread_goes_on(tmp_path, monkeypatch):
+    """Session 44's S2: medians 1.6% apart, timings spread 5-7%: undecided. S3's: settled."""
+    s2 = {"bias_mma": [0.500, 0.548, 0.541, 0.543], "plain": [0.523, 0.530, 0.523, 0.558]}
+    s3 = {"bias_mma": [0.5395, 0.5384, 0.5571, 0.5726], "plain": [0.5721, 0.5942, 0.5964, 0.5644]}
+    assert not duel_settled(s2) and duel_settled(s3)
+    assert duel_settled({"a": [1.0], "b": [1.0, 1.0, 1.0]})  # a failed its re-timings
+    # timings that swing +-20% around each config's own time: the duel takes all its extra
+    # rounds, alternating as before (the worker process times; its results swing here)
+    real, calls = CandidateWorker.run, {}
+
+    def swinging(self, problem, backend, pass_, config, warm=False):
+        res = real(self, problem, backend, pass_, config, warm)
+        calls[config] = calls.get(config, 0) + 1
+        if res.median_ms is not None:
+            res.median_ms *= 1.2 if calls[config] % 2 else 0.8
+        return res
+
+    monkeypatch.setattr(CandidateWorker, "run", swinging)
+    db = tmp_path / "d.sqlite"
+    res = run(TuneJob(PROB, "triton", "fwd", 4, mode="fake", timeout=30.0, db_path=str(db),
+                      seed=0, duel=2))
+    assert all(len(ts) == 1 + 2 * DUEL_EXTENSION for ts in res.duel.values()), res.duel
+    rows = trials(db)[-4 * DUEL_EXTENSION:]
+    order = [KernelConfig.from_dict(json.loads(r["config_json"])) for r in rows]
+    b, a = order[:2]
+    assert order == [b, a, a, b] * DUEL_EXTENSION
 
 
 def test_duel_winner_is_the_lower_median_and_can_overturn_the_search(tmp_path):

@@ -25,7 +25,8 @@ are tuned separately (they are separate kernels with separate configs).
   the resource model prunes are recorded as 'failed' with the estimate as reason, without
   compiling); a config the study already measured is answered from the study, not rerun.
 - Duel (TuneJob.duel = N): after the search, the two fastest configs are timed N more times
-  each, alternately, outside the study; the TuningDB pools each config's timings by median,
+  each, alternately, outside the study, and up to 2N more while their medians lie within
+  their timings' spread (duel_settled); the TuningDB pools each config's timings by median,
   so a close call rests on more than one timing each.
 - Storage: a JournalStorage file per study under cache_root()/studies by default (this
   is also what lets --resume continue a study and --devices run one driver process per GPU
@@ -465,13 +466,20 @@ class _Driver:
             return None
         times = {c: [ms] for c, ms in leaders}
         job = self.job
-        for cfg in duel_order([c for c, _ in leaders], rounds):
-            res = self.workers.timing.run(job.problem, job.backend, job.pass_, cfg)
-            ms = self._record(cfg, res.status, res.reason, res)
-            self.progress.note(f"duel: {config_text(cfg)}: {res.status}"
-                               + (f" {ms:.4g} ms" if ms is not None else f" ({res.reason})"))
-            if ms is not None:
-                times[cfg].append(ms)
+        pair = [c for c, _ in leaders]
+        for r in range(rounds * DUEL_EXTENSION):
+            if r >= rounds and duel_settled(times):
+                break
+            if r == rounds:
+                self.progress.note(f"duel: the medians within the timings' spread after {r} "
+                                   f"rounds; up to {r * (DUEL_EXTENSION - 1)} more")
+            for cfg in duel_order(pair, r + 1)[-2:]:
+                res = self.workers.timing.run(job.problem, job.backend, job.pass_, cfg)
+                ms = self._record(cfg, res.status, res.reason, res)
+                self.progress.note(f"duel: {config_text(cfg)}: {res.status}"
+                                   + (f" {ms:.4g} ms" if ms is not None else f" ({res.reason})"))
+                if ms is not None:
+                    times[cfg].append(ms)
         return times
 
     def _record(self, cfg: KernelConfig, status: str, reason: str, res) -> float | None:
@@ -584,6 +592,23 @@ def duel_leaders(study) -> list[tuple[KernelConfig, float]] | None:
             best[cfg] = min(t.value, best.get(cfg, math.inf))
     ranked = sorted(best.items(), key=lambda cv: (cv[1], config_text(cv[0])))
     return ranked[:2] if len(ranked) >= 2 else None
+
+
+# a duel whose medians are no further apart than its timings spread goes on, up to this many
+# times its rounds (duel_settled)
+DUEL_EXTENSION = 3
+
+
+def duel_settled(times: dict) -> bool:
+    """Whether a duel's two medians differ by more than either config's interquartile range.
+    Closer than that, one more timing can swap them: in session 44 S2's bias_mma timed 0.500,
+    0.548, 0.541 and 0.543 ms, the plain kernel 0.523-0.558, and bias_mma lost by median
+    where 30 interleaved calls (session 43) had it 4.6% faster."""
+    (ta, tb) = times.values()
+    if min(len(ta), len(tb)) < 2:
+        return True  # a config that failed its re-timings: nothing more to learn
+    iqr = max(q[2] - q[0] for q in (statistics.quantiles(t, n=4) for t in (ta, tb)))
+    return abs(statistics.median(ta) - statistics.median(tb)) > iqr
 
 
 def duel_order(pair: list[KernelConfig], rounds: int) -> list[KernelConfig]:
