@@ -578,9 +578,10 @@ def main(argv=None):
 def gate_pairs(fns, q, k, v, g, name, n) -> list[dict]:
     """gfwagen's gated forward against its ungated one, n paired calls (paired_ms): eager,
     then each forward replayed from a CUDA graph. Eager pairs include the host's time to
-    issue each call wherever it exceeds the L2 flush before it (a slow host: session 44
-    measured 0.37-0.50 ms of host per gated forward, longer than S5's kernels), so the graph
-    pairs are the kernels' own cost of the gate, its prefix sums and records included."""
+    issue each call wherever it exceeds the L2 flush before it (S5's gated forward took 0.31
+    ms of host time on session 44's host before TVM's launches were planned, more than its
+    kernels' 0.25 ms), so the graph pairs are the kernels' own cost of the gate, its records'
+    launch included."""
     def eager():
         return [lambda c=c: fns[c](q, k, v, g) for c in ("gfwagen", "gfwagen-nogate")]
 
