@@ -2,7 +2,8 @@
 """The TVM wgmma forward's consumer loop in SASS, gated against ungated, without a GPU: each
 variant built for sm_90a (TVM's codegen, then nvcc: `tvm_backend.build_cuda_cubin`),
 disassembled with the cuobjdump Triton ships, and its key-tile loop found (the backward branch
-whose body holds the score product's HGMMAs and the softmax's MUFU.EX2s). Per variant: the
+whose body holds the score product's HGMMAs and the softmax's MUFU.EX2s; each such loop,
+since `split_loop` the edge tiles' and the interior tiles'). Per variant and loop: the
 loop's instructions, its masked and unmasked softmax branches (the loop's first forward branch
 skips the masked one, an unconditional one then skips the unmasked), and what the gated loop
 issues beyond the ungated one, by opcode. These are the counts RESULTS.md quotes as "offline
@@ -48,18 +49,26 @@ def sass(spec, config) -> list[tuple[int, str]]:
     return [(int(m.group(1), 16), m.group(2)) for m in map(_LINE.match, out.splitlines()) if m]
 
 
-def key_tile_loop(ins):
-    """The first loop whose body has both HGMMA and MUFU and is not an outer loop around it
-    (under 2000 instructions): the consumers' steady key-tile step."""
+def key_tile_loops(ins) -> list:
+    """Every loop whose body has both HGMMA and MUFU and is not an outer loop around one
+    (under 2000 instructions), in address order: the consumers' key-tile steps. Since session
+    42 (`split_loop`) the first is the edge tiles' step with its masked and unmasked softmax
+    branches, the second the interior tiles' step."""
     at = {a: i for i, (a, _) in enumerate(ins)}
+    loops = []
     for i, (a, text) in enumerate(ins):
         m = _BRANCH.search(text)
         if m and int(m.group(1), 16) < a and int(m.group(1), 16) in at:
             body = ins[at[int(m.group(1), 16)]:i + 1]
             if len(body) < 2000 and any("HGMMA" in t for _, t in body) \
                     and any("MUFU" in t for _, t in body):
-                return body
-    raise SystemExit("tvm_sass: no key-tile loop found")
+                loops.append(body)
+    # an outer loop around one of them (a persistent block's loop over its query tiles)
+    inner = [b for b in loops if not any(o is not b and b[0][0] <= o[0][0] and o[-1][0] <= b[-1][0]
+                                         for o in loops)]
+    if not inner:
+        raise SystemExit("tvm_sass: no key-tile loop found")
+    return inner
 
 
 def branches(body) -> dict:
@@ -101,15 +110,20 @@ def main(argv=None) -> int:
     for gated in (False, True):
         spec = KernelSpec("tvm", "fwd", args.head_dim, args.head_dim, args.window, args.dtype,
                           gated, 1)
-        body = key_tile_loop(sass(spec, cfg))
-        loops[gated] = body
-        print(f"{'gated' if gated else 'ungated'}: loop {len(body)} instructions, "
-              + ", ".join(f"{k} {v}" for k, v in branches(body).items()))
-    g, u = opcodes(loops[True]), opcodes(loops[False])
-    print("gated minus ungated, by opcode:")
-    for op in sorted(set(g) | set(u), key=lambda op: (u[op] - g[op], op)):
-        if g[op] != u[op]:
-            print(f"  {op:28s} {g[op]:4d} {u[op]:4d} {g[op] - u[op]:+4d}")
+        loops[gated] = key_tile_loops(sass(spec, cfg))
+        for n, body in enumerate(loops[gated]):
+            print(f"{'gated' if gated else 'ungated'} loop {n}: {len(body)} instructions"
+                  + "".join(f", {k} {v}" for k, v in branches(body).items()))
+    if len(loops[True]) != len(loops[False]):
+        # (ptxas may lay one kernel's query-tile loop around its key-tile loops' code)
+        print("the kernels differ in their loops' count: the first "
+              f"{min(map(len, loops.values()))} compared in order")
+    for n, (gb, ub) in enumerate(zip(loops[True], loops[False])):
+        g, u = opcodes(gb), opcodes(ub)
+        print(f"loop {n}, gated minus ungated, by opcode:")
+        for op in sorted(set(g) | set(u), key=lambda op: (u[op] - g[op], op)):
+            if g[op] != u[op]:
+                print(f"  {op:28s} {g[op]:4d} {u[op]:4d} {g[op] - u[op]:+4d}")
     return 0
 
 

@@ -326,7 +326,7 @@ def test_class_shape_is_the_tuning_presets_shape():
         bench.class_shape("S5")
 
 
-def test_tvm_sass_finds_the_key_tile_loop_and_its_softmax_branches():
+def test_tvm_sass_finds_the_key_tile_loops_and_their_softmax_branches():
     """benchmarks/tvm_sass.py on a made-up listing: an outer loop around the key-tile loop
     (which it must not pick), the key-tile loop whose first forward branch jumps past one
     softmax branch (3 instructions with its closing BRA) and whose BRA jumps past the other
@@ -338,8 +338,12 @@ def test_tvm_sass_finds_the_key_tile_loop_and_its_softmax_branches():
             "FFMA.FTZ R3, R4, R5, -R6", "MUFU.EX2 R3, R3", "FADD.FTZ R7, R7, R3",
             "@!P0 BRA 0x10", "EXIT", "@!P2 BRA 0x0"]
     ins = [(16 * i, t) for i, t in enumerate(code)]
-    body = tvm_sass.key_tile_loop(ins)
+    (body,) = tvm_sass.key_tile_loops(ins)
     assert [a for a, _ in body] == list(range(0x10, 0xa0, 0x10))
+    # a second key-tile loop after the first (split_loop's interior tiles): both, in order
+    two = tvm_sass.key_tile_loops(ins[:-2] + [(0xa0, "HGMMA.64x128x16.F32.BF16 R8, gdesc[UR4]"),
+                                              (0xb0, "MUFU.EX2 R3, R3"), (0xc0, "@P3 BRA 0xa0")])
+    assert [len(b) for b in two] == [9, 3]
     assert tvm_sass.branches(body) == {"masked": 3, "unmasked": 2, "common": 4}
     ops = tvm_sass.opcodes(body)
     assert ops["MUFU.EX2"] == 2 and ops["BRA"] == 3 and ops["HGMMA.64x128x16.F32.BF16"] == 1
