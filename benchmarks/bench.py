@@ -331,23 +331,19 @@ def grad_step(f, q, k, v, g, dout, gated):
     return lambda: torch.autograd.grad(f(q, k, v, g), inputs, dout)
 
 
-def fresh_leaves_fwd(f, q, k, v, g):
-    """f's forward on copies of the inputs that no autograd graph has seen (fresh_leaves_step
-    says why), recording autograd as the timed forward does."""
-    gc.collect()
-    q, k, v, g = (t.detach().requires_grad_(t.requires_grad) for t in (q, k, v, g))
-    return lambda: f(q, k, v, g)
-
-
-def fresh_leaves_step(f, q, k, v, g, dout, gated):
-    """grad_step on copies of the inputs that no autograd graph has seen. A leaf's gradient
+def fresh_leaves(q, k, v, g):
+    """Copies of the inputs that no autograd graph has seen, for a capture. A leaf's gradient
     node remembers the stream it was made on; where the eager modes' node outlives them
     (kept by a reference cycle not yet collected), the captured backward syncs with the
     legacy stream and the capture fails ("operation would make the legacy stream depend on a
     capturing blocking stream": S2 in session 38, S1 in session 29)."""
     gc.collect()
-    q, k, v, g = (t.detach().requires_grad_(t.requires_grad) for t in (q, k, v, g))
-    return grad_step(f, q, k, v, g, dout, gated)
+    return tuple(t.detach().requires_grad_(t.requires_grad) for t in (q, k, v, g))
+
+
+def fresh_leaves_step(f, q, k, v, g, dout, gated):
+    """grad_step on fresh_leaves."""
+    return grad_step(f, *fresh_leaves(q, k, v, g), dout, gated)
 
 
 def time_modes(out, f, gated, modes, q, k, v, g, dout, warmup, rep):
@@ -586,8 +582,11 @@ def gate_pairs(fns, q, k, v, g, name, n) -> list[dict]:
         return [lambda c=c: fns[c](q, k, v, g) for c in ("gfwagen", "gfwagen-nogate")]
 
     def replays():
-        return [capture_graph(fresh_leaves_fwd(fns[c], q, k, v, g)).replay
-                for c in ("gfwagen", "gfwagen-nogate")]
+        graphs = []
+        for c in ("gfwagen", "gfwagen-nogate"):
+            leaves = fresh_leaves(q, k, v, g)  # recording autograd, as the timed forward does
+            graphs.append(capture_graph(lambda c=c, x=leaves: fns[c](*x)).replay)
+        return graphs
 
     out = []
     for mode, make in (("fwd-paired", eager), ("fwd-paired-graph", replays)):

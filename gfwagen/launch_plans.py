@@ -280,33 +280,32 @@ class _Plan:
 
     def _step(self, launcher, key, grid, args, kw):
         if launcher is None:  # common.foreign_launch: key is the call
-            return self._foreign_step(key, args)
+            consts, refs = self._arguments(args, plain_only=True)
+            return functools.partial(_foreign_launch, key), None, consts, refs
         if any(isinstance(v, torch.Tensor) for v in kw.values()):
             # a keyword argument is a constexpr or an option: a replay would pass it as recorded
             raise _Unplannable("a launch took a tensor by keyword")
-        consts, refs = list(args), []
-        for pos, a in enumerate(args):
-            if isinstance(a, torch.Tensor):
-                consts[pos] = None
-                refs.append((pos, self._slot(a)))
+        consts, refs = self._arguments(args)
         direct = launcher.compiled.get(key) if key is not None else None
         if direct is not None:
             call = functools.partial(direct, key[0])
         else:  # not cached by the launcher (the interpreter): Triton's own launch each time
             call = functools.partial(_triton_launch, launcher.kernel, kw)
-        return call, grid, consts, tuple(refs)
+        return call, grid, consts, refs
 
-    def _foreign_step(self, call, args):
+    def _arguments(self, args, plain_only=False):
+        """A launch's arguments as constants (tensors None) and (position, slot) of its
+        tensors. plain_only (a foreign launch): any other argument must be a plain value;
+        anything else may wrap some tensor's memory (a DLPack view), which a replay would
+        pass as recorded, the recorded call's buffer."""
         consts, refs = list(args), []
         for pos, a in enumerate(args):
             if isinstance(a, torch.Tensor):
                 consts[pos] = None
                 refs.append((pos, self._slot(a)))
-            elif not isinstance(a, (bool, int, float, type(None))):
-                # a wrapper of some tensor's memory (a DLPack view): a replay would pass the
-                # recorded call's buffer
+            elif plain_only and not isinstance(a, (bool, int, float, type(None))):
                 raise _Unplannable(f"a launch took a {type(a).__name__}")
-        return functools.partial(_foreign_launch, call), None, consts, tuple(refs)
+        return consts, tuple(refs)
 
     def _template(self, out):
         if isinstance(out, tuple):

@@ -473,7 +473,7 @@ class _Driver:
             if r == rounds:
                 self.progress.note(f"duel: the medians within the timings' spread after {r} "
                                    f"rounds; up to {r * (DUEL_EXTENSION - 1)} more")
-            for cfg in duel_order(pair, r + 1)[-2:]:
+            for cfg in duel_round(pair, r):
                 res = self.workers.timing.run(job.problem, job.backend, job.pass_, cfg)
                 ms = self._record(cfg, res.status, res.reason, res)
                 self.progress.note(f"duel: {config_text(cfg)}: {res.status}"
@@ -611,11 +611,11 @@ def duel_settled(times: dict) -> bool:
     return abs(statistics.median(ta) - statistics.median(tb)) > iqr
 
 
-def duel_order(pair: list[KernelConfig], rounds: int) -> list[KernelConfig]:
-    """B A, A B, B A, ...: each round swaps who goes first, so a clock that drifts one way
-    over the duel favours neither."""
+def duel_round(pair: list[KernelConfig], r: int) -> tuple[KernelConfig, KernelConfig]:
+    """Round r's order: B A, then A B, B A, ...: each round swaps who goes first, so a clock
+    that drifts one way over the duel favours neither."""
     a, b = pair
-    return [c for r in range(rounds) for c in ((b, a) if r % 2 == 0 else (a, b))]
+    return (b, a) if r % 2 == 0 else (a, b)
 
 
 def with_duel(res: StudyResult, times: dict) -> StudyResult:
