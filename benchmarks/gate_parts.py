@@ -147,15 +147,21 @@ def main(argv=None) -> int:
                         "kernel's, so that their values (the GPU's power) do not differ")
     p.add_argument("--only", default=None,
                    help="comma-separated variants to time (U always; 'G op', 'U op' and "
-                        "'records' are the op's calls and the records' launch)")
+                        "'records' are the TVM backend's calls and the records' launch, "
+                        "'G auto' and 'U auto' gfwagen.attention's as the shipped database "
+                        "picks them, as bench.py's gate pairs time them)")
+    p.add_argument("--graph", action="store_true",
+                   help="each variant replayed from a CUDA graph: the GPU's time without the "
+                        "host's (at S5 the op's host time exceeds the L2 flush before a call)")
     a = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="gate_parts_"))
     os.environ["GFWAGEN_TEMPLATES"] = str(probed_templates(tmp))  # before gfwagen loads them
 
     import torch
-    from bench import SHAPES, interleaved_ms, make_inputs, ratio_quartiles
+    from bench import SHAPES, capture_graph, interleaved_ms, make_inputs, ratio_quartiles
     from tvm_knob_ab import tvm_config
 
+    import gfwagen
     from gfwagen.backends import tvm_backend as tb
 
     keep = set(a.only.split(",")) if a.only else None
@@ -172,12 +178,17 @@ def main(argv=None) -> int:
             fns["U op"] = functools.partial(tb.tvm_forward, q, k, v, None, s.W,
                                             config=probes["U"][1])
             fns["records"] = functools.partial(tb._tile_records, g, base.block_n, s.D ** -0.5, True)
+            fns["G auto"] = functools.partial(gfwagen.attention, q, k, v, g, window=s.W)
+            fns["U auto"] = functools.partial(gfwagen.attention, q, k, v, None, window=s.W)
             fns = {n: f for n, f in fns.items() if keep is None or n in keep | {"U"}}
             for f in fns.values():
                 f()
             torch.cuda.synchronize()
+            if a.graph:
+                fns = {n: capture_graph(f).replay for n, f in fns.items()}
             ms = dict(zip(fns, interleaved_ms(list(fns.values()), a.calls), strict=True))
-            print(f"{name} {s}, gate x{gs}, from {base.as_dict()}")
+            how = "CUDA graph replays" if a.graph else "eager calls"
+            print(f"{name} {s}, gate x{gs}, {how}, from {base.as_dict()}")
             for n, t in ms.items():
                 ratio = "" if n == "U" else f"  / U {ratio_quartiles(t, ms['U'])[1]:.4f}"
                 print(f"  {n:22s} {statistics.median(t):.4f} ms{ratio}", flush=True)
