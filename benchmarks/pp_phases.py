@@ -271,7 +271,7 @@ def main(argv=None) -> int:
 
             run = functools.partial(tb._launch, q, fn,
                                     *tb.forward_launch_args(q, k, v, c, o, lse, s.D ** -0.5),
-                                    tb._dl(probe))
+                                    probe)
             run()
             ms = triton.testing.do_bench(run, warmup=10, rep=60, return_mode="median")
             probe.zero_()

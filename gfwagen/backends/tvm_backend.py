@@ -2,7 +2,7 @@
 
 CPU (target "llvm"): the templates are built with `tvm.compile(prim_func, target={"kind":
 "llvm", "mcpu": <host cpu>})`, cached in-process per (KernelSpec, KernelConfig, target), and
-called with torch tensors passed zero-copy through DLPack (`tvm.runtime.from_dlpack`).
+called with torch tensors, which tvm_ffi takes zero-copy (DLPack underneath).
 TVM's own thread pool parallelizes the outer loop (batch x heads x tiles); set TVM_NUM_THREADS
 to bound it.
 
@@ -337,10 +337,6 @@ def _cuda_config(spec: KernelSpec, config: KernelConfig | None,
     return config
 
 
-def _dl(t: torch.Tensor):
-    return tvm.runtime.from_dlpack(t)
-
-
 def _check_inputs(q, k, v, log_gate):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be [B, T, H, D]")
@@ -538,9 +534,9 @@ def tvm_backward(do, q, k, v, o, lse, log_gate=None, window=None, scale=None, co
         return dq, dk, dv, dg
     fkv = _kernel(spec_kv, cfg, tgt)
     fq = _kernel(spec_q, cfg_q, tgt)
-    a = [_dl(x) for x in (q, k, v, c, do, lse, delta)]
-    _launch(q, fkv, *a, _dl(dk), _dl(dv), _dl(dcol), scale)
-    _launch(q, fq, *a, _dl(dq), _dl(drow), scale)
+    a = (q, k, v, c, do, lse, delta)  # torch tensors, which tvm_ffi takes as they are
+    _launch(q, fkv, *a, dk, dv, dcol, scale)
+    _launch(q, fq, *a, dq, drow, scale)
     dg = None
     if log_gate is not None:
         dg = gate_sums.gate_grad(drow, dcol).to(log_gate.dtype)
