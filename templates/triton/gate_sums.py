@@ -503,13 +503,14 @@ def launch_gate_tile_records(log_gate, rec, block_n, scale, bound=0.0, num_warps
 
 
 def launch_gate_tile_tables(log_gate, rec, tab, block_n, scale, table_bytes, bound=0.0,
-                            num_warps=4):
+                            num_warps=4, heads=None):
     """launch_gate_tile_records' records in the bias-table form (gate_tile_tables_kernel):
     rec [B, H, ceil(T / block_n) * (table_bytes / 4 + 4)] float32 contiguous, tab the same
-    memory viewed as int16."""
+    memory viewed as int16. heads: heads a program (a power of two; None: as many as fit
+    2048 gates)."""
     B, T, H = log_gate.shape
     nkt = cdiv(T, block_n)
-    bh = min(heads_per_program(H), max(1, 2048 // block_n))
+    bh = heads or min(heads_per_program(H), max(1, 2048 // block_n))
     launcher(gate_tile_tables_kernel)[(nkt, B, cdiv(H, bh))](
         log_gate, rec, tab, T, H, nkt, *log_gate.stride(), -1.0 / scale,
         BLOCK_N=block_n, BLOCK_H=bh, BOUND=float(bound), REC=table_bytes // 4 + 4,
