@@ -195,6 +195,31 @@ def test_tile_tables_hold_the_biases_in_three_bf16_pieces(T, block_n, kind):
     assert bias.isnan().all() and not rec.view(2, 3, n, -1)[1, :2].isnan().any()
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+def test_tile_tables_by_any_heads_a_program(heads):
+    """launch_gate_tile_tables' grid (heads a program, benchmarks/records_grid.py) changes
+    only the sums' order: the same records as the default grid's to float32 rounding, the
+    heads past H (3 heads, 2 a program) left unwritten."""
+    from gfwagen.gate import key_table_bytes, sanitize_log_gate
+    from gfwagen.template_loader import load_template
+
+    lg = sanitize_log_gate(_log_gate(2, 300, 3, "mixed", seed=5))
+    tb = key_table_bytes(128)
+    j = torch.arange(128)
+    biases, tails = [], []
+    for h in (None, heads):
+        rec = torch.zeros(2, 3, 3 * (tb // 4 + 4))
+        load_template("triton", "gate_sums").launch_gate_tile_tables(
+            lg, rec, rec.view(torch.int16), 128, 0.125, tb, bound=GATE_BOUND, heads=h)
+        rec = rec.view(2, 3, 3, -1)
+        pieces = rec[..., :tb // 4].contiguous().view(torch.bfloat16).float()
+        biases.append(sum(pieces[..., (j // 8) * 24 + p * 8 + j % 8] for p in range(3)))
+        tails.append(rec[..., tb // 4:])  # the total and its padding
+    assert biases[0].abs().amax() > 0
+    torch.testing.assert_close(biases[1], biases[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tails[1], tails[0], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("T,block_n", [(1, 64), (128, 64), (300, 128), (77, 16)])
 @pytest.mark.parametrize("kind", ["near0", "deep", "mixed"])
 def test_key_bias_matches_torch(T, block_n, kind):
