@@ -160,6 +160,16 @@ def test_tile_records_match_torch(T, block_n, kind):
         tile_records_fused(lg, block_n, 0.0)
 
 
+def _table_biases(rec: torch.Tensor, block_n: int) -> torch.Tensor:
+    """The keys' float32 biases of bias-table records [..., floats a record]: each key's three
+    bfloat16 pieces, at (key // 8) * 24 + piece * 8 + key % 8 of the table, summed."""
+    from gfwagen.gate import key_table_bytes
+
+    tab = rec[..., :key_table_bytes(block_n) // 4].contiguous().view(torch.bfloat16).float()
+    j = torch.arange(block_n)
+    return sum(tab[..., (j // 8) * 24 + p * 8 + j % 8] for p in range(3))
+
+
 @pytest.mark.parametrize("T,block_n", [(300, 128), (64, 64), (77, 16)])
 @pytest.mark.parametrize("kind", ["near0", "deep", "mixed"])
 def test_tile_tables_hold_the_biases_in_three_bf16_pieces(T, block_n, kind):
@@ -179,8 +189,7 @@ def test_tile_tables_hold_the_biases_in_three_bf16_pieces(T, block_n, kind):
                 tile_records_fused(lg, block_n, 0.125, bound=GATE_BOUND, table=True)):
         rec = rec.view(2, 3, n, halves // 2 + 4)
         tab = rec[..., :halves // 2].contiguous().view(torch.bfloat16).float()
-        j = torch.arange(block_n)
-        bias = sum(tab[..., (j // 8) * 24 + p * 8 + j % 8] for p in range(3))
+        bias = _table_biases(rec, block_n)
         mag = plain[..., :block_n].abs().amax(-1, keepdim=True)
         assert ((bias - plain[..., :block_n]).abs() <= 4 * block_n * F32_EPS * mag).all()
         assert (tab[..., (block_n // 8) * 24:] == 0).all()
@@ -191,29 +200,28 @@ def test_tile_tables_hold_the_biases_in_three_bf16_pieces(T, block_n, kind):
     lg[1, 0, 2] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)
     rec = tile_records_fused(lg, block_n, 1.0, bound=GATE_BOUND, table=True)
     tab = rec.view(2, 3, n, halves // 2 + 4)[1, 2, 0, :halves // 2].contiguous()
-    bias = tab.view(torch.bfloat16).float()[(j // 8) * 24 + j % 8]
+    j = torch.arange(block_n)
+    bias = tab.view(torch.bfloat16).float()[(j // 8) * 24 + j % 8]  # the hi pieces
     assert bias.isnan().all() and not rec.view(2, 3, n, -1)[1, :2].isnan().any()
 
 
 @pytest.mark.parametrize("heads", [1, 2])
 def test_tile_tables_by_any_heads_a_program(heads):
     """launch_gate_tile_tables' grid (heads a program, benchmarks/records_grid.py) changes
-    only the sums' order: the same records as the default grid's to float32 rounding, the
-    heads past H (3 heads, 2 a program) left unwritten."""
+    only the sums' order: the same records as the default grid's to float32 rounding, also
+    where the heads a program do not divide H (3 heads, 2 a program)."""
     from gfwagen.gate import key_table_bytes, sanitize_log_gate
     from gfwagen.template_loader import load_template
 
     lg = sanitize_log_gate(_log_gate(2, 300, 3, "mixed", seed=5))
     tb = key_table_bytes(128)
-    j = torch.arange(128)
     biases, tails = [], []
     for h in (None, heads):
         rec = torch.zeros(2, 3, 3 * (tb // 4 + 4))
         load_template("triton", "gate_sums").launch_gate_tile_tables(
             lg, rec, rec.view(torch.int16), 128, 0.125, tb, bound=GATE_BOUND, heads=h)
         rec = rec.view(2, 3, 3, -1)
-        pieces = rec[..., :tb // 4].contiguous().view(torch.bfloat16).float()
-        biases.append(sum(pieces[..., (j // 8) * 24 + p * 8 + j % 8] for p in range(3)))
+        biases.append(_table_biases(rec, 128))
         tails.append(rec[..., tb // 4:])  # the total and its padding
     assert biases[0].abs().amax() > 0
     torch.testing.assert_close(biases[1], biases[0], rtol=1e-6, atol=1e-6)
