@@ -13,9 +13,15 @@ timing) unless named "op". The probes' outputs are wrong by design; only times a
 - `probe_no_table_step`: no table step at all (S starts from the first regular k step);
 - `probe_no_shift`: no running-max shift by each tile's gate total (two adds per tile, of a
   value loaded when the tile arrived; until session 43 loaded right there, in shift_rows);
-- `probe_no_record`: the producer without each tile's record copy (the table is stale).
+- `probe_no_record`: the producer without each tile's record copy (the table is stale);
+- `probe_no_fence`, `probe_no_gate_load`, `probe_gate_idle` (with `fuse_gate`): the gate
+  warps without their proxy fence, without their gate loads, or doing nothing but wait for
+  each stage and arrive.
 
-"G plain" is the gated kernel without bias_mma (the biases loaded into S), correct.
+"G plain" is the gated kernel without bias_mma (the biases loaded into S), correct. "G fused"
+is "G" with `fuse_gate`: the producer's gate warp makes each tile's bias table from the raw
+gates, no records' launch (one warp a stage; "G fused 1w" one warp for all; "G fused op" the
+backend's call of it).
 
     PYTHONPATH=$PWD python benchmarks/gate_parts.py --shapes S1,S4 --calls 30
 
@@ -45,7 +51,10 @@ _SWITCHES = ('    O_TMA = PP and DV <= D\n',
              '    PROBE_TAK = bool(config.get("probe_table_as_k", False))\n'
              '    PROBE_NOTAB = bool(config.get("probe_no_table_step", False))\n'
              '    PROBE_NOSHIFT = bool(config.get("probe_no_shift", False))\n'
-             '    PROBE_NOREC = bool(config.get("probe_no_record", False))\n')
+             '    PROBE_NOREC = bool(config.get("probe_no_record", False))\n'
+             '    PROBE_NOFENCE = bool(config.get("probe_no_fence", False))\n'
+             '    PROBE_IDLE = bool(config.get("probe_gate_idle", False))\n'
+             '    PROBE_NOLOAD = bool(config.get("probe_no_gate_load", False))\n')
 
 
 def _edits() -> list[tuple[str, str]]:
@@ -80,6 +89,23 @@ def _edits() -> list[tuple[str, str]]:
          "                    else:\n"
          "                        bulk_tile(kt, st, smem, b, hk, REC_BYTES)\n"
          "                        bulk_record(kt, st, smem, c, b, h)\n"),
+        # fuse_gate: the gate warps' fence before they arrive left out
+        ("                if TABLE:  # the score product's wgmma reads the table through the "
+         "async proxy\n",
+         "                if TABLE and not PROBE_NOFENCE:\n"),
+        # fuse_gate: the gate warps' loads left out (their gates a constant), or all their
+        # work but the wait for the stage and the arrival
+        ("                    gv[u] = c[b, T.min(t0 + u, T.Cast(\"int32\", L) - 1), h]\n"
+         "                scan_tile(gv, gw, lane, rscale)\n",
+         "                    if PROBE_NOLOAD:\n"
+         "                        gv[u] = T.float32(-0.01)\n"
+         "                    else:\n"
+         "                        gv[u] = c[b, T.min(t0 + u, T.Cast(\"int32\", L) - 1), h]\n"
+         "                if not PROBE_IDLE:\n"
+         "                    scan_tile(gv, gw, lane, rscale)\n"),
+        ("                store_slot(st, gv, gw, smem, lane)\n",
+         "                if not PROBE_IDLE:\n"
+         "                    store_slot(st, gv, gw, smem, lane)\n"),
     ]
 
 
@@ -109,6 +135,12 @@ def variants(base):
         "U": (False, plain),
         "U + k step": (False, with_extra(plain, {"probe_kstep": 1})),
         "G": (True, gm),
+        "G fused": (True, with_extra(gm, {"fuse_gate": True})),
+        "G fused 1w": (True, with_extra(gm, {"fuse_gate": True, "gate_warps": 1})),
+        "G fused no fence": (True, with_extra(gm, {"fuse_gate": True, "probe_no_fence": True})),
+        "G fused no load": (True, with_extra(gm, {"fuse_gate": True,
+                                                  "probe_no_gate_load": True})),
+        "G fused idle": (True, with_extra(gm, {"fuse_gate": True, "probe_gate_idle": True})),
         "G plain": (True, plain),
         "G table as k": (True, with_extra(gm, {"probe_table_as_k": True})),
         "G no shift": (True, with_extra(gm, {"probe_no_shift": True})),
@@ -175,6 +207,8 @@ def main(argv=None) -> int:
             fns = {n: kernel_call(q, k, v, g if gated else None, s.W, cfg)
                    for n, (gated, cfg) in probes.items() if keep is None or n in keep | {"U"}}
             fns["G op"] = functools.partial(tb.tvm_forward, q, k, v, g, s.W, config=probes["G"][1])
+            fns["G fused op"] = functools.partial(tb.tvm_forward, q, k, v, g, s.W,
+                                                  config=probes["G fused"][1])
             fns["U op"] = functools.partial(tb.tvm_forward, q, k, v, None, s.W,
                                             config=probes["U"][1])
             fns["records"] = functools.partial(tb._tile_records, g, base.block_n, s.D ** -0.5, True)

@@ -45,15 +45,32 @@ def _edits() -> list:
     version (probed_templates). The first alternative fits the template since the persistent
     schedule (session 34: the producer's and consumers' work per query tile in the macros
     produce_item and consume_item, a probe row per query tile `item`), the second the
-    versions before it (one block's work inline, a row per block `tile`)."""
+    versions before it (one block's work inline, a row per block `tile`); the producer's
+    stamps have one more, for sessions 34-45's call of produce (with the gate registers)."""
     pad = " " * 24
     row = ('pr[item, 1 + cw * 5 + j] = T.Cast("int64", tim[j])',
            'pr[item, 13 + cw] = T.Cast("int64", tim[6])',
            'pr[item, 15] = T.Cast("int64", tim[7])')
     sm = 'T.Cast("int64", T.cuda.func_call("gfwa_sm", source_code=_SM, return_type="uint32"))'
-    produce = ("        produce(n_tiles, kt_lo, smem, c, gv, b, h, h // G, L, i0, lane, rscale, "
-               "g0)\n")
+    # the producer's call, since session 46 without the gate registers (the gate warps' now)
+    produce = "        produce(n_tiles, kt_lo, smem, c, b, h, h // G, L, i0, lane, rscale, g0)\n"
+    produce_45 = ("        produce(n_tiles, kt_lo, smem, c, gv, b, h, h // G, L, i0, lane, rscale, "
+                  "g0)\n")
     bulk_q = f"{pad}    if tx == 0:\n{pad}        bulk_q(smem, i0, h, b)\n"
+
+    def producer_stamps(call):
+        # the producer's stamps around its call `call` of produce (produce_item's)
+        head = "        b, h, i0, kt_lo, n_tiles = query_tile(item, HQ, L)\n"
+        qo = "        qo = qs * QBYTES\n"
+        return [(f"{head}        if lane == 0:\n",
+                 f"{head}        tim[0] = {GT}\n        if lane == 0:\n"),
+                (call,
+                 f"{call}        tim[1] = {GT}\n        if lane == 0:\n"
+                 '            pr[item, 11] = T.Cast("int64", tim[0])\n'
+                 '            pr[item, 12] = T.Cast("int64", tim[1])\n'
+                 f"            pr[item, 0] = {sm}\n"),
+                (qo, f"{qo}        tim[0] = {GT}\n        tim[6] = T.uint64(0)\n")]
+
     return [
         [[(imp, f"{imp}_GT = {_TIMER}\n_SM = {_SMID}\n")] for imp in (  # since session 36
             "from .fwd_cuda import _DT, LN2, LOG2E, MASK\n",
@@ -74,16 +91,8 @@ def _edits() -> list:
             []],
         # the producer's warp: a stamp before its first copy and one after its loop
         [
-            [("        b, h, i0, kt_lo, n_tiles = query_tile(item, HQ, L)\n        if lane == 0:\n",
-              f"        b, h, i0, kt_lo, n_tiles = query_tile(item, HQ, L)\n        tim[0] = {GT}\n"
-              "        if lane == 0:\n"),
-             (produce,
-              f"{produce}        tim[1] = {GT}\n        if lane == 0:\n"
-              '            pr[item, 11] = T.Cast("int64", tim[0])\n'
-              '            pr[item, 12] = T.Cast("int64", tim[1])\n'
-              f"            pr[item, 0] = {sm}\n"),
-             ("        qo = qs * QBYTES\n",
-              f"        qo = qs * QBYTES\n        tim[0] = {GT}\n        tim[6] = T.uint64(0)\n")],
+            producer_stamps(produce),
+            producer_stamps(produce_45),
             [(bulk_q, f"{pad}    tim[0] = {GT}\n{bulk_q}"),
              (f'{pad[4:]}else:\n{pad}T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS)\n',
               f"{pad}    tim[1] = {GT}\n{pad}    if tx == 0:\n"

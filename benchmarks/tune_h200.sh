@@ -43,6 +43,8 @@
 #   tvm-s2-duel  S2's gated forward, plain against bias_mma, dueled again: tvm-retime-128
 #             kept plain by median on timings within each other's spread (bias_mma 0.500-0.548
 #             ms, plain 0.523-0.558; session 44), which a duel now extends (after `db import`)
+#   tvm-s1-fused-duel  S1's gated forward with bias_mma, its tables from the records' launch
+#             against its own gate warps' (fuse_gate; session 46), dueled (after `db import`)
 #   merge     S1's database plus the two, into h200.sqlite, exported best-only as h200.jsonl
 # Usage:  OUT=/some/dir bash benchmarks/tune_h200.sh PHASE [extra tune options]
 set -uo pipefail
@@ -62,6 +64,7 @@ tune() { python3 cli.py tune --gpu h200 --preset ship --format json "$@"; }
 # TVM's square-tile pingpong forward, and it with bias_mma (the tvm-* phases' --try configs)
 pp='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true}}'
 ppb='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "bias_mma": true}}'
+ppbf='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "bias_mma": true, "fuse_gate": true}}'
 # the persistent pingpong tile (head dim 64: its second Q buffer fits three stages there)
 pers='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "persistent": true}}'
 # the gated TVM forward, the pingpong tile timed without and with bias_mma
@@ -203,6 +206,12 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     bm --duel 6 --preset standard --only S2 > "$out/s2_duel.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     ;;
+  tvm-s1-fused-duel)
+    python3 cli.py tune --gpu h200 --backend tvm --passes fwd --gated --trials 3 --try "$ppb" \
+      --try "$ppbf" --duel 6 --preset standard --only S1 --format json --no-plots \
+      --db "$out/h200.sqlite" "$@" > "$out/s1_fused_duel.json"
+    python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
+    ;;
   merge)
     cp "$out/s1.sqlite" "$out/h200.sqlite"
     for f in "$out"/gpu0.sqlite "$out"/gpu1.sqlite; do
@@ -211,7 +220,7 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     python3 cli.py db export "$out/h200.jsonl" --best-only --db "$out/h200.sqlite"
     ;;
   *)
-    echo "phase: s1-sweep | s1-tpe | ship | classes | tvm-classes | tvm-persistent | tvm-bias-mma | tvm-bias-mma-duel | tvm-three | tvm-close-calls | tvm-retime-128 | tvm-retime-64 | tvm-s2-duel | ungated-classes | merge" >&2
+    echo "phase: s1-sweep | s1-tpe | ship | classes | tvm-classes | tvm-persistent | tvm-bias-mma | tvm-bias-mma-duel | tvm-three | tvm-close-calls | tvm-retime-128 | tvm-retime-64 | tvm-s2-duel | tvm-s1-fused-duel | ungated-classes | merge" >&2
     exit 2
     ;;
 esac

@@ -151,8 +151,9 @@ def test_gpu_tvm_wgmma_matches_float64(shape, cfg):
 @pytest.mark.skipif(not torch.cuda.is_available() or
                     torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only")
 @pytest.mark.parametrize("gate_scale", [1e-3, 30.0])
-@pytest.mark.parametrize("tma", [False, True, "fuse_gate", "bias_mma"],
-                         ids=["cp.async", "pingpong", "pingpong-fused", "pingpong-bias-mma"])
+@pytest.mark.parametrize("tma", [False, True, "fuse_gate", "bias_mma", "fuse_gate+bias_mma"],
+                         ids=["cp.async", "pingpong", "pingpong-fused", "pingpong-bias-mma",
+                              "pingpong-fused-bias-mma"])
 def test_gpu_tvm_wgmma_gate_extremes(gate_scale, tma):
     """The gated score product starts from each key's bias (c_ref - c_j) / scale: with gates
     near 1 (biases near 0) and with strong ones (a window's bias in the thousands, which the
@@ -167,9 +168,10 @@ def test_gpu_tvm_wgmma_gate_extremes(gate_scale, tma):
 @pytest.mark.skipif(not torch.cuda.is_available() or
                     torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only")
 @pytest.mark.parametrize("scale", [0.0, 1e-35, -0.2])
-@pytest.mark.parametrize("tma", [False, True, "fuse_gate", "persistent", "bias_mma"],
+@pytest.mark.parametrize("tma", [False, True, "fuse_gate", "persistent", "bias_mma",
+                                 "persistent+fuse_gate+bias_mma"],
                          ids=["cp.async", "pingpong", "pingpong-fused", "persistent",
-                              "bias-mma"])
+                              "bias-mma", "persistent-fused-bias-mma"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "nogate"])
 def test_gpu_tvm_wgmma_zero_and_negative_scale(scale, tma, gated):
     """Scale 0 (the gate alone weighs the keys), a tiny one and a negative one: the bias that
@@ -177,9 +179,9 @@ def test_gpu_tvm_wgmma_zero_and_negative_scale(scale, tma, gated):
     WGMMA_ZERO_SCALE run at it (the pingpong kernel's tile records are made at it too); the
     softmax takes its max on the raw products, so a negative scale runs on -Q, and its
     masked scores are -inf, which a zero scale would turn into NaN (wgmma_scale)."""
-    if tma == "fuse_gate" and not gated:
+    if "fuse_gate" in str(tma) and not gated:
         pytest.skip("fuse_gate: gated only")
-    D = 64 if tma == "persistent" else 128  # its second Q buffer fits 3 stages at 64
+    D = 64 if "persistent" in str(tma) else 128  # its second Q buffer fits 3 stages at 64
     _check_forward((1, 700, 4, 2, D, D, 200, gated, torch.bfloat16),
                    _wgmma_128(bool(tma), tma if isinstance(tma, str) else None),
                    f"tvm-wgmma scale={scale} tma={tma} gated={gated}", scale=scale)
@@ -189,9 +191,10 @@ def test_gpu_tvm_wgmma_zero_and_negative_scale(scale, tma, gated):
                     torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only")
 @pytest.mark.parametrize("case", ["long-window", "forget", "bf16-view", "tail"])
 @pytest.mark.parametrize("knob", [None, "fuse_gate", "persistent", "bias_mma", "three",
-                                  "three-bias-mma"],
+                                  "three-bias-mma", "fuse_gate+bias_mma",
+                                  "persistent+fuse_gate+bias_mma"],
                          ids=["tiles", "fuse_gate", "persistent", "bias-mma", "three",
-                              "three-bias-mma"])
+                              "three-bias-mma", "fused-bias-mma", "persistent-fused-bias-mma"])
 def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
     """The 128x128 pingpong forward, whose biases start again at each key tile (it copies
     each tile's record; fuse_gate: it sums the raw gates itself) and which moves its
@@ -199,7 +202,8 @@ def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
     the clamp (-inf: forget; the reference gets them clamped), from a bf16 strided view of
     the gate, and with T off the tile (the last tile's keys past T), against float64.
     "three": three consumers' 192 rows, persistent, which read their rows' c_i from the
-    records of the last two key tiles."""
+    records of the last two key tiles. "fuse_gate+bias_mma": the producer's gate warp
+    writes each tile's bias table (bf16 pieces) itself, plain and persistent."""
     from gfwagen.gate import sanitize_log_gate
     from gfwagen.spec import KernelConfig
 
@@ -212,10 +216,12 @@ def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
     T, W = {"long-window": (1000, 900), "forget": (1000, 900), "bf16-view": (700, 600),
             "tail": (333, 250)}[case]
     # the second Q buffer fits 3 stages at 64; three consumers hold S, P and O there only
-    D = 64 if knob in ("persistent", "three", "three-bias-mma") else 128
+    D = 64 if knob and ("persistent" in knob or knob.startswith("three")) else 128
     q, k, v, g = make_inputs(2, T, 4, 2, D, D, torch.bfloat16, True, device="cuda")
     spec = tvm_backend._spec("fwd", q, k, v, g, W)
-    assert tvm_backend.gate_input(spec, cfg) == ("raw" if knob == "fuse_gate" else "tiles")
+    fused = "fuse_gate" in str(knob)
+    assert tvm_backend.gate_input(spec, cfg) == ("raw" if fused else "tiles")
+    assert tvm_backend.tensor_core_template(cfg).key_table(cfg) == ("bias" in str(knob))
     if case == "forget":
         g[:, ::37] = float("-inf")
         g[:, 5::91] = -500.0
@@ -226,15 +232,15 @@ def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
                            sanitize_log_gate(g.double()))
 
 
-def _wgmma_128(pingpong, gate_knob=None):
-    """The 128x128 warpgroup-MMA tile: FA3's pingpong schedule with bulk copies (and
-    gate_knob set: "fuse_gate", or "persistent" on PERSISTENT_BLOCKS blocks), or the
-    single-warpgroup schedule on cp.async."""
+def _wgmma_128(pingpong, gate_knobs=None):
+    """The 128x128 warpgroup-MMA tile: FA3's pingpong schedule with bulk copies (and the
+    knobs gate_knobs names, "+"-joined: "fuse_gate", "bias_mma", "persistent" on
+    PERSISTENT_BLOCKS blocks), or the single-warpgroup schedule on cp.async."""
     from gfwagen.spec import KernelConfig
 
     extra = ((("pingpong", True), ("tma", True)) if pingpong else ()) + (("wgmma", True),)
-    if gate_knob:
-        extra += ((gate_knob, PERSISTENT_BLOCKS if gate_knob == "persistent" else True),)
+    for knob in gate_knobs.split("+") if gate_knobs else ():
+        extra += ((knob, PERSISTENT_BLOCKS if knob == "persistent" else True),)
     return KernelConfig(128, 128, 8, 3, extra=extra)
 
 
@@ -254,7 +260,9 @@ def test_gpu_tvm_runs_on_the_current_stream():
 
 PLAN_CASES = [(128, True, None), (64, True, None), (128, False, None),
               # the bias tables: the records' launch takes their int16 view as well
-              (128, True, "bias_mma"), (64, True, "persistent-bias_mma")]
+              (128, True, "bias_mma"), (64, True, "persistent-bias_mma"),
+              # the raw gates, which the kernel's gate warp sums into its bias tables
+              (64, True, "persistent-fuse_gate-bias_mma")]
 
 
 @pytest.mark.parametrize("D,gated,knob", PLAN_CASES)
@@ -269,6 +277,8 @@ def test_gpu_tvm_forward_launch_plans_replay_bitwise(D, gated, knob, monkeypatch
     if knob is not None:
         extra = dict(_wgmma_128(True, "persistent" if "persistent" in knob else None).extra)
         extra["bias_mma"] = True
+        if "fuse_gate" in knob:
+            extra["fuse_gate"] = True
         cfg = KernelConfig(128, 128, 8, 3, extra=tuple(extra.items()))
         real = dispatch.select_config
         monkeypatch.setattr(dispatch, "select_config", lambda spec, T, dev: (

@@ -696,8 +696,8 @@ def test_wgmma_persistent_codegen(gated):
 
 def test_wgmma_persistent_limits():
     """persistent is refused by name without the pingpong schedule, where the output cannot
-    be staged in the Q rows (Dv > D), with a block count below 1, and with fuse_gate (never
-    run together on a GPU)."""
+    be staged in the Q rows (Dv > D) and with a block count below 1; with fuse_gate (the
+    producer's gate warp loops over the block's query tiles too) it runs."""
     from gfwagen.backends.tvm_backend import tensor_core_template
 
     def why(cfg, D=64, Dv=64):
@@ -710,9 +710,9 @@ def test_wgmma_persistent_limits():
     pp = _wgmma(128, 128, 3, "pingpong", "tma")
     assert why(with_(pp, True)) is None and why(with_(pp, 7)) is None
     fused = _wgmma(128, 128, 3, "pingpong", "tma", "fuse_gate")
+    assert why(with_(fused, True)) is None
     for bad, dims in ((with_(_wgmma(128, 128, 3, "tma"), True), (64, 64)),
-                      (with_(pp, True), (64, 128)), (with_(pp, 0), (64, 64)),
-                      (with_(fused, True), (64, 64))):
+                      (with_(pp, True), (64, 128)), (with_(pp, 0), (64, 64))):
         assert "persistent" in why(bad, *dims)
 
 
@@ -776,10 +776,66 @@ def test_wgmma_bias_mma_reads_the_biases_as_one_more_k_step():
     assert "(uint)912" in kernel  # the record's bulk copy: 896 + 16 bytes
     assert "1065369472" in src or "0x3f803f80" in src.lower()  # A's ones (bf16 pairs)
     for bad, dtype in ((cfg, "fp16"),
-                       (_wgmma(128, 64, 3, "pingpong", "tma", "bias_mma"), "bf16"),
-                       (_wgmma(128, 128, 3, "pingpong", "tma", "fuse_gate", "bias_mma"),
-                        "bf16")):
+                       (_wgmma(128, 64, 3, "pingpong", "tma", "bias_mma"), "bf16")):
         assert "bias_mma" in tpl.supports(128, 128, dtype, bad)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_wgmma_fuse_gate_writes_the_bias_tables_in_a_warp_of_its_own(persistent):
+    """fuse_gate with bias_mma (plain and persistent): the kernel reads the raw gates, and
+    the producer warpgroup's second warp scans them (warp shuffles) into each stage's bias
+    table as bf16 pairs, fenced for the score product's wgmma (the async proxy) before its
+    32 lanes arrive on the stage's barrier (33 with the copying lane's); no record copy. The
+    copying warp no longer scans: one warp shuffle loop in the whole kernel."""
+    from gfwagen.backends.tvm_backend import (
+        cuda_smem_bytes,
+        gate_input,
+        key_table,
+        tensor_core_template,
+    )
+
+    switches = ("pingpong", "tma", "fuse_gate", "bias_mma")
+    cfg = _wgmma(128, 128, 3, *switches)
+    if persistent:
+        cfg = KernelConfig(128, 128, 8, 3, extra=tuple(sorted({**dict(cfg.extra),
+                                                               "persistent": 132}.items())))
+    D = 64 if persistent else 128
+    spec = KernelSpec("tvm", "fwd", D, D, 512, "bf16", True, 1)
+    tpl_key_table = tensor_core_template(cfg).key_table(cfg)
+    assert gate_input(spec, cfg) == "raw" and tpl_key_table and not key_table(spec, cfg)
+    tiles = _wgmma(128, 128, 3, "pingpong", "tma", "bias_mma")
+    if persistent:
+        tiles = KernelConfig(128, 128, 8, 3, extra=tuple(sorted({**dict(tiles.extra),
+                                                                 "persistent": 132}.items())))
+    assert cuda_smem_bytes(spec, cfg) == cuda_smem_bytes(spec, tiles)  # the same slots
+    src = cuda_source(build_cuda(spec, cfg, arch="sm_90"))
+    kernel = src[src.index('extern "C" __global__'):]
+    assert "float* __restrict__ c_ptr" in kernel and "(uint)33)" in kernel
+    assert "ptx_cp_async_bulk_g2s_cluster" not in kernel and "(uint)912" not in kernel
+    src_tiles = cuda_source(build_cuda(spec, tiles, arch="sm_90"))
+    fences = [x[x.index('extern "C" __global__'):].count("fence_proxy_proxy_async") for x in
+              (src, src_tiles)]
+    assert fences[0] == fences[1] + 1  # the gate warp's, beside the output stores'
+    assert kernel.count("__shfl_up_sync") == 5  # one scan, unrolled over 5 steps
+
+
+def test_wgmma_gate_warps_one_or_one_a_stage():
+    """Config extra gate_warps (fuse_gate's A/B switch): 1, or one warp a stage where there
+    are three; elsewhere, and without fuse_gate, refused by name."""
+    from gfwagen.backends.tvm_backend import tensor_core_template
+
+    fused = _wgmma(128, 128, 3, "pingpong", "tma", "fuse_gate")
+
+    def why(cfg, n):
+        cfg = KernelConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages,
+                           extra=(*cfg.extra, ("gate_warps", n)))
+        return tensor_core_template(cfg).supports(128, 128, "bf16", cfg)
+
+    assert why(fused, 1) is None and why(fused, 3) is None
+    four = _wgmma(128, 128, 4, "pingpong", "tma", "fuse_gate")
+    for cfg, n in ((fused, 2), (fused, 0), (four, 4), (_wgmma(128, 128, 3, "pingpong", "tma"), 1)):
+        assert "gate_warps" in why(cfg, n)
+    assert why(four, 1) is None
 
 
 def test_forward_buffers_tile_records_without_the_fused_kernels(monkeypatch):
@@ -949,8 +1005,8 @@ def test_fuse_gate_joins_the_tuners_space_for_gated_problems(monkeypatch):
 
 def test_bias_mma_joins_the_tuners_space_for_gated_bf16_problems(monkeypatch):
     """x_bias_mma is searched for gated bf16 problems where wgmma is (not fp16, whose pieces
-    would overflow, nor ungated ones); a config keeps it only with the tile records (pingpong,
-    square tiles, no fuse_gate), and off it reads as the config without it."""
+    would overflow, nor ungated ones); a config keeps it only with the tile records or
+    fuse_gate (pingpong, square tiles), and off it reads as the config without it."""
     from gfwagen.backends import tvm_backend
     from gfwagen.tuner import space
 
@@ -967,10 +1023,12 @@ def test_bias_mma_joins_the_tuners_space_for_gated_bf16_problems(monkeypatch):
     assert cfg.get("bias_mma") is True and tvm_backend.key_table(spec, cfg)
     assert space.feasible(spec, cfg)[0]
     assert space.config_params(spec, cfg, gpu=True)["x_bias_mma"] is True
-    for other in ({"block_n": 64}, {"x_pingpong": False}, {"x_fuse_gate": True},
-                  {"x_bias_mma": False}):
+    for other in ({"block_n": 64}, {"x_pingpong": False}, {"x_bias_mma": False}):
         assert space.config_from_params(spec, {**vals, **other}, gpu=True).get(
             "bias_mma") is None
+    # with fuse_gate the kernel's own gate warp writes the tables
+    fused = space.config_from_params(spec, {**vals, "x_fuse_gate": True}, gpu=True)
+    assert fused.get("bias_mma") is True and fused.get("fuse_gate") is True
 
 
 def test_persistent_joins_the_tuners_space_with_pingpong(monkeypatch):
@@ -1118,6 +1176,33 @@ def test_gate_parts_probes_still_fit_the_template(tmp_path):
     assert gated[:2] == [kstep[0], plain[1] + steps] and gated[2] == 1 and gated[3] >= 1
     assert probed == [kstep[0], plain[1], 0, 0]
     assert no_step == [plain[0], plain[1], 1, gated[3]]  # the table step alone gone
+
+
+def test_gate_parts_fused_gate_probes(tmp_path):
+    """gate_parts.py's probes of the gate warps (fuse_gate with bias_mma) build and take out
+    what they name: the proxy fence (one fewer), the raw gates' loads (none of c left), or
+    all but the wait and the arrival (no scan either)."""
+    gate_parts = _benchmark_module("gate_parts")
+    code = ("from gfwagen.spec import KernelSpec, KernelConfig\n"
+            "from gfwagen.backends import tvm_backend as tb\n"
+            "import re\n"
+            "base = (('bias_mma', True), ('fuse_gate', True), ('pingpong', True), ('tma', True),\n"
+            "        ('wgmma', True))\n"
+            "spec = KernelSpec('tvm', 'fwd', 128, 128, 512, 'bf16', True, 1)\n"
+            "for probe in ((), (('probe_no_fence', True),), (('probe_no_gate_load', True),),\n"
+            "              (('probe_gate_idle', True),)):\n"
+            "    cfg = KernelConfig(128, 128, 8, 3, extra=base + probe)\n"
+            "    src = tb.cuda_source(tb.build_cuda(spec, cfg, 'sm_90a'))\n"
+            "    k = src[src.index('extern \"C\" __global__'):]\n"
+            "    print(k.count('fence_proxy_proxy_async'), len(re.findall(r'\\bc_ptr\\[', k)),\n"
+            "          k.count('__shfl_up_sync'))\n")
+    out = _run_with_templates(gate_parts.probed_templates(tmp_path), code)
+    fused, no_fence, no_load, idle = ([int(x) for x in ln.split()]
+                                      for ln in out.stdout.strip().splitlines())
+    assert fused[1] >= 1 and fused[2] == 5
+    assert no_fence == [fused[0] - 1, fused[1], 5]
+    assert no_load == [fused[0], 0, 5]
+    assert idle == [fused[0], fused[1], 0]
 
 
 def test_pp_phases_probes_still_fit_the_template(tmp_path):

@@ -75,7 +75,7 @@ Config extras (session 17, H200 numbers in benchmarks/RESULTS.md):
   And the consumers load the next tile's biases while O's rescale runs (next_biases), not
   right before their turn at the tensor cores: the gated kernel's excess over the ungated
   one went from 5.0-5.7% to 2.8-4.2% at S1-S4.
-- `persistent` (with pingpong, Dv <= D, not with fuse_gate; session 34): one block per SM
+- `persistent` (with pingpong, Dv <= D; session 34): one block per SM
   (true; the op resolves it to the device's SM count, tvm_backend.resolve_persistent), each
   looping over query tiles, a sequence's longest first and the blocks in snake order (a
   fixed stride left the blocks unequal work). Q has two buffers: the producer loads the next
@@ -108,10 +108,15 @@ Config extras (session 17, H200 numbers in benchmarks/RESULTS.md):
 - Since session 36 the softmax takes each tile's max on the raw products (stats), which needs
   a positive scale: tvm_backend.wgmma_scale runs a negative one on -Q.
 - `fuse_gate` (with pingpong, block_n == block_m; session 23): the kernel takes the raw log
-  gates and needs no launch before it: the producer warp scans each key tile's gates (warp
-  shuffles) while its bulk copies fly, and stores the tile's record itself. Kernel alone as
-  fast as the float64 sums version at S1-S3 and 3-4% slower at S4 (W 4096, 33 tiles a
-  block). Off unless a config sets it.
+  gates and needs no launch before it. Since session 46 the producer warpgroup's idle warps
+  make each key tile's record (with bias_mma: its bias table) from them, one warp per stage
+  (config extra `gate_warps`, for A/B runs, sets how many), scanning a tile before its stage
+  is free and storing it after (produce_gates); session 23 had the copying warp scan, after
+  the wait. H200, CUDA graph replays, with bias_mma: S1 -1.1% against the records' launch
+  and the kernel, and the tuner's duel agrees (medians 0.355 against 0.362 ms); S5 +1.6%,
+  S2 +1.8%, S4 +8.6%: the gate warps' strided loads (a tile's 128 gates 64 bytes apart)
+  are the cost, not their scan or the proxy fence (probes, RESULTS.md session 46). Where
+  key tiles are few, the launch saved outweighs them. A tuner knob.
 - `bias_mma` (bf16, with the tile records; session 37): the score product starts with one
   more wgmma k step, A from registers (ones in three k columns) and B the key tile's biases
   as three bf16 pieces (key_table_bytes: 912 bytes a stage with the total, so it fits
@@ -176,16 +181,22 @@ def supports(head_dim, value_dim, dtype, config) -> str | None:
         return "block_m 192 (three pingpong consumer warpgroups: head dims <= 64)"
     persistent = config.get("persistent", False)
     if persistent is not False and (not config.get("pingpong", False) or value_dim > head_dim
-                                    or int(persistent) < 1 or config.get("fuse_gate", False)):
-        # fuse_gate: measured slower than the tile records (session 23) and never run
-        # persistent on a GPU, so not offered
-        return ("persistent (true or a block count >= 1, with pingpong and without fuse_gate, "
-                "its output staged in its Q rows: value dim <= head dim)")
+                                    or int(persistent) < 1):
+        return ("persistent (true or a block count >= 1, with pingpong, its output staged in "
+                "its Q rows: value dim <= head dim)")
     if config.get("fuse_gate", False) and not _square_pingpong(config):
         return "fuse_gate (the pingpong schedule with block_n == block_m)"
-    if config.get("bias_mma", False) and (dtype != "bf16" or gate_input(config) != "tiles"):
-        return ("bias_mma (bf16, with the tile records: pingpong, block_n == block_m, without "
-                "fuse_gate)")
+    gate_warps = config.get("gate_warps", None)
+    if gate_warps is not None and (not config.get("fuse_gate", False)
+                                   or int(gate_warps) not in (1, ns) or int(gate_warps) > 3):
+        # produce_gates gives each warp one stage (or one warp all): the producer warpgroup
+        # has three besides the copying one
+        return (f"gate_warps {gate_warps} (with fuse_gate: 1, or one a stage where there are "
+                "3 stages)")
+    if config.get("bias_mma", False) and (dtype != "bf16"
+                                          or gate_input(config) not in ("tiles", "raw")):
+        return ("bias_mma (bf16, with the tile records or fuse_gate: pingpong, block_n == "
+                "block_m)")
     threads = 2 * bm
     # (three consumers: every copy is a bulk one, so no thread count divides them)
     for dim in (head_dim, value_dim) if bm != 192 else ():
@@ -216,7 +227,7 @@ def gate_input(config) -> str:
       tile's gates up to it) / scale, then the tile's gate total times log2(e), then 3 zeros
       (16 bytes a record, one bulk copy). gfwagen.gate_sums.tile_records_fused makes them;
     - "raw", the same with config extra `fuse_gate`: the raw log gates [B, T, Hq], float32
-      contiguous, which its producer warp sums a key tile at a time;
+      contiguous, which the producer's gate warps sum a key tile at a time;
     - "sums" elsewhere: the float64 prefix sums [B, Hq, T] of a launch of their own."""
     if config.get("fuse_gate", False) and _square_pingpong(config):
         return "raw"
@@ -241,11 +252,12 @@ def key_table_bytes(block_n) -> int:
 
 
 def key_table(config) -> bool:
-    """Config extra `bias_mma` (bf16, the "tiles" gate input): the keys' biases enter the
-    score product as one more wgmma k step (A ones in three k columns, from registers; B the
-    key tile's bias pieces, key_table_bytes) instead of as its accumulator's start values,
-    which each consumer thread had to load and copy (bias_scores)."""
-    return bool(config.get("bias_mma", False)) and gate_input(config) == "tiles"
+    """Config extra `bias_mma` (bf16, the "tiles" or "raw" gate input): the keys' biases
+    enter the score product as one more wgmma k step (A ones in three k columns, from
+    registers; B the key tile's bias pieces, key_table_bytes) instead of as its
+    accumulator's start values, which each consumer thread had to load and copy
+    (bias_scores). With fuse_gate the producer's gate warps write the tables themselves."""
+    return bool(config.get("bias_mma", False)) and gate_input(config) in ("tiles", "raw")
 
 
 def smem_bytes(head_dim, value_dim, config) -> int:
@@ -819,14 +831,21 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     # 128 x 40 + 256 x 232 and 128 x 32 + 384 x 160 <= 64K registers
     PRODUCER_REGS, CONSUMER_REGS = consumer_regs(NC)
     GPL = (BN + 31) // 32  # gate sums per producer lane per tile
+    GW = 3 * (GPL // 2) + 1 if TABLE else 1  # FUSED: a lane's table words, then the total
+    # FUSED: the producer's warps that sum the gates, one per stage (produce_gates)
+    GATE_WARPS = int(config.get("gate_warps", NS if NS <= 3 else 1))
 
     @T.macro
-    def scan_tile(st, gv, smem, lane, rscale):
+    def scan_tile(gv, gw, lane, rscale):
         # FUSED: the key tile's gate prefix sums from its raw gates (lane l holds keys
         # GPL l .. GPL l + GPL - 1), relative to the tile's start: key j's bias is
-        # -local_j / scale, and the tile's total (log2 units) is what the consumers move
-        # their running max by before the next tile (shift_rows). Clamped as
-        # gfwagen.gate.sanitize_log_gate clamps, NaN kept
+        # -local_j / scale (into gv), and the tile's total (log2 units, gw[GW - 1]) is what
+        # the consumers move their running max by before the next tile (shift_rows). Clamped
+        # as gfwagen.gate.sanitize_log_gate clamps, NaN kept. TABLE: the biases as
+        # gfwagen.gate.tile_tables' bf16 pieces (gw: word 3 p + u2 holds piece p of keys
+        # 2 u2 and 2 u2 + 1, the even one in the low half; each piece the bf16 of what the
+        # pieces before it left). Done before the stage is free, so that only the stores
+        # stand between the consumers' release of a stage and its bias slot's arrival
         for u in T.unroll(GPL):
             gv[u] = T.if_then_else(gv[u] > T.float32(GATE_BOUND), T.float32(GATE_BOUND),
                                    T.if_then_else(gv[u] < T.float32(-GATE_BOUND),
@@ -839,11 +858,42 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             run = run + T.if_then_else(lane >= (1 << d), up, T.float32(0))
         before: T.float32 = run - gv[GPL - 1]
         for u in T.unroll(GPL):
-            T.ptx["st.shared.f32"](T.address_of(smem[C_OFF // 4 + st * CS + lane * GPL + u]),
-                                   (gv[u] + before) * -rscale)
+            gv[u] = (gv[u] + before) * -rscale
+        gw[GW - 1] = T.reinterpret("uint32", run * T.float32(LOG2E))
+        if TABLE:
+            for u2 in T.unroll(GPL // 2):
+                for pc in T.unroll(3):
+                    T.ptx[pack](gw[pc * (GPL // 2) + u2], gv[u2 * 2 + 1], gv[u2 * 2])
+                    if pc < 2:
+                        w = gw[pc * (GPL // 2) + u2]
+                        gv[u2 * 2] = gv[u2 * 2] - T.reinterpret(
+                            "float32", T.shift_left(w, T.uint32(16)))
+                        gv[u2 * 2 + 1] = gv[u2 * 2 + 1] - T.reinterpret(
+                            "float32", T.bitwise_and(w, T.uint32(0xFFFF0000)))
+
+    @T.macro
+    def store_slot(st, gv, gw, smem, lane):
+        # FUSED: scan_tile's biases and total into stage st's bias slot. TABLE: in
+        # key_table_bytes' layout, piece p of key j at half (j // 8) * 24 + p * 8 + j % 8, a
+        # pair of keys (GPL is even: square tiles of 128 or 192) a word; and the table's
+        # zero tail (the k rows the step weighs 0, which the last group reaches), a word a
+        # lane
+        if TABLE:
+            for u2 in T.unroll(GPL // 2):
+                j = lane * GPL + u2 * 2
+                for pc in T.unroll(3):
+                    T.ptx["st.shared.b32"](
+                        T.address_of(smem[C_OFF // 4 + st * CS + (j // 8 * 48 + pc * 16) // 4
+                                          + j % 8 // 2]), gw[pc * (GPL // 2) + u2])
+            T.ptx["st.shared.b32"](
+                T.address_of(smem[C_OFF // 4 + st * CS + BN // 8 * 12 + lane]), T.uint32(0))
+        else:
+            for u in T.unroll(GPL):
+                T.ptx["st.shared.f32"](
+                    T.address_of(smem[C_OFF // 4 + st * CS + lane * GPL + u]), gv[u])
         if lane == 31:
-            T.ptx["st.shared.f32"](T.address_of(smem[C_OFF // 4 + st * CS + BN]),
-                                   run * T.float32(LOG2E))
+            T.ptx["st.shared.b32"](T.address_of(smem[C_OFF // 4 + st * CS + TOTAL]),
+                                   gw[GW - 1])
 
     @T.macro
     def bulk_record(kt, st, smem, c, b, h):
@@ -859,7 +909,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         )
 
     @T.macro
-    def produce(n_tiles, kt_lo, smem, c, gv, b, h, hk, L, i0, lane, rscale, g0):
+    def produce(n_tiles, kt_lo, smem, c, b, h, hk, L, i0, lane, rscale, g0):
         # g0: the key tiles this block produced for its earlier query tiles (persistent): a
         # stage's barriers count phases over all of them
         if gated and not RELATIVE:  # gate off, c is a one-element dummy: no load
@@ -868,18 +918,11 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             kt = kt_lo + T.Cast("int64", n)
             g = g0 + n
             st = stage(g)
-            if FUSED:  # loaded ahead of the wait, which their latency then overlaps
-                for u in T.unroll(GPL):
-                    gv[u] = c[b, T.min(kt * BN + lane * GPL + u, L - 1), h]
             if g >= NS:  # both consumers done with the tile NS back
                 T.cuda.mbarrier_wait(mbar(smem, FREE + st), parity(g, 1))
-            if FUSED:
-                # the copies first (lane 0 arrives twice: the barrier counts 33), the scan
-                # while they fly
+            if FUSED:  # the gate warp (produce_gates) writes the bias slot
                 if lane == 0:
                     bulk_tile(kt, st, smem, b, hk, 0)
-                scan_tile(st, gv, smem, lane, rscale)
-                T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, 1 + st))
             elif TILES:
                 if lane == 0:
                     bulk_tile(kt, st, smem, b, hk, REC_BYTES)
@@ -933,7 +976,34 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         return T.Cast("int64", w) * NSM + T.if_then_else(w % 2 == 0, tile, NSM - 1 - tile)
 
     @T.macro
-    def produce_item(item, w, g0, qs, cnt, smem, c, gv, HQ, L, lane, rscale):
+    def produce_gates(item, g0, cnt, smem, c, gv, gw, HQ, L, lane, rscale, gwi):
+        # FUSED: the producer warpgroup's idle warps (gwi: 0 .. GATE_WARPS - 1; one per stage
+        # where the stages are 3 or fewer) sum the block's w-th query tile's key tiles from
+        # the raw gates into their stages' bias slots, beside the first warp's bulk copies;
+        # a tile's 32 lanes arrive on its stage's barrier (33 arrivals with the copies').
+        # Session 23 had the copying warp scan too: S2-S4 2-6% slower than the records'
+        # launch. Each of the warps shares its scheduler with two consumer warps. g0 and cnt
+        # as produce_item's
+        b, h, i0, kt_lo, n_tiles = query_tile(item, HQ, L)
+        for n in T.serial(T.Cast("int32", n_tiles)):
+            g = g0 + n
+            st = stage(g)
+            if GATE_WARPS == 1 or st == gwi:
+                t0 = T.Cast("int32", kt_lo + T.Cast("int64", n)) * BN + lane * GPL
+                for u in T.unroll(GPL):
+                    gv[u] = c[b, T.min(t0 + u, T.Cast("int32", L) - 1), h]
+                scan_tile(gv, gw, lane, rscale)
+                if g >= NS:  # both consumers done with the tile NS back
+                    T.cuda.mbarrier_wait(mbar(smem, FREE + st), parity(g, 1))
+                store_slot(st, gv, gw, smem, lane)
+                if TABLE:  # the score product's wgmma reads the table through the async proxy
+                    T.ptx["fence.proxy.async.shared::cta"]()
+                T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, 1 + st))
+        if PERS:
+            cnt[0] = g0 + T.Cast("int32", n_tiles)
+
+    @T.macro
+    def produce_item(item, w, g0, qs, cnt, smem, c, HQ, L, lane, rscale):
         # the producer warp's work for the block's w-th query tile: its Q rows into buffer qs
         # (persistent: w % 2, once the consumers stored the output they staged there two query
         # tiles ago), then its key tiles. g0: the key tiles the block ran before (cnt[0],
@@ -945,7 +1015,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                 if w >= 2:
                     T.cuda.mbarrier_wait(mbar(smem, Q_EMPTY + qs), T.truncmod(w // 2 + 1, 2))
             bulk_q(smem, i0, h, b, qs)
-        produce(n_tiles, kt_lo, smem, c, gv, b, h, h // G, L, i0, lane, rscale, g0)
+        produce(n_tiles, kt_lo, smem, c, b, h, h // G, L, i0, lane, rscale, g0)
         if PERS:
             cnt[0] = g0 + T.Cast("int32", n_tiles)
 
@@ -1130,6 +1200,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                 if gated and not PP:
                     cg_r = T.alloc_buffer((NGC,), "float64", scope="local")
                 gv = T.alloc_buffer((GPL,), "float32", scope="local")  # FUSED: a lane's gates
+                gw = T.alloc_buffer((GW,), "uint32", scope="local")  # FUSED: scan_tile's words
                 s_r = T.alloc_buffer((BN // 2,), "float32", scope="local")
                 p_r = T.alloc_buffer((BN // 4,), "uint32", scope="local")
                 acc = T.alloc_buffer((DV // 2,), "float32", scope="local")
@@ -1171,17 +1242,27 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                     T.tvm_storage_sync("shared")
                     if tx < 128:
                         T.ptx["setmaxnreg.dec.sync.aligned.u32"](PRODUCER_REGS)
+                        rscale: T.float32 = T.float32(1) / scale
                         if tx < 32:
-                            rscale: T.float32 = T.float32(1) / scale
                             if PERS:
                                 cnt[0] = 0
                                 for w in T.serial(rounds(B, HQ, L)):
                                     if round_item(tile, w) < n_query_tiles(B, HQ, L):
                                         produce_item(round_item(tile, w), w, cnt[0], w % 2, cnt,
-                                                     smem, c, gv, HQ, L, lane, rscale)
+                                                     smem, c, HQ, L, lane, rscale)
                             else:
-                                produce_item(tile, 0, 0, 0, cnt, smem, c, gv,
-                                             HQ, L, lane, rscale)
+                                produce_item(tile, 0, 0, 0, cnt, smem, c, HQ, L, lane, rscale)
+                        elif FUSED and tx < 32 * (1 + GATE_WARPS):
+                            gwi = tx // 32 - 1
+                            if PERS:
+                                cnt[0] = 0
+                                for w in T.serial(rounds(B, HQ, L)):
+                                    if round_item(tile, w) < n_query_tiles(B, HQ, L):
+                                        produce_gates(round_item(tile, w), cnt[0], cnt, smem,
+                                                      c, gv, gw, HQ, L, lane, rscale, gwi)
+                            else:
+                                produce_gates(tile, 0, cnt, smem, c, gv, gw, HQ, L, lane,
+                                              rscale, gwi)
                     else:
                         T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS)
                         cw = tx // 128 - 1  # consumer warpgroup: rows 64 cw .. 64 cw + 63
