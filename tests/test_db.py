@@ -144,6 +144,32 @@ def test_local_fingerprint_and_toolchain():
         assert fp["sm_count"] >= 1 and arch(fp).startswith("cpu_")
 
 
+def test_toolchain_reads_tvm_without_distribution_metadata(tmp_path, monkeypatch):
+    """A TVM unpacked without distribution metadata (the GPU host's trimmed tarball) still
+    gets its version into the toolchain, from its package's _version.py, read as text: the
+    package itself is not imported. None where neither says."""
+    import importlib.metadata
+    import sys
+
+    from gfwagen.db import fingerprint
+
+    pkg = tmp_path / "tvm"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise RuntimeError('imported')\n")
+    (pkg / "_version.py").write_text("__version__ = version = '0.27.0.post1'\n")
+
+    def no_dist(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", no_dist)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tvm", raising=False)
+    assert fingerprint.toolchain()["tvm"] == "0.27.0.post1"
+    assert "tvm" not in sys.modules
+    (pkg / "_version.py").write_text("VERSION = 3\n")
+    assert fingerprint.toolchain()["tvm"] is None
+
+
 def test_seqlen_bucket():
     assert [seqlen_bucket(t) for t in (1, 2, 3, 1000, 2890, 2900, 4096, 6000)] == \
         [1, 2, 4, 1024, 2048, 4096, 4096, 8192]

@@ -11,9 +11,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import re
+from pathlib import Path
 
 from gfwagen.spec import stable_hash
 from gfwagen.template_loader import templates_hash
@@ -111,12 +113,36 @@ def device_key(fp: dict) -> str:
     return stable_hash({f: fp.get(f) for f in FINGERPRINT_FIELDS})
 
 
-def _dist_version(*names: str) -> str | None:
+def _dist_version(*names: str, module: str | None = None) -> str | None:
+    """The first of the distributions `names` installed, else (module) the version its
+    package's _version.py states."""
     for n in names:
         try:
             return importlib.metadata.version(n)
         except importlib.metadata.PackageNotFoundError:
             continue
+    return _source_version(module) if module else None
+
+
+_VERSION_LINE = re.compile(r"""^__version__\s*=\s*(?:version\s*=\s*)?['"]([^'"]+)['"]""", re.M)
+
+
+def _source_version(module: str) -> str | None:
+    """`module`'s version from its _version.py, read as text, without importing the package
+    (find_spec of a top-level name runs none of it). An install without distribution
+    metadata, such as the GPU host's TVM unpacked from a tarball, recorded "tvm": null in
+    every toolchain until session 46, so TVM trials were taken under any TVM version."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or ()) if spec else ():
+        try:
+            m = _VERSION_LINE.search((Path(folder) / "_version.py").read_text())
+        except OSError:
+            continue
+        if m:
+            return m.group(1)
     return None
 
 
@@ -135,7 +161,7 @@ def toolchain() -> dict:
     return {
         "torch": torch_version,
         "triton": _dist_version("triton", "pytorch-triton"),
-        "tvm": _dist_version("apache-tvm", "tvm", "mlc-ai-nightly"),
+        "tvm": _dist_version("apache-tvm", "tvm", "mlc-ai-nightly", module="tvm"),
         "timer": TIMER,
         "templates": templates_hash(),
     }
