@@ -151,9 +151,10 @@ def test_gpu_tvm_wgmma_matches_float64(shape, cfg):
 @pytest.mark.skipif(not torch.cuda.is_available() or
                     torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only")
 @pytest.mark.parametrize("gate_scale", [1e-3, 30.0])
-@pytest.mark.parametrize("tma", [False, True, "fuse_gate", "bias_mma", "fuse_gate+bias_mma"],
+@pytest.mark.parametrize("tma", [False, True, "fuse_gate", "bias_mma", "fuse_gate+bias_mma",
+                                 "fuse_gate+bias_mma+gate_carry"],
                          ids=["cp.async", "pingpong", "pingpong-fused", "pingpong-bias-mma",
-                              "pingpong-fused-bias-mma"])
+                              "pingpong-fused-bias-mma", "pingpong-fused-carry"])
 def test_gpu_tvm_wgmma_gate_extremes(gate_scale, tma):
     """The gated score product starts from each key's bias (c_ref - c_j) / scale: with gates
     near 1 (biases near 0) and with strong ones (a window's bias in the thousands, which the
@@ -192,9 +193,14 @@ def test_gpu_tvm_wgmma_zero_and_negative_scale(scale, tma, gated):
 @pytest.mark.parametrize("case", ["long-window", "forget", "bf16-view", "tail"])
 @pytest.mark.parametrize("knob", [None, "fuse_gate", "persistent", "bias_mma", "three",
                                   "three-bias-mma", "fuse_gate+bias_mma",
-                                  "persistent+fuse_gate+bias_mma"],
+                                  "persistent+fuse_gate+bias_mma",
+                                  "fuse_gate+bias_mma+gate_carry",
+                                  "persistent+fuse_gate+bias_mma+gate_tma",
+                                  "persistent+fuse_gate+bias_mma+gate_tma+gate_carry"],
                          ids=["tiles", "fuse_gate", "persistent", "bias-mma", "three",
-                              "three-bias-mma", "fused-bias-mma", "persistent-fused-bias-mma"])
+                              "three-bias-mma", "fused-bias-mma", "persistent-fused-bias-mma",
+                              "fused-carry", "persistent-fused-tma",
+                              "persistent-fused-tma-carry"])
 def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
     """The 128x128 pingpong forward, whose biases start again at each key tile (it copies
     each tile's record; fuse_gate: it sums the raw gates itself) and which moves its
@@ -203,7 +209,9 @@ def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
     the gate, and with T off the tile (the last tile's keys past T), against float64.
     "three": three consumers' 192 rows, persistent, which read their rows' c_i from the
     records of the last two key tiles. "fuse_gate+bias_mma": the producer's gate warp
-    writes each tile's bias table (bf16 pieces) itself, plain and persistent."""
+    writes each tile's bias table (bf16 pieces) itself, plain and persistent; with gate_tma
+    from gates a bulk tensor copy brings, with gate_carry relative to the query tile's first
+    key tile (no running-max shift)."""
     from gfwagen.gate import sanitize_log_gate
     from gfwagen.spec import KernelConfig
 
@@ -229,6 +237,19 @@ def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
         g = g.transpose(1, 2).contiguous().to(torch.bfloat16).transpose(1, 2)
         assert not g.is_contiguous()
     _check_against_float64(q, k, v, g, W, None, cfg, f"tvm-wgmma {knob} {case}",
+                           sanitize_log_gate(g.double()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or
+                    torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only")
+def test_gpu_tvm_gate_tma_falls_back_off_four_heads():
+    """gate_tma's copies take 4 heads' gates a key (16 bytes): with 6 query heads the op runs
+    the kernel without it (tvm_forward), and still matches float64."""
+    from gfwagen.gate import sanitize_log_gate
+
+    cfg = _wgmma_128(True, "persistent+fuse_gate+bias_mma+gate_tma")
+    q, k, v, g = make_inputs(2, 700, 6, 3, 64, 64, torch.bfloat16, True, device="cuda")
+    _check_against_float64(q, k, v, g, 500, None, cfg, "tvm-wgmma gate_tma 6 heads",
                            sanitize_log_gate(g.double()))
 
 

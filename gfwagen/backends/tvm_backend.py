@@ -390,7 +390,8 @@ def forward_buffers(q, v, log_gate, form: str | None = "sums", scale: float = 1.
     o = torch.empty(B, T, Hq, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
     if log_gate is not None and form == "raw":
-        return log_gate.to(torch.float32).contiguous(), o, lse
+        # 16-byte aligned: gate_tma's tensor map needs it (a contiguous view may start anywhere)
+        return _aligned16(log_gate.to(torch.float32).contiguous()), o, lse
     if log_gate is not None and form == "tiles":
         return _tile_records(log_gate, block_n, scale, table), o, lse
     return _gate_sums(log_gate, q.device), o, lse
@@ -439,10 +440,14 @@ def resolve_persistent(config: KernelConfig, device=None) -> KernelConfig:
 
 
 @functools.lru_cache(maxsize=256)
-def _with_blocks(config: KernelConfig, n: int) -> KernelConfig:
+def _with_extra(config: KernelConfig, name: str, value) -> KernelConfig:
     # memoized: the op resolves its config on every call (host time)
     return dataclasses.replace(config, extra=tuple({**dict(config.extra),
-                                                    "persistent": n}.items()))
+                                                    name: value}.items()))
+
+
+def _with_blocks(config: KernelConfig, n: int) -> KernelConfig:
+    return _with_extra(config, "persistent", n)
 
 
 def wgmma_scale(q: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
@@ -468,6 +473,8 @@ def tvm_forward(q, k, v, log_gate=None, window=None, scale=None, config=None, ta
     spec = _spec("fwd", q, k, v, log_gate, window)
     cfg = resolve_persistent(_cuda_config(spec, config, tgt.get("arch")), q.device) \
         if q.is_cuda else _fit(config or DEFAULT_CPU_CONFIG, T)
+    if q.is_cuda and cfg.get("gate_tma") and Hq % tensor_core_template(cfg).GATE_BOX_HEADS:
+        cfg = _with_extra(cfg, "gate_tma", False)  # its copies' rows: 16 bytes of heads
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     tensor_cores = q.is_cuda and tensor_core_forward(spec, cfg)
     if tensor_cores and cfg.get("wgmma"):
