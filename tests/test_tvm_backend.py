@@ -783,10 +783,11 @@ def test_wgmma_bias_mma_reads_the_biases_as_one_more_k_step():
 @pytest.mark.parametrize("persistent", [False, True])
 def test_wgmma_fuse_gate_writes_the_bias_tables_in_a_warp_of_its_own(persistent):
     """fuse_gate with bias_mma (plain and persistent): the kernel reads the raw gates, and
-    the producer warpgroup's second warp scans them (warp shuffles) into each stage's bias
-    table as bf16 pairs, fenced for the score product's wgmma (the async proxy) before its
-    32 lanes arrive on the stage's barrier (33 with the copying lane's); no record copy. The
-    copying warp no longer scans: one warp shuffle loop in the whole kernel."""
+    the producer warpgroup's idle warps (one a stage) scan them (warp shuffles) into each
+    stage's bias table as bf16 pairs, fenced for the score product's wgmma (the async proxy)
+    before a tile's 32 lanes arrive on its stage's barrier (33 with the copying lane's); no
+    record copy. The copying warp no longer scans: one warp shuffle loop in the whole
+    kernel."""
     from gfwagen.backends.tvm_backend import (
         cuda_smem_bytes,
         gate_input,
@@ -794,19 +795,18 @@ def test_wgmma_fuse_gate_writes_the_bias_tables_in_a_warp_of_its_own(persistent)
         tensor_core_template,
     )
 
-    switches = ("pingpong", "tma", "fuse_gate", "bias_mma")
-    cfg = _wgmma(128, 128, 3, *switches)
-    if persistent:
-        cfg = KernelConfig(128, 128, 8, 3, extra=tuple(sorted({**dict(cfg.extra),
-                                                               "persistent": 132}.items())))
+    def tile(*switches):
+        cfg = _wgmma(128, 128, 3, "pingpong", "tma", "bias_mma", *switches)
+        if not persistent:
+            return cfg
+        return KernelConfig(128, 128, 8, 3, extra=tuple(sorted({**dict(cfg.extra),
+                                                                "persistent": 132}.items())))
+
+    cfg, tiles = tile("fuse_gate"), tile()
     D = 64 if persistent else 128
     spec = KernelSpec("tvm", "fwd", D, D, 512, "bf16", True, 1)
     tpl_key_table = tensor_core_template(cfg).key_table(cfg)
     assert gate_input(spec, cfg) == "raw" and tpl_key_table and not key_table(spec, cfg)
-    tiles = _wgmma(128, 128, 3, "pingpong", "tma", "bias_mma")
-    if persistent:
-        tiles = KernelConfig(128, 128, 8, 3, extra=tuple(sorted({**dict(tiles.extra),
-                                                                 "persistent": 132}.items())))
     assert cuda_smem_bytes(spec, cfg) == cuda_smem_bytes(spec, tiles)  # the same slots
     src = cuda_source(build_cuda(spec, cfg, arch="sm_90"))
     kernel = src[src.index('extern "C" __global__'):]

@@ -445,6 +445,11 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     def mbar(smem, i):
         return T.address_of(smem[MB_OFF // 4 + 2 * i])
 
+    def gate_slot(g):
+        # GTMA: the byte offset of key tile g's staged gates (two slots, alternating); its
+        # barrier is GATE_BAR + g % 2
+        return GS_OFF + g % 2 * gate_box_bytes(BN)
+
     # key tile g of the block (0-based, counted over all its query tiles when persistent) sits
     # in stage g % NS, that stage's (g // NS)-th use. Unsigned: g >= 0, which neither TVM
     # (its floor division adds sign fix-ups) nor nvcc can prove of a running count
@@ -967,7 +972,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         T.ptx["mbarrier.arrive.expect_tx.shared::cta.b64"](mbar(smem, GATE_BAR + g % 2),
                                                            gate_box_bytes(BN))
         T.ptx["cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"](
-            T.address_of(smem[(GS_OFF + g % 2 * gate_box_bytes(BN)) // 4]),
+            T.address_of(smem[gate_slot(g) // 4]),
             T.address_of(g_map),
             T.Cast("int32", h // GATE_BOX_HEADS * GATE_BOX_HEADS),
             T.Cast("int32", kt * BN),
@@ -1045,7 +1050,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     @T.macro
     def produce_gates(item, g0, cnt, smem, c, gv, gw, gc, HQ, L, lane, rscale, gwi):
         # FUSED: the producer warpgroup's idle warps (gwi: 0 .. GATE_WARPS - 1; one per stage
-        # where the stages are 3 or fewer) sum the block's w-th query tile's key tiles from
+        # where the stages are 3 or fewer) sum query tile `item`'s key tiles from
         # the raw gates into their stages' bias slots, beside the first warp's bulk copies;
         # a tile's 32 lanes arrive on its stage's barrier (33 arrivals with the copies').
         # Session 23 had the copying warp scan too: S2-S4 2-6% slower than the records'
@@ -1069,7 +1074,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                     T.cuda.mbarrier_wait(mbar(smem, GATE_BAR + g % 2),
                                          T.bitwise_and(T.shift_right(g, 1), 1))
                     for u in T.unroll(GPL):
-                        gv[u] = smem[(GS_OFF + g % 2 * gate_box_bytes(BN)) // 4
+                        gv[u] = smem[gate_slot(g) // 4
                                      + (lane * GPL + u) * GATE_BOX_HEADS
                                      + T.Cast("int32", h % GATE_BOX_HEADS)]
                 else:
