@@ -22,8 +22,7 @@ timing) unless named "op". The probes' outputs are wrong by design; only times a
 is "G" with `fuse_gate`: the producer's gate warp makes each tile's bias table from the raw
 gates, no records' launch (one warp a stage; "G fused 1w" one warp for all; "G fused op" the
 backend's call of it); "tma" with the gates by bulk tensor copies (`gate_tma`, head dim 64:
-its staging does not fit beside head dim 128's stages), "carry" with the biases from the
-query tile's first key tile, no running-max shift (`gate_carry`).
+its staging does not fit beside head dim 128's stages).
 
     PYTHONPATH=$PWD python benchmarks/gate_parts.py --shapes S1,S4 --calls 30
 
@@ -81,10 +80,9 @@ def _edits() -> list[tuple[str, str]]:
          "        elif TABLE and not PROBE_NOTAB:\n"
          "            descriptor(bd, smem, C_OFF + st * (CS * 4), 3, 3, 0)\n"),
         # no shift of the running max (bias_mma's pack_next)
-        ("            if more and not CARRY:  # (CARRY: every tile's biases share one "
-         "reference)\n                shift_rows(dl, m_r)\n",
-         "            if more and not CARRY and not PROBE_NOSHIFT:\n"
-         "                shift_rows(dl, m_r)\n"),
+        ("            if more:\n                shift_rows(dl, m_r)\n            rescale_o",
+         "            if more and not PROBE_NOSHIFT:\n"
+         "                shift_rows(dl, m_r)\n            rescale_o"),
         # no record copy: the stage's barrier expects the tiles alone
         ("                    bulk_tile(kt, st, smem, b, hk, REC_BYTES)\n"
          "                    bulk_record(kt, st, smem, c, b, h)\n",
@@ -100,13 +98,13 @@ def _edits() -> list[tuple[str, str]]:
         # fuse_gate: the gate warps' loads left out (their gates a constant), or all their
         # work but the wait for the stage and the arrival
         ("                        gv[u] = c[b, T.min(t0 + u, T.Cast(\"int32\", L) - 1), h]\n"
-         "                scan_tile(gv, gw, gc, lane, rscale)\n",
+         "                scan_tile(gv, gw, lane, rscale)\n",
          "                        if PROBE_NOLOAD:\n"
          "                            gv[u] = T.float32(-0.01)\n"
          "                        else:\n"
          "                            gv[u] = c[b, T.min(t0 + u, T.Cast(\"int32\", L) - 1), h]\n"
          "                if not PROBE_IDLE:\n"
-         "                    scan_tile(gv, gw, gc, lane, rscale)\n"),
+         "                    scan_tile(gv, gw, lane, rscale)\n"),
         ("                store_slot(st, gv, gw, smem, lane)\n",
          "                if not PROBE_IDLE:\n"
          "                    store_slot(st, gv, gw, smem, lane)\n"),
@@ -141,10 +139,7 @@ def variants(base):
         "G": (True, gm),
         "G fused": (True, with_extra(gm, {"fuse_gate": True})),
         "G fused 1w": (True, with_extra(gm, {"fuse_gate": True, "gate_warps": 1})),
-        "G fused carry": (True, with_extra(gm, {"fuse_gate": True, "gate_carry": True})),
         "G fused tma": (True, with_extra(gm, {"fuse_gate": True, "gate_tma": True})),
-        "G fused tma carry": (True, with_extra(gm, {"fuse_gate": True, "gate_tma": True,
-                                                    "gate_carry": True})),
         "G fused no fence": (True, with_extra(gm, {"fuse_gate": True, "probe_no_fence": True})),
         "G fused no load": (True, with_extra(gm, {"fuse_gate": True,
                                                   "probe_no_gate_load": True})),
@@ -217,8 +212,8 @@ def main(argv=None) -> int:
             fns["G op"] = functools.partial(tb.tvm_forward, q, k, v, g, s.W, config=probes["G"][1])
             fns["G fused op"] = functools.partial(tb.tvm_forward, q, k, v, g, s.W,
                                                   config=probes["G fused"][1])
-            fns["G fused tma carry op"] = functools.partial(
-                tb.tvm_forward, q, k, v, g, s.W, config=probes["G fused tma carry"][1])
+            fns["G fused tma op"] = functools.partial(
+                tb.tvm_forward, q, k, v, g, s.W, config=probes["G fused tma"][1])
             fns["U op"] = functools.partial(tb.tvm_forward, q, k, v, None, s.W,
                                             config=probes["U"][1])
             fns["records"] = functools.partial(tb._tile_records, g, base.block_n, s.D ** -0.5, True)

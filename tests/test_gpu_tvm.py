@@ -151,10 +151,9 @@ def test_gpu_tvm_wgmma_matches_float64(shape, cfg):
 @pytest.mark.skipif(not torch.cuda.is_available() or
                     torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only")
 @pytest.mark.parametrize("gate_scale", [1e-3, 30.0])
-@pytest.mark.parametrize("tma", [False, True, "fuse_gate", "bias_mma", "fuse_gate+bias_mma",
-                                 "fuse_gate+bias_mma+gate_carry"],
+@pytest.mark.parametrize("tma", [False, True, "fuse_gate", "bias_mma", "fuse_gate+bias_mma"],
                          ids=["cp.async", "pingpong", "pingpong-fused", "pingpong-bias-mma",
-                              "pingpong-fused-bias-mma", "pingpong-fused-carry"])
+                              "pingpong-fused-bias-mma"])
 def test_gpu_tvm_wgmma_gate_extremes(gate_scale, tma):
     """The gated score product starts from each key's bias (c_ref - c_j) / scale: with gates
     near 1 (biases near 0) and with strong ones (a window's bias in the thousands, which the
@@ -194,13 +193,10 @@ def test_gpu_tvm_wgmma_zero_and_negative_scale(scale, tma, gated):
 @pytest.mark.parametrize("knob", [None, "fuse_gate", "persistent", "bias_mma", "three",
                                   "three-bias-mma", "fuse_gate+bias_mma",
                                   "persistent+fuse_gate+bias_mma",
-                                  "fuse_gate+bias_mma+gate_carry",
-                                  "persistent+fuse_gate+bias_mma+gate_tma",
-                                  "persistent+fuse_gate+bias_mma+gate_tma+gate_carry"],
+                                  "persistent+fuse_gate+bias_mma+gate_tma"],
                          ids=["tiles", "fuse_gate", "persistent", "bias-mma", "three",
                               "three-bias-mma", "fused-bias-mma", "persistent-fused-bias-mma",
-                              "fused-carry", "persistent-fused-tma",
-                              "persistent-fused-tma-carry"])
+                              "persistent-fused-tma"])
 def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
     """The 128x128 pingpong forward, whose biases start again at each key tile (it copies
     each tile's record; fuse_gate: it sums the raw gates itself) and which moves its
@@ -210,8 +206,7 @@ def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
     "three": three consumers' 192 rows, persistent, which read their rows' c_i from the
     records of the last two key tiles. "fuse_gate+bias_mma": the producer's gate warp
     writes each tile's bias table (bf16 pieces) itself, plain and persistent; with gate_tma
-    from gates a bulk tensor copy brings, with gate_carry relative to the query tile's first
-    key tile (no running-max shift)."""
+    from gates a bulk tensor copy brings."""
     from gfwagen.gate import sanitize_log_gate
     from gfwagen.spec import KernelConfig
 

@@ -844,37 +844,30 @@ def _fused_persistent(**knobs):
     return KernelConfig(128, 128, 8, 3, extra=tuple(sorted(extra.items())))
 
 
-def test_wgmma_gate_tma_and_gate_carry():
-    """fuse_gate's options: gate_tma (the raw gates by a bulk tensor copy of a 4-head box,
-    two staging slots of 2 KB and their barriers: the kernel takes a rank-3 tensor map of the
-    gates) and gate_carry (the biases from the query tile's first key tile: no running-max
-    shift in the consumers, the gate warp carrying the sum across tiles by a shuffle). Each
-    needs fuse_gate and bias_mma and one gate warp; refused otherwise, by name."""
+def test_wgmma_gate_tma():
+    """fuse_gate's option gate_tma: the raw gates by a bulk tensor copy of a 4-head box, two
+    staging slots of 2 KB and their barriers (the kernel takes a rank-3 tensor map of the
+    gates). It needs fuse_gate and bias_mma and one gate warp; refused otherwise, by name."""
     from gfwagen.backends.tvm_backend import cuda_smem_bytes, tensor_core_template
 
     spec = KernelSpec("tvm", "fwd", 64, 64, 512, "bf16", True, 1)
-    plain, tma, carry = (_fused_persistent(), _fused_persistent(gate_tma=True),
-                         _fused_persistent(gate_carry=True))
+    plain, tma = _fused_persistent(), _fused_persistent(gate_tma=True)
     tpl = tensor_core_template(plain)
     assert cuda_smem_bytes(spec, tma) == cuda_smem_bytes(spec, plain) + 2 * 2048 + 16
-    assert cuda_smem_bytes(spec, carry) == cuda_smem_bytes(spec, plain)
 
     def kernel(cfg):
         src = cuda_source(build_cuda(spec, cfg, arch="sm_90"))
         return src[src.index('extern "C" __global__'):]
 
-    k_plain, k_tma, k_carry = kernel(plain), kernel(tma), kernel(carry)
+    k_plain, k_tma = kernel(plain), kernel(tma)
     three_d = "bulk_tensor_3d_shared__cluster_global"
     assert three_d in k_tma and three_d not in k_plain and "g_tmap" in k_tma
-    assert "__shfl_sync(" in k_carry and "__shfl_sync(" not in k_plain
-    assert k_plain.count("(m_r_ptr[0] + dl") >= 1 and k_carry.count("(m_r_ptr[0] + dl") == 0
-    for knob in ("gate_tma", "gate_carry"):
-        no_fuse = dict(_fused_persistent(**{knob: True}).extra)
-        del no_fuse["fuse_gate"]
-        bad = KernelConfig(128, 128, 8, 3, extra=tuple(sorted(no_fuse.items())))
-        assert knob in tpl.supports(64, 64, "bf16", bad)
-        assert "gate_warps" in tpl.supports(64, 64, "bf16",
-                                            _fused_persistent(**{knob: True, "gate_warps": 3}))
+    no_fuse = dict(tma.extra)
+    del no_fuse["fuse_gate"]
+    bad = KernelConfig(128, 128, 8, 3, extra=tuple(sorted(no_fuse.items())))
+    assert "gate_tma" in tpl.supports(64, 64, "bf16", bad)
+    assert "gate_warps" in tpl.supports(64, 64, "bf16",
+                                        _fused_persistent(gate_tma=True, gate_warps=3))
 
 
 def test_forward_buffers_tile_records_without_the_fused_kernels(monkeypatch):

@@ -116,16 +116,16 @@ Config extras (session 17, H200 numbers in benchmarks/RESULTS.md):
   and the kernel, and the tuner's duel agrees (medians 0.355 against 0.362 ms); S5 +1.6%,
   S2 +1.8%, S4 +8.6%: the gate warps' strided loads (a tile's 128 gates 64 bytes apart)
   are the cost, not their scan or the proxy fence (probes, RESULTS.md session 46). Where
-  key tiles are few, the launch saved outweighs them. A tuner knob. Its options, one gate
-  warp each (prepared in session 46, not yet timed on a GPU): `gate_tma`, the raw gates by a
-  bulk tensor copy of a [4 heads x block_n keys] box into one of two 2 KB staging slots,
-  issued a tile ahead (gate_box_bytes; head count a multiple of 4, tvm_backend drops it
-  elsewhere; it does not fit beside three 128-key stages at head dim 128), so no L1 traffic;
-  `gate_carry`, each tile's biases relative to the query tile's first key tile (the gate
-  warp carries the sum across its tiles), so the consumers' running max never moves: no
-  shift and no total to load (offline SASS, head dim 64: the interior step 468 -> 460
-  instructions, ungated 451). Its biases grow to the window's gate sum, about 2 bits of
-  the three bf16 pieces' 24.
+  key tiles are few, the launch saved outweighs them. A tuner knob. Its option `gate_tma`
+  (one gate warp): the raw gates by a bulk tensor copy of a [4 heads x block_n keys] box
+  into one of two 2 KB staging slots, issued a tile ahead (gate_box_bytes; head count a
+  multiple of 4, tvm_backend drops it elsewhere; it does not fit beside three 128-key
+  stages at head dim 128), so no L1 traffic. S5, CUDA graph replays: 1.088x the ungated
+  kernel against the gate warps' loads' 1.105x and the records' launch and kernel's 1.093x
+  (session 47); not shipped. Session 47 also removed `gate_carry` (each tile's biases
+  relative to the query tile's first key tile, no running-max shift): 1.2 points faster
+  at S5, but its biases grow to the window's gate sum, and three bf16 pieces lost the
+  lse's precision with strong gates (2.1e-4 against float64, RESULTS.md session 47).
 - `bias_mma` (bf16, with the tile records; session 37): the score product starts with one
   more wgmma k step, A from registers (ones in three k columns) and B the key tile's biases
   as three bf16 pieces (key_table_bytes: 912 bytes a stage with the total, so it fits
@@ -196,18 +196,16 @@ def supports(head_dim, value_dim, dtype, config) -> str | None:
     if config.get("fuse_gate", False) and not _square_pingpong(config):
         return "fuse_gate (the pingpong schedule with block_n == block_m)"
     gate_warps = config.get("gate_warps", None)
-    one_warp = config.get("gate_carry", False) or config.get("gate_tma", False)
-    for knob in ("gate_carry", "gate_tma"):
-        if config.get(knob, False) and not (config.get("fuse_gate", False)
-                                            and config.get("bias_mma", False)):
-            return f"{knob} (with fuse_gate and bias_mma)"
+    one_warp = config.get("gate_tma", False)
+    if one_warp and not (config.get("fuse_gate", False) and config.get("bias_mma", False)):
+        return "gate_tma (with fuse_gate and bias_mma)"
     if gate_warps is not None and (not config.get("fuse_gate", False)
                                    or int(gate_warps) not in (1, ns) or int(gate_warps) > 3
                                    or (one_warp and int(gate_warps) != 1)):
         # produce_gates gives each warp one stage (or one warp all): the producer warpgroup
         # has three besides the copying one
         return (f"gate_warps {gate_warps} (with fuse_gate: 1, or one a stage where there are "
-                "3 stages and neither gate_carry nor gate_tma)")
+                "3 stages and not gate_tma)")
     if config.get("bias_mma", False) and (dtype != "bf16"
                                           or gate_input(config) not in ("tiles", "raw")):
         return ("bias_mma (bf16, with the tile records or fuse_gate: pingpong, block_n == "
@@ -362,11 +360,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     # a stage's bias slot, in floats; RELATIVE: the tile's gate total at [TOTAL] (log2
     # units). TILES and bias_mma: each record is the keys' bias table, then the total
     TABLE = gated and key_table(config)  # key_table: only with the tile records
-    # fuse_gate's options (one gate warp): the raw gates by bulk tensor copies (gate_tma), and
-    # the biases relative to the query tile's first key tile, not each tile's own start
-    # (gate_carry): the consumers' running max then stays put from tile to tile
-    GTMA = FUSED and TABLE and gate_tma(config)
-    CARRY = FUSED and TABLE and bool(config.get("gate_carry", False))
+    # fuse_gate's option (one gate warp): the raw gates by bulk tensor copies
+    GTMA = gated and gate_tma(config)  # (gate_tma implies FUSED and TABLE)
     CS = record_floats(BN, TABLE) if RELATIVE else BN
     REC_BYTES = 4 * record_floats(BN, TABLE)
     TOTAL = key_table_bytes(BN) // 4 if TABLE else BN  # the total's float in a slot
@@ -763,7 +758,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         # the next one's biases in the middle (next_biases); dl: tile n's gate total
         if TABLE:  # the biases come with the score product: only the running max moves
             pack_p(s_r, p_r)
-            if more and not CARRY:  # (CARRY: every tile's biases share one reference)
+            if more:
                 shift_rows(dl, m_r)
             rescale_o(acc, al_r)
         elif gated:
@@ -885,10 +880,10 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     GPL = (BN + 31) // 32  # gate sums per producer lane per tile
     GW = 3 * (GPL // 2) + 1 if TABLE else 1  # FUSED: a lane's table words, then the total
     # FUSED: the producer's warps that sum the gates, one per stage (produce_gates)
-    GATE_WARPS = int(config.get("gate_warps", 1 if GTMA or CARRY else NS if NS <= 3 else 1))
+    GATE_WARPS = int(config.get("gate_warps", 1 if GTMA else NS if NS <= 3 else 1))
 
     @T.macro
-    def scan_tile(gv, gw, gc, lane, rscale):
+    def scan_tile(gv, gw, lane, rscale):
         # FUSED: the key tile's gate prefix sums from its raw gates (lane l holds keys
         # GPL l .. GPL l + GPL - 1), relative to the tile's start: key j's bias is
         # -local_j / scale (into gv), and the tile's total (log2 units, gw[GW - 1]) is what
@@ -897,9 +892,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         # gfwagen.gate.tile_tables' bf16 pieces (gw: word 3 p + u2 holds piece p of keys
         # 2 u2 and 2 u2 + 1, the even one in the low half; each piece the bf16 of what the
         # pieces before it left). Done before the stage is free, so that only the stores
-        # stand between the consumers' release of a stage and its bias slot's arrival.
-        # CARRY: gc[0] holds the query tile's earlier key tiles' gate sum, which the biases
-        # start from, and this tile's total joins it
+        # stand between the consumers' release of a stage and its bias slot's arrival
         for u in T.unroll(GPL):
             gv[u] = T.if_then_else(gv[u] > T.float32(GATE_BOUND), T.float32(GATE_BOUND),
                                    T.if_then_else(gv[u] < T.float32(-GATE_BOUND),
@@ -910,11 +903,9 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         for d in T.unroll(5):
             up = T.cuda.__shfl_up_sync(T.uint32(0xFFFFFFFF), run, 1 << d, 32)
             run = run + T.if_then_else(lane >= (1 << d), up, T.float32(0))
-        before: T.float32 = run - gv[GPL - 1] + (gc[0] if CARRY else T.float32(0))
+        before: T.float32 = run - gv[GPL - 1]
         for u in T.unroll(GPL):
             gv[u] = (gv[u] + before) * -rscale
-        if CARRY:
-            gc[0] = gc[0] + T.cuda.__shfl_sync(T.uint32(0xFFFFFFFF), run, 31, 32)
         gw[GW - 1] = T.reinterpret("uint32", run * T.float32(LOG2E))
         if TABLE:
             for u2 in T.unroll(GPL // 2):
@@ -1048,7 +1039,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         return T.Cast("int64", w) * NSM + T.if_then_else(w % 2 == 0, tile, NSM - 1 - tile)
 
     @T.macro
-    def produce_gates(item, g0, cnt, smem, c, gv, gw, gc, HQ, L, lane, rscale, gwi):
+    def produce_gates(item, g0, cnt, smem, c, gv, gw, HQ, L, lane, rscale, gwi):
         # FUSED: the producer warpgroup's idle warps (gwi: 0 .. GATE_WARPS - 1; one per stage
         # where the stages are 3 or fewer) sum query tile `item`'s key tiles from
         # the raw gates into their stages' bias slots, beside the first warp's bulk copies;
@@ -1057,7 +1048,6 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         # launch. Each of the warps shares its scheduler with two consumer warps. g0 and cnt
         # as produce_item's
         b, h, i0, kt_lo, n_tiles = query_tile(item, HQ, L)
-        gc[0] = T.float32(0)
         if GTMA and lane == 0:
             bulk_gates(kt_lo, g0, smem, b, h)
         for n in T.serial(T.Cast("int32", n_tiles)):
@@ -1081,7 +1071,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                     t0 = T.Cast("int32", kt_lo + T.Cast("int64", n)) * BN + lane * GPL
                     for u in T.unroll(GPL):
                         gv[u] = c[b, T.min(t0 + u, T.Cast("int32", L) - 1), h]
-                scan_tile(gv, gw, gc, lane, rscale)
+                scan_tile(gv, gw, lane, rscale)
                 if g >= NS:  # both consumers done with the tile NS back
                     T.cuda.mbarrier_wait(mbar(smem, FREE + st), parity(g, 1))
                 store_slot(st, gv, gw, smem, lane)
@@ -1151,8 +1141,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             wait_tile(g + 1, smem)
         # (the gated kernel without bias_mma waited for tile g + 1 in the previous step's
         # next_biases)
-        dl: T.float32 = (tile_total(stage(g + 1), smem) if RELATIVE and not CARRY
-                         else T.float32(0))
+        dl: T.float32 = tile_total(stage(g + 1), smem) if RELATIVE else T.float32(0)
         T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
         T.ptx["wgmma.fence.sync.aligned"]()
         issue_scores(stage(g + 1), cw, smem, s_r, qd, kd, qo, t4, vd)
@@ -1184,8 +1173,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             T.ptx["bar.arrive"](T.uint32(1), T.uint32(256))
         T.cuda.mbarrier_wait(mbar(smem, qs * Q1_FULL), T.truncmod(w // 2, 2))
         wait_tile(g0, smem)
-        dl0: T.float32 = (tile_total(stage(g0), smem) if RELATIVE and not CARRY
-                          else T.float32(0))
+        dl0: T.float32 = tile_total(stage(g0), smem) if RELATIVE else T.float32(0)
         if gated and not TABLE:
             bias_scores(stage(g0), smem, s_r, t4)
         T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
@@ -1297,7 +1285,6 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                     cg_r = T.alloc_buffer((NGC,), "float64", scope="local")
                 gv = T.alloc_buffer((GPL,), "float32", scope="local")  # FUSED: a lane's gates
                 gw = T.alloc_buffer((GW,), "uint32", scope="local")  # FUSED: scan_tile's words
-                gc = T.alloc_buffer((1,), "float32", scope="local")  # CARRY: the gates so far
                 s_r = T.alloc_buffer((BN // 2,), "float32", scope="local")
                 p_r = T.alloc_buffer((BN // 4,), "uint32", scope="local")
                 acc = T.alloc_buffer((DV // 2,), "float32", scope="local")
@@ -1360,10 +1347,10 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                                 for w in T.serial(rounds(B, HQ, L)):
                                     if round_item(tile, w) < n_query_tiles(B, HQ, L):
                                         produce_gates(round_item(tile, w), cnt[0], cnt, smem,
-                                                      c, gv, gw, gc, HQ, L, lane, rscale, gwi)
+                                                      c, gv, gw, HQ, L, lane, rscale, gwi)
                             else:
-                                produce_gates(tile, 0, cnt, smem, c, gv, gw, gc, HQ, L,
-                                              lane, rscale, gwi)
+                                produce_gates(tile, 0, cnt, smem, c, gv, gw, HQ, L, lane,
+                                              rscale, gwi)
                     else:
                         T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS)
                         cw = tx // 128 - 1  # consumer warpgroup: rows 64 cw .. 64 cw + 63
