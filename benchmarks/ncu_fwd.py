@@ -6,6 +6,11 @@
     ncu -i kb.ncu-rep --page source --csv --print-source sass > kb.csv
     python benchmarks/ncu_fwd.py segments plain.csv kb.csv
 
+`tvm-launch U|G|P` does the same for TVM's persistent 128x128 pingpong forward at S5's shipped
+tile (as gate_parts.py builds it): U ungated, G with `bias_mma`, P with the biases as S's
+start. Session 47 profiled those with SpeedOfLight, WarpStateStats and the pipes' active
+cycles (`--metrics "regex:sm__pipe_.*cycles_active.avg.pct_of_peak_sustained_active"`).
+
 `segments` splits each kernel's SASS into runs of instructions executed equally often (the
 prologue, each tile loop, the code between them) and prints each run's instructions per warp
 and query tile: its executions over the first instruction's, which runs once per warp and
@@ -37,6 +42,29 @@ def launch(which: str) -> None:
     cfg = KernelConfig(64, 64, 4, 2, extra=(("bias_mma", True), ("maxnreg", 128)))
     for _ in range(3):
         tb.forward(q, k, v, g if which == "kb" else None, s.W, s.D ** -0.5, cfg)
+    torch.cuda.synchronize()
+
+
+def launch_tvm(which: str) -> None:
+    """Three forwards of TVM's kernel at S5's gated tile from the shipped database, the gate's
+    buffer made once before them (gate_parts.kernel_call): U ungated, G bias_mma, P plain."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench import SHAPES, make_inputs
+    from gate_parts import kernel_call
+    from tvm_knob_ab import tvm_config, with_extra
+
+    from gfwagen.backends import tvm_backend as tb
+
+    s = SHAPES["S5"]
+    q, k, v, g, _ = (t.detach() for t in make_inputs(s, torch.bfloat16))
+    base = tvm_config(tb._spec("fwd", q, k, v, g, s.W), s.T, q.device)
+    plain = with_extra(base, {"bias_mma": False})
+    cfg = {"U": plain, "G": with_extra(base, {"bias_mma": True}), "P": plain}[which]
+    f = kernel_call(q, k, v, None if which == "U" else g, s.W, cfg)
+    for _ in range(3):
+        f()
     torch.cuda.synchronize()
 
 
@@ -75,10 +103,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("launch").add_argument("which", choices=("plain", "kb"))
+    sub.add_parser("tvm-launch").add_argument("which", choices=("U", "G", "P"))
     sub.add_parser("segments").add_argument("csv", nargs="+", type=Path)
     a = p.parse_args(argv)
     if a.cmd == "launch":
         launch(a.which)
+    elif a.cmd == "tvm-launch":
+        launch_tvm(a.which)
     else:
         segments(a.csv)
     return 0
