@@ -578,6 +578,14 @@ def _with_tried(job, configs):
 
     out = []
     for c in configs:
+        outside = sorted(set(dict(c.extra)) - space.space_extras(job.spec().backend))
+        if outside:
+            # the study would time the config without them (session 47 dueled gate_tma so)
+            _log(f"tune: --try {c.as_dict()} skipped for {job.label}: extra "
+                 f"{', '.join(outside)} is not a knob of the tuner's {job.spec().backend} "
+                 f"space ({', '.join(sorted(space.space_extras(job.spec().backend)))}), so "
+                 "the study cannot time it")
+            continue
         ok, why = space.feasible(job.spec(), c, gpu=gpu_space(job))
         if ok:
             try:  # a value the pass's space lacks would stop the study when enqueued

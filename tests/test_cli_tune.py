@@ -246,6 +246,13 @@ def test_tune_try_measures_the_given_config(env):
                            + ["--try", json.dumps(idle)])
     assert r.exit_code == 0, r.output + r.stderr
     assert "runs as" in r.stderr and "'bias_mma': True" in r.stderr, r.stderr
+    # an extra no space of the backend sets (a template option outside the search): not
+    # timed without it, but skipped, by name
+    outside = dict(tried, extra={"gate_tma": True})
+    r = CliRunner().invoke(main, base + ["--try", json.dumps(outside)])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "skipped" in r.stderr and "gate_tma is not a knob" in r.stderr, r.stderr
+    assert not any(c["extra"].get("gate_tma") for c in _trial_configs(env))
     # a budget that ends at the default would measure the --try config never
     short = [x if x != "2" else "1" for x in base]
     r = CliRunner().invoke(main, short + ["--try", json.dumps(tried)])

@@ -105,6 +105,18 @@ def tvm_extras() -> dict:
     return dict(getattr(tvm_backend, "TUNABLE_EXTRAS", {}) or {})
 
 
+def space_extras(backend: str) -> frozenset[str]:
+    """Every config extra some pass's space of `backend` sets (params' x_ names with every
+    knob on, and the template defaults config_from_params leaves out). An extra outside it,
+    in a --try config, would be dropped from what the study times."""
+    if backend == "tvm":
+        names = {*TVM_TC_DEFAULTS, *(k[2:] for k in TVM_TC_PARAMS if k.startswith("x_")),
+                 *WGMMA_ONLY, WGMMA, *tvm_extras()}
+    else:
+        names = {*KNOBS, *(k[2:] for k in STORED_DQ_PARAMS)}
+    return frozenset(names)
+
+
 def check_knobs(knobs) -> tuple[str, ...]:
     """knobs as a tuple; ValueError naming any that is not in KNOBS."""
     knobs = tuple(knobs)
