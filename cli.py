@@ -576,15 +576,16 @@ def _with_tried(job, configs):
     from gfwagen.tuner import space
     from gfwagen.tuner.study import gpu_space
 
+    backend = job.spec().backend
+    settable = space.space_extras(backend)
     out = []
     for c in configs:
-        outside = sorted(set(dict(c.extra)) - space.space_extras(job.spec().backend))
+        outside = sorted(set(dict(c.extra)) - settable)
         if outside:
             # the study would time the config without them (session 47 dueled gate_tma so)
             _log(f"tune: --try {c.as_dict()} skipped for {job.label}: extra "
-                 f"{', '.join(outside)} is not a knob of the tuner's {job.spec().backend} "
-                 f"space ({', '.join(sorted(space.space_extras(job.spec().backend)))}), so "
-                 "the study cannot time it")
+                 f"{', '.join(outside)} is not a knob of the tuner's {backend} space "
+                 f"({', '.join(sorted(settable))}), so the study cannot time it")
             continue
         ok, why = space.feasible(job.spec(), c, gpu=gpu_space(job))
         if ok:
