@@ -104,9 +104,9 @@ def _edits() -> list:
         # Q in, then the first key tile
         [
             [("        T.cuda.mbarrier_wait(mbar(smem, qs * Q1_FULL), T.truncmod(w // 2, 2))\n"
-              "        wait_tile(g0, smem)\n",
+              "        wait_tile(g0c, smem)\n",
               "        T.cuda.mbarrier_wait(mbar(smem, qs * Q1_FULL), T.truncmod(w // 2, 2))\n"
-              f"        tim[1] = {GT}\n        wait_tile(g0, smem)\n        tim[2] = {GT}\n"
+              f"        tim[1] = {GT}\n        wait_tile(g0c, smem)\n        tim[2] = {GT}\n"
               f"        tim[7] = {CLK}\n")],
             [(f"{pad}T.cuda.mbarrier_wait(mbar(smem, 0), 0)\n{pad}wait_tile(0, smem)\n",
               f"{pad}T.cuda.mbarrier_wait(mbar(smem, 0), 0)\n{pad}tim[1] = {GT}\n"
@@ -118,12 +118,12 @@ def _edits() -> list:
             [("        finish_rows(row0, i0, cw,",
               f"        tim[3] = {GT}\n        tim[7] = {CLK} - tim[7]\n"
               "        finish_rows(row0, i0, cw,"),
-             ('        if PERS:\n            cnt[0] = g0 + T.Cast("int32", n_tiles)\n\n'
+             ('        if PERS:\n            cnt[0] = g0 + T.Cast("int32", n_tiles_b)\n\n'
               "    @T.prim_func",
               f"        tim[4] = {GT}\n        if tx % 128 == 0:\n"
               f"            for j in T.unroll(5):\n                {row[0]}\n"
               f"            {row[1]}\n            if cw == 0:\n                {row[2]}\n"
-              '        if PERS:\n            cnt[0] = g0 + T.Cast("int32", n_tiles)\n\n'
+              '        if PERS:\n            cnt[0] = g0 + T.Cast("int32", n_tiles_b)\n\n'
               "    @T.prim_func")],
             [(f'{pad}T.ptx["wgmma.wait_group.sync.aligned"](0)\n{pad}finish_rows(',
               f'{pad}T.ptx["wgmma.wait_group.sync.aligned"](0)\n{pad}tim[3] = {GT}\n'

@@ -45,6 +45,9 @@
 #             ms, plain 0.523-0.558; session 44), which a duel now extends (after `db import`)
 #   tvm-s1-fused-duel  S1's gated forward with bias_mma, its tables from the records' launch
 #             against its own gate warps' (fuse_gate; session 46), dueled (after `db import`)
+#   tvm-stagger  the head-dim-64 causal, W 4096 and W 8192 classes' ungated forward, three
+#             consumers (192 rows) staggered against unstaggered, plain and persistent,
+#             dueled (session 49; after `db import`)
 #   merge     S1's database plus the two, into h200.sqlite, exported best-only as h200.jsonl
 # Usage:  OUT=/some/dir bash benchmarks/tune_h200.sh PHASE [extra tune options]
 set -uo pipefail
@@ -67,6 +70,9 @@ ppb='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": 
 ppbf='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "bias_mma": true, "fuse_gate": true}}'
 # the persistent pingpong tile (head dim 64: its second Q buffer fits three stages there)
 pers='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "persistent": true}}'
+# three consumers' 192 rows (head dims <= 64), plain and persistent
+three='{"block_m": 192, "block_n": 128, "num_warps": 16, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true}}'
+threep='{"block_m": 192, "block_n": 128, "num_warps": 16, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "persistent": true}}'
 # the gated TVM forward, the pingpong tile timed without and with bias_mma
 bm() { python3 cli.py tune --gpu h200 --backend tvm --passes fwd --gated --trials 3 \
          --try "$pp" --try "$ppb" --format json --no-plots --db "$out/h200.sqlite" "$@"; }
@@ -146,8 +152,6 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
   tvm-three)
     # the persistent and plain pingpong tiles against three consumers' 192 rows, plain and
     # persistent (and, gated, with bias_mma); session 39 ran it in three parts (RESULTS.md)
-    three='{"block_m": 192, "block_n": 128, "num_warps": 16, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true}}'
-    threep='{"block_m": 192, "block_n": 128, "num_warps": 16, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "persistent": true}}'
     threeb='{"block_m": 192, "block_n": 128, "num_warps": 16, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "bias_mma": true}}'
     t3() { python3 cli.py tune --gpu h200 --backend tvm --passes fwd --preset classes --only "$d64" \
              --try "$pers" --try "$three" --try "$threep" --duel 2 --format json --no-plots \
@@ -155,6 +159,15 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     t3 --gated --trials 6 --try "$pp" --try "$threeb" > "$out/three_gated.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     t3 --no-gated --trials 4 > "$out/three_ungated.json"
+    python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
+    ;;
+  tvm-stagger)
+    stag() { python3 -c "import json, sys; c = json.loads(sys.argv[1]); c['extra']['stagger'] = True; print(json.dumps(c))" "$1"; }
+    python3 cli.py tune --gpu h200 --backend tvm --passes fwd --preset classes --no-gated \
+      --only C-d64-causal,C-d64-w4096,C-d64-w8192 --trials 5 --try "$three" \
+      --try "$(stag "$three")" --try "$threep" --try "$(stag "$threep")" --duel 3 \
+      --compile-jobs 5 --format json --no-plots --db "$out/h200.sqlite" "$@" \
+      > "$out/stagger_ungated.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     ;;
   tvm-close-calls)

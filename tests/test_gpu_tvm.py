@@ -117,6 +117,10 @@ WGMMA_TILES += [(128, 128, 3, "tma", "pingpong", "bias_mma"),
 # two key tiles
 WGMMA_TILES += [(192, 128, 3, "tma", "pingpong"), (192, 128, 3, "tma", "pingpong", "persistent"),
                 (192, 128, 3, "tma", "pingpong", "persistent", "bias_mma")]
+# staggered: each consumer visits only its own rows' key tiles and passes its turn on the rest
+WGMMA_TILES += [(192, 128, 3, "tma", "pingpong", "stagger"),
+                (192, 128, 4, "tma", "pingpong", "persistent", "stagger"),
+                (192, 128, 3, "tma", "pingpong", "persistent", "bias_mma", "stagger")]
 PERSISTENT_BLOCKS = 3
 WGMMA_SHAPES = [(2, 777, 8, 2, 128, 128, 200, True, torch.bfloat16), *WARP_M_SHAPES[:3],
                 (2, 200, 2, 2, 128, 64, 50, False, torch.float16),
@@ -137,6 +141,8 @@ def test_gpu_tvm_wgmma_matches_float64(shape, cfg):
         extra += (("persistent", PERSISTENT_BLOCKS),)
     if "bias_mma" in cfg:
         extra += (("bias_mma", True),)
+    if "stagger" in cfg:
+        extra += (("stagger", True),)
     config = KernelConfig(cfg[0], cfg[1], wgmma_num_warps(cfg[0]), cfg[2], extra=extra)
     D, Dv, dtype = shape[4], shape[5], tvm_backend.CPU_DTYPES[shape[8]]
     why = tvm_backend.tensor_core_template(config).supports(D, Dv, dtype, config)
@@ -191,11 +197,13 @@ def test_gpu_tvm_wgmma_zero_and_negative_scale(scale, tma, gated):
                     torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only")
 @pytest.mark.parametrize("case", ["long-window", "forget", "bf16-view", "tail"])
 @pytest.mark.parametrize("knob", [None, "fuse_gate", "persistent", "bias_mma", "three",
-                                  "three-bias-mma", "fuse_gate+bias_mma",
+                                  "three-bias-mma", "three-stagger", "three-bias-mma-stagger",
+                                  "fuse_gate+bias_mma",
                                   "persistent+fuse_gate+bias_mma",
                                   "persistent+fuse_gate+bias_mma+gate_tma"],
                          ids=["tiles", "fuse_gate", "persistent", "bias-mma", "three",
-                              "three-bias-mma", "fused-bias-mma", "persistent-fused-bias-mma",
+                              "three-bias-mma", "three-stagger", "three-bias-mma-stagger",
+                              "fused-bias-mma", "persistent-fused-bias-mma",
                               "persistent-fused-tma"])
 def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
     """The 128x128 pingpong forward, whose biases start again at each key tile (it copies
@@ -204,7 +212,8 @@ def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
     the clamp (-inf: forget; the reference gets them clamped), from a bf16 strided view of
     the gate, and with T off the tile (the last tile's keys past T), against float64.
     "three": three consumers' 192 rows, persistent, which read their rows' c_i from the
-    records of the last two key tiles. "fuse_gate+bias_mma": the producer's gate warp
+    records of the last two key tiles; "stagger": each of them over its own rows' key tiles
+    only, passing its turn on the block's others. "fuse_gate+bias_mma": the producer's gate warp
     writes each tile's bias table (bf16 pieces) itself, plain and persistent; with gate_tma
     from gates a bulk tensor copy brings."""
     from gfwagen.gate import sanitize_log_gate
@@ -213,8 +222,10 @@ def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
     cfg = _wgmma_128(True, knob)
     if knob and knob.startswith("three"):
         extra = dict(_wgmma_128(True, "persistent").extra)
-        if knob == "three-bias-mma":
+        if knob.startswith("three-bias-mma"):
             extra["bias_mma"] = True
+        if knob.endswith("stagger"):
+            extra["stagger"] = True
         cfg = KernelConfig(192, 128, 16, 3, extra=tuple(extra.items()))
     T, W = {"long-window": (1000, 900), "forget": (1000, 900), "bf16-view": (700, 600),
             "tail": (333, 250)}[case]
@@ -232,6 +243,42 @@ def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
         g = g.transpose(1, 2).contiguous().to(torch.bfloat16).transpose(1, 2)
         assert not g.is_contiguous()
     _check_against_float64(q, k, v, g, W, None, cfg, f"tvm-wgmma {knob} {case}",
+                           sanitize_log_gate(g.double()))
+
+
+def _three(knob, stagger):
+    """The three-consumer tile (192 x 128): "plain" (3 stages), "persistent" (4 stages,
+    PERSISTENT_BLOCKS blocks) or "persistent-bias_mma" (3 stages), staggered or not."""
+    from gfwagen.spec import KernelConfig
+
+    extra = {"pingpong": True, "tma": True, "wgmma": True}
+    if knob.startswith("persistent"):
+        extra["persistent"] = PERSISTENT_BLOCKS
+    if knob.endswith("bias_mma"):
+        extra["bias_mma"] = True
+    if stagger:
+        extra["stagger"] = True
+    return KernelConfig(192, 128, 16, 4 if knob == "persistent" else 3,
+                        extra=tuple(extra.items()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or
+                    torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only")
+@pytest.mark.parametrize("W", [1, 100, 200, 512, 900, None], ids=lambda w: f"W{w}")
+@pytest.mark.parametrize("knob", ["plain", "persistent", "persistent-bias_mma"])
+def test_gpu_tvm_stagger(W, knob):
+    """Three consumers, each over its own 64 rows' key tiles only (config extra stagger),
+    passing its turn on the block's others: at windows from one key to past T and causal,
+    with T off the 192-row blocks. Ungated it must equal the unstaggered kernel bitwise (the
+    tiles it skips are wholly masked there, and change no row's max, sum or output); gated,
+    against float64 (its running max then ends on the consumer's own last key tile)."""
+    from gfwagen.gate import sanitize_log_gate
+
+    q, k, v, g = make_inputs(2, 1000, 4, 2, 64, 64, torch.bfloat16, True, device="cuda")
+    o_s, lse_s = tvm_backend.tvm_forward(q, k, v, None, W, None, _three(knob, True))
+    o_u, lse_u = tvm_backend.tvm_forward(q, k, v, None, W, None, _three(knob, False))
+    assert torch.equal(o_s, o_u) and torch.equal(lse_s, lse_u)
+    _check_against_float64(q, k, v, g, W, None, _three(knob, True), f"tvm-wgmma stagger {knob}",
                            sanitize_log_gate(g.double()))
 
 

@@ -615,9 +615,38 @@ def test_wgmma_three_consumers_codegen(gated, extra):
     assert "block_m 192" in tensor_core_template(no_pp).supports(64, 64, "bf16", no_pp)
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_wgmma_stagger_codegen(gated):
+    """stagger (block_m 192 only): each consumer's tile range from the consumer index through
+    a lane-0 shuffle (uniform, so the loops' bounds stay in uniform registers), and two loops
+    of passed turns, each a turn's sync and hand-on and the skipped stage's release; the
+    round of turns otherwise as unstaggered. Refused on two consumers."""
+    spec = KernelSpec("tvm", "fwd", 64, 64, 512, "bf16", gated, 1)
+    extra = ("wgmma", "tma", "pingpong", "bias_mma") if gated else ("wgmma", "tma", "pingpong")
+
+    def source(stagger):
+        cfg = KernelConfig(192, 128, 16, 3, extra=tuple(sorted(
+            (k, True) for k in (*extra, *(("stagger",) if stagger else ())))))
+        src = cuda_source(build_cuda(spec, cfg, arch="sm_90")).replace("\"", "")
+        return cfg, [ln.strip() for ln in src.splitlines() if "__device__" not in ln]
+
+    from gfwagen.backends.tvm_backend import tensor_core_template
+
+    cfg, calls = source(True)
+    _, plain = source(False)
+    count = [lambda c: sum("__shfl_sync(" in ln and ", 0, 32)" in ln for ln in c),
+             lambda c: sum(ln.startswith("tvm_builtin_ptx_bar_sync_count") for ln in c),
+             lambda c: sum(ln.startswith("tvm_builtin_ptx_bar_arrive") for ln in c),
+             lambda c: sum(ln.startswith("tvm_builtin_ptx_mbarrier_arrive") for ln in c)]
+    assert [f(calls) - f(plain) for f in count] == [1, 2, 2, 2]
+    two = KernelConfig(128, 128, 8, 3, extra=(*cfg.extra,))
+    assert "stagger" in tensor_core_template(two).supports(64, 64, "bf16", two)
+
+
 def test_three_consumers_join_the_tuners_space_at_head_dim_64(monkeypatch):
     """block_m 192 is a tile height only the wgmma pingpong forward takes: in the space where
-    wgmma is, counting 16 warps, with bias_mma kept (its 128-key tiles read the records);
+    wgmma is, counting 16 warps, with bias_mma kept (its 128-key tiles read the records) and
+    stagger searched there (and dropped at 128 rows);
     refused by check_config for the other kernels and by the template above head dim 64."""
     from gfwagen.backends import tvm_backend
     from gfwagen.generator import check_config
@@ -638,6 +667,14 @@ def test_three_consumers_join_the_tuners_space_at_head_dim_64(monkeypatch):
     # other key tiles than 128 do not read the records: bias_mma means nothing there
     assert space.config_from_params(spec, {**vals, "block_n": 64}, gpu=True).get(
         "bias_mma") is None
+    # stagger: searched, kept on 192 rows and dropped on 128 (two consumers do not stagger)
+    assert p["x_stagger"] == (False, True)
+    staggered = space.config_from_params(spec, {**vals, "x_stagger": True}, gpu=True)
+    assert staggered.get("stagger") is True and space.feasible(spec, staggered) == (True, "")
+    assert space.config_from_params(spec, {**vals, "x_stagger": True, "block_m": 128},
+                                    gpu=True) == space.config_from_params(
+        spec, {**vals, "block_m": 128}, gpu=True)
+    assert cfg.get("stagger") is None  # off, left out: the config reads as before the knob
     ok, why = space.feasible(spec, space.config_from_params(
         spec, {**vals, "x_pingpong": False}, gpu=True))
     assert not ok and "192" in why

@@ -66,7 +66,7 @@ TVM_TC_PARAMS = {"num_stages": (1, 2, 3), "x_sub_n": (16, 32, 64), "x_warp_m": (
 # so that it reads and hashes (compile cache, tuning database) the same as one written
 # without them: the default config and the configs measured before these knobs existed.
 TVM_TC_DEFAULTS = {"warp_m": 1, "q_smem": False, "wgmma": False, "pingpong": False,
-                   "fuse_gate": False, "persistent": False, "bias_mma": False}
+                   "fuse_gate": False, "persistent": False, "bias_mma": False, "stagger": False}
 # On sm_90 the warpgroup-MMA template joins the tensor-core forward's space as x_wgmma (the
 # pseudo-knob WGMMA, which knobs_for adds there). Its tiles take block_m (64 rows per
 # warpgroup), block_n and num_stages (3 here: its pipelined schedule; the pingpong one also
@@ -82,7 +82,10 @@ MMA_SYNC_ONLY = ("sub_n", "warp_m", "q_smem")
 # score product (gated bf16 problems: TVM_BIAS_MMA; the template's bias_mma, not Triton's
 # knob of that name: H200, the gated forward 4.4% faster at F1 and 1.8% at S4, 1.5% and
 # 3.5% slower at S1 and S5, RESULTS.md session 37)
-WGMMA_ONLY = ("tma", "pingpong", "fuse_gate", "persistent", "bias_mma")
+# stagger: three consumers (192 rows) each over its own rows' key tiles only; H200, head dim
+# 64 (RESULTS.md, session 49): causal ungated 1.9% faster, gated 0.6% slower; S5 and W 2048
+# still slower than 128 rows
+WGMMA_ONLY = ("tma", "pingpong", "fuse_gate", "persistent", "bias_mma", "stagger")
 FUSE_GATE = "fuse_gate"
 TVM_BIAS_MMA = "tvm_bias_mma"
 DEFAULT_KNOBS = ("tma", "bias_mma")
@@ -171,6 +174,7 @@ def params(backend: str, pass_: str, knobs: tuple = ()) -> dict[str, tuple]:
                 p["x_tma"] = (False, True)
                 p["x_pingpong"] = (False, True)
                 p["x_persistent"] = (False, True)
+                p["x_stagger"] = (False, True)
             if FUSE_GATE in knobs:
                 p["x_fuse_gate"] = (False, True)
             if TVM_BIAS_MMA in knobs:
@@ -203,6 +207,8 @@ def config_from_params(spec: KernelSpec, values: dict, gpu: bool = False) -> Ker
                                         int(values.get("num_stages", base.num_stages)))
             if not extra.get("pingpong"):
                 extra.pop("persistent", None)  # means nothing there: the same config
+            if bm != WGMMA_THREE_ROWS:
+                extra.pop("stagger", None)  # only three consumers stagger: the same config
         else:
             extra = {k: v for k, v in extra.items() if k not in WGMMA_ONLY}
         extra = {k: v for k, v in extra.items() if not _tvm_tc_default(k, v)}

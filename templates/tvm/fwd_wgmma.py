@@ -140,6 +140,10 @@ Config extras (session 17, H200 numbers in benchmarks/RESULTS.md):
   ungated 1-6% faster, gated with bias_mma 0.3-3.6%, bit-identical. Not for the gated kernel
   without bias_mma, which ptxas would serialize (C7511); with its biases loaded again at the
   loops' seams it compiles clean but ran 1.3-1.7% slower at S1 and 2-3% at S5 (session 43).
+- `stagger` (three consumers, block_m 192; session 49): each consumer visits only the key
+  tiles its own 64 rows see, and passes its turn (the barriers and its stage release, no
+  product) on the block's others, so that a row computes as many keys as with 128-row
+  blocks (640 at W 512 over 128-key tiles, against 768 unstaggered).
 - Since session 43 each key tile's gate total (the running max's shift) is read when the tile
   arrives, not after its P V (shift_rows): with bias_mma the gate's cost in the kernel fell
   from 4.9-7.0% to 3.2-3.5% of the ungated one at S1, S2 and S4 (H200).
@@ -188,6 +192,8 @@ def supports(head_dim, value_dim, dtype, config) -> str | None:
         # three consumers take 160 registers a thread (consumer_regs), which holds S, P
         # and O only at head dims <= 64
         return "block_m 192 (three pingpong consumer warpgroups: head dims <= 64)"
+    if config.get("stagger", False) and bm != 192:
+        return "stagger (three consumer warpgroups: block_m 192)"
     persistent = config.get("persistent", False)
     if persistent is not False and (not config.get("pingpong", False) or value_dim > head_dim
                                     or int(persistent) < 1):
@@ -401,6 +407,9 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
     # pingpong: the key tiles that need no mask run in a loop of their own (key_step says
     # why); config extra split_loop false keeps the one loop, for A/B runs
     SPLIT = bool(config.get("split_loop", True)) and (not gated or TABLE)
+    # three consumers: each visits only its own rows' key tiles (consumer_tiles)
+    STAGGER = BM == 192 and bool(config.get("stagger", False))
+    CROWS = 64 if STAGGER else BM  # the rows a consumer's masks and interior tests cover
 
     @T.macro
     def copy_rows(smem, base, rows_here, flat, start, row_elems, last, dim, tx):
@@ -675,7 +684,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         dj = T.Cast("int32", j0 - row0)
         inside = j0 + BN - 1 <= i0
         if W > 0:
-            inside = inside and j0 > i0 + BM - 1 - W
+            inside = inside and j0 > i0 + CROWS - 1 - W
         if inside:
             stats(dj, False, s_r, m_r, l_r, al_r, t4, sl2)
         else:
@@ -797,13 +806,12 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
             row_bias(smem, C_OFF // 4 + st * CS, j, cq_r, r, sl2)
 
     @T.macro
-    def row_sums_ahead(row0, i0, b, h, L, cf, CH, CT, cq_r, sl2):
+    def row_sums_ahead(row0, kt_last, b, h, L, cf, CH, CT, cq_r, sl2):
         # TILES, three consumers (192 rows, 128-key tiles): a block's rows span its last two
         # key tiles, whose stages the next query tile's may have taken by the epilogue. So
         # each row's c_i, relative to the last key tile's start, is read from the records in
         # global memory before the loop: its own tile's bias, less the totals of the tiles
-        # from its own to the last
-        kt_last = (T.min(L, i0 + BM) + BN - 1) // BN - 1
+        # from its own to the consumer's last (kt_last)
         for r in T.unroll(2):
             i = T.min(row0 + r * 8, L - 1)
             kr = i // BN
@@ -1114,7 +1122,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         # (softmax's test), clamped to [0, n_steps]
         t_lo = T.int64(0)
         if W > 0:
-            t_lo = (T.max(i0 + BM - W, T.int64(0)) + BN - 1) // BN
+            t_lo = (T.max(i0 + CROWS - W, T.int64(0)) + BN - 1) // BN
         t_hi = (i0 + 1) // BN
         lo = T.Cast("int32", T.min(T.max(t_lo - kt_lo - 1, T.int64(0)), T.Cast("int64", n_steps)))
         hi = T.Cast("int32", T.min(T.max(t_hi - kt_lo - 1, T.Cast("int64", lo)),
@@ -1158,51 +1166,85 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         pack_next(g + 1, T.Cast("int64", it) + 2 < n_tiles, dl, smem, s_r, p_r, acc,
                   al_r, m_r, t4)
 
+    def consumer_tiles(i0, kt_lo, n_tiles, cw, L):
+        # STAGGER: consumer cw's rows [ic, ic + 64), the key tiles [lo, lo + n) they see
+        # (at least one: rows past the sequence run the block's last tile, unstored), and
+        # the block's tiles before (pre) and after (post) them, whose turns it passes. Every
+        # consumer so takes the block's n_tiles + 1 turns, which the ring of turns needs
+        if not STAGGER:
+            return i0, kt_lo, n_tiles, T.int64(0), T.int64(0)
+        ic = i0 + T.Cast("int64", cw * 64)
+        kt_hi = kt_lo + n_tiles
+        hi = T.max(T.min((T.min(L, ic + 64) + BN - 1) // BN, kt_hi), kt_lo + 1)
+        lo = kt_lo
+        if W > 0:
+            lo = T.min(T.max(T.max(ic - (W - 1), T.int64(0)) // BN, kt_lo), hi - 1)
+        return ic, lo, hi - lo, lo - kt_lo, kt_hi - hi
+
+    @T.macro
+    def pass_turns(n, g, cw, smem):
+        # STAGGER: n turns on tiles g .. g + n - 1 this consumer does not read: the ring's
+        # barriers, and its release of their stages (after its turn, so that the release
+        # cannot count towards a stage's previous use: every consumer has freed that one,
+        # NS >= 2 tiles back, before taking its turn on this tile)
+        for i in T.serial(T.Cast("int32", n)):
+            T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
+            T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, FREE + stage(g + i)))
+            T.ptx["bar.arrive"](next_turn(cw), T.uint32(256))
+
     @T.macro
     def consume_item(item, w, g0, qs, cnt, more_items, cw, tx, lane, t4, sl2, smem, c, o, lse,
                      cf, CH, CT, s_r, p_r, acc, qd, kd, vd, m_r, l_r, cq_r, al_r, HQ, L):
         # a consumer's part of the block's w-th query tile (its 64 rows); g0, qs and cnt as
         # produce_item's; more_items: the block has a query tile after this one
-        b, h, i0, kt_lo, n_tiles = query_tile(item, HQ, L)
+        b, h, i0, kt_lo_b, n_tiles_b = query_tile(item, HQ, L)
+        # STAGGER: this consumer's rows and key tiles (else the block's)
+        ic, kt_lo, n_tiles, pre, post = consumer_tiles(i0, kt_lo_b, n_tiles_b, cw, L)
+        ri = ic if STAGGER else i0  # the first row of the rows the masks cover
         qo = qs * QBYTES
         row0 = i0 + (tx - 128) // 32 * 16 + lane // 4
         init_rows(row0, i0, b, h, L, c, m_r, l_r, cq_r, acc, s_r)
         if TILES and BM != BN:
-            row_sums_ahead(row0, i0, b, h, L, cf, CH, CT, cq_r, sl2)
+            kt_last = (T.min(L, i0 + BM) + BN - 1) // BN - 1  # the block's last key tile
+            row_sums_ahead(row0, kt_lo + n_tiles - 1 if STAGGER else kt_last, b, h, L, cf, CH,
+                           CT, cq_r, sl2)
         if cw == NC - 1 and w == 0:  # consumer 0 issues first (later: the last one's turn)
             T.ptx["bar.arrive"](T.uint32(1), T.uint32(256))
+        if STAGGER:
+            pass_turns(pre, g0, cw, smem)
+        g0c = g0 + T.Cast("int32", pre) if STAGGER else g0  # this consumer's first tile
         T.cuda.mbarrier_wait(mbar(smem, qs * Q1_FULL), T.truncmod(w // 2, 2))
-        wait_tile(g0, smem)
-        dl0: T.float32 = tile_total(stage(g0), smem) if RELATIVE else T.float32(0)
+        wait_tile(g0c, smem)
+        dl0: T.float32 = tile_total(stage(g0c), smem) if RELATIVE else T.float32(0)
         if gated and not TABLE:
-            bias_scores(stage(g0), smem, s_r, t4)
+            bias_scores(stage(g0c), smem, s_r, t4)
         T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
         T.ptx["wgmma.fence.sync.aligned"]()
-        issue_scores(stage(g0), cw, smem, s_r, qd, kd, qo, t4, vd)
+        issue_scores(stage(g0c), cw, smem, s_r, qd, kd, qo, t4, vd)
         T.ptx["bar.arrive"](next_turn(cw), T.uint32(256))
         T.ptx["wgmma.wait_group.sync.aligned"](0)
-        softmax(kt_lo, i0, row0, s_r, m_r, l_r, al_r, t4, sl2)
-        pack_next(g0, n_tiles > 1, dl0, smem, s_r, p_r, acc, al_r, m_r, t4)
+        softmax(kt_lo, ri, row0, s_r, m_r, l_r, al_r, t4, sl2)
+        pack_next(g0c, n_tiles > 1, dl0, smem, s_r, p_r, acc, al_r, m_r, t4)
         n_steps = T.Cast("int32", n_tiles) - 1
         if SPLIT:
             # the steps whose tile is interior (unmasked) run in a loop of their own, without
             # the masked branch; the window's edge tiles before and the diagonal after run
             # the branching step (key_step says why)
-            lo, hi = interior_steps(kt_lo, i0, n_steps)
+            lo, hi = interior_steps(kt_lo, ri, n_steps)
             for it in T.serial(lo):
-                key_step(it, False, kt_lo, g0, n_tiles, cw, i0, row0, t4, sl2, qo, smem,
-                         s_r, p_r, acc, qd, kd, vd, m_r, l_r, al_r)
+                key_step(it, False, kt_lo, g0c, n_tiles, cw, ri, row0, t4, sl2, qo, smem, s_r,
+                         p_r, acc, qd, kd, vd, m_r, l_r, al_r)
             for it in T.serial(hi - lo):
-                key_step(lo + it, True, kt_lo, g0, n_tiles, cw, i0, row0, t4, sl2, qo, smem,
-                         s_r, p_r, acc, qd, kd, vd, m_r, l_r, al_r)
+                key_step(lo + it, True, kt_lo, g0c, n_tiles, cw, ri, row0, t4, sl2, qo, smem, s_r,
+                         p_r, acc, qd, kd, vd, m_r, l_r, al_r)
             for it in T.serial(n_steps - hi):
-                key_step(hi + it, False, kt_lo, g0, n_tiles, cw, i0, row0, t4, sl2, qo, smem,
-                         s_r, p_r, acc, qd, kd, vd, m_r, l_r, al_r)
+                key_step(hi + it, False, kt_lo, g0c, n_tiles, cw, ri, row0, t4, sl2, qo, smem, s_r,
+                         p_r, acc, qd, kd, vd, m_r, l_r, al_r)
         else:
             for it in T.serial(n_steps):
-                key_step(it, False, kt_lo, g0, n_tiles, cw, i0, row0, t4, sl2, qo, smem,
-                         s_r, p_r, acc, qd, kd, vd, m_r, l_r, al_r)
-        g_last = g0 + T.Cast("int32", n_tiles) - 1
+                key_step(it, False, kt_lo, g0c, n_tiles, cw, ri, row0, t4, sl2, qo, smem, s_r,
+                         p_r, acc, qd, kd, vd, m_r, l_r, al_r)
+        g_last = g0c + T.Cast("int32", n_tiles) - 1
         T.ptx["bar.sync"](T.Cast("uint32", 1 + cw), T.uint32(256))
         T.ptx["wgmma.fence.sync.aligned"]()
         issue_pv(stage(g_last), smem, p_r, acc, vd)
@@ -1220,6 +1262,8 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         T.ptx["wgmma.wait_group.sync.aligned"](0)
         if PERS:  # the last key tile's stage too: the block's next query tile takes it
             T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, FREE + stage(g_last)))
+        if STAGGER:  # (its last turn hands on as any other: only the third consumer has none)
+            pass_turns(post, g_last + 1, cw, smem)
         finish_rows(row0, i0, cw, lane, b, h, L, t4, acc, l_r, m_r, cq_r, p_r, smem, o, lse,
                     O_TMA, qo)
         if O_TMA:
@@ -1230,7 +1274,7 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                 if PERS:  # its output is out of the Q buffer: the next but one may load
                     T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, Q_EMPTY + qs))
         if PERS:
-            cnt[0] = g0 + T.Cast("int32", n_tiles)
+            cnt[0] = g0 + T.Cast("int32", n_tiles_b)
 
     @T.prim_func
     def gfwa_fwd(
@@ -1354,6 +1398,11 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
                     else:
                         T.ptx["setmaxnreg.inc.sync.aligned.u32"](CONSUMER_REGS)
                         cw = tx // 128 - 1  # consumer warpgroup: rows 64 cw .. 64 cw + 63
+                        if STAGGER:
+                            # through a lane-0 shuffle, ptxas knows cw is the warp's and keeps
+                            # the loops' bounds (consumer_tiles) in uniform registers: from
+                            # tx // 128 the code grew by half and spilled
+                            cw = T.cuda.__shfl_sync(T.uint32(0xFFFFFFFF), cw, 0, 32)
                         sl2 = scale * T.float32(LOG2E)
                         if PERS:
                             cnt[0] = 0
