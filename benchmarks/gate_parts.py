@@ -13,6 +13,8 @@ timing) unless named "op". The probes' outputs are wrong by design; only times a
 - `probe_no_table_step`: no table step at all (S starts from the first regular k step);
 - `probe_no_shift`: no running-max shift by each tile's gate total (two adds per tile, of a
   value loaded when the tile arrived; until session 43 loaded right there, in shift_rows);
+- `probe_dl_late`: the tile's gate total (the shift) loaded after the turn's products are
+  issued, not before the turn's barrier (correct; session 49);
 - `probe_no_record`: the producer without each tile's record copy (the table is stale);
 - `probe_no_fence`, `probe_no_gate_load`, `probe_gate_idle` (with `fuse_gate`): the gate
   warps without their proxy fence, without their gate loads, or doing nothing but wait for
@@ -55,7 +57,8 @@ _SWITCHES = ('    O_TMA = PP and DV <= D\n',
              '    PROBE_NOREC = bool(config.get("probe_no_record", False))\n'
              '    PROBE_NOFENCE = bool(config.get("probe_no_fence", False))\n'
              '    PROBE_IDLE = bool(config.get("probe_gate_idle", False))\n'
-             '    PROBE_NOLOAD = bool(config.get("probe_no_gate_load", False))\n')
+             '    PROBE_NOLOAD = bool(config.get("probe_no_gate_load", False))\n'
+             '    PROBE_DLLATE = bool(config.get("probe_dl_late", False))\n')
 
 
 def _edits() -> list[tuple[str, str]]:
@@ -83,6 +86,18 @@ def _edits() -> list[tuple[str, str]]:
         ("            if more:\n                shift_rows(dl, m_r)\n            rescale_o",
          "            if more and not PROBE_NOSHIFT:\n"
          "                shift_rows(dl, m_r)\n            rescale_o"),
+        # the shift's total loaded once the turn's products are issued (key_step)
+        ("        dl: T.float32 = tile_total(stage(g + 1), smem) if RELATIVE else T.float32(0)\n"
+         "        T.ptx[\"bar.sync\"](T.Cast(\"uint32\", 1 + cw), T.uint32(256))\n",
+         "        dl0: T.float32 = (tile_total(stage(g + 1), smem)\n"
+         "                          if RELATIVE and not PROBE_DLLATE else T.float32(0))\n"
+         "        T.ptx[\"bar.sync\"](T.Cast(\"uint32\", 1 + cw), T.uint32(256))\n"),
+        ("        T.ptx[\"bar.arrive\"](next_turn(cw), T.uint32(256))\n"
+         "        T.ptx[\"wgmma.wait_group.sync.aligned\"](1)\n",
+         "        T.ptx[\"bar.arrive\"](next_turn(cw), T.uint32(256))\n"
+         "        dl: T.float32 = (tile_total(stage(g + 1), smem) if RELATIVE and PROBE_DLLATE\n"
+         "                         else dl0)\n"
+         "        T.ptx[\"wgmma.wait_group.sync.aligned\"](1)\n"),
         # no record copy: the stage's barrier expects the tiles alone
         ("                    bulk_tile(kt, st, smem, b, hk, REC_BYTES)\n"
          "                    bulk_record(kt, st, smem, c, b, h)\n",
@@ -147,6 +162,7 @@ def variants(base):
         "G plain": (True, plain),
         "G table as k": (True, with_extra(gm, {"probe_table_as_k": True})),
         "G no shift": (True, with_extra(gm, {"probe_no_shift": True})),
+        "G dl late": (True, with_extra(gm, {"probe_dl_late": True})),
         "G no record": (True, with_extra(gm, {"probe_no_record": True})),
         "G no table step": (True, with_extra(gm, {"probe_no_table_step": True})),
         "G no step, shift, record": (True, with_extra(gm, {"probe_no_table_step": True,
