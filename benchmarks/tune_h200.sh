@@ -48,6 +48,8 @@
 #   tvm-stagger  the head-dim-64 causal, W 4096 and W 8192 classes' ungated forward, three
 #             consumers (192 rows) staggered against unstaggered, plain and persistent,
 #             dueled (session 49; after `db import`)
+#   tvm-stagger-gated  the same classes' gated forward (192 rows with bias_mma), unstaggered
+#             against staggered, dueled, one class at a time (session 49; after `db import`)
 #   merge     S1's database plus the two, into h200.sqlite, exported best-only as h200.jsonl
 # Usage:  OUT=/some/dir bash benchmarks/tune_h200.sh PHASE [extra tune options]
 set -uo pipefail
@@ -73,6 +75,9 @@ pers='{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "extra":
 # three consumers' 192 rows (head dims <= 64), plain and persistent
 three='{"block_m": 192, "block_n": 128, "num_warps": 16, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true}}'
 threep='{"block_m": 192, "block_n": 128, "num_warps": 16, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "persistent": true}}'
+threeb='{"block_m": 192, "block_n": 128, "num_warps": 16, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "bias_mma": true}}'
+# a config with the stagger extra on (three consumers, each over its own rows' key tiles)
+stag() { python3 -c "import json, sys; c = json.loads(sys.argv[1]); c['extra']['stagger'] = True; print(json.dumps(c))" "$1"; }
 # the gated TVM forward, the pingpong tile timed without and with bias_mma
 bm() { python3 cli.py tune --gpu h200 --backend tvm --passes fwd --gated --trials 3 \
          --try "$pp" --try "$ppb" --format json --no-plots --db "$out/h200.sqlite" "$@"; }
@@ -152,7 +157,6 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
   tvm-three)
     # the persistent and plain pingpong tiles against three consumers' 192 rows, plain and
     # persistent (and, gated, with bias_mma); session 39 ran it in three parts (RESULTS.md)
-    threeb='{"block_m": 192, "block_n": 128, "num_warps": 16, "num_stages": 3, "extra": {"pingpong": true, "tma": true, "wgmma": true, "bias_mma": true}}'
     t3() { python3 cli.py tune --gpu h200 --backend tvm --passes fwd --preset classes --only "$d64" \
              --try "$pers" --try "$three" --try "$threep" --duel 2 --format json --no-plots \
              --db "$out/h200.sqlite" "$@"; }
@@ -162,13 +166,21 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     ;;
   tvm-stagger)
-    stag() { python3 -c "import json, sys; c = json.loads(sys.argv[1]); c['extra']['stagger'] = True; print(json.dumps(c))" "$1"; }
     python3 cli.py tune --gpu h200 --backend tvm --passes fwd --preset classes --no-gated \
       --only C-d64-causal,C-d64-w4096,C-d64-w8192 --trials 5 --try "$three" \
       --try "$(stag "$three")" --try "$threep" --try "$(stag "$threep")" --duel 3 \
       --compile-jobs 5 --format json --no-plots --db "$out/h200.sqlite" "$@" \
       > "$out/stagger_ungated.json"
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
+    ;;
+  tvm-stagger-gated)
+    for cls in C-d64-w4096 C-d64-w8192 C-d64-causal; do
+      python3 cli.py tune --gpu h200 --backend tvm --passes fwd --preset classes --gated \
+        --only "$cls" --trials 3 --try "$threeb" --try "$(stag "$threeb")" --duel 3 \
+        --compile-jobs 3 --format json --no-plots --db "$out/h200.sqlite" "$@" \
+        > "$out/stagger_gated_$cls.json"
+      python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
+    done
     ;;
   tvm-close-calls)
     # session 38's single-timing choices at head dim 128 (bias_mma at W 2048 by 11.8%, plain

@@ -83,8 +83,8 @@ MMA_SYNC_ONLY = ("sub_n", "warp_m", "q_smem")
 # knob of that name: H200, the gated forward 4.4% faster at F1 and 1.8% at S4, 1.5% and
 # 3.5% slower at S1 and S5, RESULTS.md session 37)
 # stagger: three consumers (192 rows) each over its own rows' key tiles only; H200, head dim
-# 64 (RESULTS.md, session 49): causal ungated 1.9% faster, gated 0.6% slower; S5 and W 2048
-# still slower than 128 rows
+# 64 (RESULTS.md, session 49): ungated causal, W 4096 and W 8192 and gated W 4096 1.3-2.8%
+# faster than unstaggered, gated causal 0.6% slower; S5 and W 2048 still faster on 128 rows
 WGMMA_ONLY = ("tma", "pingpong", "fuse_gate", "persistent", "bias_mma", "stagger")
 FUSE_GATE = "fuse_gate"
 TVM_BIAS_MMA = "tvm_bias_mma"
