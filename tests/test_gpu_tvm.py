@@ -248,7 +248,8 @@ def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
 
 def _three(knob, stagger):
     """The three-consumer tile (192 x 128): "plain" (3 stages), "persistent" (4 stages,
-    PERSISTENT_BLOCKS blocks) or "persistent-bias_mma" (3 stages), staggered or not."""
+    PERSISTENT_BLOCKS blocks), "plain-bias_mma" or "persistent-bias_mma" (3 stages),
+    staggered or not."""
     from gfwagen.spec import KernelConfig
 
     extra = {"pingpong": True, "tma": True, "wgmma": True}
@@ -265,7 +266,7 @@ def _three(knob, stagger):
 @pytest.mark.skipif(not torch.cuda.is_available() or
                     torch.cuda.get_device_capability() != (9, 0), reason="wgmma: sm_90 only")
 @pytest.mark.parametrize("W", [1, 100, 200, 512, 900, None], ids=lambda w: f"W{w}")
-@pytest.mark.parametrize("knob", ["plain", "persistent", "persistent-bias_mma"])
+@pytest.mark.parametrize("knob", ["plain", "persistent", "plain-bias_mma", "persistent-bias_mma"])
 def test_gpu_tvm_stagger(W, knob):
     """Three consumers, each over its own 64 rows' key tiles only (config extra stagger),
     passing its turn on the block's others: at windows from one key to past T and causal,
