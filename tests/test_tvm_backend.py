@@ -621,6 +621,8 @@ def test_wgmma_stagger_codegen(gated):
     a lane-0 shuffle (uniform, so the loops' bounds stay in uniform registers), and two loops
     of passed turns, each a turn's sync and hand-on and the skipped stage's release; the
     round of turns otherwise as unstaggered. Refused on two consumers."""
+    from gfwagen.backends.tvm_backend import tensor_core_template
+
     spec = KernelSpec("tvm", "fwd", 64, 64, 512, "bf16", gated, 1)
     extra = ("wgmma", "tma", "pingpong", "bias_mma") if gated else ("wgmma", "tma", "pingpong")
 
@@ -629,8 +631,6 @@ def test_wgmma_stagger_codegen(gated):
             (k, True) for k in (*extra, *(("stagger",) if stagger else ())))))
         src = cuda_source(build_cuda(spec, cfg, arch="sm_90")).replace("\"", "")
         return cfg, [ln.strip() for ln in src.splitlines() if "__device__" not in ln]
-
-    from gfwagen.backends.tvm_backend import tensor_core_template
 
     cfg, calls = source(True)
     _, plain = source(False)
