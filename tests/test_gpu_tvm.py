@@ -1,6 +1,8 @@
 """The TVM backend on a CUDA GPU (skipped without one, or without TVM's CUDA runtime):
 forward (tensor cores for fp16/bf16) and backward against float64, every shape class."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import log_gpu_errors, make_inputs, rel_err
@@ -247,20 +249,12 @@ def test_gpu_tvm_pingpong_tile_relative_gate(case, knob):
 
 
 def _three(knob, stagger):
-    """The three-consumer tile (192 x 128): "plain" (3 stages), "persistent" (4 stages,
-    PERSISTENT_BLOCKS blocks), "plain-bias_mma" or "persistent-bias_mma" (3 stages),
-    staggered or not."""
-    from gfwagen.spec import KernelConfig
-
-    extra = {"pingpong": True, "tma": True, "wgmma": True}
-    if knob.startswith("persistent"):
-        extra["persistent"] = PERSISTENT_BLOCKS
-    if knob.endswith("bias_mma"):
-        extra["bias_mma"] = True
-    if stagger:
-        extra["stagger"] = True
-    return KernelConfig(192, 128, 16, 4 if knob == "persistent" else 3,
-                        extra=tuple(extra.items()))
+    """The three-consumer tile (192 x 128) with _wgmma_128's knobs: "plain" (3 stages),
+    "persistent" (4 stages), "plain-bias_mma" or "persistent-bias_mma" (3 stages), staggered
+    or not."""
+    knobs = [k for k in ("persistent", "bias_mma") if k in knob] + ["stagger"] * stagger
+    return dataclasses.replace(_wgmma_128(True, "+".join(knobs)), block_m=192, num_warps=16,
+                               num_stages=4 if knob == "persistent" else 3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or
