@@ -16,6 +16,8 @@ timing) unless named "op". The probes' outputs are wrong by design; only times a
 - `probe_dl_late`: the tile's gate total (the shift) loaded after the turn's products are
   issued, not before the turn's barrier (correct; session 49);
 - `probe_no_record`: the producer without each tile's record copy (the table is stale);
+- `probe_more_int64`: the step's test for a next tile (whether to shift) as before session
+  50, an int64 compare in every loop, the interior one too (correct);
 - `probe_no_fence`, `probe_no_gate_load`, `probe_gate_idle` (with `fuse_gate`): the gate
   warps without their proxy fence, without their gate loads, or doing nothing but wait for
   each stage and arrive.
@@ -58,7 +60,8 @@ _SWITCHES = ('    O_TMA = PP and DV <= D\n',
              '    PROBE_NOFENCE = bool(config.get("probe_no_fence", False))\n'
              '    PROBE_IDLE = bool(config.get("probe_gate_idle", False))\n'
              '    PROBE_NOLOAD = bool(config.get("probe_no_gate_load", False))\n'
-             '    PROBE_DLLATE = bool(config.get("probe_dl_late", False))\n')
+             '    PROBE_DLLATE = bool(config.get("probe_dl_late", False))\n'
+             '    PROBE_MORE64 = bool(config.get("probe_more_int64", False))\n')
 
 
 def _edits() -> list[tuple[str, str]]:
@@ -82,6 +85,10 @@ def _edits() -> list[tuple[str, str]]:
          "                         1, 1, 0, 0)\n"
          "        elif TABLE and not PROBE_NOTAB:\n"
          "            descriptor(bd, smem, C_OFF + st * (CS * 4), 3, 3, 0)\n"),
+        # the step's test for a next tile as before session 50: int64, in every loop
+        ("        more = True if interior else it + 2 < T.Cast(\"int32\", n_tiles)\n",
+         "        more = (T.Cast(\"int64\", it) + 2 < n_tiles if PROBE_MORE64 else\n"
+         "                True if interior else it + 2 < T.Cast(\"int32\", n_tiles))\n"),
         # no shift of the running max (bias_mma's pack_next)
         ("            if more:\n                shift_rows(dl, m_r)\n            rescale_o",
          "            if more and not PROBE_NOSHIFT:\n"
@@ -162,6 +169,7 @@ def variants(base):
         "G plain": (True, plain),
         "G table as k": (True, with_extra(gm, {"probe_table_as_k": True})),
         "G no shift": (True, with_extra(gm, {"probe_no_shift": True})),
+        "G more int64": (True, with_extra(gm, {"probe_more_int64": True})),
         "G dl late": (True, with_extra(gm, {"probe_dl_late": True})),
         "G no record": (True, with_extra(gm, {"probe_no_record": True})),
         "G no table step": (True, with_extra(gm, {"probe_no_table_step": True})),

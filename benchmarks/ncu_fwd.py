@@ -11,6 +11,10 @@ tile (as gate_parts.py builds it): U ungated, G with `bias_mma`, P with the bias
 start. Session 47 profiled those with SpeedOfLight, WarpStateStats and the pipes' active
 cycles (`--metrics "regex:sm__pipe_.*cycles_active.avg.pct_of_peak_sustained_active"`).
 
+`probe-launch NAME` launches one of gate_parts.py's probe variants the same way ("G", "G no
+shift", "U + k step", ...: its templates copy with the probe switches); session 50 compared
+"G" and "G no shift" so.
+
 `segments` splits each kernel's SASS into runs of instructions executed equally often (the
 prologue, each tile loop, the code between them) and prints each run's instructions per warp
 and query tile: its executions over the first instruction's, which runs once per warp and
@@ -68,6 +72,33 @@ def launch_tvm(which: str) -> None:
     torch.cuda.synchronize()
 
 
+def launch_probe(name: str) -> None:
+    """Three forwards of gate_parts' variant `name` at S5's shipped gated tile, from the
+    probed templates (which must be in place before gfwagen loads a template)."""
+    import os
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gate_parts
+
+    os.environ["GFWAGEN_TEMPLATES"] = str(gate_parts.probed_templates(
+        Path(tempfile.mkdtemp(prefix="ncu_probe_"))))
+    import torch
+    from bench import SHAPES, make_inputs
+    from tvm_knob_ab import tvm_config
+
+    from gfwagen.backends import tvm_backend as tb
+
+    s = SHAPES["S5"]
+    q, k, v, g, _ = (t.detach() for t in make_inputs(s, torch.bfloat16))
+    base = tvm_config(tb._spec("fwd", q, k, v, g, s.W), s.T, q.device)
+    gated, cfg = gate_parts.variants(base)[name]
+    f = gate_parts.kernel_call(q, k, v, g if gated else None, s.W, cfg)
+    for _ in range(3):
+        f()
+    torch.cuda.synchronize()
+
+
 def runs(path: Path) -> list[tuple[int, float, int]]:
     """(offset of the run's first instruction, executions of each, instructions in the run)
     from an `ncu --page source --csv --print-source sass` export."""
@@ -104,12 +135,15 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("launch").add_argument("which", choices=("plain", "kb"))
     sub.add_parser("tvm-launch").add_argument("which", choices=("U", "G", "P"))
+    sub.add_parser("probe-launch").add_argument("name", help="a gate_parts.py variant")
     sub.add_parser("segments").add_argument("csv", nargs="+", type=Path)
     a = p.parse_args(argv)
     if a.cmd == "launch":
         launch(a.which)
     elif a.cmd == "tvm-launch":
         launch_tvm(a.which)
+    elif a.cmd == "probe-launch":
+        launch_probe(a.name)
     else:
         segments(a.csv)
     return 0

@@ -49,7 +49,8 @@
 #             consumers (192 rows) staggered against unstaggered, plain and persistent,
 #             dueled (session 49; after `db import`)
 #   tvm-stagger-gated  the same classes' gated forward (192 rows with bias_mma), unstaggered
-#             against staggered, dueled, one class at a time (session 49; after `db import`)
+#             against staggered, dueled, one class at a time (session 49; after `db import`;
+#             CLASSES="C-d64-w8192 C-d64-causal" runs those only, as session 50 did)
 #   merge     S1's database plus the two, into h200.sqlite, exported best-only as h200.jsonl
 # Usage:  OUT=/some/dir bash benchmarks/tune_h200.sh PHASE [extra tune options]
 set -uo pipefail
@@ -174,7 +175,7 @@ print(len(space.enumerate_configs(p.spec('triton', '$pass'))) // 4)")
     python3 cli.py db export "$out/h200.jsonl" --newest --db "$out/h200.sqlite"
     ;;
   tvm-stagger-gated)
-    for cls in C-d64-w4096 C-d64-w8192 C-d64-causal; do
+    for cls in ${CLASSES:-C-d64-w4096 C-d64-w8192 C-d64-causal}; do
       python3 cli.py tune --gpu h200 --backend tvm --passes fwd --preset classes --gated \
         --only "$cls" --trials 3 --try "$threeb" --try "$(stag "$threeb")" --duel 3 \
         --compile-jobs 3 --format json --no-plots --db "$out/h200.sqlite" "$@" \

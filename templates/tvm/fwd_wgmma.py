@@ -147,6 +147,9 @@ Config extras (session 17, H200 numbers in benchmarks/RESULTS.md):
 - Since session 43 each key tile's gate total (the running max's shift) is read when the tile
   arrives, not after its P V (shift_rows): with bias_mma the gate's cost in the kernel fell
   from 4.9-7.0% to 3.2-3.5% of the ungated one at S1, S2 and S4 (H200).
+  Since session 50 the step tests for a next tile (whether to shift) in int32, and not at
+  all in the interior loop (key_step): the gated kernel's cost over the ungated one at S5
+  6.2% -> 5.0%, S1 3.9% -> 2.8%, S2 and S4 0.4 points less (H200, CUDA graph replays).
 """
 
 from __future__ import annotations
@@ -202,12 +205,12 @@ def supports(head_dim, value_dim, dtype, config) -> str | None:
     if config.get("fuse_gate", False) and not _square_pingpong(config):
         return "fuse_gate (the pingpong schedule with block_n == block_m)"
     gate_warps = config.get("gate_warps", None)
-    one_warp = config.get("gate_tma", False)
-    if one_warp and not (config.get("fuse_gate", False) and config.get("bias_mma", False)):
+    wants_gate_tma = config.get("gate_tma", False)
+    if wants_gate_tma and not (config.get("fuse_gate", False) and config.get("bias_mma", False)):
         return "gate_tma (with fuse_gate and bias_mma)"
     if gate_warps is not None and (not config.get("fuse_gate", False)
                                    or int(gate_warps) not in (1, ns) or int(gate_warps) > 3
-                                   or (one_warp and int(gate_warps) != 1)):
+                                   or (wants_gate_tma and int(gate_warps) != 1)):
         # produce_gates gives each warp one stage (or one warp all): the producer warpgroup
         # has three besides the copying one
         return (f"gate_warps {gate_warps} (with fuse_gate: 1, or one a stage where there are "
@@ -1163,8 +1166,17 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         T.ptx["wgmma.wait_group.sync.aligned"](0)
         # tile g's K, V and gate sums are read: its stage is free
         T.ptx["mbarrier.arrive.shared::cta.b64"](mbar(smem, FREE + stage(g)))
-        pack_next(g + 1, T.Cast("int64", it) + 2 < n_tiles, dl, smem, s_r, p_r, acc,
-                  al_r, m_r, t4)
+        # whether a tile follows (the gated kernel's shift): an interior tile is never a
+        # consumer's last (that one holds its first row's key, past an interior tile's
+        # keys; only a staggered consumer wholly past the sequence may shift once more, in
+        # rows it never stores), so the interior loop has no test, the others an int32
+        # one. With the int64 test in every loop nvcc recomputed the interior loop's bounds
+        # at both its seams: S5's gated kernel ran 3.4% more warp instructions than without
+        # the shift, most of them uniform-datapath integer work (Nsight Compute). H200:
+        # the gate's cost in the kernel 6.2 -> 5.0% at S5, 3.9 -> 2.8% at S1 (RESULTS.md,
+        # session 50)
+        more = True if interior else it + 2 < T.Cast("int32", n_tiles)
+        pack_next(g + 1, more, dl, smem, s_r, p_r, acc, al_r, m_r, t4)
 
     def consumer_tiles(i0, kt_lo, n_tiles, cw, L):
         # STAGGER: consumer cw's rows [ic, ic + 64), the key tiles [lo, lo + n) they see
