@@ -1212,7 +1212,9 @@ def make_forward_tc(head_dim, value_dim, window, dtype, gated, group, config):
         b, h, i0, kt_lo_b, n_tiles_b = query_tile(item, HQ, L)
         # STAGGER: this consumer's rows and key tiles (else the block's)
         ic, kt_lo, n_tiles, pre, post = consumer_tiles(i0, kt_lo_b, n_tiles_b, cw, L)
-        ri = ic if STAGGER else i0  # the first row of the rows the masks cover
+        # the first row of the rows the masks cover (ic is i0 unstaggered, but naming it
+        # here, not ic, keeps two unstaggered kernels' SASS as it was: session 49)
+        ri = ic if STAGGER else i0
         qo = qs * QBYTES
         row0 = i0 + (tx - 128) // 32 * 16 + lane // 4
         init_rows(row0, i0, b, h, L, c, m_r, l_r, cq_r, acc, s_r)
