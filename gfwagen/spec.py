@@ -17,6 +17,12 @@ BACKENDS = ("triton", "tvm", "reference")
 PASSES = ("fwd", "bwd_kv", "bwd_q", "bwd_ds")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HEAD_DIMS = (16, 32, 64, 96, 128, 192, 256)
+# The smallest scale magnitude a forward kernel runs: the scale reaches the kernels as float32,
+# which holds nothing under 2^-149 and may flush anything under 2^-126 to zero, and the
+# forwards turn a zero scale into NaN (-inf * 0, or gate biases divided by it). A smaller
+# nonzero scale runs at this one, same sign: Q K^T then moves a logit by |q.k| 2^-100, nothing
+# at float32's resolution (backends/triton_backend.kernel_scale, tvm_backend.wgmma_scale).
+SMALLEST_KERNEL_SCALE = 2.0 ** -100
 
 # Window classes bucket the window so that one tuned entry serves nearby windows; the exact
 # window is still a compile-time constant of the kernel (it bounds the loops).

@@ -548,6 +548,7 @@ def test_gpu_kernels_match_float64(case, neg_inf):
                                                      case["scale"], do), tol)
 
 
+@pytest.mark.xdist_group("big_memory")  # GiBs each: scripts/gpu_check.sh
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gate", [-0.1, -20.0])
@@ -578,6 +579,7 @@ def test_gpu_million_tokens_against_float64(gate, dtype):
     assert err < TOL[dtype]
 
 
+@pytest.mark.xdist_group("big_memory")  # GiBs each: scripts/gpu_check.sh
 @pytest.mark.gpu
 @pytest.mark.parametrize("gate", [-0.1, -20.0])
 def test_gpu_million_tokens_backward_against_float64(gate):

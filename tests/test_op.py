@@ -51,6 +51,36 @@ def test_explicit_scale_is_used():
     assert rel_err(gfwagen.attention(q, k, v, g, window=4), ref) > 1e-3
 
 
+@pytest.mark.parametrize("scale,runs_at", [
+    (1e-116, 2.0 ** -100), (-1e-116, -(2.0 ** -100)), (1e-40, 2.0 ** -100),
+    (2.0 ** -100, 2.0 ** -100), (0.0, 0.0), (0.125, 0.125), (-3.0, -3.0)])
+def test_triton_forward_runs_tiny_scales_at_the_smallest_kernel_scale(monkeypatch, scale,
+                                                                      runs_at):
+    """The Triton forward hands its kernel a scale that float32 holds as a normal number or
+    zero: 1e-116 reached the H200's kernel as 0.0 and every output was NaN (the fuzz test's T =
+    1, D = 16 case; its RAW_MAX running max is -inf * 0 there). The interpreter keeps Python's
+    float64 scale, so this checks what the launch is given (the GPU test
+    test_gpu_tiny_scales_match_float64 runs the kernels)."""
+    import numpy as np
+
+    from gfwagen.backends import triton_backend
+    from gfwagen.spec import KernelConfig
+
+    seen = []
+
+    class Template:
+        @staticmethod
+        def prepare_forward(*args, **kw):
+            seen.append(args[7])
+            return lambda: None
+
+    monkeypatch.setattr(triton_backend, "load_template", lambda *a: Template)
+    q, k, v, _ = make_inputs(1, 5, 1, 1, 16, 16, torch.float32, False)
+    triton_backend.forward(q, k, v, None, 3, scale, KernelConfig(16, 16, 4, 1))
+    assert seen == [runs_at]
+    assert runs_at == 0 or abs(np.float32(runs_at)) >= np.finfo(np.float32).tiny
+
+
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("W", [5, None])
 def test_opcheck_forward_and_backward(gated, W):

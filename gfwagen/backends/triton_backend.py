@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 
 import torch
 
 from gfwagen import gate_sums, launch_plans
 from gfwagen.gate import GATE_BOUND, GATE_CHUNK, chunked_prefix_sums, key_bias
-from gfwagen.spec import KernelConfig, effective_window
+from gfwagen.spec import SMALLEST_KERNEL_SCALE, KernelConfig, effective_window
 from gfwagen.template_loader import load_template
 
 # The most batch entries one launch takes: the kernels' grids put them on z (and some on y),
@@ -153,10 +154,23 @@ def _launching(t: torch.Tensor, pass_: str, cfg: KernelConfig):
             raise KernelBuildError(pass_, cfg, e) from e
 
 
+def kernel_scale(scale: float) -> float:
+    """The scale as the forward kernels run it: a nonzero one smaller than
+    SMALLEST_KERNEL_SCALE at that size, same sign. fwd.py's RAW_MAX keeps the running max
+    unscaled and multiplies it by the float32 scale, so a positive scale that float32 flushes
+    to zero made -inf * 0 = NaN (fuzzed on the H200: T = 1, scale 1e-116, every output NaN),
+    and the key-bias pieces divide by it. Zero stays zero (RAW_MAX and the pieces are off for
+    it)."""
+    if scale != 0 and abs(scale) < SMALLEST_KERNEL_SCALE:
+        return math.copysign(SMALLEST_KERNEL_SCALE, scale)
+    return scale
+
+
 def forward(q, k, v, log_gate, window, scale, cfg: KernelConfig, segs=None, gate=None):
     """segs: None, or (start, end) int32 [T] of packed sequences (gfwagen.varlen). gate:
     gate_tables(log_gate) when the caller has them (a forward that reads_key_bias ignores
     them)."""
+    scale = kernel_scale(scale)
     B, T, H, _ = q.shape
     o = torch.empty(B, T, H, v.shape[3], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)

@@ -34,7 +34,7 @@ import torch
 
 from gfwagen import gate_sums, launch_plans
 from gfwagen.gate import GATE_BOUND, prefix_sums, sanitize_log_gate, tile_records, tile_tables
-from gfwagen.spec import KernelConfig, KernelSpec, stable_hash
+from gfwagen.spec import SMALLEST_KERNEL_SCALE, KernelConfig, KernelSpec, stable_hash
 from gfwagen.template_loader import load_template
 
 try:  # tvm is optional for the rest of gfwagen
@@ -92,7 +92,7 @@ CUDA_STATIC_SMEM_LIMIT = 48 * 1024
 # nothing at fp32's resolution, and a bias of the block's worst decay (128 rows at GATE_BOUND)
 # stays finite (2^114 < 2^128); one further back, past 2^128, is -inf, as exp of it is 0.
 # Ungated too: its masked scores are -inf, which a zero scale would make NaN (wgmma_scale).
-WGMMA_ZERO_SCALE = 2.0 ** -100
+WGMMA_ZERO_SCALE = SMALLEST_KERNEL_SCALE
 
 _FUNC_NAMES = {"fwd": "gfwa_fwd", "bwd_kv": "gfwa_bwd_kv", "bwd_q": "gfwa_bwd_q"}
 _CACHE: dict[tuple[str, str, str], Any] = {}
