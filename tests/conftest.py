@@ -9,6 +9,30 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _interpreter_takes_float_args_as_fp32() -> None:
+    """A compiled Triton kernel takes a Python float argument as fp32 (Triton types it so),
+    but the interpreter computes with the float64 value. So a scale that fp32 holds as zero
+    (1e-116) gave NaN on the H200 and the right answer here (RESULTS.md session 51). The
+    interpreter now sees what the GPU sees."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    as_given = interpreter._implicit_cvt
+
+    def convert(arg):
+        if isinstance(arg, float):
+            handle = interpreter.TensorHandle(np.array([arg], dtype=np.float32), tl.float32)
+            return tl.tensor(handle, tl.float32)
+        return as_given(arg)
+
+    interpreter._implicit_cvt = convert
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_takes_float_args_as_fp32()
+
+
 @pytest.fixture(autouse=True)
 def _no_launch_plans_from_earlier_tests():
     """Launch plans keep what a call decided (gfwagen.launch_plans): a test that patches
