@@ -48,26 +48,29 @@ def test_gpu_matches_float64(case, dtype_name):
     check_case_against_float64(case, dtype_name, "auto")
 
 
-def check_case_against_float64(case, dtype_name, backend):
-    """One CASES entry through gfwagen.attention(backend=...), forward and backward, against
-    the float64 reference; the errors are logged on a GPUERR line."""
+def check_case_against_float64(case, dtype_name, backend, scale=None, label=None):
+    """One CASES entry through gfwagen.attention(backend=..., scale=...), forward and
+    backward, against the float64 reference; the errors are logged on a GPUERR line (under
+    `label` where given)."""
     name, B, T, Hq, Hkv, D, Dv, W, gated = case
     dtype = DTYPES[dtype_name]
     q, k, v, g = make_inputs(B, T, Hq, Hkv, D, Dv, dtype, gated, device="cuda")
     leaves = [t.requires_grad_() for t in (q, k, v)] + ([g.requires_grad_()] if gated else [])
     torch.cuda.synchronize()
-    o = gfwagen.attention(q, k, v, g, window=W, backend=backend)
+    o = gfwagen.attention(q, k, v, g, window=W, scale=scale, backend=backend)
     do = torch.randn_like(o)
     grads = torch.autograd.grad(o, leaves, do)
     d = [t.detach().double() for t in (q, k, v)]
     g64 = g.detach().double() if gated else None
-    o64, lse64 = reference_forward(*d, g64, W)
-    ref = reference_backward(do.double(), *d, o64, lse64, g64, W)
+    o64, lse64 = reference_forward(*d, g64, W, scale)
+    ref = reference_backward(do.double(), *d, o64, lse64, g64, W, scale)
     errs = {"o": rel_err(o, o64)}
     for nm, a, e in zip(["dq", "dk", "dv", "dg"], grads, ref):
         errs[nm] = rel_err(a, e)
-    log_gpu_errors(f"{name} {dtype_name}" if backend == "auto" else
-                   f"{backend} {name} {dtype_name}", errs)
+    if label is None:
+        label = (f"{name} {dtype_name}" if backend == "auto" else
+                 f"{backend} {name} {dtype_name}")
+    log_gpu_errors(label, errs)
     for nm, err in errs.items():
         assert err < TOL[dtype], (nm, err)
 
@@ -90,22 +93,8 @@ def test_gpu_tiny_scales_match_float64(case, scale, backend):
 
     if backend == "tvm" and not tvm_available():
         pytest.skip("TVM with its CUDA runtime is not installed")
-    name, B, T, Hq, Hkv, D, Dv, W, gated = case
-    q, k, v, g = make_inputs(B, T, Hq, Hkv, D, Dv, torch.bfloat16, gated, device="cuda")
-    leaves = [t.requires_grad_() for t in (q, k, v)] + ([g.requires_grad_()] if gated else [])
-    o = gfwagen.attention(q, k, v, g, window=W, scale=scale, backend=backend)
-    do = torch.randn_like(o)
-    grads = torch.autograd.grad(o, leaves, do)
-    d = [t.detach().double() for t in (q, k, v)]
-    g64 = g.detach().double() if gated else None
-    o64, lse64 = reference_forward(*d, g64, W, scale)
-    ref = reference_backward(do.double(), *d, o64, lse64, g64, W, scale)
-    errs = {"o": rel_err(o, o64)}
-    for nm, a, e in zip(["dq", "dk", "dv", "dg"], grads, ref):
-        errs[nm] = rel_err(a, e)
-    log_gpu_errors(f"tiny-scale {backend} {name} scale={scale:.3g}", errs)
-    for nm, err in errs.items():
-        assert err < TOL[torch.bfloat16], (nm, err)
+    check_case_against_float64(case, "bf16", backend, scale,
+                               f"tiny-scale {backend} {case[0]} scale={scale:.3g}")
 
 
 @pytest.mark.parametrize("case", [
