@@ -1291,3 +1291,20 @@ def test_pp_phases_probes_still_fit_the_template(tmp_path):
     # definition; the cycle counter's helper (its name and body) and six reads (the waits for
     # key tiles, in next_biases, which the gated kernel inlines twice; the loop's length)
     assert out.stdout.split() == ["8", "1", "8"]
+
+
+def test_cpu_target_asks_llvm_for_the_host_cpu_once(monkeypatch):
+    import tvm
+
+    from gfwagen.backends import tvm_backend
+
+    asked = []
+    monkeypatch.setattr(tvm.target.codegen, "llvm_get_system_cpu",
+                        lambda: asked.append(1) or "x86-64-v3")
+    tvm_backend._host_cpu.cache_clear()
+    try:
+        assert [tvm_backend._cpu_target("llvm")["mcpu"] for _ in range(3)] == ["x86-64-v3"] * 3
+        assert tvm_backend._cpu_target({"kind": "llvm", "mcpu": "znver4"})["mcpu"] == "znver4"
+        assert len(asked) == 1
+    finally:
+        tvm_backend._host_cpu.cache_clear()

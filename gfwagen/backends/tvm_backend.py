@@ -132,8 +132,15 @@ def _cpu_target(target) -> dict:
     if target.get("kind") != "llvm":
         raise NotImplementedError(f"tvm backend runs only on llvm targets, got {target}")
     if "mcpu" not in target:
-        target["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
+        target["mcpu"] = _host_cpu()
     return target
+
+
+@functools.cache
+def _host_cpu() -> str:
+    # asked on every call, LLVM's host-CPU query cost a small CPU forward 72-92 us, 15-41% of
+    # its time (RESULTS.md, session 52); the host does not change within a process
+    return tvm.target.codegen.llvm_get_system_cpu()
 
 
 def _fit(cfg: KernelConfig, T: int) -> KernelConfig:
