@@ -138,7 +138,7 @@ def _cpu_target(target) -> dict:
 
 @functools.cache
 def _host_cpu() -> str:
-    # asked on every call, LLVM's host-CPU query cost a small CPU forward 72-92 us, 15-41% of
+    # asked on every call, LLVM's host-CPU query cost a small CPU forward 72-92 us, 16-41% of
     # its time (RESULTS.md, session 52); the host does not change within a process
     return tvm.target.codegen.llvm_get_system_cpu()
 
