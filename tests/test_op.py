@@ -58,9 +58,10 @@ def test_triton_forward_runs_tiny_scales_at_the_smallest_kernel_scale(monkeypatc
                                                                       runs_at):
     """The Triton forward hands its kernel a scale that float32 holds as a normal number or
     zero: 1e-116 reached the H200's kernel as 0.0 and every output was NaN (the fuzz test's T =
-    1, D = 16 case; its RAW_MAX running max is -inf * 0 there). The interpreter keeps Python's
-    float64 scale, so this checks what the launch is given (the GPU test
-    test_gpu_tiny_scales_match_float64 runs the kernels)."""
+    1, D = 16 case; its RAW_MAX running max is -inf * 0 there). This checks what the launch is
+    given; test_triton_interpret.py runs the kernel on such scales (conftest gives the
+    interpreter fp32 float arguments, as on the GPU) and test_gpu_tiny_scales_match_float64
+    runs the kernels on the GPU."""
     import numpy as np
 
     from gfwagen.backends import triton_backend
