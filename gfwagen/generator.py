@@ -320,7 +320,7 @@ def _build_tvm(spec: KernelSpec, config: KernelConfig, kdir: Path, target: str) 
         ex = vb.build_cuda(spec, config)
         (kdir / f"{spec.pass_}.cu").write_text(vb.cuda_source(ex))
         return {"cuda_source": f"{spec.pass_}.cu"}
-    tgt = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
+    tgt = vb._cpu_target("llvm")  # the backend's own target, so the library matches its build
     mod = tvm.compile(vb.make_primfunc(spec, config, "cpu"), target=tgt)
     lib = kdir / TVM_LIBRARY
     tmp = kdir / f".{TVM_LIBRARY}.tmp.so"
